@@ -1,0 +1,192 @@
+"""``lowbit`` command line: thin subcommands over the Python API.
+
+    lowbit quantize MODEL --out DIR [--bits 4 --group-size 128 | --per-channel | --per-tensor] [--sym]
+    lowbit eval MODEL [--compare-to ORIGINAL] [--text FILE]
+    lowbit inspect MODEL
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from lowbit.errors import LowbitError
+
+log = logging.getLogger("lowbit")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", help="evaluation text file (UTF-8); default: lowbit's built-in text")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per evaluation window (default 2048)")
+    p.add_argument("--max-tokens", type=int, default=8192, help="evaluate the first N tokens (default 8192; 0 = all)")
+    p.add_argument("--bos", action="store_true", help="put the BOS token before every window (default: none)")
+    p.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs and measure what it costs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model, save it, and evaluate it against the original")
+    q.add_argument("model", help="model folder, .gguf file, or a named default (smollm2-135m)")
+    q.add_argument("--out", required=True, help="output folder (written atomically)")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.add_argument("--method", default="rtn", choices=["rtn"], help="quantization method (default rtn)")
+    q.add_argument("--bits", type=int, default=4, help="bits per weight, 2–8 (default 4)")
+    gran = q.add_mutually_exclusive_group()
+    gran.add_argument("--group-size", type=int, default=128, help="weights per scale along a row (default 128)")
+    gran.add_argument("--per-channel", action="store_true", help="one scale per output row")
+    gran.add_argument("--per-tensor", action="store_true", help="one scale for the whole tensor")
+    q.add_argument("--sym", action="store_true", help="symmetric (no zero points); default asymmetric")
+    q.add_argument("--qparams", default="minmax", choices=["minmax", "mse"], help="scale/zero choice (default minmax)")
+    q.add_argument("--include", action="append", default=[], metavar="GLOB", help="only quantize layers matching")
+    q.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never quantize layers matching")
+    q.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="storage dtype of the layers left in float (default float16)")
+    q.add_argument("--no-eval", action="store_true", help="skip the evaluation after quantizing")
+    _add_eval_args(q)
+
+    e = sub.add_parser("eval", help="perplexity of a model; KL and top-1 agreement with --compare-to")
+    e.add_argument("model", help="model folder, .gguf file, quantized folder, or a named default")
+    e.add_argument("--compare-to", help="the original model, for KL divergence and top-1 agreement")
+    _add_eval_args(e)
+
+    i = sub.add_parser("inspect", help="describe a model or quantized folder: layers, bits, size")
+    i.add_argument("model")
+    return parser
+
+
+def _protocol(args: argparse.Namespace) -> Any:
+    from lowbit.eval.perplexity import EvalProtocol
+
+    return EvalProtocol(seqlen=args.seqlen, max_tokens=args.max_tokens or None, add_bos=args.bos)
+
+
+def _recipe(args: argparse.Namespace) -> Any:
+    from lowbit.config import QuantConfig, QuantRecipe
+
+    granularity = "channel" if args.per_channel else "tensor" if args.per_tensor else "group"
+    cfg = QuantConfig(bits=args.bits, symmetric=args.sym, granularity=granularity, group_size=args.group_size,
+                      qparams=args.qparams)
+    return QuantRecipe(cfg, include=tuple(args.include), exclude=tuple(args.exclude))
+
+
+def _evaluate(loaded: Any, args: argparse.Namespace, reference: Any = None) -> dict[str, Any]:
+    from lowbit.data.text import read_text
+    from lowbit.eval.perplexity import evaluate, token_windows
+
+    protocol = _protocol(args)
+    text, source = read_text(args.text, "eval")
+    windows = token_windows(loaded.tokenizer, text, protocol)
+    log.info("evaluating on %s: %d windows × %d tokens, BOS: %s", source, windows.shape[0], protocol.seqlen,
+             "per window" if protocol.add_bos else "none")
+    result = evaluate(loaded.model, windows, protocol, loaded.tokenizer, reference)
+    return {"text": source, **result.to_dict()}
+
+
+def _print_results(title: str, evaluation: dict[str, Any] | None, size: Any) -> None:
+    from lowbit.report import markdown_table
+
+    rows: list[tuple[str, Any]] = []
+    if evaluation:
+        rows += [("text", evaluation["text"]),
+                 ("windows × seqlen", f"{evaluation['windows']} × {evaluation['seqlen']} (BOS: {evaluation['bos']})"),
+                 ("perplexity", evaluation["perplexity"])]
+        if evaluation.get("kl") is not None:
+            rows += [("original perplexity", evaluation["reference_perplexity"]),
+                     ("KL divergence (nats/token)", evaluation["kl"]),
+                     ("top-1 agreement", f"{100 * evaluation['top1_agreement']:.2f} %")]
+    if size is not None:
+        rows += [("quantized layers", f"{size.quantized_layers} ({size.quantized_params:,} of {size.total_params:,} weights)"),
+                 ("bits per quantized weight", size.quantized_bits_per_weight),
+                 ("checkpoint tensor bytes", f"{size.tensor_bytes:,} ({size.model_bits_per_weight:.2f} bits/param)"),
+                 ("smaller than fp16 by", f"{size.ratio_to_fp16:.2f}×")]
+    print(f"\n{title}\n" + markdown_table(["", "value"], rows))
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from lowbit.eval.size import size_report
+    from lowbit.formats.atomic import check_output
+    from lowbit.formats.native import save_quantized
+    from lowbit.model.loading import load_model
+    from lowbit.quantize import quantize_model
+
+    recipe = _recipe(args)
+    check_output(args.out, args.overwrite)
+    if not args.no_eval:
+        _protocol(args)  # validate before the expensive work
+    loaded = load_model(args.model)
+    original = None if args.no_eval else copy.deepcopy(loaded.model)
+    summary = quantize_model(loaded.model, recipe, method=args.method, float_dtype=args.float_dtype)
+    log.info("quantized %d layers with %s (%s) in %.1f s", summary.layers, args.method, recipe.default.describe(),
+             summary.seconds)
+    out = save_quantized(loaded, args.out, overwrite=args.overwrite)
+    log.info("saved to %s", out)
+    evaluation = None if args.no_eval else _evaluate(loaded, args, reference=original)
+    size = size_report(loaded.model)
+    _print_results(f"{args.model} → {out} ({args.method}, {recipe.default.describe()})", evaluation, size)
+    _write_json(args.json_out, {"quantize_seconds": summary.seconds, "evaluation": evaluation, "size": size.to_dict()})
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lowbit.eval.size import size_report
+    from lowbit.model.loading import load_model
+
+    _protocol(args)
+    loaded = load_model(args.model)
+    reference = load_model(args.compare_to).model if args.compare_to else None
+    evaluation = _evaluate(loaded, args, reference)
+    size = size_report(loaded.model) if loaded.kind == "lowbit" else None
+    _print_results(f"evaluation of {args.model}" + (f" against {args.compare_to}" if reference else ""), evaluation, size)
+    _write_json(args.json_out, {"evaluation": evaluation, "size": None if size is None else size.to_dict()})
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lowbit.eval.size import size_report
+    from lowbit.model.architectures import spec_for
+    from lowbit.model.loading import load_model
+    from lowbit.model.modules import LINEAR_TYPES
+    from lowbit.nn.qlinear import QLinear
+    from lowbit.report import markdown_table
+
+    loaded = load_model(args.model)
+    model = loaded.model
+    spec = spec_for(model)
+    print(f"{args.model}: {type(model).__name__} ({loaded.kind}), layout {spec.name}, blocks at {spec.blocks}")
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, QLinear):
+            rows.append((name, f"{m.out_features}×{m.in_features}", m.config.describe(), m.kernel_name))
+        elif isinstance(m, LINEAR_TYPES):
+            rows.append((name, "×".join(map(str, m.weight.shape)), "float", "—"))
+    print(markdown_table(["layer", "shape", "quantization", "kernel"], rows))
+    _print_results("size", None, size_report(model))
+    return 0
+
+
+def _write_json(path: str | None, data: dict[str, Any]) -> None:
+    if path:
+        Path(path).write_text(json.dumps(data, indent=2))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect}
+    try:
+        return commands[args.command](args)
+    except LowbitError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

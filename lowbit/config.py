@@ -1,0 +1,128 @@
+"""Quantization configs: frozen dataclasses, validated on creation, versioned when saved.
+
+A :class:`QuantConfig` says *what* a quantized weight looks like (bits, symmetric or not, granularity) and *how its
+q-params are chosen* (min-max or an MSE clip search). Which layers get which config is a :class:`QuantRecipe`.
+
+Granularity of the (scale, zero) pairs for a weight ``W`` of shape ``[out_features, in_features]``:
+
+===============  ==========================  ===============================================
+granularity      scales / zeros shape        one (scale, zero) for
+===============  ==========================  ===============================================
+``tensor``       ``[1, 1]``                  the whole tensor
+``channel``      ``[out, 1]``                each output row
+``group``        ``[out, ceil(in / g)]``     each run of ``g`` consecutive inputs of a row;
+                                             when ``g`` does not divide ``in`` the last group
+                                             of each row is shorter (as GPTQ's group index)
+===============  ==========================  ===============================================
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+from lowbit.errors import ConfigError
+
+CONFIG_VERSION = 1
+Granularity = Literal["tensor", "channel", "group"]
+QParamRule = Literal["minmax", "mse"]
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How one weight tensor is quantized.
+
+    Codes are unsigned integers ``q ∈ [0, 2**bits - 1]``; a weight is reconstructed as ``w ≈ (q - z) · s``.
+    Symmetric configs fix ``z = 2**(bits-1)`` (not stored); asymmetric ones store an integer ``z`` per group.
+    Scales are stored as float16.
+    """
+
+    bits: int = 4
+    symmetric: bool = False
+    granularity: Granularity = "group"
+    group_size: int = 128
+    qparams: QParamRule = "minmax"
+    mse_grid: int = 100
+    mse_max_shrink: float = 0.8
+    mse_norm: float = 2.4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ConfigError(f"bits must be an integer from 2 to 8, got {self.bits!r}: pick e.g. --bits 4")
+        if self.granularity not in ("tensor", "channel", "group"):
+            raise ConfigError(f"granularity must be tensor, channel or group, got {self.granularity!r}")
+        if self.granularity == "group" and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise ConfigError(
+                f"group size must be a positive integer, got {self.group_size!r}: use e.g. --group-size 128, "
+                "or --per-channel for one scale per output row"
+            )
+        if self.qparams not in ("minmax", "mse"):
+            raise ConfigError(f"q-param rule must be 'minmax' or 'mse', got {self.qparams!r}")
+        if self.mse_grid < 1 or not 0.0 < self.mse_max_shrink < 1.0 or self.mse_norm <= 0:
+            raise ConfigError("MSE search needs grid >= 1, 0 < max_shrink < 1 and norm > 0")
+
+    @property
+    def qmax(self) -> int:
+        """Largest code, ``2**bits - 1``."""
+        return (1 << self.bits) - 1
+
+    def group_width(self, in_features: int) -> int:
+        """Inputs per (scale, zero) along a row: ``g`` for groups, the whole row otherwise."""
+        return self.group_size if self.granularity == "group" else in_features
+
+    def describe(self) -> str:
+        """Short human name, e.g. ``4-bit g128 asym``."""
+        gran = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
+        extra = " mse" if self.qparams == "mse" else ""
+        return f"{self.bits}-bit {gran} {'sym' if self.symmetric else 'asym'}{extra}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": CONFIG_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        data = dict(data)
+        version = data.pop("version", CONFIG_VERSION)
+        if version > CONFIG_VERSION:
+            raise ConfigError(f"config version {version} is newer than this lowbit ({CONFIG_VERSION}): upgrade lowbit")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown quantization config keys {sorted(unknown)}: was it written by another tool?")
+        return cls(**data)
+
+    def with_(self, **changes: Any) -> "QuantConfig":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """Which layers are quantized and with which config.
+
+    Layer names are module paths (``model.layers.3.mlp.down_proj``); patterns are shell-style globs
+    (``*.mlp.*``). With no ``include``, every linear layer inside the decoder blocks is quantized and everything
+    outside them (embeddings, ``lm_head``) stays in float. A non-empty ``include`` is a whitelist instead (it may
+    name layers outside the blocks, e.g. ``lm_head``). ``exclude`` removes layers and wins over ``include``.
+    ``overrides`` give a different config to layers matching a pattern (first match wins): the hook for mixed
+    precision.
+    """
+
+    default: QuantConfig = field(default_factory=QuantConfig)
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    overrides: tuple[tuple[str, QuantConfig], ...] = ()
+
+    def selects(self, name: str, in_blocks: bool) -> bool:
+        """Whether the linear layer ``name`` (inside a decoder block or not) is quantized."""
+        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+            return False
+        if self.include:
+            return any(fnmatch.fnmatchcase(name, p) for p in self.include)
+        return in_blocks
+
+    def config_for(self, name: str) -> QuantConfig:
+        for pattern, cfg in self.overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                return cfg
+        return self.default

@@ -1,0 +1,99 @@
+"""Q-param choice: the scale ``s`` and zero point ``z`` of each group of weights.
+
+Everything here works on a 2-D *view* ``w`` of shape ``[R, C]`` whose columns are split into groups of ``width``
+consecutive columns; the last group of a row is shorter when ``width`` does not divide ``C`` (GPTQ's
+``g_idx = col // width``). For per-tensor granularity callers pass the flattened weight ``[1, numel]``.
+
+Rules (``qmax = 2**b − 1``):
+
+* asymmetric min-max: ``lo = min(min w, 0)``, ``hi = max(max w, 0)``, ``s = (hi − lo) / qmax``,
+  ``z = round(−lo / s)``;
+* symmetric min-max (GPTQ's convention): ``a = max|w|``, ``s = 2a / qmax``, ``z = (qmax + 1) / 2``, so codes
+  ``0 … qmax`` map to ``(−2^{b−1} … 2^{b−1}−1) · s``;
+* ``mse``: shrink the range by ``p ∈ {1, 1 − 1/n, …, 1 − max_shrink}`` and keep, per group, the ``p`` with the
+  smallest ``Σ |w − ŵ|^norm`` (GPTQ's and llm-compressor's MSE observer).
+
+Scales are rounded to float16 (how they are stored) *before* zeros and codes are derived from them, so the stored
+q-params are exactly the ones used to round.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.config import QuantConfig
+
+_FP16_TINY = 2.0**-24  # smallest positive float16 (subnormal)
+_FP16_MAX = 65504.0
+
+
+def group_index(num_columns: int, width: int) -> torch.Tensor:
+    """Group of each column: ``col // width`` (int64 ``[C]``)."""
+    return torch.arange(num_columns) // width
+
+
+def num_groups(num_columns: int, width: int) -> int:
+    return -(-num_columns // width)
+
+
+def group_reduce(values: torch.Tensor, width: int, reduce: str) -> torch.Tensor:
+    """Reduce ``values [R, C]`` over each group of columns → ``[R, G]`` (``reduce``: amin, amax or sum)."""
+    rows, cols = values.shape
+    idx = group_index(cols, width).expand(rows, cols)
+    out = torch.zeros(rows, num_groups(cols, width), dtype=values.dtype)
+    return out.scatter_reduce(1, idx, values, reduce=reduce, include_self=False)
+
+
+def expand_groups(per_group: torch.Tensor, num_columns: int, width: int) -> torch.Tensor:
+    """Broadcast ``[R, G]`` q-params back to every column → ``[R, C]``."""
+    return per_group[:, group_index(num_columns, width)]
+
+
+def _to_fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    return scale.clamp(_FP16_TINY, _FP16_MAX).to(torch.float16).to(torch.float32)
+
+
+def params_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, cfg: QuantConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero (both float32 ``[R, G]``; zero integral) for group ranges ``[lo, hi]``."""
+    qmax = cfg.qmax
+    if cfg.symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        scale = _to_fp16_scale(2 * amax / qmax)
+        zero = torch.full_like(scale, (qmax + 1) // 2)
+    else:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        scale = _to_fp16_scale((hi - lo) / qmax)
+        zero = torch.round(-lo / scale).clamp(0, qmax)
+    return scale, zero
+
+
+def fake_quantize(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round to nearest with per-column q-params (all ``[R, C]``): returns (codes as float, dequantized)."""
+    q = torch.clamp(torch.round(w / scale) + zero, 0, qmax)
+    return q, (q - zero) * scale
+
+
+def choose_qparams(w: torch.Tensor, width: int, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose (scale, zero), float32 ``[R, G]`` each, for the groups of ``w [R, C]`` by ``cfg.qparams``."""
+    w = w.float()
+    lo = group_reduce(w, width, "amin")
+    hi = group_reduce(w, width, "amax")
+    scale, zero = params_from_range(lo, hi, cfg)
+    if cfg.qparams == "minmax":
+        return scale, zero
+    cols = w.shape[1]
+    best_err = torch.full_like(scale, float("inf"))
+    for i in range(int(cfg.mse_max_shrink * cfg.mse_grid) + 1):
+        p = 1.0 - i / cfg.mse_grid
+        s, z = params_from_range(p * lo, p * hi, cfg)
+        _, deq = fake_quantize(w, expand_groups(s, cols, width), expand_groups(z, cols, width), cfg.qmax)
+        err = group_reduce((deq - w).abs_().pow_(cfg.mse_norm), width, "sum")
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero

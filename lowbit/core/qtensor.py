@@ -1,0 +1,102 @@
+"""The quantized tensor: packed integer codes plus the q-params that give them meaning.
+
+For a weight of shape ``[N, K]`` (``out_features × in_features``) and config ``c``:
+
+=========  ==========================  ======================================================================
+field      dtype / shape               meaning
+=========  ==========================  ======================================================================
+packed     uint8 ``[N, ceil(K·b/8)]``  codes ``q ∈ [0, 2^b − 1]``, each row one bit stream (``core.packing``)
+scale      float16 ``[N, G]``          per-group scale ``s``; ``[1, 1]`` for per-tensor
+zero       uint8 ``[N, G]`` or None    per-group integer zero ``z``; None when symmetric (``z = 2^{b−1}``)
+shape      ``(N, K)``                  logical weight shape
+config     :class:`QuantConfig`        bits, symmetry, granularity (``G = ceil(K / g)`` groups per row)
+=========  ==========================  ======================================================================
+
+``dequantize()`` gives ``ŵ[n, k] = (q[n, k] − z[n, k // g]) · s[n, k // g]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.config import QuantConfig
+from lowbit.core.packing import pack_codes, packed_row_bytes, unpack_codes
+from lowbit.core.qparams import expand_groups, num_groups
+from lowbit.errors import FormatError
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    shape: tuple[int, int]
+    config: QuantConfig
+
+    def __post_init__(self) -> None:
+        n, k = self.shape
+        c = self.config
+        groups = (1, 1) if c.granularity == "tensor" else (n, num_groups(k, c.group_width(k)))
+        expect = {
+            "packed": ((n, packed_row_bytes(k, c.bits)), torch.uint8),
+            "scale": (groups, torch.float16),
+        }
+        if not c.symmetric:
+            expect["zero"] = (groups, torch.uint8)
+        elif self.zero is not None:
+            raise FormatError("a symmetric quantized tensor stores no zero points")
+        for name, (shape, dtype) in expect.items():
+            t = getattr(self, name)
+            if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+                got = None if t is None else (tuple(t.shape), t.dtype)
+                raise FormatError(f"quantized tensor field {name}: expected {shape} {dtype}, got {got}")
+
+    @classmethod
+    def from_codes(
+        cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, config: QuantConfig
+    ) -> "QuantizedTensor":
+        """Build from unpacked codes (any integer/float dtype ``[N, K]``) and float q-params ``[N|1, G]``."""
+        packed = pack_codes(codes.to(torch.uint8), config.bits)
+        z = None if config.symmetric else zero.to(torch.uint8)
+        return cls(packed, scale.to(torch.float16), z, tuple(codes.shape), config)
+
+    @property
+    def group_width(self) -> int:
+        return self.config.group_width(self.shape[1])
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes, uint8 ``[N, K]``."""
+        return unpack_codes(self.packed, self.config.bits, self.shape[1])
+
+    def zero_points(self) -> torch.Tensor:
+        """Integer zero points as float32, shape of ``scale`` (the implicit midpoint when symmetric)."""
+        if self.zero is None:
+            return torch.full(self.scale.shape, float(1 << (self.config.bits - 1)))
+        return self.zero.float()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(q − z) · s`` as ``dtype [N, K]``."""
+        q = self.codes().float()
+        s, z = self.scale.float(), self.zero_points()
+        if self.config.granularity == "tensor":
+            return ((q - z) * s).to(dtype)
+        n, k = self.shape
+        return ((q - expand_groups(z, k, self.group_width)) * expand_groups(s, k, self.group_width)).to(dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored fields, by the names they get in a checkpoint."""
+        out = {"qweight": self.packed, "scales": self.scale}
+        if self.zero is not None:
+            out["zeros"] = self.zero
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight, scales and zeros included."""
+        return 8 * self.nbytes / (self.shape[0] * self.shape[1])

@@ -1,0 +1,58 @@
+"""Size report: how many weights were quantized, at how many bits each, and what the checkpoint weighs.
+
+``bits_per_weight`` counts everything a quantized layer stores (packed codes, float16 scales, uint8 zeros) divided
+by its number of weights. ``tensor_bytes`` is the sum of the bytes of every tensor the lowbit checkpoint stores
+(shared tensors once); ``fp16_bytes`` is the same model with every parameter in float16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+from lowbit.nn.qlinear import QLinear
+
+
+@dataclass(frozen=True)
+class SizeReport:
+    total_params: int
+    quantized_params: int
+    quantized_layers: int
+    quantized_bits_per_weight: float
+    tensor_bytes: int
+    fp16_bytes: int
+
+    @property
+    def ratio_to_fp16(self) -> float:
+        return self.fp16_bytes / self.tensor_bytes
+
+    @property
+    def model_bits_per_weight(self) -> float:
+        return 8 * self.tensor_bytes / self.total_params
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio_to_fp16": self.ratio_to_fp16, "model_bits_per_weight": self.model_bits_per_weight}
+
+
+def size_report(model: nn.Module) -> SizeReport:
+    from lowbit.formats.native import checkpoint_tensors
+
+    qlayers = [m for m in model.modules() if isinstance(m, QLinear)]
+    q_params = sum(m.in_features * m.out_features for m in qlayers)
+    q_bytes = sum(m.quantized_tensor().nbytes for m in qlayers)
+    float_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    total_params = float_params + q_params
+    record = getattr(model.config, "quantization_config", None)
+    float_dtype = record["float_dtype"] if isinstance(record, dict) and "float_dtype" in record else "float16"
+    tensors, _ = checkpoint_tensors(model, float_dtype)
+    tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return SizeReport(
+        total_params=total_params,
+        quantized_params=q_params,
+        quantized_layers=len(qlayers),
+        quantized_bits_per_weight=8 * q_bytes / q_params if q_params else 16.0,
+        tensor_bytes=tensor_bytes,
+        fp16_bytes=2 * total_params,
+    )

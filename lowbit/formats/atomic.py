@@ -1,0 +1,44 @@
+"""Atomic output folders: build everything in a hidden sibling folder, then rename it into place.
+
+A failed or interrupted write leaves no partial output: the temporary folder is removed on error, and a crash
+leaves only a ``.NAME.lowbit-tmp-*`` folder, never a half-written ``NAME``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from lowbit.errors import OutputExistsError
+
+
+def check_output(path: str | Path, overwrite: bool) -> Path:
+    """Fail early (before any expensive work) if ``path`` exists and ``overwrite`` is off."""
+    out = Path(path).expanduser()
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists: choose another --out or pass --overwrite")
+    if not out.parent.exists():
+        raise OutputExistsError(f"the parent folder {out.parent} does not exist: create it first")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces ``path`` (which may exist only with ``overwrite``)."""
+    out = check_output(path, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.lowbit-tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.lowbit-old-", dir=out.parent))
+            out.rename(trash / out.name)
+            tmp.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

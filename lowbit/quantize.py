@@ -1,0 +1,100 @@
+"""The one verb: ``quantize_model(model, recipe)``.
+
+Selects the layers the recipe names, quantizes each weight with the method's pure function, swaps the layer for a
+:class:`QLinear`, rounds the parameters that stay in float to their storage dtype (so the in-memory model is exactly
+what a reload gives), and records what was done in ``model.config.quantization_config``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.config import CONFIG_VERSION, QuantConfig, QuantRecipe
+from lowbit.core.qtensor import QuantizedTensor
+from lowbit.errors import ConfigError
+from lowbit.methods.rtn import quantize_rtn
+from lowbit.model.modules import linear_bias, linear_weight, select_layers, set_submodule
+from lowbit.nn.qlinear import QLinear
+
+log = logging.getLogger(__name__)
+
+WeightQuantizer = Callable[[torch.Tensor, QuantConfig], QuantizedTensor]
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class QuantizeSummary:
+    layers: int
+    seconds: float
+    method: str
+
+
+def round_float_params(model: nn.Module, float_dtype: str) -> None:
+    """Round every remaining float parameter to ``float_dtype`` in place (kept as float32 for compute).
+
+    A tensor that would overflow float16 is left in float32 (logged); the saved file stores what was kept.
+    """
+    dtype = FLOAT_DTYPES.get(float_dtype)
+    if dtype is None:
+        raise ConfigError(f"float dtype must be one of {sorted(FLOAT_DTYPES)}, got {float_dtype!r}")
+    if dtype == torch.float32:
+        return
+    for name, param in model.named_parameters():
+        if not param.is_floating_point():
+            continue
+        if dtype == torch.float16 and param.detach().abs().max() > torch.finfo(torch.float16).max:
+            log.warning("%s exceeds the float16 range: kept in float32", name)
+            continue
+        with torch.no_grad():
+            param.copy_(param.to(dtype).to(param.dtype))
+
+
+def quantization_record(model: nn.Module, method: str, float_dtype: str) -> dict[str, Any]:
+    """The ``quantization_config`` describing every QLinear in ``model`` (written to config.json)."""
+    configs: list[dict[str, Any]] = []
+    layers: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QLinear):
+            cfg = module.config.to_dict()
+            if cfg not in configs:
+                configs.append(cfg)
+            layers[name] = {
+                "config": configs.index(cfg),
+                "shape": [module.out_features, module.in_features],
+                "bias": module.bias is not None,
+            }
+    return {
+        "quant_method": "lowbit",
+        "format_version": CONFIG_VERSION,
+        "method": method,
+        "float_dtype": float_dtype,
+        "configs": configs,
+        "layers": layers,
+    }
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    recipe: QuantRecipe,
+    quantizer: WeightQuantizer = quantize_rtn,
+    method: str = "rtn",
+    float_dtype: str = "float16",
+    progress: bool = True,
+) -> QuantizeSummary:
+    """Quantize the selected linear layers of ``model`` in place with a data-free ``quantizer``."""
+    start = time.perf_counter()
+    targets = select_layers(model, recipe)
+    for target in tqdm(targets, desc=f"quantizing ({method})", unit="layer", disable=not progress):
+        qt = quantizer(linear_weight(target.module).float(), target.config)
+        set_submodule(model, target.name, QLinear(qt, linear_bias(target.module)))
+    round_float_params(model, float_dtype)
+    model.config.quantization_config = quantization_record(model, method, float_dtype)
+    return QuantizeSummary(len(targets), time.perf_counter() - start, method)
