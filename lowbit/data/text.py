@@ -3,7 +3,7 @@
 The user's own text (``--text FILE``, ``--calib FILE``) is always preferred: quality loss depends on what the model
 will read. When none is given, lowbit uses a **built-in default** that every fresh install has without any download:
 the English documentation (docstrings) of a fixed list of Python standard-library modules, read with
-``inspect.getdoc``. It is technical prose mixed with code examples — not WikiText, so its perplexities are not
+their own ``__doc__`` strings (each once). It is technical prose mixed with code examples — not WikiText, so its perplexities are not
 comparable with paper tables, but it is identical on every install of the same Python version, and the evaluation
 and calibration module lists are disjoint so calibration never sees the evaluation text.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import warnings
 from pathlib import Path
 
 from lowbit.errors import TextError
@@ -31,17 +32,23 @@ CALIB_MODULES = (
 )
 
 
+def _own_doc(obj: object) -> str:
+    """The object's own docstring (not one inherited from a base class), cleaned of indentation."""
+    doc = getattr(obj, "__doc__", None)
+    return inspect.cleandoc(doc) if isinstance(doc, str) else ""
+
+
 def _docs_of(module_name: str) -> list[str]:
     module = importlib.import_module(module_name)
-    docs = [inspect.getdoc(module) or ""]
+    docs = [_own_doc(module)]
     for name, obj in sorted(vars(module).items()):
         if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
             continue
-        docs.append(inspect.getdoc(obj) or "")
+        docs.append(_own_doc(obj))
         if inspect.isclass(obj):
             for attr, member in sorted(vars(obj).items()):
                 if not attr.startswith("_") and callable(member):
-                    docs.append(inspect.getdoc(member) or "")
+                    docs.append(_own_doc(member))
     return [d for d in docs if len(d) > 40]
 
 
@@ -50,7 +57,10 @@ def default_text(split: str = "eval") -> str:
     modules = {"eval": EVAL_MODULES, "calib": CALIB_MODULES}.get(split)
     if modules is None:
         raise TextError(f"unknown default text split {split!r}: use 'eval' or 'calib'")
-    return "\n\n".join(doc for name in modules for doc in _docs_of(name))
+    with warnings.catch_warnings():  # reading typing's deprecated aliases warns; we only read their docstrings
+        warnings.simplefilter("ignore", DeprecationWarning)
+        docs = [doc for name in modules for doc in _docs_of(name)]
+    return "\n\n".join(dict.fromkeys(docs))  # each docstring once, in first-seen order
 
 
 def read_text(path: str | Path | None, split: str = "eval") -> tuple[str, str]:

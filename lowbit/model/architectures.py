@@ -18,10 +18,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lowbit.errors import ModelLoadError
+from lowbit.nn.qlinear import QLinear
 
 log = logging.getLogger(__name__)
 
-LINEAR_TYPES = (nn.Linear, Conv1D)
+LINEAR_TYPES = (nn.Linear, Conv1D)  # float linears lowbit can quantize
+LINEAR_LIKE = (*LINEAR_TYPES, QLinear)  # what a block's linears may be, before or after quantization
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ def discover_spec(model: nn.Module) -> ArchSpec:
             "add an ArchSpec for it in lowbit/model/architectures.py"
         )
     blocks_name, blocks = max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))
-    names = tuple(n for n, m in blocks[0].named_modules() if isinstance(m, LINEAR_TYPES))
+    names = tuple(n for n, m in blocks[0].named_modules() if isinstance(m, LINEAR_LIKE))
     if not names:
         raise ModelLoadError(f"the blocks at {blocks_name!r} contain no linear layers: nothing to quantize")
     model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
@@ -123,7 +125,7 @@ def _fits(model: nn.Module, spec: ArchSpec) -> bool:
         return False
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         return False
-    present = {n for n, m in blocks[0].named_modules() if isinstance(m, LINEAR_TYPES)}
+    present = {n for n, m in blocks[0].named_modules() if isinstance(m, LINEAR_LIKE)}
     return present == {n for group in spec.linear_groups for n in group}
 
 

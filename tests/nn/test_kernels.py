@@ -1,0 +1,60 @@
+"""The fast CPU kernels equal the reference (dequantize + matmul) path within a stated tolerance.
+
+Tolerance: |fast − reference| ≤ 1e-4 · max|reference| + 1e-5 (float32 accumulation order differs).
+"""
+
+import pytest
+import torch
+
+from lowbit.config import QuantConfig
+from lowbit.errors import ConfigError
+from lowbit.methods.rtn import quantize_rtn
+from lowbit.nn.kernels import FAST_MAX_ROWS, INT4PACK, INT8PACK, REFERENCE, select_kernel
+from lowbit.nn.qlinear import QLinear
+
+CASES = [
+    (QuantConfig(bits=8, granularity="channel", symmetric=True), "int8pack", 576),
+    (QuantConfig(bits=8, granularity="channel"), "int8pack", 576),
+    (QuantConfig(bits=4, group_size=128), "int4pack", 576),  # ragged last group: padded
+    (QuantConfig(bits=4, group_size=64, symmetric=True), "int4pack", 576),
+    (QuantConfig(bits=4, group_size=32), "int4pack", 100),
+    (QuantConfig(bits=4, granularity="channel"), "int4pack", 256),
+]
+
+
+@pytest.mark.parametrize("cfg, kernel, in_features", CASES, ids=lambda v: getattr(v, "describe", lambda: str(v))())
+@pytest.mark.parametrize("rows", [1, 5, 32])
+def test_fast_kernel_matches_reference(cfg: QuantConfig, kernel: str, in_features: int, rows: int) -> None:
+    torch.manual_seed(rows)
+    qt = quantize_rtn(torch.randn(96, in_features), cfg)
+    chosen = select_kernel(qt)
+    assert chosen.name == kernel
+    x = torch.randn(rows, in_features)
+    ref = REFERENCE.run(REFERENCE.prepare(qt), x)
+    fast = chosen.run(chosen.prepare(qt), x)
+    assert (fast - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-5
+
+
+def test_unsupported_configs_fall_back_to_reference() -> None:
+    for cfg in (QuantConfig(bits=3, group_size=128), QuantConfig(bits=4, group_size=96), QuantConfig(bits=8)):
+        assert select_kernel(quantize_rtn(torch.randn(16, 192), cfg)) is REFERENCE
+    with pytest.raises(ConfigError):
+        select_kernel(quantize_rtn(torch.randn(16, 192), QuantConfig(bits=3)), "int4pack")
+
+
+def test_qlinear_uses_fast_kernel_for_few_rows_and_keeps_bias() -> None:
+    torch.manual_seed(0)
+    qt = quantize_rtn(torch.randn(64, 128), QuantConfig(bits=4, group_size=32))
+    bias = torch.randn(64)
+    layer = QLinear(qt, bias)
+    x = torch.randn(2, 3, 128)
+    expected = torch.nn.functional.linear(x, qt.dequantize(), bias)
+    assert layer.kernel_name == "int4pack"
+    small = layer(x)  # 6 rows ≤ FAST_MAX_ROWS: fast kernel
+    assert 6 <= FAST_MAX_ROWS
+    assert (small - expected).abs().max() < 1e-4
+    big = layer(torch.cat([x] * 4, 0))  # 24 rows: reference path
+    assert torch.allclose(big, torch.cat([expected] * 4, 0), atol=1e-5)
+    layer.set_kernel("reference")
+    assert layer.kernel_name == "reference"
+    assert torch.allclose(layer(x), expected, atol=1e-5)

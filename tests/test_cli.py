@@ -1,0 +1,102 @@
+"""The command line: the main job end to end on a small model, and one-line errors for bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lowbit.cli import main
+
+TEXT = "The quick brown fox jumps over the lazy dog. " * 200
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    """Run the CLI; returns (exit code, stdout, the one `lowbit: error:` line or "")."""
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    errors = [line for line in out.err.replace("\r", "\n").splitlines() if line.startswith("lowbit: error:")]
+    assert len(errors) <= 1
+    return code, out.out, errors[0] if errors else ""
+
+
+def test_quantize_eval_inspect_end_to_end(tiny_hf_folder: Path, text_file: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "q"
+    code, stdout, _ = run(capsys, "quantize", tiny_hf_folder, "--out", out, "--bits", "4", "--group-size", "32",
+                          "--text", text_file, "--seqlen", "128", "--max-tokens", "512", "--json", tmp_path / "r.json")
+    assert code == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    evaluation = result["evaluation"]
+    assert evaluation["windows"] == 4 and evaluation["text"] == str(text_file)
+    assert evaluation["kl"] > 0 and 0 <= evaluation["top1_agreement"] <= 1
+    assert result["size"]["quantized_layers"] == 14
+    assert "KL divergence" in stdout and "top-1 agreement" in stdout
+    code, stdout, _ = run(capsys, "eval", out, "--compare-to", tiny_hf_folder, "--text", text_file, "--seqlen", "128",
+                          "--max-tokens", "512", "--json", tmp_path / "e.json")
+    assert code == 0
+    again = json.loads((tmp_path / "e.json").read_text())["evaluation"]
+    assert again["perplexity"] == pytest.approx(evaluation["perplexity"], rel=1e-6)
+    assert again["kl"] == pytest.approx(evaluation["kl"], rel=1e-5)
+    code, stdout, _ = run(capsys, "inspect", out)
+    assert code == 0 and "4-bit g32 asym" in stdout and "model.layers.1.mlp.down_proj" in stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bits", "9"], "bits must be an integer from 2 to 8"),
+        (["--bits", "1"], "bits must be an integer from 2 to 8"),
+        (["--group-size", "0"], "group size must be a positive integer"),
+        (["--group-size", "-8"], "group size must be a positive integer"),
+        (["--include", "*nothing*"], "no linear layer matches"),
+    ],
+)
+def test_bad_settings(tiny_hf_folder: Path, tmp_path: Path, capsys, args: list, message: str) -> None:
+    code, _, err = run(capsys, "quantize", tiny_hf_folder, "--out", tmp_path / "q", "--no-eval", *args)
+    assert code == 2 and message in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_bad_models(tmp_path: Path, capsys) -> None:
+    code, _, err = run(capsys, "quantize", tmp_path / "nope", "--out", tmp_path / "q", "--no-eval")
+    assert code == 2 and "not found" in err
+    (tmp_path / "weird").mkdir()
+    (tmp_path / "weird" / "config.json").write_text('{"model_type": "martian-lm"}')
+    (tmp_path / "weird" / "model.safetensors").write_bytes(b"")
+    code, _, err = run(capsys, "quantize", tmp_path / "weird", "--out", tmp_path / "q", "--no-eval")
+    assert code == 2 and "unknown architecture 'martian-lm'" in err
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"not loaded")
+    code, _, err = run(capsys, "quantize", tmp_path / "pickled", "--out", tmp_path / "q", "--no-eval")
+    assert code == 2 and "never loads" in err
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    code, _, err = run(capsys, "eval", tmp_path / "bad.gguf")
+    assert code == 2 and "not a readable GGUF" in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_corrupt_safetensors_in_hf_folder(tiny_hf_folder: Path, tmp_path: Path, capsys) -> None:
+    (tiny_hf_folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
+    code, _, err = run(capsys, "quantize", tiny_hf_folder, "--out", tmp_path / "q", "--no-eval")
+    assert code == 2 and "corrupt" in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_existing_output_and_short_text(tiny_hf_folder: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "q").mkdir()
+    code, _, err = run(capsys, "quantize", tiny_hf_folder, "--out", tmp_path / "q")
+    assert code == 2 and "--overwrite" in err
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    code, _, err = run(capsys, "eval", tiny_hf_folder, "--text", short, "--seqlen", "64", "--max-tokens", "0")
+    assert code == 2 and "fewer than one window" in err
+    (tmp_path / "empty.txt").write_text("")
+    code, _, err = run(capsys, "eval", tiny_hf_folder, "--text", tmp_path / "empty.txt")
+    assert code == 2 and "empty" in err
