@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     gran.add_argument("--per-tensor", action="store_true", help="one scale for the whole tensor")
     q.add_argument("--sym", action="store_true", help="symmetric (no zero points); default asymmetric")
     q.add_argument("--qparams", default="minmax", choices=["minmax", "mse"], help="scale/zero choice (default minmax)")
+    q.add_argument("--zero-point", default="int", choices=["int", "float"],
+                   help="asymmetric zero points as uint8 integers (default) or float16")
     q.add_argument("--include", action="append", default=[], metavar="GLOB", help="only quantize layers matching")
     q.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never quantize layers matching")
     q.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
@@ -73,7 +75,7 @@ def _recipe(args: argparse.Namespace) -> Any:
 
     granularity = "channel" if args.per_channel else "tensor" if args.per_tensor else "group"
     cfg = QuantConfig(bits=args.bits, symmetric=args.sym, granularity=granularity, group_size=args.group_size,
-                      qparams=args.qparams)
+                      qparams=args.qparams, zero_point=args.zero_point)
     return QuantRecipe(cfg, include=tuple(args.include), exclude=tuple(args.exclude))
 
 

@@ -26,7 +26,8 @@ from lowbit.errors import ConfigError
 
 CONFIG_VERSION = 1
 Granularity = Literal["tensor", "channel", "group"]
-QParamRule = Literal["minmax", "mse"]
+QParamRule = Literal["minmax", "mse", "hqq"]
+ZeroPoint = Literal["int", "float"]
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,9 @@ class QuantConfig:
     """How one weight tensor is quantized.
 
     Codes are unsigned integers ``q ∈ [0, 2**bits - 1]``; a weight is reconstructed as ``w ≈ (q - z) · s``.
-    Symmetric configs fix ``z = 2**(bits-1)`` (not stored); asymmetric ones store an integer ``z`` per group.
-    Scales are stored as float16.
+    Symmetric configs fix ``z = 2**(bits-1)`` (not stored); asymmetric ones store ``z`` per group, as a uint8
+    integer (``zero_point="int"``, GPTQ / compressed-tensors style: 0 is exactly representable) or as a float16
+    (``"float"``, HQQ / GGUF Q4_1 style: the grid may start at the group minimum). Scales are stored as float16.
     """
 
     bits: int = 4
@@ -43,6 +45,7 @@ class QuantConfig:
     granularity: Granularity = "group"
     group_size: int = 128
     qparams: QParamRule = "minmax"
+    zero_point: ZeroPoint = "int"
     mse_grid: int = 100
     mse_max_shrink: float = 0.8
     mse_norm: float = 2.4
@@ -57,8 +60,12 @@ class QuantConfig:
                 f"group size must be a positive integer, got {self.group_size!r}: use e.g. --group-size 128, "
                 "or --per-channel for one scale per output row"
             )
-        if self.qparams not in ("minmax", "mse"):
-            raise ConfigError(f"q-param rule must be 'minmax' or 'mse', got {self.qparams!r}")
+        if self.qparams not in ("minmax", "mse", "hqq"):
+            raise ConfigError(f"q-param rule must be 'minmax', 'mse' or 'hqq', got {self.qparams!r}")
+        if self.zero_point not in ("int", "float"):
+            raise ConfigError(f"zero point must be 'int' or 'float', got {self.zero_point!r}")
+        if self.zero_point == "float" and self.symmetric:
+            raise ConfigError("float zero points need an asymmetric config: drop --sym or use integer zero points")
         if self.mse_grid < 1 or not 0.0 < self.mse_max_shrink < 1.0 or self.mse_norm <= 0:
             raise ConfigError("MSE search needs grid >= 1, 0 < max_shrink < 1 and norm > 0")
 
@@ -74,7 +81,8 @@ class QuantConfig:
     def describe(self) -> str:
         """Short human name, e.g. ``4-bit g128 asym``."""
         gran = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
-        extra = " mse" if self.qparams == "mse" else ""
+        extra = "" if self.qparams == "minmax" else f" {self.qparams}"
+        extra += " fz" if self.zero_point == "float" else ""
         return f"{self.bits}-bit {gran} {'sym' if self.symmetric else 'asym'}{extra}"
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,8 +6,10 @@ consecutive columns; the last group of a row is shorter when ``width`` does not 
 
 Rules (``qmax = 2**b − 1``):
 
-* asymmetric min-max: ``lo = min(min w, 0)``, ``hi = max(max w, 0)``, ``s = (hi − lo) / qmax``,
+* asymmetric min-max, integer zero: ``lo = min(min w, 0)``, ``hi = max(max w, 0)``, ``s = (hi − lo) / qmax``,
   ``z = round(−lo / s)``;
+* asymmetric min-max, float zero: ``lo = min w``, ``hi = max w``, ``s = (hi − lo) / qmax``, ``z = −lo / s``
+  (stored as float16), so the grid runs exactly from the group minimum to its maximum;
 * symmetric min-max (GPTQ's convention): ``a = max|w|``, ``s = 2a / qmax``, ``z = (qmax + 1) / 2``, so codes
   ``0 … qmax`` map to ``(−2^{b−1} … 2^{b−1}−1) · s``;
 * ``mse``: shrink the range by ``p ∈ {1, 1 − 1/n, …, 1 − max_shrink}`` and keep, per group, the ``p`` with the
@@ -62,6 +64,9 @@ def params_from_range(
         amax = torch.maximum(lo.abs(), hi.abs())
         scale = _to_fp16_scale(2 * amax / qmax)
         zero = torch.full_like(scale, (qmax + 1) // 2)
+    elif cfg.zero_point == "float":
+        scale = _to_fp16_scale((hi - lo) / qmax)
+        zero = (-lo / scale).to(torch.float16).float()
     else:
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         scale = _to_fp16_scale((hi - lo) / qmax)
@@ -72,8 +77,11 @@ def params_from_range(
 def fake_quantize(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round to nearest with per-column q-params (all ``[R, C]``): returns (codes as float, dequantized)."""
-    q = torch.clamp(torch.round(w / scale) + zero, 0, qmax)
+    """Round to nearest with per-column q-params (all ``[R, C]``): returns (codes as float, dequantized).
+
+    ``q = clamp(round(w / s + z), 0, qmax)``, ``ŵ = (q − z) · s``.
+    """
+    q = torch.clamp(torch.round(w / scale + zero), 0, qmax)
     return q, (q - zero) * scale
 
 

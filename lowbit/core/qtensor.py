@@ -7,7 +7,8 @@ field      dtype / shape               meaning
 =========  ==========================  ======================================================================
 packed     uint8 ``[N, ceil(K·b/8)]``  codes ``q ∈ [0, 2^b − 1]``, each row one bit stream (``core.packing``)
 scale      float16 ``[N, G]``          per-group scale ``s``; ``[1, 1]`` for per-tensor
-zero       uint8 ``[N, G]`` or None    per-group integer zero ``z``; None when symmetric (``z = 2^{b−1}``)
+zero       uint8|float16 ``[N, G]``    per-group zero ``z`` (uint8 integer or float16, by ``zero_point``);
+           or None                     None when symmetric (``z = 2^{b−1}``)
 shape      ``(N, K)``                  logical weight shape
 config     :class:`QuantConfig`        bits, symmetry, granularity (``G = ceil(K / g)`` groups per row)
 =========  ==========================  ======================================================================
@@ -44,7 +45,7 @@ class QuantizedTensor:
             "scale": (groups, torch.float16),
         }
         if not c.symmetric:
-            expect["zero"] = (groups, torch.uint8)
+            expect["zero"] = (groups, torch.float16 if c.zero_point == "float" else torch.uint8)
         elif self.zero is not None:
             raise FormatError("a symmetric quantized tensor stores no zero points")
         for name, (shape, dtype) in expect.items():
@@ -59,7 +60,8 @@ class QuantizedTensor:
     ) -> "QuantizedTensor":
         """Build from unpacked codes (any integer/float dtype ``[N, K]``) and float q-params ``[N|1, G]``."""
         packed = pack_codes(codes.to(torch.uint8), config.bits)
-        z = None if config.symmetric else zero.to(torch.uint8)
+        zero_dtype = torch.float16 if config.zero_point == "float" else torch.uint8
+        z = None if config.symmetric else zero.to(zero_dtype)
         return cls(packed, scale.to(torch.float16), z, tuple(codes.shape), config)
 
     @property

@@ -4,7 +4,7 @@ State-dict entries (what a checkpoint stores for layer ``name``)::
 
     name.qweight  uint8   [out, ceil(in·bits/8)]   packed codes
     name.scales   float16 [out|1, G]
-    name.zeros    uint8   [out|1, G]               only when asymmetric
+    name.zeros    uint8   [out|1, G]               only when asymmetric (float16 for float zero points)
     name.bias     float32 [out]                    only when the original layer had a bias
 
 The kernel (see :mod:`lowbit.nn.kernels`) is chosen on first use and its prepared layout cached; it is not part of
@@ -49,7 +49,8 @@ class QLinear(nn.Module):
         qt = QuantizedTensor(
             torch.zeros(out_features, packed_row_bytes(in_features, config.bits), dtype=torch.uint8, device=device),
             torch.ones(rows, g, dtype=torch.float16, device=device),
-            None if config.symmetric else torch.zeros(rows, g, dtype=torch.uint8, device=device),
+            None if config.symmetric else torch.zeros(
+                rows, g, dtype=torch.float16 if config.zero_point == "float" else torch.uint8, device=device),
             (out_features, in_features),
             config,
         )

@@ -37,7 +37,8 @@ def test_smollm2_4bit_reload_gives_bit_identical_logits(smollm2, tmp_path: Path)
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(bits=3, group_size=24), QuantConfig(bits=8, symmetric=True, granularity="channel"),
-                                 QuantConfig(bits=2, granularity="tensor")], ids=QuantConfig.describe)
+                                 QuantConfig(bits=2, granularity="tensor"), QuantConfig(bits=4, group_size=16, zero_point="float")],
+                         ids=QuantConfig.describe)
 def test_reload_is_bit_identical_across_architectures(tiny_arch: str, cfg: QuantConfig, tmp_path: Path) -> None:
     model = make_tiny(tiny_arch)
     quantize_model(model, QuantRecipe(cfg), progress=False)

@@ -51,3 +51,26 @@ def test_per_tensor_has_one_scale() -> None:
     qt = quantize_rtn(w, QuantConfig(bits=4, granularity="tensor"))
     assert qt.scale.shape == (1, 1) and qt.zero.shape == (1, 1)
     assert qt.bits_per_weight == pytest.approx(4 + 24 / (16 * 32))
+
+
+def test_float_zero_points_reproduce_a_min_to_max_grid() -> None:
+    # Q4_1-style data: each group's grid starts at its minimum, which integer zero points cannot represent.
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (8, 64)).float()
+    codes[:, ::32] = 0
+    codes[:, 1::32] = 15
+    mins = torch.rand(8, 2).repeat_interleave(32, 1) * 0.3 + 0.01  # all-positive groups
+    w = codes * 0.0625 + mins.half().float()
+    float_zero = quantize_rtn(w, QuantConfig(bits=4, group_size=32, zero_point="float"))
+    int_zero = quantize_rtn(w, QuantConfig(bits=4, group_size=32))
+    assert float_zero.zero.dtype == torch.float16
+    err_float = (float_zero.dequantize() - w).abs().max()
+    err_int = (int_zero.dequantize() - w).abs().max()
+    assert err_float < 2e-3 < err_int
+
+
+def test_float_zero_requires_asymmetric() -> None:
+    from lowbit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="asymmetric"):
+        QuantConfig(symmetric=True, zero_point="float")

@@ -18,6 +18,8 @@ CASES = [
     (QuantConfig(bits=4, group_size=128), "int4pack", 576),  # ragged last group: padded
     (QuantConfig(bits=4, group_size=64, symmetric=True), "int4pack", 576),
     (QuantConfig(bits=4, group_size=32), "int4pack", 100),
+    (QuantConfig(bits=4, group_size=64, zero_point="float"), "int4pack", 576),
+    (QuantConfig(bits=8, granularity="channel", zero_point="float"), "int8pack", 320),
     (QuantConfig(bits=4, granularity="channel"), "int4pack", 256),
 ]
 

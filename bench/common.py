@@ -1,0 +1,67 @@
+"""Shared pieces of the benchmark scripts: the pinned evaluation, isolated worker processes, result tables.
+
+Every configuration runs in its own fresh Python process (so peak RSS is its own) and is evaluated on the same
+windows against the same fp32 reference. Tables are written as markdown + JSON under ``bench/results``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmark the lowbit of this checkout (e.g. a snapshot worktree), not another
+SHARED = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "bench" / "results"
+EVAL_TEXT = SHARED / "wikitext2_test_joined.txt"
+CALIB_TEXT = SHARED / "wikitext2_valid_unk.txt"
+MODEL = "smollm2-135m"
+SEQLEN = 2048
+EVAL_TOKENS = 20480
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def eval_windows(tokenizer: Any) -> tuple[torch.Tensor, Any]:
+    from lowbit.eval.perplexity import EvalProtocol, token_windows
+
+    protocol = EvalProtocol(seqlen=SEQLEN, max_tokens=EVAL_TOKENS)
+    return token_windows(tokenizer, EVAL_TEXT.read_text(), protocol), protocol
+
+
+def run_worker(script: Path, job: dict[str, Any]) -> dict[str, Any]:
+    """Run ``script --worker JOB`` in a fresh process; it prints one JSON line last."""
+    done = subprocess.run([sys.executable, str(script), "--worker", json.dumps(job)], capture_output=True, text=True)
+    if done.returncode != 0:
+        return {**job, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def write_results(name: str, title: str, intro: str, tables: list[tuple[str, str]], data: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine(), **data}, indent=2))
+    body = [f"# {title}", "", intro, "", f"Machine: {json.dumps(machine())}", ""]
+    for heading, table in tables:
+        body += [f"## {heading}", "", table, ""]
+    (RESULTS / f"{name}.md").write_text("\n".join(body))
+    print("\n".join(body))
