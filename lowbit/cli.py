@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lowbit.errors import LowbitError
+from lowbit.methods.method import METHOD_NAMES
 
 log = logging.getLogger("lowbit")
 
@@ -37,7 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="model folder, .gguf file, or a named default (smollm2-135m)")
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    q.add_argument("--method", default="rtn", choices=["rtn"], help="quantization method (default rtn)")
+    q.add_argument("--method", default="rtn", choices=list(METHOD_NAMES),
+                   help="rtn, hqq (data-free); gptq, awq, awq+gptq, hqq+gptq (calibrated). Default rtn")
+    q.add_argument("--calib", help="calibration text file (UTF-8); default: lowbit's built-in calibration text")
+    q.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    q.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    q.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    q.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian damping, fraction of its mean diagonal")
     q.add_argument("--bits", type=int, default=4, help="bits per weight, 2–8 (default 4)")
     gran = q.add_mutually_exclusive_group()
     gran.add_argument("--group-size", type=int, default=128, help="weights per scale along a row (default 128)")
@@ -92,10 +100,10 @@ def _evaluate(loaded: Any, args: argparse.Namespace, reference: Any = None) -> d
     return {"text": source, **result.to_dict()}
 
 
-def _print_results(title: str, evaluation: dict[str, Any] | None, size: Any) -> None:
+def _print_results(title: str, evaluation: dict[str, Any] | None, size: Any, extra: list | None = None) -> None:
     from lowbit.report import markdown_table
 
-    rows: list[tuple[str, Any]] = []
+    rows: list[tuple[str, Any]] = list(extra or [])
     if evaluation:
         rows += [("text", evaluation["text"]),
                  ("windows × seqlen", f"{evaluation['windows']} × {evaluation['seqlen']} (BOS: {evaluation['bos']})"),
@@ -119,21 +127,38 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.model.loading import load_model
     from lowbit.quantize import quantize_model
 
+    from lowbit.calib.data import CalibConfig, calibration_ids
+    from lowbit.data.text import read_text
+    from lowbit.methods.gptq import GPTQConfig
+    from lowbit.methods.method import MethodConfig
+
     recipe = _recipe(args)
+    method = MethodConfig.parse(args.method, gptq=GPTQConfig(damp=args.damp, act_order=args.act_order))
+    calib = CalibConfig(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed)
     check_output(args.out, args.overwrite)
     if not args.no_eval:
         _protocol(args)  # validate before the expensive work
     loaded = load_model(args.model)
+    calib_ids, calib_note = None, None
+    if method.needs_calibration:
+        text, source = read_text(args.calib, "calib")
+        calib_ids = calibration_ids(loaded.tokenizer, text, calib)
+        calib_note = f"{calib.describe()} from {source}"
+        log.info("calibration: %s", calib_note)
     original = None if args.no_eval else copy.deepcopy(loaded.model)
-    summary = quantize_model(loaded.model, recipe, method=args.method, float_dtype=args.float_dtype)
-    log.info("quantized %d layers with %s (%s) in %.1f s", summary.layers, args.method, recipe.default.describe(),
+    summary = quantize_model(loaded.model, recipe, method=method, calib_ids=calib_ids, calib=calib,
+                             float_dtype=args.float_dtype)
+    log.info("quantized %d layers with %s (%s) in %.1f s", summary.layers, method.name, recipe.default.describe(),
              summary.seconds)
     out = save_quantized(loaded, args.out, overwrite=args.overwrite)
     log.info("saved to %s", out)
     evaluation = None if args.no_eval else _evaluate(loaded, args, reference=original)
     size = size_report(loaded.model)
-    _print_results(f"{args.model} → {out} ({args.method}, {recipe.default.describe()})", evaluation, size)
-    _write_json(args.json_out, {"quantize_seconds": summary.seconds, "evaluation": evaluation, "size": size.to_dict()})
+    extra = [("method", f"{method.name}, {recipe.default.describe()}"), ("quantize time", f"{summary.seconds:.1f} s")]
+    extra += [("calibration", calib_note)] if calib_note else []
+    _print_results(f"{args.model} → {out}", evaluation, size, extra)
+    _write_json(args.json_out, {"method": method.name, "config": recipe.default.to_dict(), "calibration": calib_note,
+                                "quantize_seconds": summary.seconds, "evaluation": evaluation, "size": size.to_dict()})
     return 0
 
 

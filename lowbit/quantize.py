@@ -1,6 +1,7 @@
 """The one verb: ``quantize_model(model, recipe)``.
 
-Selects the layers the recipe names, quantizes each weight with the method's pure function, swaps the layer for a
+Selects the layers the recipe names, quantizes each weight with the method (data-free methods layer by layer here,
+calibrated ones through the sequential driver in ``lowbit.pipeline``), swaps the layer for a
 :class:`QLinear`, rounds the parameters that stay in float to their storage dtype (so the in-memory model is exactly
 what a reload gives), and records what was done in ``model.config.quantization_config``.
 """
@@ -10,22 +11,22 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.calib.data import CalibConfig
 from lowbit.config import CONFIG_VERSION, QuantConfig, QuantRecipe
-from lowbit.core.qtensor import QuantizedTensor
 from lowbit.errors import ConfigError
+from lowbit.methods.method import MethodConfig
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.model.modules import linear_bias, linear_weight, select_layers, set_submodule
 from lowbit.nn.qlinear import QLinear
 
 log = logging.getLogger(__name__)
 
-WeightQuantizer = Callable[[torch.Tensor, QuantConfig], QuantizedTensor]
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -84,17 +85,36 @@ def quantization_record(model: nn.Module, method: str, float_dtype: str) -> dict
 def quantize_model(
     model: nn.Module,
     recipe: QuantRecipe,
-    quantizer: WeightQuantizer = quantize_rtn,
-    method: str = "rtn",
+    method: str | MethodConfig = "rtn",
+    calib_ids: torch.Tensor | None = None,
+    calib: CalibConfig | None = None,
     float_dtype: str = "float16",
     progress: bool = True,
 ) -> QuantizeSummary:
-    """Quantize the selected linear layers of ``model`` in place with a data-free ``quantizer``."""
+    """Quantize the selected linear layers of ``model`` in place.
+
+    ``method``: a name (``rtn``, ``hqq``, ``gptq``, ``awq``, ``awq+gptq``, ``hqq+gptq``) or a :class:`MethodConfig`.
+    Calibrated methods need ``calib_ids [samples, seqlen]`` (see :func:`lowbit.calib.data.calibration_ids`).
+    """
+    method = MethodConfig.parse(method) if isinstance(method, str) else method
+    calib = calib or CalibConfig()
     start = time.perf_counter()
-    targets = select_layers(model, recipe)
-    for target in tqdm(targets, desc=f"quantizing ({method})", unit="layer", disable=not progress):
-        qt = quantizer(linear_weight(target.module).float(), target.config)
-        set_submodule(model, target.name, QLinear(qt, linear_bias(target.module)))
+    if method.needs_calibration:
+        if calib_ids is None:
+            raise ConfigError(f"method {method.name} needs calibration data: pass calibration token ids")
+        from lowbit.pipeline import quantize_sequential
+
+        layers = quantize_sequential(model, recipe, method, calib_ids, calib, progress)
+    else:
+        targets = select_layers(model, recipe)
+        for target in tqdm(targets, desc=f"quantizing ({method.name})", unit="layer", disable=not progress):
+            qt = quantize_rtn(linear_weight(target.module).float(), method.adapt(target.config))
+            set_submodule(model, target.name, QLinear(qt, linear_bias(target.module)))
+        layers = len(targets)
     round_float_params(model, float_dtype)
-    model.config.quantization_config = quantization_record(model, method, float_dtype)
-    return QuantizeSummary(len(targets), time.perf_counter() - start, method)
+    record = quantization_record(model, method.name, float_dtype)
+    if method.needs_calibration:
+        record["calibration"] = {"samples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
+                                 "seed": calib.seed}
+    model.config.quantization_config = record
+    return QuantizeSummary(layers, time.perf_counter() - start, method.name)

@@ -12,6 +12,7 @@ Rules (``qmax = 2**b − 1``):
   (stored as float16), so the grid runs exactly from the group minimum to its maximum;
 * symmetric min-max (GPTQ's convention): ``a = max|w|``, ``s = 2a / qmax``, ``z = (qmax + 1) / 2``, so codes
   ``0 … qmax`` map to ``(−2^{b−1} … 2^{b−1}−1) · s``;
+* ``hqq``: HQQ's half-quadratic solver (``lowbit.methods.hqq``), starting from min-max;
 * ``mse``: shrink the range by ``p ∈ {1, 1 − 1/n, …, 1 − max_shrink}`` and keep, per group, the ``p`` with the
   smallest ``Σ |w − ŵ|^norm`` (GPTQ's and llm-compressor's MSE observer).
 
@@ -87,6 +88,10 @@ def fake_quantize(
 
 def choose_qparams(w: torch.Tensor, width: int, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose (scale, zero), float32 ``[R, G]`` each, for the groups of ``w [R, C]`` by ``cfg.qparams``."""
+    if cfg.qparams == "hqq":
+        from lowbit.methods.hqq import hqq_qparams
+
+        return hqq_qparams(w, width, cfg)
     w = w.float()
     lo = group_reduce(w, width, "amin")
     hi = group_reduce(w, width, "amax")
@@ -105,3 +110,30 @@ def choose_qparams(w: torch.Tensor, width: int, cfg: QuantConfig) -> tuple[torch
         scale = torch.where(better, s, scale)
         zero = torch.where(better, z, zero)
     return scale, zero
+
+
+def choose_qparams_weighted(
+    w: torch.Tensor, width: int, cfg: QuantConfig, hessian: torch.Tensor, grid: int = 20, max_shrink: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip search weighted by the input Hessian (AWQ's ``auto_clip``, in closed form).
+
+    For each shrink ``p`` of the min-max range, the output error a group's rounding causes on the calibration
+    inputs is ``dᵀ H_gg d`` with ``d = w_g − ŵ_g`` (``H = XᵀX`` restricted to the group's columns); keep, per group,
+    the ``p`` with the smallest such error. Channel or group granularity only (``w`` is ``[out, in]``).
+    """
+    w = w.float()
+    cols = w.shape[1]
+    lo, hi = group_reduce(w, width, "amin"), group_reduce(w, width, "amax")
+    best_scale, best_zero = params_from_range(lo, hi, cfg)
+    best_err = torch.full_like(best_scale, float("inf"))
+    bounds = [(g * width, min((g + 1) * width, cols)) for g in range(num_groups(cols, width))]
+    for i in range(int(max_shrink * grid) + 1):
+        p = 1.0 - i / grid
+        s, z = params_from_range(p * lo, p * hi, cfg)
+        _, deq = fake_quantize(w, expand_groups(s, cols, width), expand_groups(z, cols, width), cfg.qmax)
+        d = deq - w
+        err = torch.stack([((d[:, a:b] @ hessian[a:b, a:b]) * d[:, a:b]).sum(1) for a, b in bounds], dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale, best_zero = torch.where(better, s, best_scale), torch.where(better, z, best_zero)
+    return best_scale, best_zero

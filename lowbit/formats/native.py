@@ -6,7 +6,8 @@ Layout::
                            method, float dtype, the distinct QuantConfigs and, per quantized layer, its config
                            index, shape and bias flag)
     model.safetensors      QLinear buffers (qweight/scales/zeros, see ``lowbit.nn.qlinear``) and every other
-                           parameter/buffer; header metadata repeats the quantization record
+                           parameter/buffer; header metadata key ``lowbit``: JSON of the quantization record
+                           and the aliases of shared tensors
     tokenizer files, generation_config.json  when the source model had them
 
 Float tensors are stored in the record's ``float_dtype`` when that is lossless for them (``quantize_model`` rounds
@@ -70,7 +71,9 @@ def save_quantized(loaded: LoadedModel | nn.Module, out: str | Path, overwrite: 
     if not isinstance(record, dict) or record.get("quant_method") != "lowbit":
         raise FormatError("this model has not been quantized by lowbit: run quantize_model first")
     tensors, aliases = checkpoint_tensors(model, record["float_dtype"])
-    metadata = {"format": "lowbit", "quantization": json.dumps(record), "aliases": json.dumps(aliases)}
+    # One metadata key: safetensors writes its metadata map in hash order, so several keys would make the bytes of
+    # two identical saves differ.
+    metadata = {"lowbit": json.dumps({"format": "lowbit", "quantization": record, "aliases": aliases}, sort_keys=True)}
     with atomic_folder(out, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata=metadata)
         model.config.to_json_file(str(tmp / "config.json"))
@@ -91,9 +94,11 @@ def _read_checkpoint(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelLoadError(f"{file} is corrupt ({exc}): re-create the quantized folder") from exc
-    if metadata.get("format") != "lowbit":
-        raise FormatError(f"{file} was not written by lowbit (no 'format: lowbit' metadata)")
-    return tensors, json.loads(metadata.get("aliases", "{}"))
+    try:
+        header = json.loads(metadata["lowbit"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{file} was not written by lowbit (no 'lowbit' metadata): re-create it with lowbit") from exc
+    return tensors, header.get("aliases", {})
 
 
 def load_quantized(folder: str | Path, device: str = "cpu") -> LoadedModel:

@@ -27,17 +27,35 @@ LINEAR_LIKE = (*LINEAR_TYPES, QLinear)  # what a block's linears may be, before 
 
 
 @dataclass(frozen=True)
+class ScaleMapping:
+    """An op whose output feeds exactly ``linears`` and can absorb a per-channel scale (AWQ / SmoothQuant).
+
+    Scaling the linears' input channels by ``s`` (``W ← W·diag(s)``) is output-preserving when ``prev``'s output is
+    divided by ``s``: a norm's weight (and bias) or a linear's output rows. ``prev`` must feed nothing else.
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """Where the blocks of one architecture family are and what they contain.
 
     ``blocks``: dotted path of the ``ModuleList`` of decoder blocks. ``linear_groups``: names relative to a block,
-    in forward order; the names in one inner tuple read the same input.
+    in forward order; the names in one inner tuple read the same input. ``scale_mappings``: which op can absorb an
+    input scale for which linears (empty: AWQ scaling is skipped, with a warning). ``norm_offset``: the norm
+    computes ``x̂·(offset + weight)`` (1 for Gemma's RMSNorm). ``attention_logits``: linears whose outputs form
+    attention scores (queries/keys), where AWQ does not clip.
     """
 
     name: str
     model_types: tuple[str, ...]
     blocks: str
     linear_groups: tuple[tuple[str, ...], ...]
+    scale_mappings: tuple[ScaleMapping, ...] = ()
+    norm_offset: float = 0.0
+    attention_logits: tuple[str, ...] = ()
 
 
 _LLAMA_LIKE = (
@@ -47,31 +65,55 @@ _LLAMA_LIKE = (
     ("mlp.down_proj",),
 )
 
+_QK = ("self_attn.q_proj", "self_attn.k_proj")
+
+
+def _llama_mappings(mlp_norm: str) -> tuple[ScaleMapping, ...]:
+    return (
+        ScaleMapping("input_layernorm", _LLAMA_LIKE[0]),
+        ScaleMapping("self_attn.v_proj", ("self_attn.o_proj",)),  # skipped when GQA makes the shapes differ
+        ScaleMapping(mlp_norm, ("mlp.gate_proj", "mlp.up_proj")),
+        ScaleMapping("mlp.up_proj", ("mlp.down_proj",)),
+    )
+
+
 KNOWN_ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec(
         "llama-like",
-        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "olmo", "olmo2",
-         "smollm3", "cohere", "helium"),
+        ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo", "smollm3", "helium"),
         "model.layers",
         _LLAMA_LIKE,
+        _llama_mappings("post_attention_layernorm"),
+        attention_logits=_QK,
     ),
+    ArchSpec("gemma", ("gemma",), "model.layers", _LLAMA_LIKE, _llama_mappings("post_attention_layernorm"), 1.0, _QK),
+    ArchSpec("gemma2-like", ("gemma2", "gemma3_text"), "model.layers", _LLAMA_LIKE,
+             _llama_mappings("pre_feedforward_layernorm"), 1.0, _QK),
     ArchSpec(
         "opt",
         ("opt",),
         "model.decoder.layers",
         (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+        (ScaleMapping("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+         ScaleMapping("self_attn.v_proj", ("self_attn.out_proj",)),
+         ScaleMapping("final_layer_norm", ("fc1",)),
+         ScaleMapping("fc1", ("fc2",))),  # ReLU is positively homogeneous: relu(a / s) = relu(a) / s
+        attention_logits=_QK,
     ),
     ArchSpec(
         "gpt2",
         ("gpt2",),
         "transformer.h",
         (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        (ScaleMapping("ln_1", ("attn.c_attn",)), ScaleMapping("ln_2", ("mlp.c_fc",))),  # GELU blocks c_fc → c_proj
     ),
     ArchSpec(
         "phi3",
         ("phi3",),
         "model.layers",
         (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+        (ScaleMapping("input_layernorm", ("self_attn.qkv_proj",)),
+         ScaleMapping("post_attention_layernorm", ("mlp.gate_up_proj",))),
     ),
 )
 

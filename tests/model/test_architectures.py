@@ -12,7 +12,7 @@ from lowbit.model.modules import select_layers
 from lowbit.nn.qlinear import QLinear
 from lowbit.quantize import quantize_model
 
-EXPECTED_SPEC = {"llama": "llama-like", "qwen2": "llama-like", "gemma": "llama-like", "opt": "opt", "gpt2": "gpt2"}
+EXPECTED_SPEC = {"llama": "llama-like", "qwen2": "llama-like", "gemma": "gemma", "opt": "opt", "gpt2": "gpt2"}
 
 
 def test_known_spec_matches_model(tiny_arch: str) -> None:

@@ -1,0 +1,86 @@
+"""Activation plumbing for the sequential driver: the first block's inputs, running one block, input hooks.
+
+Decoder blocks take the hidden state plus architecture-specific keyword arguments (attention mask, rotary
+``position_embeddings``, ``position_ids`` …). Rather than knowing them, we *record* whatever the model passes to its
+first block (a forward pre-hook with kwargs, then stop the forward) and replay it for every block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+class _StopForward(Exception):
+    """Raised inside the first block once its inputs are recorded (internal control flow only)."""
+
+
+@dataclass
+class BlockInputs:
+    """One calibration batch at a block's input: positional args (hidden state first) and keyword args."""
+
+    hidden: torch.Tensor
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@torch.no_grad()
+def capture_first_block_inputs(
+    model: nn.Module, first_block: nn.Module, calib_ids: torch.Tensor, batch_size: int
+) -> list[BlockInputs]:
+    """Run the model on ``calib_ids [samples, seqlen]`` in batches, stopping at the first block's input."""
+    captured: list[BlockInputs] = []
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(BlockInputs(hidden.detach(), tuple(args[1:]), dict(kwargs)))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, calib_ids.shape[0], batch_size):
+            try:
+                model(calib_ids[start : start + batch_size], use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: list[BlockInputs]) -> list[BlockInputs]:
+    """The block's outputs for every batch, as the next block's inputs (same extra arguments)."""
+    outputs = []
+    for batch in inputs:
+        out = block(batch.hidden, *batch.args, **batch.kwargs)
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+        outputs.append(BlockInputs(hidden, batch.args, batch.kwargs))
+    return outputs
+
+
+class InputHooks:
+    """Call ``observe(name, x2d)`` with every input (flattened to ``[tokens, in_features]``) of the named modules."""
+
+    def __init__(self, modules: dict[str, nn.Module], observe: Callable[[str, torch.Tensor], None]) -> None:
+        self._handles = [
+            module.register_forward_pre_hook(self._make(name, observe)) for name, module in modules.items()
+        ]
+
+    @staticmethod
+    def _make(name: str, observe: Callable[[str, torch.Tensor], None]) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            observe(name, x.detach().reshape(-1, x.shape[-1]).float())
+
+        return hook
+
+    def __enter__(self) -> "InputHooks":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()

@@ -1,0 +1,109 @@
+"""AWQ (Lin et al. 2024): protect salient input channels by scaling them up before quantization.
+
+For linears ``W_i`` that read the same input ``X`` (produced by ``prev``), with per-channel activation magnitude
+``x̄ = mean_t |X|``, AWQ searches the exponent ``α`` of ``s = x̄^α / sqrt(max(x̄^α)·min(x̄^α))`` (eq. 5) over a
+grid, minimising the output error of the quantized, scaled layers on calibration inputs::
+
+    L(s) = Σ_i ‖ X W_iᵀ − (X diag(s)⁻¹) Q(W_i diag(s))ᵀ ‖²
+
+``α = 0`` gives ``s = 1`` (plain quantization), so the chosen ``s`` is never worse than none on this loss. The
+winning ``s`` is folded into the model — ``W_i ← W_i·diag(s)`` and ``prev``'s output ← ``/ s`` — which leaves the
+float model's function unchanged. We measure the loss on the linears' own outputs (AutoAWQ does this for single
+linears; llm-awq inspects the whole attention/MLP module), which needs no knowledge of the block's internals.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lowbit.config import QuantConfig
+from lowbit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+WeightRoundTrip = Callable[[torch.Tensor, QuantConfig], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    grid: int = 20
+    clip: bool = True
+    clip_grid: int = 20
+    clip_max_shrink: float = 0.5
+    keep_tokens: int = 4096  # calibration input rows kept per layer group for the scale search
+
+    def __post_init__(self) -> None:
+        if self.grid < 1 or self.clip_grid < 1 or not 0 <= self.clip_max_shrink < 1 or self.keep_tokens < 1:
+            raise ConfigError("AWQ needs grid ≥ 1, clip_grid ≥ 1, 0 ≤ clip_max_shrink < 1 and keep_tokens ≥ 1")
+
+
+@torch.no_grad()
+def search_scale(
+    x: torch.Tensor,
+    mean_abs: torch.Tensor,
+    weights: list[torch.Tensor],
+    cfgs: list[QuantConfig],
+    round_trip: WeightRoundTrip,
+    awq: AWQConfig = AWQConfig(),
+) -> tuple[torch.Tensor, float]:
+    """Best per-input-channel scale ``s [in]`` for ``weights`` (each ``[out_i, in]``) and its exponent ``α``.
+
+    ``x [tokens, in]``: calibration inputs; ``round_trip(W, cfg)``: quantize-dequantize.
+    """
+    w_all = torch.cat(weights)
+    reference = x @ w_all.T
+    best, best_scale, best_alpha = float("inf"), torch.ones_like(mean_abs), 0.0
+    for step in range(awq.grid):
+        alpha = step / awq.grid
+        s = mean_abs.pow(alpha).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        deq = torch.cat([round_trip(w * s, cfg) / s for w, cfg in zip(weights, cfgs)])
+        loss = (x @ deq.T - reference).pow(2).mean().item()
+        if loss < best:
+            best, best_scale, best_alpha = loss, s, alpha
+    return best_scale, best_alpha
+
+
+def _scale_output(module: nn.Module, inv: torch.Tensor, norm_offset: float) -> None:
+    """Divide ``module``'s output channels by ``s`` (``inv = 1 / s``)."""
+    if isinstance(module, nn.Linear):
+        module.weight.mul_(inv[:, None])
+    elif isinstance(module, Conv1D):  # weight [in, out]
+        module.weight.mul_(inv[None, :])
+    else:  # a norm: y = x̂ · (offset + weight) + bias
+        weight = module.weight
+        weight.copy_((norm_offset + weight) * inv - norm_offset)
+    bias = getattr(module, "bias", None)
+    if bias is not None:
+        bias.mul_(inv)
+
+
+def _scale_input(module: nn.Module, s: torch.Tensor) -> None:
+    if isinstance(module, Conv1D):
+        module.weight.mul_(s[:, None])
+    else:
+        module.weight.mul_(s[None, :])
+
+
+def output_width(module: nn.Module) -> int | None:
+    """Output channels of a linear or the size of a norm's weight (None if it has no per-channel weight)."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[1]
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
+
+
+@torch.no_grad()
+def fold_scale(prev: nn.Module, linears: list[nn.Module], s: torch.Tensor, norm_offset: float = 0.0) -> None:
+    """Apply ``W_i ← W_i·diag(s)`` and ``prev ← prev / s`` in place (output-preserving)."""
+    _scale_output(prev, 1.0 / s, norm_offset)
+    for linear in linears:
+        _scale_input(linear, s)

@@ -1,0 +1,69 @@
+"""HQQ q-params (Badri & Shaji 2023): half-quadratic optimisation of the zero point, no data needed.
+
+Minimise ``‖W − (Q(W) − z)·s‖_p^p`` with ``p < 1`` (a sparsity-promoting norm that tolerates outliers) by splitting
+off an error variable ``E`` and alternating, per group (hqq ``optimize_weights_proximal_legacy``)::
+
+    q  = clamp(round(W / s + z))                        (current codes)
+    E  = shrink_p(W − (q − z)·s, β)                     (proximal step for ‖E‖_p^p)
+    z  = mean_group(q − (W − E) / s)                    (closed form for the zero)
+    β ← κ·β
+
+with ``shrink_p(x, β) = sign(x) · relu(|x| − |x|^{p−1} / β)``. HQQ optimises ``z`` with ``s`` fixed; for symmetric
+configs (fixed ``z``) we apply the same split to the scale, whose closed form is the least-squares fit
+``s = Σ(W − E)(q − z) / Σ(q − z)²``. Starts from min-max q-params; keeps, per group, the iterate with the smallest
+mean ``|W − Ŵ|`` (hqq keeps the last iterate before the global error rises).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.config import QuantConfig
+from lowbit.core.qparams import expand_groups, fake_quantize, group_reduce, params_from_range, _to_fp16_scale
+
+
+@dataclass(frozen=True)
+class HQQConfig:
+    lp_norm: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
+    iters: int = 20
+
+
+def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    return torch.sign(x) * torch.relu(x.abs() - x.abs().clamp_min(1e-12).pow(p - 1) / beta)
+
+
+def hqq_qparams(w: torch.Tensor, width: int, cfg: QuantConfig, hqq: HQQConfig = HQQConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """HQQ-optimised ``(scale, zero)``, float32 ``[R, G]``, for the column groups of ``w [R, C]``."""
+    w = w.float()
+    cols = w.shape[1]
+    counts = group_reduce(torch.ones_like(w), width, "sum")
+    scale, zero = params_from_range(group_reduce(w, width, "amin"), group_reduce(w, width, "amax"), cfg)
+    best_scale, best_zero = scale.clone(), zero.clone()
+    best_err = torch.full_like(scale, float("inf"))
+    beta = hqq.beta
+    for _ in range(hqq.iters + 1):
+        s_full, z_full = expand_groups(scale, cols, width), expand_groups(zero, cols, width)
+        q, deq = fake_quantize(w, s_full, z_full, cfg.qmax)
+        err = group_reduce((w - deq).abs(), width, "sum") / counts
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+        e = _shrink(w - deq, beta, hqq.lp_norm)
+        if cfg.symmetric:
+            centred = q - z_full
+            num = group_reduce((w - e) * centred, width, "sum")
+            den = group_reduce(centred * centred, width, "sum").clamp_min(1e-12)
+            scale = _to_fp16_scale(torch.where(den > 1e-12, num / den, scale).abs())
+        else:
+            zero = group_reduce(q - (w - e) / s_full, width, "sum") / counts
+            zero = zero.clamp(0, cfg.qmax)
+            if cfg.zero_point == "int":
+                zero = torch.round(zero)
+            else:
+                zero = zero.to(torch.float16).float()
+        beta *= hqq.kappa
+    return best_scale, best_zero

@@ -1,0 +1,145 @@
+"""The one sequential, layer-by-layer driver, for every architecture and calibrated method.
+
+1. Record what the model passes to its first decoder block for each calibration batch.
+2. For each block: run it with input hooks to collect the statistics of every selected linear's inputs (shared by
+   linears that read the same input); apply the method's transform (AWQ scaling, folded into the block and checked
+   to leave the block's output unchanged); quantize each selected linear (GPTQ or nearest rounding, with the
+   method's q-param choice) and swap in a ``QLinear``; then run the now-quantized block to produce the next
+   block's inputs, so later blocks calibrate on the quantized model's activations.
+
+Architecture knowledge comes from :class:`ArchSpec` data only (blocks, linear groups, scale mappings).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.calib.capture import BlockInputs, InputHooks, capture_first_block_inputs, run_block
+from lowbit.calib.data import CalibConfig
+from lowbit.calib.stats import InputStats
+from lowbit.config import QuantConfig, QuantRecipe
+from lowbit.core.qparams import choose_qparams, choose_qparams_weighted
+from lowbit.core.qtensor import QuantizedTensor
+from lowbit.core.rounding import group_view, round_to_grid
+from lowbit.errors import ConfigError
+from lowbit.methods.awq import fold_scale, output_width, search_scale
+from lowbit.methods.gptq import gptq_quantize
+from lowbit.methods.method import MethodConfig
+from lowbit.methods.rtn import quantize_rtn
+from lowbit.model.architectures import ArchSpec, block_list, spec_for
+from lowbit.model.modules import LayerTarget, linear_bias, linear_weight, select_layers, set_submodule
+from lowbit.nn.qlinear import QLinear
+
+log = logging.getLogger(__name__)
+_FOLD_TOLERANCE = 1e-3  # relative change of a block's output that an AWQ fold may cause (float rounding only)
+
+
+def quantize_weight(
+    weight: torch.Tensor, cfg: QuantConfig, method: MethodConfig, stats: InputStats | None, weighted_clip: bool
+) -> QuantizedTensor:
+    """Quantize one ``[out, in]`` weight with ``method`` given its input statistics (None: data-free)."""
+    cfg = method.adapt(cfg)
+    choose: Callable = choose_qparams
+    if weighted_clip and stats is not None and cfg.granularity != "tensor":
+        awq = method.awq
+        hessian = stats.hessian
+
+        def choose(w: torch.Tensor, width: int, c: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+            return choose_qparams_weighted(w, width, c, hessian, awq.clip_grid, awq.clip_max_shrink)
+
+    if method.rounding == "gptq":
+        if stats is None:
+            raise ConfigError("GPTQ needs calibration statistics for every layer it quantizes")
+        return gptq_quantize(weight, stats.hessian, cfg, method.gptq, choose)
+    if choose is choose_qparams:
+        return quantize_rtn(weight, cfg)
+    view, width = group_view(weight.float(), cfg)
+    scale, zero = choose(view, width, cfg)
+    return round_to_grid(weight, scale, zero, cfg)
+
+
+def _block_output(block: nn.Module, batch: BlockInputs) -> torch.Tensor:
+    return run_block(block, [batch])[0].hidden
+
+
+@torch.no_grad()
+def apply_awq(block: nn.Module, spec: ArchSpec, selected: dict[str, LayerTarget], stats: dict[str, InputStats],
+              rep: dict[str, str], method: MethodConfig, probe: BlockInputs) -> int:
+    """Search and fold AWQ scales for every mapping of the block whose linears are all selected; returns count."""
+    before = _block_output(block, probe)
+    folded = 0
+    for mapping in spec.scale_mappings:
+        if not all(name in selected for name in mapping.linears):
+            continue
+        prev = block.get_submodule(mapping.prev)
+        linears = [block.get_submodule(name) for name in mapping.linears]
+        width = linear_weight(linears[0]).shape[1]
+        if output_width(prev) != width:
+            log.debug("AWQ: %s cannot absorb a scale for %s (shape mismatch): skipped", mapping.prev, mapping.linears)
+            continue
+        st = stats[rep[mapping.linears[0]]]
+        cfgs = [method.adapt(selected[name].config) for name in mapping.linears]
+        scale, _alpha = search_scale(st.sample(), st.mean_abs, [linear_weight(m).float() for m in linears], cfgs,
+                                     lambda w, c: quantize_rtn(w, c).dequantize(), method.awq)
+        fold_scale(prev, linears, scale, spec.norm_offset)
+        for key in {rep[name] for name in mapping.linears}:
+            stats[key].rescale_inputs(scale)
+        folded += 1
+    after = _block_output(block, probe)
+    change = float((after - before).norm() / before.norm().clamp_min(1e-12))
+    if change > _FOLD_TOLERANCE:
+        raise ConfigError(
+            f"AWQ scaling changed a block's output by {change:.2e} (relative): this model's scale mappings in "
+            "lowbit/model/architectures.py are wrong; use --method gptq or fix the mappings"
+        )
+    return folded
+
+
+@torch.no_grad()
+def quantize_sequential(
+    model: nn.Module, recipe: QuantRecipe, method: MethodConfig, calib_ids: torch.Tensor, calib: CalibConfig,
+    progress: bool = True,
+) -> int:
+    """Quantize ``model`` in place block by block; returns the number of layers quantized."""
+    spec = spec_for(model)
+    blocks = block_list(model, spec)
+    targets = select_layers(model, recipe, spec)
+    rep = {name: group[0] for group in spec.linear_groups for name in group}  # linears sharing one input
+    data_free = replace(method, rounding="nearest", awq=None)
+    for target in (t for t in targets if t.block_index is None):
+        log.warning("%s is outside the decoder blocks: quantized with nearest rounding, without calibration data",
+                    target.name)
+        weight = linear_weight(target.module).float()
+        set_submodule(model, target.name, QLinear(quantize_weight(weight, target.config, data_free, None, False),
+                                                  linear_bias(target.module)))
+    inputs = capture_first_block_inputs(model, blocks[0], calib_ids, calib.batch_size)
+    keep = math.ceil(method.awq.keep_tokens / len(inputs)) if method.awq else 0
+    awq_skipped = 0
+    for index, block in enumerate(tqdm(blocks, desc=f"quantizing ({method.name})", unit="block", disable=not progress)):
+        prefix = f"{spec.blocks}.{index}."
+        selected = {t.name[len(prefix):]: t for t in targets if t.block_index == index}
+        if selected:
+            keys = {rep.get(name, name) for name in selected}
+            stats = {k: InputStats(linear_weight(block.get_submodule(k)).shape[1], keep, calib.seed) for k in keys}
+            with InputHooks({k: block.get_submodule(k) for k in keys}, lambda k, x: stats[k].add(x)):
+                run_block(block, inputs)
+            rep_of = {name: rep.get(name, name) for name in selected}
+            if method.awq is not None and apply_awq(block, spec, selected, stats, rep_of, method, inputs[0]) == 0:
+                awq_skipped += 1
+            for name, target in selected.items():
+                module = block.get_submodule(name)
+                clip = method.awq is not None and method.awq.clip and name not in spec.attention_logits
+                qt = quantize_weight(linear_weight(module).float(), target.config, method, stats[rep_of[name]], clip)
+                set_submodule(block, name, QLinear(qt, linear_bias(module)))
+        inputs = run_block(block, inputs)
+    if awq_skipped:
+        log.warning("AWQ: no op could absorb a scale in %d blocks (%s has no usable scale mappings): those blocks "
+                    "got only the %s rounding", awq_skipped, spec.name, method.rounding)
+    return len(targets)

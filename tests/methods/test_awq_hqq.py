@@ -1,0 +1,81 @@
+"""AWQ's fold is output-preserving on every architecture's mappings; AWQ and HQQ beat RTN on real weights."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_tiny
+from lowbit.calib.capture import capture_first_block_inputs, run_block
+from lowbit.config import QuantConfig
+from lowbit.methods.awq import AWQConfig, fold_scale, output_width, search_scale
+from lowbit.methods.hqq import hqq_qparams
+from lowbit.methods.rtn import quantize_rtn
+from lowbit.model.architectures import block_list, spec_for
+from lowbit.model.modules import linear_weight
+
+
+def test_fold_scale_preserves_block_output(tiny_arch: str) -> None:
+    model = make_tiny(tiny_arch)
+    spec = spec_for(model)
+    blocks = block_list(model, spec)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    inputs = capture_first_block_inputs(model, blocks[0], ids, batch_size=2)
+    before = run_block(blocks[0], inputs)[0].hidden
+    folded = 0
+    for mapping in spec.scale_mappings:
+        prev = blocks[0].get_submodule(mapping.prev)
+        linears = [blocks[0].get_submodule(n) for n in mapping.linears]
+        if output_width(prev) != linear_weight(linears[0]).shape[1]:
+            continue
+        s = torch.rand(linear_weight(linears[0]).shape[1], generator=torch.Generator().manual_seed(1)) * 3 + 0.2
+        fold_scale(prev, linears, s, spec.norm_offset)
+        folded += 1
+    after = run_block(blocks[0], inputs)[0].hidden
+    assert folded >= 2
+    assert (after - before).norm() / before.norm() < 1e-5
+
+
+def _inputs_of(model, name: str, ids: torch.Tensor) -> torch.Tensor:
+    captured = []
+    handle = model.get_submodule(name).register_forward_pre_hook(
+        lambda m, a: captured.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    return torch.cat(captured)
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4, group_size=128), QuantConfig(bits=3, group_size=128)],
+                         ids=QuantConfig.describe)
+def test_awq_scaling_lowers_output_error_on_real_layers(smollm2_session, cfg: QuantConfig) -> None:
+    from lowbit.calib.data import CalibConfig, calibration_ids
+    from lowbit.data.text import default_text
+
+    model, tok = smollm2_session.model, smollm2_session.tokenizer
+    names = ["model.layers.6.mlp.gate_proj", "model.layers.6.mlp.up_proj"]
+    x = _inputs_of(model, names[0], calibration_ids(tok, default_text("calib"), CalibConfig(samples=16, seqlen=256)))
+    held = _inputs_of(model, names[0], calibration_ids(tok, default_text("eval"), CalibConfig(samples=4, seqlen=256)))
+    weights = [model.get_submodule(n).weight.detach() for n in names]
+    s, alpha = search_scale(x, x.abs().mean(0), weights, [cfg, cfg], lambda w, c: quantize_rtn(w, c).dequantize(),
+                            AWQConfig())
+    assert alpha > 0
+
+    def err(deqs):
+        return sum(float((held @ (d - w).T).pow(2).mean()) for d, w in zip(deqs, weights))
+
+    rtn = err([quantize_rtn(w, cfg).dequantize() for w in weights])
+    awq = err([quantize_rtn(w * s, cfg).dequantize() / s for w in weights])
+    assert awq < 0.95 * rtn
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_hqq_lowers_weight_error_on_real_weights(smollm2_session, bits: int) -> None:
+    w = smollm2_session.model.model.layers[8].self_attn.v_proj.weight.detach()
+    cfg = QuantConfig(bits=bits, group_size=64, zero_point="float")
+    minmax = quantize_rtn(w, cfg).dequantize()
+    hqq = quantize_rtn(w, cfg.with_(qparams="hqq")).dequantize()
+    # min-max is HQQ's starting point, so "≤" holds by construction; require a real gain (measured 2–10 %)
+    assert (hqq - w).abs().mean() < 0.99 * (minmax - w).abs().mean()
+    scale, zero = hqq_qparams(w, 64, cfg)
+    assert scale.shape == zero.shape == (w.shape[0], 9)

@@ -1,0 +1,71 @@
+"""GPTQ: reference equivalence (identity Hessian = RTN) and a quality floor on real layers with real inputs."""
+
+import pytest
+import torch
+
+from lowbit.config import QuantConfig
+from lowbit.methods.gptq import GPTQConfig, gptq_quantize
+from lowbit.methods.rtn import quantize_rtn
+
+CONFIGS = [
+    QuantConfig(bits=4, group_size=128),
+    QuantConfig(bits=4, group_size=128, symmetric=True),
+    QuantConfig(bits=3, group_size=64),
+    QuantConfig(bits=4, granularity="channel"),
+    QuantConfig(bits=2, granularity="tensor"),
+    QuantConfig(bits=4, group_size=100, qparams="mse"),  # ragged groups on 576 columns
+    QuantConfig(bits=4, group_size=128, qparams="hqq", zero_point="float"),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=QuantConfig.describe)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_identity_hessian_equals_rtn_exactly(cfg: QuantConfig, act_order: bool) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(64, 576)
+    rtn = quantize_rtn(w, cfg)
+    gptq = gptq_quantize(w, torch.eye(576), cfg, GPTQConfig(act_order=act_order))
+    assert torch.equal(gptq.packed, rtn.packed)
+    assert torch.equal(gptq.scale, rtn.scale)
+    assert (gptq.zero is None and rtn.zero is None) or torch.equal(gptq.zero, rtn.zero)
+
+
+def test_dead_inputs_get_zero_weights() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(256, 32)
+    x[:, 5] = 0
+    w = torch.randn(8, 32)
+    qt = gptq_quantize(w, 2 * x.T @ x / 256, QuantConfig(bits=4, group_size=16))
+    assert qt.dequantize()[:, 5].abs().max() < qt.scale.float().max()  # rounds the zeroed column
+
+
+def _layer_inputs(model, layer_name: str, ids: torch.Tensor) -> torch.Tensor:
+    captured = []
+    module = model.get_submodule(layer_name)
+    handle = module.register_forward_pre_hook(lambda m, a: captured.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    return torch.cat(captured)
+
+
+@pytest.mark.parametrize("layer", ["model.layers.4.self_attn.o_proj", "model.layers.10.mlp.down_proj"])
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4, group_size=128), QuantConfig(bits=3, group_size=128)],
+                         ids=QuantConfig.describe)
+def test_gptq_lowers_layer_output_error_on_real_weights(smollm2_session, layer: str, cfg: QuantConfig) -> None:
+    from lowbit.calib.data import CalibConfig, calibration_ids
+    from lowbit.data.text import default_text
+
+    tok = smollm2_session.tokenizer
+    ids = calibration_ids(tok, default_text("calib"), CalibConfig(samples=32, seqlen=256))  # 8k tokens
+    x = _layer_inputs(smollm2_session.model, layer, ids)
+    held_out = _layer_inputs(smollm2_session.model, layer,
+                             calibration_ids(tok, default_text("eval"), CalibConfig(samples=4, seqlen=256)))
+    w = smollm2_session.model.get_submodule(layer).weight.detach()
+    hessian = 2 * x.T @ x / x.shape[0]
+
+    def out_err(qt):
+        return float((held_out @ (qt.dequantize() - w).T).pow(2).mean())
+
+    rtn, gptq = out_err(quantize_rtn(w, cfg)), out_err(gptq_quantize(w, hessian, cfg))
+    assert gptq < 0.8 * rtn  # measured ≈ 0.5–0.65 on held-out text
