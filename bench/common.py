@@ -39,6 +39,36 @@ def eval_windows(tokenizer: Any) -> tuple[torch.Tensor, Any]:
     return token_windows(tokenizer, EVAL_TEXT.read_text(), protocol), protocol
 
 
+REFERENCE_CACHE = ROOT / "bench" / "work" / "reference_logits_fp32.safetensors"
+
+
+def reference_logits(model: Any, windows: torch.Tensor) -> Any:
+    """The fp32 model's logits for every eval window, computed once per checkout and memory-mapped after.
+
+    Stored in float32 (exact), keyed by a hash of the window token ids so a different eval set is never reused.
+    """
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    key = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
+    if REFERENCE_CACHE.exists():
+        with safe_open(str(REFERENCE_CACHE), "pt") as f:
+            valid = (f.metadata() or {}).get("windows_sha256") == key
+    else:
+        valid = False
+    if not valid:
+        REFERENCE_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            logits = {f"w{i}": model(w.unsqueeze(0)).logits[0].contiguous() for i, w in enumerate(windows)}
+        tmp = REFERENCE_CACHE.with_suffix(".tmp")
+        save_file(logits, str(tmp), metadata={"windows_sha256": key})
+        tmp.replace(REFERENCE_CACHE)
+    handle = safe_open(str(REFERENCE_CACHE), "pt")
+    return lambda i: handle.get_tensor(f"w{i}")
+
+
 def run_worker(script: Path, job: dict[str, Any]) -> dict[str, Any]:
     """Run ``script --worker JOB`` in a fresh process; it prints one JSON line last."""
     done = subprocess.run([sys.executable, str(script), "--worker", json.dumps(job)], capture_output=True, text=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODEL, peak_rss_mb, run_worker, write_results, eval_windows  # noqa: E402
+from common import MODEL, eval_windows, peak_rss_mb, reference_logits, run_worker, write_results  # noqa: E402
 
 SETTINGS = {
     "fp32": None,
@@ -38,6 +38,7 @@ def worker(job: dict) -> dict:
     windows, protocol = eval_windows(loaded.tokenizer)
     reference = loaded.model
     result: dict = {"setting": job["setting"]}
+    ref_logits = reference_logits(reference, windows)  # the first (fp32) worker computes and caches them
     if job["config"] is None:
         model, seconds = reference, 0.0
         rss_quant = peak_rss_mb()
@@ -48,7 +49,7 @@ def worker(job: dict) -> dict:
         quantize_model(model, QuantRecipe(QuantConfig(**job["config"])), progress=False)
         seconds = time.perf_counter() - start
         rss_quant = peak_rss_mb()
-        evaluation = evaluate(model, windows, protocol, reference=reference, progress=False)
+        evaluation = evaluate(model, windows, protocol, reference=ref_logits, progress=False)
         size = size_report(model)
         result.update(bits_per_weight=size.quantized_bits_per_weight, bytes=size.tensor_bytes,
                       ratio_to_fp16=size.ratio_to_fp16)

@@ -13,7 +13,6 @@ Architecture knowledge comes from :class:`ArchSpec` data only (blocks, linear gr
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import replace
 from typing import Callable
 
@@ -86,7 +85,7 @@ def apply_awq(block: nn.Module, spec: ArchSpec, selected: dict[str, LayerTarget]
             continue
         st = stats[rep[mapping.linears[0]]]
         cfgs = [method.adapt(selected[name].config) for name in mapping.linears]
-        scale, _alpha = search_scale(st.sample(), st.mean_abs, [linear_weight(m).float() for m in linears], cfgs,
+        scale, _alpha = search_scale(st.hessian, st.mean_abs, [linear_weight(m).float() for m in linears], cfgs,
                                      lambda w, c: quantize_rtn(w, c).dequantize(), method.awq)
         fold_scale(prev, linears, scale, spec.norm_offset)
         for key in {rep[name] for name in mapping.linears}:
@@ -120,14 +119,13 @@ def quantize_sequential(
         set_submodule(model, target.name, QLinear(quantize_weight(weight, target.config, data_free, None, False),
                                                   linear_bias(target.module)))
     inputs = capture_first_block_inputs(model, blocks[0], calib_ids, calib.batch_size)
-    keep = math.ceil(method.awq.keep_tokens / len(inputs)) if method.awq else 0
     awq_skipped = 0
     for index, block in enumerate(tqdm(blocks, desc=f"quantizing ({method.name})", unit="block", disable=not progress)):
         prefix = f"{spec.blocks}.{index}."
         selected = {t.name[len(prefix):]: t for t in targets if t.block_index == index}
         if selected:
             keys = {rep.get(name, name) for name in selected}
-            stats = {k: InputStats(linear_weight(block.get_submodule(k)).shape[1], keep, calib.seed) for k in keys}
+            stats = {k: InputStats(linear_weight(block.get_submodule(k)).shape[1]) for k in keys}
             with InputHooks({k: block.get_submodule(k) for k in keys}, lambda k, x: stats[k].add(x)):
                 run_block(block, inputs)
             rep_of = {name: rep.get(name, name) for name in selected}

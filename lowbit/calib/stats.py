@@ -2,14 +2,14 @@
 
 * Hessian of the layer-wise squared error, ``H = (2 / n) Σ_t x_t x_tᵀ`` (GPTQ, eq. 1–2), ``[in, in]``, float64
   accumulation for stability;
-* mean absolute activation per input channel, ``mean_t |x_t|`` (AWQ's activation salience), ``[in]``;
-* a seeded subsample of input rows (``keep_per_batch`` from each batch), for searches that evaluate the layer
-  output (AWQ's scale search).
+* mean absolute activation per input channel, ``mean_t |x_t|`` (AWQ's activation salience), ``[in]``.
+
+Output-error searches need no stored activations: ``‖X Dᵀ‖² = tr(D XᵀX Dᵀ)`` for any weight error ``D``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -17,12 +17,9 @@ import torch
 @dataclass
 class InputStats:
     in_features: int
-    keep_per_batch: int = 0
-    seed: int = 0
     tokens: int = 0
     xtx: torch.Tensor | None = None
     abs_sum: torch.Tensor | None = None
-    samples: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.float()
@@ -32,9 +29,6 @@ class InputStats:
         self.xtx += (x.T @ x).double()
         self.abs_sum += x.abs().sum(0).double()
         self.tokens += x.shape[0]
-        if self.keep_per_batch:
-            generator = torch.Generator().manual_seed(self.seed + self.tokens)
-            self.samples.append(x[torch.randperm(x.shape[0], generator=generator)[: self.keep_per_batch]].clone())
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -45,13 +39,8 @@ class InputStats:
     def mean_abs(self) -> torch.Tensor:
         return (self.abs_sum / max(self.tokens, 1)).float()
 
-    def sample(self) -> torch.Tensor:
-        """The kept input rows ``[kept, in]``."""
-        return torch.cat(self.samples) if self.samples else torch.zeros(0, self.in_features)
-
     def rescale_inputs(self, scale: torch.Tensor) -> None:
         """The layer's inputs are now ``x / scale`` (an AWQ transform): update every statistic exactly."""
         inv = (1.0 / scale).double()
         self.xtx = self.xtx * inv[:, None] * inv[None, :]
         self.abs_sum = self.abs_sum * inv
-        self.samples = [s / scale for s in self.samples]

@@ -46,10 +46,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         c = torch.nn.functional.pad(codes, (0, pad)).view(rows, -1, per_byte).to(torch.int32)
         shifts = torch.arange(per_byte, dtype=torch.int32) * bits
         return (c << shifts).sum(-1).to(torch.uint8)
-    shifts = torch.arange(bits, dtype=torch.uint8)
-    stream = ((codes.unsqueeze(-1) >> shifts) & 1).reshape(rows, k * bits)  # [rows, K·b] of 0/1
-    stream = torch.nn.functional.pad(stream, (0, (-k * bits) % 8)).view(rows, -1, 8).to(torch.int32)
-    return (stream << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+    # Any b: 8 codes fill exactly b bytes. Combine them into one int64 (8·b ≤ 64 bits), then split into bytes.
+    pad = (-k) % 8
+    c = torch.nn.functional.pad(codes, (0, pad)).view(rows, -1, 8).to(torch.int64)
+    word = (c << (torch.arange(8, dtype=torch.int64) * bits)).sum(-1, keepdim=True)  # [rows, K8/8, 1]
+    out = ((word >> (torch.arange(bits, dtype=torch.int64) * 8)) & 0xFF).to(torch.uint8).reshape(rows, -1)
+    return out[:, : packed_row_bytes(k, bits)].contiguous()
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
@@ -68,6 +70,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tenso
         shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
         codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
         return codes.reshape(rows, -1)[:, :num_codes].contiguous()
-    stream = ((packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(rows, -1)
-    stream = stream[:, : num_codes * bits].reshape(rows, num_codes, bits).to(torch.int32)
-    return (stream << torch.arange(bits, dtype=torch.int32)).sum(-1).to(torch.uint8)
+    full = -(-num_codes // 8) * bits  # bytes of the row padded to a whole number of 8-code units
+    p = torch.nn.functional.pad(packed, (0, full - packed.shape[1])).view(rows, -1, bits).to(torch.int64)
+    word = (p << (torch.arange(bits, dtype=torch.int64) * 8)).sum(-1, keepdim=True)  # [rows, units, 1]
+    codes = (word >> (torch.arange(8, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).reshape(rows, -1)[:, :num_codes].contiguous()

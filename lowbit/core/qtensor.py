@@ -24,7 +24,7 @@ import torch
 
 from lowbit.config import QuantConfig
 from lowbit.core.packing import pack_codes, packed_row_bytes, unpack_codes
-from lowbit.core.qparams import expand_groups, num_groups
+from lowbit.core.qparams import num_groups
 from lowbit.errors import FormatError
 
 
@@ -79,13 +79,20 @@ class QuantizedTensor:
         return self.zero.float()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``(q − z) · s`` as ``dtype [N, K]``."""
+        """``(q − z) · s`` as ``dtype [N, K]``.
+
+        Broadcasts the ``[N, G]`` q-params over a ``[N, G, g]`` view of the codes (a ragged last group is padded
+        and cut off again), which avoids materialising per-column q-param matrices.
+        """
         q = self.codes().float()
         s, z = self.scale.float(), self.zero_points()
         if self.config.granularity == "tensor":
             return ((q - z) * s).to(dtype)
         n, k = self.shape
-        return ((q - expand_groups(z, k, self.group_width)) * expand_groups(s, k, self.group_width)).to(dtype)
+        groups, width = s.shape[1], self.group_width
+        padded = torch.nn.functional.pad(q, (0, groups * width - k)).view(n, groups, width)
+        w = (padded - z.unsqueeze(-1)).mul_(s.unsqueeze(-1)).view(n, groups * width)
+        return w[:, :k].to(dtype) if groups * width != k else w.to(dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored fields, by the names they get in a checkpoint."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -86,21 +86,30 @@ def evaluate(
     windows: torch.Tensor,
     protocol: EvalProtocol,
     tokenizer: Any = None,
-    reference: nn.Module | None = None,
+    reference: nn.Module | Callable[[int], torch.Tensor] | None = None,
     progress: bool = True,
 ) -> EvalResult:
-    """Perplexity of ``model`` on ``windows``; KL and top-1 agreement too when a ``reference`` model is given."""
+    """Perplexity of ``model`` on ``windows``; KL and top-1 agreement too when a ``reference`` is given.
+
+    ``reference`` is the original model, or a function returning its logits ``[T, vocab]`` for window ``i``
+    (precomputed, e.g. by a benchmark that compares many models with one reference).
+    """
     bos_id = None
     if protocol.add_bos:
         bos_id = getattr(tokenizer, "bos_token_id", None)
         if bos_id is None:
             raise TextError("this tokenizer has no BOS token: evaluate without --bos")
     nll_sum, ref_nll_sum, kl_sum, agree, scored = 0.0, 0.0, 0.0, 0, 0
-    for window in tqdm(windows, desc="evaluating", unit="window", disable=not progress):
+    for index, window in enumerate(tqdm(windows, desc="evaluating", unit="window", disable=not progress)):
         ids, positions = _inputs(window, bos_id)
         targets = ids[0, positions.start + 1 : positions.stop + 1]
         logits = model(ids).logits[0, positions]
-        ref_logits = None if reference is None else reference(ids).logits[0, positions]
+        if reference is None:
+            ref_logits = None
+        elif isinstance(reference, nn.Module):
+            ref_logits = reference(ids).logits[0, positions]
+        else:
+            ref_logits = reference(index)[positions]
         for start in range(0, targets.numel(), _CHUNK):
             part = slice(start, start + _CHUNK)
             logp = torch.log_softmax(logits[part].float(), dim=-1)

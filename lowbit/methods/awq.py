@@ -4,7 +4,10 @@ For linears ``W_i`` that read the same input ``X`` (produced by ``prev``), with 
 ``x̄ = mean_t |X|``, AWQ searches the exponent ``α`` of ``s = x̄^α / sqrt(max(x̄^α)·min(x̄^α))`` (eq. 5) over a
 grid, minimising the output error of the quantized, scaled layers on calibration inputs::
 
-    L(s) = Σ_i ‖ X W_iᵀ − (X diag(s)⁻¹) Q(W_i diag(s))ᵀ ‖²
+    L(s) = Σ_i ‖ X W_iᵀ − (X diag(s)⁻¹) Q(W_i diag(s))ᵀ ‖²  =  Σ_i tr(D_i H D_iᵀ),   D_i = W_i − Q(W_i diag(s)) diag(s)⁻¹
+
+The right-hand form uses the input Hessian ``H = XᵀX`` the driver already collects, so the loss covers *all*
+calibration tokens at a cost independent of their number.
 
 ``α = 0`` gives ``s = 1`` (plain quantization), so the chosen ``s`` is never worse than none on this loss. The
 winning ``s`` is folded into the model — ``W_i ← W_i·diag(s)`` and ``prev``'s output ← ``/ s`` — which leaves the
@@ -36,16 +39,15 @@ class AWQConfig:
     clip: bool = True
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
-    keep_tokens: int = 4096  # calibration input rows kept per layer group for the scale search
 
     def __post_init__(self) -> None:
-        if self.grid < 1 or self.clip_grid < 1 or not 0 <= self.clip_max_shrink < 1 or self.keep_tokens < 1:
-            raise ConfigError("AWQ needs grid ≥ 1, clip_grid ≥ 1, 0 ≤ clip_max_shrink < 1 and keep_tokens ≥ 1")
+        if self.grid < 1 or self.clip_grid < 1 or not 0 <= self.clip_max_shrink < 1:
+            raise ConfigError("AWQ needs grid ≥ 1, clip_grid ≥ 1 and 0 ≤ clip_max_shrink < 1")
 
 
 @torch.no_grad()
 def search_scale(
-    x: torch.Tensor,
+    hessian: torch.Tensor,
     mean_abs: torch.Tensor,
     weights: list[torch.Tensor],
     cfgs: list[QuantConfig],
@@ -54,17 +56,18 @@ def search_scale(
 ) -> tuple[torch.Tensor, float]:
     """Best per-input-channel scale ``s [in]`` for ``weights`` (each ``[out_i, in]``) and its exponent ``α``.
 
-    ``x [tokens, in]``: calibration inputs; ``round_trip(W, cfg)``: quantize-dequantize.
+    ``hessian [in, in]``: ``XᵀX`` of the calibration inputs (any positive multiple); ``mean_abs [in]``: ``mean|X|``;
+    ``round_trip(W, cfg)``: quantize-dequantize.
     """
-    w_all = torch.cat(weights)
-    reference = x @ w_all.T
     best, best_scale, best_alpha = float("inf"), torch.ones_like(mean_abs), 0.0
     for step in range(awq.grid):
         alpha = step / awq.grid
         s = mean_abs.pow(alpha).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        deq = torch.cat([round_trip(w * s, cfg) / s for w, cfg in zip(weights, cfgs)])
-        loss = (x @ deq.T - reference).pow(2).mean().item()
+        loss = 0.0
+        for w, cfg in zip(weights, cfgs):
+            d = w - round_trip(w * s, cfg) / s
+            loss += float(((d @ hessian) * d).sum())
         if loss < best:
             best, best_scale, best_alpha = loss, s, alpha
     return best_scale, best_alpha

@@ -17,7 +17,7 @@ Methods with a transform or GPTQ rounding need calibration data and run through 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from lowbit.config import QuantConfig
@@ -44,8 +44,7 @@ class MethodConfig:
         return cls(
             name=name,
             rounding="gptq" if "gptq" in parts else "nearest",
-            awq=(awq if "gptq" not in parts else AWQConfig(awq.grid, False, awq.clip_grid, awq.clip_max_shrink,
-                                                           awq.keep_tokens)) if "awq" in parts else None,
+            awq=(awq if "gptq" not in parts else replace(awq, clip=False)) if "awq" in parts else None,
             hqq="hqq" in parts,
             gptq=gptq,
         )

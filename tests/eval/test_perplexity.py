@@ -66,6 +66,10 @@ def test_kl_against_itself_is_zero_and_grows_with_quantization() -> None:
         quantize_model(quantized, QuantRecipe(QuantConfig(bits=bits, group_size=32)), progress=False)
         kls.append(evaluate(quantized, windows, protocol, reference=model, progress=False).kl)
     assert 0 < kls[0] < kls[1] < kls[2]
+    with torch.no_grad():
+        cached = [model(w.unsqueeze(0)).logits[0] for w in windows]
+    from_cache = evaluate(quantized, windows, protocol, reference=lambda i: cached[i], progress=False)
+    assert from_cache.kl == pytest.approx(kls[2], rel=1e-6)
 
 
 def test_bos_per_window_scores_every_text_token() -> None:

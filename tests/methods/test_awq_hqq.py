@@ -57,7 +57,7 @@ def test_awq_scaling_lowers_output_error_on_real_layers(smollm2_session, cfg: Qu
     x = _inputs_of(model, names[0], calibration_ids(tok, default_text("calib"), CalibConfig(samples=16, seqlen=256)))
     held = _inputs_of(model, names[0], calibration_ids(tok, default_text("eval"), CalibConfig(samples=4, seqlen=256)))
     weights = [model.get_submodule(n).weight.detach() for n in names]
-    s, alpha = search_scale(x, x.abs().mean(0), weights, [cfg, cfg], lambda w, c: quantize_rtn(w, c).dequantize(),
+    s, alpha = search_scale(x.T @ x, x.abs().mean(0), weights, [cfg, cfg], lambda w, c: quantize_rtn(w, c).dequantize(),
                             AWQConfig())
     assert alpha > 0
 
