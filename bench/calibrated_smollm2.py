@@ -75,7 +75,10 @@ def worker(job: dict) -> dict:
         return _finish(job, model, reference, windows, protocol, seconds, peak_rss_mb())
     from peers import run_peer  # only in the bench environment
 
-    model, seconds = run_peer(job, reference, calib_ids, HF_FOLDER)
+    try:
+        model, seconds = run_peer(job, reference, loaded.tokenizer, calib_ids, HF_FOLDER)
+    except (ValueError, RuntimeError, TypeError) as exc:  # a peer refusing a setting is a result to record
+        return {**job, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
     return _finish(job, model, reference, windows, protocol, seconds, peak_rss_mb())
 
 

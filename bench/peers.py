@@ -25,7 +25,8 @@ def _hf_model(reference: nn.Module, folder: Path) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
 
-def run_llmcompressor(job: dict, reference: nn.Module, calib_ids: torch.Tensor, folder: Path) -> tuple[nn.Module, float]:
+def run_llmcompressor(job: dict, reference: nn.Module, tokenizer, calib_ids: torch.Tensor,
+                      folder: Path) -> tuple[nn.Module, float]:
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
@@ -39,12 +40,13 @@ def run_llmcompressor(job: dict, reference: nn.Module, calib_ids: torch.Tensor, 
     dataset = Dataset.from_dict({"input_ids": calib_ids.tolist(),
                                  "attention_mask": torch.ones_like(calib_ids).tolist()})
     start = time.perf_counter()
-    oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=calib_ids.shape[1],
+    oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=recipe, max_seq_length=calib_ids.shape[1],
             num_calibration_samples=calib_ids.shape[0])
     return model, time.perf_counter() - start
 
 
-def run_hqq(job: dict, reference: nn.Module, calib_ids: torch.Tensor, folder: Path) -> tuple[nn.Module, float]:
+def run_hqq(job: dict, reference: nn.Module, tokenizer, calib_ids: torch.Tensor,
+            folder: Path) -> tuple[nn.Module, float]:
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
     cfg = job["config"]
@@ -60,6 +62,7 @@ def run_hqq(job: dict, reference: nn.Module, calib_ids: torch.Tensor, folder: Pa
     return model, time.perf_counter() - start
 
 
-def run_peer(job: dict, reference: nn.Module, calib_ids: torch.Tensor, folder: Path) -> tuple[nn.Module, float]:
+def run_peer(job: dict, reference: nn.Module, tokenizer, calib_ids: torch.Tensor,
+             folder: Path) -> tuple[nn.Module, float]:
     runners = {"llm-compressor": run_llmcompressor, "hqq": run_hqq}
-    return runners[job["tool"]](job, reference, calib_ids, folder)
+    return runners[job["tool"]](job, reference, tokenizer, calib_ids, folder)
