@@ -4,8 +4,9 @@ and the hqq package, same model, same calibration tokens, same evaluation window
 Eval: first 20,480 tokens of ../shared/data/wikitext2_test_joined.txt, 10 windows × 2048, no BOS.
 Calibration: seeded random windows of ../shared/data/wikitext2_valid_unk.txt (CALIB_SAMPLES × CALIB_SEQLEN, seed 0),
 the same token ids for every tool. Every row runs in a fresh process (its own peak RSS).
-Run: ``python bench/calibrated_smollm2.py [--only lowbit|peers]`` (peers need ``pip install llmcompressor hqq`` in
-the bench environment) → bench/results/calibrated_smollm2.{md,json}.
+Run: ``python bench/calibrated_smollm2.py [--only lowbit|peers] [--method M] [--resume]`` (peers need
+``pip install llmcompressor hqq datasets`` in the bench environment) → bench/results/calibrated_smollm2.{md,json};
+with a filter, only the matching rows are re-run and the others are kept from the existing JSON.
 """
 
 from __future__ import annotations
@@ -83,20 +84,22 @@ def worker(job: dict) -> dict:
 
 
 def jobs(only: str | None) -> list[dict]:
-    out: list[dict] = []
-    if only in (None, "lowbit"):
-        out.append({"tool": "fp32", "method": "—", "setting": "fp32", "config": None})
-        for setting, cfg in SETTINGS.items():
-            out += [{"tool": "lowbit", "method": m, "setting": setting, "config": cfg} for m in METHODS]
-        for setting in ("4-bit g64 asym", "3-bit g64 asym"):
-            out += [{"tool": "lowbit", "method": m, "setting": setting, "config": PEER_SETTINGS[setting]}
-                    for m in ("rtn", "gptq")]
-        out.append({"tool": "lowbit", "method": "hqq", "setting": "4-bit g64 asym", "config": PEER_SETTINGS["4-bit g64 asym"]})
-    if only in (None, "peers"):
-        out.append({"tool": "llm-compressor", "method": "gptq", "setting": "4-bit g128 sym", "config": SETTINGS["4-bit g128 sym"]})
-        out += [{"tool": "llm-compressor", "method": "gptq", "setting": s, "config": c} for s, c in PEER_SETTINGS.items()]
-        out.append({"tool": "hqq", "method": "hqq", "setting": "4-bit g64 asym", "config": PEER_SETTINGS["4-bit g64 asym"]})
-    return out
+    """All rows, the head-to-head comparisons with the peers first."""
+    lowbit: list[dict] = [{"tool": "fp32", "method": "—", "setting": "fp32", "config": None}]
+    for setting in ("4-bit g64 sym", "4-bit g64 asym", "3-bit g64 asym"):
+        methods = ("rtn", "gptq", "hqq") if setting == "4-bit g64 asym" else ("rtn", "gptq")
+        lowbit += [{"tool": "lowbit", "method": m, "setting": setting, "config": PEER_SETTINGS[setting]} for m in methods]
+    for setting, cfg in SETTINGS.items():
+        lowbit += [{"tool": "lowbit", "method": m, "setting": setting, "config": cfg} for m in METHODS
+                   if not (setting == "4-bit g64 sym" and m in ("rtn", "gptq"))]
+    peers = [{"tool": "llm-compressor", "method": "gptq", "setting": s, "config": c} for s, c in PEER_SETTINGS.items()]
+    peers.append({"tool": "llm-compressor", "method": "gptq", "setting": "4-bit g128 sym", "config": SETTINGS["4-bit g128 sym"]})
+    peers.append({"tool": "hqq", "method": "hqq", "setting": "4-bit g64 asym", "config": PEER_SETTINGS["4-bit g64 asym"]})
+    if only == "lowbit":
+        return lowbit
+    if only == "peers":
+        return peers
+    return lowbit[:1] + peers + lowbit[1:]
 
 
 def tables(rows: list[dict]) -> list[tuple[str, str]]:
@@ -121,14 +124,24 @@ def tables(rows: list[dict]) -> list[tuple[str, str]]:
 
 
 def main() -> None:
+    """Run every job, or with ``--only lowbit|peers`` / ``--method M`` just those, keeping the other rows."""
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+    method = sys.argv[sys.argv.index("--method") + 1] if "--method" in sys.argv else None
+    todo = [j for j in jobs(only) if method is None or j["method"] == method]
+    key = lambda r: (r["tool"], r["method"], r["setting"])  # noqa: E731
     path = RESULTS / "calibrated_smollm2.json"
-    previous = json.loads(path.read_text())["rows"] if path.exists() else []
-    rows = [r for r in previous if only is not None and (r["tool"] == "lowbit" or r["tool"] == "fp32") != (only == "lowbit")]
-    for job in jobs(only):
+    resume = "--resume" in sys.argv  # keep finished rows, run only the missing ones
+    previous = json.loads(path.read_text())["rows"] if path.exists() and (only or method or resume) else []
+    if resume:
+        done = {key(r) for r in previous if "error" not in r}
+        todo = [j for j in todo if key(j) not in done]
+    rerun = {key(j) for j in todo}
+    rows = [r for r in previous if key(r) not in rerun]
+    for job in todo:
         print(f"running {job['tool']} {job['method']} {job['setting']} …", flush=True)
         rows.append(run_worker(Path(__file__), job))
         print(json.dumps(rows[-1]), flush=True)
+        path.write_text(json.dumps({"rows": rows}))  # progress survives an interrupted run
     order = {s: i for i, s in enumerate(["fp32", *SETTINGS, *PEER_SETTINGS])}
     rows.sort(key=lambda r: (order.get(r["setting"], 99), r["tool"] != "lowbit", r["method"]))
     intro = (f"SmolLM2-135M-Instruct, every linear layer inside the decoder blocks quantized. Calibration: "

@@ -3,6 +3,7 @@
     lowbit quantize MODEL --out DIR [--bits 4 --group-size 128 | --per-channel | --per-tensor] [--sym]
     lowbit eval MODEL [--compare-to ORIGINAL] [--text FILE]
     lowbit inspect MODEL
+    lowbit plan CONFIG_OR_MODEL [--tokens 4096] [--fits GB]
 """
 
 from __future__ import annotations
@@ -69,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="describe a model or quantized folder: layers, bits, size")
     i.add_argument("model")
+
+    p = sub.add_parser("plan", help="memory needed per format, from a config.json alone (no weights)")
+    p.add_argument("config", help="a config.json file or a model folder")
+    p.add_argument("--tokens", type=int, default=4096, help="context length for the KV cache (default 4096)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded at once (default 1)")
+    p.add_argument("--fits", type=float, metavar="GB", help="memory budget in GB (10^9 bytes)")
+    p.add_argument("--json", dest="json_out", help="also write the plan as JSON to this file")
     return parser
 
 
@@ -199,6 +207,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from lowbit.plan.memory import plan
+    from lowbit.report import markdown_table
+
+    rows = plan(args.config, tokens=args.tokens, batch=args.batch, budget_gb=args.fits)
+    gb = lambda b: f"{b / 1e9:,.2f} GB"  # noqa: E731
+    print(markdown_table(
+        ["format", "weights", "bits/param", f"KV cache ({args.tokens} tok × {args.batch})", "peak (estimate)", "fits"],
+        [(r.format, gb(r.weight_bytes), r.bits_per_param, gb(r.kv_cache_bytes), gb(r.peak_bytes),
+          "—" if r.fits is None else "yes" if r.fits else "no") for r in rows]))
+    if args.fits is not None:
+        fitting = [r for r in rows if r.fits]
+        best = max(fitting, key=lambda r: r.bits_per_param, default=None)
+        print(f"\nwithin {args.fits:g} GB: " + (f"{best.format} is the most precise format that fits "
+              f"({best.peak_bytes / 1e9:.1f} GB peak)" if best else "no format fits; use a smaller model or more memory"))
+    _write_json(args.json_out, {"plan": [r.to_dict() for r in rows]})
+    return 0
+
+
 def _write_json(path: str | None, data: dict[str, Any]) -> None:
     if path:
         Path(path).write_text(json.dumps(data, indent=2))
@@ -207,7 +234,7 @@ def _write_json(path: str | None, data: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect}
+    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "plan": cmd_plan}
     try:
         return commands[args.command](args)
     except LowbitError as exc:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Callable
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -23,14 +21,10 @@ from tqdm.auto import tqdm
 from lowbit.calib.capture import BlockInputs, InputHooks, capture_first_block_inputs, run_block
 from lowbit.calib.data import CalibConfig
 from lowbit.calib.stats import InputStats
-from lowbit.config import QuantConfig, QuantRecipe
-from lowbit.core.qparams import choose_qparams, choose_qparams_weighted
-from lowbit.core.qtensor import QuantizedTensor
-from lowbit.core.rounding import group_view, round_to_grid
+from lowbit.config import QuantRecipe
 from lowbit.errors import ConfigError
 from lowbit.methods.awq import fold_scale, output_width, search_scale
-from lowbit.methods.gptq import gptq_quantize
-from lowbit.methods.method import MethodConfig
+from lowbit.methods.method import MethodConfig, quantize_weight
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.model.architectures import ArchSpec, block_list, spec_for
 from lowbit.model.modules import LayerTarget, linear_bias, linear_weight, select_layers, set_submodule
@@ -38,30 +32,6 @@ from lowbit.nn.qlinear import QLinear
 
 log = logging.getLogger(__name__)
 _FOLD_TOLERANCE = 1e-3  # relative change of a block's output that an AWQ fold may cause (float rounding only)
-
-
-def quantize_weight(
-    weight: torch.Tensor, cfg: QuantConfig, method: MethodConfig, stats: InputStats | None, weighted_clip: bool
-) -> QuantizedTensor:
-    """Quantize one ``[out, in]`` weight with ``method`` given its input statistics (None: data-free)."""
-    cfg = method.adapt(cfg)
-    choose: Callable = choose_qparams
-    if weighted_clip and stats is not None and cfg.granularity != "tensor":
-        awq = method.awq
-        hessian = stats.hessian
-
-        def choose(w: torch.Tensor, width: int, c: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
-            return choose_qparams_weighted(w, width, c, hessian, awq.clip_grid, awq.clip_max_shrink)
-
-    if method.rounding == "gptq":
-        if stats is None:
-            raise ConfigError("GPTQ needs calibration statistics for every layer it quantizes")
-        return gptq_quantize(weight, stats.hessian, cfg, method.gptq, choose)
-    if choose is choose_qparams:
-        return quantize_rtn(weight, cfg)
-    view, width = group_view(weight.float(), cfg)
-    scale, zero = choose(view, width, cfg)
-    return round_to_grid(weight, scale, zero, cfg)
 
 
 def _block_output(block: nn.Module, batch: BlockInputs) -> torch.Tensor:

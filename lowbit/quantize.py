@@ -18,10 +18,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.calib.data import CalibConfig
-from lowbit.config import CONFIG_VERSION, QuantConfig, QuantRecipe
+from lowbit.config import CONFIG_VERSION, QuantRecipe
 from lowbit.errors import ConfigError
-from lowbit.methods.method import MethodConfig
-from lowbit.methods.rtn import quantize_rtn
+from lowbit.methods.method import MethodConfig, quantize_weight
 from lowbit.model.modules import linear_bias, linear_weight, select_layers, set_submodule
 from lowbit.nn.qlinear import QLinear
 
@@ -98,6 +97,9 @@ def quantize_model(
     """
     method = MethodConfig.parse(method) if isinstance(method, str) else method
     calib = calib or CalibConfig()
+    if method.hqq and (recipe.default.symmetric or any(c.symmetric for _, c in recipe.overrides)):
+        log.warning("HQQ optimises zero points; symmetric layers have none and use %s q-params instead",
+                    recipe.default.qparams)
     start = time.perf_counter()
     if method.needs_calibration:
         if calib_ids is None:
@@ -108,7 +110,7 @@ def quantize_model(
     else:
         targets = select_layers(model, recipe)
         for target in tqdm(targets, desc=f"quantizing ({method.name})", unit="layer", disable=not progress):
-            qt = quantize_rtn(linear_weight(target.module).float(), method.adapt(target.config))
+            qt = quantize_weight(linear_weight(target.module).float(), target.config, method, None, False)
             set_submodule(model, target.name, QLinear(qt, linear_bias(target.module)))
         layers = len(targets)
     round_float_params(model, float_dtype)

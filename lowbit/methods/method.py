@@ -18,12 +18,19 @@ Methods with a transform or GPTQ rounding need calibration data and run through 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Callable, Literal
 
+import torch
+
+from lowbit.calib.stats import InputStats
 from lowbit.config import QuantConfig
+from lowbit.core.qparams import choose_qparams, choose_qparams_weighted
+from lowbit.core.qtensor import QuantizedTensor
+from lowbit.core.rounding import group_view, round_to_grid
 from lowbit.errors import ConfigError
 from lowbit.methods.awq import AWQConfig
-from lowbit.methods.gptq import GPTQConfig
+from lowbit.methods.gptq import GPTQConfig, gptq_quantize
+from lowbit.methods.rtn import quantize_rtn
 
 METHOD_NAMES = ("rtn", "hqq", "gptq", "awq", "awq+gptq", "hqq+gptq")
 
@@ -54,7 +61,32 @@ class MethodConfig:
         return self.rounding == "gptq" or self.awq is not None
 
     def adapt(self, cfg: QuantConfig) -> QuantConfig:
-        """The layer config this method quantizes with (HQQ: its solver, float zeros when asymmetric)."""
-        if not self.hqq:
+        """The layer config this method quantizes with (HQQ: its solver with float zeros; a symmetric config has
+        no zero for HQQ to optimise and keeps its own q-param rule — ``quantize_model`` warns)."""
+        if not self.hqq or cfg.symmetric:
             return cfg
-        return cfg.with_(qparams="hqq", zero_point="int" if cfg.symmetric else "float")
+        return cfg.with_(qparams="hqq", zero_point="float")
+
+
+def quantize_weight(
+    weight: torch.Tensor, cfg: QuantConfig, method: MethodConfig, stats: InputStats | None, weighted_clip: bool
+) -> QuantizedTensor:
+    """Quantize one ``[out, in]`` weight with ``method`` given its input statistics (None: data-free)."""
+    cfg = method.adapt(cfg)
+    choose: Callable = choose_qparams
+    if weighted_clip and stats is not None and cfg.granularity != "tensor":
+        awq = method.awq
+        hessian = stats.hessian
+
+        def choose(w: torch.Tensor, width: int, c: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+            return choose_qparams_weighted(w, width, c, hessian, awq.clip_grid, awq.clip_max_shrink)
+
+    if method.rounding == "gptq":
+        if stats is None:
+            raise ConfigError("GPTQ needs calibration statistics for every layer it quantizes")
+        return gptq_quantize(weight, stats.hessian, cfg, method.gptq, choose)
+    if choose is choose_qparams:
+        return quantize_rtn(weight, cfg)
+    view, width = group_view(weight.float(), cfg)
+    scale, zero = choose(view, width, cfg)
+    return round_to_grid(weight, scale, zero, cfg)

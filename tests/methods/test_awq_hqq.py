@@ -1,6 +1,5 @@
 """AWQ's fold is output-preserving on every architecture's mappings; AWQ and HQQ beat RTN on real weights."""
 
-import copy
 
 import pytest
 import torch
@@ -79,3 +78,14 @@ def test_hqq_lowers_weight_error_on_real_weights(smollm2_session, bits: int) -> 
     assert (hqq - w).abs().mean() < 0.99 * (minmax - w).abs().mean()
     scale, zero = hqq_qparams(w, 64, cfg)
     assert scale.shape == zero.shape == (w.shape[0], 9)
+
+
+def test_hqq_needs_an_asymmetric_config() -> None:
+    from lowbit.errors import ConfigError
+    from lowbit.methods.method import MethodConfig
+
+    with pytest.raises(ConfigError, match="asymmetric"):
+        hqq_qparams(torch.randn(4, 64), 32, QuantConfig(bits=4, group_size=32, symmetric=True))
+    sym = QuantConfig(bits=4, group_size=32, symmetric=True)
+    assert MethodConfig.parse("hqq").adapt(sym) == sym
+    assert MethodConfig.parse("hqq").adapt(sym.with_(symmetric=False)).qparams == "hqq"

@@ -9,7 +9,7 @@ import torch
 from lowbit.config import QuantConfig
 from lowbit.errors import ConfigError
 from lowbit.methods.rtn import quantize_rtn
-from lowbit.nn.kernels import FAST_MAX_ROWS, INT4PACK, INT8PACK, REFERENCE, select_kernel
+from lowbit.nn.kernels import FAST_MAX_ROWS, REFERENCE, select_kernel
 from lowbit.nn.qlinear import QLinear
 
 CASES = [

@@ -1,0 +1,139 @@
+"""Memory planning without weights: what a model needs in each format lowbit writes, and whether it fits.
+
+Works from a ``config.json`` alone (or a model folder): the model is built on the meta device (no memory, no
+weights), the recipe selects layers exactly as ``quantize_model`` would, and each quantized layer's size comes from
+the same :class:`QLinear` / :class:`QuantizedTensor` field shapes the writer stores — so predicted tensor bytes are
+the bytes a lowbit checkpoint holds. Everything not quantized is counted at ``float_dtype`` (shared tensors, such as
+tied embeddings, once).
+
+KV cache: ``2 (K and V) × layers × kv_heads × head_dim × tokens × batch × bytes``. Inference peak estimate:
+weights + KV cache + one layer's activations (``batch × tokens × max(hidden, intermediate) × 4`` bytes, a few
+buffers) + the last position's logits; it is an estimate, reported as such.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit.config import QuantConfig, QuantRecipe
+from lowbit.errors import ModelLoadError
+from lowbit.model.modules import linear_bias, linear_weight, select_layers
+from lowbit.nn.qlinear import QLinear
+
+FLOAT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+ACTIVATION_BUFFERS = 4  # hidden state, residual, attention/MLP intermediates alive at once (rough)
+
+CANDIDATES: dict[str, QuantConfig | None] = {
+    "fp16": None,
+    "int8 per-channel": QuantConfig(bits=8, granularity="channel", symmetric=True),
+    "4-bit g32": QuantConfig(bits=4, group_size=32),
+    "4-bit g128": QuantConfig(bits=4, group_size=128),
+    "3-bit g128": QuantConfig(bits=3, group_size=128),
+    "2-bit g64": QuantConfig(bits=2, group_size=64),
+}
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    name: str
+    quantized_params: int
+    total_params: int
+    weight_bytes: int
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.weight_bytes / self.total_params
+
+
+def meta_model(source: str | Path) -> torch.nn.Module:
+    """The model skeleton for a ``config.json`` file or a folder holding one, on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(source).expanduser()
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ModelLoadError(f"{file} not found: give a config.json or a model folder that has one")
+    try:
+        raw = json.loads(file.read_text())
+        raw.pop("quantization_config", None)
+        config = AutoConfig.for_model(**raw)
+    except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot build a model from {file} ({exc}): check its model_type") from exc
+    with init_empty_weights(include_buffers=True):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def weight_plan(model: torch.nn.Module, recipe: QuantRecipe | None, float_dtype: str = "float16",
+                name: str = "") -> WeightPlan:
+    """Bytes of every stored tensor when ``recipe`` is applied (None: nothing quantized)."""
+    quantized: dict[str, int] = {}
+    q_params = 0
+    if recipe is not None:
+        for target in select_layers(model, recipe):
+            out_f, in_f = linear_weight(target.module).shape
+            layer = QLinear.empty(out_f, in_f, target.config, linear_bias(target.module) is not None, "meta")
+            quantized[target.name] = layer.quantized_tensor().nbytes
+            q_params += out_f * in_f
+    seen: set[int] = set()
+    float_bytes, total = 0, q_params
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        owner, _, leaf = pname.rpartition(".")
+        if owner in quantized and leaf == "weight":
+            continue
+        total += param.numel()
+        float_bytes += param.numel() * FLOAT_BYTES[float_dtype]
+    return WeightPlan(name, q_params, total, sum(quantized.values()) + float_bytes)
+
+
+def text_config(model: torch.nn.Module) -> Any:
+    config = model.config
+    return getattr(config, "get_text_config", lambda: config)()
+
+
+def kv_cache_bytes(model: torch.nn.Module, tokens: int, batch: int = 1, bytes_per_value: int = 2) -> int:
+    c = text_config(model)
+    heads = c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * tokens * batch * bytes_per_value
+
+
+def activation_bytes(model: torch.nn.Module, tokens: int, batch: int = 1) -> int:
+    c = text_config(model)
+    width = max(c.hidden_size, getattr(c, "intermediate_size", 0) or 4 * c.hidden_size)
+    return ACTIVATION_BUFFERS * batch * tokens * width * 4 + batch * c.vocab_size * 4
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    format: str
+    weight_bytes: int
+    bits_per_param: float
+    kv_cache_bytes: int
+    peak_bytes: int
+    fits: bool | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan(source: str | Path, tokens: int = 4096, batch: int = 1, budget_gb: float | None = None) -> list[PlanRow]:
+    """One row per candidate format: weights, KV cache for ``tokens × batch``, inference peak, fits the budget."""
+    model = meta_model(source)
+    kv, act = kv_cache_bytes(model, tokens, batch), activation_bytes(model, tokens, batch)
+    rows = []
+    for name, cfg in CANDIDATES.items():
+        wp = weight_plan(model, None if cfg is None else QuantRecipe(cfg), name=name)
+        peak = wp.weight_bytes + kv + act
+        fits = None if budget_gb is None else peak <= budget_gb * 1e9
+        rows.append(PlanRow(name, wp.weight_bytes, wp.bits_per_param, kv, peak, fits))
+    return rows

@@ -1,0 +1,67 @@
+"""The memory planner: published Llama-2-70B shapes, and predicted bytes equal to what lowbit writes."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lowbit.config import QuantConfig, QuantRecipe
+from lowbit.plan.memory import kv_cache_bytes, meta_model, plan, weight_plan
+
+LLAMA2_70B = {
+    "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": False,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+}
+
+
+@pytest.fixture
+def llama70b_config(tmp_path: Path) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA2_70B))
+    return path
+
+
+def test_llama2_70b_sizes_from_a_bare_config(llama70b_config: Path) -> None:
+    rows = {r.format: r for r in plan(llama70b_config, tokens=4096, budget_gb=45)}
+    assert 137e9 < rows["fp16"].weight_bytes < 139e9  # 68.98 B parameters × 2 bytes
+    assert 35e9 < rows["4-bit g128"].weight_bytes < 37.5e9
+    assert rows["4-bit g128"].kv_cache_bytes == 2 * 80 * 8 * 128 * 4096 * 2  # 1.34 GB
+    assert rows["4-bit g128"].fits is True and rows["fp16"].fits is False and rows["int8 per-channel"].fits is False
+
+
+def test_planned_bytes_equal_written_tensor_bytes(smollm2_session, tmp_path: Path) -> None:
+    import copy
+
+    from lowbit.formats.native import save_quantized
+    from lowbit.quantize import quantize_model
+
+    skeleton = meta_model(_config_folder(smollm2_session, tmp_path))
+    for cfg in (QuantConfig(bits=4, group_size=128), QuantConfig(bits=3, group_size=64, symmetric=True),
+                QuantConfig(bits=8, granularity="channel")):
+        model = copy.deepcopy(smollm2_session.model)
+        quantize_model(model, QuantRecipe(cfg), progress=False)
+        out = save_quantized(model, tmp_path / cfg.describe().replace(" ", "_"))
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            written = sum(_nbytes(f, k) for k in f.keys())
+        assert weight_plan(skeleton, QuantRecipe(cfg)).weight_bytes == written
+
+
+def _config_folder(loaded, tmp_path: Path) -> Path:
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    loaded.model.config.to_json_file(str(folder / "config.json"))
+    return folder
+
+
+def _nbytes(handle, key: str) -> int:
+    t = handle.get_tensor(key)
+    return t.numel() * t.element_size()
+
+
+def test_kv_cache_uses_kv_heads(llama70b_config: Path) -> None:
+    model = meta_model(llama70b_config)
+    assert kv_cache_bytes(model, tokens=1, batch=2, bytes_per_value=2) == 2 * 80 * 8 * 128 * 2 * 2
+    assert all(p.device == torch.device("meta") for p in model.parameters())
