@@ -68,9 +68,14 @@ def worker(job: dict) -> dict:
         return {**job, "perplexity": ev.perplexity, "peak_rss_mb_total": peak_rss_mb()}
     calib_ids = _calib_ids(loaded.tokenizer)
     if job["tool"] == "lowbit":
+        from lowbit.methods.gptq import GPTQConfig
+        from lowbit.methods.method import MethodConfig
+
+        name, _, variant = job["method"].partition(" ")
+        method = MethodConfig.parse(name, gptq=GPTQConfig(act_order=variant == "act-order"))
         model = copy.deepcopy(reference)
         start = time.perf_counter()
-        quantize_model(model, QuantRecipe(QuantConfig(**job["config"])), method=job["method"], calib_ids=calib_ids,
+        quantize_model(model, QuantRecipe(QuantConfig(**job["config"])), method=method, calib_ids=calib_ids,
                        calib=CalibConfig(CALIB_SAMPLES, CALIB_SEQLEN, seed=0), progress=False)
         seconds = time.perf_counter() - start
         return _finish(job, model, reference, windows, protocol, seconds, peak_rss_mb())
@@ -89,12 +94,18 @@ def jobs(only: str | None) -> list[dict]:
     for setting in ("4-bit g64 sym", "4-bit g64 asym", "3-bit g64 asym"):
         methods = ("rtn", "gptq", "hqq") if setting == "4-bit g64 asym" else ("rtn", "gptq")
         lowbit += [{"tool": "lowbit", "method": m, "setting": setting, "config": PEER_SETTINGS[setting]} for m in methods]
+    # llm-compressor's GPTQ uses static activation ordering by default: the like-for-like row
+    lowbit += [{"tool": "lowbit", "method": "gptq act-order", "setting": s, "config": c} for s, c in PEER_SETTINGS.items()]
+    for setting in ("4-bit g128 asym", "3-bit g128 asym", "4-bit g128 sym"):
+        lowbit += [{"tool": "lowbit", "method": m, "setting": setting, "config": SETTINGS[setting]} for m in METHODS]
     for setting, cfg in SETTINGS.items():
         lowbit += [{"tool": "lowbit", "method": m, "setting": setting, "config": cfg} for m in METHODS
                    if not (setting == "4-bit g64 sym" and m in ("rtn", "gptq"))]
     peers = [{"tool": "llm-compressor", "method": "gptq", "setting": s, "config": c} for s, c in PEER_SETTINGS.items()]
     peers.append({"tool": "llm-compressor", "method": "gptq", "setting": "4-bit g128 sym", "config": SETTINGS["4-bit g128 sym"]})
     peers.append({"tool": "hqq", "method": "hqq", "setting": "4-bit g64 asym", "config": PEER_SETTINGS["4-bit g64 asym"]})
+    unique = {(j["tool"], j["method"], j["setting"]): j for j in reversed(lowbit)}  # first occurrence wins
+    lowbit = [j for j in lowbit if unique[(j["tool"], j["method"], j["setting"])] is j]
     if only == "lowbit":
         return lowbit
     if only == "peers":
