@@ -4,7 +4,7 @@ and the hqq package, same model, same calibration tokens, same evaluation window
 Eval: first 20,480 tokens of ../shared/data/wikitext2_test_joined.txt, 10 windows × 2048, no BOS.
 Calibration: seeded random windows of ../shared/data/wikitext2_valid_unk.txt (CALIB_SAMPLES × CALIB_SEQLEN, seed 0),
 the same token ids for every tool. Every row runs in a fresh process (its own peak RSS).
-Run: ``python bench/calibrated_smollm2.py [--only lowbit|peers] [--method M] [--resume]`` (peers need
+Run: ``python bench/calibrated_smollm2.py [--only lowbit|peers] [--method M] [--resume] [--render]`` (peers need
 ``pip install llmcompressor hqq datasets`` in the bench environment) → bench/results/calibrated_smollm2.{md,json};
 with a filter, only the matching rows are re-run and the others are kept from the existing JSON.
 """
@@ -146,6 +146,8 @@ def main() -> None:
     if resume:
         done = {key(r) for r in previous if "error" not in r}
         todo = [j for j in todo if key(j) not in done]
+    if "--render" in sys.argv:  # only rewrite the tables from the existing JSON
+        todo, previous = [], json.loads(path.read_text())["rows"]
     rerun = {key(j) for j in todo}
     rows = [r for r in previous if key(r) not in rerun]
     for job in todo:
