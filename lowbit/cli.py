@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     q.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     q.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    q.add_argument("--no-act-order", action="store_true",
+                   help="GPTQ: quantize columns left to right instead of by decreasing Hessian diagonal (act-order)")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian damping, fraction of its mean diagonal")
     q.add_argument("--bits", type=int, default=4, help="bits per weight, 2–8 (default 4)")
     gran = q.add_mutually_exclusive_group()
@@ -141,7 +142,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.methods.method import MethodConfig
 
     recipe = _recipe(args)
-    method = MethodConfig.parse(args.method, gptq=GPTQConfig(damp=args.damp, act_order=args.act_order))
+    method = MethodConfig.parse(args.method, gptq=GPTQConfig(damp=args.damp, act_order=not args.no_act_order))
     calib = CalibConfig(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed)
     check_output(args.out, args.overwrite)
     if not args.no_eval:

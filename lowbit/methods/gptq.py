@@ -36,7 +36,7 @@ QParamChooser = Callable[[torch.Tensor, int, QuantConfig], tuple[torch.Tensor, t
 class GPTQConfig:
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = False
+    act_order: bool = True  # as llm-compressor and GPTQModel; measured: 4-bit g64 sym ppl 27.45 → 24.06 on SmolLM2
 
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1 or self.block_size < 1:
