@@ -86,6 +86,14 @@ def fake_quantize(
     return q, (q - zero) * scale
 
 
+def fake_quantize_groups(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, width: int, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fake_quantize` of ``w [R, C]`` with per-group q-params ``[R, G]`` broadcast to every column."""
+    cols = w.shape[1]
+    return fake_quantize(w, expand_groups(scale, cols, width), expand_groups(zero, cols, width), qmax)
+
+
 def choose_qparams(w: torch.Tensor, width: int, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose (scale, zero), float32 ``[R, G]`` each, for the groups of ``w [R, C]`` by ``cfg.qparams``."""
     if cfg.qparams == "hqq":
@@ -98,12 +106,11 @@ def choose_qparams(w: torch.Tensor, width: int, cfg: QuantConfig) -> tuple[torch
     scale, zero = params_from_range(lo, hi, cfg)
     if cfg.qparams == "minmax":
         return scale, zero
-    cols = w.shape[1]
     best_err = torch.full_like(scale, float("inf"))
     for i in range(int(cfg.mse_max_shrink * cfg.mse_grid) + 1):
         p = 1.0 - i / cfg.mse_grid
         s, z = params_from_range(p * lo, p * hi, cfg)
-        _, deq = fake_quantize(w, expand_groups(s, cols, width), expand_groups(z, cols, width), cfg.qmax)
+        _, deq = fake_quantize_groups(w, s, z, width, cfg.qmax)
         err = group_reduce((deq - w).abs_().pow_(cfg.mse_norm), width, "sum")
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -130,7 +137,7 @@ def choose_qparams_weighted(
     for i in range(int(max_shrink * grid) + 1):
         p = 1.0 - i / grid
         s, z = params_from_range(p * lo, p * hi, cfg)
-        _, deq = fake_quantize(w, expand_groups(s, cols, width), expand_groups(z, cols, width), cfg.qmax)
+        _, deq = fake_quantize_groups(w, s, z, width, cfg.qmax)
         d = deq - w
         err = torch.stack([((d[:, a:b] @ hessian[a:b, a:b]) * d[:, a:b]).sum(1) for a, b in bounds], dim=1)
         better = err < best_err

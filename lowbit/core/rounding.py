@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.config import QuantConfig
-from lowbit.core.qparams import expand_groups, fake_quantize
+from lowbit.core.qparams import fake_quantize_groups
 from lowbit.core.qtensor import QuantizedTensor
 
 
@@ -26,6 +26,5 @@ def round_to_grid(
 ) -> QuantizedTensor:
     """Round-to-nearest ``q = clamp(round(w / s) + z, 0, 2^b − 1)`` with given per-group ``scale``/``zero``."""
     view, width = group_view(weight.float(), cfg)
-    cols = view.shape[1]
-    q, _ = fake_quantize(view, expand_groups(scale, cols, width), expand_groups(zero, cols, width), cfg.qmax)
+    q, _ = fake_quantize_groups(view, scale, zero, width, cfg.qmax)
     return QuantizedTensor.from_codes(q.reshape(weight.shape), scale, zero, cfg)

@@ -96,7 +96,7 @@ def gptq_quantize(
                 current = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :width]  # this group, error-updated
                 s, z = choose(current, current.shape[1], cfg)
                 scale[:, g : g + 1], zero[:, g : g + 1] = s, z
-            s_col, z_col = _column_params(scale, zero, col, k, width, cfg, n)
+            s_col, z_col = _column_params(scale, zero, col, width, cfg, n)
             q, deq = fake_quantize(w1[:, i : i + 1], s_col, z_col, cfg.qmax)
             codes[:, col] = q[:, 0]
             err = (w1[:, i] - deq[:, 0]) / hinv[i1 + i, i1 + i]
@@ -107,7 +107,7 @@ def gptq_quantize(
 
 
 def _column_params(
-    scale: torch.Tensor, zero: torch.Tensor, col: int, k: int, width: int, cfg: QuantConfig, n: int
+    scale: torch.Tensor, zero: torch.Tensor, col: int, width: int, cfg: QuantConfig, n: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, zero)`` as ``[N, 1]`` for original column ``col``."""
     if cfg.granularity == "tensor":
