@@ -94,8 +94,6 @@ def jobs(only: str | None) -> list[dict]:
     for setting in ("4-bit g64 sym", "4-bit g64 asym", "3-bit g64 asym"):
         methods = ("rtn", "gptq", "hqq") if setting == "4-bit g64 asym" else ("rtn", "gptq")
         lowbit += [{"tool": "lowbit", "method": m, "setting": setting, "config": PEER_SETTINGS[setting]} for m in methods]
-    # GPTQ without activation ordering, for comparison (lowbit and llm-compressor both default to act-order)
-    lowbit += [{"tool": "lowbit", "method": "gptq no-act-order", "setting": s, "config": c} for s, c in PEER_SETTINGS.items()]
     for setting in ("4-bit g128 asym", "3-bit g128 asym", "4-bit g128 sym"):
         lowbit += [{"tool": "lowbit", "method": m, "setting": setting, "config": SETTINGS[setting]} for m in METHODS]
     for setting, cfg in SETTINGS.items():

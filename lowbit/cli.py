@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-act-order", action="store_true",
                    help="GPTQ: quantize columns left to right instead of by decreasing Hessian diagonal (act-order)")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian damping, fraction of its mean diagonal")
+    q.add_argument("--no-clip", action="store_true",
+                   help="calibrated methods: keep the --qparams rule instead of the Hessian-weighted clip search")
     q.add_argument("--bits", type=int, default=4, help="bits per weight, 2–8 (default 4)")
     gran = q.add_mutually_exclusive_group()
     gran.add_argument("--group-size", type=int, default=128, help="weights per scale along a row (default 128)")
@@ -139,10 +141,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.calib.data import CalibConfig, calibration_ids
     from lowbit.data.text import read_text
     from lowbit.methods.gptq import GPTQConfig
-    from lowbit.methods.method import MethodConfig
+    from lowbit.methods.method import ClipConfig, MethodConfig
 
     recipe = _recipe(args)
-    method = MethodConfig.parse(args.method, gptq=GPTQConfig(damp=args.damp, act_order=not args.no_act_order))
+    method = MethodConfig.parse(args.method, gptq=GPTQConfig(damp=args.damp, act_order=not args.no_act_order),
+                                clip=None if args.no_clip else ClipConfig())
     calib = CalibConfig(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed)
     check_output(args.out, args.overwrite)
     if not args.no_eval:

@@ -103,7 +103,7 @@ def quantize_sequential(
                 awq_skipped += 1
             for name, target in selected.items():
                 module = block.get_submodule(name)
-                clip = method.awq is not None and method.awq.clip and name not in spec.attention_logits
+                clip = method.clip is not None and name not in spec.attention_logits
                 qt = quantize_weight(linear_weight(module).float(), target.config, method, stats[rep_of[name]], clip)
                 set_submodule(block, name, QLinear(qt, linear_bias(module)))
         inputs = run_block(block, inputs)

@@ -36,13 +36,10 @@ WeightRoundTrip = Callable[[torch.Tensor, QuantConfig], torch.Tensor]
 @dataclass(frozen=True)
 class AWQConfig:
     grid: int = 20
-    clip: bool = True
-    clip_grid: int = 20
-    clip_max_shrink: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.grid < 1 or self.clip_grid < 1 or not 0 <= self.clip_max_shrink < 1:
-            raise ConfigError("AWQ needs grid ≥ 1, clip_grid ≥ 1 and 0 ≤ clip_max_shrink < 1")
+        if self.grid < 1:
+            raise ConfigError("AWQ needs a scale-search grid ≥ 1")
 
 
 @torch.no_grad()
