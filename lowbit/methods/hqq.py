@@ -41,7 +41,9 @@ class HQQConfig:
     beta: float = 10.0
     kappa: float = 1.0
     iters: int = 20
-    round_initial_zero: bool = False  # hqq rounds it at 4 bits only (after AutoAWQ); unrounded fit 5/6 SmolLM2 tests better
+    # hqq rounds the starting zero at 4 bits (after AutoAWQ). Unrounded starts reach a lower weight MSE but a worse
+    # model: SmolLM2 4-bit g64, 3 eval windows: perplexity 28.00 rounded vs 29.15 unrounded (hqq package: 28.08)
+    round_initial_zero: bool = True
 
 
 def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -51,7 +53,7 @@ def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
 def hqq_qparams(w: torch.Tensor, width: int, cfg: QuantConfig, hqq: HQQConfig = HQQConfig()) -> tuple[torch.Tensor, torch.Tensor]:
     """HQQ-optimised ``(scale, zero)``, float32 ``[R, G]``, for the column groups of ``w [R, C]`` (asymmetric).
 
-    The scale is min-max (``(max − min) / qmax``, float16); the zero starts at ``−min / s`` and is refined by
+    The scale is min-max (``(max − min) / qmax``, float16); the zero starts at ``round(−min / s)`` and is refined by
     the half-quadratic steps until the group's mean ``|W − Ŵ|`` stops falling. As in hqq, the zero returned is the
     one the last step produced (the step that found the error rising has already updated it).
     """
