@@ -4,7 +4,7 @@ and the hqq package, same model, same calibration tokens, same evaluation window
 Eval: first 20,480 tokens of ../shared/data/wikitext2_test_joined.txt, 10 windows × 2048, no BOS.
 Calibration: seeded random windows of ../shared/data/wikitext2_valid_unk.txt (CALIB_SAMPLES × CALIB_SEQLEN, seed 0),
 the same token ids for every tool. Every row runs in a fresh process (its own peak RSS).
-Run: ``python bench/calibrated_smollm2.py [--only lowbit|peers] [--method M] [--resume] [--render]`` (peers need
+Run: ``python bench/calibrated_smollm2.py [--only lowbit|peers] [--method M] [--setting S] [--resume] [--render]`` (peers need
 ``pip install llmcompressor hqq datasets`` in the bench environment) → bench/results/calibrated_smollm2.{md,json};
 with a filter, only the matching rows are re-run and the others are kept from the existing JSON.
 """
@@ -136,11 +136,12 @@ def main() -> None:
     """Run every job, or with ``--only lowbit|peers`` / ``--method M`` just those, keeping the other rows."""
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
     method = sys.argv[sys.argv.index("--method") + 1] if "--method" in sys.argv else None
-    todo = [j for j in jobs(only) if method is None or j["method"] == method]
+    setting = sys.argv[sys.argv.index("--setting") + 1] if "--setting" in sys.argv else None
+    todo = [j for j in jobs(only) if (method is None or j["method"] == method) and setting in (None, j["setting"])]
     key = lambda r: (r["tool"], r["method"], r["setting"])  # noqa: E731
     path = RESULTS / "calibrated_smollm2.json"
     resume = "--resume" in sys.argv  # keep finished rows, run only the missing ones
-    previous = json.loads(path.read_text())["rows"] if path.exists() and (only or method or resume) else []
+    previous = json.loads(path.read_text())["rows"] if path.exists() and (only or method or setting or resume) else []
     if resume:
         done = {key(r) for r in previous if "error" not in r}
         todo = [j for j in todo if key(j) not in done]
