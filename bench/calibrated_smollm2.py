@@ -160,7 +160,10 @@ def main() -> None:
              f"{CALIB_SAMPLES} samples × {CALIB_SEQLEN} tokens from wikitext2_valid_unk.txt (seed 0), identical token "
              "ids for every tool. Eval: first 20,480 tokens of wikitext2_test_joined.txt, 10 windows × 2048, no BOS; "
              "KL/top-1 against the fp32 model on the same windows. 'gap closed' = (ppl_RTN − ppl) / (ppl_RTN − ppl_fp32) "
-             "for the same setting. Each row is a fresh process on the same 2-core CPU, run one at a time.")
+             "for the same setting. Each row is a fresh process on the same 2-core CPU, run one at a time. "
+             "HQQ on a symmetric grid equals RTN: HQQ optimises the zero point, which a symmetric grid fixes. "
+             "Peak RSS (quantize) is the process peak while quantizing: the whole float model is resident "
+             "(loading one block's float weights at a time is not implemented yet); (total) includes evaluation.")
     write_results("calibrated_smollm2", "Calibrated quantization on SmolLM2-135M", intro, tables(rows), {"rows": rows})
 
 
