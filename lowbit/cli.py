@@ -4,6 +4,7 @@
     lowbit eval MODEL [--compare-to ORIGINAL] [--text FILE]
     lowbit inspect MODEL
     lowbit plan CONFIG_OR_MODEL [--tokens 4096] [--fits GB]
+    lowbit export MODEL --format gguf --type Q4_K_M --out FILE [--tensor-type REGEX=TYPE]
 """
 
 from __future__ import annotations
@@ -73,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="describe a model or quantized folder: layers, bits, size")
     i.add_argument("model")
+
+    x = sub.add_parser("export", help="write a model (float, GGUF or lowbit-quantized) in a format engines load")
+    x.add_argument("model", help="model folder, .gguf file, quantized folder, or a named default")
+    x.add_argument("--format", default="gguf", choices=["gguf"], help="output format (default gguf)")
+    x.add_argument("--type", default="Q4_K_M", help="GGUF file type as llama-quantize names it: F32, F16, BF16, Q8_0, "
+                   "Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K (default Q4_K_M)")
+    x.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
+                   help="give tensors whose GGUF name matches REGEX this type (as llama-quantize --tensor-type)")
+    x.add_argument("--out", required=True, help="output file (written atomically)")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("plan", help="memory needed per format, from a config.json alone (no weights)")
     p.add_argument("config", help="a config.json file or a model folder")
@@ -230,6 +241,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from lowbit.errors import ConfigError
+    from lowbit.formats.atomic import check_output
+    from lowbit.formats.gguf.writer import write_gguf
+    from lowbit.model.loading import load_model
+
+    overrides = {}
+    for item in args.tensor_type:
+        pattern, sep, qtype = item.rpartition("=")
+        if not sep or not pattern:
+            raise ConfigError(f"--tensor-type {item!r}: write it as REGEX=TYPE, e.g. 'attn_v=Q8_0'")
+        overrides[pattern] = qtype
+    check_output(args.out, args.overwrite)
+    loaded = load_model(args.model)
+    source = loaded.source if loaded.kind == "gguf" else None
+    summary = write_gguf(loaded.model, args.out, args.type, tokenizer=loaded.tokenizer, source=source,
+                         overrides=overrides)
+    counts = ", ".join(f"{n} {t}" for t, n in sorted(summary.counts().items()))
+    print(f"wrote {summary.path}: {summary.bytes:,} bytes ({counts})")
+    return 0
+
+
 def _write_json(path: str | None, data: dict[str, Any]) -> None:
     if path:
         Path(path).write_text(json.dumps(data, indent=2))
@@ -238,7 +271,8 @@ def _write_json(path: str | None, data: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "plan": cmd_plan}
+    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "plan": cmd_plan,
+                "export": cmd_export}
     try:
         return commands[args.command](args)
     except LowbitError as exc:

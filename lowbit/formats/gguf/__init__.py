@@ -1,0 +1,1 @@
+"""GGUF export: tensor naming (convert), block encoders (legacy 32-weight types, k-quants) and the file writer."""

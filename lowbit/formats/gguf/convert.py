@@ -1,0 +1,122 @@
+"""A transformers model as GGUF sees it: tensor names, tensor layouts and key/value metadata.
+
+Everything architecture-specific is data, taken from the two libraries that already know it:
+
+* **names** — gguf-py's ``TensorNameMap`` maps Hugging Face parameter names to GGUF ones
+  (``model.layers.3.self_attn.q_proj.weight`` → ``blk.3.attn_q.weight``) for every architecture llama.cpp knows;
+* **hyper-parameters** — transformers' ``GGUF_CONFIG_MAPPING`` (``{arch: {gguf key: config attribute}}``), which
+  transformers uses to *read* GGUF, inverted to write it, so what we write is what transformers reads back;
+* **layout changes** — :data:`TENSOR_TRANSFORMS`: llama.cpp's converter permutes the rows of Llama/Mistral q and k
+  projections (rotary pairs interleaved ↔ split halves) and stores Gemma-2/3 norm weights as ``1 + w``; transformers
+  undoes exactly these when it reads a GGUF, and we apply them when we write one.
+
+Tokenizer metadata is copied from a GGUF source file when there is one (it then round-trips exactly), otherwise
+built from the Hugging Face tokenizer (byte-level BPE, ``tokenizer.ggml.model = gpt2``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, get_tensor_name_map
+
+from lowbit.errors import FormatError
+
+log = logging.getLogger(__name__)
+
+ARCH_ALIASES = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss"}  # model_type → GGUF name
+
+
+def gguf_arch(model_type: str) -> str:
+    """GGUF's architecture name for a transformers ``model_type`` (e.g. ``llama``, ``qwen2``, ``gemma2``)."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    arch = ARCH_ALIASES.get(model_type, model_type)
+    if arch not in MODEL_ARCH_NAMES.values() or model_type not in GGUF_CONFIG_MAPPING:
+        known = sorted(set(GGUF_CONFIG_MAPPING) - {"general"})
+        raise FormatError(f"cannot write GGUF for model_type {model_type!r}: supported are {', '.join(known)} "
+                          "(export another format, e.g. the native lowbit folder)")
+    return arch
+
+
+def _permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order: per head, rows ``[0, d/2, 1, d/2+1, …]`` (inverse of transformers' reader)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama_transform(name: str, w: np.ndarray, config: Any) -> np.ndarray:
+    if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
+        return _permute_rotary(w, config.num_attention_heads)
+    if name.endswith("attn_k.weight") or name.endswith("attn_k.bias"):
+        return _permute_rotary(w, getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    return w
+
+
+def _gemma_norm_transform(name: str, w: np.ndarray, config: Any) -> np.ndarray:
+    return w + 1 if name.endswith("norm.weight") else w
+
+
+TENSOR_TRANSFORMS: dict[str, Callable[[str, np.ndarray, Any], np.ndarray]] = {
+    "llama": _llama_transform, "mistral": _llama_transform, "gemma2": _gemma_norm_transform,
+    "gemma3": _gemma_norm_transform,
+}
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str  # GGUF name
+    data: np.ndarray  # float32, numpy shape (GGUF ne reversed: rows last-but-one, row length last)
+
+
+def gguf_tensors(model: torch.nn.Module) -> Iterator[GGUFTensor]:
+    """The model's parameters, renamed and laid out for GGUF, as float32 (quantized layers dequantized).
+
+    A tied output projection is skipped (GGUF files reuse ``token_embd`` when ``output`` is absent).
+    """
+    config = model.config
+    arch = gguf_arch(config.model_type)
+    names = get_tensor_name_map(next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch), config.num_hidden_layers)
+    transform = TENSOR_TRANSFORMS.get(config.model_type, lambda n, w, c: w)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for hf_name, tensor in _float_state(model):
+        if tied and hf_name.startswith("lm_head."):
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise FormatError(f"no GGUF name for {hf_name!r} ({arch}): this architecture's tensor is unknown to "
+                              "gguf-py; update the gguf package or export another format")
+        yield GGUFTensor(name, transform(name, tensor.numpy().astype(np.float32), config))
+
+
+def _float_state(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    from lowbit.nn.qlinear import QLinear
+
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QLinear)}
+    for name, module in quantized.items():
+        yield f"{name}.weight", module.quantized_tensor().dequantize().float()
+        if module.bias is not None:
+            yield f"{name}.bias", module.bias.detach().float()
+    for name, tensor in model.state_dict().items():
+        if name.rsplit(".", 1)[0] not in quantized:
+            yield name, tensor.detach().float()
+
+
+def hyperparameters(config: Any) -> dict[str, Any]:
+    """``{gguf key: value}`` for the architecture's hyper-parameters (transformers' reader mapping, inverted)."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    arch = gguf_arch(config.model_type)
+    values: dict[str, Any] = {}
+    for key, attr in GGUF_CONFIG_MAPPING[config.model_type].items():
+        value = getattr(config, attr, None) if attr else None
+        if key == "rope.dimension_count" and value is None:
+            value = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if key == "rope.freq_base" and value is None:
+            value = (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+        if value is not None and not isinstance(value, (list, dict)):
+            values[f"{arch}.{key}"] = value
+    return values
