@@ -5,6 +5,7 @@
     lowbit inspect MODEL
     lowbit plan CONFIG_OR_MODEL [--tokens 4096] [--fits GB]
     lowbit export MODEL --format gguf --type Q4_K_M --out FILE [--tensor-type REGEX=TYPE]
+    lowbit export QUANTIZED_DIR --format compressed-tensors|gptq --out DIR
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="model folder, .gguf file, or a named default (smollm2-135m)")
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.add_argument("--format", default="lowbit", choices=["lowbit", "compressed-tensors", "gptq"],
+                   help="checkpoint layout of --out: lowbit's own (default), compressed-tensors pack-quantized or "
+                        "GPTQ (both load in transformers/vLLM); checked before quantizing")
     q.add_argument("--method", default="rtn", choices=list(METHOD_NAMES),
                    help="rtn, hqq (data-free); gptq, awq, awq+gptq, hqq+gptq (calibrated). Default rtn")
     q.add_argument("--calib", help="calibration text file (UTF-8); default: lowbit's built-in calibration text")
@@ -77,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a model (float, GGUF or lowbit-quantized) in a format engines load")
     x.add_argument("model", help="model folder, .gguf file, quantized folder, or a named default")
-    x.add_argument("--format", default="gguf", choices=["gguf"], help="output format (default gguf)")
+    x.add_argument("--format", default="gguf", choices=["gguf", "compressed-tensors", "gptq"],
+                   help="output format (default gguf); compressed-tensors and gptq need a quantized MODEL")
     x.add_argument("--type", default="Q4_K_M", help="GGUF file type as llama-quantize names it: F32, F16, BF16, Q8_0, "
                    "Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K (default Q4_K_M)")
     x.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
@@ -162,6 +167,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if not args.no_eval:
         _protocol(args)  # validate before the expensive work
     loaded = load_model(args.model)
+    if args.format != "lowbit":
+        from lowbit.formats.serving import check_recipe
+
+        check_recipe(loaded.model, recipe, args.format, method)  # fail before the expensive work
     calib_ids, calib_note = None, None
     if method.needs_calibration:
         text, source = read_text(args.calib, "calib")
@@ -173,8 +182,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                              float_dtype=args.float_dtype)
     log.info("quantized %d layers with %s (%s) in %.1f s", summary.layers, method.name, recipe.default.describe(),
              summary.seconds)
-    out = save_quantized(loaded, args.out, overwrite=args.overwrite)
-    log.info("saved to %s", out)
+    out = _save(loaded, args.format, args.out, args.overwrite) if args.format != "lowbit" else \
+        save_quantized(loaded, args.out, overwrite=args.overwrite)
+    log.info("saved to %s (%s)", out, args.format)
     evaluation = None if args.no_eval else _evaluate(loaded, args, reference=original)
     size = size_report(loaded.model)
     extra = [("method", f"{method.name}, {recipe.default.describe()}"), ("quantize time", f"{summary.seconds:.1f} s")]
@@ -241,6 +251,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _save(loaded: Any, fmt: str, out: str, overwrite: bool) -> Path:
+    """Write a quantized model as compressed-tensors or GPTQ."""
+    from lowbit.formats.compressed_tensors import export_compressed_tensors
+    from lowbit.formats.gptq_format import export_gptq
+
+    writer = export_compressed_tensors if fmt == "compressed-tensors" else export_gptq
+    return writer(loaded, out, overwrite=overwrite)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from lowbit.errors import ConfigError
     from lowbit.formats.atomic import check_output
@@ -255,6 +274,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         overrides[pattern] = qtype
     check_output(args.out, args.overwrite)
     loaded = load_model(args.model)
+    if args.format != "gguf":
+        print(f"wrote {_save(loaded, args.format, args.out, args.overwrite)} ({args.format})")
+        return 0
     source = loaded.source if loaded.kind == "gguf" else None
     summary = write_gguf(loaded.model, args.out, args.type, tokenizer=loaded.tokenizer, source=source,
                          overrides=overrides)

@@ -1,5 +1,8 @@
 """Loading models: a Hugging Face folder, a GGUF file, a lowbit-quantized folder, or a named default.
 
+Folders quantized by other tools in the compressed-tensors ``pack-quantized`` or GPTQ layout are imported into
+lowbit's own quantized layers (``lowbit.formats.compressed_tensors``, ``lowbit.formats.gptq_format``).
+
 Only safetensors and GGUF are read: lowbit never unpickles (``.bin`` / ``.pt``) files, which can run code.
 Weights are loaded in float32, the precision the quantizers compute in.
 """
@@ -68,10 +71,19 @@ def load_model(source: str | Path, device: str = "cpu") -> LoadedModel:
             raise ModelLoadError(f"{path} is a file but not .gguf: give a GGUF file or a folder with config.json")
         return _load_gguf(path)
     config = read_config_json(path)
-    if config.get("quantization_config", {}).get("quant_method") == "lowbit":
+    quant_method = config.get("quantization_config", {}).get("quant_method")
+    if quant_method == "lowbit":
         from lowbit.formats.native import load_quantized
 
         return load_quantized(path, device=device)
+    if quant_method == "compressed-tensors":  # imported into lowbit's QLinear layers
+        from lowbit.formats.compressed_tensors import load_compressed_tensors
+
+        return load_compressed_tensors(path, device=device)
+    if quant_method == "gptq":
+        from lowbit.formats.gptq_format import load_gptq
+
+        return load_gptq(path, device=device)
     return _load_hf_folder(path, config)
 
 

@@ -1,0 +1,207 @@
+"""compressed-tensors ``pack-quantized`` checkpoints: the format llm-compressor writes and vLLM / transformers read.
+
+Tensors of a quantized layer ``L`` (weight ``[N, K]``, ``b`` bits, ``G = K / g`` groups; 1 when per-channel)::
+
+    L.weight_packed      int32    [N, ceil(K·b/32)]   codes q ∈ [0, 2^b − 1], each row one int32 bit stream
+                                                      (``lowbit.formats.int32_packing``): code k at stream bits
+                                                      [k·b, k·b + b). compressed-tensors calls q − 2^{b−1} the
+                                                      (signed) value and adds 2^{b−1} back before packing, so the
+                                                      stored bits are exactly lowbit's unsigned codes.
+    L.weight_scale       float16  [N, G]              s
+    L.weight_zero_point  int32    [ceil(N·b/32), G]   asymmetric only: z ∈ [0, 2^b − 1] packed the same way but
+                                                      along dim 0 (each column g is one bit stream z[0,g], z[1,g]…)
+    L.weight_shape       int64    [2]                 (N, K)
+    L.bias                                            when the layer has one
+    L.weight_g_idx       int32    [K]                 only for ``actorder: group`` (dynamic) checkpoints; lowbit
+                                                      writes static groups (group of column k is k // g), needs none
+
+Dequantization: ``w[n, k] = (q[n, k] − z[n, k // g]) · s[n, k // g]``, with ``z = 2^{b−1}`` when symmetric (the
+signed zero point 0), which is lowbit's convention too. ``config.json`` carries ``quantization_config`` with
+``quant_method: compressed-tensors``, ``format: pack-quantized``, ``quantization_status: compressed``, one config
+group per distinct layer config (``targets: ["Linear"]`` when there is one, the layers' exact names when there are
+several) and an ``ignore`` list of every ``nn.Linear`` left in float (``lm_head`` …).
+
+The ``compressed-tensors`` package is optional: lowbit writes and reads this layout itself and, when the package is
+installed, validates the config with its own schema (``QuantizationConfig``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.config import QuantConfig
+from lowbit.core.qtensor import QuantizedTensor
+from lowbit.errors import FormatError
+from lowbit.formats.int32_packing import pack_int32, unpack_int32
+from lowbit.formats.serving import (finish_import, float_tensors, num_blocks, quantized_layers, raise_problems,
+                                    read_tensors, skeleton, to_float16_scales, write_export)
+from lowbit.model.loading import LoadedModel, _load_tokenizer, read_config_json
+from lowbit.model.modules import set_submodule
+from lowbit.nn.qlinear import QLinear
+
+log = logging.getLogger(__name__)
+FORMAT = "compressed-tensors"
+
+
+def layer_tensors(name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+    """The pack-quantized tensors of one layer (see the module docstring)."""
+    out = {
+        f"{name}.weight_packed": pack_int32(qt.codes(), qt.config.bits),
+        f"{name}.weight_scale": qt.scale,
+        f"{name}.weight_shape": torch.tensor(qt.shape, dtype=torch.int64),
+    }
+    if qt.zero is not None:
+        out[f"{name}.weight_zero_point"] = pack_int32(qt.zero.t().contiguous(), qt.config.bits).t().contiguous()
+    return out
+
+
+def weights_args(cfg: QuantConfig) -> dict[str, Any]:
+    """compressed-tensors ``QuantizationArgs`` of a lowbit config."""
+    return {"num_bits": cfg.bits, "type": "int", "symmetric": cfg.symmetric,
+            "group_size": cfg.group_size if cfg.granularity == "group" else None,
+            "strategy": "group" if cfg.granularity == "group" else "channel", "dynamic": False}
+
+
+def quantization_config(groups: list[tuple[QuantConfig, list[str]]], ignore: list[str]) -> dict[str, Any]:
+    """The ``quantization_config`` for layers grouped by config: ``[(config, layer names)]``."""
+    single = len(groups) == 1
+    config_groups = {
+        f"group_{i}": {"targets": ["Linear"] if single else names, "weights": weights_args(cfg),
+                       "input_activations": None, "output_activations": None, "format": "pack-quantized"}
+        for i, (cfg, names) in enumerate(groups)
+    }
+    config = {"config_groups": config_groups, "quant_method": "compressed-tensors", "kv_cache_scheme": None,
+              "format": "pack-quantized", "quantization_status": "compressed", "global_compression_ratio": None,
+              "ignore": ignore}
+    _validate_with_package(config)
+    return config
+
+
+def _validate_with_package(config: dict[str, Any]) -> None:
+    """Check ``config`` against compressed-tensors' own schema when the package is installed."""
+    try:
+        from compressed_tensors.quantization import QuantizationConfig
+    except ImportError:
+        return
+    try:
+        QuantizationConfig.model_validate({k: v for k, v in config.items() if k != "quant_method"})
+    except ValueError as exc:
+        raise FormatError(f"compressed-tensors rejects this quantization_config ({exc}): unsupported settings") from exc
+
+
+def export_compressed_tensors(loaded: LoadedModel, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a lowbit-quantized model as a compressed-tensors ``pack-quantized`` folder (atomically)."""
+    model = loaded.model
+    skel = skeleton(model.config)
+    layers = quantized_layers(model, skel)
+    raise_problems(FORMAT, [shape for shape, _ in layers], num_blocks(skel))
+    record = model.config.quantization_config
+    tensors = float_tensors(model, record.get("float_dtype", "float16"))
+    grouped: dict[str, tuple[QuantConfig, list[str]]] = {}  # by stored settings (the q-param rule is not stored)
+    for shape, module in layers:
+        tensors.update(layer_tensors(shape.name, module.quantized_tensor()))  # (its bias is in float_tensors)
+        key = json.dumps(weights_args(shape.config), sort_keys=True)
+        grouped.setdefault(key, (shape.config, []))[1].append(shape.name)
+    quantized = {shape.name for shape, _ in layers}
+    ignore = [name for name, m in skel.named_modules() if isinstance(m, nn.Linear) and name not in quantized]
+    config = quantization_config(list(grouped.values()), ignore)
+    metadata = {"format": "pt", "lowbit": json.dumps({"method": record.get("method")})}
+    path = write_export(out, overwrite, tensors, model, config, loaded.tokenizer, metadata)
+    log.info("wrote compressed-tensors pack-quantized folder %s (%d layers, %d config groups)", path, len(layers),
+             len(grouped))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- import
+
+
+def _matches(name: str, module: nn.Module, targets: list[str]) -> bool:
+    """compressed-tensors' target rule: an exact layer name, ``re:REGEX`` (``re.match``), or a class name."""
+    classes = {cls.__name__ for cls in type(module).__mro__}
+    return any(t == name or t in classes or (t.startswith("re:") and re.match(t[3:], name)) for t in targets)
+
+
+def _config_for(args: dict[str, Any], group: str) -> QuantConfig:
+    unsupported = [k for k in ("input_activations", "output_activations") if args.get(k)]
+    weights = args.get("weights") or {}
+    fmt = args.get("format") or "pack-quantized"
+    if unsupported or fmt != "pack-quantized" or weights.get("type", "int") != "int" or weights.get("dynamic"):
+        raise FormatError(f"config group {group}: lowbit imports weight-only integer pack-quantized checkpoints "
+                          f"(W4A16-style), not format {fmt!r} with {unsupported or weights}: evaluate it with "
+                          "transformers or vLLM instead")
+    strategy = weights.get("strategy")
+    if strategy not in ("group", "channel"):
+        raise FormatError(f"config group {group}: strategy {strategy!r} is not supported (group or channel are)")
+    bits = int(weights["num_bits"])
+    if not 2 <= bits <= 8:
+        raise FormatError(f"config group {group}: {bits}-bit weights are not supported (2 to 8 bits are)")
+    return QuantConfig(bits=bits, symmetric=bool(weights.get("symmetric", True)),
+                       granularity=strategy, group_size=int(weights.get("group_size") or 128))
+
+
+def import_layer(name: str, tensors: dict[str, torch.Tensor], cfg: QuantConfig) -> QuantizedTensor:
+    """Rebuild one layer's QuantizedTensor from its pack-quantized tensors (removed from ``tensors``)."""
+    packed = tensors.pop(f"{name}.weight_packed")
+    n, k = (int(v) for v in tensors.pop(f"{name}.weight_shape").tolist())
+    codes = unpack_int32(packed, cfg.bits, k)
+    scale = to_float16_scales(tensors.pop(f"{name}.weight_scale").reshape(n, -1), name)
+    g_idx = tensors.pop(f"{name}.weight_g_idx", None)
+    width = cfg.group_width(k)
+    if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(k) // width):
+        raise FormatError(f"{name}: activation-order groups with a permuted g_idx (actorder: group) are not "
+                          "supported; re-quantize with actorder static (weight), which keeps group k // g")
+    zero = tensors.pop(f"{name}.weight_zero_point", None)
+    if cfg.symmetric:
+        if zero is not None and zero.count_nonzero():
+            raise FormatError(f"{name}: a symmetric layer stores non-zero zero points; the checkpoint is inconsistent")
+        zero = None
+    elif zero is None:
+        raise FormatError(f"{name}: asymmetric layer without weight_zero_point; the checkpoint is incomplete")
+    elif zero.dtype == torch.int32:  # packed along dim 0
+        zero = unpack_int32(zero.t().contiguous(), cfg.bits, n).t()
+    else:  # older writers: signed int8, unpacked
+        zero = (zero.reshape(n, -1).to(torch.int16) + (1 << (cfg.bits - 1))).to(torch.uint8)
+    return QuantizedTensor.from_codes(codes, scale, zero, cfg)
+
+
+def load_compressed_tensors(folder: str | Path, device: str = "cpu") -> LoadedModel:
+    """Import a compressed-tensors pack-quantized folder into a lowbit model (QLinear layers)."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    qc = read_config_json(folder)["quantization_config"]
+    if qc.get("sparsity_config") or qc.get("transform_config") or qc.get("kv_cache_scheme"):
+        raise FormatError(f"{folder}: sparsity, transforms and KV-cache quantization are not supported by lowbit's "
+                          "import: evaluate it with transformers or vLLM instead")
+    if qc.get("quantization_status", "compressed") != "compressed":
+        raise FormatError(f"{folder}: quantization_status {qc.get('quantization_status')!r} is not supported "
+                          "(lowbit reads compressed checkpoints)")
+    config_groups = qc.get("config_groups") or {}
+    groups = {name: _config_for(args, name) for name, args in config_groups.items()}
+    targets = {name: args.get("targets") or [] for name, args in config_groups.items()}
+    ignore = qc.get("ignore") or []
+    model = skeleton(AutoConfig.from_pretrained(folder))
+    tensors = read_tensors(folder)
+    for name, module in list(model.named_modules()):
+        if f"{name}.weight_packed" not in tensors:
+            continue
+        if not isinstance(module, nn.Linear):
+            raise FormatError(f"{folder}: {name} is a {type(module).__name__}, lowbit imports packed nn.Linear only")
+        matching = [g for g in groups if _matches(name, module, targets[g]) and not _matches(name, module, ignore)]
+        if len({groups[g] for g in matching}) != 1:
+            raise FormatError(f"{folder}: layer {name} matches config groups {matching}, expected exactly one")
+        qt = import_layer(name, tensors, groups[matching[0]])
+        if qt.shape != (module.out_features, module.in_features):
+            raise FormatError(f"{folder}: {name} has shape {qt.shape}, the model expects "
+                              f"{(module.out_features, module.in_features)}")
+        bias = tensors.pop(f"{name}.bias", None)
+        set_submodule(model, name, QLinear(qt, bias.float() if bias is not None else None))
+    finish_import(model, tensors, folder, FORMAT)
+    return LoadedModel(model.to(device), _load_tokenizer(folder), str(folder), "lowbit")
