@@ -41,11 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="model folder, .gguf file, or a named default (smollm2-135m)")
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    q.add_argument("--format", default="lowbit", choices=["lowbit", "compressed-tensors", "gptq"],
+    q.add_argument("--format", default="lowbit", choices=["lowbit", "compressed-tensors", "gptq", "gguf"],
                    help="checkpoint layout of --out: lowbit's own (default), compressed-tensors pack-quantized or "
-                        "GPTQ (both load in transformers/vLLM); checked before quantizing")
-    q.add_argument("--method", default="rtn", choices=list(METHOD_NAMES),
-                   help="rtn, hqq (data-free); gptq, awq, awq+gptq, hqq+gptq (calibrated). Default rtn")
+                        "GPTQ (both load in transformers/vLLM), or a GGUF file (llama.cpp; see --type); checked "
+                        "before quantizing")
+    q.add_argument("--type", default="Q4_K_M",
+                   help="--format gguf: llama.cpp file type (Q4_0, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, Q8_0 …; default "
+                        "Q4_K_M); --bits/--group-size do not apply, the type's block grids do")
+    q.add_argument("--method", default="rtn", choices=[*METHOD_NAMES, "imatrix"],
+                   help="rtn, hqq (data-free); gptq, awq, awq+gptq, hqq+gptq (calibrated); imatrix (--format gguf: "
+                        "importance-weighted k-quant search, as llama.cpp's imatrix). Default rtn")
     q.add_argument("--calib", help="calibration text file (UTF-8); default: lowbit's built-in calibration text")
     q.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     q.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
@@ -159,6 +164,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.methods.method import ClipConfig, MethodConfig
 
+    if args.format == "gguf":
+        return _quantize_gguf(args)
+    if args.method == "imatrix":
+        from lowbit.errors import ConfigError
+
+        raise ConfigError("--method imatrix chooses GGUF block scales: use it with --format gguf")
     recipe = _recipe(args)
     method = MethodConfig.parse(args.method, gptq=GPTQConfig(damp=args.damp, act_order=not args.no_act_order),
                                 clip=None if args.no_clip else ClipConfig())
@@ -192,6 +203,42 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _print_results(f"{args.model} → {out}", evaluation, size, extra)
     _write_json(args.json_out, {"method": method.name, "config": recipe.default.to_dict(), "calibration": calib_note,
                                 "quantize_seconds": summary.seconds, "evaluation": evaluation, "size": size.to_dict()})
+    return 0
+
+
+def _quantize_gguf(args: argparse.Namespace) -> int:
+    """``lowbit quantize --format gguf``: llama.cpp's mix for ``--type``, weights chosen by ``--method``."""
+    from lowbit.calib.data import CalibConfig, calibration_ids
+    from lowbit.data.text import read_text
+    from lowbit.formats.atomic import check_output
+    from lowbit.formats.gguf.calibrated import gguf_method, quantize_to_gguf
+    from lowbit.formats.gguf.writer import file_type
+    from lowbit.methods.gptq import GPTQConfig
+    from lowbit.methods.method import ClipConfig, MethodConfig
+    from lowbit.model.loading import load_model
+
+    file_type(args.type)  # validate before the expensive work
+    method = gguf_method(args.method, GPTQConfig(damp=args.damp), None if args.no_clip else ClipConfig())
+    calib = CalibConfig(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed)
+    check_output(args.out, args.overwrite)
+    if not args.no_eval:
+        _protocol(args)
+    loaded = load_model(args.model)
+    calib_ids, calib_note = None, None
+    if method.name != "rtn":
+        text, source = read_text(args.calib, "calib")
+        calib_ids = calibration_ids(loaded.tokenizer, text, calib)
+        calib_note = f"{calib.describe()} from {source}"
+        log.info("calibration: %s", calib_note)
+    original = None if args.no_eval else copy.deepcopy(loaded.model)
+    summary = quantize_to_gguf(loaded, args.out, args.type, method, calib_ids, calib)
+    evaluation = None if args.no_eval else _evaluate(loaded, args, reference=original)  # the file's decoded weights
+    counts = ", ".join(f"{n} {t}" for t, n in sorted(summary.counts().items()))
+    extra = [("method", f"{method.name}, GGUF {args.type.upper()}"), ("file", f"{summary.bytes:,} bytes ({counts})")]
+    extra += [("calibration", calib_note)] if calib_note else []
+    _print_results(f"{args.model} → {summary.path}", evaluation, None, extra)
+    _write_json(args.json_out, {"method": method.name, "type": args.type.upper(), "calibration": calib_note,
+                                "file_bytes": summary.bytes, "tensor_types": summary.types, "evaluation": evaluation})
     return 0
 
 

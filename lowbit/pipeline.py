@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Callable
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -31,6 +33,9 @@ from lowbit.model.modules import LayerTarget, linear_bias, linear_weight, select
 from lowbit.nn.qlinear import QLinear
 
 log = logging.getLogger(__name__)
+# (full layer name, float linear, its target, its input statistics, whether clipping may be searched) → the module
+# that replaces it. The default makes a QLinear; GGUF export rounds onto a block type's grid instead.
+LayerQuantizer = Callable[[str, nn.Module, LayerTarget, InputStats, bool], nn.Module]
 _FOLD_TOLERANCE = 1e-3  # relative change of a block's output that an AWQ fold may cause (float rounding only)
 
 
@@ -74,9 +79,18 @@ def apply_awq(block: nn.Module, spec: ArchSpec, selected: dict[str, LayerTarget]
 @torch.no_grad()
 def quantize_sequential(
     model: nn.Module, recipe: QuantRecipe, method: MethodConfig, calib_ids: torch.Tensor, calib: CalibConfig,
-    progress: bool = True,
+    progress: bool = True, quantize_layer: LayerQuantizer | None = None,
 ) -> int:
-    """Quantize ``model`` in place block by block; returns the number of layers quantized."""
+    """Quantize ``model`` in place block by block; returns the number of layers quantized.
+
+    ``quantize_layer`` replaces the per-layer step (default: ``quantize_weight`` → :class:`QLinear`); layers
+    outside the blocks always get the default, data-free."""
+
+    def to_qlinear(_full: str, module: nn.Module, target: LayerTarget, stats: InputStats, clip: bool) -> nn.Module:
+        qt = quantize_weight(linear_weight(module).float(), target.config, method, stats, clip)
+        return QLinear(qt, linear_bias(module))
+
+    quantize_layer = quantize_layer or to_qlinear
     spec = spec_for(model)
     blocks = block_list(model, spec)
     targets = select_layers(model, recipe, spec)
@@ -102,10 +116,9 @@ def quantize_sequential(
             if method.awq is not None and apply_awq(block, spec, selected, stats, rep_of, method, inputs[0]) == 0:
                 awq_skipped += 1
             for name, target in selected.items():
-                module = block.get_submodule(name)
                 clip = method.clip is not None and name not in spec.attention_logits
-                qt = quantize_weight(linear_weight(module).float(), target.config, method, stats[rep_of[name]], clip)
-                set_submodule(block, name, QLinear(qt, linear_bias(module)))
+                new = quantize_layer(prefix + name, block.get_submodule(name), target, stats[rep_of[name]], clip)
+                set_submodule(block, name, new)
         inputs = run_block(block, inputs)
     if awq_skipped:
         log.warning("AWQ: no op could absorb a scale in %d blocks (%s has no usable scale mappings): those blocks "

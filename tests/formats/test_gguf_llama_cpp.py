@@ -109,22 +109,37 @@ def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)])
 
 
+PROMPT = "The capital of France is Paris. The tallest mountain in the world is"
+
+
+def _both_logits(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    ours = load_model(path)
+    ids = ours.tokenizer(PROMPT)["input_ids"]
+    with torch.no_grad():
+        expected = ours.model(torch.tensor([ids])).logits[0].numpy()
+    return llama_cpp_logits(path, ids), expected
+
+
+def test_llama_cpp_matches_lowbit_exactly_on_float_weights(smollm2_f32: Path) -> None:
+    """F32 file: llama.cpp's forward = lowbit's within float rounding (max |Δlogit| < 1 % of the logits' std;
+    measured 0.019 on std 6.7) — names, layouts, rotary order and hyper-parameters are all right."""
+    got, expected = _both_logits(smollm2_f32)
+    assert np.abs(got - expected).max() < 0.01 * expected.std()
+
+
 def test_llama_cpp_runs_lowbit_q4_k_m_and_agrees_with_lowbit(tmp_path: Path) -> None:
-    """Requantize the shipped Q4_1 file to Q4_K_M with the CLI; llama.cpp generates from it and its logits match
-    lowbit's forward of the same (dequantized) weights: max |Δlogit| below 2 % of the logits' std, same argmax.
-    (llama.cpp multiplies with 8-bit-quantized activations, so bit equality is not expected.)"""
+    """Requantize the shipped Q4_1 file to Q4_K_M with the CLI; llama.cpp generates from it and its logits track
+    lowbit's forward of the same decoded weights. llama.cpp multiplies quantized weights with activations it
+    quantizes to 8 bits per block of 32 (Q8_0/Q8_K), so equality is not expected: measured mean |Δlogit| 0.31
+    (4.6 % of the logits' std 6.7), max 1.98, same argmax at 13 of 14 positions — the same gap as a Q8_0 file
+    (mean 0.23, max 1.13), where weights are nearly exact; tolerances: mean < 8 % of std, argmax ≥ 85 %."""
     out = tmp_path / "smollm2-Q4_K_M.gguf"
     assert main(["export", "smollm2-135m", "--format", "gguf", "--type", "Q4_K_M", "--out", str(out)]) == 0
     assert Counter(t.tensor_type.name for t in GGUFReader(str(out)).tensors) == {
         "Q5_0": 166, "F32": 61, "Q4_K": 16, "Q8_0": 15, "Q6_K": 14}
-    ours = load_model(out)
-    prompt = "The capital of France is Paris. The tallest mountain in the world is"
-    ids = ours.tokenizer(prompt)["input_ids"]
-    with torch.no_grad():
-        expected = ours.model(torch.tensor([ids])).logits[0].numpy()
-    got = llama_cpp_logits(out, ids)
-    assert np.abs(got - expected).max() < 0.02 * expected.std()
-    assert np.array_equal(got.argmax(-1), expected.argmax(-1))
+    got, expected = _both_logits(out)
+    assert np.abs(got - expected).mean() < 0.08 * expected.std()
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.85
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, n_threads=2, verbose=False)
-    text = llm.create_completion(prompt, max_tokens=8, temperature=0)["choices"][0]["text"]
+    text = llm.create_completion(PROMPT, max_tokens=8, temperature=0)["choices"][0]["text"]
     assert "Everest" in text

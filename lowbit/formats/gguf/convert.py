@@ -72,24 +72,39 @@ class GGUFTensor:
     data: np.ndarray  # float32, numpy shape (GGUF ne reversed: rows last-but-one, row length last)
 
 
+def gguf_name_map(config: Any) -> Callable[[str], str]:
+    """``hf parameter name → GGUF tensor name`` for this model's architecture (gguf-py's ``TensorNameMap``)."""
+    arch = gguf_arch(config.model_type)
+    names = get_tensor_name_map(next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch), config.num_hidden_layers)
+
+    def name_of(hf_name: str) -> str:
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise FormatError(f"no GGUF name for {hf_name!r} ({arch}): this architecture's tensor is unknown to "
+                              "gguf-py; update the gguf package or export another format")
+        return name
+
+    return name_of
+
+
+def to_gguf_layout(name: str, data: np.ndarray, config: Any) -> np.ndarray:
+    """Reorder ``data`` (a tensor, or per-row bytes ``[R, row bytes]``) as llama.cpp stores tensor ``name``."""
+    return TENSOR_TRANSFORMS.get(config.model_type, lambda n, w, c: w)(name, data, config)
+
+
 def gguf_tensors(model: torch.nn.Module) -> Iterator[GGUFTensor]:
     """The model's parameters, renamed and laid out for GGUF, as float32 (quantized layers dequantized).
 
     A tied output projection is skipped (GGUF files reuse ``token_embd`` when ``output`` is absent).
     """
     config = model.config
-    arch = gguf_arch(config.model_type)
-    names = get_tensor_name_map(next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch), config.num_hidden_layers)
-    transform = TENSOR_TRANSFORMS.get(config.model_type, lambda n, w, c: w)
+    name_of = gguf_name_map(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf_name, tensor in _float_state(model):
         if tied and hf_name.startswith("lm_head."):
             continue
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise FormatError(f"no GGUF name for {hf_name!r} ({arch}): this architecture's tensor is unknown to "
-                              "gguf-py; update the gguf package or export another format")
-        yield GGUFTensor(name, transform(name, tensor.numpy().astype(np.float32), config))
+        name = name_of(hf_name)
+        yield GGUFTensor(name, to_gguf_layout(name, tensor.numpy().astype(np.float32), config))
 
 
 def _float_state(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

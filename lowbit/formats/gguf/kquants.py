@@ -50,6 +50,9 @@ sub-block. ``tests/formats/test_kquants.py`` holds us to golden hashes of the C 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -137,9 +140,43 @@ def _per_block(v: np.ndarray, nb: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------- the five block types
-# Each encoder: float32 blocks x [nb, 256], importance qw [nb, 256] or None (the _ref path) → bytes [nb, size].
+# Each grid function: float32 blocks x [nb, 256], importance qw [nb, 256] or None (the _ref path) → the block's
+# stored scales (a Grid); the reference then rounds every weight with them (``Grid.round``) and packs the codes.
 # Per-sub-block values are [S, nb] (S sub-blocks per block) until packing, which wants [nb, S].
-def _q2_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+@dataclass(frozen=True)
+class Grid:
+    """The stored q-params of ``nb`` super-blocks, before the final rounding.
+
+    Weight ``k`` of sub-block ``j`` decodes to ``dq[:, j] · (L + lo) − mq[:, j]`` for its stored code
+    ``L ∈ [0, hi − lo]`` (``mq`` None: no min). ``search`` are the scale search's own codes, which C keeps where a
+    stored sub-block scale is 0. ``pack(codes [nb, 256])`` → the blocks' bytes ``[nb, type_size]``.
+    """
+
+    dq: np.ndarray  # [nb, S] float32
+    mq: np.ndarray | None  # [nb, S] float32
+    lo: int
+    hi: int
+    search: np.ndarray  # [nb, S, 256 / S]
+    pack: Callable[[np.ndarray], np.ndarray]
+
+    def round(self, x: np.ndarray) -> np.ndarray:
+        """The reference's final rounding of blocks ``x [nb, 256]`` with the stored scales → codes ``[nb, 256]``."""
+        nb, s = self.dq.shape
+        return _requantize(x.reshape(nb, s, -1), self.search, self.dq, self.mq, self.lo, self.hi).reshape(nb, QK_K)
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(scale, zero)`` ``[nb, S]`` with ``weight = (L − zero) · scale`` — the grid as a lowbit affine group.
+
+        A sub-block whose stored scale is 0 decodes every code to ``−mq``: it gets a vanishing scale (``1e-30``)
+        and the zero that keeps that value, so GPTQ can still round onto it."""
+        live = self.dq != 0
+        scale = np.where(live, self.dq, F(1e-30)).astype(F)
+        offset = np.zeros_like(scale) if self.mq is None else self.mq
+        return scale, (offset / scale - F(self.lo)).astype(F)
+
+
+
+def _q2_k(x: np.ndarray, qw: np.ndarray | None) -> "Grid":
     nb = x.shape[0]
     xs = _groups(x, 16)
     if qw is None:  # quantize_row_q2_K_ref
@@ -161,11 +198,14 @@ def _q2_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     sbytes = ((wrap8(ls) | lm << 4) & 0xFF).astype(np.uint8).T  # [nb, 16]
     dq = d.astype(F)[:, None] * (sbytes & 0xF).astype(F)
     mq = dmin.astype(F)[:, None] * (sbytes >> 4).astype(F)
-    L = _requantize(x.reshape(nb, 16, 16), L.T.reshape(nb, 16, 16), dq, mq, 0, 3)
-    return np.concatenate([sbytes, _pack_2bit(L), _half_bytes(d), _half_bytes(dmin)], axis=1)
+
+    def pack(codes: np.ndarray) -> np.ndarray:
+        return np.concatenate([sbytes, _pack_2bit(codes), _half_bytes(d), _half_bytes(dmin)], axis=1)
+
+    return Grid(dq, mq, 0, 3, L.T.reshape(nb, 16, 16), pack)
 
 
-def _q3_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+def _q3_k(x: np.ndarray, qw: np.ndarray | None) -> "Grid":
     nb = x.shape[0]
     xs = _groups(x, 16)
     if qw is None:  # quantize_row_q3_K_ref
@@ -185,13 +225,16 @@ def _q3_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         d = to_fp16(d_block)
     s = s.T  # [nb, 16] six-bit codes
     dq = d.astype(F)[:, None] * (s - 32).astype(F)
-    L = _requantize(x.reshape(nb, 16, 16), L.T.reshape(nb, 16, 16), dq, None, -4, 3).reshape(nb, QK_K)
-    high = L > 3
-    return np.concatenate([_high_bits(high), _pack_2bit(np.where(high, L - 4, L)), _pack_scales_q3(s),
-                           _half_bytes(d)], axis=1)
+
+    def pack(codes: np.ndarray) -> np.ndarray:
+        high = codes > 3
+        return np.concatenate([_high_bits(high), _pack_2bit(np.where(high, codes - 4, codes)), _pack_scales_q3(s),
+                               _half_bytes(d)], axis=1)
+
+    return Grid(dq, None, -4, 3, L.T.reshape(nb, 16, 16), pack)
 
 
-def _q45_k(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> np.ndarray:
+def _q45_k(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> "Grid":
     nb = x.shape[0]
     xs = _groups(x, 32)
     if qw is None:  # quantize_row_q4_K_ref / quantize_row_q5_K_ref
@@ -218,14 +261,17 @@ def _q45_k(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> np.ndarray:
     sbytes = _pack_scales_k4(ls.T, lm.T)
     sc, m = _unpack_scales_k4(sbytes)
     dq, mq = d.astype(F)[:, None] * sc.astype(F), dmin.astype(F)[:, None] * m.astype(F)
-    L = _requantize(x.reshape(nb, 8, 32), L.T.reshape(nb, 8, 32), dq, mq, 0, nmax).reshape(nb, QK_K)
-    head = [_half_bytes(d), _half_bytes(dmin), sbytes]
-    if nmax == 15:
-        return np.concatenate(head + [_pack_4bit(L)], axis=1)
-    return np.concatenate(head + [_high_bits(L > 15), _pack_4bit(L & 0xF)], axis=1)
+
+    def pack(codes: np.ndarray) -> np.ndarray:
+        head = [_half_bytes(d), _half_bytes(dmin), sbytes]
+        if nmax == 15:
+            return np.concatenate(head + [_pack_4bit(codes)], axis=1)
+        return np.concatenate(head + [_high_bits(codes > 15), _pack_4bit(codes & 0xF)], axis=1)
+
+    return Grid(dq, mq, 0, nmax, L.T.reshape(nb, 8, 32), pack)
 
 
-def _q6_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+def _q6_k(x: np.ndarray, qw: np.ndarray | None) -> "Grid":
     nb = x.shape[0]
     # quantize_row_q6_K_ref, or _impl: the same with make_qx_quants weighted by qw itself
     scales, L = make_qx_quants(_groups(x, 16), 32, None if qw is None else _groups(qw, 16))
@@ -236,15 +282,18 @@ def _q6_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         d = to_fp16(F(1) / iscale)
         sc = wrap8(np.minimum(127, nearest_int(iscale * scales)), signed=True).T  # [nb, 16]
     dq = d.astype(F)[:, None] * sc.astype(F)
-    L = _requantize(x.reshape(nb, 16, 16), L.T.reshape(nb, 16, 16), dq, None, -32, 31).reshape(nb, QK_K)
-    lo = (L & 0xF).astype(np.uint8).reshape(nb, 2, 4, 32)  # [nb, half, k, l]
-    ql = np.stack([lo[:, :, 0] | lo[:, :, 2] << 4, lo[:, :, 1] | lo[:, :, 3] << 4], axis=2).reshape(nb, 128)
-    out = np.concatenate([ql, _pack_2bit(L >> 4), sc.astype(np.int8).view(np.uint8), _half_bytes(d)], axis=1)
-    out[amax < EPS] = 0  # every sub-block scale ~0: C zeroes the whole block
-    return out
+
+    def pack(codes: np.ndarray) -> np.ndarray:
+        lo = (codes & 0xF).astype(np.uint8).reshape(nb, 2, 4, 32)  # [nb, half, k, l]
+        ql = np.stack([lo[:, :, 0] | lo[:, :, 2] << 4, lo[:, :, 1] | lo[:, :, 3] << 4], axis=2).reshape(nb, 128)
+        out = np.concatenate([ql, _pack_2bit(codes >> 4), sc.astype(np.int8).view(np.uint8), _half_bytes(d)], axis=1)
+        out[amax < EPS] = 0  # every sub-block scale ~0: C zeroes the whole block
+        return out
+
+    return Grid(dq, None, -32, 31, L.T.reshape(nb, 16, 16), pack)
 
 
-_ENCODERS = {Q.Q2_K: _q2_k, Q.Q3_K: _q3_k, Q.Q4_K: lambda x, qw: _q45_k(x, qw, 15),
+_GRIDS: dict[GGMLQuantizationType, Callable[[np.ndarray, np.ndarray | None], Grid]] = {Q.Q2_K: _q2_k, Q.Q3_K: _q3_k, Q.Q4_K: lambda x, qw: _q45_k(x, qw, 15),
              Q.Q5_K: lambda x, qw: _q45_k(x, qw, 31), Q.Q6_K: _q6_k}
 _CHUNK = 512  # blocks per numpy pass: temporaries stay cache-sized (measured fastest) and memory bounded
 
@@ -256,16 +305,21 @@ def quantize_kquant(rows: np.ndarray, qtype: GGMLQuantizationType, weights: np.n
     ``weights`` (optional, ``[C]``, non-negative) is the per-column importance of an imatrix (mean squared
     activations); ``None`` gives the ``quantize_row_qX_K_ref`` bytes, as llama.cpp does without an imatrix.
     """
-    if qtype not in _ENCODERS:
-        raise FormatError(f"{getattr(qtype, 'name', qtype)} is not a k-quant type: use one of "
-                          f"{', '.join(t.name for t in KQUANT_TYPES)}")
-    x = np.asarray(rows, dtype=F)
-    if x.ndim != 2 or x.shape[1] % QK_K:
-        raise FormatError(f"k-quants need 2-D rows whose length is a multiple of {QK_K}; got shape "
-                          f"{tuple(np.shape(rows))}: keep this tensor in a 32-weight type (Q8_0, Q5_0 …) or F16")
-    if not np.isfinite(x).all():
-        raise FormatError("the rows to quantize hold NaN or infinite values: fix the weights before exporting")
-    n_rows, n = x.shape
+    x = _blocks(rows, qtype)
+    out = np.empty((x.shape[0], GGML_QUANT_SIZES[qtype][1]), np.uint8)
+    for start, grid in kquant_grids(rows, qtype, weights):
+        chunk = x[start:start + grid.dq.shape[0]]
+        out[start:start + chunk.shape[0]] = grid.pack(grid.round(chunk))
+    return out.reshape(x.shape[0] * QK_K // np.shape(rows)[1], -1)
+
+
+def kquant_grids(rows: np.ndarray, qtype: GGMLQuantizationType,
+                 weights: np.ndarray | None = None) -> Iterator[tuple[int, Grid]]:
+    """The stored q-params llama.cpp chooses for ``rows [R, C]``, as ``(first block, Grid)`` per chunk of
+    super-blocks (blocks run row-major: block ``b`` is row ``b // (C/256)``). A calibrated method rounds onto
+    these grids itself and packs its codes with ``Grid.pack``; :func:`quantize_kquant` uses ``Grid.round``."""
+    x = _blocks(rows, qtype)
+    n_rows, n = np.shape(rows)
     qw = None
     if weights is not None:
         qw = np.asarray(weights, dtype=F)
@@ -275,11 +329,21 @@ def quantize_kquant(rows: np.ndarray, qtype: GGMLQuantizationType, weights: np.n
         if not (np.isfinite(qw).all() and (qw >= 0).all()):
             raise FormatError("importance weights must be finite and non-negative (mean squared activations): "
                               "check the imatrix")
-    size = GGML_QUANT_SIZES[qtype][1]
-    blocks = x.reshape(-1, QK_K)
-    if qw is not None:  # block b of a row uses weights[256·b : 256·(b+1)]
+        # block b of a row uses weights[256·b : 256·(b+1)]
         qw = np.broadcast_to(qw.reshape(1, -1, QK_K), (n_rows, n // QK_K, QK_K)).reshape(-1, QK_K)
-    out = np.empty((blocks.shape[0], size), np.uint8)
-    for s in range(0, blocks.shape[0], _CHUNK):
-        out[s:s + _CHUNK] = _ENCODERS[qtype](blocks[s:s + _CHUNK], None if qw is None else qw[s:s + _CHUNK])
-    return out.reshape(n_rows, n // QK_K * size)
+    for s in range(0, x.shape[0], _CHUNK):
+        yield s, _GRIDS[qtype](x[s:s + _CHUNK], None if qw is None else qw[s:s + _CHUNK])
+
+
+def _blocks(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Validated float32 super-blocks ``[R·C/256, 256]`` of ``rows``."""
+    if qtype not in _GRIDS:
+        raise FormatError(f"{getattr(qtype, 'name', qtype)} is not a k-quant type: use one of "
+                          f"{', '.join(t.name for t in KQUANT_TYPES)}")
+    x = np.asarray(rows, dtype=F)
+    if x.ndim != 2 or x.shape[1] % QK_K:
+        raise FormatError(f"k-quants need 2-D rows whose length is a multiple of {QK_K}; got shape "
+                          f"{tuple(np.shape(rows))}: keep this tensor in a 32-weight type (Q8_0, Q5_0 …) or F16")
+    if not np.isfinite(x).all():
+        raise FormatError("the rows to quantize hold NaN or infinite values: fix the weights before exporting")
+    return x.reshape(-1, QK_K)

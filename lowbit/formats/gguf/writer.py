@@ -121,13 +121,15 @@ def tokenizer_metadata(tokenizer: Any) -> dict[str, tuple[Any, GGUFValueType, GG
 def write_gguf(
     model: Any, path: Path | str, ftype: str = "F16", *, tokenizer: Any = None, source: Path | str | None = None,
     overrides: dict[str, str] | None = None, encoder: Encoder | None = None, progress: bool = True,
+    has_imatrix: bool = False, metadata: dict[str, str] | None = None,
 ) -> GGUFSummary:
     """Write ``model`` to ``path`` as GGUF file type ``ftype`` (e.g. ``Q4_K_M``).
 
     ``source``: the GGUF file the model was read from, whose metadata (tokenizer, names) is carried over; otherwise
     ``tokenizer`` (a Hugging Face tokenizer) supplies it. ``overrides``: ``{regex: type}`` per-tensor types.
     ``encoder``: returns the bytes of a tensor a calibrated method quantized itself (or None for the reference
-    encoder).
+    encoder). ``has_imatrix``: the weights were chosen with calibration data (llama.cpp's mixes then differ for
+    Q4_0/Q5_0). ``metadata``: extra string key/values (e.g. how lowbit calibrated).
     """
     from lowbit.formats.gguf.recipes import ModelFacts, tensor_types
 
@@ -137,7 +139,8 @@ def write_gguf(
     kind = file_type(ftype)
     tensors: list[GGUFTensor] = list(gguf_tensors(model))
     facts = ModelFacts.from_config(config, arch)
-    types = tensor_types(ftype, {t.name: tuple(reversed(t.data.shape)) for t in tensors}, facts, overrides)
+    types = tensor_types(ftype, {t.name: tuple(reversed(t.data.shape)) for t in tensors}, facts, overrides,
+                         has_imatrix=has_imatrix)
     unwritable = sorted({types[t.name].name for t in tensors} - {q.name for q in WRITABLE})
     if unwritable:
         raise FormatError(f"llama.cpp's rules for {ftype} pick {', '.join(unwritable)} for some tensors, which lowbit "
@@ -146,6 +149,8 @@ def write_gguf(
     writer = GGUFWriter(str(tmp), arch)
     try:
         _write_metadata(writer, config, arch, kind, tokenizer, source)
+        for key, value in (metadata or {}).items():
+            writer.add_string(key, value)
         summary = GGUFSummary(path, 0)
         for t in tqdm(tensors, desc=f"GGUF {ftype}", unit="tensor", disable=not progress):
             qtype = types[t.name]

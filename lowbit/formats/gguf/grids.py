@@ -1,0 +1,129 @@
+"""GGUF block types as lowbit affine grids: q-param choice apart from rounding apart from packing.
+
+Every GGUF block type stores, per group of ``width`` consecutive weights of a row, numbers that make each code
+``L`` decode to ``(L − zero) · scale`` — llama.cpp's own formulas rewritten in lowbit's convention
+(:class:`lowbit.core.qtensor.QuantizedTensor`):
+
+=======  =====  =====  =====================================  ===========================================
+type     width  bits   llama.cpp decodes                      scale, zero
+=======  =====  =====  =====================================  ===========================================
+Q8_0     32     8      d · q,  q = L − 128                    d, 128
+Q4_0     32     4      d · (L − 8)                            d, 8
+Q5_0     32     5      d · (L − 16)                           d, 16
+Q4_1     32     4      d · L + m                              d, −m / d
+Q5_1     32     5      d · L + m                              d, −m / d
+Q2_K     16     2      d·sc · L − dmin·m                      d·sc, dmin·m / (d·sc)
+Q3_K     16     3      d·(sc − 32) · (L − 4)                  d·(sc − 32), 4
+Q4_K     32     4      d·sc · L − dmin·m                      d·sc, dmin·m / (d·sc)
+Q5_K     32     5      d·sc · L − dmin·m                      d·sc, dmin·m / (d·sc)
+Q6_K     16     6      d·sc · (L − 32)                        d·sc, 32
+=======  =====  =====  =====================================  ===========================================
+
+:func:`gguf_grid` chooses those numbers (the *q-param choice*) for a weight ``[R, C]``:
+
+* k-quants: llama.cpp's own two-level scale search (:func:`~lowbit.formats.gguf.kquants.kquant_grids`), weighted by
+  an importance vector when one is given — the calibration's mean squared activation per input column, i.e.
+  exactly what ``llama-imatrix`` measures (``diag(H) / 2`` for ``H = 2/n · XᵀX``);
+* 32-weight types: llama.cpp's reference rule, or with a Hessian lowbit's output-error clip search
+  (:func:`~lowbit.core.qparams.choose_qparams_weighted`) on the type's grid.
+
+A *rounding* (nearest, or GPTQ in :mod:`lowbit.formats.gguf.calibrated`) then picks codes on the grid, and
+:attr:`GGUFGrid.pack` writes llama.cpp's bytes for those codes with the chosen scales. :data:`APPROX_CONFIG` gives
+each type the closest :class:`QuantConfig`, for searches that need one (AWQ's scale search).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+from lowbit.config import QuantConfig
+from lowbit.core.qparams import choose_qparams_weighted
+from lowbit.errors import FormatError
+from lowbit.formats.gguf.kquants import KQUANT_TYPES, QK_K, kquant_grids
+from lowbit.formats.gguf.legacy import LEGACY_TYPES, as_blocks, choose_params, pack_blocks
+
+Q = GGMLQuantizationType
+
+APPROX_CONFIG: dict[GGMLQuantizationType, QuantConfig] = {
+    Q.Q8_0: QuantConfig(8, True, "group", 32),
+    Q.Q4_0: QuantConfig(4, True, "group", 32),
+    Q.Q5_0: QuantConfig(5, True, "group", 32),
+    Q.Q4_1: QuantConfig(4, False, "group", 32, zero_point="float"),
+    Q.Q5_1: QuantConfig(5, False, "group", 32, zero_point="float"),
+    Q.Q2_K: QuantConfig(2, False, "group", 16, zero_point="float"),
+    Q.Q3_K: QuantConfig(3, True, "group", 16),
+    Q.Q4_K: QuantConfig(4, False, "group", 32, zero_point="float"),
+    Q.Q5_K: QuantConfig(5, False, "group", 32, zero_point="float"),
+    Q.Q6_K: QuantConfig(6, True, "group", 16),
+}
+KQUANT_WIDTH = {Q.Q2_K: 16, Q.Q3_K: 16, Q.Q4_K: 32, Q.Q5_K: 32, Q.Q6_K: 16}
+
+
+@dataclass(frozen=True)
+class GGUFGrid:
+    """Per-group ``scale``, ``zero`` (float32 ``[R, C / width]``, decode ``(L − zero) · scale``) for ``qtype``, and
+    ``pack(codes uint8 [R, C]) → bytes uint8 [R, C / block · type_size]`` with exactly these scales."""
+
+    qtype: GGMLQuantizationType
+    scale: torch.Tensor
+    zero: torch.Tensor
+    width: int
+    pack: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def config(self) -> QuantConfig:
+        """A config with this grid's code range and group width (float zeros: any zero the grid needs)."""
+        return QuantConfig(APPROX_CONFIG[self.qtype].bits, False, "group", self.width, zero_point="float")
+
+
+def gguf_grid(weight: torch.Tensor, qtype: GGMLQuantizationType, hessian: torch.Tensor | None = None) -> GGUFGrid:
+    """Choose the stored q-params of ``qtype`` for ``weight [R, C]`` (``hessian [C, C]``: the layer's input
+    Hessian ``2/n · XᵀX`` for calibrated choice, None for llama.cpp's reference choice)."""
+    w = weight.detach().float().contiguous()
+    if qtype in KQUANT_TYPES:
+        return _kquant_grid(w, qtype, None if hessian is None else torch.diagonal(hessian).numpy() / 2)
+    if qtype in LEGACY_TYPES:
+        return _legacy_grid(w, qtype, hessian)
+    raise FormatError(f"{qtype.name} has no integer grid lowbit can round onto: use a k-quant or a 32-weight type")
+
+
+def _kquant_grid(w: torch.Tensor, qtype: GGMLQuantizationType, importance: np.ndarray | None) -> GGUFGrid:
+    rows, cols = w.shape
+    grids = list(kquant_grids(w.numpy(), qtype, importance))
+    scale, zero = (np.concatenate(parts) for parts in zip(*(g.affine() for _, g in grids)))
+    width = KQUANT_WIDTH[qtype]
+
+    def pack(codes: np.ndarray) -> np.ndarray:
+        blocks = np.asarray(codes, dtype=np.int64).reshape(-1, QK_K)
+        out = [g.pack(blocks[s:s + g.dq.shape[0]]) for s, g in grids]
+        return np.concatenate(out).reshape(rows, -1)
+
+    return GGUFGrid(qtype, torch.from_numpy(scale.reshape(rows, cols // width)),
+                    torch.from_numpy(zero.reshape(rows, cols // width)), width, pack)
+
+
+def _legacy_grid(w: torch.Tensor, qtype: GGMLQuantizationType, hessian: torch.Tensor | None) -> GGUFGrid:
+    t = LEGACY_TYPES[qtype]
+    rows, _ = w.shape
+    blocks = as_blocks(w.numpy())  # checks C % 32
+    if hessian is None:
+        d, m = choose_params(blocks, t)
+    else:
+        s, z = choose_qparams_weighted(w, 32, APPROX_CONFIG[qtype], hessian.float())
+        d = s.reshape(-1).numpy()  # already float16-exact
+        m = (-z * s).reshape(-1).numpy() if t.with_min else None
+    d = d.astype(np.float16).astype(np.float32)  # what the block stores
+    m = None if m is None else m.astype(np.float16).astype(np.float32)
+    live = d != 0  # a zero scale decodes every code to m (or 0): a vanishing scale keeps that value
+    scale = np.where(live, d, np.float32(1e-30)).astype(np.float32)
+    zero = np.full_like(scale, 128 if t.bits == 8 else t.offset) if m is None else (-m / scale).astype(np.float32)
+
+    def pack(codes: np.ndarray) -> np.ndarray:
+        return pack_blocks(np.asarray(codes, dtype=np.uint8).reshape(-1, 32), d, m, t).reshape(rows, -1)
+
+    return GGUFGrid(qtype, torch.from_numpy(scale.reshape(rows, -1)), torch.from_numpy(zero.reshape(rows, -1)), 32, pack)
