@@ -65,3 +65,28 @@ def test_kv_cache_uses_kv_heads(llama70b_config: Path) -> None:
     model = meta_model(llama70b_config)
     assert kv_cache_bytes(model, tokens=1, batch=2, bytes_per_value=2) == 2 * 80 * 8 * 128 * 2 * 2
     assert all(p.device == torch.device("meta") for p in model.parameters())
+
+
+@pytest.mark.parametrize("ftype", ["Q4_0", "Q4_K_M", "Q6_K"])
+def test_planned_gguf_bytes_equal_the_written_files_tensor_data(ftype: str, smollm2_session, tmp_path: Path) -> None:
+    """From config.json alone: the GGUF mix (fallbacks included) sized by gguf-py's table = the tensor bytes of the
+    file lowbit writes."""
+    from gguf import GGUFReader
+
+    from lowbit.formats.gguf.writer import write_gguf
+    from lowbit.plan.memory import gguf_plan
+
+    skeleton = meta_model(_config_folder(smollm2_session, tmp_path))
+    out = tmp_path / f"{ftype}.gguf"
+    write_gguf(smollm2_session.model, out, ftype, source=smollm2_session.source, progress=False)
+    written = sum(int(t.n_bytes) for t in GGUFReader(str(out)).tensors)
+    assert gguf_plan(skeleton, ftype).weight_bytes == written
+
+
+def test_llama2_70b_gguf_rows(llama70b_config: Path) -> None:
+    rows = {r.format: r for r in plan(llama70b_config, tokens=4096)}
+    # published llama-2-70b GGUF file sizes (metadata included): Q4_K_M 41.42 GB, Q8_0 73.29 GB, Q6_K 56.59 GB;
+    # planned tensor data: 41.422, 73.292, 56.587 GB
+    assert 41.35e9 < rows["GGUF Q4_K_M"].weight_bytes <= 41.43e9
+    assert 73.2e9 < rows["GGUF Q8_0"].weight_bytes <= 73.30e9
+    assert 56.5e9 < rows["GGUF Q6_K"].weight_bytes <= 56.6e9

@@ -74,9 +74,16 @@ def save_quantized(loaded: LoadedModel | nn.Module, out: str | Path, overwrite: 
     # One metadata key: safetensors writes its metadata map in hash order, so several keys would make the bytes of
     # two identical saves differ.
     metadata = {"lowbit": json.dumps({"format": "lowbit", "quantization": record, "aliases": aliases}, sort_keys=True)}
+    return write_model_folder(out, overwrite, tensors, metadata, model.config, model, tokenizer)
+
+
+def write_model_folder(out: str | Path, overwrite: bool, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                       config: Any, model: nn.Module, tokenizer: Any) -> Path:
+    """Atomically write a complete model folder: ``model.safetensors`` (with ``metadata``), ``config.json`` from
+    ``config``, the model's generation config and the tokenizer (when there are)."""
     with atomic_folder(out, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata=metadata)
-        model.config.to_json_file(str(tmp / "config.json"))
+        config.to_json_file(str(tmp / "config.json"))
         generation = getattr(model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(tmp)

@@ -28,12 +28,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.config import QuantConfig, QuantRecipe
 from lowbit.errors import FormatError, ModelLoadError
-from lowbit.formats.atomic import atomic_folder
 from lowbit.model.architectures import spec_for
 from lowbit.model.modules import linear_weight, select_layers
 from lowbit.nn.qlinear import QLinear
@@ -201,15 +199,10 @@ def write_export(out: str | Path, overwrite: bool, tensors: dict[str, torch.Tens
     config = copy.deepcopy(model.config)
     config.quantization_config = quant_config
     config.dtype = torch.float16
-    with atomic_folder(out, overwrite) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata=metadata)
-        config.to_json_file(str(tmp / "config.json"))
-        generation = getattr(model, "generation_config", None)
-        if generation is not None:
-            generation.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(out)
+    from lowbit.formats.native import write_model_folder
+
+    return write_model_folder(out, overwrite, {k: v.contiguous() for k, v in tensors.items()}, metadata, config,
+                              model, tokenizer)
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:

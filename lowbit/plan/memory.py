@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from lowbit.config import QuantConfig, QuantRecipe
-from lowbit.errors import ModelLoadError
+from lowbit.errors import FormatError, ModelLoadError
 from lowbit.model.modules import linear_bias, linear_weight, select_layers
 from lowbit.nn.qlinear import QLinear
 
@@ -113,6 +113,31 @@ def activation_bytes(model: torch.nn.Module, tokens: int, batch: int = 1) -> int
     return ACTIVATION_BUFFERS * batch * tokens * width * 4 + batch * c.vocab_size * 4
 
 
+GGUF_CANDIDATES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
+
+
+def gguf_plan(model: torch.nn.Module, ftype: str) -> WeightPlan:
+    """Tensor-data bytes of the GGUF file of type ``ftype`` lowbit (and llama-quantize) would write: the same name
+    map, mix and fallbacks as the writer, each tensor sized by gguf-py's ``GGML_QUANT_SIZES`` (F32 for norms)."""
+    from lowbit.formats.gguf.convert import gguf_arch, gguf_name_map
+    from lowbit.formats.gguf.recipes import ModelFacts, tensor_types
+    from lowbit.formats.gguf.writer import tensor_bytes
+
+    config = model.config
+    name_of = gguf_name_map(config)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for pname, param in model.named_parameters():
+        if not (tied and pname.startswith("lm_head.")):
+            shapes[name_of(pname)] = tuple(reversed(param.shape))  # GGUF ne order: row length first
+    types = tensor_types(ftype, shapes, ModelFacts.from_config(config, gguf_arch(config.model_type)))
+    total = sum(tensor_bytes(tuple(reversed(shape)), types[name]) for name, shape in shapes.items())
+    params = sum(int(torch.tensor(shape).prod()) for shape in shapes.values())
+    quantized = sum(int(torch.tensor(shape).prod()) for name, shape in shapes.items() if types[name].name not in
+                    ("F32", "F16", "BF16"))
+    return WeightPlan(f"GGUF {ftype}", quantized, params, total)
+
+
 @dataclass(frozen=True)
 class PlanRow:
     format: str
@@ -136,4 +161,12 @@ def plan(source: str | Path, tokens: int = 4096, batch: int = 1, budget_gb: floa
         peak = wp.weight_bytes + kv + act
         fits = None if budget_gb is None else peak <= budget_gb * 1e9
         rows.append(PlanRow(name, wp.weight_bytes, wp.bits_per_param, kv, peak, fits))
+    for ftype in GGUF_CANDIDATES:
+        try:
+            wp = gguf_plan(model, ftype)
+        except FormatError:  # an architecture GGUF (or gguf-py) does not know: no GGUF rows
+            break
+        peak = wp.weight_bytes + kv + act
+        fits = None if budget_gb is None else peak <= budget_gb * 1e9
+        rows.append(PlanRow(wp.name, wp.weight_bytes, wp.bits_per_param, kv, peak, fits))
     return rows
