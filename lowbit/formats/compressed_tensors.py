@@ -21,6 +21,15 @@ signed zero point 0), which is lowbit's convention too. ``config.json`` carries 
 group per distinct layer config (``targets: ["Linear"]`` when there is one, the layers' exact names when there are
 several) and an ``ignore`` list of every ``nn.Linear`` left in float (``lm_head`` …).
 
+Asymmetric checkpoints also carry ``"dequantize": true``, a transformers loading attribute (``CompressedTensorsConfig``
+reads it from ``config.json``; vLLM and compressed-tensors' schema ignore it): transformers 5.24 + compressed-tensors
+0.20 build the compressed skeleton with ``weight_zero_point`` in its *unpacked* shape ``[N, G]`` (the ``meta`` branch
+of ``PackedQuantizationCompressor.compress`` never packs it) and then refuse the packed ``[ceil(N·b/32), G]`` tensor
+that compressed-tensors itself writes and vLLM expects. With the flag a plain ``from_pretrained(dir)`` decompresses
+the tensors while loading instead, so they keep the exact llm-compressor / vLLM layout. (Storing the zero points
+unpacked is no way out: as int8 the decompressor refuses them, ``unpack_from_int32`` wants int32; as int32 it reads
+them as packed words.)
+
 The ``compressed-tensors`` package is optional: lowbit writes and reads this layout itself and, when the package is
 installed, validates the config with its own schema (``QuantizationConfig``).
 """
@@ -81,6 +90,8 @@ def quantization_config(groups: list[tuple[QuantConfig, list[str]]], ignore: lis
               "format": "pack-quantized", "quantization_status": "compressed", "global_compression_ratio": None,
               "ignore": ignore}
     _validate_with_package(config)
+    if any(not cfg.symmetric for cfg, _ in groups):
+        config["dequantize"] = True  # lets plain transformers load packed zero points (see the module docstring)
     return config
 
 

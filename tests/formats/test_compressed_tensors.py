@@ -7,10 +7,11 @@ Tolerances (logits of SmolLM2 with block 0 GPTQ-quantized, |logit| up to ~35):
 * ``from_pretrained(dir, dtype=float32)`` (transformers decompresses with its own code, scales upcast to float32):
   identical to lowbit's forward up to 1e-4 (measured: 0.0).
 * asymmetric layers: transformers 5.24 + compressed-tensors 0.20 cannot load *any* asymmetric pack-quantized
-  checkpoint without ``dequantize=True`` (its skeleton gives ``weight_zero_point`` the unpacked shape ``[N, G]`` and
+  checkpoint through the compressed route (its skeleton gives ``weight_zero_point`` the unpacked shape ``[N, G]`` and
   rejects the packed ``[N·b/32, G]`` that compressed-tensors itself writes: "You set `ignore_mismatched_sizes` to
-  `False`"). With ``CompressedTensorsConfig(dequantize=True)`` it dequantizes in float16, so each weight is lowbit's
-  rounded once to float16 (checked per weight) and logits differ by ≤ 0.1 (measured 0.012–0.031).
+  `False`"), so asymmetric exports carry ``"dequantize": true`` in their ``quantization_config`` and plain
+  ``from_pretrained(dir)`` dequantizes while loading, in float16: each weight is lowbit's rounded once to float16
+  (checked per weight) and logits differ by ≤ 0.1 (measured 0.012–0.031; tiny model ≤ 1e-3, measured 1.5e-4).
 * plain ``from_pretrained(dir)`` runs in the config's float16: logits within 0.5 (measured 0.09–0.19, float16
   compute), ≥ 95 % same top-1 token (measured 97.9–100 % of 48).
 """
@@ -105,20 +106,16 @@ def test_smollm2_gptq_export_loads_in_transformers(smollm2_session, tmp_path: Pa
     assert len(qc["ignore"]) == 1 + 29 * 7  # lm_head and the linears of blocks 1–29 stay float
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
 
+    assert qc.get("dequantize", False) is not sym  # asymmetric: transformers must dequantize (module docstring)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     if sym:
-        hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
         assert (logits(hf) - ref).abs().max() <= 1e-4
-        plain = AutoModelForCausalLM.from_pretrained(out)  # the config's float16
     else:
-        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # upstream: see the module docstring
-            AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-        dequantize = CompressedTensorsConfig(dequantize=True)
-        hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, quantization_config=dequantize)
         w = lm.model.model.layers[0].mlp.down_proj.quantized_tensor().dequantize()
         w_hf = hf.model.layers[0].mlp.down_proj.weight.detach()
         assert torch.equal(w_hf, w.half().float())
         assert (logits(hf) - ref).abs().max() <= 0.1
-        plain = AutoModelForCausalLM.from_pretrained(out, quantization_config=dequantize)
+    plain = AutoModelForCausalLM.from_pretrained(out)  # the config's float16
     assert plain.dtype == torch.float16
     got = logits(plain)
     assert (got - ref).abs().max() <= 0.5
@@ -154,6 +151,26 @@ def test_mixed_precision_writes_one_config_group_per_config(tmp_path: Path) -> N
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert (logits(hf, ids) - logits(model, ids)).abs().max() <= 1e-5
     assert assert_same_quantized_layers(model, load_model(out).model) == 12
+
+
+def test_asymmetric_export_loads_with_plain_from_pretrained(tmp_path: Path) -> None:
+    """The zero points stay packed exactly as compressed-tensors (and vLLM) lay them out; ``"dequantize": true``
+    is what lets plain transformers load them, the compressed route still cannot (upstream, module docstring)."""
+    model = make_tiny("llama")
+    quantize_model(model, QuantRecipe(QuantConfig(bits=4, group_size=32)), progress=False)
+    out = export_compressed_tensors(LoadedModel(model, None, "tiny", "lowbit"), tmp_path / "ct")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["dequantize"] is True and qc["config_groups"]["group_0"]["weights"]["symmetric"] is False
+    zero_point = load_file(out / "model.safetensors")["model.layers.0.self_attn.q_proj.weight_zero_point"]
+    assert zero_point.dtype == torch.int32 and tuple(zero_point.shape) == (64 * 4 // 32, 64 // 32)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    w = model.model.layers[0].self_attn.q_proj.quantized_tensor().dequantize()
+    assert torch.equal(hf.model.layers[0].self_attn.q_proj.weight.detach(), w.half().float())
+    assert (logits(hf, ids) - logits(model, ids)).abs().max() <= 1e-3
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # the upstream issue the flag works around
+        AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                             quantization_config=CompressedTensorsConfig(dequantize=False))
 
 
 # ------------------------------------------------------------------------------- settings the format refuses
