@@ -183,7 +183,12 @@ def render(rows: list[dict], info: dict) -> None:
     intro = (__doc__.split("\n\n")[0] + "\n\n" + "Calibration for lowbit: 64 seeded windows × 512 tokens of "
              "wikitext2_valid_unk.txt; llama-imatrix read the whole file in 512-token chunks. Eval: first 20,480 tokens "
              "of wikitext2_test_joined.txt, 10 × 2048, no BOS, every file evaluated by the same code (lowbit's forward "
-             "of the decoded weights) against fp32 logits. Quantize times ran on a shared 2-core machine: indicative only.")
+             "of the decoded weights) against fp32 logits. Quantize times ran on a shared 2-core machine: indicative only "
+             "(Q4_0 and Q4_K_M lowbit rows ran beside the test suite; Q3_K_M and Q5_K_M alone). Q5_K_M caveat, "
+             "specific to this model: SmolLM2's weights come from a Q4_1 file (they lie on a 4-bit g32 asymmetric grid); "
+             "its 576-wide tensors fall back Q5_K → Q5_1, and llama.cpp's imatrix-weighted Q5_1 search finds a step of "
+             "d/2 that contains that grid exactly (KL 0.002), which lowbit's Hessian clip search does not look for — "
+             "lowbit loses that row (0.022).")
     tables = [("Results", "\n".join(lines))]
     if info.get("export_sizes"):
         sizes = ["| file | setting | bytes |", "|---|---|---|"]
