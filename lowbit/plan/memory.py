@@ -119,17 +119,12 @@ GGUF_CANDIDATES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
 def gguf_plan(model: torch.nn.Module, ftype: str) -> WeightPlan:
     """Tensor-data bytes of the GGUF file of type ``ftype`` lowbit (and llama-quantize) would write: the same name
     map, mix and fallbacks as the writer, each tensor sized by gguf-py's ``GGML_QUANT_SIZES`` (F32 for norms)."""
-    from lowbit.formats.gguf.convert import gguf_arch, gguf_name_map
+    from lowbit.formats.gguf.convert import gguf_arch, gguf_shapes
     from lowbit.formats.gguf.recipes import ModelFacts, tensor_types
     from lowbit.formats.gguf.writer import tensor_bytes
 
     config = model.config
-    name_of = gguf_name_map(config)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    shapes: dict[str, tuple[int, ...]] = {}
-    for pname, param in model.named_parameters():
-        if not (tied and pname.startswith("lm_head.")):
-            shapes[name_of(pname)] = tuple(reversed(param.shape))  # GGUF ne order: row length first
+    shapes = gguf_shapes(model)
     types = tensor_types(ftype, shapes, ModelFacts.from_config(config, gguf_arch(config.model_type)))
     total = sum(tensor_bytes(tuple(reversed(shape)), types[name]) for name, shape in shapes.items())
     params = sum(int(torch.tensor(shape).prod()) for shape in shapes.values())

@@ -37,9 +37,9 @@ from transformers.pytorch_utils import Conv1D
 from lowbit.calib.data import CalibConfig
 from lowbit.calib.stats import InputStats
 from lowbit.config import QuantRecipe
-from lowbit.core.qparams import fake_quantize_groups
+from lowbit.core.qparams import expand_groups, fake_quantize_groups
 from lowbit.errors import ConfigError
-from lowbit.formats.gguf.convert import gguf_arch, gguf_name_map, gguf_tensors, to_gguf_layout
+from lowbit.formats.gguf.convert import gguf_arch, gguf_name_map, gguf_shapes, to_gguf_layout
 from lowbit.formats.gguf.grids import APPROX_CONFIG, gguf_grid
 from lowbit.formats.gguf.kquants import KQUANT_TYPES, quantize_kquant
 from lowbit.formats.gguf.recipes import ModelFacts, tensor_types
@@ -78,7 +78,9 @@ def quantize_gguf_weight(
             qt = gptq_quantize(w, hessian, grid.config, replace(method.gptq, act_order=True),
                                lambda _view, _width, _cfg: (grid.scale, grid.zero))
             gptq_codes = qt.codes().float()
-            gptq_decoded = (gptq_codes - _per_column(grid.zero, grid.width)) * _per_column(grid.scale, grid.width)
+            cols = w.shape[1]
+            gptq_decoded = ((gptq_codes - expand_groups(grid.zero, cols, grid.width))
+                            * expand_groups(grid.scale, cols, grid.width))
             # GPTQ's error feedback can lose to nearest rounding on some grids (measured: 4-bit k-quant sub-blocks
             # whose min-fitted range leaves no room for the feedback, ~1 % gain or a loss): keep whichever rounding
             # has the lower calibration output error tr(D·H·Dᵀ).
@@ -88,10 +90,6 @@ def quantize_gguf_weight(
                 log.debug("GGUF %s: nearest rounding beat GPTQ on the calibration data; kept nearest", qtype.name)
         data = grid.pack(codes.numpy().astype(np.int64))
     return data, torch.from_numpy(dequantize(data, qtype).reshape(w.shape).astype(np.float32))
-
-
-def _per_column(per_group: torch.Tensor, width: int) -> torch.Tensor:
-    return per_group.repeat_interleave(width, dim=1)
 
 
 def _output_error(w: torch.Tensor, decoded: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -129,7 +127,7 @@ def quantize_to_gguf(
     calib = calib or CalibConfig()
     config = model.config
     name_of = gguf_name_map(config)
-    shapes = {t.name: tuple(reversed(t.data.shape)) for t in gguf_tensors(model)}
+    shapes = gguf_shapes(model)
     types = tensor_types(ftype, shapes, ModelFacts.from_config(config, gguf_arch(config.model_type)), overrides,
                          has_imatrix=True)
     spec = spec_for(model)

@@ -98,26 +98,36 @@ def gguf_tensors(model: torch.nn.Module) -> Iterator[GGUFTensor]:
     A tied output projection is skipped (GGUF files reuse ``token_embd`` when ``output`` is absent).
     """
     config = model.config
-    name_of = gguf_name_map(config)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    for hf_name, tensor in _float_state(model):
-        if tied and hf_name.startswith("lm_head."):
-            continue
-        name = name_of(hf_name)
+    for name, tensor in _gguf_state(model, materialize=True):
         yield GGUFTensor(name, to_gguf_layout(name, tensor.numpy().astype(np.float32), config))
 
 
-def _float_state(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def gguf_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """``{GGUF name: ne shape}`` (row length first) of the tensors :func:`gguf_tensors` yields, without computing
+    any of them (works on a meta-device model)."""
+    return {name: tuple(reversed(t.shape)) for name, t in _gguf_state(model, materialize=False)}
+
+
+def _gguf_state(model: torch.nn.Module, materialize: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(GGUF name, tensor)`` for every stored tensor (tied ``lm_head`` skipped); quantized layers are dequantized
+    to float32 when ``materialize``, else stand in as meta tensors of their shape."""
     from lowbit.nn.qlinear import QLinear
 
+    config = model.config
+    name_of = gguf_name_map(config)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QLinear)}
+    state: list[tuple[str, torch.Tensor]] = []
     for name, module in quantized.items():
-        yield f"{name}.weight", module.quantized_tensor().dequantize().float()
+        shape = (module.out_features, module.in_features)
+        weight = module.quantized_tensor().dequantize() if materialize else torch.empty(shape, device="meta")
+        state.append((f"{name}.weight", weight))
         if module.bias is not None:
-            yield f"{name}.bias", module.bias.detach().float()
-    for name, tensor in model.state_dict().items():
-        if name.rsplit(".", 1)[0] not in quantized:
-            yield name, tensor.detach().float()
+            state.append((f"{name}.bias", module.bias.detach()))
+    state += [(n, t.detach()) for n, t in model.state_dict().items() if n.rsplit(".", 1)[0] not in quantized]
+    for hf_name, tensor in state:
+        if not (tied and hf_name.startswith("lm_head.")):
+            yield name_of(hf_name), tensor.float() if materialize else tensor
 
 
 def hyperparameters(config: Any) -> dict[str, Any]:
