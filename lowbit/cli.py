@@ -6,6 +6,9 @@
     lowbit plan CONFIG_OR_MODEL [--tokens 4096] [--fits GB]
     lowbit export MODEL --format gguf --type Q4_K_M --out FILE [--tensor-type REGEX=TYPE]
     lowbit export QUANTIZED_DIR --format compressed-tensors|gptq --out DIR
+    lowbit quantize MODEL --out DIR --target-bpw 3.5 | --max-size 60MB    (mixed precision)
+    lowbit sensitivity MODEL [--candidates 3g128,4g128,8pc] [--json FILE]
+    lowbit report MODEL --out report.html
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from lowbit import cli_mixed
 from lowbit.errors import LowbitError
 from lowbit.methods.method import METHOD_NAMES
 
@@ -30,6 +34,14 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=8192, help="evaluate the first N tokens (default 8192; 0 = all)")
     p.add_argument("--bos", action="store_true", help="put the BOS token before every window (default: none)")
     p.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
+
+
+def _add_calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", help="calibration text file (UTF-8); default: lowbit's built-in calibration text")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian damping, fraction of its mean diagonal")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,13 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="rtn", choices=[*METHOD_NAMES, "imatrix"],
                    help="rtn, hqq (data-free); gptq, awq, awq+gptq, hqq+gptq (calibrated); imatrix (--format gguf: "
                         "importance-weighted k-quant search, as llama.cpp's imatrix). Default rtn")
-    q.add_argument("--calib", help="calibration text file (UTF-8); default: lowbit's built-in calibration text")
-    q.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    q.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    q.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
+    _add_calib_args(q)
     q.add_argument("--no-act-order", action="store_true",
                    help="GPTQ: quantize columns left to right instead of by decreasing Hessian diagonal (act-order)")
-    q.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian damping, fraction of its mean diagonal")
     q.add_argument("--no-clip", action="store_true",
                    help="calibrated methods: keep the --qparams rule instead of the Hessian-weighted clip search")
     q.add_argument("--bits", type=int, default=4, help="bits per weight, 2–8 (default 4)")
@@ -74,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="storage dtype of the layers left in float (default float16)")
     q.add_argument("--no-eval", action="store_true", help="skip the evaluation after quantizing")
+    cli_mixed.add_mixed_args(q)
     _add_eval_args(q)
 
     e = sub.add_parser("eval", help="perplexity of a model; KL and top-1 agreement with --compare-to")
@@ -101,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences decoded at once (default 1)")
     p.add_argument("--fits", type=float, metavar="GB", help="memory budget in GB (10^9 bytes)")
     p.add_argument("--json", dest="json_out", help="also write the plan as JSON to this file")
+    cli_mixed.add_subcommands(sub, _add_calib_args, _add_eval_args)
     return parser
 
 
@@ -164,6 +174,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.methods.method import ClipConfig, MethodConfig
 
+    mixed = cli_mixed.wants_mixed(args)
+    if mixed:
+        cli_mixed.check_mixed_args(args)  # e.g. --format gguf/gptq cannot hold a per-layer mix
     if args.format == "gguf":
         return _quantize_gguf(args)
     if args.method == "imatrix":
@@ -178,6 +191,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if not args.no_eval:
         _protocol(args)  # validate before the expensive work
     loaded = load_model(args.model)
+    plan = cli_mixed.mixed_plan(loaded, recipe, method, args) if mixed else None
+    if plan is not None:
+        recipe = plan.recipe
     if args.format != "lowbit":
         from lowbit.formats.serving import check_recipe
 
@@ -200,9 +216,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     size = size_report(loaded.model)
     extra = [("method", f"{method.name}, {recipe.default.describe()}"), ("quantize time", f"{summary.seconds:.1f} s")]
     extra += [("calibration", calib_note)] if calib_note else []
+    extra += cli_mixed.mixed_summary(plan) if plan else []
     _print_results(f"{args.model} → {out}", evaluation, size, extra)
     _write_json(args.json_out, {"method": method.name, "config": recipe.default.to_dict(), "calibration": calib_note,
-                                "quantize_seconds": summary.seconds, "evaluation": evaluation, "size": size.to_dict()})
+                                "quantize_seconds": summary.seconds, "evaluation": evaluation, "size": size.to_dict(),
+                                "mixed_precision": plan.allocation.to_dict() if plan else None})
     return 0
 
 
@@ -341,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     commands = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "plan": cmd_plan,
-                "export": cmd_export}
+                "export": cmd_export, "sensitivity": cli_mixed.cmd_sensitivity, "report": cli_mixed.cmd_report}
     try:
         return commands[args.command](args)
     except LowbitError as exc:

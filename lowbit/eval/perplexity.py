@@ -80,6 +80,25 @@ def _inputs(window: torch.Tensor, bos_id: int | None) -> tuple[torch.Tensor, sli
     return torch.cat([torch.tensor([bos_id]), window]).unsqueeze(0), slice(0, window.numel())
 
 
+def _bos_id(protocol: EvalProtocol, tokenizer: Any) -> int | None:
+    if not protocol.add_bos:
+        return None
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        raise TextError("this tokenizer has no BOS token: evaluate without --bos")
+    return bos_id
+
+
+@torch.no_grad()
+def reference_logits(model: nn.Module, windows: torch.Tensor, protocol: EvalProtocol, tokenizer: Any = None,
+                     ) -> Callable[[int], torch.Tensor]:
+    """The ``reference`` :func:`evaluate` takes, computed once: ``model``'s logits for every window, in memory
+    (``windows × seqlen × vocab`` float32), so many quantized variants can be compared with one original."""
+    bos_id = _bos_id(protocol, tokenizer)
+    logits = [model(_inputs(window, bos_id)[0]).logits[0].float() for window in windows]
+    return logits.__getitem__
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -94,11 +113,7 @@ def evaluate(
     ``reference`` is the original model, or a function returning its logits ``[T, vocab]`` for window ``i``
     (precomputed, e.g. by a benchmark that compares many models with one reference).
     """
-    bos_id = None
-    if protocol.add_bos:
-        bos_id = getattr(tokenizer, "bos_token_id", None)
-        if bos_id is None:
-            raise TextError("this tokenizer has no BOS token: evaluate without --bos")
+    bos_id = _bos_id(protocol, tokenizer)
     nll_sum, ref_nll_sum, kl_sum, agree, scored = 0.0, 0.0, 0.0, 0, 0
     for index, window in enumerate(tqdm(windows, desc="evaluating", unit="window", disable=not progress)):
         ids, positions = _inputs(window, bos_id)

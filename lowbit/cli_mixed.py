@@ -1,0 +1,240 @@
+"""CLI pieces that choose for the user: mixed precision under a budget, ``lowbit sensitivity``, ``lowbit report``.
+
+Kept apart from :mod:`lowbit.cli` (which wires them in) so each file stays readable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+from typing import Any
+
+log = logging.getLogger("lowbit")
+DEFAULT_SENSITIVITY_SAMPLES = 32
+
+
+def add_candidate_args(p: argparse.ArgumentParser) -> None:
+    from lowbit.plan.candidates import DEFAULT_CANDIDATES
+
+    p.add_argument("--candidates", default=DEFAULT_CANDIDATES,
+                   help=f"formats a layer may get, e.g. 3g128,4g64sym,8pc,fp16 (default {DEFAULT_CANDIDATES})")
+    p.add_argument("--sensitivity-samples", type=int, default=DEFAULT_SENSITIVITY_SAMPLES,
+                   help=f"calibration windows (of --calib-seqlen tokens) for the sensitivity scores (default "
+                        f"{DEFAULT_SENSITIVITY_SAMPLES}; one forward + backward each)")
+
+
+def add_mixed_args(p: argparse.ArgumentParser) -> None:
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--target-bpw", type=float, metavar="BITS",
+                        help="mixed precision: average bits per quantized weight (scales and zeros included); each "
+                             "layer gets the candidate format that minimises the estimated KL under this budget")
+    budget.add_argument("--max-size", metavar="SIZE",
+                        help="mixed precision: the whole checkpoint's tensor bytes at most SIZE (e.g. 60MB, 1.5GB)")
+    add_candidate_args(p)
+    p.add_argument("--sensitivity", metavar="FILE",
+                   help="reuse a sensitivity table written by `lowbit sensitivity --json` (same model and candidates)")
+
+
+def wants_mixed(args: argparse.Namespace) -> bool:
+    return args.target_bpw is not None or args.max_size is not None
+
+
+def check_mixed_args(args: argparse.Namespace) -> None:
+    """Validate the mixed-precision flags before any expensive work."""
+    from lowbit.errors import ConfigError
+    from lowbit.plan.allocate import check_mixed_format, parse_size
+    from lowbit.plan.candidates import parse_candidates
+
+    check_mixed_format(args.format)
+    parse_candidates(args.candidates)
+    if args.max_size is not None:
+        parse_size(args.max_size)
+    if args.sensitivity_samples < 1:
+        raise ConfigError("--sensitivity-samples must be at least 1")
+
+
+def sensitivity_ids(loaded: Any, args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """Calibration token ids for the sensitivity scores, their config and a description."""
+    from lowbit.calib.data import CalibConfig, calibration_ids
+    from lowbit.data.text import read_text
+
+    calib = CalibConfig(samples=args.sensitivity_samples, seqlen=args.calib_seqlen, seed=args.seed)
+    text, source = read_text(args.calib, "calib")
+    return calibration_ids(loaded.tokenizer, text, calib), calib, f"{calib.describe()} from {source}"
+
+
+def load_table(path: str, candidates: Any) -> Any:
+    import json
+    from pathlib import Path
+
+    from lowbit.errors import ConfigError, FormatError
+    from lowbit.plan.sensitivity import SensitivityTable
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FormatError(f"cannot read the sensitivity table {path} ({exc}): write it with `lowbit sensitivity "
+                          "MODEL --json FILE`") from exc
+    table = SensitivityTable.from_dict(data.get("sensitivity", data))
+    if [c.name for c in table.candidates] != [c.name for c in candidates]:
+        raise ConfigError(f"{path} scores candidates {[c.name for c in table.candidates]}, not --candidates "
+                          f"{[c.name for c in candidates]}: pass the same --candidates or recompute the table")
+    return table
+
+
+def mixed_plan(loaded: Any, recipe: Any, method: Any, args: argparse.Namespace) -> Any:
+    """Sensitivity (or ``--sensitivity FILE``) → allocation under ``--target-bpw`` / ``--max-size``."""
+    from lowbit.calib.data import CalibConfig
+    from lowbit.plan.allocate import parse_size
+    from lowbit.plan.candidates import parse_candidates
+    from lowbit.plan.mixed import plan_mixed
+
+    candidates = parse_candidates(args.candidates)
+    table, ids, calib = None, None, None
+    if args.sensitivity:
+        table = load_table(args.sensitivity, candidates)
+    else:
+        ids, calib, note = sensitivity_ids(loaded, args)
+        log.info("sensitivity: %d candidate formats scored on %s", len(candidates), note)
+    max_bytes = None if args.max_size is None else parse_size(args.max_size)
+    return plan_mixed(loaded.model, recipe, candidates, ids, args.target_bpw, max_bytes, calib or CalibConfig(),
+                      method, args.format, args.float_dtype, table)
+
+
+def sensitivity_rows(table: Any, top: int) -> tuple[list[str], list[tuple]]:
+    """Markdown rows: the ``top`` most sensitive layers (by their summed estimated KL over candidates)."""
+    order = sorted(range(len(table.layers)), key=lambda i: -sum(table.kl[i]))[:top]
+    headers = ["layer", "shape", *[c.name for c in table.candidates]]
+    rows = [(table.layers[i], "×".join(map(str, table.shapes[i])), *[f"{v:.2e}" for v in table.kl[i]])
+            for i in order]
+    return headers, rows
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from lowbit.config import QuantRecipe
+    from lowbit.methods.gptq import GPTQConfig
+    from lowbit.methods.method import MethodConfig
+    from lowbit.model.loading import load_model
+    from lowbit.plan.candidates import parse_candidates
+    from lowbit.plan.sensitivity import sensitivity_table
+    from lowbit.report import markdown_table
+
+    candidates = parse_candidates(args.candidates)
+    method = MethodConfig.parse(args.method, gptq=GPTQConfig(damp=args.damp))
+    loaded = load_model(args.model)
+    ids, calib, note = sensitivity_ids(loaded, args)
+    recipe = QuantRecipe(include=tuple(args.include), exclude=tuple(args.exclude))
+    table = sensitivity_table(loaded.model, recipe, candidates, ids, calib, method, args.float_dtype)
+    table.calibration = note
+    headers, rows = sensitivity_rows(table, args.top)
+    print(f"\nestimated KL (nats/token) of quantizing each layer alone — {args.top} most sensitive of "
+          f"{len(table.layers)}, calibration {note}, {method.rounding} rounding\n" + markdown_table(headers, rows))
+    if args.json_out:
+        table.save(args.json_out)
+        print(f"\nwrote the full table to {args.json_out} (reuse: lowbit quantize … --sensitivity {args.json_out})")
+    return 0
+
+
+def mixed_summary(plan: Any) -> list[tuple[str, Any]]:
+    a = plan.allocation
+    return [("mixed precision", a.describe()), ("predicted KL (sum of layer proxies)", a.predicted_kl)]
+
+
+def evaluate_copy(model: Any, recipe: Any, method: Any, calib_ids: Any, calib: Any, windows: Any, protocol: Any,
+                  reference: Any, float_dtype: str) -> tuple[Any, Any]:
+    """Quantize a deep copy of ``model`` with ``recipe`` and evaluate it against ``reference`` logits."""
+    from lowbit.eval.perplexity import evaluate
+    from lowbit.eval.size import size_report
+    from lowbit.quantize import quantize_model
+
+    work = copy.deepcopy(model)
+    quantize_model(work, recipe, method=method, calib_ids=calib_ids, calib=calib, float_dtype=float_dtype,
+                   progress=False)
+    result = evaluate(work, windows, protocol, reference=reference, progress=False)
+    return result, size_report(work)
+
+
+def add_subcommands(sub: Any, add_calib_args: Any, add_eval_args: Any) -> None:
+    """``lowbit sensitivity`` and ``lowbit report``."""
+    from lowbit.methods.method import METHOD_NAMES
+
+    s = sub.add_parser("sensitivity", help="estimated KL of quantizing each layer alone, per candidate format")
+    s.add_argument("model", help="model folder, .gguf file, or a named default (smollm2-135m)")
+    s.add_argument("--method", default="rtn", choices=["rtn", "hqq", "gptq"],
+                   help="rounding the scores assume: rtn/hqq (nearest) or gptq (default rtn)")
+    s.add_argument("--include", action="append", default=[], metavar="GLOB", help="only score layers matching")
+    s.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never score layers matching")
+    s.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    s.add_argument("--top", type=int, default=20, help="print the N most sensitive layers (default 20)")
+    s.add_argument("--json", dest="json_out", help="write the whole table (reusable with quantize --sensitivity)")
+    add_candidate_args(s)
+    add_calib_args(s)
+
+    r = sub.add_parser("report", help="sweep uniform and mixed-precision settings; write one HTML page")
+    r.add_argument("model", help="model folder, .gguf file, or a named default (smollm2-135m)")
+    r.add_argument("--out", required=True, help="the HTML file to write (a JSON of the data is written beside it)")
+    r.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    r.add_argument("--method", default="rtn", choices=list(METHOD_NAMES), help="quantization method (default rtn)")
+    r.add_argument("--uniform", default="8pc,6g128,4g64,4g128,3g64,3g128,2g32",
+                   help="uniform settings to try (candidate names; default 8pc,6g128,4g64,4g128,3g64,3g128,2g32)")
+    r.add_argument("--bpw", default="3,3.5,4,4.5,5",
+                   help="mixed-precision budgets to try, bits per quantized weight (default 3,3.5,4,4.5,5)")
+    r.add_argument("--max-kl", type=float, default=0.05,
+                   help="recommend the smallest configuration whose KL stays within this (nats/token, default 0.05)")
+    r.add_argument("--include", action="append", default=[], metavar="GLOB", help="only quantize layers matching")
+    r.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never quantize layers matching")
+    r.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    add_candidate_args(r)
+    add_calib_args(r)
+    add_eval_args(r)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from lowbit.calib.data import CalibConfig, calibration_ids
+    from lowbit.config import QuantRecipe
+    from lowbit.data.text import read_text
+    from lowbit.errors import ConfigError
+    from lowbit.eval.perplexity import EvalProtocol, token_windows
+    from lowbit.eval.report_page import recommendation, write_report
+    from lowbit.eval.sweep import SweepConfig, SweepData, run_sweep
+    from lowbit.formats.atomic import check_output
+    from lowbit.methods.gptq import GPTQConfig
+    from lowbit.methods.method import MethodConfig
+    from lowbit.model.loading import load_model
+    from lowbit.plan.candidates import parse_candidates
+
+    try:
+        bpws = tuple(float(b) for b in args.bpw.split(",") if b.strip())
+    except ValueError as exc:
+        raise ConfigError(f"--bpw {args.bpw!r}: write bits per weight separated by commas, e.g. 3,3.5,4") from exc
+    uniform = parse_candidates(args.uniform) if args.uniform.strip() else ()
+    sweep = SweepConfig(uniform, bpws, parse_candidates(args.candidates),
+                        MethodConfig.parse(args.method, gptq=GPTQConfig(damp=args.damp)), args.float_dtype, args.max_kl)
+    if not uniform and not bpws:
+        raise ConfigError("nothing to try: give --uniform settings and/or --bpw budgets")
+    protocol = EvalProtocol(seqlen=args.seqlen, max_tokens=args.max_tokens or None, add_bos=args.bos)
+    check_output(args.out, args.overwrite)
+    loaded = load_model(args.model)
+    text, source = read_text(args.text, "eval")
+    windows = token_windows(loaded.tokenizer, text, protocol)
+    calib_text, _ = read_text(args.calib, "calib")
+    sens_calib = CalibConfig(samples=args.sensitivity_samples, seqlen=args.calib_seqlen, seed=args.seed)
+    calib = CalibConfig(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed)
+    data = SweepData(calibration_ids(loaded.tokenizer, calib_text, calib) if sweep.method.needs_calibration else None,
+                     calib, calibration_ids(loaded.tokenizer, calib_text, sens_calib), sens_calib, windows, protocol)
+    base = QuantRecipe(include=tuple(args.include), exclude=tuple(args.exclude))
+    report = run_sweep(loaded, base, sweep, data, f"{source} ({windows.shape[0]} × {protocol.seqlen} tokens)")
+    out = write_report(args.out, report, overwrite=args.overwrite)
+    Path(str(out) + ".json").write_text(json.dumps(_report_json(report), indent=2))
+    print(f"wrote {out}\n{recommendation(report)}")
+    return 0
+
+
+def _report_json(report: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(report)

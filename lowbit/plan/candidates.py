@@ -1,0 +1,93 @@
+"""Candidate formats for mixed precision: what one linear layer may be stored as, and what that costs in bytes.
+
+A candidate is a :class:`QuantConfig` (lowbit's packed codes + float16 scales + zeros) or ``None`` for "keep this
+layer in float" (stored at the checkpoint's float dtype). Its bytes for a ``[out, in]`` weight come from the same
+:class:`QLinear` field shapes the writer stores, so an allocation's predicted bytes are the bytes written.
+
+Short names (CLI ``--candidates``), one per candidate::
+
+    3g128      3-bit, groups of 128 along each row, asymmetric (integer zero points)
+    4g64sym    4-bit, groups of 64, symmetric (no zero points)
+    8pc        8-bit, one scale per output row (per-channel), asymmetric
+    8pcsym     … symmetric
+    fp16       keep the layer in float (the checkpoint's float dtype)
+
+The default ladder spans 2 to 16 bits per weight in small steps, asymmetric (lowbit's default): where a layer is
+cheap to quantize the allocator may go down to 2 bits; where it is sensitive, up to 8 bits or float.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from lowbit.config import QuantConfig
+from lowbit.errors import ConfigError
+
+FLOAT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+_NAME = re.compile(r"^(?P<bits>[2-8])(?:g(?P<group>\d+)|(?P<pc>pc))(?P<sym>sym)?$")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One storage choice for a layer: ``config`` (quantized) or ``None`` (kept in float)."""
+
+    name: str
+    config: QuantConfig | None
+
+    @property
+    def is_float(self) -> bool:
+        return self.config is None
+
+    def weight_bytes(self, out_features: int, in_features: int, float_dtype: str = "float16") -> int:
+        """Bytes the checkpoint stores for this ``[out, in]`` weight (codes, scales, zeros; bias not included)."""
+        if self.config is None:
+            return out_features * in_features * FLOAT_BYTES[float_dtype]
+        return _quantized_bytes(out_features, in_features, self.config)
+
+    def bits_per_weight(self, out_features: int, in_features: int, float_dtype: str = "float16") -> float:
+        return 8 * self.weight_bytes(out_features, in_features, float_dtype) / (out_features * in_features)
+
+
+@lru_cache(maxsize=4096)
+def _quantized_bytes(out_features: int, in_features: int, config: QuantConfig) -> int:
+    from lowbit.nn.qlinear import QLinear
+
+    return QLinear.empty(out_features, in_features, config, False, "meta").quantized_tensor().nbytes
+
+
+def parse_candidate(name: str) -> Candidate:
+    """The candidate called ``name`` (see the module docstring for the syntax)."""
+    text = name.strip().lower()
+    if text in ("fp16", "float", "f16"):
+        return Candidate("fp16", None)
+    match = _NAME.match(text)
+    if match is None:
+        raise ConfigError(
+            f"unknown candidate {name!r}: write BITS then gGROUP or pc, optionally sym — e.g. 3g128, 4g64sym, 8pc, "
+            "or fp16 to allow keeping a layer in float"
+        )
+    bits, sym = int(match["bits"]), bool(match["sym"])
+    if match["pc"]:
+        return Candidate(text, QuantConfig(bits=bits, symmetric=sym, granularity="channel"))
+    return Candidate(text, QuantConfig(bits=bits, symmetric=sym, group_size=int(match["group"])))
+
+
+def parse_candidates(text: str) -> tuple[Candidate, ...]:
+    """A comma-separated list of candidate names, e.g. ``"3g128,4g128,8pc"`` (duplicates removed, order kept)."""
+    names = [n for n in (part.strip() for part in text.split(",")) if n]
+    if not names:
+        raise ConfigError("--candidates is empty: list formats such as 3g128,4g64,8pc")
+    out: dict[str, Candidate] = {}
+    for name in names:
+        cand = parse_candidate(name)
+        out.setdefault(cand.name, cand)
+    return tuple(out.values())
+
+
+DEFAULT_CANDIDATES = "2g32,3g128,3g64,3g32,4g128,4g64,4g32,5g64,6g128,8pc,fp16"
+
+
+def default_candidates() -> tuple[Candidate, ...]:
+    return parse_candidates(DEFAULT_CANDIDATES)
