@@ -207,20 +207,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     original = None if args.no_eval else copy.deepcopy(loaded.model)
     summary = quantize_model(loaded.model, recipe, method=method, calib_ids=calib_ids, calib=calib,
                              float_dtype=args.float_dtype)
-    log.info("quantized %d layers with %s (%s) in %.1f s", summary.layers, method.name, recipe.default.describe(),
-             summary.seconds)
+    setting = "mixed precision" if plan else recipe.default.describe()
+    log.info("quantized %d layers with %s (%s) in %.1f s", summary.layers, method.name, setting, summary.seconds)
     out = _save(loaded, args.format, args.out, args.overwrite) if args.format != "lowbit" else \
         save_quantized(loaded, args.out, overwrite=args.overwrite)
     log.info("saved to %s (%s)", out, args.format)
     evaluation = None if args.no_eval else _evaluate(loaded, args, reference=original)
     size = size_report(loaded.model)
-    extra = [("method", f"{method.name}, {recipe.default.describe()}"), ("quantize time", f"{summary.seconds:.1f} s")]
+    extra = [("method", f"{method.name}, {setting}"), ("quantize time", f"{summary.seconds:.1f} s")]
     extra += [("calibration", calib_note)] if calib_note else []
     extra += cli_mixed.mixed_summary(plan) if plan else []
     _print_results(f"{args.model} → {out}", evaluation, size, extra)
     _write_json(args.json_out, {"method": method.name, "config": recipe.default.to_dict(), "calibration": calib_note,
                                 "quantize_seconds": summary.seconds, "evaluation": evaluation, "size": size.to_dict(),
-                                "mixed_precision": plan.allocation.to_dict() if plan else None})
+                                "mixed_precision": {**plan.allocation.to_dict(), "checkpoint_bytes": plan.total_bytes}
+                                if plan else None})
     return 0
 
 
@@ -308,10 +309,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         [(r.format, gb(r.weight_bytes), r.bits_per_param, gb(r.kv_cache_bytes), gb(r.peak_bytes),
           "—" if r.fits is None else "yes" if r.fits else "no") for r in rows]))
     if args.fits is not None:
-        fitting = [r for r in rows if r.fits]
-        best = max(fitting, key=lambda r: r.bits_per_param, default=None)
-        print(f"\nwithin {args.fits:g} GB: " + (f"{best.format} is the most precise format that fits "
-              f"({best.peak_bytes / 1e9:.1f} GB peak)" if best else "no format fits; use a smaller model or more memory"))
+        fitting = sorted((r for r in rows if r.fits), key=lambda r: -r.bits_per_param)
+        if fitting:
+            best = fitting[0]
+            print(f"\nwithin {args.fits:g} GB: {best.format} is the most precise format that fits "
+                  f"({best.peak_bytes / 1e9:.1f} GB peak); also fit, most precise first: "
+                  + (", ".join(f"{r.format} ({r.peak_bytes / 1e9:.1f} GB)" for r in fitting[1:]) or "none"))
+        else:
+            print(f"\nwithin {args.fits:g} GB: no format fits; use a smaller model, fewer --tokens or more memory")
     _write_json(args.json_out, {"plan": [r.to_dict() for r in rows]})
     return 0
 
