@@ -191,7 +191,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if not args.no_eval:
         _protocol(args)  # validate before the expensive work
     loaded = load_model(args.model)
-    plan = cli_mixed.mixed_plan(loaded, recipe, method, args) if mixed else None
+    plan = cli_mixed.mixed_plan(loaded, recipe, args) if mixed else None
     if plan is not None:
         recipe = plan.recipe
     if args.format != "lowbit":

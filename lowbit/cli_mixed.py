@@ -83,7 +83,7 @@ def load_table(path: str, candidates: Any) -> Any:
     return table
 
 
-def mixed_plan(loaded: Any, recipe: Any, method: Any, args: argparse.Namespace) -> Any:
+def mixed_plan(loaded: Any, recipe: Any, args: argparse.Namespace) -> Any:
     """Sensitivity (or ``--sensitivity FILE``) → allocation under ``--target-bpw`` / ``--max-size``."""
     from lowbit.calib.data import CalibConfig
     from lowbit.plan.allocate import parse_size
@@ -98,8 +98,10 @@ def mixed_plan(loaded: Any, recipe: Any, method: Any, args: argparse.Namespace) 
         ids, calib, note = sensitivity_ids(loaded, args)
         log.info("sensitivity: %d candidate formats scored on %s", len(candidates), note)
     max_bytes = None if args.max_size is None else parse_size(args.max_size)
+    # scores assume nearest rounding with min-max q-params whatever the method (fast; what bench/mixed_smollm2.py
+    # validates); a GPTQ-rounded table comes from `lowbit sensitivity --method gptq --json` + --sensitivity
     return plan_mixed(loaded.model, recipe, candidates, ids, args.target_bpw, max_bytes, calib or CalibConfig(),
-                      method, args.format, args.float_dtype, table)
+                      None, args.format, args.float_dtype, table)
 
 
 def sensitivity_rows(table: Any, top: int) -> tuple[list[str], list[tuple]]:

@@ -79,12 +79,12 @@ def apply_awq(block: nn.Module, spec: ArchSpec, selected: dict[str, LayerTarget]
 @torch.no_grad()
 def quantize_sequential(
     model: nn.Module, recipe: QuantRecipe, method: MethodConfig, calib_ids: torch.Tensor, calib: CalibConfig,
-    progress: bool = True, quantize_layer: LayerQuantizer | None = None,
+    progress: bool = True, quantize_layer: LayerQuantizer | None = None, desc: str | None = None,
 ) -> int:
     """Quantize ``model`` in place block by block; returns the number of layers quantized.
 
     ``quantize_layer`` replaces the per-layer step (default: ``quantize_weight`` → :class:`QLinear`); layers
-    outside the blocks always get the default, data-free."""
+    outside the blocks always get the default, data-free. ``desc`` labels the progress bar."""
 
     def to_qlinear(_full: str, module: nn.Module, target: LayerTarget, stats: InputStats, clip: bool) -> nn.Module:
         qt = quantize_weight(linear_weight(module).float(), target.config, method, stats, clip)
@@ -104,7 +104,7 @@ def quantize_sequential(
                                                   linear_bias(target.module)))
     inputs = capture_first_block_inputs(model, blocks[0], calib_ids, calib.batch_size)
     awq_skipped = 0
-    for index, block in enumerate(tqdm(blocks, desc=f"quantizing ({method.name})", unit="block", disable=not progress)):
+    for index, block in enumerate(tqdm(blocks, desc=desc or f"quantizing ({method.name})", unit="block", disable=not progress)):
         prefix = f"{spec.blocks}.{index}."
         selected = {t.name[len(prefix):]: t for t in targets if t.block_index == index}
         if selected:

@@ -84,14 +84,14 @@ def run_sweep(loaded: Any, base: QuantRecipe, sweep: SweepConfig, data: SweepDat
     configs = [TriedConfig("original (fp16)", "original", weight_plan(model, None, "float16").weight_bytes, 16.0,
                            original.perplexity)]
     table = sensitivity_table(model, base, sweep.candidates, data.sensitivity_ids, data.sensitivity_calib,
-                              sweep.method, sweep.float_dtype, progress)
+                              None, sweep.float_dtype, progress)  # nearest-rounding scores, as quantize --target-bpw
     jobs: list[tuple[str, str, QuantRecipe, Any]] = []
     for cand in sweep.uniform:
         if cand.config is not None:
             jobs.append((cand.config.describe(), "uniform", QuantRecipe(cand.config, base.include, base.exclude), None))
     for bpw in sweep.target_bpws:
         plan = plan_mixed(model, base, sweep.candidates, data.sensitivity_ids, target_bpw=bpw,
-                          method=sweep.method, float_dtype=sweep.float_dtype, table=table, progress=False)
+                          float_dtype=sweep.float_dtype, table=table, progress=False)
         jobs.append((f"mixed {bpw:g} bpw", "mixed", plan.recipe, plan.allocation))
     allocations = {}
     for name, kind, recipe, allocation in tqdm(jobs, desc=f"sweep ({sweep.method.name})", unit="config",

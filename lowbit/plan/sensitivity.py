@@ -198,7 +198,8 @@ def sensitivity_table(model: nn.Module, recipe: QuantRecipe, candidates: Sequenc
         return module
 
     in_blocks = QuantRecipe(recipe.default, include=tuple(t.name for t in targets))  # exact names, no lm_head
-    quantize_sequential(model, in_blocks, MethodConfig(), calib_ids, calib, progress, quantize_layer=score)
+    quantize_sequential(model, in_blocks, MethodConfig(), calib_ids, calib, progress, quantize_layer=score,
+                        desc="sensitivity: scoring")
     layers = [t.name for t in targets]
     return SensitivityTable(
         layers=layers,

@@ -9,7 +9,7 @@ from conftest import make_tiny
 from lowbit.config import QuantConfig, QuantRecipe
 from lowbit.data.text import default_text, read_text
 from lowbit.errors import TextError
-from lowbit.eval.perplexity import EvalProtocol, evaluate, token_windows
+from lowbit.eval.perplexity import EvalProtocol, evaluate, reference_logits, token_windows
 from lowbit.eval.size import size_report
 from lowbit.quantize import quantize_model
 
@@ -70,6 +70,13 @@ def test_kl_against_itself_is_zero_and_grows_with_quantization() -> None:
         cached = [model(w.unsqueeze(0)).logits[0] for w in windows]
     from_cache = evaluate(quantized, windows, protocol, reference=lambda i: cached[i], progress=False)
     assert from_cache.kl == pytest.approx(kls[2], rel=1e-6)
+    for bos in (False, True):  # reference_logits: the same windows (and BOS handling) as evaluate
+        proto = EvalProtocol(seqlen=64, add_bos=bos)
+        tok = type("Tok", (), {"bos_token_id": 1})()
+        direct = evaluate(quantized, windows, proto, tok, reference=model, progress=False)
+        cached = evaluate(quantized, windows, proto, tok, reference=reference_logits(model, windows, proto, tok),
+                          progress=False)
+        assert cached.kl == direct.kl and cached.top1_agreement == direct.top1_agreement
 
 
 def test_bos_per_window_scores_every_text_token() -> None:

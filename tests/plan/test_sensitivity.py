@@ -12,7 +12,7 @@ from lowbit.eval.perplexity import EvalProtocol, reference_logits, token_windows
 from lowbit.model.modules import linear_weight, select_layers
 from lowbit.plan.candidates import parse_candidates
 from lowbit.plan.sensitivity import SensitivityTable, measured_kl, output_fisher, pearson, sensitivity_table, spearman
-from tests.conftest import make_tiny
+from conftest import make_tiny
 
 
 def test_rank_correlations() -> None:
@@ -69,7 +69,7 @@ def test_proxy_predicts_measured_kl_on_smollm2(smollm2_session) -> None:
     ids = calibration_ids(lm.tokenizer, default_text("calib"), CalibConfig(samples=8, seqlen=256, seed=0))
     cands = parse_candidates("3g128,4g128")
     table = sensitivity_table(model, recipe, cands, ids, CalibConfig(samples=8, seqlen=256), progress=False)
-    protocol = EvalProtocol(seqlen=256, max_tokens=1024)
+    protocol = EvalProtocol(seqlen=256, max_tokens=512)
     windows = token_windows(lm.tokenizer, default_text("eval"), protocol)
     ref = reference_logits(model, windows, protocol)
     work = copy.deepcopy(model)
