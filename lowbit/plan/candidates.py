@@ -12,8 +12,12 @@ Short names (CLI ``--candidates``), one per candidate::
     8pcsym     … symmetric
     fp16       keep the layer in float (the checkpoint's float dtype)
 
-The default ladder spans 2 to 16 bits per weight in small steps, asymmetric (lowbit's default): where a layer is
-cheap to quantize the allocator may go down to 2 bits; where it is sensitive, up to 8 bits or float.
+The default ladder spans 3 to 16 bits per weight in small steps, asymmetric (lowbit's default): where a layer is
+cheap to quantize the allocator may go down to 3 bits per channel, where it is sensitive up to 8 bits or float.
+2-bit formats are left out unless asked for (e.g. ``--candidates 2g32,3g128,…``): the sensitivity proxy prices each
+layer *alone*, and when a tight budget pushes dozens of layers to 2 bits their errors compound beyond what the
+sum of the proxies predicts — measured on SmolLM2-135M at the 3g128 budget, a ladder with 2g32 put 47 layers at
+2 bits and lost to uniform 3g128 (KL 1.724 vs 1.718), while this ladder wins there (bench/results/mixed_smollm2.md).
 """
 
 from __future__ import annotations
@@ -86,7 +90,7 @@ def parse_candidates(text: str) -> tuple[Candidate, ...]:
     return tuple(out.values())
 
 
-DEFAULT_CANDIDATES = "2g32,3g128,3g64,3g32,4g128,4g64,4g32,5g64,6g128,8pc,fp16"
+DEFAULT_CANDIDATES = "3pc,3g256,3g128,3g64,3g32,4g128,4g64,4g32,5g64,6g128,8pc,fp16"
 
 
 def default_candidates() -> tuple[Candidate, ...]:

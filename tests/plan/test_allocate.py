@@ -21,7 +21,7 @@ def test_candidate_names_and_bytes() -> None:
     assert parse_candidate("8pc").config == QuantConfig(bits=8, granularity="channel")
     assert parse_candidate("fp16").weight_bytes(3, 5) == 30 and parse_candidate("fp16").is_float
     assert [c.name for c in parse_candidates("4g128, 3g64,4g128")] == ["4g128", "3g64"]
-    assert len(default_candidates()) == 11
+    assert len(default_candidates()) == 12 and not any(c.config and c.config.bits == 2 for c in default_candidates())
     for bad in ("9g128", "4g", "4x", ""):
         with pytest.raises(ConfigError, match="3g128|--candidates"):
             parse_candidates(bad)
