@@ -150,10 +150,18 @@ def render(data: dict) -> None:
              f"({data['layers']} layers × {data['candidates']} candidates). ✓ = mixed has lower KL *and* perplexity "
              "than the uniform setting at ≤ its bytes (mixed bytes are within 0.1 % below). 'predicted KL' = sum of "
              "the per-layer proxies (additivity assumed; it underestimates at large errors, where errors compound).")
-    write_results("mixed_smollm2", "Automatic mixed precision on SmolLM2-135M", intro,
-                  [("Sensitivity proxy vs measured KL (" + str(v["pairs"]) + " layer × format pairs, each layer "
-                    "quantized alone, held-out text)", val), ("Mixed precision vs uniform at equal bytes", table)],
-                  data)
+    tables = [("Sensitivity proxy vs measured KL (" + str(v["pairs"]) + " layer × format pairs, each layer "
+               "quantized alone, held-out text)", val), ("Mixed precision vs uniform at equal bytes", table)]
+    ablation = data.get("ablation_ladder_with_2g32")
+    if ablation:
+        rows = [(r["uniform"], "mixed" if r["mixed"] else "uniform", r["total_bytes"], r["perplexity"], r["kl"],
+                 r["top1"], ", ".join(f"{n}×{c}" for c, n in sorted(r.get("allocation", {}).items(),
+                                                                     key=lambda kv: -kv[1])))
+                for r in ablation["rows"] if r["method"] == "rtn"]
+        tables.append((f"Ablation: 2-bit in the ladder ({ablation['ladder']}), RTN — {ablation['note']}",
+                       markdown_table(["budget of", "row", "checkpoint bytes", "perplexity", "KL", "top-1",
+                                       "allocation"], rows)))
+    write_results("mixed_smollm2", "Automatic mixed precision on SmolLM2-135M", intro, tables, data)
 
 
 def main() -> None:

@@ -299,7 +299,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from lowbit.plan.memory import plan
+    from lowbit.plan.memory import mixed_budget, plan
     from lowbit.report import markdown_table
 
     rows = plan(args.config, tokens=args.tokens, batch=args.batch, budget_gb=args.fits)
@@ -317,6 +317,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   + (", ".join(f"{r.format} ({r.peak_bytes / 1e9:.1f} GB)" for r in fitting[1:]) or "none"))
         else:
             print(f"\nwithin {args.fits:g} GB: no format fits; use a smaller model, fewer --tokens or more memory")
+        mixed = mixed_budget(args.config, args.fits, args.tokens, args.batch)
+        if mixed is not None and 2 <= mixed.bits_per_weight <= 16:
+            print(f"mixed precision can use all of it: `lowbit quantize MODEL --max-size {mixed.max_bytes / 1e9:.2f}GB` "
+                  f"(≈ {mixed.bits_per_weight:.2f} bits per quantized weight) picks a format per layer")
     _write_json(args.json_out, {"plan": [r.to_dict() for r in rows]})
     return 0
 

@@ -165,3 +165,23 @@ def plan(source: str | Path, tokens: int = 4096, batch: int = 1, budget_gb: floa
         fits = None if budget_gb is None else peak <= budget_gb * 1e9
         rows.append(PlanRow(wp.name, wp.weight_bytes, wp.bits_per_param, kv, peak, fits))
     return rows
+
+
+@dataclass(frozen=True)
+class MixedBudget:
+    """What a memory budget leaves for the weights, as ``quantize --max-size`` takes it."""
+
+    max_bytes: int           # checkpoint tensor bytes that fit beside the KV cache and activations
+    bits_per_weight: float   # what that leaves per quantized weight once the float tensors are counted
+
+
+def mixed_budget(source: str | Path, budget_gb: float, tokens: int = 4096, batch: int = 1) -> MixedBudget | None:
+    """The largest checkpoint that fits ``budget_gb`` with its KV cache and activations, for ``--max-size``
+    (None when not even the float tensors — embeddings, norms — fit)."""
+    model = meta_model(source)
+    max_bytes = int(budget_gb * 1e9) - kv_cache_bytes(model, tokens, batch) - activation_bytes(model, tokens, batch)
+    quantized = weight_plan(model, QuantRecipe(QuantConfig()))
+    float_bytes = weight_plan(model, None).weight_bytes - FLOAT_BYTES["float16"] * quantized.quantized_params
+    if max_bytes <= float_bytes:
+        return None
+    return MixedBudget(max_bytes, 8 * (max_bytes - float_bytes) / quantized.quantized_params)

@@ -90,3 +90,14 @@ def test_llama2_70b_gguf_rows(llama70b_config: Path) -> None:
     assert 41.35e9 < rows["GGUF Q4_K_M"].weight_bytes <= 41.43e9
     assert 73.2e9 < rows["GGUF Q8_0"].weight_bytes <= 73.30e9
     assert 56.5e9 < rows["GGUF Q6_K"].weight_bytes <= 56.6e9
+
+
+def test_mixed_budget_for_a_memory_limit(llama70b_config: Path) -> None:
+    from lowbit.plan.memory import activation_bytes, mixed_budget
+
+    model = meta_model(llama70b_config)
+    budget = mixed_budget(llama70b_config, 40, tokens=4096)
+    assert budget.max_bytes == 40 * 10**9 - kv_cache_bytes(model, 4096) - activation_bytes(model, 4096)
+    # 4-bit g128 asym stores 4.1875 bits per weight and its 40.1 GB peak does not fit 40 GB: a mix just below it does
+    assert 4.1 < budget.bits_per_weight < 4.1875
+    assert mixed_budget(llama70b_config, 1) is None
