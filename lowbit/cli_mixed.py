@@ -180,8 +180,9 @@ def add_subcommands(sub: Any, add_calib_args: Any, add_eval_args: Any) -> None:
     r.add_argument("--method", default="rtn", choices=list(METHOD_NAMES), help="quantization method (default rtn)")
     r.add_argument("--uniform", default="8pc,6g128,4g64,4g128,3g64,3g128,2g32",
                    help="uniform settings to try (candidate names; default 8pc,6g128,4g64,4g128,3g64,3g128,2g32)")
-    r.add_argument("--bpw", default="3,3.5,4,4.5,5",
-                   help="mixed-precision budgets to try, bits per quantized weight (default 3,3.5,4,4.5,5)")
+    r.add_argument("--bpw", default="3.25,3.5,4,4.5,5",
+                   help="mixed-precision budgets to try, bits per quantized weight (default 3.25,3.5,4,4.5,5; a "
+                        "budget below the smallest candidates is skipped and said so on the page)")
     r.add_argument("--max-kl", type=float, default=0.05,
                    help="recommend the smallest configuration whose KL stays within this (nats/token, default 0.05)")
     r.add_argument("--include", action="append", default=[], metavar="GLOB", help="only quantize layers matching")

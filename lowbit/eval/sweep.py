@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from lowbit.calib.data import CalibConfig
 from lowbit.config import QuantRecipe
+from lowbit.errors import ConfigError
 from lowbit.eval.perplexity import EvalProtocol, evaluate, reference_logits
 from lowbit.eval.report_page import ReportData, Sensitivity, TriedConfig, pareto_front
 from lowbit.eval.size import size_report
@@ -89,9 +90,15 @@ def run_sweep(loaded: Any, base: QuantRecipe, sweep: SweepConfig, data: SweepDat
     for cand in sweep.uniform:
         if cand.config is not None:
             jobs.append((cand.config.describe(), "uniform", QuantRecipe(cand.config, base.include, base.exclude), None))
+    skipped = []
     for bpw in sweep.target_bpws:
-        plan = plan_mixed(model, base, sweep.candidates, data.sensitivity_ids, target_bpw=bpw,
-                          float_dtype=sweep.float_dtype, table=table, progress=False)
+        try:
+            plan = plan_mixed(model, base, sweep.candidates, data.sensitivity_ids, target_bpw=bpw,
+                              float_dtype=sweep.float_dtype, table=table, progress=False)
+        except ConfigError as exc:  # a budget below the smallest candidates: report it, keep the others
+            log.warning("mixed %g bpw skipped: %s", bpw, exc)
+            skipped.append(f"mixed {bpw:g} bpw was not tried: {exc}")
+            continue
         jobs.append((f"mixed {bpw:g} bpw", "mixed", plan.recipe, plan.allocation))
     allocations = {}
     for name, kind, recipe, allocation in tqdm(jobs, desc=f"sweep ({sweep.method.name})", unit="config",
@@ -105,7 +112,8 @@ def run_sweep(loaded: Any, base: QuantRecipe, sweep: SweepConfig, data: SweepDat
     notes = (f"method: {sweep.method.name}; every configuration quantizes the same selected layers "
              f"({len(table.layers)} inside the decoder blocks); sizes are the checkpoint's tensor bytes",
              f"sensitivity: Fisher-proxy KL of each layer quantized alone ({table.rounding} rounding), calibration "
-             f"{data.sensitivity_calib.describe()}" + (f"; 'chosen' column: {shown[0]}" if shown else ""))
+             f"{data.sensitivity_calib.describe()}" + (f"; 'chosen' column: {shown[0]}" if shown else ""),
+             *skipped)
     return ReportData(model=str(getattr(loaded, "source", "model")), method=sweep.method.name, eval_text=text,
                       configs=tuple(configs), sensitivity=sensitivity_view(table, notes[1]),
                       allocation=shown[1] if shown else None, max_kl=sweep.max_kl, notes=notes)
