@@ -232,7 +232,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     base = QuantRecipe(include=tuple(args.include), exclude=tuple(args.exclude))
     report = run_sweep(loaded, base, sweep, data, f"{source} ({windows.shape[0]} × {protocol.seqlen} tokens)")
     out = write_report(args.out, report, overwrite=args.overwrite)
-    Path(str(out) + ".json").write_text(json.dumps(_report_json(report), indent=2))
+    data_file = Path(str(out) + ".json")
+    tmp = data_file.with_name(f".{data_file.name}.lowbit-tmp")
+    tmp.write_text(json.dumps(_report_json(report), indent=2))
+    tmp.replace(data_file)  # atomic: never a half-written JSON beside the page
     print(f"wrote {out}\n{recommendation(report)}")
     return 0
 
