@@ -195,6 +195,7 @@ def add_subcommands(sub: Any, add_calib_args: Any, add_eval_args: Any) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import replace
     from pathlib import Path
 
     from lowbit.calib.data import CalibConfig, calibration_ids
@@ -231,6 +232,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                      calib, calibration_ids(loaded.tokenizer, calib_text, sens_calib), sens_calib, windows, protocol)
     base = QuantRecipe(include=tuple(args.include), exclude=tuple(args.exclude))
     report = run_sweep(loaded, base, sweep, data, f"{source} ({windows.shape[0]} × {protocol.seqlen} tokens)")
+    report = replace(report, model=args.model)  # the name the user gave, not the resolved file path
     out = write_report(args.out, report, overwrite=args.overwrite)
     data_file = Path(str(out) + ".json")
     tmp = data_file.with_name(f".{data_file.name}.lowbit-tmp")
