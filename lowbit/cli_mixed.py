@@ -6,7 +6,6 @@ Kept apart from :mod:`lowbit.cli` (which wires them in) so each file stays reada
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 from typing import Any
 
@@ -142,19 +141,6 @@ def mixed_summary(plan: Any) -> list[tuple[str, Any]]:
     a = plan.allocation
     return [("mixed precision", a.describe()), ("predicted KL (sum of layer proxies)", a.predicted_kl)]
 
-
-def evaluate_copy(model: Any, recipe: Any, method: Any, calib_ids: Any, calib: Any, windows: Any, protocol: Any,
-                  reference: Any, float_dtype: str) -> tuple[Any, Any]:
-    """Quantize a deep copy of ``model`` with ``recipe`` and evaluate it against ``reference`` logits."""
-    from lowbit.eval.perplexity import evaluate
-    from lowbit.eval.size import size_report
-    from lowbit.quantize import quantize_model
-
-    work = copy.deepcopy(model)
-    quantize_model(work, recipe, method=method, calib_ids=calib_ids, calib=calib, float_dtype=float_dtype,
-                   progress=False)
-    result = evaluate(work, windows, protocol, reference=reference, progress=False)
-    return result, size_report(work)
 
 
 def add_subcommands(sub: Any, add_calib_args: Any, add_eval_args: Any) -> None:

@@ -70,8 +70,7 @@ def _quantized(model: Any, recipe: QuantRecipe, sweep: SweepConfig, data: SweepD
 
 def sensitivity_view(table: SensitivityTable, note: str = "") -> Sensitivity:
     """The report's view of a sensitivity table: KL per layer × candidate, mean bits per weight per candidate."""
-    params = sum(o * n for o, n in table.shapes)
-    bits = tuple(8 * sum(row[j] for row in table.bytes) / params for j in range(len(table.candidates)))
+    bits = tuple(8 * sum(row[j] for row in table.bytes) / table.params for j in range(len(table.candidates)))
     return Sensitivity(tuple(table.layers), tuple(c.name for c in table.candidates),
                        tuple(tuple(row) for row in table.kl), bits, note)
 

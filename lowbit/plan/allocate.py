@@ -114,8 +114,7 @@ def allocate(table: SensitivityTable, budget_bytes: int, allowed: Sequence[Seque
             heapq.heappush(heap, (-_slope(h, k + 1), i))
     choice = {name: table.candidates[hulls[i][level[i]][2]] for i, name in enumerate(table.layers)}
     predicted = sum(hulls[i][level[i]][1] for i in range(len(hulls)))
-    params = sum(o * n for o, n in table.shapes)
-    return Allocation(choice, spent, params, predicted)
+    return Allocation(choice, spent, table.params, predicted)
 
 
 def _slope(hull: list[tuple[int, float, int]], k: int) -> float:
@@ -132,7 +131,7 @@ def layer_budget(table: SensitivityTable, target_bpw: float | None = None, max_b
     if target_bpw is not None:
         if not 1.0 < target_bpw <= 32.0:
             raise ConfigError(f"--target-bpw must be between 1 and 32 bits per weight, got {target_bpw}")
-        return int(target_bpw * sum(o * n for o, n in table.shapes) / 8)
+        return int(target_bpw * table.params / 8)
     if max_bytes <= fixed_bytes:
         raise ConfigError(
             f"--max-size {max_bytes:,} bytes is not more than what stays in float ({fixed_bytes:,} bytes: embeddings, "

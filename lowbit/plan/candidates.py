@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 
 from lowbit.config import QuantConfig
 from lowbit.errors import ConfigError
-
-FLOAT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+from lowbit.plan.memory import FLOAT_BYTES, quantized_weight_bytes
 _NAME = re.compile(r"^(?P<bits>[2-8])(?:g(?P<group>\d+)|(?P<pc>pc))(?P<sym>sym)?$")
 
 
@@ -48,17 +46,11 @@ class Candidate:
         """Bytes the checkpoint stores for this ``[out, in]`` weight (codes, scales, zeros; bias not included)."""
         if self.config is None:
             return out_features * in_features * FLOAT_BYTES[float_dtype]
-        return _quantized_bytes(out_features, in_features, self.config)
+        return quantized_weight_bytes(out_features, in_features, self.config)
 
     def bits_per_weight(self, out_features: int, in_features: int, float_dtype: str = "float16") -> float:
         return 8 * self.weight_bytes(out_features, in_features, float_dtype) / (out_features * in_features)
 
-
-@lru_cache(maxsize=4096)
-def _quantized_bytes(out_features: int, in_features: int, config: QuantConfig) -> int:
-    from lowbit.nn.qlinear import QLinear
-
-    return QLinear.empty(out_features, in_features, config, False, "meta").quantized_tensor().nbytes
 
 
 def parse_candidate(name: str) -> Candidate:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 
 from lowbit.config import QuantConfig, QuantRecipe
 from lowbit.errors import FormatError, ModelLoadError
-from lowbit.model.modules import linear_bias, linear_weight, select_layers
+from lowbit.model.modules import linear_weight, select_layers
 from lowbit.nn.qlinear import QLinear
 
 FLOAT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -36,6 +37,13 @@ CANDIDATES: dict[str, QuantConfig | None] = {
     "3-bit g128": QuantConfig(bits=3, group_size=128),
     "2-bit g64": QuantConfig(bits=2, group_size=64),
 }
+
+
+@lru_cache(maxsize=4096)
+def quantized_weight_bytes(out_features: int, in_features: int, config: QuantConfig) -> int:
+    """Bytes a quantized ``[out, in]`` weight stores (codes, scales, zeros; no bias), from :class:`QLinear`'s field
+    shapes on the meta device — exactly what the writer stores."""
+    return QLinear.empty(out_features, in_features, config, False, "meta").quantized_tensor().nbytes
 
 
 @dataclass(frozen=True)
@@ -77,8 +85,7 @@ def weight_plan(model: torch.nn.Module, recipe: QuantRecipe | None, float_dtype:
     if recipe is not None:
         for target in select_layers(model, recipe):
             out_f, in_f = linear_weight(target.module).shape
-            layer = QLinear.empty(out_f, in_f, target.config, linear_bias(target.module) is not None, "meta")
-            quantized[target.name] = layer.quantized_tensor().nbytes
+            quantized[target.name] = quantized_weight_bytes(out_f, in_f, target.config)
             q_params += out_f * in_f
     seen: set[int] = set()
     float_bytes, total = 0, q_params

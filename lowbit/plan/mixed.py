@@ -24,7 +24,7 @@ from lowbit.errors import ConfigError
 from lowbit.methods.method import MethodConfig
 from lowbit.plan.allocate import Allocation, allocate, allowed_for_format, check_mixed_format, layer_budget
 from lowbit.plan.candidates import Candidate
-from lowbit.plan.memory import weight_plan
+from lowbit.plan.memory import quantized_weight_bytes, weight_plan
 from lowbit.plan.sensitivity import SensitivityTable, sensitivity_table
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,7 @@ class MixedPlan:
 def fixed_bytes(model: nn.Module, recipe: QuantRecipe, table: SensitivityTable, float_dtype: str) -> int:
     """Checkpoint bytes that do not depend on the allocation: everything except the allocated layers' weights."""
     total = weight_plan(model, recipe, float_dtype).weight_bytes
-    allocated = sum(Candidate("", recipe.config_for(n)).weight_bytes(o, i, float_dtype)
-                    for n, (o, i) in zip(table.layers, table.shapes))
+    allocated = sum(quantized_weight_bytes(o, i, recipe.config_for(n)) for n, (o, i) in zip(table.layers, table.shapes))
     return total - allocated
 
 

@@ -66,9 +66,10 @@ class SensitivityTable:
     rounding: str = "nearest"
     measured: dict[str, dict[str, float]] = field(default_factory=dict)  # layer → candidate → measured KL
 
-    def column(self, candidate: str) -> list[float]:
-        j = [c.name for c in self.candidates].index(candidate)
-        return [row[j] for row in self.kl]
+    @property
+    def params(self) -> int:
+        """Weights in the scored layers."""
+        return sum(out_f * in_f for out_f, in_f in self.shapes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
