@@ -22,9 +22,12 @@ import fnmatch
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
+import torch
+
 from lowbit.errors import ConfigError
 
 CONFIG_VERSION = 1
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 Granularity = Literal["tensor", "channel", "group"]
 QParamRule = Literal["minmax", "mse", "hqq"]
 ZeroPoint = Literal["int", "float"]

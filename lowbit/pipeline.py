@@ -13,7 +13,7 @@ Architecture knowledge comes from :class:`ArchSpec` data only (blocks, linear gr
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -30,12 +30,13 @@ from lowbit.methods.method import MethodConfig, quantize_weight
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.model.architectures import ArchSpec, block_list, spec_for
 from lowbit.model.modules import LayerTarget, linear_bias, linear_weight, select_layers, set_submodule
+from lowbit.model.source import StreamingModel
 from lowbit.nn.qlinear import QLinear
 
 log = logging.getLogger(__name__)
 # (full layer name, float linear, its target, its input statistics, whether clipping may be searched) → the module
 # that replaces it. The default makes a QLinear; GGUF export rounds onto a block type's grid instead.
-LayerQuantizer = Callable[[str, nn.Module, LayerTarget, InputStats, bool], nn.Module]
+LayerQuantizer = Callable[[str, nn.Module, LayerTarget, InputStats | None, bool], nn.Module]
 _FOLD_TOLERANCE = 1e-3  # relative change of a block's output that an AWQ fold may cause (float rounding only)
 
 
@@ -76,42 +77,81 @@ def apply_awq(block: nn.Module, spec: ArchSpec, selected: dict[str, LayerTarget]
     return folded
 
 
+BlockHook = Callable[[int, str, nn.Module, list[BlockInputs] | None], None]
+
+
+@dataclass
+class BlockPlan:
+    """Where the blocks are and what of them is quantized: derived from the (possibly meta) model once."""
+
+    spec: ArchSpec
+    blocks: nn.ModuleList
+    targets: list[LayerTarget]
+
+    @classmethod
+    def of(cls, model: nn.Module, recipe: QuantRecipe) -> "BlockPlan":
+        spec = spec_for(model)
+        return cls(spec, block_list(model, spec), select_layers(model, recipe, spec))
+
+    def prefix(self, index: int) -> str:
+        return f"{self.spec.blocks}.{index}."
+
+    def rest_names(self, model: nn.Module) -> list[str]:
+        """State-dict names outside the blocks (embeddings, final norm, head, position tables), model order."""
+        prefix = self.spec.blocks + "."
+        return [n for n in model.state_dict(keep_vars=True) if not n.startswith(prefix)]
+
+
 @torch.no_grad()
 def quantize_sequential(
-    model: nn.Module, recipe: QuantRecipe, method: MethodConfig, calib_ids: torch.Tensor, calib: CalibConfig,
-    progress: bool = True, quantize_layer: LayerQuantizer | None = None, desc: str | None = None,
+    model: nn.Module | StreamingModel, recipe: QuantRecipe, method: MethodConfig, calib_ids: torch.Tensor | None,
+    calib: CalibConfig, progress: bool = True, quantize_layer: LayerQuantizer | None = None, desc: str | None = None,
+    on_block: BlockHook | None = None, start: int = 0, resume_hidden: list[torch.Tensor] | None = None,
 ) -> int:
-    """Quantize ``model`` in place block by block; returns the number of layers quantized.
+    """Quantize a model block by block; returns the number of layers quantized.
 
-    ``quantize_layer`` replaces the per-layer step (default: ``quantize_weight`` → :class:`QLinear`); layers
-    outside the blocks always get the default, data-free. ``desc`` labels the progress bar."""
+    ``model``: an in-memory module, or a :class:`StreamingModel` whose blocks are read one at a time and released
+    after ``on_block(index, prefix, block, next_inputs)`` has consumed the finished block (a sink writes it;
+    ``next_inputs`` are the next block's calibration inputs, None for data-free methods). ``quantize_layer``
+    replaces the per-layer step (default: ``quantize_weight`` → :class:`QLinear`). ``start``/``resume_hidden``:
+    continue a run from block ``start`` whose input hidden states were saved. Layers outside the blocks
+    (e.g. an ``--include``d ``lm_head``) are quantized data-free by the caller, see :func:`quantize_outside`.
+    """
 
-    def to_qlinear(_full: str, module: nn.Module, target: LayerTarget, stats: InputStats, clip: bool) -> nn.Module:
+    def to_qlinear(_full: str, module: nn.Module, target: LayerTarget, stats: InputStats | None,
+                   clip: bool) -> nn.Module:
         qt = quantize_weight(linear_weight(module).float(), target.config, method, stats, clip)
         return QLinear(qt, linear_bias(module))
 
+    sm = model if isinstance(model, StreamingModel) else StreamingModel(model, None, None, "memory", "memory")
     quantize_layer = quantize_layer or to_qlinear
-    spec = spec_for(model)
-    blocks = block_list(model, spec)
-    targets = select_layers(model, recipe, spec)
+    plan = BlockPlan.of(sm.model, recipe)
+    spec, blocks, targets = plan.spec, plan.blocks, plan.targets
     rep = {name: group[0] for group in spec.linear_groups for name in group}  # linears sharing one input
-    data_free = replace(method, rounding="nearest", awq=None)
-    for target in (t for t in targets if t.block_index is None):
-        log.warning("%s is outside the decoder blocks: quantized with nearest rounding, without calibration data",
-                    target.name)
-        weight = linear_weight(target.module).float()
-        set_submodule(model, target.name, QLinear(quantize_weight(weight, target.config, data_free, None, False),
-                                                  linear_bias(target.module)))
-    inputs = capture_first_block_inputs(model, blocks[0], calib_ids, calib.batch_size)
+    calibrated = method.needs_calibration
+    inputs: list[BlockInputs] | None = None
+    if calibrated:
+        if calib_ids is None:
+            raise ConfigError(f"method {method.name} needs calibration data: pass calibration token ids")
+        embed = sm.input_embeds if sm.streamed else None
+        inputs = capture_first_block_inputs(sm.model, blocks[0], calib_ids, calib.batch_size, embed)
+        if resume_hidden is not None:
+            inputs = [BlockInputs(h.to(batch.hidden.dtype), batch.args, batch.kwargs)
+                      for h, batch in zip(resume_hidden, inputs)]
     awq_skipped = 0
-    for index, block in enumerate(tqdm(blocks, desc=desc or f"quantizing ({method.name})", unit="block", disable=not progress)):
-        prefix = f"{spec.blocks}.{index}."
+    bar = tqdm(range(start, len(blocks)), desc=desc or f"quantizing ({method.name})", unit="block",
+               disable=not progress, initial=start, total=len(blocks))
+    for index in bar:
+        prefix = plan.prefix(index)
+        block = sm.materialize(prefix[:-1])
         selected = {t.name[len(prefix):]: t for t in targets if t.block_index == index}
         if selected:
             keys = {rep.get(name, name) for name in selected}
-            stats = {k: InputStats(linear_weight(block.get_submodule(k)).shape[1]) for k in keys}
-            with InputHooks({k: block.get_submodule(k) for k in keys}, lambda k, x: stats[k].add(x)):
-                run_block(block, inputs)
+            stats: dict[str, InputStats | None] = {k: None for k in keys}
+            if calibrated:
+                stats = {k: InputStats(linear_weight(block.get_submodule(k)).shape[1]) for k in keys}
+                with InputHooks({k: block.get_submodule(k) for k in keys}, lambda k, x: stats[k].add(x)):
+                    run_block(block, inputs)
             rep_of = {name: rep.get(name, name) for name in selected}
             if method.awq is not None and apply_awq(block, spec, selected, stats, rep_of, method, inputs[0]) == 0:
                 awq_skipped += 1
@@ -119,8 +159,27 @@ def quantize_sequential(
                 clip = method.clip is not None and name not in spec.attention_logits
                 new = quantize_layer(prefix + name, block.get_submodule(name), target, stats[rep_of[name]], clip)
                 set_submodule(block, name, new)
-        inputs = run_block(block, inputs)
+        if calibrated:
+            inputs = run_block(block, inputs)
+        if on_block is not None:
+            on_block(index, prefix, block, inputs)
+        sm.release(prefix[:-1])
     if awq_skipped:
         log.warning("AWQ: no op could absorb a scale in %d blocks (%s has no usable scale mappings): those blocks "
                     "got only the %s rounding", awq_skipped, spec.name, method.rounding)
-    return len(targets)
+    return sum(1 for t in targets if t.block_index is not None)
+
+
+def quantize_outside(model: nn.Module, recipe: QuantRecipe, method: MethodConfig) -> int:
+    """Quantize the selected layers outside the decoder blocks (data-free: nearest rounding, no calibration)."""
+    data_free = replace(method, rounding="nearest", awq=None)
+    count = 0
+    for target in (t for t in select_layers(model, recipe) if t.block_index is None):
+        if method.needs_calibration:
+            log.warning("%s is outside the decoder blocks: quantized with nearest rounding, without calibration "
+                        "data", target.name)
+        weight = linear_weight(target.module).float()
+        set_submodule(model, target.name, QLinear(quantize_weight(weight, target.config, data_free, None, False),
+                                                  linear_bias(target.module)))
+        count += 1
+    return count

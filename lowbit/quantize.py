@@ -18,15 +18,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.calib.data import CalibConfig
-from lowbit.config import CONFIG_VERSION, QuantRecipe
+from lowbit.config import FLOAT_DTYPES, QuantRecipe
 from lowbit.errors import ConfigError
 from lowbit.methods.method import MethodConfig, quantize_weight
 from lowbit.model.modules import linear_bias, linear_weight, select_layers, set_submodule
 from lowbit.nn.qlinear import QLinear
+from lowbit.nn.record import RecordBuilder
 
 log = logging.getLogger(__name__)
 
-FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -58,26 +58,9 @@ def round_float_params(model: nn.Module, float_dtype: str) -> None:
 
 def quantization_record(model: nn.Module, method: str, float_dtype: str) -> dict[str, Any]:
     """The ``quantization_config`` describing every QLinear in ``model`` (written to config.json)."""
-    configs: list[dict[str, Any]] = []
-    layers: dict[str, dict[str, Any]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, QLinear):
-            cfg = module.config.to_dict()
-            if cfg not in configs:
-                configs.append(cfg)
-            layers[name] = {
-                "config": configs.index(cfg),
-                "shape": [module.out_features, module.in_features],
-                "bias": module.bias is not None,
-            }
-    return {
-        "quant_method": "lowbit",
-        "format_version": CONFIG_VERSION,
-        "method": method,
-        "float_dtype": float_dtype,
-        "configs": configs,
-        "layers": layers,
-    }
+    builder = RecordBuilder()
+    builder.add(model)
+    return builder.record(method, float_dtype)
 
 
 @torch.no_grad()
@@ -104,9 +87,10 @@ def quantize_model(
     if method.needs_calibration:
         if calib_ids is None:
             raise ConfigError(f"method {method.name} needs calibration data: pass calibration token ids")
-        from lowbit.pipeline import quantize_sequential
+        from lowbit.pipeline import quantize_outside, quantize_sequential
 
-        layers = quantize_sequential(model, recipe, method, calib_ids, calib, progress)
+        layers = quantize_outside(model, recipe, method)
+        layers += quantize_sequential(model, recipe, method, calib_ids, calib, progress)
     else:
         targets = select_layers(model, recipe)
         for target in tqdm(targets, desc=f"quantizing ({method.name})", unit="layer", disable=not progress):

@@ -29,9 +29,13 @@ class BlockInputs:
 
 @torch.no_grad()
 def capture_first_block_inputs(
-    model: nn.Module, first_block: nn.Module, calib_ids: torch.Tensor, batch_size: int
+    model: nn.Module, first_block: nn.Module, calib_ids: torch.Tensor, batch_size: int,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[BlockInputs]:
-    """Run the model on ``calib_ids [samples, seqlen]`` in batches, stopping at the first block's input."""
+    """Run the model on ``calib_ids [samples, seqlen]`` in batches, stopping at the first block's input.
+
+    ``embed``: computes the input embeddings itself (a streamed model, whose table is not in memory); the model
+    then runs from ``inputs_embeds``."""
     captured: list[BlockInputs] = []
 
     def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -42,8 +46,12 @@ def capture_first_block_inputs(
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for start in range(0, calib_ids.shape[0], batch_size):
+            batch = calib_ids[start : start + batch_size]
             try:
-                model(calib_ids[start : start + batch_size], use_cache=False)
+                if embed is None:
+                    model(batch, use_cache=False)
+                else:
+                    model(inputs_embeds=embed(batch), use_cache=False)
             except _StopForward:
                 pass
     finally:

@@ -42,3 +42,33 @@ def atomic_folder(path: str | Path, overwrite: bool) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json_atomic(path: str | Path, data: object) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary sibling and a rename: never a half-written file."""
+    import json
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def partial_folder(out: str | Path) -> Path:
+    """The hidden working folder of a resumable job writing ``out``: ``.NAME.lowbit-partial`` beside it."""
+    out = Path(out).expanduser()
+    return out.parent / f".{out.name}.lowbit-partial"
+
+
+def publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` (file or folder) to ``out``, replacing it only with ``overwrite``."""
+    if out.exists():
+        if not overwrite:
+            raise OutputExistsError(f"{out} already exists: choose another --out or pass --overwrite")
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.lowbit-old-", dir=out.parent))
+        out.rename(trash / out.name)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)

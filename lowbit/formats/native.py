@@ -4,15 +4,16 @@ Layout::
 
     config.json            the model's transformers config + ``quantization_config`` (quant_method "lowbit":
                            method, float dtype, the distinct QuantConfigs and, per quantized layer, its config
-                           index, shape and bias flag)
+                           index, shape and bias flag; see :mod:`lowbit.nn.record`)
     model.safetensors      QLinear buffers (qweight/scales/zeros, see ``lowbit.nn.qlinear``) and every other
-                           parameter/buffer; header metadata key ``lowbit``: JSON of the quantization record
-                           and the aliases of shared tensors
+      or model-0000i-of-0000N.safetensors + model.safetensors.index.json   (shards of ≤ 512 MB, in block order)
+                           parameter/buffer; header metadata key ``lowbit``: JSON ``{"format": "lowbit",
+                           "aliases": {name: stored name}}`` (tensors shared between names are stored once)
     tokenizer files, generation_config.json  when the source model had them
 
-Float tensors are stored in the record's ``float_dtype`` when that is lossless for them (``quantize_model`` rounds
-them so it is), else float32. Tensors shared between names (tied embeddings) are stored once; the header metadata
-maps the other names to the stored one.
+Float tensors are stored in the record's ``float_dtype`` (float32 when a value would overflow float16). The same
+:class:`NativeSink` writes a streamed job's blocks as they finish and an in-memory model's (``save_quantized``),
+so both give the same bytes.
 """
 
 from __future__ import annotations
@@ -23,66 +24,148 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from lowbit.config import QuantConfig
+from lowbit.config import FLOAT_DTYPES, QuantConfig
 from lowbit.errors import FormatError, ModelLoadError
 from lowbit.formats.atomic import atomic_folder
+from lowbit.formats.shards import DEFAULT_SHARD_BYTES, ShardState, ShardWriter, read_metadata
 from lowbit.model.loading import LoadedModel, _load_tokenizer, read_config_json
-from lowbit.model.modules import set_submodule
+from lowbit.model.source import SafetensorsSource, StreamingModel, meta_skeleton
 from lowbit.nn.qlinear import QLinear
-from lowbit.quantize import FLOAT_DTYPES
+from lowbit.nn.record import RecordBuilder
 
 log = logging.getLogger(__name__)
-WEIGHTS = "model.safetensors"
 
 
-def _storage_tensor(t: torch.Tensor, float_dtype: torch.dtype) -> torch.Tensor:
-    if t.is_floating_point() and t.dtype == torch.float32 and float_dtype != torch.float32:
-        narrow = t.to(float_dtype)
-        if torch.equal(narrow.to(t.dtype), t):
-            return narrow
-    return t.contiguous()
-
-
-def checkpoint_tensors(model: nn.Module, float_dtype: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors, aliases)``: what to store, and name → stored-name for tensors shared between names."""
+def storage_tensor(t: torch.Tensor, float_dtype: str, name: str = "") -> torch.Tensor:
+    """How a tensor left in float is stored: in ``float_dtype``, or float32 if it would overflow float16."""
     dtype = FLOAT_DTYPES[float_dtype]
-    tensors: dict[str, torch.Tensor] = {}
+    t = t.detach()
+    if not t.is_floating_point() or t.dtype == torch.float16:
+        return t.contiguous()
+    if dtype == torch.float16 and t.float().abs().max() > torch.finfo(torch.float16).max:
+        log.warning("%s exceeds the float16 range: kept in float32", name or "a tensor")
+        return t.float().contiguous()
+    return t.to(dtype).contiguous()
+
+
+def module_tensors(module: nn.Module, prefix: str, float_dtype: str, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of ``module``: QLinear buffers as they are, float tensors in their storage dtype."""
+    quantized = {n for n, m in module.named_modules() if isinstance(m, QLinear)}
+    out = {}
+    for name, t in module.state_dict().items():
+        full = prefix + name
+        if full in skip:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        packed = owner in quantized and leaf in ("qweight", "scales", "zeros")
+        out[full] = t.detach().contiguous() if packed else storage_tensor(t, float_dtype, full)
+    return out
+
+
+class NativeSink:
+    """Consumes finished blocks (then the rest of the model) and writes a lowbit folder into ``folder``."""
+
+    def __init__(self, folder: Path, float_dtype: str, aliases: dict[str, str], max_shard_bytes: int =
+                 DEFAULT_SHARD_BYTES, state: dict[str, Any] | None = None) -> None:
+        self.folder = folder
+        self.float_dtype = float_dtype
+        self.aliases = dict(sorted(aliases.items()))
+        metadata = {"lowbit": json.dumps({"format": "lowbit", "aliases": self.aliases}, sort_keys=True)}
+        shards = ShardState(**state["shards"]) if state else None
+        self.writer = ShardWriter(folder, metadata, max_shard_bytes, shards)
+        self.records = RecordBuilder()
+        if state:
+            self.records.configs, self.records.layers = state["configs"], state["layers"]
+
+    def add_block(self, prefix: str, block: nn.Module) -> bool:
+        """Buffer a finished block; True when everything so far is durably on disk (a shard was flushed)."""
+        self.records.add(block, prefix)
+        self.writer.add(module_tensors(block, prefix, self.float_dtype, set(self.aliases)))
+        return self.writer.boundary()
+
+    def add_tensors(self, tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> None:
+        """Everything outside the blocks: float tensors by name, quantized layers (e.g. lm_head) as modules."""
+        for name, module in modules.items():
+            self.records.add(module, f"{name}.")
+            self.writer.add(module_tensors(module, f"{name}.", self.float_dtype))
+        self.writer.add({n: storage_tensor(t, self.float_dtype, n) for n, t in tensors.items()
+                         if n not in self.aliases})
+
+    def state(self) -> dict[str, Any]:
+        return {"shards": self.writer.state.to_dict(), "configs": self.records.configs, "layers": self.records.layers}
+
+    def finish(self, config: Any, method: str, generation: Any, tokenizer: Any,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write the last shard, config.json (with the record), generation config and tokenizer; the record."""
+        self.writer.finish()
+        record = {**self.records.record(method, self.float_dtype), **(extra or {})}
+        config.quantization_config = record
+        config.to_json_file(str(self.folder / "config.json"))
+        if generation is not None:
+            generation.save_pretrained(self.folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.folder)
+        return record
+
+
+def model_aliases(model: nn.Module) -> dict[str, str]:
+    """``{name: first name}`` for tensors an in-memory model shares between names (tied embeddings)."""
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    aliases: dict[str, str] = {}
+    aliases = {}
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key in seen:
             aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        tensors[name] = _storage_tensor(t.detach(), dtype)
-    return tensors, aliases
+        else:
+            seen[key] = name
+    return aliases
 
 
-def save_quantized(loaded: LoadedModel | nn.Module, out: str | Path, overwrite: bool = False, tokenizer: Any = None) -> Path:
-    """Write a quantized model to ``out`` atomically; returns the folder."""
+def checkpoint_tensors(model: nn.Module, float_dtype: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, aliases)`` of a whole in-memory model: what a checkpoint stores, and name → stored name."""
+    aliases = model_aliases(model)
+    return module_tensors(model, "", float_dtype, set(aliases)), aliases
+
+
+def save_quantized(loaded: LoadedModel | nn.Module, out: str | Path, overwrite: bool = False, tokenizer: Any = None,
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write an in-memory quantized model to ``out`` atomically (the streamed job's sink, fed all blocks)."""
+    from lowbit.model.architectures import block_list, spec_for
+
     model = loaded.model if isinstance(loaded, LoadedModel) else loaded
     tokenizer = loaded.tokenizer if isinstance(loaded, LoadedModel) else tokenizer
     record = getattr(model.config, "quantization_config", None)
     if not isinstance(record, dict) or record.get("quant_method") != "lowbit":
         raise FormatError("this model has not been quantized by lowbit: run quantize_model first")
-    tensors, aliases = checkpoint_tensors(model, record["float_dtype"])
-    # One metadata key: safetensors writes its metadata map in hash order, so several keys would make the bytes of
-    # two identical saves differ.
-    metadata = {"lowbit": json.dumps({"format": "lowbit", "quantization": record, "aliases": aliases}, sort_keys=True)}
-    return write_model_folder(out, overwrite, tensors, metadata, model.config, model, tokenizer)
+    spec = spec_for(model)
+    extra = {k: v for k, v in record.items() if k not in ("configs", "layers", "method", "float_dtype",
+                                                         "quant_method", "format_version")}
+    with atomic_folder(out, overwrite) as tmp:
+        sink = NativeSink(tmp, record["float_dtype"], model_aliases(model), max_shard_bytes)
+        for index, block in enumerate(block_list(model, spec)):
+            sink.add_block(f"{spec.blocks}.{index}.", block)
+        prefix = spec.blocks + "."
+        outside = {n: m for n, m in model.named_modules() if isinstance(m, QLinear) and not n.startswith(prefix)}
+        rest = {n: t for n, t in model.state_dict().items()
+                if not n.startswith(prefix) and n.rpartition(".")[0] not in outside}
+        sink.add_tensors(rest, outside)
+        config = model.config
+        saved = config.quantization_config
+        sink.finish(config, record["method"], getattr(model, "generation_config", None), tokenizer, extra)
+        config.quantization_config = saved
+    return Path(out)
 
 
 def write_model_folder(out: str | Path, overwrite: bool, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
                        config: Any, model: nn.Module, tokenizer: Any) -> Path:
-    """Atomically write a complete model folder: ``model.safetensors`` (with ``metadata``), ``config.json`` from
-    ``config``, the model's generation config and the tokenizer (when there are)."""
+    """Atomically write a complete single-file model folder (serving exports): ``model.safetensors`` with
+    ``metadata``, ``config.json`` from ``config``, generation config and tokenizer when there are."""
+    from safetensors.torch import save_file
+
     with atomic_folder(out, overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata=metadata)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
         config.to_json_file(str(tmp / "config.json"))
         generation = getattr(model, "generation_config", None)
         if generation is not None:
@@ -92,58 +175,62 @@ def write_model_folder(out: str | Path, overwrite: bool, tensors: dict[str, torc
     return Path(out)
 
 
-def _read_checkpoint(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not file.is_file():
-        raise ModelLoadError(f"{file} is missing: the quantized folder is incomplete; re-create it")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelLoadError(f"{file} is corrupt ({exc}): re-create the quantized folder") from exc
-    try:
-        header = json.loads(metadata["lowbit"])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{file} was not written by lowbit (no 'lowbit' metadata): re-create it with lowbit") from exc
-    return tensors, header.get("aliases", {})
-
-
-def load_quantized(folder: str | Path, device: str = "cpu") -> LoadedModel:
-    """Rebuild a model saved by :func:`save_quantized`: skeleton without weights, QLinear swaps, tensors assigned."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+def open_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> StreamingModel:
+    """A lowbit folder as a :class:`StreamingModel`: QLinear skeleton on meta, tensors read block by block."""
+    from transformers import AutoConfig
 
     folder = Path(folder)
     raw = read_config_json(folder)
     record = raw["quantization_config"]
     if record.get("format_version", 0) > 1:
         raise FormatError(f"{folder} uses lowbit format {record['format_version']}: upgrade lowbit to read it")
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     del config.quantization_config
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     configs = [QuantConfig.from_dict(c) for c in record["configs"]]
-    for name, layer in record["layers"].items():
+
+    def factory(layer: dict[str, Any]) -> Any:
         out_features, in_features = layer["shape"]
-        set_submodule(model, name, QLinear.empty(out_features, in_features, configs[layer["config"]], layer["bias"], "meta"))
-    tensors, aliases = _read_checkpoint(folder / WEIGHTS)
-    for name, stored in aliases.items():
-        tensors[name] = tensors[stored]
-    expected = model.state_dict()
-    for name, t in tensors.items():
-        if name in expected and expected[name].is_floating_point() and t.is_floating_point():
-            tensors[name] = t.to(expected[name].dtype)
-    result = model.load_state_dict(tensors, strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
-        raise FormatError(
-            f"{folder} does not match its config: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}; re-create the quantized folder"
-        )
-    if aliases:
-        model.tie_weights()
+        return lambda: QLinear.empty(out_features, in_features, configs[layer["config"]], layer["bias"], "meta")
+
+    model = meta_skeleton(config, [(name, factory(layer)) for name, layer in record["layers"].items()])
+    model.config.quantization_config = record
+    from safetensors import SafetensorError
+
+    try:
+        metadata = read_metadata(folder)
+    except (SafetensorError, OSError, ValueError, KeyError, IndexError) as exc:
+        raise ModelLoadError(f"the weights in {folder} are missing or corrupt ({exc}): re-create the quantized "
+                             "folder") from exc
+    try:
+        header = json.loads(metadata["lowbit"])
+    except (KeyError, ValueError) as exc:
+        raise FormatError(f"{folder} was not written by lowbit (no 'lowbit' metadata): re-create it") from exc
+    aliases = header.get("aliases", {})
+    source = SafetensorsSource.from_folder(folder, aliases)
+    _load_generation(model, folder)
+    return StreamingModel(model, _load_tokenizer(folder), source, str(folder), "lowbit", dtype, dict(aliases))
+
+
+def _load_generation(model: nn.Module, folder: Path) -> None:
+    from transformers import GenerationConfig
+
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+
+
+def load_quantized(folder: str | Path, device: str = "cpu") -> LoadedModel:
+    """Rebuild a model saved by :func:`save_quantized`, whole in memory (bit-identical to what was saved)."""
+    sm = open_quantized(folder)
+    sm.materialize("")
+    model = sm.model
+    for name, stored in sm.tied.items():
+        module_name, _, leaf = name.rpartition(".")
+        stored_module, _, stored_leaf = stored.rpartition(".")
+        setattr(model.get_submodule(module_name), leaf,
+                getattr(model.get_submodule(stored_module), stored_leaf))
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta:
         raise FormatError(f"{folder}: tensors {still_meta[:5]} were not restored; re-create the quantized folder")
-    model.config.quantization_config = record
+    sm.close()
     model.eval()
-    return LoadedModel(model.to(device), _load_tokenizer(folder), str(folder), "lowbit")
+    return LoadedModel(model.to(device), sm.tokenizer, str(folder), "lowbit")

@@ -152,15 +152,9 @@ def quantize_to_gguf(
 
     quantize_sequential(model, recipe, method, calib_ids, calib, progress, quantize_layer)
 
-    def encoder(name: str, _rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray | None:
-        data = encoded.get(name)
-        if data is not None and qtype != types[name]:
-            raise ConfigError(f"internal: {name} was calibrated as {types[name].name} but is written as {qtype.name}")
-        return data
-
     record = {"lowbit.method": method.name, "lowbit.calibration": calib.describe() + f" ({calib_ids.shape[0]} "
               f"windows of {calib_ids.shape[1]} tokens used)"}
-    return write_gguf(model, path, ftype, encoder=encoder, has_imatrix=True, metadata=record, **write)
+    return write_gguf(model, path, ftype, encoded=encoded, has_imatrix=True, metadata=record, **write)
 
 
 GGUF_METHODS = ("rtn", "imatrix", "gptq", "awq", "awq+gptq")

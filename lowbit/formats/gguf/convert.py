@@ -93,39 +93,69 @@ def to_gguf_layout(name: str, data: np.ndarray, config: Any) -> np.ndarray:
 
 
 def gguf_tensors(model: torch.nn.Module) -> Iterator[GGUFTensor]:
-    """The model's parameters, renamed and laid out for GGUF, as float32 (quantized layers dequantized).
-
-    A tied output projection is skipped (GGUF files reuse ``token_embd`` when ``output`` is absent).
-    """
+    """The model's parameters, renamed and laid out for GGUF, as float32 (quantized layers dequantized), in
+    stream order (block by block, then the rest). A tied output projection is skipped (GGUF files reuse
+    ``token_embd`` when ``output`` is absent)."""
     config = model.config
-    for name, tensor in _gguf_state(model, materialize=True):
+    for name, tensor in gguf_state(model, materialize=True):
         yield GGUFTensor(name, to_gguf_layout(name, tensor.numpy().astype(np.float32), config))
 
 
 def gguf_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """``{GGUF name: ne shape}`` (row length first) of the tensors :func:`gguf_tensors` yields, without computing
-    any of them (works on a meta-device model)."""
-    return {name: tuple(reversed(t.shape)) for name, t in _gguf_state(model, materialize=False)}
+    """``{GGUF name: ne shape}`` (row length first) of the tensors :func:`gguf_tensors` yields, in the same order,
+    without computing any of them (works on a meta-device model)."""
+    return {name: tuple(reversed(t.shape)) for name, t in gguf_state(model, materialize=False)}
 
 
-def _gguf_state(model: torch.nn.Module, materialize: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(GGUF name, tensor)`` for every stored tensor (tied ``lm_head`` skipped); quantized layers are dequantized
-    to float32 when ``materialize``, else stand in as meta tensors of their shape."""
+def stream_parts(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module | None]]:
+    """The order a model is streamed in: ``(prefix, block)`` for each decoder block, then ``("", None)`` for
+    everything outside the blocks."""
+    from lowbit.model.architectures import block_list, spec_for
+
+    spec = spec_for(model)
+    parts: list[tuple[str, torch.nn.Module | None]] = [
+        (f"{spec.blocks}.{i}.", block) for i, block in enumerate(block_list(model, spec))]
+    return parts + [("", None)]
+
+
+def gguf_state(model: torch.nn.Module, materialize: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(GGUF name, tensor)`` for every stored tensor, in stream order (see :func:`stream_parts`)."""
+    from lowbit.model.architectures import spec_for
+
+    prefix = spec_for(model).blocks + "."
+    for part, block in stream_parts(model):
+        if block is not None:
+            yield from module_gguf_state(model.config, block, part, materialize)
+    yield from module_gguf_state(model.config, model, "", materialize, exclude=prefix)
+
+
+def module_gguf_state(config: Any, module: torch.nn.Module, prefix: str, materialize: bool,
+                      exclude: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(GGUF name, tensor)`` for the tensors of ``module`` (full names ``prefix + name``), skipping names that
+    start with ``exclude``; quantized layers are dequantized to float32 when ``materialize``, else stand in as
+    meta tensors of their shape; a tied ``lm_head`` is skipped."""
     from lowbit.nn.qlinear import QLinear
 
-    config = model.config
     name_of = gguf_name_map(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QLinear)}
-    state: list[tuple[str, torch.Tensor]] = []
-    for name, module in quantized.items():
-        shape = (module.out_features, module.in_features)
-        weight = module.quantized_tensor().dequantize() if materialize else torch.empty(shape, device="meta")
-        state.append((f"{name}.weight", weight))
-        if module.bias is not None:
-            state.append((f"{name}.bias", module.bias.detach()))
-    state += [(n, t.detach()) for n, t in model.state_dict().items() if n.rsplit(".", 1)[0] not in quantized]
-    for hf_name, tensor in state:
+    quantized = {name: m for name, m in module.named_modules() if isinstance(m, QLinear)}
+    entries: list[tuple[str, torch.Tensor]] = []
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        owner, _, leaf = name.rpartition(".")
+        full = prefix + name
+        if exclude is not None and full.startswith(exclude):
+            continue
+        if owner in quantized:
+            if leaf == "qweight":
+                q = quantized[owner]
+                shape = (q.out_features, q.in_features)
+                weight = q.quantized_tensor().dequantize() if materialize else torch.empty(shape, device="meta")
+                entries.append((f"{prefix}{owner}.weight", weight))
+            elif leaf == "bias":
+                entries.append((full, tensor.detach()))
+            continue
+        entries.append((full, tensor.detach()))
+    for hf_name, tensor in entries:
         if not (tied and hf_name.startswith("lm_head.")):
             yield name_of(hf_name), tensor.float() if materialize else tensor
 

@@ -24,15 +24,13 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 from tqdm import tqdm
 
 from lowbit.errors import FormatError
-from lowbit.formats.gguf.convert import GGUFTensor, gguf_arch, gguf_tensors, hyperparameters
+from lowbit.formats.gguf.convert import gguf_arch, hyperparameters
 from lowbit.formats.gguf.legacy import LEGACY_TYPES, quantize_legacy
 
 log = logging.getLogger(__name__)
 Q = GGMLQuantizationType
 KQUANTS = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 WRITABLE = (Q.F32, Q.F16, Q.BF16, *LEGACY_TYPES, *KQUANTS)
-# (GGUF tensor name, float rows [R, C]) → bytes [R, C/block·type_size], for calibrated exports
-Encoder = Callable[[str, np.ndarray, GGMLQuantizationType], np.ndarray | None]
 
 
 def file_type(name: str) -> LlamaFileType:
@@ -118,62 +116,80 @@ def tokenizer_metadata(tokenizer: Any) -> dict[str, tuple[Any, GGUFValueType, GG
     return meta
 
 
-def write_gguf(
-    model: Any, path: Path | str, ftype: str = "F16", *, tokenizer: Any = None, source: Path | str | None = None,
-    overrides: dict[str, str] | None = None, encoder: Encoder | None = None, progress: bool = True,
-    has_imatrix: bool = False, metadata: dict[str, str] | None = None,
-) -> GGUFSummary:
-    """Write ``model`` to ``path`` as GGUF file type ``ftype`` (e.g. ``Q4_K_M``).
-
-    ``source``: the GGUF file the model was read from, whose metadata (tokenizer, names) is carried over; otherwise
-    ``tokenizer`` (a Hugging Face tokenizer) supplies it. ``overrides``: ``{regex: type}`` per-tensor types.
-    ``encoder``: returns the bytes of a tensor a calibrated method quantized itself (or None for the reference
-    encoder). ``has_imatrix``: the weights were chosen with calibration data (llama.cpp's mixes then differ for
-    Q4_0/Q5_0). ``metadata``: extra string key/values (e.g. how lowbit calibrated).
-    """
+def gguf_plan(model: Any, ftype: str, overrides: dict[str, str] | None = None, has_imatrix: bool = False,
+              ) -> tuple[dict[str, tuple[int, ...]], dict[str, GGMLQuantizationType]]:
+    """``(shapes, types)`` of the GGUF file ``model`` becomes as ``ftype``: every tensor's ne shape in file
+    order and its block type (llama.cpp's rules + ``overrides``). Reads no weights (a meta skeleton works)."""
+    from lowbit.formats.gguf.convert import gguf_shapes
     from lowbit.formats.gguf.recipes import ModelFacts, tensor_types
 
-    path = Path(path)
     config = model.config
     arch = gguf_arch(config.model_type)
-    kind = file_type(ftype)
-    tensors: list[GGUFTensor] = list(gguf_tensors(model))
-    facts = ModelFacts.from_config(config, arch)
-    types = tensor_types(ftype, {t.name: tuple(reversed(t.data.shape)) for t in tensors}, facts, overrides,
-                         has_imatrix=has_imatrix)
-    unwritable = sorted({types[t.name].name for t in tensors} - {q.name for q in WRITABLE})
+    file_type(ftype)
+    shapes = gguf_shapes(model)
+    types = tensor_types(ftype, shapes, ModelFacts.from_config(config, arch), overrides, has_imatrix=has_imatrix)
+    unwritable = sorted({types[n].name for n in shapes} - {q.name for q in WRITABLE})
     if unwritable:
         raise FormatError(f"llama.cpp's rules for {ftype} pick {', '.join(unwritable)} for some tensors, which lowbit "
                           "cannot encode: choose another file type or override those tensors")
-    tmp = path.with_name(f".{path.name}.tmp")
-    writer = GGUFWriter(str(tmp), arch)
-    try:
+    return shapes, types
+
+
+def head_writer(config: Any, ftype: str, tokenizer: Any = None, source: Path | str | None = None,
+                metadata: dict[str, str] | None = None) -> Callable[[GGUFWriter], None]:
+    """Fills a ``GGUFWriter``'s key/values: tokenizer (copied from a GGUF ``source`` or built from ``tokenizer``),
+    hyper-parameters, file type, and ``metadata`` strings."""
+    arch = gguf_arch(config.model_type)
+    kind = file_type(ftype)
+    if source is None and tokenizer is None:
+        raise FormatError("a GGUF file needs tokenizer metadata: pass the model's tokenizer or its GGUF source file")
+
+    def write(writer: GGUFWriter) -> None:
         _write_metadata(writer, config, arch, kind, tokenizer, source)
         for key, value in (metadata or {}).items():
             writer.add_string(key, value)
-        summary = GGUFSummary(path, 0)
-        for t in tqdm(tensors, desc=f"GGUF {ftype}", unit="tensor", disable=not progress):
-            qtype = types[t.name]
-            rows = t.data if t.data.ndim == 2 else t.data.reshape(1, -1)
-            data = encoder(t.name, rows, qtype) if encoder is not None and t.data.ndim == 2 else None
-            if data is None:
-                data = encode(rows if qtype not in (Q.F32, Q.F16, Q.BF16) else t.data, qtype)
-            if qtype in (Q.F32, Q.F16):
-                writer.add_tensor(t.name, data.reshape(t.data.shape))
+
+    return write
+
+
+def write_gguf(
+    model: Any, path: Path | str, ftype: str = "F16", *, tokenizer: Any = None, source: Path | str | None = None,
+    overrides: dict[str, str] | None = None, encoded: dict[str, np.ndarray] | None = None, progress: bool = True,
+    has_imatrix: bool = False, metadata: dict[str, str] | None = None,
+) -> GGUFSummary:
+    """Write an in-memory ``model`` to ``path`` as GGUF file type ``ftype`` (e.g. ``Q4_K_M``), through the same
+    :class:`~lowbit.formats.gguf.sink.GGUFSink` a streamed job uses (so both give the same bytes).
+
+    ``source``: the GGUF file the model was read from, whose metadata (tokenizer, names) is carried over; otherwise
+    ``tokenizer`` (a Hugging Face tokenizer) supplies it. ``overrides``: ``{regex: type}`` per-tensor types.
+    ``encoded``: ``{GGUF name: bytes}`` of tensors a calibrated method quantized itself (the others get the
+    reference encoders). ``has_imatrix``: the weights were chosen with calibration data (llama.cpp's mixes then differ for
+    Q4_0/Q5_0). ``metadata``: extra string key/values (e.g. how lowbit calibrated).
+    """
+    from lowbit.formats.gguf.convert import stream_parts
+    from lowbit.formats.gguf.sink import GGUFSink
+    from lowbit.model.architectures import spec_for
+
+    path = Path(path)
+    shapes, types = gguf_plan(model, ftype, overrides, has_imatrix)
+    head = head_writer(model.config, ftype, tokenizer, source, metadata)
+    tmp = path.with_name(f".{path.name}.tmp")
+    sink = GGUFSink(tmp, model.config, shapes, types, head)
+    sink.encoded = dict(encoded or {})
+    try:
+        blocks = spec_for(model).blocks + "."
+        for prefix, block in tqdm(stream_parts(model), desc=f"GGUF {ftype}", unit="block", disable=not progress):
+            if block is not None:
+                sink.add_module(block, prefix)
             else:
-                # bytes [..., row bytes]; gguf-py derives the element shape from the type's block size
-                writer.add_tensor(t.name, data.view(np.uint8).reshape(*t.data.shape[:-1], -1), raw_dtype=qtype)
-            summary.types[t.name] = qtype.name
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-        writer.close()
+                sink.add_module(model, "", exclude=blocks)
+        sink.finish()
         os.replace(tmp, path)
     except BaseException:
-        writer.close()
+        sink.abort()
         tmp.unlink(missing_ok=True)
         raise
-    summary.bytes = path.stat().st_size
+    summary = GGUFSummary(path, path.stat().st_size, {n: types[n].name for n in shapes})
     log.info("wrote %s: %s bytes, %s", path, f"{summary.bytes:,}", summary.counts())
     return summary
 

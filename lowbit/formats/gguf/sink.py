@@ -1,0 +1,124 @@
+"""Streaming GGUF output: header, key/values and tensor infos first, then each tensor's data as its block finishes.
+
+A GGUF file declares every tensor (name, shape, type, offset) before any data; the shapes come from the model's
+skeleton and the types from llama.cpp's mix (:mod:`lowbit.formats.gguf.recipes`), so the header can be written
+before a single weight is read. gguf-py's ``GGUFWriter`` writes header → key/values → tensor infos (its state
+machine checks the order); the data section is then ours: tensor ``i`` lives at
+``data_start + Σ_{j<i} pad(nbytes_j, alignment)``, so a tensor is written at its offset whenever it is ready,
+and a resumed job continues at the next unwritten tensor. Nothing but one tensor's bytes is ever in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+
+from lowbit.errors import ConfigError, FormatError
+from lowbit.formats.gguf.convert import gguf_arch, module_gguf_state, to_gguf_layout
+
+log = logging.getLogger(__name__)
+Q = GGMLQuantizationType
+
+
+def _nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
+    from lowbit.formats.gguf.writer import tensor_bytes
+
+    if qtype == Q.F32:
+        return 4 * int(np.prod(shape))
+    if qtype in (Q.F16, Q.BF16):
+        return 2 * int(np.prod(shape))
+    return tensor_bytes(shape, qtype)
+
+
+class GGUFSink:
+    """Writes a GGUF file at ``path`` tensor by tensor.
+
+    ``shapes``: ``{GGUF name: ne shape}`` in file order; ``types``: each tensor's block type; ``write_head``:
+    fills a ``GGUFWriter`` with key/values. ``encoded``: bytes a calibrated method already produced, by GGUF name
+    (consumed when that tensor is written). ``resume``: ``(data_start, written names)`` of an interrupted run.
+    """
+
+    def __init__(self, path: Path, config: Any, shapes: dict[str, tuple[int, ...]],
+                 types: dict[str, GGMLQuantizationType], write_head: Callable[[GGUFWriter], None],
+                 encoded: dict[str, np.ndarray] | None = None, resume: tuple[int, list[str]] | None = None) -> None:
+        self.path, self.config, self.types = path, config, types
+        self.encoded = encoded if encoded is not None else {}
+        self.shapes = {name: tuple(reversed(ne)) for name, ne in shapes.items()}  # numpy order
+        if resume is None:
+            writer = GGUFWriter(str(path), gguf_arch(config.model_type))
+            write_head(writer)
+            for name, shape in self.shapes.items():
+                qtype = types[name]
+                raw = None if qtype in (Q.F32, Q.F16) else qtype
+                np_dtype = np.float16 if qtype == Q.F16 else np.float32
+                writer.add_tensor_info(name, shape, np.dtype(np_dtype), _nbytes(shape, qtype), raw_dtype=raw)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            self._file = writer.fout[0]
+            self.alignment = writer.data_alignment
+            self.data_start = GGUFWriter.ggml_pad(self._file.tell(), self.alignment)
+            self.written: list[str] = []
+        else:
+            self._file = open(path, "r+b")
+            self.alignment = 32
+            self.data_start, self.written = resume[0], list(resume[1])
+        self.offsets: dict[str, int] = {}
+        offset = self.data_start
+        for name, shape in self.shapes.items():
+            self.offsets[name] = offset
+            offset += GGUFWriter.ggml_pad(_nbytes(shape, types[name]), self.alignment)
+        self.end = offset
+
+    def _write(self, name: str, data: np.ndarray) -> None:
+        expected = _nbytes(self.shapes[name], self.types[name])
+        if data.nbytes != expected:
+            raise FormatError(f"internal: {name} encodes to {data.nbytes} bytes, its tensor info says {expected}")
+        self._file.seek(self.offsets[name])
+        self._file.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+        self.written.append(name)
+
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Encode one float tensor (GGUF ``name``, numpy layout already llama.cpp's) as its type and write it."""
+        from lowbit.formats.gguf.writer import encode
+
+        qtype = self.types[name]
+        data = self.encoded.pop(name, None)
+        if data is None:
+            rows = tensor.numpy().astype(np.float32, copy=False)
+            rows = rows if rows.ndim == 2 or qtype in (Q.F32, Q.F16, Q.BF16) else rows.reshape(1, -1)
+            data = encode(rows, qtype)
+        elif qtype != self.types[name]:
+            raise ConfigError(f"internal: {name} was calibrated as another type than it is written")
+        self._write(name, data)
+
+    def add_module(self, module: torch.nn.Module, prefix: str, exclude: str | None = None) -> None:
+        """Write every tensor of ``module`` (a finished block, or the rest of the model with ``exclude`` naming the
+        blocks' prefix): quantized layers are dequantized, names and layouts become llama.cpp's."""
+        for name, tensor in module_gguf_state(self.config, module, prefix, materialize=True, exclude=exclude):
+            if name in self.encoded:
+                self._write(name, self.encoded.pop(name))
+                continue
+            self.add_tensor(name, torch.from_numpy(to_gguf_layout(name, tensor.numpy(), self.config)))
+
+    def sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def finish(self) -> None:
+        missing = [n for n in self.shapes if n not in set(self.written)]
+        if missing:
+            raise FormatError(f"internal: GGUF tensors {missing[:3]} were never written")
+        self._file.truncate(self.end)
+        self.sync()
+        self._file.close()
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()

@@ -1,0 +1,106 @@
+"""A GGUF file as a :class:`~lowbit.model.source.WeightSource`: one tensor dequantized at a time.
+
+The per-tensor steps are transformers' own GGUF reader's (``load_gguf_checkpoint``): gguf-py dequantizes the block
+data, the architecture's ``TensorProcessor`` undoes llama.cpp's layout changes (rotary row order of q/k, Gemma's
+``1 + w`` norms, GPT-2's fused/transposed tensors), and ``get_gguf_hf_weights_map`` names the result. Only the
+loop is ours: instead of every tensor into one dict, the one tensor a block needs, when it needs it — so a file
+larger than RAM streams, and what we read equals what ``from_pretrained(gguf_file=…)`` builds (tested).
+
+gguf-py memory-maps the file; pages a read touched are dropped from this process after each tensor
+(``MADV_DONTNEED``) so the file never counts as resident memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from lowbit.errors import ModelLoadError
+from lowbit.model.source import StreamingModel, meta_skeleton, tied_names
+
+log = logging.getLogger(__name__)
+
+
+class GGUFSource:
+    """Tensors of a GGUF file under the state-dict names of the transformers model built from it."""
+
+    def __init__(self, path: Path, model: torch.nn.Module) -> None:
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint)
+
+        self.path = path
+        try:
+            self._reader = GGUFReader(str(path))
+            parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+        except (ValueError, OSError, IndexError, KeyError) as exc:
+            raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}): re-download it") from exc
+        arch = str(self._reader.fields["general.architecture"].contents())
+        self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed.get("config", {}))
+        self._parsed = parsed
+        self._to_hf = get_gguf_hf_weights_map(model, self._processor)
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        self._by_hf: dict[str, Any] = {}
+        for gguf_name, tensor in self._tensors.items():
+            hf = self._to_hf.get(gguf_name)
+            if hf is not None:
+                self._by_hf[hf] = tensor
+        self.names = frozenset(self._by_hf)
+
+    def _drop_pages(self) -> None:
+        raw = getattr(self._reader.data, "_mmap", None)
+        if isinstance(raw, mmap.mmap):
+            raw.madvise(mmap.MADV_DONTNEED)
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = self._by_hf.get(name)
+        if tensor is None:
+            raise ModelLoadError(f"{self.path} has no tensor for {name!r}: the file does not match its metadata")
+        try:
+            weights = dequantize(tensor.data, tensor.tensor_type)
+            result = self._processor.process(weights=weights, name=tensor.name, tensor_key_mapping=self._to_hf,
+                                             parsed_parameters=self._parsed)
+        except (ValueError, IndexError, NotImplementedError) as exc:
+            raise ModelLoadError(f"cannot decode {tensor.name} in {self.path} ({exc}): corrupt or unsupported") from exc
+        finally:
+            self._drop_pages()
+        out = torch.from_numpy(np.copy(result.weights))
+        return out if dtype is None else out.to(dtype)
+
+    def read_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = self._by_hf.get(name)
+        if tensor is None or tensor.data.ndim != 2 or tensor.name not in ("token_embd.weight", "output.weight"):
+            return self.read(name, dtype)[start:stop]  # only the vocabulary tables are read by rows
+        try:
+            rows = dequantize(tensor.data[start:stop], tensor.tensor_type)
+            result = self._processor.process(weights=rows, name=tensor.name, tensor_key_mapping=self._to_hf,
+                                             parsed_parameters=self._parsed)
+        finally:
+            self._drop_pages()
+        out = torch.from_numpy(np.copy(result.weights))
+        return out if dtype is None else out.to(dtype)
+
+    def close(self) -> None:
+        self._drop_pages()
+
+
+def open_gguf(path: Path, dtype: torch.dtype, tokenizer: Any) -> StreamingModel:
+    """A GGUF file as a :class:`StreamingModel`: config from its metadata (transformers), tensors on demand."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, OSError, NotImplementedError) as exc:
+        raise ModelLoadError(f"transformers cannot build a model from {path} ({exc}): its architecture may be "
+                             "unsupported") from exc
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = meta_skeleton(config)
+    source = GGUFSource(path, model)
+    return StreamingModel(model, tokenizer, source, str(path), "gguf", dtype, tied_names(model, source.names))
