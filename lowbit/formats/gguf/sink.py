@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 
-from lowbit.errors import ConfigError, FormatError
+from lowbit.errors import FormatError
 from lowbit.formats.gguf.convert import gguf_arch, module_gguf_state, to_gguf_layout
 
 log = logging.getLogger(__name__)
 Q = GGMLQuantizationType
+_ROWS = 4096  # rows encoded at once: 64 MB of float32 at width 4096
 
 
 def _nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
@@ -86,17 +87,40 @@ class GGUFSink:
 
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """Encode one float tensor (GGUF ``name``, numpy layout already llama.cpp's) as its type and write it."""
+        data = self.encoded.pop(name, None)
+        if data is not None:
+            self._write(name, data)
+            return
+        array = tensor.numpy()
+        if array.ndim != 2:
+            self._write(name, self._encode(name, array))
+            return
+        self.write_rows(name, lambda a, b: array[a:b])
+
+    def _encode(self, name: str, rows: np.ndarray) -> np.ndarray:
         from lowbit.formats.gguf.writer import encode
 
         qtype = self.types[name]
-        data = self.encoded.pop(name, None)
-        if data is None:
-            rows = tensor.numpy().astype(np.float32, copy=False)
-            rows = rows if rows.ndim == 2 or qtype in (Q.F32, Q.F16, Q.BF16) else rows.reshape(1, -1)
-            data = encode(rows, qtype)
-        elif qtype != self.types[name]:
-            raise ConfigError(f"internal: {name} was calibrated as another type than it is written")
-        self._write(name, data)
+        rows = rows.astype(np.float32, copy=False)
+        if rows.ndim != 2 and qtype not in (Q.F32, Q.F16, Q.BF16):
+            rows = rows.reshape(1, -1)
+        return encode(rows, qtype)
+
+    def write_rows(self, name: str, get_rows: Callable[[int, int], np.ndarray]) -> None:
+        """Encode and write a 2-D tensor ``_ROWS`` rows at a time (every GGUF type encodes rows independently),
+        so a 128k-row embedding never exists in float32 as a whole."""
+        rows, _cols = self.shapes[name]
+        offset = self.offsets[name]
+        written = 0
+        for start in range(0, rows, _ROWS):
+            data = self._encode(name, np.asarray(get_rows(start, min(rows, start + _ROWS))))
+            self._file.seek(offset + written)
+            self._file.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+            written += data.nbytes
+        expected = _nbytes(self.shapes[name], self.types[name])
+        if written != expected:
+            raise FormatError(f"internal: {name} encodes to {written} bytes, its tensor info says {expected}")
+        self.written.append(name)
 
     def add_module(self, module: torch.nn.Module, prefix: str, exclude: str | None = None) -> None:
         """Write every tensor of ``module`` (a finished block, or the rest of the model with ``exclude`` naming the

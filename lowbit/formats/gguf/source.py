@@ -23,6 +23,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from lowbit.errors import ModelLoadError
+from lowbit.model.loading import register_opener
 from lowbit.model.source import StreamingModel, meta_skeleton, tied_names
 
 log = logging.getLogger(__name__)
@@ -104,3 +105,12 @@ def open_gguf(path: Path, dtype: torch.dtype, tokenizer: Any) -> StreamingModel:
     model = meta_skeleton(config)
     source = GGUFSource(path, model)
     return StreamingModel(model, tokenizer, source, str(path), "gguf", dtype, tied_names(model, source.names))
+
+
+def _open(path: Path, dtype: torch.dtype) -> StreamingModel:
+    from lowbit.model.loading import _load_tokenizer
+
+    return open_gguf(path, dtype, _load_tokenizer(path.parent, gguf_file=path.name))
+
+
+register_opener("gguf", _open)

@@ -1,0 +1,218 @@
+"""Lockstep evaluation: a model and its original, block by block over the same windows, never two whole models.
+
+Same protocol and numbers as :func:`lowbit.eval.perplexity.evaluate` (perplexity; KL divergence and top-1 agreement
+against a reference), computed with bounded memory:
+
+1. each model's first-block inputs for every window (the embedding table read only at the rows the text uses);
+2. for each block index: materialize that block of each model, run it on that model's hidden states, release it;
+3. the head: the input of the output projection (final norm etc., whatever the architecture does after its last
+   block) is captured by replaying the final hidden states through the model's own forward with its blocks
+   stood in for; then the vocabulary is walked in chunks of rows of the output matrix, with running
+   (online-softmax) statistics per position — for the reference ``m_r`` (max logit), ``s_r = Σ exp(z_r − m_r)``
+   and ``T = Σ exp(z_r − m_r)(z_r − z_q)``, rescaled by ``exp(m_old − m_new)`` as the max grows — so that
+
+   ``KL = T / s_r − lse_r + lse_q``, ``lse = m + log s``, ``NLL = lse − z_target``.
+
+Memory: hidden states ``windows × seqlen × hidden`` per model, one block per model, one ``positions × chunk``
+logits tile: no ``windows × seqlen × vocab`` array ever exists (vocab is 128k–256k on current models).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.calib.capture import BlockInputs, capture_first_block_inputs, run_block
+from lowbit.eval.perplexity import EvalProtocol, EvalResult, _bos_id
+from lowbit.model.architectures import block_list, spec_for
+from lowbit.model.source import StreamingModel
+
+_VOCAB_CHUNK = 8192  # rows of the output matrix per step
+_POS_CHUNK = 1024  # positions per logits tile
+
+
+class _StopAtHead(Exception):
+    pass
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder block: returns a stored hidden state (the first) or its input (the others)."""
+
+    def __init__(self, original: nn.Module, hidden: torch.Tensor | None, as_tuple: bool) -> None:
+        super().__init__()
+        self.attention_type = getattr(original, "attention_type", None)
+        self._hidden, self._as_tuple = hidden, as_tuple
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = self._hidden if self._hidden is not None else hidden_states
+        return (out,) if self._as_tuple else out
+
+
+@dataclass
+class _RunningStats:
+    """Per-position online log-sum-exp, target logit and argmax of one model's logits."""
+
+    m: torch.Tensor
+    s: torch.Tensor
+    target: torch.Tensor
+    argmax: torch.Tensor
+
+    @classmethod
+    def empty(cls, n: int) -> "_RunningStats":
+        return cls(torch.full((n,), -math.inf, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
+                   torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.long))
+
+    def update(self, z: torch.Tensor, rows: slice, offset: int, targets: torch.Tensor) -> torch.Tensor:
+        """Fold logits ``z [P, V_c]`` (vocab ids ``offset…``) for positions ``rows``; returns the rescale factor."""
+        chunk_max, chunk_arg = z.max(dim=1)
+        old = self.m[rows]
+        new = torch.maximum(old, chunk_max.double())
+        factor = torch.exp(old - new)
+        self.s[rows] = self.s[rows] * factor + torch.exp(z.double() - new[:, None]).sum(1)
+        better = chunk_max.double() > old
+        self.argmax[rows] = torch.where(better, chunk_arg + offset, self.argmax[rows])
+        self.m[rows] = new
+        local = targets - offset
+        hit = (local >= 0) & (local < z.shape[1])
+        self.target[rows] = torch.where(hit, z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None])[:, 0].double(),
+                                        self.target[rows])
+        return factor
+
+    @property
+    def lse(self) -> torch.Tensor:
+        return self.m + torch.log(self.s)
+
+
+def _first_inputs(sm: StreamingModel, ids: torch.Tensor) -> list[BlockInputs]:
+    from lowbit.job import _rest_for_capture
+    from lowbit.pipeline import BlockPlan
+
+    spec = spec_for(sm.model)
+    if sm.streamed:
+        sm.load_tensors(_rest_for_capture(sm, BlockPlan(spec, block_list(sm.model, spec), [])))
+    embed = sm.input_embeds if sm.streamed else None
+    return capture_first_block_inputs(sm.model, block_list(sm.model, spec)[0], ids, 1, embed)
+
+
+@torch.no_grad()
+def _head_inputs(sm: StreamingModel, finals: list[BlockInputs], as_tuple: bool) -> torch.Tensor:
+    """What the output projection receives for each window's final hidden state: ``[windows·T, hidden]``."""
+    model = sm.model
+    spec = spec_for(model)
+    blocks = block_list(model, spec)
+    originals = list(blocks)
+    head = model.get_output_embeddings()
+    captured: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        captured.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        raise _StopAtHead
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        for final in finals:
+            for i, original in enumerate(originals):
+                blocks[i] = _Replay(original, final.hidden if i == 0 else None, as_tuple)
+            try:
+                model(inputs_embeds=torch.zeros_like(final.hidden), use_cache=False)
+            except _StopAtHead:
+                pass
+    finally:
+        handle.remove()
+        for i, original in enumerate(originals):
+            blocks[i] = original
+    return torch.cat(captured)
+
+
+def _head_rows(sm: StreamingModel) -> tuple[Any, int]:
+    """A function ``(a, b) → (W[a:b] float32, bias[a:b] or None)`` over the output matrix, and the vocab size."""
+    head = sm.model.get_output_embeddings()
+    name = next(n for n, m in sm.model.named_modules() if m is head)
+    bias_name = f"{name}.bias" if getattr(head, "bias", None) is not None else None
+    vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
+    if not isinstance(head, nn.Linear) or not sm.streamed:
+        module = sm.materialize(name) if sm.streamed else head
+        eye_free = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and eye_free is not None:
+            return (lambda a, b: (module.weight[a:b].float(), None if module.bias is None else module.bias[a:b].float()),
+                    vocab)
+        return (lambda a, b: (None, (module, a, b)), vocab)
+    bias = sm.read(bias_name, torch.float32) if bias_name else None
+    return (lambda a, b: (sm.source.read_rows(sm._stored(f"{name}.weight"), a, b, torch.float32),
+                          None if bias is None else bias[a:b]), vocab)
+
+
+def _logits(x: torch.Tensor, rows: tuple[Any, Any], cap: float | None) -> torch.Tensor:
+    weight, bias = rows
+    if weight is None:  # a quantized head: run it and keep the chunk's columns
+        module, a, b = bias
+        z = module(x)[:, a:b].float()
+    else:
+        z = x @ weight.T
+        if bias is not None:
+            z = z + bias
+    return torch.tanh(z / cap) * cap if cap else z
+
+
+@torch.no_grad()
+def evaluate_lockstep(sm: StreamingModel, windows: torch.Tensor, protocol: EvalProtocol,
+                      reference: StreamingModel | None = None, progress: bool = True) -> EvalResult:
+    """Perplexity of ``sm`` on ``windows``; KL and top-1 agreement against ``reference`` (see module doc)."""
+    bos_id = _bos_id(protocol, sm.tokenizer)
+    ids = windows if bos_id is None else torch.cat([torch.full((windows.shape[0], 1), bos_id), windows], dim=1)
+    scored = slice(0, windows.shape[1] - 1) if bos_id is None else slice(0, windows.shape[1])
+    targets = ids[:, scored.start + 1: scored.stop + 1].reshape(-1)
+    models = [sm] + ([reference] if reference is not None else [])
+    states = [_first_inputs(m, ids) for m in models]
+    count = len(block_list(sm.model, spec_for(sm.model)))
+    as_tuple = False
+    prefix = spec_for(sm.model).blocks
+    for index in tqdm(range(count), desc="evaluating", unit="block", disable=not progress):
+        for k, m in enumerate(models):
+            block = m.materialize(f"{prefix}.{index}")
+            out = block(states[k][0].hidden, *states[k][0].args, **states[k][0].kwargs)
+            as_tuple = isinstance(out, (tuple, list))
+            first = BlockInputs(out[0] if as_tuple else out, states[k][0].args, states[k][0].kwargs)
+            states[k] = [first] + run_block(block, states[k][1:])
+            m.release(f"{prefix}.{index}")
+    heads = []
+    for k, m in enumerate(models):
+        x = _head_inputs(m, states[k], as_tuple).float()
+        t = ids.shape[1]
+        heads.append(x.view(len(states[k]), t, -1)[:, scored].reshape(-1, x.shape[-1]))
+        states[k] = []
+    n = targets.numel()
+    stats = [_RunningStats.empty(n) for _ in models]
+    kl_t = torch.zeros(n, dtype=torch.float64)
+    caps = [getattr(getattr(m.model.config, "get_text_config", lambda: m.model.config)(), "final_logit_softcapping",
+                    None) for m in models]
+    readers = [_head_rows(m) for m in models]
+    vocab = readers[0][1]
+    for a in tqdm(range(0, vocab, _VOCAB_CHUNK), desc="head", unit="chunk", disable=not progress):
+        b = min(vocab, a + _VOCAB_CHUNK)
+        rows = [reader(a, b) for reader, _ in readers]
+        for p in range(0, n, _POS_CHUNK):
+            part = slice(p, min(n, p + _POS_CHUNK))
+            z = [_logits(heads[k][part], rows[k], caps[k]) for k in range(len(models))]
+            stats[0].update(z[0], part, a, targets[part])
+            if reference is not None:
+                ref = stats[1]
+                old_m = ref.m[part].clone()
+                ref.update(z[1], part, a, targets[part])
+                factor = torch.exp(old_m - ref.m[part])
+                kl_t[part] = kl_t[part] * factor + (torch.exp(z[1].double() - ref.m[part][:, None])
+                                                    * (z[1] - z[0]).double()).sum(1)
+    nll = float((stats[0].lse - stats[0].target).mean())
+    result: dict[str, Any] = {}
+    if reference is not None:
+        ref = stats[1]
+        kl = kl_t / ref.s - ref.lse + stats[0].lse
+        result = {"kl": float(kl.mean()), "top1_agreement": float((ref.argmax == stats[0].argmax).double().mean()),
+                  "reference_perplexity": math.exp(float((ref.lse - ref.target).mean()))}
+    return EvalResult(perplexity=math.exp(nll), nll=nll, scored_tokens=n, windows=windows.shape[0],
+                      seqlen=protocol.seqlen, bos="per-window BOS" if bos_id is not None else "none", **result)

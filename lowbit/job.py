@@ -1,0 +1,223 @@
+"""One streaming job: source → per block (calibrate, transform, choose q-params, round) → sink, resumable.
+
+:func:`quantize_and_save` is the end-to-end Python call the CLI maps its arguments onto::
+
+    from lowbit.job import QuantizeJob, quantize_and_save
+    quantize_and_save(QuantizeJob("path/to/Llama-3.1-8B", "out", recipe=QuantRecipe(QuantConfig(bits=4))))
+
+Memory: the model is opened as a meta skeleton (:func:`lowbit.model.loading.open_model`); one decoder block is
+materialized in the compute dtype at a time, quantized, handed to the sink and released; the tensors outside the
+blocks are read one at a time at the end (vocabulary tables by rows). Calibration activations
+(``samples × seqlen × hidden``) are the only per-token state.
+
+Crash safety: everything is written into a hidden ``.NAME.lowbit-partial`` folder beside ``--out``, renamed into
+place only when complete. Whenever the sink has everything up to a block durably on disk, ``job.json`` records
+the next block, the sink's state and a fingerprint of (source files, settings, calibration tokens); for
+calibrated methods the next block's input hidden states are saved too. ``resume=True`` continues from there —
+refused if the fingerprint differs — and writes the same bytes an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import lowbit.formats  # noqa: F401  (registers the streaming readers)
+from lowbit.calib.data import CalibConfig
+from lowbit.config import FLOAT_DTYPES, QuantRecipe
+from lowbit.errors import ConfigError
+from lowbit.formats.atomic import check_output, partial_folder, publish, write_json_atomic
+from lowbit.formats.native import NativeSink
+from lowbit.formats.shards import DEFAULT_SHARD_BYTES
+from lowbit.methods.method import MethodConfig
+from lowbit.model.loading import open_model, resolve_source
+from lowbit.model.source import StreamingModel
+from lowbit.pipeline import BlockPlan, quantize_sequential
+
+log = logging.getLogger(__name__)
+STATE_FILE, HIDDEN_FILE = "job.json", "hidden.safetensors"
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class QuantizeJob:
+    """What to quantize, how, and where to write it. ``fmt``: ``lowbit`` (native folder) or ``gguf`` (a file of
+    llama.cpp type ``gguf_type``). ``calib_ids``: calibration windows ``[samples, seqlen]`` for calibrated
+    methods (see :func:`lowbit.calib.data.calibration_ids`)."""
+
+    model: str
+    out: str
+    recipe: QuantRecipe = field(default_factory=QuantRecipe)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    calib_ids: torch.Tensor | None = None
+    fmt: str = "lowbit"
+    gguf_type: str = "Q4_K_M"
+    gguf_overrides: tuple[tuple[str, str], ...] = ()
+    compute_dtype: str = "float32"
+    float_dtype: str = "float16"
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if self.float_dtype not in FLOAT_DTYPES:
+            raise ConfigError(f"float dtype must be one of {sorted(FLOAT_DTYPES)}, got {self.float_dtype!r}")
+        if self.fmt not in ("lowbit", "gguf"):
+            raise ConfigError(f"the streaming job writes lowbit or gguf, not {self.fmt!r}")
+        if self.method.needs_calibration and self.calib_ids is None:
+            raise ConfigError(f"method {self.method.name} needs calibration data: pass calibration token ids")
+
+
+@dataclass
+class JobResult:
+    path: Path
+    layers: int
+    seconds: float
+    blocks: int
+    resumed_from: int
+    record: dict[str, Any]
+
+
+def fingerprint(job: QuantizeJob) -> str:
+    """Hash of the source files (names, sizes, modification times), every setting and the calibration tokens."""
+    path = resolve_source(job.model)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        stat = f.stat()
+        h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    settings = {k: repr(getattr(job, k)) for k in ("recipe", "method", "calib", "fmt", "gguf_type", "gguf_overrides",
+                                                    "compute_dtype", "float_dtype", "max_shard_bytes")}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    if job.calib_ids is not None:
+        h.update(job.calib_ids.numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Checkpoints:
+    """``job.json`` + saved hidden states in the partial folder."""
+
+    def __init__(self, folder: Path, fp: str) -> None:
+        self.folder, self.fp = folder, fp
+
+    def load(self) -> dict[str, Any] | None:
+        file = self.folder / STATE_FILE
+        if not file.is_file():
+            return None
+        state = json.loads(file.read_text())
+        if state.get("fingerprint") != self.fp:
+            raise ConfigError(f"the interrupted run in {self.folder} used another model or other settings: rerun "
+                              "with the same arguments to resume, or without --resume to start over")
+        return state
+
+    def hidden(self) -> list[torch.Tensor] | None:
+        file = self.folder / HIDDEN_FILE
+        if not file.is_file():
+            return None
+        tensors = load_file(str(file))
+        return [tensors[str(i)] for i in range(len(tensors))]
+
+    def save(self, next_block: int, sink_state: dict[str, Any], hidden: list[torch.Tensor] | None) -> None:
+        if hidden is not None:
+            tmp = self.folder / f".{HIDDEN_FILE}.tmp"
+            save_file({str(i): h.contiguous() for i, h in enumerate(hidden)}, str(tmp))
+            tmp.replace(self.folder / HIDDEN_FILE)
+        write_json_atomic(self.folder / STATE_FILE, {"fingerprint": self.fp, "next_block": next_block,
+                                                     "sink": sink_state})
+
+    def clear(self) -> None:
+        for name in (STATE_FILE, HIDDEN_FILE):
+            (self.folder / name).unlink(missing_ok=True)
+
+
+def _prepare_partial(job: QuantizeJob, overwrite: bool, resume: bool, fp: str) -> tuple[Path, dict | None]:
+    out = check_output(job.out, overwrite)
+    partial = partial_folder(out)
+    state = None
+    if resume:
+        state = _Checkpoints(partial, fp).load() if partial.is_dir() else None
+        if state is None:
+            log.warning("--resume: no interrupted run of %s to continue; starting from the first block", out)
+    if state is None and partial.exists():
+        log.warning("removing the partial output of an earlier interrupted run (%s); pass --resume to continue one",
+                    partial)
+        shutil.rmtree(partial)
+    partial.mkdir(exist_ok=True)
+    return partial, state
+
+
+def _rest_for_capture(sm: StreamingModel, plan: BlockPlan) -> list[str]:
+    """Tensors outside the blocks the forward pass up to the first block needs (norms, position tables…): all
+    but the vocabulary tables, which are read by rows."""
+    names = {sm.embedding_name()}
+    head = sm.model.get_output_embeddings()
+    if head is not None:
+        names |= {n for n, m in sm.model.named_modules() if m is head for n in (f"{n}.weight", f"{n}.bias")}
+    return [n for n in plan.rest_names(sm.model) if n not in names and (n in sm.source.names or n in sm.tied)]
+
+
+def quantize_and_save(job: QuantizeJob, overwrite: bool = False, resume: bool = False,
+                      progress: bool = True) -> JobResult:
+    """Run ``job`` block by block and write its output atomically; see the module docstring."""
+    start_time = time.perf_counter()
+    fp = fingerprint(job)
+    partial, state = _prepare_partial(job, overwrite, resume, fp)
+    sm = open_model(job.model, COMPUTE_DTYPES[job.compute_dtype])
+    try:
+        if job.fmt == "gguf":
+            from lowbit.formats.gguf.stream import run_gguf_job
+
+            result = run_gguf_job(job, sm, partial, state, _Checkpoints(partial, fp), progress)
+        else:
+            result = _run_native(job, sm, partial, state, _Checkpoints(partial, fp), progress)
+    finally:
+        sm.close()
+    out = Path(job.out).expanduser()
+    _Checkpoints(partial, fp).clear()
+    publish(partial / result["file"] if job.fmt == "gguf" else partial, out, overwrite)
+    if job.fmt == "gguf":
+        shutil.rmtree(partial, ignore_errors=True)
+    return JobResult(out, result["layers"], time.perf_counter() - start_time, result["blocks"],
+                     state["next_block"] if state else 0, result["record"])
+
+
+def _run_native(job: QuantizeJob, sm: StreamingModel, partial: Path, state: dict | None, checkpoints: _Checkpoints,
+                progress: bool) -> dict[str, Any]:
+    from lowbit.pipeline import quantize_outside
+
+    plan = BlockPlan.of(sm.model, job.recipe)
+    sink = NativeSink(partial, job.float_dtype, sm.tied, job.max_shard_bytes, state["sink"] if state else None)
+    sm.load_tensors(_rest_for_capture(sm, plan))
+    start = state["next_block"] if state else 0
+
+    def on_block(index: int, prefix: str, block: torch.nn.Module, inputs: Any) -> None:
+        if sink.add_block(prefix, block):
+            checkpoints.save(index + 1, sink.state(), None if inputs is None else [b.hidden for b in inputs])
+
+    layers = quantize_sequential(sm, job.recipe, job.method, job.calib_ids, job.calib, progress,
+                                 on_block=on_block, start=start, resume_hidden=checkpoints.hidden() if state else None)
+    # outside the blocks: quantized layers (an --include'd lm_head) first, then float tensors one at a time
+    outside = {t.name for t in plan.targets if t.block_index is None}
+    for name in outside:
+        sm.materialize(name)
+    layers += quantize_outside(sm.model, job.recipe, job.method) if outside else 0
+    modules = {name: sm.model.get_submodule(name) for name in outside}
+    rest = [n for n in plan.rest_names(sm.model) if n.rpartition(".")[0] not in outside]
+    sink.add_rest(rest, lambda n: sm.read(n), modules)
+    extra = {}
+    if job.method.needs_calibration:
+        extra["calibration"] = {"samples": int(job.calib_ids.shape[0]), "seqlen": int(job.calib_ids.shape[1]),
+                                "seed": job.calib.seed}
+    record = sink.finish(sm.model.config, job.method.name, getattr(sm.model, "generation_config", None),
+                         sm.tokenizer, extra)
+    return {"layers": layers, "record": record, "blocks": len(plan.blocks)}
