@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give tensors whose GGUF name matches REGEX this type (as llama-quantize --tensor-type)")
     x.add_argument("--out", required=True, help="output file (written atomically)")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    x.add_argument("--resume", action="store_true", help="GGUF: continue an interrupted export from its last block")
 
     p = sub.add_parser("plan", help="memory needed per format, from a config.json alone (no weights)")
     p.add_argument("config", help="a config.json file or a model folder")
@@ -416,7 +417,6 @@ def _save(loaded: Any, fmt: str, out: str, overwrite: bool) -> Path:
 def cmd_export(args: argparse.Namespace) -> int:
     from lowbit.errors import ConfigError
     from lowbit.formats.atomic import check_output
-    from lowbit.formats.gguf.writer import write_gguf
     from lowbit.model.loading import load_model
 
     overrides = {}
@@ -426,15 +426,19 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ConfigError(f"--tensor-type {item!r}: write it as REGEX=TYPE, e.g. 'attn_v=Q8_0'")
         overrides[pattern] = qtype
     check_output(args.out, args.overwrite)
-    loaded = load_model(args.model)
     if args.format != "gguf":
+        loaded = load_model(args.model)
         print(f"wrote {_save(loaded, args.format, args.out, args.overwrite)} ({args.format})")
         return 0
-    source = loaded.source if loaded.kind == "gguf" else None
-    summary = write_gguf(loaded.model, args.out, args.type, tokenizer=loaded.tokenizer, source=source,
-                         overrides=overrides)
-    counts = ", ".join(f"{n} {t}" for t, n in sorted(summary.counts().items()))
-    print(f"wrote {summary.path}: {summary.bytes:,} bytes ({counts})")
+    from collections import Counter
+
+    from lowbit.job import QuantizeJob, quantize_and_save
+
+    job = QuantizeJob(args.model, args.out, fmt="gguf", gguf_type=args.type,
+                      gguf_overrides=tuple(sorted(overrides.items())))
+    result = quantize_and_save(job, overwrite=args.overwrite, resume=args.resume)
+    counts = ", ".join(f"{n} {t}" for t, n in sorted(Counter(result.record.values()).items()))
+    print(f"wrote {result.path}: {result.path.stat().st_size:,} bytes ({counts})")
     return 0
 
 

@@ -173,6 +173,8 @@ def quantize_and_save(job: QuantizeJob, overwrite: bool = False, resume: bool = 
     fp = fingerprint(job)
     partial, state = _prepare_partial(job, overwrite, resume, fp)
     sm = open_model(job.model, COMPUTE_DTYPES[job.compute_dtype])
+    if not job.method.needs_calibration and job.method.name != "imatrix":
+        sm.dtype = None  # no block runs: keep the stored dtype; each layer is quantized in float32 on its own
     try:
         if job.fmt == "gguf":
             from lowbit.formats.gguf.stream import run_gguf_job

@@ -128,7 +128,7 @@ def quantize_sequential(
     plan = BlockPlan.of(sm.model, recipe)
     spec, blocks, targets = plan.spec, plan.blocks, plan.targets
     rep = {name: group[0] for group in spec.linear_groups for name in group}  # linears sharing one input
-    calibrated = method.needs_calibration
+    calibrated = method.needs_calibration or calib_ids is not None  # GGUF imatrix: statistics, nearest rounding
     inputs: list[BlockInputs] | None = None
     if calibrated:
         if calib_ids is None:
@@ -157,8 +157,11 @@ def quantize_sequential(
                 awq_skipped += 1
             for name, target in selected.items():
                 clip = method.clip is not None and name not in spec.attention_logits
-                new = quantize_layer(prefix + name, block.get_submodule(name), target, stats[rep_of[name]], clip)
+                old = block.get_submodule(name)
+                new = quantize_layer(prefix + name, old, target, stats[rep_of[name]], clip)
                 set_submodule(block, name, new)
+                if sm.streamed and new is not old:
+                    old.to("meta")  # the target list still references it: drop its float weight now
         if calibrated:
             inputs = run_block(block, inputs)
         if on_block is not None:

@@ -135,7 +135,7 @@ class StreamingModel:
     source: WeightSource | None
     path: str
     kind: str  # "hf", "gguf", "lowbit", …
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | None = torch.float32  # None: keep each tensor's stored dtype
     tied: dict[str, str] = field(default_factory=dict)
     on_close: list[Callable[[], None]] = field(default_factory=list)
 
@@ -193,7 +193,7 @@ class StreamingModel:
         """Float32 slots of the skeleton (weights, norms) take the compute dtype; others (packed codes, float16
         scales) keep the skeleton's dtype."""
         if skeleton.dtype == torch.float32 and tensor.is_floating_point():
-            return tensor.to(self.dtype)
+            return tensor if self.dtype is None else tensor.to(self.dtype)
         return tensor.to(skeleton.dtype)
 
     def release(self, module_name: str) -> None:
