@@ -301,8 +301,14 @@ def open_hf_folder(folder: Path, dtype: torch.dtype, tokenizer: Any) -> Streamin
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as exc:
-        raise ModelLoadError(f"unknown architecture in {folder}/config.json: this transformers version cannot build "
-                             f"it; upgrade transformers or use a supported model ({exc})") from exc
+        import json as _json
+
+        try:
+            model_type = _json.loads((folder / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None
+        raise ModelLoadError(f"unknown architecture {model_type!r} in {folder}/config.json: this transformers version "
+                             f"cannot build it; upgrade transformers or use a supported model ({exc})") from exc
     source = SafetensorsSource.from_folder(folder)
     model = meta_skeleton(config)
     load_generation(model, folder)

@@ -93,7 +93,14 @@ class GGUFSource:
 
 def open_gguf(path: Path, dtype: torch.dtype, tokenizer: Any) -> StreamingModel:
     """A GGUF file as a :class:`StreamingModel`: config from its metadata (transformers), tensors on demand."""
+    import struct
+
     from transformers import AutoConfig
+
+    try:
+        GGUFReader(str(path))  # validates magic, version and tensor table first
+    except (ValueError, OSError, IndexError, KeyError, struct.error) as exc:
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}): re-download it") from exc
 
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
@@ -108,8 +115,14 @@ def open_gguf(path: Path, dtype: torch.dtype, tokenizer: Any) -> StreamingModel:
 
 
 def _open(path: Path, dtype: torch.dtype) -> StreamingModel:
+    import struct
+
     from lowbit.model.loading import _load_tokenizer
 
+    try:
+        GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError, struct.error) as exc:
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}): re-download it") from exc
     return open_gguf(path, dtype, _load_tokenizer(path.parent, gguf_file=path.name))
 
 
