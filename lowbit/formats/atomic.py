@@ -32,13 +32,7 @@ def atomic_folder(path: str | Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.lowbit-tmp-", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.lowbit-old-", dir=out.parent))
-            out.rename(trash / out.name)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        publish(tmp, out, overwrite=True)  # check_output already refused an existing out without overwrite
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
