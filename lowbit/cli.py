@@ -175,7 +175,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.quantize import quantize_model
 
     from lowbit.calib.data import CalibConfig, calibration_ids
-    from lowbit.data.text import read_text
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.methods.method import ClipConfig, MethodConfig
 
@@ -205,12 +204,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from lowbit.formats.serving import check_recipe
 
         check_recipe(loaded.model, recipe, args.format, method)  # fail before the expensive work
-    calib_ids, calib_note = None, None
-    if method.needs_calibration:
-        text, source = read_text(args.calib, "calib")
-        calib_ids = calibration_ids(loaded.tokenizer, text, calib)
-        calib_note = f"{calib.describe()} from {source}"
-        log.info("calibration: %s", calib_note)
+    calib_text, calib_note = _calibration(args, method, calib)
+    calib_ids = None if calib_text is None else calibration_ids(loaded.tokenizer, calib_text, calib)
     original = None if args.no_eval else copy.deepcopy(loaded.model)
     summary = quantize_model(loaded.model, recipe, method=method, calib_ids=calib_ids, calib=calib,
                              float_dtype=args.float_dtype)
@@ -232,17 +227,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration(args: argparse.Namespace, method: Any, calib: Any, tokenizer: Any) -> tuple[Any, str | None]:
-    from lowbit.calib.data import calibration_ids
+def _calibration(args: argparse.Namespace, method: Any, calib: Any) -> tuple[str | None, str | None]:
+    """The calibration text a method needs (``--calib`` or the built-in one) and how to describe it; (None, None)
+    for data-free methods."""
     from lowbit.data.text import read_text
 
     if not method.needs_calibration and method.name != "imatrix":
         return None, None
     text, source = read_text(args.calib, "calib")
-    ids = calibration_ids(tokenizer, text, calib)
     note = f"{calib.describe()} from {source}"
     log.info("calibration: %s", note)
-    return ids, note
+    return text, note
 
 
 def _stream_eval(args: argparse.Namespace, model: str, original: str | None) -> dict[str, Any]:
@@ -280,12 +275,9 @@ def _quantize_stream(args: argparse.Namespace, recipe: Any, method: Any, calib: 
     """``lowbit quantize`` (lowbit format): the streaming job, then a lockstep evaluation of what it wrote."""
     from lowbit.eval.size import size_of_folder
     from lowbit.job import QuantizeJob, quantize_and_save
-    from lowbit.model.loading import open_model
 
-    sm = open_model(args.model)
-    calib_ids, calib_note = _calibration(args, method, calib, sm.tokenizer)
-    sm.close()
-    job = QuantizeJob(args.model, args.out, recipe=recipe, method=method, calib=calib, calib_ids=calib_ids,
+    calib_text, calib_note = _calibration(args, method, calib)
+    job = QuantizeJob(args.model, args.out, recipe=recipe, method=method, calib=calib, calib_text=calib_text,
                       compute_dtype=args.compute_dtype, float_dtype=args.float_dtype)
     result = quantize_and_save(job, overwrite=args.overwrite, resume=args.resume)
     setting = recipe.default.describe()
@@ -311,7 +303,6 @@ def _quantize_gguf(args: argparse.Namespace) -> int:
     from lowbit.job import QuantizeJob, quantize_and_save
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.methods.method import ClipConfig
-    from lowbit.model.loading import open_model
 
     file_type(args.type)  # validate before the expensive work
     method = gguf_method(args.method, GPTQConfig(damp=args.damp), None if args.no_clip else ClipConfig())
@@ -319,10 +310,8 @@ def _quantize_gguf(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite)
     if not args.no_eval:
         _protocol(args)
-    sm = open_model(args.model)
-    calib_ids, calib_note = _calibration(args, method, calib, sm.tokenizer)
-    sm.close()
-    job = QuantizeJob(args.model, args.out, method=method, calib=calib, calib_ids=calib_ids, fmt="gguf",
+    calib_text, calib_note = _calibration(args, method, calib)
+    job = QuantizeJob(args.model, args.out, method=method, calib=calib, calib_text=calib_text, fmt="gguf",
                       gguf_type=args.type, compute_dtype=args.compute_dtype)
     result = quantize_and_save(job, overwrite=args.overwrite, resume=args.resume)
     evaluation = None if args.no_eval else _stream_eval(args, str(result.path), args.model)

@@ -19,6 +19,7 @@ granularity      scales / zeros shape        one (scale, zero) for
 from __future__ import annotations
 
 import fnmatch
+import logging
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -26,8 +27,25 @@ import torch
 
 from lowbit.errors import ConfigError
 
+log = logging.getLogger(__name__)
 CONFIG_VERSION = 1
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def storage_tensor(t: torch.Tensor, float_dtype: str, name: str = "") -> torch.Tensor:
+    """How a tensor left in float is stored: in ``float_dtype`` (a ``FLOAT_DTYPES`` key), or in float32 when it
+    would overflow float16 (logged with ``name``). Integer and float16 tensors are kept as they are."""
+    dtype = FLOAT_DTYPES.get(float_dtype)
+    if dtype is None:
+        raise ConfigError(f"float dtype must be one of {sorted(FLOAT_DTYPES)}, got {float_dtype!r}")
+    t = t.detach()
+    if not t.is_floating_point() or t.dtype == torch.float16:
+        return t.contiguous()
+    if dtype == torch.float16 and t.numel() and max(abs(float(v)) for v in torch.aminmax(t)) > torch.finfo(
+            torch.float16).max:
+        log.warning("%s exceeds the float16 range: kept in float32", name or "a tensor")
+        return t.float().contiguous()
+    return t.to(dtype).contiguous()
 Granularity = Literal["tensor", "channel", "group"]
 QParamRule = Literal["minmax", "mse", "hqq"]
 ZeroPoint = Literal["int", "float"]

@@ -24,7 +24,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lowbit.formats  # noqa: F401  (registers the streaming readers)
-from lowbit.calib.data import CalibConfig
+from lowbit.calib.data import CalibConfig, calibration_ids
 from lowbit.config import FLOAT_DTYPES, QuantRecipe
 from lowbit.errors import ConfigError
 from lowbit.formats.atomic import check_output, partial_folder, publish, write_json_atomic
@@ -51,8 +51,9 @@ COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 @dataclass(frozen=True)
 class QuantizeJob:
     """What to quantize, how, and where to write it. ``fmt``: ``lowbit`` (native folder) or ``gguf`` (a file of
-    llama.cpp type ``gguf_type``). ``calib_ids``: calibration windows ``[samples, seqlen]`` for calibrated
-    methods (see :func:`lowbit.calib.data.calibration_ids`)."""
+    llama.cpp type ``gguf_type``). Calibrated methods take ``calib_ids`` (windows ``[samples, seqlen]``, see
+    :func:`lowbit.calib.data.calibration_ids`) or ``calib_text``, cut into windows by ``calib`` with the model's
+    own tokenizer when the job opens it."""
 
     model: str
     out: str
@@ -60,6 +61,7 @@ class QuantizeJob:
     method: MethodConfig = field(default_factory=MethodConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     calib_ids: torch.Tensor | None = None
+    calib_text: str | None = None
     fmt: str = "lowbit"
     gguf_type: str = "Q4_K_M"
     gguf_overrides: tuple[tuple[str, str], ...] = ()
@@ -74,8 +76,8 @@ class QuantizeJob:
             raise ConfigError(f"float dtype must be one of {sorted(FLOAT_DTYPES)}, got {self.float_dtype!r}")
         if self.fmt not in ("lowbit", "gguf"):
             raise ConfigError(f"the streaming job writes lowbit or gguf, not {self.fmt!r}")
-        if self.method.needs_calibration and self.calib_ids is None:
-            raise ConfigError(f"method {self.method.name} needs calibration data: pass calibration token ids")
+        if self.method.needs_calibration and self.calib_ids is None and self.calib_text is None:
+            raise ConfigError(f"method {self.method.name} needs calibration data: pass calibration text or token ids")
 
 
 @dataclass
@@ -140,8 +142,7 @@ class _Checkpoints:
             (self.folder / name).unlink(missing_ok=True)
 
 
-def _prepare_partial(job: QuantizeJob, overwrite: bool, resume: bool, fp: str) -> tuple[Path, dict | None]:
-    out = check_output(job.out, overwrite)
+def _prepare_partial(out: Path, resume: bool, fp: str) -> tuple[Path, dict | None]:
     partial = partial_folder(out)
     state = None
     if resume:
@@ -156,36 +157,29 @@ def _prepare_partial(job: QuantizeJob, overwrite: bool, resume: bool, fp: str) -
     return partial, state
 
 
-def _rest_for_capture(sm: StreamingModel, plan: BlockPlan) -> list[str]:
-    """Tensors outside the blocks the forward pass up to the first block needs (norms, position tables…): all
-    but the vocabulary tables, which are read by rows."""
-    names = {sm.embedding_name()}
-    head = sm.model.get_output_embeddings()
-    if head is not None:
-        names |= {n for n, m in sm.model.named_modules() if m is head for n in (f"{n}.weight", f"{n}.bias")}
-    return [n for n in plan.rest_names(sm.model) if n not in names and (n in sm.source.names or n in sm.tied)]
-
-
 def quantize_and_save(job: QuantizeJob, overwrite: bool = False, resume: bool = False,
                       progress: bool = True) -> JobResult:
     """Run ``job`` block by block and write its output atomically; see the module docstring."""
     start_time = time.perf_counter()
-    fp = fingerprint(job)
-    partial, state = _prepare_partial(job, overwrite, resume, fp)
+    out = check_output(job.out, overwrite, resolve_source(job.model))
     sm = open_model(job.model, COMPUTE_DTYPES[job.compute_dtype])
-    if not job.method.needs_calibration and job.method.name != "imatrix":
+    if job.calib_ids is None and job.calib_text is not None:
+        job = replace(job, calib_ids=calibration_ids(sm.tokenizer, job.calib_text, job.calib))
+    if job.calib_ids is None:
         sm.dtype = None  # no block runs: keep the stored dtype; each layer is quantized in float32 on its own
+    fp = fingerprint(job)
     try:
+        partial, state = _prepare_partial(out, resume, fp)
+        checkpoints = _Checkpoints(partial, fp)
         if job.fmt == "gguf":
             from lowbit.formats.gguf.stream import run_gguf_job
 
-            result = run_gguf_job(job, sm, partial, state, _Checkpoints(partial, fp), progress)
+            result = run_gguf_job(job, sm, partial, state, checkpoints, progress)
         else:
-            result = _run_native(job, sm, partial, state, _Checkpoints(partial, fp), progress)
+            result = _run_native(job, sm, partial, state, checkpoints, progress)
     finally:
         sm.close()
-    out = Path(job.out).expanduser()
-    _Checkpoints(partial, fp).clear()
+    checkpoints.clear()
     publish(partial / result["file"] if job.fmt == "gguf" else partial, out, overwrite)
     if job.fmt == "gguf":
         shutil.rmtree(partial, ignore_errors=True)
@@ -199,7 +193,6 @@ def _run_native(job: QuantizeJob, sm: StreamingModel, partial: Path, state: dict
 
     plan = BlockPlan.of(sm.model, job.recipe)
     sink = NativeSink(partial, job.float_dtype, sm.tied, job.max_shard_bytes, state["sink"] if state else None)
-    sm.load_tensors(_rest_for_capture(sm, plan))
     start = state["next_block"] if state else 0
 
     def on_block(index: int, prefix: str, block: torch.nn.Module, inputs: Any) -> None:

@@ -89,9 +89,10 @@ class BlockPlan:
     targets: list[LayerTarget]
 
     @classmethod
-    def of(cls, model: nn.Module, recipe: QuantRecipe) -> "BlockPlan":
+    def of(cls, model: nn.Module, recipe: QuantRecipe | None) -> "BlockPlan":
+        """``recipe`` None: no layer is selected (the blocks are only walked, e.g. to export them)."""
         spec = spec_for(model)
-        return cls(spec, block_list(model, spec), select_layers(model, recipe, spec))
+        return cls(spec, block_list(model, spec), [] if recipe is None else select_layers(model, recipe, spec))
 
     def prefix(self, index: int) -> str:
         return f"{self.spec.blocks}.{index}."
@@ -104,7 +105,7 @@ class BlockPlan:
 
 @torch.no_grad()
 def quantize_sequential(
-    model: nn.Module | StreamingModel, recipe: QuantRecipe, method: MethodConfig, calib_ids: torch.Tensor | None,
+    model: nn.Module | StreamingModel, recipe: QuantRecipe | None, method: MethodConfig, calib_ids: torch.Tensor | None,
     calib: CalibConfig, progress: bool = True, quantize_layer: LayerQuantizer | None = None, desc: str | None = None,
     on_block: BlockHook | None = None, start: int = 0, resume_hidden: list[torch.Tensor] | None = None,
 ) -> int:
@@ -113,7 +114,8 @@ def quantize_sequential(
     ``model``: an in-memory module, or a :class:`StreamingModel` whose blocks are read one at a time and released
     after ``on_block(index, prefix, block, next_inputs)`` has consumed the finished block (a sink writes it;
     ``next_inputs`` are the next block's calibration inputs, None for data-free methods). ``quantize_layer``
-    replaces the per-layer step (default: ``quantize_weight`` → :class:`QLinear`). ``start``/``resume_hidden``:
+    replaces the per-layer step (default: ``quantize_weight`` → :class:`QLinear`); ``recipe`` None selects no
+    layer (the blocks are walked for ``on_block`` only). ``start``/``resume_hidden``:
     continue a run from block ``start`` whose input hidden states were saved. Layers outside the blocks
     (e.g. an ``--include``d ``lm_head``) are quantized data-free by the caller, see :func:`quantize_outside`.
     """
@@ -133,6 +135,7 @@ def quantize_sequential(
     if calibrated:
         if calib_ids is None:
             raise ConfigError(f"method {method.name} needs calibration data: pass calibration token ids")
+        sm.load_outside(spec.blocks + ".")  # norms, position tables: what runs before the first block
         embed = sm.input_embeds if sm.streamed else None
         inputs = capture_first_block_inputs(sm.model, blocks[0], calib_ids, calib.batch_size, embed)
         if resume_hidden is not None:

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.calib.data import CalibConfig
-from lowbit.config import FLOAT_DTYPES, QuantRecipe
+from lowbit.config import FLOAT_DTYPES, QuantRecipe, storage_tensor
 from lowbit.errors import ConfigError
 from lowbit.methods.method import MethodConfig, quantize_weight
 from lowbit.model.modules import linear_bias, linear_weight, select_layers, set_submodule
@@ -41,19 +41,11 @@ def round_float_params(model: nn.Module, float_dtype: str) -> None:
 
     A tensor that would overflow float16 is left in float32 (logged); the saved file stores what was kept.
     """
-    dtype = FLOAT_DTYPES.get(float_dtype)
-    if dtype is None:
-        raise ConfigError(f"float dtype must be one of {sorted(FLOAT_DTYPES)}, got {float_dtype!r}")
-    if dtype == torch.float32:
+    if FLOAT_DTYPES.get(float_dtype) == torch.float32:
         return
     for name, param in model.named_parameters():
-        if not param.is_floating_point():
-            continue
-        if dtype == torch.float16 and param.detach().abs().max() > torch.finfo(torch.float16).max:
-            log.warning("%s exceeds the float16 range: kept in float32", name)
-            continue
         with torch.no_grad():
-            param.copy_(param.to(dtype).to(param.dtype))
+            param.copy_(storage_tensor(param, float_dtype, name).to(param.dtype))
 
 
 def quantization_record(model: nn.Module, method: str, float_dtype: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import transformers
 
 from lowbit import QuantConfig, QuantRecipe, load_model, quantize_model, save_quantized
 from lowbit.calib.data import CalibConfig
-from lowbit.errors import ConfigError
+from lowbit.errors import ConfigError, OutputExistsError
 from lowbit.eval.lockstep import evaluate_lockstep
 from lowbit.eval.perplexity import EvalProtocol, evaluate
 from lowbit.formats.atomic import partial_folder
@@ -160,3 +160,11 @@ def test_resume_refuses_other_settings(deep_folder: Path, tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="other settings"):
         quantize_and_save(QuantizeJob(str(deep_folder), str(out), recipe=RECIPE), resume=True, progress=False)
     assert not out.exists()
+
+
+def test_out_may_not_replace_the_source(deep_folder: Path) -> None:
+    before = _folder_bytes(deep_folder)
+    for out in (deep_folder, deep_folder.parent, deep_folder / "inside"):
+        with pytest.raises(OutputExistsError, match="model being read"):
+            quantize_and_save(QuantizeJob(str(deep_folder), str(out), recipe=RECIPE), overwrite=True, progress=False)
+    assert _folder_bytes(deep_folder) == before

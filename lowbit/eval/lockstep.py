@@ -89,12 +89,8 @@ class _RunningStats:
 
 
 def _first_inputs(sm: StreamingModel, ids: torch.Tensor) -> list[BlockInputs]:
-    from lowbit.job import _rest_for_capture
-    from lowbit.pipeline import BlockPlan
-
     spec = spec_for(sm.model)
-    if sm.streamed:
-        sm.load_tensors(_rest_for_capture(sm, BlockPlan(spec, block_list(sm.model, spec), [])))
+    sm.load_outside(spec.blocks + ".")  # the norms and position tables the forward passes around the blocks use
     embed = sm.input_embeds if sm.streamed else None
     return capture_first_block_inputs(sm.model, block_list(sm.model, spec)[0], ids, 1, embed)
 
@@ -129,34 +125,37 @@ def _head_inputs(sm: StreamingModel, finals: list[BlockInputs], as_tuple: bool) 
     return torch.cat(captured)
 
 
-def _head_rows(sm: StreamingModel) -> tuple[Any, int]:
-    """A function ``(a, b) → (W[a:b] float32, bias[a:b] or None)`` over the output matrix, and the vocab size."""
-    head = sm.model.get_output_embeddings()
-    name = next(n for n, m in sm.model.named_modules() if m is head)
-    bias_name = f"{name}.bias" if getattr(head, "bias", None) is not None else None
-    vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
-    if not isinstance(head, nn.Linear) or not sm.streamed:
-        module = sm.materialize(name) if sm.streamed else head
-        eye_free = getattr(module, "weight", None)
-        if isinstance(module, nn.Linear) and eye_free is not None:
-            return (lambda a, b: (module.weight[a:b].float(), None if module.bias is None else module.bias[a:b].float()),
-                    vocab)
-        return (lambda a, b: (None, (module, a, b)), vocab)
-    bias = sm.read(bias_name, torch.float32) if bias_name else None
-    return (lambda a, b: (sm.source.read_rows(sm._stored(f"{name}.weight"), a, b, torch.float32),
-                          None if bias is None else bias[a:b]), vocab)
+class _Head:
+    """The output projection, a chunk of vocabulary rows at a time: :meth:`tile` reads ``W[a:b]`` (and the bias)
+    once per chunk, :meth:`logits` applies it to a tile of positions, soft-capped where the config says so. A
+    float head is read by rows from the source, never whole; a quantized head (QLinear) is materialized and run,
+    keeping the chunk's columns."""
 
+    def __init__(self, sm: StreamingModel) -> None:
+        head = sm.model.get_output_embeddings()
+        self.name = next(n for n, m in sm.model.named_modules() if m is head)
+        self.vocab = head.out_features
+        text_config = getattr(sm.model.config, "get_text_config", lambda: sm.model.config)()
+        self.cap = getattr(text_config, "final_logit_softcapping", None)
+        self.sm = sm
+        self.module = None if isinstance(head, nn.Linear) else sm.materialize(self.name)
+        has_bias = isinstance(head, nn.Linear) and head.bias is not None
+        self.bias = sm.read(f"{self.name}.bias", torch.float32).float() if has_bias else None
 
-def _logits(x: torch.Tensor, rows: tuple[Any, Any], cap: float | None) -> torch.Tensor:
-    weight, bias = rows
-    if weight is None:  # a quantized head: run it and keep the chunk's columns
-        module, a, b = bias
-        z = module(x)[:, a:b].float()
-    else:
-        z = x @ weight.T
-        if bias is not None:
-            z = z + bias
-    return torch.tanh(z / cap) * cap if cap else z
+    def tile(self, a: int, b: int) -> Any:
+        if self.module is not None:
+            return a, b
+        weight = self.sm.read_rows(f"{self.name}.weight", a, b, torch.float32)
+        return weight, None if self.bias is None else self.bias[a:b]
+
+    def logits(self, x: torch.Tensor, tile: Any) -> torch.Tensor:
+        if self.module is not None:
+            a, b = tile
+            z = self.module(x)[:, a:b].float()
+        else:
+            weight, bias = tile
+            z = x @ weight.T if bias is None else x @ weight.T + bias
+        return torch.tanh(z / self.cap) * self.cap if self.cap else z
 
 
 @torch.no_grad()
@@ -189,16 +188,14 @@ def evaluate_lockstep(sm: StreamingModel, windows: torch.Tensor, protocol: EvalP
     n = targets.numel()
     stats = [_RunningStats.empty(n) for _ in models]
     kl_t = torch.zeros(n, dtype=torch.float64)
-    caps = [getattr(getattr(m.model.config, "get_text_config", lambda: m.model.config)(), "final_logit_softcapping",
-                    None) for m in models]
-    readers = [_head_rows(m) for m in models]
-    vocab = readers[0][1]
+    projections = [_Head(m) for m in models]
+    vocab = projections[0].vocab
     for a in tqdm(range(0, vocab, _VOCAB_CHUNK), desc="head", unit="chunk", disable=not progress):
         b = min(vocab, a + _VOCAB_CHUNK)
-        rows = [reader(a, b) for reader, _ in readers]
+        tiles = [head.tile(a, b) for head in projections]
         for p in range(0, n, _POS_CHUNK):
             part = slice(p, min(n, p + _POS_CHUNK))
-            z = [_logits(heads[k][part], rows[k], caps[k]) for k in range(len(models))]
+            z = [head.logits(heads[k][part], tiles[k]) for k, head in enumerate(projections)]
             stats[0].update(z[0], part, a, targets[part])
             if reference is not None:
                 ref = stats[1]

@@ -7,6 +7,7 @@ by its number of weights. ``tensor_bytes`` is the sum of the bytes of every tens
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,37 +64,22 @@ def size_of_folder(folder: str | Path) -> SizeReport:
     """The :class:`SizeReport` of a lowbit folder from its record and shard headers (no tensor is read)."""
     import json
 
-    from safetensors import safe_open
-
+    from lowbit.formats.shards import stored_sizes
     from lowbit.model.source import safetensors_files
 
     folder = Path(folder)
-    record = json.loads((folder / "config.json").read_text())["quantization_config"]
-    layers = record["layers"]
+    layers = json.loads((folder / "config.json").read_text())["quantization_config"]["layers"]
     q_params = sum(a * b for a, b in (layer["shape"] for layer in layers.values()))
     q_bytes = float_params = tensor_bytes = 0
-    files = safetensors_files(folder)
-    by_file: dict[Path, list[str]] = {}
-    for name, file in files.items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in by_file.items():
-        with safe_open(str(file), framework="pt", backend="pread") as f:
-            for name in names:
-                part = f.get_slice(name)
-                numel = 1
-                for d in part.get_shape():
-                    numel *= d
-                nbytes = numel * _DTYPE_BYTES[part.get_dtype()]
-                tensor_bytes += nbytes
-                owner, _, leaf = name.rpartition(".")
-                if owner in layers and leaf in ("qweight", "scales", "zeros"):
-                    q_bytes += nbytes
-                else:
-                    float_params += numel
+    for file in sorted(set(safetensors_files(folder).values())):
+        for name, (shape, nbytes) in stored_sizes(file).items():
+            tensor_bytes += nbytes
+            owner, _, leaf = name.rpartition(".")
+            if owner in layers and leaf in ("qweight", "scales", "zeros"):
+                q_bytes += nbytes
+            else:
+                float_params += math.prod(shape)
     total = float_params + q_params
     return SizeReport(total_params=total, quantized_params=q_params, quantized_layers=len(layers),
                       quantized_bits_per_weight=8 * q_bytes / q_params if q_params else 16.0,
                       tensor_bytes=tensor_bytes, fp16_bytes=2 * total)
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

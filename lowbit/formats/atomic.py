@@ -15,9 +15,15 @@ from typing import Iterator
 from lowbit.errors import OutputExistsError
 
 
-def check_output(path: str | Path, overwrite: bool) -> Path:
-    """Fail early (before any expensive work) if ``path`` exists and ``overwrite`` is off."""
+def check_output(path: str | Path, overwrite: bool, source: Path | None = None) -> Path:
+    """Fail early (before any expensive work) if ``path`` exists and ``overwrite`` is off, or if it is, contains or
+    lies inside ``source`` (replacing it would destroy the model being read)."""
     out = Path(path).expanduser()
+    if source is not None:
+        src, dst = source.resolve(), out.resolve()
+        if dst == src or dst in src.parents or src in dst.parents:
+            raise OutputExistsError(f"--out {out} is, contains or lies inside the model being read ({source}): "
+                                    "choose an --out outside it")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists: choose another --out or pass --overwrite")
     if not out.parent.exists():

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lowbit.config import FLOAT_DTYPES, QuantConfig
+from lowbit.config import QuantConfig, storage_tensor
 from lowbit.errors import FormatError, ModelLoadError
 from lowbit.formats.atomic import atomic_folder
 from lowbit.formats.shards import DEFAULT_SHARD_BYTES, ShardState, ShardWriter, read_metadata
@@ -36,18 +36,6 @@ from lowbit.nn.qlinear import QLinear
 from lowbit.nn.record import RecordBuilder
 
 log = logging.getLogger(__name__)
-
-
-def storage_tensor(t: torch.Tensor, float_dtype: str, name: str = "") -> torch.Tensor:
-    """How a tensor left in float is stored: in ``float_dtype``, or float32 if it would overflow float16."""
-    dtype = FLOAT_DTYPES[float_dtype]
-    t = t.detach()
-    if not t.is_floating_point() or t.dtype == torch.float16:
-        return t.contiguous()
-    if dtype == torch.float16 and t.numel() and max(abs(float(v)) for v in torch.aminmax(t)) > torch.finfo(torch.float16).max:
-        log.warning("%s exceeds the float16 range: kept in float32", name or "a tensor")
-        return t.float().contiguous()
-    return t.to(dtype).contiguous()
 
 
 def module_tensors(module: nn.Module, prefix: str, float_dtype: str, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:

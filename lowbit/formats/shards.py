@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from lowbit.formats.atomic import write_json_atomic
+from lowbit.model.source import return_freed_memory
 
 DEFAULT_SHARD_BYTES = 512 * 1024**2
 SINGLE_FILE = "model.safetensors"
@@ -82,6 +83,7 @@ class ShardWriter:
         self.state.parts.append(sorted(self._buffer))
         self.state.total_size += self._buffered
         self._buffer, self._buffered = {}, 0
+        return_freed_memory()
 
     def finish(self) -> list[str]:
         """Write what is buffered, give the parts their final names and write the index; returns file names."""
@@ -110,3 +112,16 @@ def read_metadata(folder: Path) -> dict[str, str]:
         first = folder / sorted(set(json.loads(index.read_text())["weight_map"].values()))[0]
     with safe_open(str(first), framework="pt", backend="pread") as f:
         return f.metadata() or {}
+
+
+def stored_sizes(file: Path) -> dict[str, tuple[list[int], int]]:
+    """``{tensor: (shape, bytes)}`` of a safetensors file from its header alone (``data_offsets`` give the bytes)."""
+    import struct
+
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > file.stat().st_size - 8:
+            raise ValueError(f"{file}: header length {length} exceeds the file")
+        header = json.loads(f.read(length))
+    return {name: (info["shape"], info["data_offsets"][1] - info["data_offsets"][0])
+            for name, info in header.items() if name != "__metadata__"}

@@ -104,17 +104,8 @@ def resolve_named(name: str) -> Path:
 
 def load_model(source: str | Path, device: str = "cpu") -> LoadedModel:
     """Load ``source``: a named default (``smollm2-135m``), a ``.gguf`` file, or a model folder."""
-    text = str(source)
-    if text in NAMED_MODELS:
-        path = resolve_named(text)
-    else:
-        path = Path(text).expanduser()
-        if not path.exists():
-            known = ", ".join(NAMED_MODELS)
-            raise ModelLoadError(f"model {text!r} not found: give a model folder, a .gguf file, or one of: {known}")
+    path = resolve_source(source)
     if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise ModelLoadError(f"{path} is a file but not .gguf: give a GGUF file or a folder with config.json")
         return _load_gguf(path)
     config = read_config_json(path)
     quant_method = config.get("quantization_config", {}).get("quant_method")

@@ -77,7 +77,8 @@ def _keys(file: Path) -> list[str]:
 
 
 class SafetensorsSource:
-    """Tensors of safetensors files, read on demand with ``pread`` (no memory map stays resident)."""
+    """Tensors of safetensors files, read on demand: whole tensors with ``pread``, row ranges through a memory map
+    that is closed again (no mapped page stays resident)."""
 
     def __init__(self, files: dict[str, Path], aliases: dict[str, str] | None = None) -> None:
         self._files = files
@@ -111,8 +112,12 @@ class SafetensorsSource:
         return tensor if dtype is None else tensor.to(dtype)
 
     def read_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        handle, stored = self._handle(name)
-        rows = handle.get_slice(stored)[start:stop]
+        """Rows of a tensor through a memory map opened for this read only: the ``pread`` backend reads the
+        whole tensor to slice it (measured: 533 MB read for 8192 rows of a 128k-row table), a map reads just
+        the rows, and closing it keeps the mapped pages from counting as this process's memory."""
+        _, stored = self._handle(name)
+        with safe_open(str(self._files[stored]), framework="pt") as mapped:
+            rows = mapped.get_slice(stored)[start:stop].clone()
         return rows if dtype is None else rows.to(dtype)
 
     def close(self) -> None:
@@ -137,23 +142,23 @@ class StreamingModel:
     kind: str  # "hf", "gguf", "lowbit", …
     dtype: torch.dtype | None = torch.float32  # None: keep each tensor's stored dtype
     tied: dict[str, str] = field(default_factory=dict)
-    on_close: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def streamed(self) -> bool:
         return self.source is not None
-
-    def param_names(self, prefix: str) -> list[str]:
-        """State-dict names under ``prefix`` (``""``: all) that the source stores (or ties to a stored one)."""
-        names = self.model.state_dict(keep_vars=True)
-        return [n for n in names if n.startswith(prefix) and (self.source is None or n in self.source.names
-                                                              or n in self.tied)]
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor by state-dict name: from the source, or from the in-memory model."""
         if self.source is None:
             return self.model.state_dict()[name].detach()
         return self.source.read(self._stored(name), dtype)
+
+    def read_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of a 2-D tensor by state-dict name, without reading the rest of it."""
+        if self.source is None:
+            rows = self.model.state_dict()[name].detach()[start:stop]
+            return rows if dtype is None else rows.to(dtype)
+        return self.source.read_rows(self._stored(name), start, stop, dtype)
 
     def materialize(self, module_name: str) -> nn.Module:
         """Load every stored tensor of submodule ``module_name`` (floating ones in :attr:`dtype`)."""
@@ -178,16 +183,29 @@ class StreamingModel:
         module.load_state_dict(tensors, strict=False, assign=True)
         return module
 
-    def load_tensors(self, names: Iterable[str]) -> None:
-        """Materialize individual tensors (e.g. the final norm) by full state-dict name."""
+    def vocab_tables(self) -> set[str]:
+        """State-dict names of the vocabulary-sized tensors (input embedding, output head weight and bias): they
+        are read by rows, never whole, while streaming."""
+        names = {self.embedding_name()}
+        head = self.model.get_output_embeddings()
+        if head is not None:
+            names |= {f"{n}.{leaf}" for n, m in self.model.named_modules() if m is head for leaf in ("weight", "bias")}
+        return names
+
+    def load_outside(self, blocks_prefix: str) -> None:
+        """Materialize every stored tensor outside the blocks (``blocks_prefix``) but the vocabulary tables: what
+        the forward pass needs before the first block and after the last (norms, position tables)."""
         if self.source is None:
             return
+        skip = self.vocab_tables()
         current = self.model.state_dict(keep_vars=True)
-        for full in names:
+        for full, slot in current.items():
+            if full.startswith(blocks_prefix) or full in skip or (full not in self.source.names
+                                                                   and full not in self.tied):
+                continue
             module_name, _, leaf = full.rpartition(".")
             module = self.model.get_submodule(module_name) if module_name else self.model
-            module.load_state_dict({leaf: self._compute_dtype(self.read(full), current[full])}, strict=False,
-                                   assign=True)
+            module.load_state_dict({leaf: self._compute_dtype(self.read(full), slot)}, strict=False, assign=True)
 
     def _compute_dtype(self, tensor: torch.Tensor, skeleton: torch.Tensor) -> torch.Tensor:
         """Float32 slots of the skeleton (weights, norms) take the compute dtype; others (packed codes, float16
@@ -202,6 +220,7 @@ class StreamingModel:
             return
         module = self.model.get_submodule(module_name) if module_name else self.model
         module.to("meta")
+        return_freed_memory()
 
     def embedding_name(self) -> str:
         """State-dict name of the input embedding table."""
@@ -227,7 +246,7 @@ class StreamingModel:
             wanted = used[(used >= start) & (used < start + _ROWS_PER_READ)]
             if wanted.numel():
                 stop = int(wanted[-1]) + 1
-                parts.append(self.source.read_rows(self._stored(name), start, stop)[wanted - start])
+                parts.append(self.read_rows(name, start, stop)[wanted - start])
         full = table.weight
         table.weight = nn.Parameter(self._compute_dtype(torch.cat(parts), full), requires_grad=False)
         try:
@@ -241,8 +260,29 @@ class StreamingModel:
     def close(self) -> None:
         if self.source is not None:
             self.source.close()
-        for hook in self.on_close:
-            hook()
+
+
+def return_freed_memory() -> None:
+    """Give memory freed by released blocks back to the operating system (glibc ``malloc_trim``).
+
+    Block after block, tensors of a few MB to a few hundred MB are allocated and freed; glibc keeps freed heap
+    memory for reuse, fragmented, so the process's resident memory ratchets up with every block. Measured on a
+    synthetic 1.2B model (RTN job, peak RSS): 3.1 GB without trimming, 1.9 GB with it. A no-op off glibc."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def meta_skeleton(config: Any, swaps: Iterable[tuple[str, Callable[[], nn.Module]]] = ()) -> nn.Module:

@@ -17,7 +17,6 @@ built from the Hugging Face tokenizer (byte-level BPE, ``tokenizer.ggml.model = 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -66,12 +65,6 @@ TENSOR_TRANSFORMS: dict[str, Callable[[str, np.ndarray, Any], np.ndarray]] = {
 }
 
 
-@dataclass(frozen=True)
-class GGUFTensor:
-    name: str  # GGUF name
-    data: np.ndarray  # float32, numpy shape (GGUF ne reversed: rows last-but-one, row length last)
-
-
 def gguf_name_map(config: Any) -> Callable[[str], str]:
     """``hf parameter name → GGUF tensor name`` for this model's architecture (gguf-py's ``TensorNameMap``)."""
     arch = gguf_arch(config.model_type)
@@ -92,18 +85,9 @@ def to_gguf_layout(name: str, data: np.ndarray, config: Any) -> np.ndarray:
     return TENSOR_TRANSFORMS.get(config.model_type, lambda n, w, c: w)(name, data, config)
 
 
-def gguf_tensors(model: torch.nn.Module) -> Iterator[GGUFTensor]:
-    """The model's parameters, renamed and laid out for GGUF, as float32 (quantized layers dequantized), in
-    stream order (block by block, then the rest). A tied output projection is skipped (GGUF files reuse
-    ``token_embd`` when ``output`` is absent)."""
-    config = model.config
-    for name, tensor in gguf_state(model, materialize=True):
-        yield GGUFTensor(name, to_gguf_layout(name, tensor.numpy().astype(np.float32), config))
-
-
 def gguf_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """``{GGUF name: ne shape}`` (row length first) of the tensors :func:`gguf_tensors` yields, in the same order,
-    without computing any of them (works on a meta-device model)."""
+    """``{GGUF name: ne shape}`` (row length first) of the tensors a GGUF file of the model holds, in file
+    (stream) order, without computing any of them (works on a meta-device model)."""
     return {name: tuple(reversed(t.shape)) for name, t in gguf_state(model, materialize=False)}
 
 

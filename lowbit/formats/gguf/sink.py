@@ -42,12 +42,12 @@ class GGUFSink:
 
     ``shapes``: ``{GGUF name: ne shape}`` in file order; ``types``: each tensor's block type; ``write_head``:
     fills a ``GGUFWriter`` with key/values. ``encoded``: bytes a calibrated method already produced, by GGUF name
-    (consumed when that tensor is written). ``resume``: ``(data_start, written names)`` of an interrupted run.
+    (consumed when that tensor is written). ``resume``: :meth:`state` of an interrupted run.
     """
 
     def __init__(self, path: Path, config: Any, shapes: dict[str, tuple[int, ...]],
                  types: dict[str, GGMLQuantizationType], write_head: Callable[[GGUFWriter], None],
-                 encoded: dict[str, np.ndarray] | None = None, resume: tuple[int, list[str]] | None = None) -> None:
+                 encoded: dict[str, np.ndarray] | None = None, resume: dict[str, Any] | None = None) -> None:
         self.path, self.config, self.types = path, config, types
         self.encoded = encoded if encoded is not None else {}
         self.shapes = {name: tuple(reversed(ne)) for name, ne in shapes.items()}  # numpy order
@@ -68,8 +68,8 @@ class GGUFSink:
             self.written: list[str] = []
         else:
             self._file = open(path, "r+b")
-            self.alignment = 32
-            self.data_start, self.written = resume[0], list(resume[1])
+            self.alignment, self.data_start = resume["alignment"], resume["data_start"]
+            self.written = list(resume["written"])
         self.offsets: dict[str, int] = {}
         offset = self.data_start
         for name, shape in self.shapes.items():
@@ -130,6 +130,10 @@ class GGUFSink:
                 self._write(name, self.encoded.pop(name))
                 continue
             self.add_tensor(name, torch.from_numpy(to_gguf_layout(name, tensor.numpy(), self.config)))
+
+    def state(self) -> dict[str, Any]:
+        """What a resumed sink needs: where the data section starts, its alignment, the tensors written."""
+        return {"alignment": self.alignment, "data_start": self.data_start, "written": list(self.written)}
 
     def sync(self) -> None:
         self._file.flush()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import mmap
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,16 +32,12 @@ log = logging.getLogger(__name__)
 class GGUFSource:
     """Tensors of a GGUF file under the state-dict names of the transformers model built from it."""
 
-    def __init__(self, path: Path, model: torch.nn.Module) -> None:
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint)
+    def __init__(self, path: Path, model: torch.nn.Module, reader: GGUFReader, parsed: dict[str, Any]) -> None:
+        """``reader``: gguf-py's reader of ``path``; ``parsed``: transformers' ``load_gguf_checkpoint`` of it."""
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
         self.path = path
-        try:
-            self._reader = GGUFReader(str(path))
-            parsed = load_gguf_checkpoint(str(path), return_tensors=False)
-        except (ValueError, OSError, IndexError, KeyError) as exc:
-            raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}): re-download it") from exc
+        self._reader = reader
         arch = str(self._reader.fields["general.architecture"].contents())
         self._processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed.get("config", {}))
         self._parsed = parsed
@@ -91,39 +87,36 @@ class GGUFSource:
         self._drop_pages()
 
 
-def open_gguf(path: Path, dtype: torch.dtype, tokenizer: Any) -> StreamingModel:
-    """A GGUF file as a :class:`StreamingModel`: config from its metadata (transformers), tensors on demand."""
+def open_gguf(path: Path, dtype: torch.dtype, load_tokenizer: Callable[[], Any]) -> StreamingModel:
+    """A GGUF file as a :class:`StreamingModel`: config from its metadata (transformers), tensors on demand; the
+    file is parsed once (its reader serves the tensors) and checked before the tokenizer is read from it."""
     import struct
 
-    from transformers import AutoConfig
+    from transformers import CONFIG_MAPPING
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     try:
-        GGUFReader(str(path))  # validates magic, version and tensor table first
+        reader = GGUFReader(str(path))  # validates magic, version and tensor table first
     except (ValueError, OSError, IndexError, KeyError, struct.error) as exc:
         raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}): re-download it") from exc
 
-    try:
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, KeyError, OSError, NotImplementedError) as exc:
+    try:  # what AutoConfig.from_pretrained(gguf_file=…) does, without parsing the file a second time
+        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+        config = CONFIG_MAPPING[parsed["config"]["model_type"]].from_dict(dict(parsed["config"]))
+    except (ValueError, KeyError, OSError, NotImplementedError, IndexError) as exc:
         raise ModelLoadError(f"transformers cannot build a model from {path} ({exc}): its architecture may be "
                              "unsupported") from exc
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = meta_skeleton(config)
-    source = GGUFSource(path, model)
-    return StreamingModel(model, tokenizer, source, str(path), "gguf", dtype, tied_names(model, source.names))
+    source = GGUFSource(path, model, reader, parsed)
+    return StreamingModel(model, load_tokenizer(), source, str(path), "gguf", dtype, tied_names(model, source.names))
 
 
 def _open(path: Path, dtype: torch.dtype) -> StreamingModel:
-    import struct
-
     from lowbit.model.loading import _load_tokenizer
 
-    try:
-        GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError, struct.error) as exc:
-        raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}): re-download it") from exc
-    return open_gguf(path, dtype, _load_tokenizer(path.parent, gguf_file=path.name))
+    return open_gguf(path, dtype, lambda: _load_tokenizer(path.parent, gguf_file=path.name))
 
 
 register_opener("gguf", _open)
