@@ -61,6 +61,12 @@ class QLinear(nn.Module):
             self.qweight, self.scales, self.zeros, (self.out_features, self.in_features), self.config
         )
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "QLinear":
+        # moved or converted (e.g. released to the meta device by a streamed job): the kernel's prepared copy of
+        # the weights belongs to the old tensors and would otherwise stay alive, one per layer
+        self._kernel, self._state = None, None
+        return super()._apply(fn, recurse)
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._kernel, self._state = None, None  # new contents: re-prepare the kernel layout
         super()._load_from_state_dict(*args, **kwargs)
