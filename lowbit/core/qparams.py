@@ -48,8 +48,9 @@ def group_reduce(values: torch.Tensor, width: int, reduce: str) -> torch.Tensor:
 
 
 def expand_groups(per_group: torch.Tensor, num_columns: int, width: int) -> torch.Tensor:
-    """Broadcast ``[R, G]`` q-params back to every column → ``[R, C]``."""
-    return per_group[:, group_index(num_columns, width)]
+    """Broadcast ``[R, G]`` q-params back to every column → ``[R, C]`` (the last group may be partial)."""
+    rows, groups = per_group.shape
+    return per_group[:, :, None].expand(rows, groups, width).reshape(rows, groups * width)[:, :num_columns]
 
 
 def _to_fp16_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -120,13 +121,15 @@ def choose_qparams(w: torch.Tensor, width: int, cfg: QuantConfig) -> tuple[torch
 
 
 def choose_qparams_weighted(
-    w: torch.Tensor, width: int, cfg: QuantConfig, hessian: torch.Tensor, grid: int = 20, max_shrink: float = 0.5
+    w: torch.Tensor, width: int, cfg: QuantConfig, hessian: torch.Tensor, grid: int = 20, max_shrink: float = 0.5,
+    hessian_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip search weighted by the input Hessian (AWQ's ``auto_clip``, in closed form).
 
     For each shrink ``p`` of the min-max range, the output error a group's rounding causes on the calibration
     inputs is ``dᵀ H_gg d`` with ``d = w_g − ŵ_g`` (``H = XᵀX`` restricted to the group's columns); keep, per group,
     the ``p`` with the smallest such error. Channel or group granularity only (``w`` is ``[out, in]``).
+    ``hessian_scale``: the Hessian is ``hessian_scale · hessian`` (each group's block is scaled, not the whole).
     """
     w = w.float()
     cols = w.shape[1]
@@ -134,12 +137,13 @@ def choose_qparams_weighted(
     best_scale, best_zero = params_from_range(lo, hi, cfg)
     best_err = torch.full_like(best_scale, float("inf"))
     bounds = [(g * width, min((g + 1) * width, cols)) for g in range(num_groups(cols, width))]
+    blocks = [hessian[a:b, a:b] * hessian_scale if hessian_scale != 1.0 else hessian[a:b, a:b] for a, b in bounds]
     for i in range(int(max_shrink * grid) + 1):
         p = 1.0 - i / grid
         s, z = params_from_range(p * lo, p * hi, cfg)
         _, deq = fake_quantize_groups(w, s, z, width, cfg.qmax)
         d = deq - w
-        err = torch.stack([((d[:, a:b] @ hessian[a:b, a:b]) * d[:, a:b]).sum(1) for a, b in bounds], dim=1)
+        err = torch.stack([((d[:, a:b] @ h) * d[:, a:b]).sum(1) for (a, b), h in zip(bounds, blocks)], dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale, best_zero = torch.where(better, s, best_scale), torch.where(better, z, best_zero)

@@ -14,6 +14,10 @@ reaches its first column, from the *error-updated* weights of that group; with a
 (q-params from the original weights before the loop), so the checkpoint's group of column ``j`` stays ``j // g``.
 Per-channel / per-tensor q-params are chosen once up front. With an identity Hessian nothing is propagated and GPTQ
 equals round-to-nearest exactly.
+
+Memory: for a ``K``-input layer, the caller's Hessian, one permuted copy (the factorisation overwrites it with
+``H⁻¹``) and the ``K × K`` factor, all float32 (4·K² bytes each: 268 MB for K = 8192, 822 MB for K = 14336). The factorisation runs in
+float32, as in the reference and llm-compressor/GPTQModel, and retries in float64 only if float32 Cholesky fails.
 """
 
 from __future__ import annotations
@@ -24,12 +28,18 @@ from typing import Callable
 import torch
 
 from lowbit.config import QuantConfig
-from lowbit.core.qparams import choose_qparams, fake_quantize, num_groups
+from lowbit.core.qparams import choose_qparams, num_groups
 from lowbit.core.qtensor import QuantizedTensor
 from lowbit.core.rounding import group_view
 from lowbit.errors import ConfigError
 
-QParamChooser = Callable[[torch.Tensor, int, QuantConfig], tuple[torch.Tensor, torch.Tensor]]
+# (weights [N, c], group width, config, which input columns of the layer the c columns are) → (scale, zero)
+QParamChooser = Callable[[torch.Tensor, int, QuantConfig, slice], tuple[torch.Tensor, torch.Tensor]]
+
+
+def plain_chooser(w: torch.Tensor, width: int, cfg: QuantConfig, _columns: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """The config's own q-param rule (min-max, MSE, HQQ …): needs no statistics."""
+    return choose_qparams(w, width, cfg)
 
 
 @dataclass(frozen=True)
@@ -43,14 +53,30 @@ class GPTQConfig:
             raise ConfigError("GPTQ needs 0 < damp < 1 and block_size ≥ 1")
 
 
-def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    h = hessian.double().clone()
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
-    try:
-        chol = torch.linalg.cholesky(h)
-    except torch.linalg.LinAlgError as exc:
-        raise ConfigError(f"the Hessian is not positive definite even after damping ({exc}): raise the GPTQ damp") from exc
-    return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float()
+def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp·mean(diag H)·I)⁻¹``, computed in ``h``'s memory and one more ``K × K``
+    buffer: ``h`` (the caller's own copy) is damped, overwritten with the inverse, and must not be used after."""
+    h.diagonal().add_(damp * float(h.diagonal().mean()))
+    chol, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:  # float32 lost positive definiteness: the same steps in float64
+        h, chol = h.double(), None
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info) != 0:
+            raise ConfigError(f"the Hessian is not positive definite even after damping (minor {int(info)}): "
+                              "raise the GPTQ damp")
+    torch.cholesky_inverse(chol, out=h)  # h ← H⁻¹
+    torch.linalg.cholesky(h, upper=True, out=chol)  # chol ← upper factor of H⁻¹
+    return chol.float()
+
+
+def _permuted(hessian: torch.Tensor, perm: torch.Tensor, scale: float, rows: int = 1024) -> torch.Tensor:
+    """``scale · hessian[perm][:, perm]`` as a new float32 tensor, gathered ``rows`` rows at a time (one ``K × K``
+    allocation, not two)."""
+    k = hessian.shape[0]
+    h = torch.empty(k, k)
+    for r in range(0, k, rows):
+        torch.index_select(hessian[perm[r : r + rows]].float(), 1, perm, out=h[r : r + rows])
+    return h.mul_(scale) if scale != 1.0 else h
 
 
 @torch.no_grad()
@@ -59,16 +85,17 @@ def gptq_quantize(
     hessian: torch.Tensor,
     cfg: QuantConfig,
     gptq: GPTQConfig = GPTQConfig(),
-    choose: QParamChooser = choose_qparams,
+    choose: QParamChooser = plain_chooser,
+    hessian_scale: float = 1.0,
 ) -> QuantizedTensor:
-    """GPTQ-round ``weight [N, K]`` given the input Hessian ``[K, K]``; q-params from ``choose``."""
+    """GPTQ-round ``weight [N, K]`` given the input Hessian ``hessian_scale · hessian`` (``[K, K]``, e.g. a
+    calibration ``XᵀX`` and ``2/n``: no scaled copy is made); q-params from ``choose``."""
     w = weight.detach().float().clone()
     n, k = w.shape
     if hessian.shape != (k, k):
         raise ConfigError(f"Hessian shape {tuple(hessian.shape)} does not match weight inputs {k}")
-    h = hessian.float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    diag = torch.diag(hessian).float() * hessian_scale
+    dead = diag == 0
     w[:, dead] = 0.0
 
     width = cfg.group_width(k)
@@ -78,39 +105,42 @@ def gptq_quantize(
         zero = torch.zeros_like(scale)
     else:  # static: per-tensor, per-channel, or act-order groups, all from the original weights
         view, view_width = group_view(w, cfg)
-        scale, zero = choose(view, view_width, cfg)
+        scale, zero = choose(view, view_width, cfg, slice(0, k))
 
-    perm = torch.argsort(torch.diag(h), descending=True) if gptq.act_order else torch.arange(k)
-    w, h = w[:, perm], h[perm][:, perm]
+    diag = diag.masked_fill(dead, 1.0)
+    perm = torch.argsort(diag, descending=True) if gptq.act_order else torch.arange(k)
+    w = w[:, perm]
+    h = _permuted(hessian, perm, hessian_scale)
+    h.diagonal().copy_(diag[perm])  # dead inputs: H[j, j] = 1
     hinv = _inverse_hessian_factor(h, gptq.damp)
+    del h  # overwritten by the factorisation
     codes = torch.zeros(n, k)
+    # per-column q-params in processing order, one block of columns at a time: [N or 1, block]
+    col_group = torch.zeros(k, dtype=torch.long) if cfg.granularity == "tensor" else perm // width
+    diag_inv = hinv.diagonal().tolist()
+    qmax = cfg.qmax
 
     for i1 in range(0, k, gptq.block_size):
         i2 = min(i1 + gptq.block_size, k)
-        w1 = w[:, i1:i2].clone()
+        # the block transposed, [block, N]: column i of W is the contiguous row i, and the rank-1 update of the
+        # remaining columns runs over contiguous memory (the slow part of the loop on a CPU)
+        w1 = w[:, i1:i2].T.contiguous()
         err1 = torch.zeros_like(w1)
+        q1 = torch.empty_like(w1)
+        s1, z1 = scale[:, col_group[i1:i2]].T.contiguous(), zero[:, col_group[i1:i2]].T.contiguous()
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])  # original column index
-            if dynamic_groups and col % width == 0:
-                g = col // width
-                current = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :width]  # this group, error-updated
-                s, z = choose(current, current.shape[1], cfg)
+            if dynamic_groups and (i1 + i) % width == 0:  # no act-order: column i1 + i starts group g
+                g = (i1 + i) // width
+                current = torch.cat([w1[i:].T, w[:, i2:]], dim=1)[:, :width]  # this group, error-updated
+                s, z = choose(current, current.shape[1], cfg, slice(i1 + i, i1 + i + current.shape[1]))
                 scale[:, g : g + 1], zero[:, g : g + 1] = s, z
-            s_col, z_col = _column_params(scale, zero, col, width, cfg, n)
-            q, deq = fake_quantize(w1[:, i : i + 1], s_col, z_col, cfg.qmax)
-            codes[:, col] = q[:, 0]
-            err = (w1[:, i] - deq[:, 0]) / hinv[i1 + i, i1 + i]
-            w1[:, i:] -= err[:, None] * hinv[i1 + i, i1 + i : i2][None, :]
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+                s1[i:], z1[i:] = scale[:, col_group[i1 + i : i2]].T, zero[:, col_group[i1 + i : i2]].T
+            w_col, s_col, z_col = w1[i], s1[i], z1[i]
+            q = torch.round(w_col / s_col + z_col).clamp_(0, qmax)  # = fake_quantize, one column
+            q1[i] = q
+            err = (w_col - (q - z_col) * s_col) / diag_inv[i1 + i]
+            w1[i:].addr_(hinv[i1 + i, i1 + i : i2], err, alpha=-1)
+            err1[i] = err
+        codes[:, perm[i1:i2]] = q1.T
+        w[:, i2:].addmm_(err1.T, hinv[i1:i2, i2:], alpha=-1)
     return QuantizedTensor.from_codes(codes, scale, zero, cfg)
-
-
-def _column_params(
-    scale: torch.Tensor, zero: torch.Tensor, col: int, width: int, cfg: QuantConfig, n: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, zero)`` as ``[N, 1]`` for original column ``col``."""
-    if cfg.granularity == "tensor":
-        return scale.expand(n, 1), zero.expand(n, 1)
-    g = col // width
-    return scale[:, g : g + 1], zero[:, g : g + 1]

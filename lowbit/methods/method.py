@@ -23,18 +23,18 @@ GPTQ perplexity 24.37 with min-max q-params → 22.80 with the clip search (fp32
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
 from lowbit.calib.stats import InputStats
 from lowbit.config import QuantConfig
-from lowbit.core.qparams import choose_qparams, choose_qparams_weighted
+from lowbit.core.qparams import choose_qparams_weighted
 from lowbit.core.qtensor import QuantizedTensor
 from lowbit.core.rounding import group_view, round_to_grid
 from lowbit.errors import ConfigError
 from lowbit.methods.awq import AWQConfig
-from lowbit.methods.gptq import GPTQConfig, gptq_quantize
+from lowbit.methods.gptq import GPTQConfig, QParamChooser, gptq_quantize, plain_chooser
 from lowbit.methods.rtn import quantize_rtn
 
 METHOD_NAMES = ("rtn", "hqq", "gptq", "awq", "awq+gptq", "hqq+gptq")
@@ -97,20 +97,20 @@ def quantize_weight(
 ) -> QuantizedTensor:
     """Quantize one ``[out, in]`` weight with ``method`` given its input statistics (None: data-free)."""
     cfg = method.adapt(cfg)
-    choose: Callable = choose_qparams
+    choose: QParamChooser = plain_chooser
     clip = method.clip
     if weighted_clip and clip is not None and stats is not None and cfg.granularity != "tensor":
-        hessian = stats.hessian
+        xtx, scale = stats.xtx, stats.hessian_scale  # H = scale · XᵀX, never copied whole
 
-        def choose(w: torch.Tensor, width: int, c: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
-            return choose_qparams_weighted(w, width, c, hessian, clip.grid, clip.max_shrink)
+        def choose(w: torch.Tensor, width: int, c: QuantConfig, columns: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            return choose_qparams_weighted(w, width, c, xtx[columns, columns], clip.grid, clip.max_shrink, scale)
 
     if method.rounding == "gptq":
         if stats is None:
             raise ConfigError("GPTQ needs calibration statistics for every layer it quantizes")
-        return gptq_quantize(weight, stats.hessian, cfg, method.gptq, choose)
-    if choose is choose_qparams:
+        return gptq_quantize(weight, stats.xtx, cfg, method.gptq, choose, stats.hessian_scale)
+    if choose is plain_chooser:
         return quantize_rtn(weight, cfg)
     view, width = group_view(weight.float(), cfg)
-    scale, zero = choose(view, width, cfg)
+    scale, zero = choose(view, width, cfg, slice(0, weight.shape[1]))
     return round_to_grid(weight, scale, zero, cfg)

@@ -80,7 +80,7 @@ def _layer_stats(loaded: LoadedModel, calib_ids: torch.Tensor, names: list[str])
 
 def _output_error(w: torch.Tensor, decoded: torch.Tensor, stats: InputStats) -> float:
     d = (decoded - w).double()
-    return float(((d @ stats.xtx) * d).sum())
+    return float(((d @ stats.xtx.double()) * d).sum())
 
 
 def test_gptq_on_the_grid_beats_llama_cpp_imatrix_choice_on_real_layers(smollm2_session: LoadedModel,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowbit.config import QuantConfig
-from lowbit.methods.gptq import GPTQConfig, gptq_quantize
+from lowbit.methods.gptq import GPTQConfig, gptq_quantize, plain_chooser
 from lowbit.methods.rtn import quantize_rtn
 
 CONFIGS = [
@@ -69,3 +69,20 @@ def test_gptq_lowers_layer_output_error_on_real_weights(smollm2_session, layer: 
 
     rtn, gptq = out_err(quantize_rtn(w, cfg)), out_err(gptq_quantize(w, hessian, cfg))
     assert gptq < 0.8 * rtn  # measured ≈ 0.5–0.65 on held-out text
+
+
+def test_dynamic_groups_choose_each_group_from_its_own_columns() -> None:
+    """Without act-order, a group's q-params are chosen when the loop reaches it: the chooser must be told which
+    input columns it sees, so a Hessian-weighted clip search uses that group's block of H (not the first one)."""
+    torch.manual_seed(0)
+    w, seen = torch.randn(8, 48), []
+
+    def chooser(view: torch.Tensor, width: int, cfg: QuantConfig, columns: slice):
+        seen.append((columns.start, columns.stop, view.shape[1]))
+        return plain_chooser(view, width, cfg, columns)
+
+    gptq_quantize(w, torch.eye(48), QuantConfig(bits=4, group_size=16), GPTQConfig(act_order=False), chooser)
+    assert seen == [(0, 16, 16), (16, 32, 16), (32, 48, 16)]
+    seen.clear()
+    gptq_quantize(w, torch.eye(48), QuantConfig(bits=4, group_size=16), GPTQConfig(act_order=True), chooser)
+    assert seen == [(0, 48, 48)]

@@ -77,7 +77,7 @@ def quantize_gguf_weight(
                 raise ConfigError("GPTQ rounding needs calibration statistics for every layer it quantizes")
             # static groups (act-order): every sub-block keeps the grid chosen from the original weights
             qt = gptq_quantize(w, hessian, grid.config, replace(method.gptq, act_order=True),
-                               lambda _view, _width, _cfg: (grid.scale, grid.zero))
+                               lambda _view, _width, _cfg, _cols: (grid.scale, grid.zero))
             gptq_codes = qt.codes().float()
             cols = w.shape[1]
             gptq_decoded = ((gptq_codes - expand_groups(grid.zero, cols, grid.width))
