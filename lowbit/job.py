@@ -208,7 +208,8 @@ def _run_native(job: QuantizeJob, sm: StreamingModel, partial: Path, state: dict
     layers += quantize_outside(sm.model, job.recipe, job.method) if outside else 0
     modules = {name: sm.model.get_submodule(name) for name in outside}
     rest = [n for n in plan.rest_names(sm.model) if n.rpartition(".")[0] not in outside]
-    sink.add_rest(rest, lambda n: sm.read(n), modules)
+    shapes = dict(sm.model.state_dict(keep_vars=True))
+    sink.add_rest(rest, sm.read, sm.read_rows, modules, {n: tuple(shapes[n].shape) for n in rest})
     extra = {}
     if job.method.needs_calibration:
         extra["calibration"] = {"samples": int(job.calib_ids.shape[0]), "seqlen": int(job.calib_ids.shape[1]),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -52,6 +52,21 @@ def module_tensors(module: nn.Module, prefix: str, float_dtype: str, skip: set[s
     return out
 
 
+RowReader = Callable[[str, int, int], torch.Tensor]  # (name, start row, stop row) → those rows, stored dtype
+TABLE_CHUNK_ROWS = 8192
+
+
+def stored_by_rows(name: str, shape: tuple[int, ...], read_rows: RowReader,
+                   float_dtype: str) -> tuple[torch.dtype, Iterator[torch.Tensor]]:
+    """``(dtype, row chunks)`` of ``storage_tensor`` of a 2-D tensor, ``TABLE_CHUNK_ROWS`` rows at a time, so a
+    vocabulary table (128k × 4096 bf16 = 1 GB) is never whole in memory. Same values as ``storage_tensor(whole)``:
+    a first pass over the chunks finds whether any overflows float16 (then the whole tensor is float32)."""
+    bounds = [(a, min(a + TABLE_CHUNK_ROWS, shape[0])) for a in range(0, shape[0], TABLE_CHUNK_ROWS)]
+    dtypes = {storage_tensor(read_rows(name, a, b), float_dtype, name).dtype for a, b in bounds}
+    dtype = torch.float32 if torch.float32 in dtypes else dtypes.pop() if dtypes else torch.float32
+    return dtype, (storage_tensor(read_rows(name, a, b), float_dtype, name).to(dtype) for a, b in bounds)
+
+
 class NativeSink:
     """Consumes finished blocks (then the rest of the model) and writes a lowbit folder into ``folder``."""
 
@@ -73,17 +88,23 @@ class NativeSink:
         self.writer.add(module_tensors(block, prefix, self.float_dtype, set(self.aliases)))
         return self.writer.boundary()
 
-    def add_rest(self, names: list[str], read: Callable[[str], torch.Tensor], modules: dict[str, nn.Module]) -> None:
-        """Everything outside the blocks: quantized layers (e.g. lm_head) as modules, then float tensors by name,
-        each read (``read(name)``) only when written; a shard may end after any of them."""
+    def add_rest(self, names: list[str], read: Callable[[str], torch.Tensor], read_rows: RowReader,
+                 modules: dict[str, nn.Module], shapes: dict[str, tuple[int, ...]]) -> None:
+        """Everything outside the blocks: quantized layers (e.g. lm_head) as modules, then float tensors by name
+        (``shapes[name]``), each read only when written (``read(name)``; tables by ``read_rows(name, start,
+        stop)``); a shard may end after any of them."""
         for name, module in modules.items():
             self.records.add(module, f"{name}.")
             self.writer.add(module_tensors(module, f"{name}.", self.float_dtype))
             self.writer.boundary()
-        for name in names:
-            if name not in self.aliases:
+        for name in (n for n in names if n not in self.aliases):
+            shape = shapes[name]
+            if len(shape) == 2 and shape[0] > TABLE_CHUNK_ROWS:
+                dtype, chunks = stored_by_rows(name, shape, read_rows, self.float_dtype)
+                self.writer.add_by_rows(name, shape, dtype, chunks)
+            else:
                 self.writer.add({name: storage_tensor(read(name), self.float_dtype, name)})
-                self.writer.boundary()
+            self.writer.boundary()
 
     def state(self) -> dict[str, Any]:
         return {"shards": self.writer.state.to_dict(), "configs": self.records.configs, "layers": self.records.layers}
@@ -142,7 +163,8 @@ def save_quantized(loaded: LoadedModel | nn.Module, out: str | Path, overwrite: 
         outside = {n: m for n, m in model.named_modules() if isinstance(m, QLinear) and not n.startswith(prefix)}
         state = model.state_dict()
         rest = [n for n in state if not n.startswith(prefix) and n.rpartition(".")[0] not in outside]
-        sink.add_rest(rest, state.__getitem__, outside)
+        sink.add_rest(rest, state.__getitem__, lambda n, a, b: state[n][a:b], outside,
+                      {n: tuple(state[n].shape) for n in rest})
         config = model.config
         saved = config.quantization_config
         sink.finish(config, record["method"], getattr(model, "generation_config", None), tokenizer, extra)

@@ -84,3 +84,52 @@ def test_corrupt_weights_file_is_reported(tmp_path: Path) -> None:
     (out / "model.safetensors").write_bytes(b"\x00\x01garbage")
     with pytest.raises(ModelLoadError, match="corrupt"):
         load_model(out)
+
+
+@pytest.mark.parametrize("float_dtype", ["float16", "bfloat16", "float32"])
+def test_tables_stored_by_row_chunks_equal_the_whole_conversion(float_dtype: str) -> None:
+    """A vocabulary table is converted a chunk of rows at a time (memory): the stored tensor must be what
+    converting it whole gives, across a partial last chunk."""
+    from lowbit.config import storage_tensor
+    from lowbit.formats.native import TABLE_CHUNK_ROWS, stored_by_rows
+
+    torch.manual_seed(0)
+    table = torch.randn(2 * TABLE_CHUNK_ROWS + 37, 16).to(torch.bfloat16)
+    dtype, chunks = stored_by_rows("t", tuple(table.shape), lambda _n, a, b: table[a:b], float_dtype)
+    chunked = torch.cat(list(chunks))
+    whole = storage_tensor(table, float_dtype, "t")
+    assert dtype == whole.dtype and chunked.dtype == whole.dtype and torch.equal(chunked, whole)
+
+
+def test_a_table_overflowing_float16_in_a_late_chunk_is_stored_float32_whole() -> None:
+    from lowbit.formats.native import TABLE_CHUNK_ROWS, stored_by_rows
+
+    table = torch.ones(TABLE_CHUNK_ROWS * 2 + 5, 4, dtype=torch.bfloat16)
+    table[TABLE_CHUNK_ROWS + 3, 1] = 1e6  # beyond float16's 65504, only in the second chunk
+    dtype, chunks = stored_by_rows("t", tuple(table.shape), lambda _n, a, b: table[a:b], "float16")
+    out = torch.cat(list(chunks))
+    assert dtype == torch.float32 and out.dtype == torch.float32 and torch.equal(out, table.float())
+
+
+def test_shards_written_through_spill_files_load_as_safetensors(tmp_path: Path) -> None:
+    """Shards are assembled from per-element-size spill files: every tensor (mixed dtypes and odd byte counts,
+    a table added by row chunks) must load back exactly, with the header metadata, and no spill file remains."""
+    from safetensors import safe_open
+
+    from lowbit.formats.shards import ShardWriter
+
+    torch.manual_seed(0)
+    tensors = {"a.u8": torch.randint(0, 255, (3, 5), dtype=torch.uint8), "b.f32": torch.randn(7),
+               "c.i32": torch.randint(-9, 9, (2, 3), dtype=torch.int32), "d.f16": torch.randn(3, 3).half(),
+               "e.bf16": torch.randn(5).bfloat16(), "f.i64": torch.arange(3)}
+    table = torch.randn(10, 4).half()
+    writer = ShardWriter(tmp_path, {"k": "v"}, max_shard_bytes=1 << 30)
+    writer.add(tensors)
+    writer.add_by_rows("g.table", (10, 4), torch.float16, [table[:4], table[4:9], table[9:]])
+    assert writer.finish() == ["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"k": "v"}
+        loaded = {k: f.get_tensor(k) for k in f.keys()}
+    for name, t in {**tensors, "g.table": table}.items():
+        assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t)
