@@ -12,10 +12,13 @@ gguf-py memory-maps the file; pages a read touched are dropped from this process
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
+import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -87,6 +90,31 @@ class GGUFSource:
         self._drop_pages()
 
 
+@contextmanager
+def _parsed_once(path: Path, reader: GGUFReader) -> Iterator[None]:
+    """While a GGUF file is opened, transformers' helpers get our ``reader`` instead of parsing the file again.
+
+    ``load_gguf_checkpoint`` (config) and the GGUF tokenizer loader each build their own ``gguf.GGUFReader`` —
+    three more parses of the metadata, whose vocabulary arrays alone are ~7 s each for a 49k-token vocabulary —
+    and ``get_gguf_hf_weights_map`` builds a ``TensorNameMap`` for every module (9 s on SmolLM2). Both are pure
+    functions of their arguments: for the duration of the open, ``gguf.GGUFReader(path)`` returns the parsed
+    reader and ``gguf.get_tensor_name_map`` is memoised; both are restored afterwards.
+    """
+    import gguf
+
+    make_reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    resolved = os.path.realpath(path)
+
+    def shared_reader(p: Any, mode: str = "r") -> GGUFReader:
+        return reader if mode == "r" and os.path.realpath(p) == resolved else make_reader(p, mode)
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = make_reader, name_map
+
+
 def open_gguf(path: Path, dtype: torch.dtype, load_tokenizer: Callable[[], Any]) -> StreamingModel:
     """A GGUF file as a :class:`StreamingModel`: config from its metadata (transformers), tensors on demand; the
     file is parsed once (its reader serves the tensors) and checked before the tokenizer is read from it."""
@@ -100,17 +128,19 @@ def open_gguf(path: Path, dtype: torch.dtype, load_tokenizer: Callable[[], Any])
     except (ValueError, OSError, IndexError, KeyError, struct.error) as exc:
         raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}): re-download it") from exc
 
-    try:  # what AutoConfig.from_pretrained(gguf_file=…) does, without parsing the file a second time
-        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
-        config = CONFIG_MAPPING[parsed["config"]["model_type"]].from_dict(dict(parsed["config"]))
-    except (ValueError, KeyError, OSError, NotImplementedError, IndexError) as exc:
-        raise ModelLoadError(f"transformers cannot build a model from {path} ({exc}): its architecture may be "
-                             "unsupported") from exc
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = meta_skeleton(config)
-    source = GGUFSource(path, model, reader, parsed)
-    return StreamingModel(model, load_tokenizer(), source, str(path), "gguf", dtype, tied_names(model, source.names))
+    with _parsed_once(path, reader):
+        try:  # what AutoConfig.from_pretrained(gguf_file=…) does
+            parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+            config = CONFIG_MAPPING[parsed["config"]["model_type"]].from_dict(dict(parsed["config"]))
+        except (ValueError, KeyError, OSError, NotImplementedError, IndexError) as exc:
+            raise ModelLoadError(f"transformers cannot build a model from {path} ({exc}): its architecture may be "
+                                 "unsupported") from exc
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = meta_skeleton(config)
+        source = GGUFSource(path, model, reader, parsed)
+        tokenizer = load_tokenizer()
+    return StreamingModel(model, tokenizer, source, str(path), "gguf", dtype, tied_names(model, source.names))
 
 
 def _open(path: Path, dtype: torch.dtype) -> StreamingModel:
