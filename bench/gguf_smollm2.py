@@ -85,7 +85,7 @@ def quantize(job: dict) -> float:
     if job["tool"] == "llama.cpp + imatrix":
         return _run([str(BIN / "llama-quantize"), "--imatrix", str(IMATRIX), str(F32), str(out), job["type"], "2"])
     from lowbit.calib.data import CalibConfig, calibration_ids
-    from lowbit.formats.gguf.calibrated import quantize_to_gguf
+    from lowbit.gguf_job import quantize_to_gguf
     from lowbit.model.loading import load_model
 
     loaded = load_model(MODEL)

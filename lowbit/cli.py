@@ -298,7 +298,7 @@ def _quantize_gguf(args: argparse.Namespace) -> int:
     """``lowbit quantize --format gguf``: llama.cpp's mix for ``--type``, weights chosen by ``--method``, streamed."""
     from lowbit.calib.data import CalibConfig
     from lowbit.formats.atomic import check_output
-    from lowbit.formats.gguf.calibrated import gguf_method
+    from lowbit.gguf_job import gguf_method
     from lowbit.formats.gguf.writer import file_type
     from lowbit.job import QuantizeJob, quantize_and_save
     from lowbit.methods.gptq import GPTQConfig
@@ -368,7 +368,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from lowbit.plan.memory import mixed_budget, plan
+    from lowbit.plan.job_memory import job_memory
+    from lowbit.plan.memory import meta_model, mixed_budget, plan
     from lowbit.report import markdown_table
 
     rows = plan(args.config, tokens=args.tokens, batch=args.batch, budget_gb=args.fits)
@@ -390,7 +391,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if mixed is not None and 2 <= mixed.bits_per_weight <= 16:
             print(f"mixed precision can use all of it: `lowbit quantize MODEL --max-size {mixed.max_bytes / 1e9:.2f}GB` "
                   f"(≈ {mixed.bits_per_weight:.2f} bits per quantized weight) picks a format per layer")
-    _write_json(args.json_out, {"plan": [r.to_dict() for r in rows]})
+    jobs = job_memory(meta_model(args.config))
+    print("\nlowbit's own jobs on this model (4-bit g128; GPTQ with the default 128 × 512 calibration; compute "
+          "float32), predicted peak RSS:")
+    print(markdown_table(["job", "peak RSS (estimate)", "made of"],
+                         [(e.task, gb(e.peak_bytes), e.explain()) for e in jobs]))
+    _write_json(args.json_out, {"plan": [r.to_dict() for r in rows],
+                                "jobs": [{"task": e.task, "peak_bytes": e.peak_bytes, "terms": e.terms} for e in jobs]})
     return 0
 
 

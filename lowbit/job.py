@@ -172,7 +172,7 @@ def quantize_and_save(job: QuantizeJob, overwrite: bool = False, resume: bool = 
         partial, state = _prepare_partial(out, resume, fp)
         checkpoints = _Checkpoints(partial, fp)
         if job.fmt == "gguf":
-            from lowbit.formats.gguf.stream import run_gguf_job
+            from lowbit.gguf_job import run_gguf_job
 
             result = run_gguf_job(job, sm, partial, state, checkpoints, progress)
         else:

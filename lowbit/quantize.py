@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +22,7 @@ from lowbit.errors import ConfigError
 from lowbit.methods.method import MethodConfig, quantize_weight
 from lowbit.model.modules import linear_bias, linear_weight, select_layers, set_submodule
 from lowbit.nn.qlinear import QLinear
-from lowbit.nn.record import RecordBuilder
+from lowbit.nn.record import quantization_record
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +45,6 @@ def round_float_params(model: nn.Module, float_dtype: str) -> None:
     for name, param in model.named_parameters():
         with torch.no_grad():
             param.copy_(storage_tensor(param, float_dtype, name).to(param.dtype))
-
-
-def quantization_record(model: nn.Module, method: str, float_dtype: str) -> dict[str, Any]:
-    """The ``quantization_config`` describing every QLinear in ``model`` (written to config.json)."""
-    builder = RecordBuilder()
-    builder.add(model)
-    return builder.record(method, float_dtype)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ Rules (``qmax = 2**b − 1``):
   (stored as float16), so the grid runs exactly from the group minimum to its maximum;
 * symmetric min-max (GPTQ's convention): ``a = max|w|``, ``s = 2a / qmax``, ``z = (qmax + 1) / 2``, so codes
   ``0 … qmax`` map to ``(−2^{b−1} … 2^{b−1}−1) · s``;
-* ``hqq``: HQQ's half-quadratic solver (``lowbit.methods.hqq``), starting from min-max;
+* ``hqq``: HQQ's half-quadratic solver (``lowbit.core.hqq``), starting from min-max;
 * ``mse``: shrink the range by ``p ∈ {1, 1 − 1/n, …, 1 − max_shrink}`` and keep, per group, the ``p`` with the
   smallest ``Σ |w − ŵ|^norm`` (GPTQ's and llm-compressor's MSE observer).
 
@@ -98,7 +98,7 @@ def fake_quantize_groups(
 def choose_qparams(w: torch.Tensor, width: int, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose (scale, zero), float32 ``[R, G]`` each, for the groups of ``w [R, C]`` by ``cfg.qparams``."""
     if cfg.qparams == "hqq":
-        from lowbit.methods.hqq import hqq_qparams
+        from lowbit.core.hqq import hqq_qparams
 
         return hqq_qparams(w, width, cfg)
     w = w.float()

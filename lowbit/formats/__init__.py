@@ -1,5 +1,8 @@
-"""Output formats and the readers of quantized files; importing the package registers the streaming readers
-(lowbit folders, GGUF files) with :func:`lowbit.model.loading.open_model`."""
+"""Output formats and the readers of quantized files; importing the package registers the readers with
+:mod:`lowbit.model.loading` (``load_model``: lowbit, compressed-tensors and GPTQ folders; ``open_model``, streamed:
+lowbit folders and GGUF files)."""
 
+from lowbit.formats import compressed_tensors as _compressed_tensors  # noqa: F401  (registers "compressed-tensors")
+from lowbit.formats import gptq_format as _gptq_format  # noqa: F401  (registers "gptq")
 from lowbit.formats import native as _native  # noqa: F401  (registers "lowbit")
 from lowbit.formats.gguf import source as _gguf_source  # noqa: F401  (registers "gguf")

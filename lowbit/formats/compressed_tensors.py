@@ -51,7 +51,7 @@ from lowbit.errors import FormatError
 from lowbit.formats.int32_packing import pack_int32, unpack_int32
 from lowbit.formats.serving import (finish_import, float_tensors, num_blocks, quantized_layers, raise_problems,
                                     read_tensors, skeleton, to_float16_scales, write_export)
-from lowbit.model.loading import LoadedModel, _load_tokenizer, read_config_json
+from lowbit.model.loading import LoadedModel, _load_tokenizer, read_config_json, register_loader
 from lowbit.model.modules import set_submodule
 from lowbit.nn.qlinear import QLinear
 
@@ -216,3 +216,6 @@ def load_compressed_tensors(folder: str | Path, device: str = "cpu") -> LoadedMo
         set_submodule(model, name, QLinear(qt, bias.float() if bias is not None else None))
     finish_import(model, tensors, folder, FORMAT)
     return LoadedModel(model.to(device), _load_tokenizer(folder), str(folder), "lowbit")
+
+
+register_loader("compressed-tensors", lambda path, device: load_compressed_tensors(path, device))

@@ -40,7 +40,7 @@ from lowbit.formats.int32_packing import pack_int32, unpack_int32
 from lowbit.formats.serving import (finish_import, float_tensors, num_blocks, quantized_layers, raise_problems,
                                     read_tensors, skeleton, to_float16_scales, write_export)
 from lowbit.model.architectures import spec_for
-from lowbit.model.loading import LoadedModel, _load_tokenizer, read_config_json
+from lowbit.model.loading import LoadedModel, _load_tokenizer, read_config_json, register_loader
 from lowbit.model.modules import set_submodule
 from lowbit.nn.qlinear import QLinear
 
@@ -185,3 +185,6 @@ def load_gptq(folder: str | Path, device: str = "cpu") -> LoadedModel:
         raise FormatError(f"{folder}: no qweight tensors found; this is not a GPTQ checkpoint")
     finish_import(model, tensors, folder, FORMAT)
     return LoadedModel(model.to(device), _load_tokenizer(folder), str(folder), "lowbit")
+
+
+register_loader("gptq", lambda path, device: load_gptq(path, device))

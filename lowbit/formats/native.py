@@ -30,7 +30,7 @@ from lowbit.config import QuantConfig, storage_tensor
 from lowbit.errors import FormatError, ModelLoadError
 from lowbit.formats.atomic import atomic_folder
 from lowbit.formats.shards import DEFAULT_SHARD_BYTES, ShardState, ShardWriter, read_metadata
-from lowbit.model.loading import LoadedModel, _load_tokenizer, read_config_json, register_opener
+from lowbit.model.loading import LoadedModel, _load_tokenizer, read_config_json, register_loader, register_opener
 from lowbit.model.source import SafetensorsSource, StreamingModel, load_generation, meta_skeleton
 from lowbit.nn.qlinear import QLinear
 from lowbit.nn.record import RecordBuilder
@@ -244,3 +244,4 @@ def load_quantized(folder: str | Path, device: str = "cpu") -> LoadedModel:
 
 
 register_opener("lowbit", lambda path, dtype: open_quantized(path, dtype))
+register_loader("lowbit", lambda path, device: load_quantized(path, device))

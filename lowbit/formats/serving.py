@@ -233,7 +233,7 @@ def to_float16_scales(scale: torch.Tensor, name: str) -> torch.Tensor:
 def finish_import(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path, kind: str) -> nn.Module:
     """Assign the float ``tensors`` to a skeleton whose quantized layers are already QLinears; record the model as
     a lowbit-quantized one (so it can be evaluated, saved and re-exported)."""
-    from lowbit.quantize import quantization_record
+    from lowbit.nn.record import quantization_record
 
     expected = model.state_dict()
     for name, t in list(tensors.items()):

@@ -1,7 +1,8 @@
 """Loading models: a Hugging Face folder, a GGUF file, a lowbit-quantized folder, or a named default.
 
-Folders quantized by other tools in the compressed-tensors ``pack-quantized`` or GPTQ layout are imported into
-lowbit's own quantized layers (``lowbit.formats.compressed_tensors``, ``lowbit.formats.gptq_format``).
+Quantized folders (lowbit's own; compressed-tensors ``pack-quantized`` or GPTQ layouts from other tools, imported
+into lowbit's quantized layers) are read by loaders that ``lowbit.formats`` registers here, so this module never
+imports the formats.
 
 Only safetensors and GGUF are read: lowbit never unpickles (``.bin`` / ``.pt``) files, which can run code.
 Weights are loaded in float32, the precision the quantizers compute in.
@@ -44,6 +45,16 @@ STREAM_OPENERS: dict[str, StreamOpener] = {}
 
 def register_opener(key: str, opener: StreamOpener) -> None:
     STREAM_OPENERS[key] = opener
+
+
+# In-memory loaders of quantized folders, by ``quantization_config.quant_method`` (``lowbit.formats`` registers
+# ``lowbit``, ``compressed-tensors`` and ``gptq``; the latter two are imported into lowbit's QLinear layers).
+FolderLoader = Callable[[Path, str], "LoadedModel"]
+FOLDER_LOADERS: dict[str, FolderLoader] = {}
+
+
+def register_loader(quant_method: str, loader: FolderLoader) -> None:
+    FOLDER_LOADERS[quant_method] = loader
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -109,18 +120,9 @@ def load_model(source: str | Path, device: str = "cpu") -> LoadedModel:
         return _load_gguf(path)
     config = read_config_json(path)
     quant_method = config.get("quantization_config", {}).get("quant_method")
-    if quant_method == "lowbit":
-        from lowbit.formats.native import load_quantized
-
-        return load_quantized(path, device=device)
-    if quant_method == "compressed-tensors":  # imported into lowbit's QLinear layers
-        from lowbit.formats.compressed_tensors import load_compressed_tensors
-
-        return load_compressed_tensors(path, device=device)
-    if quant_method == "gptq":
-        from lowbit.formats.gptq_format import load_gptq
-
-        return load_gptq(path, device=device)
+    loader = FOLDER_LOADERS.get(quant_method)
+    if loader is not None:
+        return loader(path, device)
     return _load_hf_folder(path, config)
 
 

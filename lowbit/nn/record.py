@@ -39,3 +39,10 @@ class RecordBuilder:
     def record(self, method: str, float_dtype: str) -> dict[str, Any]:
         return {"quant_method": "lowbit", "format_version": CONFIG_VERSION, "method": method,
                 "float_dtype": float_dtype, "configs": list(self.configs), "layers": dict(self.layers)}
+
+
+def quantization_record(model: nn.Module, method: str, float_dtype: str) -> dict[str, Any]:
+    """The ``quantization_config`` describing every QLinear in ``model`` (written to config.json)."""
+    builder = RecordBuilder()
+    builder.add(model)
+    return builder.record(method, float_dtype)

@@ -17,7 +17,8 @@ from lowbit.calib.capture import InputHooks
 from lowbit.calib.stats import InputStats
 from lowbit.core.qparams import fake_quantize_groups
 from lowbit.errors import ConfigError, FormatError
-from lowbit.formats.gguf.calibrated import quantize_gguf_weight, quantize_to_gguf
+from lowbit.gguf_job import quantize_to_gguf
+from lowbit.methods.gguf_rounding import quantize_gguf_weight
 from lowbit.formats.gguf.grids import APPROX_CONFIG, gguf_grid
 from lowbit.formats.gguf.writer import encode
 from lowbit.methods.gptq import GPTQConfig, gptq_quantize

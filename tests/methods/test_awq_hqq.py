@@ -8,7 +8,7 @@ from conftest import make_tiny
 from lowbit.calib.capture import capture_first_block_inputs, run_block
 from lowbit.config import QuantConfig
 from lowbit.methods.awq import AWQConfig, fold_scale, output_width, search_scale
-from lowbit.methods.hqq import hqq_qparams
+from lowbit.core.hqq import hqq_qparams
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.model.architectures import block_list, spec_for
 from lowbit.model.modules import linear_weight

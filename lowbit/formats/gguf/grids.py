@@ -27,7 +27,7 @@ Q6_K     16     6      d·sc · (L − 32)                        d·sc, 32
 * 32-weight types: llama.cpp's reference rule, or with a Hessian lowbit's output-error clip search
   (:func:`~lowbit.core.qparams.choose_qparams_weighted`) on the type's grid.
 
-A *rounding* (nearest, or GPTQ in :mod:`lowbit.formats.gguf.calibrated`) then picks codes on the grid, and
+A *rounding* (nearest, or GPTQ in :mod:`lowbit.methods.gguf_rounding`) then picks codes on the grid, and
 :attr:`GGUFGrid.pack` writes llama.cpp's bytes for those codes with the chosen scales. :data:`APPROX_CONFIG` gives
 each type the closest :class:`QuantConfig`, for searches that need one (AWQ's scale search).
 """

@@ -1,4 +1,4 @@
-"""Calibrated GGUF: weights chosen with calibration data, in block types any llama.cpp loads unchanged.
+"""GGUF export jobs. Calibrated GGUF: weights chosen with calibration data, in block types llama.cpp loads as is.
 
 llama.cpp's own calibrated path is the *importance matrix*: ``llama-imatrix`` measures the mean squared activation
 of every input column, and ``llama-quantize --imatrix`` weighs each weight's rounding error by it in the k-quant
@@ -19,6 +19,12 @@ Everything runs in lowbit's one sequential driver (:func:`lowbit.pipeline.quanti
 calibrated on the activations of the already-quantized blocks before it. The model's float weights are replaced by
 exactly what llama.cpp will decode (gguf-py's dequantization of the bytes), so lowbit's evaluation of the model
 afterwards is an evaluation of the file.
+
+This module is the job layer of GGUF export: :func:`quantize_to_gguf` (an in-memory model) and
+:func:`run_gguf_job` (the streaming job's GGUF branch: the file's header from the skeleton, then block after block
+into :class:`~lowbit.formats.gguf.sink.GGUFSink`; ``rtn`` only walks the blocks and the sink encodes each block's
+float tensors with the reference encoders; tensors outside the blocks are written last, the vocabulary tables by
+rows read straight from the source). The per-weight rounding is :mod:`lowbit.methods.gguf_rounding`.
 """
 
 from __future__ import annotations
@@ -31,72 +37,28 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
-from gguf.quants import dequantize
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lowbit.calib.data import CalibConfig
 from lowbit.calib.stats import InputStats
 from lowbit.config import QuantRecipe
-from lowbit.core.qparams import expand_groups, fake_quantize_groups
 from lowbit.errors import ConfigError
 from lowbit.formats.gguf.convert import gguf_arch, gguf_name_map, gguf_shapes, to_gguf_layout
-from lowbit.formats.gguf.grids import APPROX_CONFIG, gguf_grid
-from lowbit.formats.gguf.kquants import KQUANT_TYPES, quantize_kquant
+from lowbit.formats.gguf.grids import APPROX_CONFIG
 from lowbit.formats.gguf.recipes import ModelFacts, tensor_types
-from lowbit.formats.gguf.writer import GGUFSummary, write_gguf
-from lowbit.methods.gptq import GPTQConfig, gptq_quantize
+from lowbit.formats.gguf.sink import GGUFSink
+from lowbit.formats.gguf.writer import GGUFSummary, gguf_plan, head_writer, write_gguf
+from lowbit.methods.gguf_rounding import quantize_gguf_weight
+from lowbit.methods.gptq import GPTQConfig
 from lowbit.methods.method import ClipConfig, MethodConfig
 from lowbit.model.architectures import spec_for
 from lowbit.model.loading import LoadedModel
 from lowbit.model.modules import LayerTarget, linear_weight, select_layers
+from lowbit.model.source import StreamingModel
+from lowbit.pipeline import BlockPlan, quantize_sequential
 
 log = logging.getLogger(__name__)
-
-
-def quantize_gguf_weight(
-    weight: torch.Tensor, qtype: GGMLQuantizationType, stats: InputStats | None, method: MethodConfig,
-    clip: bool = True,
-) -> tuple[np.ndarray, torch.Tensor]:
-    """Quantize ``weight [R, C]`` to ``qtype`` with calibration ``stats``: ``(bytes [R, row bytes], decoded [R, C])``.
-
-    k-quants take llama.cpp's scale search weighted by the mean squared activations; 32-weight types take the
-    Hessian clip search when ``clip`` (else llama.cpp's reference q-params). GPTQ then rounds onto that grid; with
-    nearest rounding k-quants keep llama.cpp's own rounding (i.e. what ``llama-quantize --imatrix`` writes).
-    """
-    w = weight.detach().float()
-    hessian = None if stats is None else stats.hessian
-    if method.rounding == "nearest" and qtype in KQUANT_TYPES:
-        importance = None if hessian is None else torch.diagonal(hessian).numpy() / 2
-        data = quantize_kquant(w.numpy(), qtype, importance)
-    else:
-        grid = gguf_grid(w, qtype, hessian if (clip or qtype in KQUANT_TYPES) else None)
-        codes, decoded = fake_quantize_groups(w, grid.scale, grid.zero, grid.width, grid.config.qmax)
-        if method.rounding == "gptq":
-            if hessian is None:
-                raise ConfigError("GPTQ rounding needs calibration statistics for every layer it quantizes")
-            # static groups (act-order): every sub-block keeps the grid chosen from the original weights
-            qt = gptq_quantize(w, hessian, grid.config, replace(method.gptq, act_order=True),
-                               lambda _view, _width, _cfg, _cols: (grid.scale, grid.zero))
-            gptq_codes = qt.codes().float()
-            cols = w.shape[1]
-            gptq_decoded = ((gptq_codes - expand_groups(grid.zero, cols, grid.width))
-                            * expand_groups(grid.scale, cols, grid.width))
-            # GPTQ's error feedback can lose to nearest rounding on some grids (measured: 4-bit k-quant sub-blocks
-            # whose min-fitted range leaves no room for the feedback, ~1 % gain or a loss): keep whichever rounding
-            # has the lower calibration output error tr(D·H·Dᵀ).
-            if _output_error(w, gptq_decoded, hessian) <= _output_error(w, decoded, hessian):
-                codes = gptq_codes
-            else:
-                log.debug("GGUF %s: nearest rounding beat GPTQ on the calibration data; kept nearest", qtype.name)
-        data = grid.pack(codes.numpy().astype(np.int64))
-    return data, torch.from_numpy(dequantize(data, qtype).reshape(w.shape).astype(np.float32))
-
-
-def _output_error(w: torch.Tensor, decoded: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``tr(D·H·Dᵀ)`` for ``D = Ŵ − W``: the layer's squared output error on the calibration inputs."""
-    d = (decoded - w).double()
-    return float(((d @ hessian.double()) * d).sum())
 
 
 def _set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
@@ -141,8 +103,6 @@ def quantize_to_gguf(
         encoded[name] = to_gguf_layout(name, data, config)
         _set_linear_weight(module, decoded)
         return module
-
-    from lowbit.pipeline import quantize_sequential
 
     quantize_sequential(model, recipe, method, calib_ids, calib, progress, quantize_layer)
 
@@ -191,3 +151,61 @@ def gguf_method(method: str | MethodConfig, gptq: GPTQConfig = GPTQConfig(),
     if parsed.hqq:
         raise ConfigError("HQQ's float zero points are not a GGUF grid: use --method gptq, awq+gptq or imatrix")
     return parsed
+
+
+GGUF_FILE = "model.gguf"
+
+
+def run_gguf_job(job: Any, sm: StreamingModel, partial: Path, state: dict | None, checkpoints: Any,
+                 progress: bool) -> dict[str, Any]:
+    model, config = sm.model, sm.model.config
+    calibrated = job.method.name != "rtn"
+    shapes, types = gguf_plan(model, job.gguf_type, dict(job.gguf_overrides) or None, has_imatrix=calibrated)
+    metadata = None
+    if calibrated:
+        metadata = {"lowbit.method": job.method.name, "lowbit.calibration": job.calib.describe() +
+                    f" ({job.calib_ids.shape[0]} windows of {job.calib_ids.shape[1]} tokens used)"}
+    head = head_writer(config, job.gguf_type, sm.tokenizer, sm.path if sm.kind == "gguf" else None, metadata)
+    sink = GGUFSink(partial / GGUF_FILE, config, shapes, types, head, resume=state["sink"] if state else None)
+    name_of = gguf_name_map(config)
+    recipe, quantize_layer = None, None
+    if calibrated:
+        targets = gguf_targets(model, types, name_of)
+        recipe = targets.recipe
+
+        def quantize_layer(full: str, module: nn.Module, _t: LayerTarget, stats: Any, clip: bool) -> nn.Module:
+            name = name_of(f"{full}.weight")
+            data, decoded = quantize_gguf_weight(linear_weight(module).float(), targets.types[full], stats,
+                                                 job.method, clip)
+            sink.encoded[name] = to_gguf_layout(name, data, config)
+            _set_linear_weight(module, decoded.to(module.weight.dtype))
+            return module
+
+    def on_block(index: int, prefix: str, block: nn.Module, inputs: Any) -> None:
+        sink.add_module(block, prefix)
+        sink.sync()
+        checkpoints.save(index + 1, sink.state(), None if inputs is None else [b.hidden for b in inputs])
+
+    try:
+        layers = quantize_sequential(
+            sm, recipe, job.method, job.calib_ids, job.calib, progress, quantize_layer,
+            desc=f"GGUF {job.gguf_type} ({job.method.name})", on_block=on_block,
+            start=state["next_block"] if state else 0, resume_hidden=checkpoints.hidden() if state else None)
+        plan = BlockPlan.of(model, None)
+        tables = sm.vocab_tables()
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        for hf_name in plan.rest_names(model):
+            if tied and hf_name.startswith("lm_head."):
+                continue
+            name = name_of(hf_name)
+            if hf_name in tables and len(shapes[name]) == 2:
+                sink.write_rows(name, lambda a, b, n=hf_name: sm.read_rows(n, a, b, torch.float32).numpy())
+            else:
+                sink.add_tensor(name, torch.from_numpy(to_gguf_layout(name, sm.read(hf_name).float().numpy(),
+                                                                      config)))
+        sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    return {"layers": layers, "record": {n: t.name for n, t in types.items()}, "file": GGUF_FILE,
+            "blocks": len(plan.blocks)}

@@ -1,0 +1,147 @@
+"""Peak memory of a streaming job, predicted from a config alone: base + one block + activations.
+
+A streaming job (:mod:`lowbit.job`, :mod:`lowbit.eval.lockstep`) holds one decoder block at a time, so its peak
+resident memory is a sum of a few terms, each computed here from the shapes of the meta model:
+
+``base``
+    the interpreter, torch, transformers and a tokenizer: a constant, measured on this machine kind
+    (``bench/scale.py``, a 2-block model whose weights are negligible).
+``block``
+    the largest decoder block's parameters in the compute dtype (read in the stored dtype, then converted:
+    both copies exist for the largest tensor), plus the largest linear's transient copies while it is quantized
+    (its float32 weight, codes and dequantized values: ``3 × out × in × 4``).
+``output``
+    the finished block's tensors being written (a shard's bytes go to disk as they arrive, see
+    :mod:`lowbit.formats.shards`).
+``tables``
+    after the blocks, a tensor outside them (a vocabulary table) one chunk of rows at a time, in the source dtype
+    and the storage dtype.
+``calibration`` (GPTQ, AWQ)
+    the calibration hidden states entering and leaving the block (``2 × samples × seqlen × hidden × bytes``), one
+    batch's activations inside the block, every distinct input's ``XᵀX`` (``Σ in² × 4``) and GPTQ's transient
+    for the widest input (a permuted copy, overwritten by the factorisation, and the factor: ``2 × in² × 4``).
+``evaluation``
+    each model's hidden states for every window (``2 × windows × seqlen × hidden × bytes``, one of them twice
+    while a block runs), one block, one window's activations, then at the head each model's final hidden states
+    in float32 and one vocabulary chunk.
+
+The terms are estimates with the dominant tensors only (no allocator slack): ``bench/scale.py`` checks them against
+measured peaks at three model sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowbit.config import QuantConfig
+from lowbit.plan.memory import quantized_weight_bytes
+
+BASE_BYTES = int(0.42e9)  # measured: peak RSS of a streaming job on a 2-block model (bench/scale.py "tiny")
+_TABLE_CHUNK_ROWS = 8192
+_EVAL_VOCAB_CHUNK = 8192
+_EVAL_POS_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peak resident bytes of one job and the terms it is the sum of (largest stage)."""
+
+    task: str
+    peak_bytes: int
+    terms: dict[str, int]
+
+    def explain(self) -> str:
+        return " + ".join(f"{name} {value / 1e9:.2f}" for name, value in self.terms.items() if value) + " GB"
+
+
+@dataclass(frozen=True)
+class _Shapes:
+    hidden: int
+    ffn: int
+    heads: int
+    block_params: int
+    largest_linear: tuple[int, int]
+    largest_tensor: int  # elements of the largest tensor of a block
+    block_inputs: list[int]  # in-features of the distinct inputs of a block's linears
+    packed_block: int
+
+
+def _shapes(model: nn.Module, config: QuantConfig) -> _Shapes:
+    from lowbit.model.architectures import block_list, spec_for
+    from lowbit.model.modules import linear_weight
+
+    spec = spec_for(model)
+    block = block_list(model, spec)[0]
+    linears = {n: linear_weight(m).shape for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    rep = {name: group[0] for group in spec.linear_groups for name in group}
+    inputs = {rep.get(n, n): int(shape[1]) for n, shape in linears.items()}
+    largest = max(linears.values(), key=lambda s: s[0] * s[1]) if linears else (0, 0)
+    block_params = sum(p.numel() for p in block.parameters())
+    packed_block = sum(quantized_weight_bytes(int(o), int(i), config) for o, i in linears.values())
+    packed_block += 2 * (block_params - sum(int(o) * int(i) for o, i in linears.values()))
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = int(getattr(cfg, "hidden_size", largest[1]))
+    return _Shapes(
+        hidden=hidden, ffn=int(getattr(cfg, "intermediate_size", None) or 4 * hidden),
+        heads=int(getattr(cfg, "num_attention_heads", 1)), block_params=block_params,
+        largest_linear=(int(largest[0]), int(largest[1])),
+        largest_tensor=max((p.numel() for p in block.parameters()), default=0), block_inputs=list(inputs.values()),
+        packed_block=packed_block)
+
+
+def _estimate(task: str, terms: dict[str, int]) -> MemoryEstimate:
+    terms = {"base": BASE_BYTES, **terms}
+    return MemoryEstimate(task, sum(terms.values()), terms)
+
+
+def _activations(s: _Shapes, tokens: int, seqlen: int, nbytes: int) -> int:
+    """One pass of a block over ``tokens`` positions (windows of ``seqlen``): the residual stream, attention
+    projections and the MLP's three ``ffn``-wide intermediates, plus one window's attention scores."""
+    return tokens * (4 * s.hidden + 3 * s.ffn) * nbytes + s.heads * seqlen * seqlen * 4
+
+
+def quantize_memory(model: nn.Module, config: QuantConfig, calibrated: bool = False, samples: int = 128,
+                    seqlen: int = 512, batch_size: int = 4, compute_dtype: torch.dtype = torch.float32,
+                    stored_bytes: int = 2) -> MemoryEstimate:
+    """Peak of ``quantize`` → lowbit native, data-free (RTN) or calibrated (GPTQ) with ``samples × seqlen``."""
+    s = _shapes(model, config)
+    cbytes = torch.finfo(compute_dtype).bits // 8
+    out, inn = s.largest_linear
+    block = {"block": s.block_params * cbytes + s.largest_tensor * stored_bytes,
+             "quantizing one linear": 3 * out * inn * 4, "output": s.packed_block}
+    if calibrated:
+        widest = max(s.block_inputs, default=0)
+        block |= {"calibration states": 2 * samples * seqlen * s.hidden * cbytes,
+                  "block activations": _activations(s, batch_size * seqlen, seqlen, 4),
+                  "Hessians": sum(4 * k * k for k in s.block_inputs) + 2 * 4 * widest * widest}
+        block.pop("quantizing one linear")
+    tables = {"tables": _TABLE_CHUNK_ROWS * s.hidden * (stored_bytes + 4)}
+    stage = block if sum(block.values()) >= sum(tables.values()) else tables
+    return _estimate("quantize " + ("GPTQ" if calibrated else "RTN") + " → lowbit", stage)
+
+
+def eval_memory(model: nn.Module, config: QuantConfig, tokens: int = 8192, seqlen: int = 2048,
+                compute_dtype: torch.dtype = torch.float32, stored_bytes: int = 2) -> MemoryEstimate:
+    """Peak of ``eval QUANTIZED --compare-to ORIGINAL`` over ``tokens`` in windows of ``seqlen`` (lockstep)."""
+    s = _shapes(model, config)
+    cbytes = torch.finfo(compute_dtype).bits // 8
+    windows = max(1, tokens // seqlen)
+    states = windows * seqlen * s.hidden * cbytes
+    blocks = {"hidden states": 3 * states, "block": s.block_params * cbytes + s.largest_tensor * stored_bytes,
+              "block activations": _activations(s, seqlen, seqlen, cbytes)}
+    head = {"final states": 2 * windows * seqlen * s.hidden * 4,
+            "vocabulary chunk": 2 * _EVAL_VOCAB_CHUNK * s.hidden * 4 + 4 * _EVAL_POS_CHUNK * _EVAL_VOCAB_CHUNK * 4}
+    stage = blocks if sum(blocks.values()) >= sum(head.values()) else head
+    return _estimate(f"eval vs original ({windows}×{seqlen} tokens)", stage)
+
+
+def job_memory(model: nn.Module, config: QuantConfig = QuantConfig(bits=4, group_size=128), samples: int = 128,
+               seqlen: int = 512, eval_tokens: int = 8192, eval_seqlen: int = 2048,
+               compute_dtype: torch.dtype = torch.float32) -> list[MemoryEstimate]:
+    """RTN, GPTQ and lockstep-eval peaks for one model (the ``lowbit plan`` table)."""
+    return [quantize_memory(model, config, False, compute_dtype=compute_dtype),
+            quantize_memory(model, config, True, samples, seqlen, compute_dtype=compute_dtype),
+            eval_memory(model, config, eval_tokens, eval_seqlen, compute_dtype)]
