@@ -1,6 +1,14 @@
 """Models larger than RAM: peak RSS and time of lowbit's streaming jobs on synthetic Llama-3-family models.
 
-    python bench/scale.py --sizes 0.5b,1b,8b [--tasks rtn,gguf,eval,gptq,llama-quantize] [--keep]
+    python bench/scale.py --sizes tiny,0.5b,1b,8b [--tasks rtn,gguf,eval,gptq,llama-quantize] [--keep]
+    python bench/scale.py --sizes smollm2 --tasks gptq,eval,gptq-g64sym,llm-compressor --peer-python PY
+
+``smollm2`` is the real SmolLM2-135M (GGUF Q4_1, streamed): GPTQ 4-bit g128 asym with 64 × 512 calibration tokens,
+its lockstep evaluation against the original on WikiText-2 (10 × 2048 tokens: KL), and llm-compressor's GPTQ on the
+same calibration tokens (its group size must divide 576: 4-bit g64 sym, beside lowbit's same setting), run in the
+peers' environment ``--peer-python`` (see bench/llmcompressor_gptq.py). ``tiny`` (2 blocks of width 64) measures
+the base cost of a job (interpreter, torch, transformers, tokenizer). Each row also shows the peak that
+``lowbit.plan.job_memory`` (``lowbit plan``) predicts for it.
 
 Each size is a random-weight model of Llama-3 shapes (bf16, sharded safetensors of ≤ 2 GB, per-row scales drawn
 log-normally and a few outlier input columns so quantization sees realistic ranges), written shard by shard into
@@ -27,6 +35,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {  # name: (hidden, layers, ffn, heads, kv heads, vocab, tied)
+    "tiny": (64, 2, 256, 4, 2, 128256, True),
     "0.5b": (1024, 24, 4096, 16, 8, 128256, True),
     "1b": (2048, 16, 8192, 32, 8, 128256, True),
     "8b": (4096, 32, 14336, 32, 8, 128256, False),
@@ -125,6 +134,81 @@ def lowbit_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "lowbit.cli", *args]
 
 
+def predicted(model_source: str | Path, task: str, eval_tokens: int, samples: int, stored_bytes: int = 2) -> int | None:
+    """``lowbit plan``'s predicted peak RSS for a task row (None for tasks it does not model)."""
+    from lowbit.model.loading import open_model
+    from lowbit.plan.job_memory import eval_memory, quantize_memory
+    from lowbit.config import QuantConfig
+
+    model = open_model(model_source).model
+    g128 = QuantConfig(bits=4, group_size=128)
+    if task == "rtn":
+        return quantize_memory(model, g128, stored_bytes=stored_bytes).peak_bytes
+    if task.startswith("gptq"):
+        return quantize_memory(model, g128, True, samples, 512, stored_bytes=stored_bytes).peak_bytes
+    if task == "eval":
+        dtype = torch.float32 if model_source == "smollm2-135m" else torch.bfloat16
+        return eval_memory(model, g128, eval_tokens, 2048, dtype, stored_bytes=stored_bytes).peak_bytes
+    return None
+
+
+def run_smollm2(tasks: list[str], work: Path, calib: Path, peer_python: str | None) -> None:
+    """The real 135M model: lowbit's streamed GPTQ and lockstep eval, llm-compressor's GPTQ on the same tokens."""
+    logs = RESULTS / "scale_logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    params = 134_515_008
+    eval_text = calib.parent / "wikitext2_test_joined.txt"
+    gptq = ["--method", "gptq", "--bits", "4", "--calib", str(calib), "--calib-samples", "64", "--calib-seqlen", "512",
+            "--no-eval"]
+    plan = {
+        "gptq": ("GPTQ 4-bit g128 asym (64×512 calib) → lowbit", lowbit_cmd(
+            "quantize", "smollm2-135m", "--out", str(work / "gptq"), "--group-size", "128", *gptq)),
+        "gptq-g64sym": ("GPTQ 4-bit g64 sym (64×512 calib) → lowbit", lowbit_cmd(
+            "quantize", "smollm2-135m", "--out", str(work / "gptq64"), "--group-size", "64", "--sym", *gptq)),
+        "eval": ("lockstep eval of the g128 GPTQ vs original, 10×2048 WikiText-2 tokens", lowbit_cmd(
+            "eval", str(work / "gptq"), "--compare-to", "smollm2-135m", "--text", str(eval_text), "--seqlen", "2048",
+            "--max-tokens", "20480", "--json", str(work / "eval.json"))),
+    }
+    for task in tasks:
+        if task == "llm-compressor":
+            if peer_python is None:
+                print("llm-compressor: pass --peer-python (the peers' environment)", flush=True)
+                continue
+            folder = work / "smollm2-hf"
+            if not folder.is_dir():
+                from lowbit.model.loading import load_model
+
+                loaded = load_model("smollm2-135m")
+                loaded.model.save_pretrained(folder)
+                loaded.tokenizer.save_pretrained(folder)
+            log = logs / "smollm2-llm-compressor.log"
+            row = timed([peer_python, str(Path(__file__).parent / "llmcompressor_gptq.py"), str(folder), "--calib",
+                         str(calib), "--group-size", "64", "--symmetric"], log)
+            found = re.findall(r"^\{.*\}$", log.read_text(errors="replace"), re.M)
+            extra = json.loads(found[-1]) if found else {}
+            row |= {"quantize_s": extra.get("oneshot_s"), "calib_sha256": extra.get("calib_sha256")}
+            _record("smollm2", params, "llm-compressor GPTQ 4-bit g64 sym (64×512 calib, same tokens)", row)
+            continue
+        label, cmd = plan[task]
+        log = logs / f"smollm2-{task}.log"
+        row = timed(cmd, log)
+        text = log.read_text(errors="replace")
+        took = re.search(r"quantized \d+ layers with .* in ([\d.]+) s", text)
+        if took:
+            row["quantize_s"] = float(took.group(1))
+        if task.startswith("gptq"):
+            from lowbit.calib.data import CalibConfig, calibration_ids
+            from lowbit.model.loading import open_model
+
+            ids = calibration_ids(open_model("smollm2-135m").tokenizer, calib.read_text(), CalibConfig(64, 512, seed=0))
+            row["calib_sha256"] = __import__("hashlib").sha256(ids.numpy().tobytes()).hexdigest()
+        if task == "eval" and (work / "eval.json").is_file():
+            result = json.loads((work / "eval.json").read_text())
+            row |= {k: result.get(k) for k in ("perplexity", "kl", "top1_agreement")}
+        row["predicted_peak_bytes"] = predicted("smollm2-135m", task, 20480, 64, stored_bytes=4)
+        _record("smollm2", params, label, row)
+
+
 def run_size(size: str, tasks: list[str], work: Path, calib: Path | None, keep: bool, eval_tokens: int) -> None:
     model = work / f"synthetic-{size}"
     t0 = time.perf_counter()
@@ -159,6 +243,7 @@ def run_size(size: str, tasks: list[str], work: Path, calib: Path | None, keep: 
             continue
         label, cmd = plan[task]
         row = timed(cmd, logs / f"{size}-{task}.log")
+        row["predicted_peak_bytes"] = predicted(model, task, eval_tokens, 32)
         _record(size, params, label, row)
     if not keep:
         shutil.rmtree(model, ignore_errors=True)
@@ -184,11 +269,19 @@ def render(rows: list[dict]) -> None:
              "Generated by `python bench/scale.py`; peak RSS and wall time of each whole command (GNU `time -v`). "
              "Wall times of rows measured while other jobs shared the two cores are inflated; the code column says "
              "which lowbit ran.",
-             "", "| size | params | task | wall s | params/s | peak RSS GB | exit | code |", "|---|---|---|---|---|---|---|---|"]
+             "'predicted' is the peak `lowbit plan` (lowbit.plan.job_memory) computes from the config alone; "
+             "'quantize s' is the time the tool reports for calibration + quantization (lowbit's log line, "
+             "llm-compressor's oneshot), without loading and writing.",
+             "", "| size | params | task | wall s | quantize s | params/s | peak RSS GB | predicted GB | error | KL | exit "
+             "| code |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rss = f"{r['peak_rss_bytes'] / 1e9:.2f}" if r["peak_rss_bytes"] else "—"
+        pred = r.get("predicted_peak_bytes")
+        error = f"{(pred - r['peak_rss_bytes']) / r['peak_rss_bytes']:+.0%}" if pred and r["peak_rss_bytes"] else "—"
+        kl = f"{r['kl']:.4f}" if r.get("kl") is not None else "—"
         lines.append(f"| {r['size']} | {r['params'] / 1e9:.2f} B | {r['task']} | {r['wall_s']} | "
-                     f"{r['params_per_s'] or 0:,} | {rss} | {r['exit']} | {r.get('commit', '?')} |")
+                     f"{r.get('quantize_s') or '—'} | {r['params_per_s'] or 0:,} | {rss} | "
+                     f"{f'{pred / 1e9:.2f}' if pred else '—'} | {error} | {kl} | {r['exit']} | {r.get('commit', '?')} |")
     (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
 
 
@@ -200,11 +293,19 @@ def main() -> None:
     parser.add_argument("--calib", default=None, help="calibration text (default: ../shared/data valid split)")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens of the lockstep evaluation")
+    parser.add_argument("--peer-python", default=None, help="python of the peers' environment (llm-compressor)")
     args = parser.parse_args()
     calib = Path(args.calib) if args.calib else Path(__file__).resolve().parents[2] / "shared/data/wikitext2_valid_unk.txt"
     RESULTS.mkdir(exist_ok=True)
     for size in args.sizes.split(","):
         work = Path(args.work or tempfile.mkdtemp(prefix=f"lowbit-scale-{size}-"))
+        if size == "smollm2":
+            try:
+                run_smollm2(args.tasks.split(","), work, calib, args.peer_python)
+            finally:
+                if not args.keep:
+                    shutil.rmtree(work, ignore_errors=True)
+            continue
         try:
             run_size(size, args.tasks.split(","), work, calib if calib.is_file() else None, args.keep,
                      args.eval_tokens)

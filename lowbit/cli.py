@@ -34,8 +34,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=8192, help="evaluate the first N tokens (default 8192; 0 = all)")
     p.add_argument("--bos", action="store_true", help="put the BOS token before every window (default: none)")
     p.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
-    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="dtype of the block passes (calibration, evaluation); default float32")
+    p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="dtype of the block passes: calibration default bfloat16 (autocast matmuls; weights keep "
+                        "their precision), evaluation default float32")
 
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
@@ -168,6 +169,7 @@ def _print_results(title: str, evaluation: dict[str, Any] | None, size: Any, ext
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from lowbit.config import COMPUTE_DTYPES
     from lowbit.eval.size import size_report
     from lowbit.formats.atomic import check_output
     from lowbit.formats.native import save_quantized
@@ -208,7 +210,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calib_ids = None if calib_text is None else calibration_ids(loaded.tokenizer, calib_text, calib)
     original = None if args.no_eval else copy.deepcopy(loaded.model)
     summary = quantize_model(loaded.model, recipe, method=method, calib_ids=calib_ids, calib=calib,
-                             float_dtype=args.float_dtype)
+                             float_dtype=args.float_dtype,
+                             compute_dtype=COMPUTE_DTYPES[args.compute_dtype or "bfloat16"])
     setting = "mixed precision" if plan else recipe.default.describe()
     log.info("quantized %d layers with %s (%s) in %.1f s", summary.layers, method.name, setting, summary.seconds)
     out = _save(loaded, args.format, args.out, args.overwrite) if args.format != "lowbit" else \
@@ -266,9 +269,9 @@ def _stream_eval(args: argparse.Namespace, model: str, original: str | None) -> 
 
 
 def _compute_dtype(args: argparse.Namespace) -> Any:
-    from lowbit.job import COMPUTE_DTYPES
+    from lowbit.config import COMPUTE_DTYPES
 
-    return COMPUTE_DTYPES[getattr(args, "compute_dtype", "float32")]
+    return COMPUTE_DTYPES[getattr(args, "compute_dtype", None) or "float32"]
 
 
 def _quantize_stream(args: argparse.Namespace, recipe: Any, method: Any, calib: Any) -> int:
@@ -278,7 +281,7 @@ def _quantize_stream(args: argparse.Namespace, recipe: Any, method: Any, calib: 
 
     calib_text, calib_note = _calibration(args, method, calib)
     job = QuantizeJob(args.model, args.out, recipe=recipe, method=method, calib=calib, calib_text=calib_text,
-                      compute_dtype=args.compute_dtype, float_dtype=args.float_dtype)
+                      compute_dtype=args.compute_dtype or "bfloat16", float_dtype=args.float_dtype)
     result = quantize_and_save(job, overwrite=args.overwrite, resume=args.resume)
     setting = recipe.default.describe()
     log.info("quantized %d layers with %s (%s) in %.1f s", result.layers, method.name, setting, result.seconds)
@@ -312,7 +315,7 @@ def _quantize_gguf(args: argparse.Namespace) -> int:
         _protocol(args)
     calib_text, calib_note = _calibration(args, method, calib)
     job = QuantizeJob(args.model, args.out, method=method, calib=calib, calib_text=calib_text, fmt="gguf",
-                      gguf_type=args.type, compute_dtype=args.compute_dtype)
+                      gguf_type=args.type, compute_dtype=args.compute_dtype or "bfloat16")
     result = quantize_and_save(job, overwrite=args.overwrite, resume=args.resume)
     evaluation = None if args.no_eval else _stream_eval(args, str(result.path), args.model)
     from collections import Counter
@@ -453,6 +456,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LowbitError as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the output is only ever renamed into place when complete
+        resumable = args.command in ("quantize", "export")
+        print("\nlowbit: interrupted; no output was completed" + (
+            " (finished blocks are kept: run the same command with --resume to continue)" if resumable else ""),
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -32,6 +32,10 @@ CONFIG_VERSION = 1
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+# dtypes of block passes (calibration, evaluation): bf16 matmuls are ~2.3× faster than float32 on this CPU kind
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def storage_tensor(t: torch.Tensor, float_dtype: str, name: str = "") -> torch.Tensor:
     """How a tensor left in float is stored: in ``float_dtype`` (a ``FLOAT_DTYPES`` key), or in float32 when it
     would overflow float16 (logged with ``name``). Integer and float16 tensors are kept as they are."""

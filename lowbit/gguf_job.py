@@ -42,7 +42,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lowbit.calib.data import CalibConfig
 from lowbit.calib.stats import InputStats
-from lowbit.config import QuantRecipe
+from lowbit.config import COMPUTE_DTYPES, QuantRecipe
 from lowbit.errors import ConfigError
 from lowbit.formats.gguf.convert import gguf_arch, gguf_name_map, gguf_shapes, to_gguf_layout
 from lowbit.formats.gguf.grids import APPROX_CONFIG
@@ -190,7 +190,8 @@ def run_gguf_job(job: Any, sm: StreamingModel, partial: Path, state: dict | None
         layers = quantize_sequential(
             sm, recipe, job.method, job.calib_ids, job.calib, progress, quantize_layer,
             desc=f"GGUF {job.gguf_type} ({job.method.name})", on_block=on_block,
-            start=state["next_block"] if state else 0, resume_hidden=checkpoints.hidden() if state else None)
+            start=state["next_block"] if state else 0, resume_hidden=checkpoints.hidden() if state else None,
+            compute_dtype=COMPUTE_DTYPES[job.compute_dtype])
         plan = BlockPlan.of(model, None)
         tables = sm.vocab_tables()
         tied = bool(getattr(config, "tie_word_embeddings", False))

@@ -12,6 +12,7 @@ Architecture knowledge comes from :class:`ArchSpec` data only (blocks, linear gr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.calib.capture import BlockInputs, InputHooks, capture_first_block_inputs, run_block
+from lowbit.calib.capture import BlockInputs, capture_first_block_inputs, observe_block_inputs, run_block
 from lowbit.calib.data import CalibConfig
 from lowbit.calib.stats import InputStats
 from lowbit.config import QuantRecipe
@@ -80,6 +81,13 @@ def apply_awq(block: nn.Module, spec: ArchSpec, selected: dict[str, LayerTarget]
 BlockHook = Callable[[int, str, nn.Module, list[BlockInputs] | None], None]
 
 
+def block_passes(compute_dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """The context block passes run in: float32 as loaded, or CPU autocast to ``compute_dtype``."""
+    if compute_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=compute_dtype)
+
+
 @dataclass
 class BlockPlan:
     """Where the blocks are and what of them is quantized: derived from the (possibly meta) model once."""
@@ -108,6 +116,7 @@ def quantize_sequential(
     model: nn.Module | StreamingModel, recipe: QuantRecipe | None, method: MethodConfig, calib_ids: torch.Tensor | None,
     calib: CalibConfig, progress: bool = True, quantize_layer: LayerQuantizer | None = None, desc: str | None = None,
     on_block: BlockHook | None = None, start: int = 0, resume_hidden: list[torch.Tensor] | None = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> int:
     """Quantize a model block by block; returns the number of layers quantized.
 
@@ -116,7 +125,9 @@ def quantize_sequential(
     ``next_inputs`` are the next block's calibration inputs, None for data-free methods). ``quantize_layer``
     replaces the per-layer step (default: ``quantize_weight`` → :class:`QLinear`); ``recipe`` None selects no
     layer (the blocks are walked for ``on_block`` only). ``start``/``resume_hidden``:
-    continue a run from block ``start`` whose input hidden states were saved. Layers outside the blocks
+    continue a run from block ``start`` whose input hidden states were saved. ``compute_dtype`` bfloat16: the block
+    passes (capture, statistics, outputs) run under CPU autocast — matmuls in bf16 (~2.3× faster here) — while the
+    weights stay in their loaded precision for the quantizers and the statistics accumulate in float32. Layers outside the blocks
     (e.g. an ``--include``d ``lm_head``) are quantized data-free by the caller, see :func:`quantize_outside`.
     """
 
@@ -137,7 +148,8 @@ def quantize_sequential(
             raise ConfigError(f"method {method.name} needs calibration data: pass calibration token ids")
         sm.load_outside(spec.blocks + ".")  # norms, position tables: what runs before the first block
         embed = sm.input_embeds if sm.streamed else None
-        inputs = capture_first_block_inputs(sm.model, blocks[0], calib_ids, calib.batch_size, embed)
+        with block_passes(compute_dtype):
+            inputs = capture_first_block_inputs(sm.model, blocks[0], calib_ids, calib.batch_size, embed)
         if resume_hidden is not None:
             inputs = [BlockInputs(h.to(batch.hidden.dtype), batch.args, batch.kwargs)
                       for h, batch in zip(resume_hidden, inputs)]
@@ -153,8 +165,9 @@ def quantize_sequential(
             stats: dict[str, InputStats | None] = {k: None for k in keys}
             if calibrated:
                 stats = {k: InputStats(linear_weight(block.get_submodule(k)).shape[1]) for k in keys}
-                with InputHooks({k: block.get_submodule(k) for k in keys}, lambda k, x: stats[k].add(x)):
-                    run_block(block, inputs)
+                with block_passes(compute_dtype):
+                    observe_block_inputs(block, inputs, {k: block.get_submodule(k) for k in keys},
+                                         lambda k, x: stats[k].add(x))
             rep_of = {name: rep.get(name, name) for name in selected}
             if method.awq is not None and apply_awq(block, spec, selected, stats, rep_of, method, inputs[0]) == 0:
                 awq_skipped += 1
@@ -166,7 +179,8 @@ def quantize_sequential(
                 if sm.streamed and new is not old:
                     old.to("meta")  # the target list still references it: drop its float weight now
         if calibrated:
-            inputs = run_block(block, inputs)
+            with block_passes(compute_dtype):
+                inputs = run_block(block, inputs)
         if on_block is not None:
             on_block(index, prefix, block, inputs)
         sm.release(prefix[:-1])

@@ -56,11 +56,13 @@ def quantize_model(
     calib: CalibConfig | None = None,
     float_dtype: str = "float16",
     progress: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> QuantizeSummary:
     """Quantize the selected linear layers of ``model`` in place.
 
     ``method``: a name (``rtn``, ``hqq``, ``gptq``, ``awq``, ``awq+gptq``, ``hqq+gptq``) or a :class:`MethodConfig`.
-    Calibrated methods need ``calib_ids [samples, seqlen]`` (see :func:`lowbit.calib.data.calibration_ids`).
+    Calibrated methods need ``calib_ids [samples, seqlen]`` (see :func:`lowbit.calib.data.calibration_ids`);
+    their block passes run in ``compute_dtype`` (bfloat16: CPU autocast, see ``quantize_sequential``).
     """
     method = MethodConfig.parse(method) if isinstance(method, str) else method
     calib = calib or CalibConfig()
@@ -74,7 +76,8 @@ def quantize_model(
         from lowbit.pipeline import quantize_outside, quantize_sequential
 
         layers = quantize_outside(model, recipe, method)
-        layers += quantize_sequential(model, recipe, method, calib_ids, calib, progress)
+        layers += quantize_sequential(model, recipe, method, calib_ids, calib, progress,
+                                      compute_dtype=compute_dtype)
     else:
         targets = select_layers(model, recipe)
         for target in tqdm(targets, desc=f"quantizing ({method.name})", unit="layer", disable=not progress):

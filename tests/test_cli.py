@@ -100,3 +100,30 @@ def test_existing_output_and_short_text(tiny_hf_folder: Path, tmp_path: Path, ca
     (tmp_path / "empty.txt").write_text("")
     code, _, err = run(capsys, "eval", tiny_hf_folder, "--text", tmp_path / "empty.txt")
     assert code == 2 and "empty" in err
+
+
+def test_ctrl_c_leaves_no_complete_looking_output_and_resume_finishes(tiny_hf_folder: Path, tmp_path: Path, capsys,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C mid-job: one line (no traceback), exit 130, no --out folder (only the hidden partial one beside it);
+    the same command with --resume then finishes."""
+    from lowbit.model.source import StreamingModel
+
+    original, calls = StreamingModel.materialize, []
+
+    def interrupted(self, name):
+        calls.append(name)
+        if len(calls) == 2:  # the second block
+            raise KeyboardInterrupt
+        return original(self, name)
+
+    out = tmp_path / "q"
+    argv = ["quantize", tiny_hf_folder, "--out", out, "--bits", "4", "--group-size", "32", "--no-eval"]
+    monkeypatch.setattr(StreamingModel, "materialize", interrupted)
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted" in err and "--resume" in err and "Traceback" not in err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".q")] == [
+        ".q.lowbit-partial"]
+    monkeypatch.setattr(StreamingModel, "materialize", original)
+    assert main([str(a) for a in argv + ["--resume"]]) == 0
+    assert (out / "config.json").is_file() and not (tmp_path / ".q.lowbit-partial").exists()

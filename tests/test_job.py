@@ -50,17 +50,20 @@ def _calib_ids(n: int = 4, t: int = 32) -> torch.Tensor:
     return torch.randint(0, 49152, (n, t), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_streamed_output_is_byte_identical_to_in_memory(deep_folder: Path, tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize("method,dtype", [("rtn", "float32"), ("gptq", "float32"), ("gptq", "bfloat16")])
+def test_streamed_output_is_byte_identical_to_in_memory(deep_folder: Path, tmp_path: Path, method: str,
+                                                        dtype: str) -> None:
     assert len(list(deep_folder.glob("*.safetensors"))) > 1  # the source itself is sharded
     m = MethodConfig.parse(method)
     ids = _calib_ids() if m.needs_calibration else None
     calib = CalibConfig(samples=4, seqlen=32, batch_size=2)
     result = quantize_and_save(QuantizeJob(str(deep_folder), str(tmp_path / "stream"), recipe=RECIPE, method=m,
-                                           calib=calib, calib_ids=ids, max_shard_bytes=SHARD), progress=False)
+                                           calib=calib, calib_ids=ids, max_shard_bytes=SHARD, compute_dtype=dtype),
+                               progress=False)
     assert result.blocks == 6 and result.layers == 42
     lm = load_model(deep_folder)
-    quantize_model(lm.model, RECIPE, method=m, calib_ids=ids, calib=calib, progress=False)
+    quantize_model(lm.model, RECIPE, method=m, calib_ids=ids, calib=calib, progress=False,
+                   compute_dtype=getattr(torch, dtype))
     save_quantized(lm, tmp_path / "memory", max_shard_bytes=SHARD)
     streamed, memory = _folder_bytes(tmp_path / "stream"), _folder_bytes(tmp_path / "memory")
     assert sorted(streamed) == sorted(memory)

@@ -92,3 +92,31 @@ class InputHooks:
     def __exit__(self, *exc: Any) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+@torch.no_grad()
+def observe_block_inputs(block: nn.Module, inputs: list[BlockInputs], modules: dict[str, nn.Module],
+                         observe: Callable[[str, torch.Tensor], None]) -> None:
+    """Run ``block`` on every batch, calling ``observe(name, x2d)`` with each named module's inputs (float32, with
+    autocast off inside ``observe``); the output is
+    not needed, so a batch's pass stops as soon as the modules have been called as often as in the first batch
+    (which runs whole and counts the calls): a block's last linear, typically the MLP's down projection, is never
+    multiplied in a statistics pass."""
+    calls: dict[str, int] = {}
+    expected: int | None = None
+
+    def counting(name: str, x: torch.Tensor) -> None:
+        with torch.autocast("cpu", enabled=False):  # statistics in float32 even when the pass runs in bf16
+            observe(name, x)
+        calls[name] = calls.get(name, 0) + 1
+        if expected is not None and sum(calls.values()) == expected:
+            raise _StopForward
+
+    with InputHooks(modules, counting):
+        for batch in inputs:
+            calls.clear()
+            try:
+                block(batch.hidden, *batch.args, **batch.kwargs)
+            except _StopForward:
+                pass
+            expected = sum(calls.values()) if expected is None else expected
