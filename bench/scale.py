@@ -203,7 +203,7 @@ def run_smollm2(tasks: list[str], work: Path, calib: Path, peer_python: str | No
             ids = calibration_ids(open_model("smollm2-135m").tokenizer, calib.read_text(), CalibConfig(64, 512, seed=0))
             row["calib_sha256"] = __import__("hashlib").sha256(ids.numpy().tobytes()).hexdigest()
         if task == "eval" and (work / "eval.json").is_file():
-            result = json.loads((work / "eval.json").read_text())
+            result = json.loads((work / "eval.json").read_text())["evaluation"]
             row |= {k: result.get(k) for k in ("perplexity", "kl", "top1_agreement")}
         row["predicted_peak_bytes"] = predicted("smollm2-135m", task, 20480, 64, stored_bytes=4)
         _record("smollm2", params, label, row)
@@ -299,6 +299,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     for size in args.sizes.split(","):
         work = Path(args.work or tempfile.mkdtemp(prefix=f"lowbit-scale-{size}-"))
+        work.mkdir(parents=True, exist_ok=True)
         if size == "smollm2":
             try:
                 run_smollm2(args.tasks.split(","), work, calib, args.peer_python)

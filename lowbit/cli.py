@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import sys
 from pathlib import Path
@@ -442,8 +441,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: str | None, data: dict[str, Any]) -> None:
+    """The results as JSON, atomically, marked as lowbit's own (``--json`` was checked up front)."""
+    from lowbit import __version__
+    from lowbit.formats.atomic import JSON_MARKER, write_json_atomic
+
     if path:
-        Path(path).write_text(json.dumps(data, indent=2))
+        write_json_atomic(path, {JSON_MARKER: f"lowbit {__version__}", **data})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -452,6 +455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "plan": cmd_plan,
                 "export": cmd_export, "sensitivity": cli_mixed.cmd_sensitivity, "report": cli_mixed.cmd_report}
     try:
+        if getattr(args, "json_out", None):  # before any expensive work: never overwrite someone else's file
+            from lowbit.formats.atomic import check_json_output
+
+            check_json_output(args.json_out)
         return commands[args.command](args)
     except LowbitError as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)

@@ -54,7 +54,7 @@ from lowbit.methods.gptq import GPTQConfig
 from lowbit.methods.method import ClipConfig, MethodConfig
 from lowbit.model.architectures import spec_for
 from lowbit.model.loading import LoadedModel
-from lowbit.model.modules import LayerTarget, linear_weight, select_layers
+from lowbit.model.modules import LayerTarget, finite_weight, select_layers
 from lowbit.model.source import StreamingModel
 from lowbit.pipeline import BlockPlan, quantize_sequential
 
@@ -99,7 +99,7 @@ def quantize_to_gguf(
 
     def quantize_layer(full: str, module: nn.Module, _target: LayerTarget, stats: InputStats, clip: bool) -> nn.Module:
         name = name_of(f"{full}.weight")
-        data, decoded = quantize_gguf_weight(linear_weight(module), targets.types[full], stats, method, clip)
+        data, decoded = quantize_gguf_weight(finite_weight(full, module), targets.types[full], stats, method, clip)
         encoded[name] = to_gguf_layout(name, data, config)
         _set_linear_weight(module, decoded)
         return module
@@ -175,7 +175,7 @@ def run_gguf_job(job: Any, sm: StreamingModel, partial: Path, state: dict | None
 
         def quantize_layer(full: str, module: nn.Module, _t: LayerTarget, stats: Any, clip: bool) -> nn.Module:
             name = name_of(f"{full}.weight")
-            data, decoded = quantize_gguf_weight(linear_weight(module).float(), targets.types[full], stats,
+            data, decoded = quantize_gguf_weight(finite_weight(full, module).float(), targets.types[full], stats,
                                                  job.method, clip)
             sink.encoded[name] = to_gguf_layout(name, data, config)
             _set_linear_weight(module, decoded.to(module.weight.dtype))

@@ -30,9 +30,10 @@ from lowbit.methods.awq import fold_scale, output_width, search_scale
 from lowbit.methods.method import MethodConfig, quantize_weight
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.model.architectures import ArchSpec, block_list, spec_for
-from lowbit.model.modules import LayerTarget, linear_bias, linear_weight, select_layers, set_submodule
+from lowbit.model.modules import (LayerTarget, finite_weight, linear_bias, linear_weight, select_layers,
+                                  set_submodule)
 from lowbit.model.source import StreamingModel
-from lowbit.nn.qlinear import QLinear
+from lowbit.nn.qlinear import QLinear, dequantize_once
 
 log = logging.getLogger(__name__)
 # (full layer name, float linear, its target, its input statistics, whether clipping may be searched) → the module
@@ -131,9 +132,9 @@ def quantize_sequential(
     (e.g. an ``--include``d ``lm_head``) are quantized data-free by the caller, see :func:`quantize_outside`.
     """
 
-    def to_qlinear(_full: str, module: nn.Module, target: LayerTarget, stats: InputStats | None,
+    def to_qlinear(full: str, module: nn.Module, target: LayerTarget, stats: InputStats | None,
                    clip: bool) -> nn.Module:
-        qt = quantize_weight(linear_weight(module).float(), target.config, method, stats, clip)
+        qt = quantize_weight(finite_weight(full, module).float(), target.config, method, stats, clip)
         return QLinear(qt, linear_bias(module))
 
     sm = model if isinstance(model, StreamingModel) else StreamingModel(model, None, None, "memory", "memory")
@@ -179,7 +180,7 @@ def quantize_sequential(
                 if sm.streamed and new is not old:
                     old.to("meta")  # the target list still references it: drop its float weight now
         if calibrated:
-            with block_passes(compute_dtype):
+            with block_passes(compute_dtype), dequantize_once(block):
                 inputs = run_block(block, inputs)
         if on_block is not None:
             on_block(index, prefix, block, inputs)
@@ -198,7 +199,7 @@ def quantize_outside(model: nn.Module, recipe: QuantRecipe, method: MethodConfig
         if method.needs_calibration:
             log.warning("%s is outside the decoder blocks: quantized with nearest rounding, without calibration "
                         "data", target.name)
-        weight = linear_weight(target.module).float()
+        weight = finite_weight(target.name, target.module).float()
         set_submodule(model, target.name, QLinear(quantize_weight(weight, target.config, data_free, None, False),
                                                   linear_bias(target.module)))
         count += 1

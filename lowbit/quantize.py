@@ -20,7 +20,7 @@ from lowbit.calib.data import CalibConfig
 from lowbit.config import FLOAT_DTYPES, QuantRecipe, storage_tensor
 from lowbit.errors import ConfigError
 from lowbit.methods.method import MethodConfig, quantize_weight
-from lowbit.model.modules import linear_bias, linear_weight, select_layers, set_submodule
+from lowbit.model.modules import finite_weight, linear_bias, select_layers, set_submodule
 from lowbit.nn.qlinear import QLinear
 from lowbit.nn.record import quantization_record
 
@@ -81,7 +81,8 @@ def quantize_model(
     else:
         targets = select_layers(model, recipe)
         for target in tqdm(targets, desc=f"quantizing ({method.name})", unit="layer", disable=not progress):
-            qt = quantize_weight(linear_weight(target.module).float(), target.config, method, None, False)
+            qt = quantize_weight(finite_weight(target.name, target.module).float(), target.config, method, None,
+                                 False)
             set_submodule(model, target.name, QLinear(qt, linear_bias(target.module)))
         layers = len(targets)
     round_float_params(model, float_dtype)

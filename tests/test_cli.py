@@ -127,3 +127,19 @@ def test_ctrl_c_leaves_no_complete_looking_output_and_resume_finishes(tiny_hf_fo
     monkeypatch.setattr(StreamingModel, "materialize", original)
     assert main([str(a) for a in argv + ["--resume"]]) == 0
     assert (out / "config.json").is_file() and not (tmp_path / ".q.lowbit-partial").exists()
+
+
+def test_json_never_replaces_a_file_lowbit_did_not_write(tiny_hf_folder: Path, tmp_path: Path, capsys) -> None:
+    """--json is checked before any work: the model's own config.json (or any foreign file) is refused and left
+    as it was; lowbit's own earlier results file is replaced."""
+    config = tiny_hf_folder / "config.json"
+    before = config.read_bytes()
+    code, _, error = run(capsys, "plan", tiny_hf_folder, "--json", config)
+    assert code == 2 and "not a lowbit results file" in error and config.read_bytes() == before
+    results = tmp_path / "plan.json"
+    assert run(capsys, "plan", tiny_hf_folder, "--json", results)[0] == 0
+    first = json.loads(results.read_text())
+    assert first["written_by"].startswith("lowbit") and first["plan"]
+    assert run(capsys, "plan", tiny_hf_folder, "--json", results)[0] == 0  # its own file: replaced
+    code, _, error = run(capsys, "plan", tiny_hf_folder, "--json", tmp_path / "missing" / "x.json")
+    assert code == 2 and "does not exist" in error

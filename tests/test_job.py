@@ -171,3 +171,22 @@ def test_out_may_not_replace_the_source(deep_folder: Path) -> None:
         with pytest.raises(OutputExistsError, match="model being read"):
             quantize_and_save(QuantizeJob(str(deep_folder), str(out), recipe=RECIPE), overwrite=True, progress=False)
     assert _folder_bytes(deep_folder) == before
+
+
+@pytest.mark.parametrize("fmt", ["lowbit", "gguf"])
+def test_non_finite_weights_are_refused_with_the_layer_name(tiny_hf_folder: Path, tmp_path: Path, fmt: str) -> None:
+    """One NaN poisons its quantization group: a damaged checkpoint stops the job (naming the layer), and no
+    output appears."""
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.errors import LowbitError
+
+    file = tiny_hf_folder / "model.safetensors"
+    tensors = load_file(file)
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, file, metadata={"format": "pt"})
+    out = tmp_path / ("q.gguf" if fmt == "gguf" else "q")
+    job = QuantizeJob(str(tiny_hf_folder), str(out), recipe=RECIPE, fmt=fmt, gguf_type="Q8_0")
+    with pytest.raises(LowbitError, match=r"(layers\.1\.mlp\.up_proj|blk\.1\.ffn_up\.weight \(in model\.layers\.1\.\)).*NaN/Inf"):
+        quantize_and_save(job, progress=False)
+    assert not out.exists()

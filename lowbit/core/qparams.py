@@ -136,14 +136,20 @@ def choose_qparams_weighted(
     lo, hi = group_reduce(w, width, "amin"), group_reduce(w, width, "amax")
     best_scale, best_zero = params_from_range(lo, hi, cfg)
     best_err = torch.full_like(best_scale, float("inf"))
-    bounds = [(g * width, min((g + 1) * width, cols)) for g in range(num_groups(cols, width))]
-    blocks = [hessian[a:b, a:b] * hessian_scale if hessian_scale != 1.0 else hessian[a:b, a:b] for a, b in bounds]
+    groups = num_groups(cols, width)
+    padded = groups * width
+    blocks = torch.zeros(groups, width, width)  # H_gg for every group, [G, g, g] (a partial last group zero-padded)
+    for g in range(groups):
+        a, b = g * width, min((g + 1) * width, cols)
+        blocks[g, : b - a, : b - a] = hessian[a:b, a:b]
+    if hessian_scale != 1.0:
+        blocks *= hessian_scale
     for i in range(int(max_shrink * grid) + 1):
         p = 1.0 - i / grid
         s, z = params_from_range(p * lo, p * hi, cfg)
         _, deq = fake_quantize_groups(w, s, z, width, cfg.qmax)
-        d = deq - w
-        err = torch.stack([((d[:, a:b] @ h) * d[:, a:b]).sum(1) for (a, b), h in zip(bounds, blocks)], dim=1)
+        d = torch.nn.functional.pad(deq - w, (0, padded - cols)).view(-1, groups, width).transpose(0, 1)  # [G, R, g]
+        err = (torch.bmm(d, blocks) * d).sum(-1).T  # dᵀ H_gg d per row and group, [R, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale, best_zero = torch.where(better, s, best_scale), torch.where(better, z, best_zero)

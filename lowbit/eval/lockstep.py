@@ -31,6 +31,7 @@ from lowbit.calib.capture import BlockInputs, capture_first_block_inputs, run_bl
 from lowbit.eval.perplexity import EvalProtocol, EvalResult, _bos_id
 from lowbit.model.architectures import block_list, spec_for
 from lowbit.model.source import StreamingModel
+from lowbit.nn.qlinear import dequantize_once
 
 _VOCAB_CHUNK = 8192  # rows of the output matrix per step
 _POS_CHUNK = 1024  # positions per logits tile
@@ -174,10 +175,11 @@ def evaluate_lockstep(sm: StreamingModel, windows: torch.Tensor, protocol: EvalP
     for index in tqdm(range(count), desc="evaluating", unit="block", disable=not progress):
         for k, m in enumerate(models):
             block = m.materialize(f"{prefix}.{index}")
-            out = block(states[k][0].hidden, *states[k][0].args, **states[k][0].kwargs)
-            as_tuple = isinstance(out, (tuple, list))
-            first = BlockInputs(out[0] if as_tuple else out, states[k][0].args, states[k][0].kwargs)
-            states[k] = [first] + run_block(block, states[k][1:])
+            with dequantize_once(block):
+                out = block(states[k][0].hidden, *states[k][0].args, **states[k][0].kwargs)
+                as_tuple = isinstance(out, (tuple, list))
+                first = BlockInputs(out[0] if as_tuple else out, states[k][0].args, states[k][0].kwargs)
+                states[k] = [first] + run_block(block, states[k][1:])
             m.release(f"{prefix}.{index}")
     heads = []
     for k, m in enumerate(models):

@@ -44,6 +44,31 @@ def atomic_folder(path: str | Path, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+JSON_MARKER = "written_by"  # key of every JSON results file lowbit writes: the only existing files --json replaces
+
+
+def check_json_output(path: str | Path) -> Path:
+    """Fail early if ``--json path`` cannot or must not be written: its folder is missing, it is a folder, or it is
+    an existing file lowbit did not write (a model's config.json, anyone's data): only lowbit's own results files
+    (JSON objects with a ``written_by: lowbit …`` key) are replaced."""
+    import json
+
+    out = Path(path).expanduser()
+    if not out.parent.exists():
+        raise OutputExistsError(f"the folder of --json {out} does not exist: create it first")
+    if out.is_dir():
+        raise OutputExistsError(f"--json {out} is a folder: give a file name")
+    if out.exists():
+        try:
+            ours = str(json.loads(out.read_text()).get(JSON_MARKER, "")).startswith("lowbit")
+        except (ValueError, UnicodeDecodeError, AttributeError, OSError):
+            ours = False
+        if not ours:
+            raise OutputExistsError(f"--json {out} exists and is not a lowbit results file: choose another file "
+                                    "(lowbit only replaces JSON it wrote itself)")
+    return out
+
+
 def write_json_atomic(path: str | Path, data: object) -> None:
     """Write ``data`` as JSON to ``path`` through a temporary sibling and a rename: never a half-written file."""
     import json

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lowbit.errors import ModelLoadError
+
 from lowbit.config import QuantConfig, QuantRecipe
 from lowbit.errors import ConfigError
 from lowbit.model.architectures import LINEAR_TYPES, ArchSpec, spec_for
@@ -32,6 +34,17 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, Conv1D):
         return module.weight.detach().t()
     return module.weight.detach()
+
+
+def finite_weight(name: str, module: nn.Module) -> torch.Tensor:
+    """:func:`linear_weight`, refused with the layer's name if any value is NaN or ±Inf: one NaN poisons its whole
+    quantization group (and an Inf zeroes a row), so a damaged checkpoint must stop the run, not pass silently."""
+    weight = linear_weight(module)
+    bad = int((~torch.isfinite(weight)).sum())
+    if bad:
+        raise ModelLoadError(f"{name} has {bad} non-finite weights (NaN/Inf): the checkpoint is damaged; "
+                             "re-download it, or leave the layer out with --exclude")
+    return weight
 
 
 def linear_bias(module: nn.Module) -> torch.Tensor | None:

@@ -15,9 +15,11 @@ faster); ``kernel="reference"`` or a kernel's name forces one path for every inp
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lowbit.config import QuantConfig
@@ -40,6 +42,7 @@ class QLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self._kernel: Kernel | None = None
         self._state: Any = None
+        self._dense: dict[torch.dtype, torch.Tensor] | None = None  # see dequantize_once
 
     @classmethod
     def empty(cls, out_features: int, in_features: int, config: QuantConfig, bias: bool, device: str = "cpu") -> "QLinear":
@@ -64,7 +67,7 @@ class QLinear(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> "QLinear":
         # moved or converted (e.g. released to the meta device by a streamed job): the kernel's prepared copy of
         # the weights belongs to the old tensors and would otherwise stay alive, one per layer
-        self._kernel, self._state = None, None
+        self._kernel, self._state, self._dense = None, None, None
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
@@ -85,11 +88,35 @@ class QLinear(nn.Module):
             self._kernel = select_kernel(qt, self.kernel_preference)
             self._state = self._kernel.prepare(qt)
         rows = x.numel() // x.shape[-1]
-        if self.kernel_preference == "auto" and rows > FAST_MAX_ROWS and self._kernel is not REFERENCE:
-            y = REFERENCE.run(self.quantized_tensor(), x)
+        if self._kernel is REFERENCE or (self.kernel_preference == "auto" and rows > FAST_MAX_ROWS):
+            y = self._reference(x)
         else:
             y = self._kernel.run(self._state, x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
+        """``x · dequantize(W)ᵀ`` (the reference kernel), reusing the dequantized weight inside ``dequantize_once``."""
+        if self._dense is None:
+            return REFERENCE.run(self.quantized_tensor(), x)
+        weight = self._dense.get(x.dtype)
+        if weight is None:
+            weight = self._dense[x.dtype] = self.quantized_tensor().dequantize(x.dtype)
+        return F.linear(x, weight)
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.config.describe()}, bias={self.bias is not None}"
+
+
+@contextmanager
+def dequantize_once(module: nn.Module) -> Iterator[None]:
+    """Inside the context, every :class:`QLinear` of ``module`` keeps the dequantized weight it computes for large
+    batches instead of dequantizing on every call (a calibration or evaluation pass runs one block on many batches).
+    Same values as without; the copies (one float weight per layer and input dtype) are dropped on exit."""
+    layers = [m for m in module.modules() if isinstance(m, QLinear)]
+    for layer in layers:
+        layer._dense = {}
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._dense = None

@@ -26,7 +26,6 @@ held-out windows.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -89,7 +88,10 @@ class SensitivityTable:
                    data.get("measured", {}))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
+        from lowbit import __version__
+        from lowbit.formats.atomic import JSON_MARKER, write_json_atomic
+
+        write_json_atomic(path, {JSON_MARKER: f"lowbit {__version__}", **self.to_dict()})
 
 
 @torch.no_grad()

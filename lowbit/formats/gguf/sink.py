@@ -129,6 +129,9 @@ class GGUFSink:
             if name in self.encoded:
                 self._write(name, self.encoded.pop(name))
                 continue
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise FormatError(f"{name} (in {prefix or 'the model'}) has NaN/Inf values: the checkpoint is damaged; "
+                                  "re-download it")
             self.add_tensor(name, torch.from_numpy(to_gguf_layout(name, tensor.numpy(), self.config)))
 
     def state(self) -> dict[str, Any]:
