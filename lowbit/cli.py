@@ -394,8 +394,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"mixed precision can use all of it: `lowbit quantize MODEL --max-size {mixed.max_bytes / 1e9:.2f}GB` "
                   f"(≈ {mixed.bits_per_weight:.2f} bits per quantized weight) picks a format per layer")
     jobs = job_memory(meta_model(args.config))
-    print("\nlowbit's own jobs on this model (4-bit g128; GPTQ with the default 128 × 512 calibration; compute "
-          "float32), predicted peak RSS:")
+    print("\nlowbit's own jobs on this model (4-bit g128; GPTQ with the default 128 × 512 calibration, bf16 "
+          "passes; eval in float32), predicted peak RSS:")
     print(markdown_table(["job", "peak RSS (estimate)", "made of"],
                          [(e.task, gb(e.peak_bytes), e.explain()) for e in jobs]))
     _write_json(args.json_out, {"plan": [r.to_dict() for r in rows],

@@ -13,8 +13,27 @@ from lowbit.core.qtensor import QuantizedTensor
 from lowbit.core.rounding import group_view, round_to_grid
 
 
+CHUNK_ELEMENTS = 1 << 23  # weights quantized at a time (whole rows): q-params and codes are per row
+
+
 def quantize_rtn(weight: torch.Tensor, cfg: QuantConfig) -> QuantizedTensor:
-    """Quantize ``weight [out, in]`` with ``cfg``'s q-param rule and nearest rounding."""
+    """Quantize ``weight [out, in]`` with ``cfg``'s q-param rule and nearest rounding.
+
+    Channel and group q-params depend on one row only, so large weights go ``CHUNK_ELEMENTS`` weights (whole rows)
+    at a time: the float32 temporaries (broadcast scales and zeros, codes, rounding — about seven copies of what
+    is quantized) are a 32 MB chunk's, not a 14336 × 4096 layer's (1.7 GB measured), and the packed parts are
+    concatenated by rows."""
+    rows, cols = weight.shape
+    chunk = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    if cfg.granularity == "tensor" or rows <= chunk:
+        return _quantize_rtn_whole(weight, cfg)
+    parts = [_quantize_rtn_whole(weight[a : a + chunk], cfg) for a in range(0, rows, chunk)]
+    return QuantizedTensor(torch.cat([p.packed for p in parts]), torch.cat([p.scale for p in parts]),
+                           None if parts[0].zero is None else torch.cat([p.zero for p in parts]),
+                           (rows, weight.shape[1]), cfg)
+
+
+def _quantize_rtn_whole(weight: torch.Tensor, cfg: QuantConfig) -> QuantizedTensor:
     view, width = group_view(weight.detach().float(), cfg)
     scale, zero = choose_qparams(view, width, cfg)
     return round_to_grid(weight, scale, zero, cfg)

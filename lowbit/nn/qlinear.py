@@ -98,9 +98,14 @@ class QLinear(nn.Module):
         """``x · dequantize(W)ᵀ`` (the reference kernel), reusing the dequantized weight inside ``dequantize_once``."""
         if self._dense is None:
             return REFERENCE.run(self.quantized_tensor(), x)
-        weight = self._dense.get(x.dtype)
+        # under autocast the matmul sees the weight rounded to the autocast dtype: keep only that copy (half the
+        # memory of a float32 one, the same values autocast would make of it)
+        autocast = torch.is_autocast_enabled("cpu")
+        dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
+        weight = self._dense.get(dtype)
         if weight is None:
-            weight = self._dense[x.dtype] = self.quantized_tensor().dequantize(x.dtype)
+            qt = self.quantized_tensor()
+            weight = self._dense[dtype] = qt.dequantize(torch.float32).to(dtype) if autocast else qt.dequantize(dtype)
         return F.linear(x, weight)
 
     def extra_repr(self) -> str:

@@ -7,9 +7,9 @@ resident memory is a sum of a few terms, each computed here from the shapes of t
     the interpreter, torch, transformers and a tokenizer: a constant, measured on this machine kind
     (``bench/scale.py``, a 2-block model whose weights are negligible).
 ``block``
-    the largest decoder block's parameters in the compute dtype (read in the stored dtype, then converted:
-    both copies exist for the largest tensor), plus the largest linear's transient copies while it is quantized
-    (its float32 weight, codes and dequantized values: ``3 × out × in × 4``).
+    the largest decoder block's parameters (data-free: as stored; calibrated: float32 plus the output pass's
+    dequantized copies in the compute dtype), plus, data-free, the largest linear's float32 copy and nearest
+    rounding's temporaries on one chunk of rows (:data:`lowbit.methods.rtn.CHUNK_ELEMENTS`).
 ``output``
     the finished block's tensors being written (a shard's bytes go to disk as they arrive, see
     :mod:`lowbit.formats.shards`).
@@ -17,13 +17,14 @@ resident memory is a sum of a few terms, each computed here from the shapes of t
     after the blocks, a tensor outside them (a vocabulary table) one chunk of rows at a time, in the source dtype
     and the storage dtype.
 ``calibration`` (GPTQ, AWQ)
-    the calibration hidden states entering and leaving the block (``2 × samples × seqlen × hidden × bytes``), one
+    the tokenized calibration text (a measured constant), the calibration hidden states entering and leaving the
+    block (``2 × samples × seqlen × hidden × 4``: float32, the passes autocast only their matmuls), one
     batch's activations inside the block, every distinct input's ``XᵀX`` (``Σ in² × 4``) and GPTQ's transient
     for the widest input (a permuted copy, overwritten by the factorisation, and the factor: ``2 × in² × 4``).
 ``evaluation``
     each model's hidden states for every window (``2 × windows × seqlen × hidden × bytes``, one of them twice
     while a block runs), one block, one window's activations, then at the head each model's final hidden states
-    in float32 and one vocabulary chunk.
+    in float32 and one vocabulary chunk (output rows, logits tiles, the KL update's float64 temporaries).
 
 The terms are estimates with the dominant tensors only (no allocator slack): ``bench/scale.py`` checks them against
 measured peaks at three model sizes.
@@ -37,10 +38,15 @@ import torch
 from torch import nn
 
 from lowbit.config import QuantConfig
+from lowbit.methods.rtn import CHUNK_ELEMENTS
 from lowbit.plan.memory import quantized_weight_bytes
 
-BASE_BYTES = int(0.42e9)  # measured: peak RSS of a streaming job on a 2-block model (bench/scale.py "tiny")
+BASE_BYTES = int(0.42e9)  # measured: peak RSS of RTN on a 2-block, 64-wide model (bench/scale.py "tiny": 0.415 GB)
+# measured likewise (tiny GPTQ 0.58 GB − base): tokenizing a calibration text of WikiText-2's validation size
+# (1.2 MB) and the capture pass before the first block; grows with the text, not with the model
+CALIBRATION_TEXT_BYTES = int(0.15e9)
 _TABLE_CHUNK_ROWS = 8192
+_RTN_TEMPORARIES = 7  # float32 copies of a chunk alive at once in nearest rounding (measured: 1.68 GB for 235 MB)
 _EVAL_VOCAB_CHUNK = 8192
 _EVAL_POS_CHUNK = 1024
 
@@ -104,18 +110,21 @@ def _activations(s: _Shapes, tokens: int, seqlen: int, nbytes: int) -> int:
 
 
 def quantize_memory(model: nn.Module, config: QuantConfig, calibrated: bool = False, samples: int = 128,
-                    seqlen: int = 512, batch_size: int = 4, compute_dtype: torch.dtype = torch.float32,
+                    seqlen: int = 512, batch_size: int = 4, compute_dtype: torch.dtype = torch.bfloat16,
                     stored_bytes: int = 2) -> MemoryEstimate:
     """Peak of ``quantize`` → lowbit native, data-free (RTN) or calibrated (GPTQ) with ``samples × seqlen``."""
     s = _shapes(model, config)
     cbytes = torch.finfo(compute_dtype).bits // 8
     out, inn = s.largest_linear
-    block = {"block": s.block_params * cbytes + s.largest_tensor * stored_bytes,
-             "quantizing one linear": 3 * out * inn * 4, "output": s.packed_block}
-    if calibrated:
+    block = {"block": s.block_params * stored_bytes + s.largest_tensor * stored_bytes,
+             "quantizing one linear": out * inn * 4 + _RTN_TEMPORARIES * min(out * inn, CHUNK_ELEMENTS) * 4,
+             "output": s.packed_block}
+    if calibrated:  # the block is read in float32; its output pass keeps one dequantized copy in compute dtype
         widest = max(s.block_inputs, default=0)
-        block |= {"calibration states": 2 * samples * seqlen * s.hidden * cbytes,
-                  "block activations": _activations(s, batch_size * seqlen, seqlen, 4),
+        block["block"] = s.block_params * (4 + cbytes) + s.largest_tensor * stored_bytes
+        block |= {"calibration text": CALIBRATION_TEXT_BYTES,
+                  "calibration states": 2 * samples * seqlen * s.hidden * 4,
+                  "block activations": _activations(s, batch_size * seqlen, seqlen, cbytes),
                   "Hessians": sum(4 * k * k for k in s.block_inputs) + 2 * 4 * widest * widest}
         block.pop("quantizing one linear")
     tables = {"tables": _TABLE_CHUNK_ROWS * s.hidden * (stored_bytes + 4)}
@@ -132,16 +141,19 @@ def eval_memory(model: nn.Module, config: QuantConfig, tokens: int = 8192, seqle
     states = windows * seqlen * s.hidden * cbytes
     blocks = {"hidden states": 3 * states, "block": s.block_params * cbytes + s.largest_tensor * stored_bytes,
               "block activations": _activations(s, seqlen, seqlen, cbytes)}
+    tile = _EVAL_POS_CHUNK * _EVAL_VOCAB_CHUNK
     head = {"final states": 2 * windows * seqlen * s.hidden * 4,
-            "vocabulary chunk": 2 * _EVAL_VOCAB_CHUNK * s.hidden * 4 + 4 * _EVAL_POS_CHUNK * _EVAL_VOCAB_CHUNK * 4}
+            # both models' output rows for the chunk, their logits tiles (float32) and the KL update's three
+            # float64 temporaries of the tile (exp, difference, product)
+            "vocabulary chunk": 2 * _EVAL_VOCAB_CHUNK * s.hidden * 4 + 2 * tile * 4 + 3 * tile * 8}
     stage = blocks if sum(blocks.values()) >= sum(head.values()) else head
     return _estimate(f"eval vs original ({windows}×{seqlen} tokens)", stage)
 
 
 def job_memory(model: nn.Module, config: QuantConfig = QuantConfig(bits=4, group_size=128), samples: int = 128,
-               seqlen: int = 512, eval_tokens: int = 8192, eval_seqlen: int = 2048,
-               compute_dtype: torch.dtype = torch.float32) -> list[MemoryEstimate]:
-    """RTN, GPTQ and lockstep-eval peaks for one model (the ``lowbit plan`` table)."""
-    return [quantize_memory(model, config, False, compute_dtype=compute_dtype),
-            quantize_memory(model, config, True, samples, seqlen, compute_dtype=compute_dtype),
-            eval_memory(model, config, eval_tokens, eval_seqlen, compute_dtype)]
+               seqlen: int = 512, eval_tokens: int = 8192, eval_seqlen: int = 2048) -> list[MemoryEstimate]:
+    """RTN, GPTQ and lockstep-eval peaks for one model with the CLI's defaults (the ``lowbit plan`` table):
+    calibration passes in bf16 autocast, evaluation in float32."""
+    return [quantize_memory(model, config, False),
+            quantize_memory(model, config, True, samples, seqlen),
+            eval_memory(model, config, eval_tokens, eval_seqlen, torch.float32)]

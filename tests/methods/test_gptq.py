@@ -86,3 +86,18 @@ def test_dynamic_groups_choose_each_group_from_its_own_columns() -> None:
     seen.clear()
     gptq_quantize(w, torch.eye(48), QuantConfig(bits=4, group_size=16), GPTQConfig(act_order=True), chooser)
     assert seen == [(0, 48, 48)]
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4, group_size=128), QuantConfig(bits=3, granularity="channel"),
+                                 QuantConfig(bits=4, group_size=64, qparams="hqq", zero_point="float")],
+                         ids=QuantConfig.describe)
+def test_rtn_by_row_chunks_equals_the_whole_weight(cfg: QuantConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large weights are rounded a chunk of rows at a time (memory): bytes identical to rounding them whole."""
+    from lowbit.methods import rtn
+
+    monkeypatch.setattr(rtn, "CHUNK_ELEMENTS", 7 * 256)  # 7 rows per chunk: several chunks and a partial one
+    w = torch.randn(50, 256, generator=torch.Generator().manual_seed(0))
+    chunked, whole = rtn.quantize_rtn(w, cfg), rtn._quantize_rtn_whole(w, cfg)
+    assert torch.equal(chunked.packed, whole.packed) and torch.equal(chunked.scale, whole.scale)
+    assert (chunked.zero is None) == (whole.zero is None)
+    assert chunked.zero is None or torch.equal(chunked.zero, whole.zero)
