@@ -286,7 +286,8 @@ def repredict() -> None:
                "eval" if task.startswith("lockstep") else None)
         if key is None:
             continue
-        tokens = 20480 if size == "smollm2" else int(re.search(r"(\d+)×2048", task).group(1)) * 2048
+        windows = re.search(r"(\d+)×2048", task)
+        tokens = 20480 if size == "smollm2" else int(windows.group(1)) * 2048 if windows else 8192
         r["predicted_peak_bytes"] = predicted(models[size], key, tokens, 64 if size == "smollm2" else 32,
                                               4 if size == "smollm2" else 2)
     (RESULTS / "scale.json").write_text(json.dumps({"rows": rows}, indent=2))
