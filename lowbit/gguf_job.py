@@ -61,6 +61,21 @@ from lowbit.pipeline import BlockPlan, quantize_sequential
 log = logging.getLogger(__name__)
 
 
+def _layer_quantizer(targets: "GGUFTargets", name_of: Any, config: Any, method: MethodConfig,
+                     encoded: dict[str, np.ndarray]) -> Any:
+    """The driver's per-layer step for GGUF: the layer's block bytes into ``encoded`` (by GGUF name, llama.cpp's
+    layout), its float weight replaced by what llama.cpp will decode."""
+
+    def quantize_layer(full: str, module: nn.Module, _t: LayerTarget, stats: InputStats, clip: bool) -> nn.Module:
+        name = name_of(f"{full}.weight")
+        data, decoded = quantize_gguf_weight(finite_weight(full, module), targets.types[full], stats, method, clip)
+        encoded[name] = to_gguf_layout(name, data, config)
+        _set_linear_weight(module, decoded.to(module.weight.dtype))
+        return module
+
+    return quantize_layer
+
+
 def _set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
     with torch.no_grad():
         module.weight.copy_(weight.t() if isinstance(module, Conv1D) else weight)
@@ -97,14 +112,8 @@ def quantize_to_gguf(
     recipe = targets.recipe
     encoded: dict[str, np.ndarray] = {}
 
-    def quantize_layer(full: str, module: nn.Module, _target: LayerTarget, stats: InputStats, clip: bool) -> nn.Module:
-        name = name_of(f"{full}.weight")
-        data, decoded = quantize_gguf_weight(finite_weight(full, module), targets.types[full], stats, method, clip)
-        encoded[name] = to_gguf_layout(name, data, config)
-        _set_linear_weight(module, decoded)
-        return module
-
-    quantize_sequential(model, recipe, method, calib_ids, calib, progress, quantize_layer)
+    quantize_sequential(model, recipe, method, calib_ids, calib, progress,
+                        _layer_quantizer(targets, name_of, config, method, encoded))
 
     record = {"lowbit.method": method.name, "lowbit.calibration": calib.describe() + f" ({calib_ids.shape[0]} "
               f"windows of {calib_ids.shape[1]} tokens used)"}
@@ -172,14 +181,7 @@ def run_gguf_job(job: Any, sm: StreamingModel, partial: Path, state: dict | None
     if calibrated:
         targets = gguf_targets(model, types, name_of)
         recipe = targets.recipe
-
-        def quantize_layer(full: str, module: nn.Module, _t: LayerTarget, stats: Any, clip: bool) -> nn.Module:
-            name = name_of(f"{full}.weight")
-            data, decoded = quantize_gguf_weight(finite_weight(full, module).float(), targets.types[full], stats,
-                                                 job.method, clip)
-            sink.encoded[name] = to_gguf_layout(name, data, config)
-            _set_linear_weight(module, decoded.to(module.weight.dtype))
-            return module
+        quantize_layer = _layer_quantizer(targets, name_of, config, job.method, sink.encoded)
 
     def on_block(index: int, prefix: str, block: nn.Module, inputs: Any) -> None:
         sink.add_module(block, prefix)
