@@ -195,7 +195,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite)
     if not args.no_eval:
         _protocol(args)  # validate before the expensive work
-    if args.format == "lowbit" and not mixed:
+    if not mixed:
         return _quantize_stream(args, recipe, method, calib)
     loaded = load_model(args.model)
     plan = cli_mixed.mixed_plan(loaded, recipe, args) if mixed else None
@@ -274,17 +274,18 @@ def _compute_dtype(args: argparse.Namespace) -> Any:
 
 
 def _quantize_stream(args: argparse.Namespace, recipe: Any, method: Any, calib: Any) -> int:
-    """``lowbit quantize`` (lowbit format): the streaming job, then a lockstep evaluation of what it wrote."""
+    """``lowbit quantize`` (lowbit, compressed-tensors or GPTQ folder): the streaming job, then a lockstep
+    evaluation of what it wrote."""
     from lowbit.eval.size import size_of_folder
     from lowbit.job import QuantizeJob, quantize_and_save
 
     calib_text, calib_note = _calibration(args, method, calib)
     job = QuantizeJob(args.model, args.out, recipe=recipe, method=method, calib=calib, calib_text=calib_text,
-                      compute_dtype=args.compute_dtype or "bfloat16", float_dtype=args.float_dtype)
+                      compute_dtype=args.compute_dtype or "bfloat16", float_dtype=args.float_dtype, fmt=args.format)
     result = quantize_and_save(job, overwrite=args.overwrite, resume=args.resume)
     setting = recipe.default.describe()
     log.info("quantized %d layers with %s (%s) in %.1f s", result.layers, method.name, setting, result.seconds)
-    log.info("saved to %s (lowbit)", result.path)
+    log.info("saved to %s (%s)", result.path, args.format)
     evaluation = None if args.no_eval else _stream_eval(args, str(result.path), args.model)
     size = size_of_folder(result.path)
     extra = [("method", f"{method.name}, {setting}"), ("quantize time", f"{result.seconds:.1f} s")]

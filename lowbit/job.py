@@ -37,6 +37,8 @@ from lowbit.config import COMPUTE_DTYPES, FLOAT_DTYPES, QuantRecipe
 from lowbit.errors import ConfigError
 from lowbit.formats.atomic import check_output, partial_folder, publish, write_json_atomic
 from lowbit.formats.native import NativeSink
+from lowbit.formats.serving import check_recipe
+from lowbit.formats.serving_sink import SINK_FORMATS, ServingSink, float_linears
 from lowbit.formats.shards import DEFAULT_SHARD_BYTES
 from lowbit.methods.method import MethodConfig
 from lowbit.model.loading import open_model, resolve_source
@@ -45,12 +47,13 @@ from lowbit.pipeline import BlockPlan, quantize_sequential
 
 log = logging.getLogger(__name__)
 STATE_FILE, HIDDEN_FILE = "job.json", "hidden.safetensors"
+JOB_FORMATS = ("lowbit", "compressed-tensors", "gptq", "gguf")
 
 
 @dataclass(frozen=True)
 class QuantizeJob:
-    """What to quantize, how, and where to write it. ``fmt``: ``lowbit`` (native folder) or ``gguf`` (a file of
-    llama.cpp type ``gguf_type``). Calibrated methods take ``calib_ids`` (windows ``[samples, seqlen]``, see
+    """What to quantize, how, and where to write it. ``fmt``: ``lowbit`` (native folder), ``compressed-tensors`` or
+    ``gptq`` (serving folders) or ``gguf`` (a file of llama.cpp type ``gguf_type``). Calibrated methods take ``calib_ids`` (windows ``[samples, seqlen]``, see
     :func:`lowbit.calib.data.calibration_ids`) or ``calib_text``, cut into windows by ``calib`` with the model's
     own tokenizer when the job opens it."""
 
@@ -73,8 +76,8 @@ class QuantizeJob:
             raise ConfigError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         if self.float_dtype not in FLOAT_DTYPES:
             raise ConfigError(f"float dtype must be one of {sorted(FLOAT_DTYPES)}, got {self.float_dtype!r}")
-        if self.fmt not in ("lowbit", "gguf"):
-            raise ConfigError(f"the streaming job writes lowbit or gguf, not {self.fmt!r}")
+        if self.fmt not in JOB_FORMATS:
+            raise ConfigError(f"the streaming job writes {', '.join(JOB_FORMATS)}, not {self.fmt!r}")
         if self.method.needs_calibration and self.calib_ids is None and self.calib_text is None:
             raise ConfigError(f"method {self.method.name} needs calibration data: pass calibration text or token ids")
 
@@ -168,6 +171,8 @@ def quantize_and_save(job: QuantizeJob, overwrite: bool = False, resume: bool = 
         sm.dtype = None  # no block runs: keep the stored dtype; each layer is quantized in float32 on its own
     fp = fingerprint(job)
     try:
+        if job.fmt in SINK_FORMATS:
+            check_recipe(sm.model, job.recipe, job.fmt, job.method)  # before any work: can the format hold it?
         partial, state = _prepare_partial(out, resume, fp)
         checkpoints = _Checkpoints(partial, fp)
         if job.fmt == "gguf":
@@ -175,7 +180,7 @@ def quantize_and_save(job: QuantizeJob, overwrite: bool = False, resume: bool = 
 
             result = run_gguf_job(job, sm, partial, state, checkpoints, progress)
         else:
-            result = _run_native(job, sm, partial, state, checkpoints, progress)
+            result = _run_folder(job, sm, partial, state, checkpoints, progress)
     finally:
         sm.close()
     checkpoints.clear()
@@ -186,12 +191,23 @@ def quantize_and_save(job: QuantizeJob, overwrite: bool = False, resume: bool = 
                      state["next_block"] if state else 0, result["record"])
 
 
-def _run_native(job: QuantizeJob, sm: StreamingModel, partial: Path, state: dict | None, checkpoints: _Checkpoints,
+def _folder_sink(job: QuantizeJob, sm: StreamingModel, plan: BlockPlan, partial: Path,
+                 state: dict | None) -> NativeSink | ServingSink:
+    """The sink of a folder format, built from the float skeleton (before any layer is swapped)."""
+    sink_state = state["sink"] if state else None
+    if job.fmt == "lowbit":
+        return NativeSink(partial, job.float_dtype, sm.tied, job.max_shard_bytes, sink_state)
+    tied = bool(getattr(sm.model.config.get_text_config(), "tie_word_embeddings", False))
+    return ServingSink(partial, job.fmt, job.float_dtype, job.method.name, float_linears(sm.model),
+                       plan.spec.blocks + ".", set(sm.tied) if tied else set(), job.max_shard_bytes, sink_state)
+
+
+def _run_folder(job: QuantizeJob, sm: StreamingModel, partial: Path, state: dict | None, checkpoints: _Checkpoints,
                 progress: bool) -> dict[str, Any]:
     from lowbit.pipeline import quantize_outside
 
     plan = BlockPlan.of(sm.model, job.recipe)
-    sink = NativeSink(partial, job.float_dtype, sm.tied, job.max_shard_bytes, state["sink"] if state else None)
+    sink = _folder_sink(job, sm, plan, partial, state)
     start = state["next_block"] if state else 0
 
     def on_block(index: int, prefix: str, block: torch.nn.Module, inputs: Any) -> None:

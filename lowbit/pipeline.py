@@ -32,7 +32,7 @@ from lowbit.methods.rtn import quantize_rtn
 from lowbit.model.architectures import ArchSpec, block_list, spec_for
 from lowbit.model.modules import (LayerTarget, finite_weight, linear_bias, linear_weight, select_layers,
                                   set_submodule)
-from lowbit.model.source import StreamingModel
+from lowbit.model.source import StreamingModel, return_freed_memory
 from lowbit.nn.qlinear import QLinear, dequantize_once
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,8 @@ def quantize_sequential(
             for name, target in selected.items():
                 clip = method.clip is not None and name not in spec.attention_logits
                 old = block.get_submodule(name)
+                if sm.streamed:
+                    return_freed_memory()  # the previous layer's temporaries, before this one's K × K buffers
                 new = quantize_layer(prefix + name, old, target, stats[rep_of[name]], clip)
                 set_submodule(block, name, new)
                 if sm.streamed and new is not old:

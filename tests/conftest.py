@@ -73,3 +73,16 @@ def tiny_hf_folder(tmp_path: Path, smollm2_session: LoadedModel) -> Path:
     model.save_pretrained(folder)
     smollm2_session.tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def deep_folder(tmp_path: Path, smollm2_session) -> Path:
+    """A random 6-block Llama saved as a sharded Hugging Face folder (bf16), with SmolLM2's tokenizer."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    folder = tmp_path / "deep"
+    model.save_pretrained(folder, max_shard_size="2MB")
+    smollm2_session.tokenizer.save_pretrained(folder)
+    return folder

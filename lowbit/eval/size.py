@@ -60,22 +60,34 @@ def size_report(model: nn.Module) -> SizeReport:
     )
 
 
+_QUANTIZED_LEAVES = {"qweight", "scales", "zeros",  # lowbit, and GPTQ's qweight/scales
+                     "qzeros", "g_idx", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape",
+                     "weight_g_idx"}
+
+
 def size_of_folder(folder: str | Path) -> SizeReport:
-    """The :class:`SizeReport` of a lowbit folder from its record and shard headers (no tensor is read)."""
+    """The :class:`SizeReport` of a lowbit, compressed-tensors or GPTQ folder from its quantization record and
+    shard headers (no tensor is read; a serving folder's record is rebuilt from its skeleton)."""
     import json
 
     from lowbit.formats.shards import stored_sizes
+    from lowbit.model.loading import open_model
     from lowbit.model.source import safetensors_files
 
     folder = Path(folder)
-    layers = json.loads((folder / "config.json").read_text())["quantization_config"]["layers"]
+    record = json.loads((folder / "config.json").read_text())["quantization_config"]
+    if record.get("quant_method") != "lowbit":
+        sm = open_model(folder)
+        record = sm.model.config.quantization_config
+        sm.close()
+    layers = record["layers"]
     q_params = sum(a * b for a, b in (layer["shape"] for layer in layers.values()))
     q_bytes = float_params = tensor_bytes = 0
     for file in sorted(set(safetensors_files(folder).values())):
         for name, (shape, nbytes) in stored_sizes(file).items():
             tensor_bytes += nbytes
             owner, _, leaf = name.rpartition(".")
-            if owner in layers and leaf in ("qweight", "scales", "zeros"):
+            if owner in layers and leaf in _QUANTIZED_LEAVES:
                 q_bytes += nbytes
             else:
                 float_params += math.prod(shape)

@@ -36,7 +36,6 @@ installed, validates the config with its own schema (``QuantizationConfig``).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -49,8 +48,7 @@ from lowbit.config import QuantConfig
 from lowbit.core.qtensor import QuantizedTensor
 from lowbit.errors import FormatError
 from lowbit.formats.int32_packing import pack_int32, unpack_int32
-from lowbit.formats.serving import (finish_import, float_tensors, num_blocks, quantized_layers, raise_problems,
-                                    read_tensors, skeleton, to_float16_scales, write_export)
+from lowbit.formats.serving import finish_import, read_tensors, skeleton, to_float16_scales
 from lowbit.model.loading import LoadedModel, _load_tokenizer, read_config_json, register_loader
 from lowbit.model.modules import set_submodule
 from lowbit.nn.qlinear import QLinear
@@ -108,26 +106,11 @@ def _validate_with_package(config: dict[str, Any]) -> None:
 
 
 def export_compressed_tensors(loaded: LoadedModel, out: str | Path, overwrite: bool = False) -> Path:
-    """Write a lowbit-quantized model as a compressed-tensors ``pack-quantized`` folder (atomically)."""
-    model = loaded.model
-    skel = skeleton(model.config)
-    layers = quantized_layers(model, skel)
-    raise_problems(FORMAT, [shape for shape, _ in layers], num_blocks(skel))
-    record = model.config.quantization_config
-    tensors = float_tensors(model, record.get("float_dtype", "float16"))
-    grouped: dict[str, tuple[QuantConfig, list[str]]] = {}  # by stored settings (the q-param rule is not stored)
-    for shape, module in layers:
-        tensors.update(layer_tensors(shape.name, module.quantized_tensor()))  # (its bias is in float_tensors)
-        key = json.dumps(weights_args(shape.config), sort_keys=True)
-        grouped.setdefault(key, (shape.config, []))[1].append(shape.name)
-    quantized = {shape.name for shape, _ in layers}
-    ignore = [name for name, m in skel.named_modules() if isinstance(m, nn.Linear) and name not in quantized]
-    config = quantization_config(list(grouped.values()), ignore)
-    metadata = {"format": "pt", "lowbit": json.dumps({"method": record.get("method")})}
-    path = write_export(out, overwrite, tensors, model, config, loaded.tokenizer, metadata)
-    log.info("wrote compressed-tensors pack-quantized folder %s (%d layers, %d config groups)", path, len(layers),
-             len(grouped))
-    return path
+    """Write a lowbit-quantized model as a compressed-tensors ``pack-quantized`` folder (atomically, sharded like
+    the streaming job: :class:`lowbit.formats.serving_sink.ServingSink`)."""
+    from lowbit.formats.serving_sink import export_serving
+
+    return export_serving(loaded, FORMAT, out, overwrite)
 
 
 # ---------------------------------------------------------------------------------------------------- import
@@ -182,12 +165,9 @@ def import_layer(name: str, tensors: dict[str, torch.Tensor], cfg: QuantConfig) 
     return QuantizedTensor.from_codes(codes, scale, zero, cfg)
 
 
-def load_compressed_tensors(folder: str | Path, device: str = "cpu") -> LoadedModel:
-    """Import a compressed-tensors pack-quantized folder into a lowbit model (QLinear layers)."""
-    from transformers import AutoConfig
-
-    folder = Path(folder)
-    qc = read_config_json(folder)["quantization_config"]
+def layer_configs(folder: Path, qc: dict[str, Any], model: nn.Module, stored: Any) -> dict[str, QuantConfig]:
+    """``{layer name: config}`` of every packed layer of a pack-quantized folder (``stored``: its tensor names),
+    matched to ``quantization_config`` ``qc``'s config groups on the float skeleton ``model``."""
     if qc.get("sparsity_config") or qc.get("transform_config") or qc.get("kv_cache_scheme"):
         raise FormatError(f"{folder}: sparsity, transforms and KV-cache quantization are not supported by lowbit's "
                           "import: evaluate it with transformers or vLLM instead")
@@ -198,17 +178,30 @@ def load_compressed_tensors(folder: str | Path, device: str = "cpu") -> LoadedMo
     groups = {name: _config_for(args, name) for name, args in config_groups.items()}
     targets = {name: args.get("targets") or [] for name, args in config_groups.items()}
     ignore = qc.get("ignore") or []
-    model = skeleton(AutoConfig.from_pretrained(folder))
-    tensors = read_tensors(folder)
-    for name, module in list(model.named_modules()):
-        if f"{name}.weight_packed" not in tensors:
+    out = {}
+    for name, module in model.named_modules():
+        if f"{name}.weight_packed" not in stored:
             continue
         if not isinstance(module, nn.Linear):
             raise FormatError(f"{folder}: {name} is a {type(module).__name__}, lowbit imports packed nn.Linear only")
         matching = [g for g in groups if _matches(name, module, targets[g]) and not _matches(name, module, ignore)]
         if len({groups[g] for g in matching}) != 1:
             raise FormatError(f"{folder}: layer {name} matches config groups {matching}, expected exactly one")
-        qt = import_layer(name, tensors, groups[matching[0]])
+        out[name] = groups[matching[0]]
+    return out
+
+
+def load_compressed_tensors(folder: str | Path, device: str = "cpu") -> LoadedModel:
+    """Import a compressed-tensors pack-quantized folder into a lowbit model (QLinear layers)."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    qc = read_config_json(folder)["quantization_config"]
+    model = skeleton(AutoConfig.from_pretrained(folder))
+    tensors = read_tensors(folder)
+    for name, cfg in layer_configs(folder, qc, model, tensors).items():
+        module = model.get_submodule(name)
+        qt = import_layer(name, tensors, cfg)
         if qt.shape != (module.out_features, module.in_features):
             raise FormatError(f"{folder}: {name} has shape {qt.shape}, the model expects "
                               f"{(module.out_features, module.in_features)}")

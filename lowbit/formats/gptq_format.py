@@ -25,7 +25,6 @@ carries ``quantization_config``: ``quant_method: gptq``, ``bits``, ``group_size`
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -37,9 +36,7 @@ from lowbit.config import QuantConfig
 from lowbit.core.qtensor import QuantizedTensor
 from lowbit.errors import FormatError
 from lowbit.formats.int32_packing import pack_int32, unpack_int32
-from lowbit.formats.serving import (finish_import, float_tensors, num_blocks, quantized_layers, raise_problems,
-                                    read_tensors, skeleton, to_float16_scales, write_export)
-from lowbit.model.architectures import spec_for
+from lowbit.formats.serving import finish_import, read_tensors, skeleton, to_float16_scales
 from lowbit.model.loading import LoadedModel, _load_tokenizer, read_config_json, register_loader
 from lowbit.model.modules import set_submodule
 from lowbit.nn.qlinear import QLinear
@@ -73,43 +70,11 @@ def gptq_config(cfg: QuantConfig, v1: bool, modules: list[list[str]] | None) -> 
 
 
 def export_gptq(loaded: LoadedModel, out: str | Path, overwrite: bool = False) -> Path:
-    """Write a lowbit-quantized model as a GPTQ folder (atomically)."""
-    model = loaded.model
-    skel = skeleton(model.config)
-    layers = quantized_layers(model, skel)
-    raise_problems(FORMAT, [shape for shape, _ in layers], num_blocks(skel))
-    cfg = layers[0][0].config
-    v1 = cfg.symmetric or all(bool((m.zeros > 0).all()) for _, m in layers)
-    if not v1:
-        log.warning("an asymmetric zero point is 0, which GPTQ v1 cannot store: writing checkpoint_format gptq_v2 "
-                    "(read by GPTQModel; older loaders need v1)")
-    record = model.config.quantization_config
-    tensors = float_tensors(model, record.get("float_dtype", "float16"))
-    for shape, module in layers:
-        tensors.update(layer_tensors(shape.name, module.quantized_tensor(), v1))  # (its bias is in float_tensors)
-    config = gptq_config(cfg, v1, _modules_in_block(skel, {shape.name for shape, _ in layers}))
-    metadata = {"format": "pt", "lowbit": json.dumps({"method": record.get("method")})}
-    path = write_export(out, overwrite, tensors, model, config, loaded.tokenizer, metadata)
-    log.info("wrote GPTQ folder %s (%d layers, %s)", path, len(layers), cfg.describe())
-    return path
+    """Write a lowbit-quantized model as a GPTQ folder (atomically, sharded like the streaming job:
+    :class:`lowbit.formats.serving_sink.ServingSink`)."""
+    from lowbit.formats.serving_sink import export_serving
 
-
-def _block_linears(skel: nn.Module) -> tuple[str, list[list[str]]]:
-    """``(blocks prefix, per block the nn.Linear names relative to it)``."""
-    prefix = spec_for(skel).blocks + "."
-    per_block: dict[str, list[str]] = {}
-    for name, module in skel.named_modules():
-        if isinstance(module, nn.Linear) and name.startswith(prefix):
-            block, _, rel = name[len(prefix):].partition(".")
-            per_block.setdefault(block, []).append(rel)
-    return prefix, list(per_block.values())
-
-
-def _modules_in_block(skel: nn.Module, quantized: set[str]) -> list[list[str]] | None:
-    """``modules_in_block_to_quantize`` when some block linears stay float (None when all are quantized)."""
-    prefix, blocks = _block_linears(skel)
-    rel = sorted({name[len(prefix):].partition(".")[2] for name in quantized})
-    return None if set(rel) == set(blocks[0]) else [rel]
+    return export_serving(loaded, FORMAT, out, overwrite)
 
 
 # ---------------------------------------------------------------------------------------------------- import

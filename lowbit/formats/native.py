@@ -30,6 +30,7 @@ from lowbit.config import QuantConfig, storage_tensor
 from lowbit.errors import FormatError, ModelLoadError
 from lowbit.formats.atomic import atomic_folder
 from lowbit.formats.shards import DEFAULT_SHARD_BYTES, ShardState, ShardWriter, read_metadata
+from lowbit.model.architectures import block_list, spec_for
 from lowbit.model.loading import LoadedModel, _load_tokenizer, read_config_json, register_loader, register_opener
 from lowbit.model.source import SafetensorsSource, StreamingModel, load_generation, meta_skeleton
 from lowbit.nn.qlinear import QLinear
@@ -142,50 +143,36 @@ def checkpoint_tensors(model: nn.Module, float_dtype: str) -> tuple[dict[str, to
     return module_tensors(model, "", float_dtype, set(aliases)), aliases
 
 
+def feed_model(sink: Any, model: nn.Module) -> None:
+    """Give an in-memory model to a sink block by block, then what is outside the blocks (as the job does)."""
+    spec = spec_for(model)
+    for index, block in enumerate(block_list(model, spec)):
+        sink.add_block(f"{spec.blocks}.{index}.", block)
+    prefix = spec.blocks + "."
+    outside = {n: m for n, m in model.named_modules() if isinstance(m, QLinear) and not n.startswith(prefix)}
+    state = model.state_dict()
+    rest = [n for n in state if not n.startswith(prefix) and n.rpartition(".")[0] not in outside]
+    sink.add_rest(rest, state.__getitem__, lambda n, a, b: state[n][a:b], outside,
+                  {n: tuple(state[n].shape) for n in rest})
+
+
 def save_quantized(loaded: LoadedModel | nn.Module, out: str | Path, overwrite: bool = False, tokenizer: Any = None,
                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write an in-memory quantized model to ``out`` atomically (the streamed job's sink, fed all blocks)."""
-    from lowbit.model.architectures import block_list, spec_for
-
     model = loaded.model if isinstance(loaded, LoadedModel) else loaded
     tokenizer = loaded.tokenizer if isinstance(loaded, LoadedModel) else tokenizer
     record = getattr(model.config, "quantization_config", None)
     if not isinstance(record, dict) or record.get("quant_method") != "lowbit":
         raise FormatError("this model has not been quantized by lowbit: run quantize_model first")
-    spec = spec_for(model)
     extra = {k: v for k, v in record.items() if k not in ("configs", "layers", "method", "float_dtype",
                                                          "quant_method", "format_version")}
     with atomic_folder(out, overwrite) as tmp:
         sink = NativeSink(tmp, record["float_dtype"], model_aliases(model), max_shard_bytes)
-        for index, block in enumerate(block_list(model, spec)):
-            sink.add_block(f"{spec.blocks}.{index}.", block)
-        prefix = spec.blocks + "."
-        outside = {n: m for n, m in model.named_modules() if isinstance(m, QLinear) and not n.startswith(prefix)}
-        state = model.state_dict()
-        rest = [n for n in state if not n.startswith(prefix) and n.rpartition(".")[0] not in outside]
-        sink.add_rest(rest, state.__getitem__, lambda n, a, b: state[n][a:b], outside,
-                      {n: tuple(state[n].shape) for n in rest})
+        feed_model(sink, model)
         config = model.config
         saved = config.quantization_config
         sink.finish(config, record["method"], getattr(model, "generation_config", None), tokenizer, extra)
         config.quantization_config = saved
-    return Path(out)
-
-
-def write_model_folder(out: str | Path, overwrite: bool, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                       config: Any, model: nn.Module, tokenizer: Any) -> Path:
-    """Atomically write a complete single-file model folder (serving exports): ``model.safetensors`` with
-    ``metadata``, ``config.json`` from ``config``, generation config and tokenizer when there are."""
-    from safetensors.torch import save_file
-
-    with atomic_folder(out, overwrite) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
-        config.to_json_file(str(tmp / "config.json"))
-        generation = getattr(model, "generation_config", None)
-        if generation is not None:
-            generation.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
     return Path(out)
 
 

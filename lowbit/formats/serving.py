@@ -173,38 +173,6 @@ def skeleton(config: Any) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def float_tensors(model: nn.Module, float_dtype: str) -> dict[str, torch.Tensor]:
-    """The tensors that stay float (embeddings, norms, biases, ``lm_head``), stored as lowbit stores them.
-
-    A tensor shared with another name (tied embeddings) is stored once when the config ties them (transformers
-    ties it again on load), as a copy otherwise.
-    """
-    from lowbit.formats.native import checkpoint_tensors
-
-    tensors, aliases = checkpoint_tensors(model, float_dtype)
-    qbuffers = {f"{name}.{field}" for name, m in model.named_modules() if isinstance(m, QLinear)
-                for field in ("qweight", "scales", "zeros")}
-    out = {name: t for name, t in tensors.items() if name not in qbuffers}
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    for name, stored in aliases.items():
-        if name not in qbuffers and not tied:
-            out[name] = tensors[stored].clone()
-    return out
-
-
-def write_export(out: str | Path, overwrite: bool, tensors: dict[str, torch.Tensor], model: nn.Module,
-                 quant_config: dict[str, Any], tokenizer: Any, metadata: dict[str, str]) -> Path:
-    """Write ``config.json`` (the model's config with ``quant_config``), ``model.safetensors``, the generation
-    config and the tokenizer into ``out``, atomically."""
-    config = copy.deepcopy(model.config)
-    config.quantization_config = quant_config
-    config.dtype = torch.float16
-    from lowbit.formats.native import write_model_folder
-
-    return write_model_folder(out, overwrite, {k: v.contiguous() for k, v in tensors.items()}, metadata, config,
-                              model, tokenizer)
-
-
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of every ``*.safetensors`` file in ``folder``."""
     files = sorted(folder.glob("*.safetensors"))

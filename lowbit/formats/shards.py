@@ -179,6 +179,45 @@ class ShardWriter:
         return [*names, INDEX_FILE]
 
 
+def _header(file: Path) -> tuple[int, dict[str, Any]]:
+    """``(offset of the data section, header dict)`` of a safetensors file."""
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > file.stat().st_size - 8:
+            raise ValueError(f"{file}: header length {length} exceeds the file")
+        return 8 + length, json.loads(f.read(length))
+
+
+_TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+
+
+def rewrite_tensors(folder: Path, files: list[str], names: list[str], change: Any) -> None:
+    """Replace tensors ``names`` of the finished shards ``files`` (in ``folder``) in place by ``change(tensor)``,
+    which must keep dtype and shape (so only those bytes change); each file is synced."""
+    wanted = set(names)
+    for file in (folder / f for f in files if f.endswith(".safetensors")):
+        start, header = _header(file)
+        todo = [(n, info) for n, info in header.items() if n in wanted]
+        if not todo:
+            continue
+        with open(file, "r+b") as f:
+            for name, info in todo:
+                a, b = info["data_offsets"]
+                f.seek(start + a)
+                dtype = _TORCH_DTYPES[info["dtype"]]
+                old = torch.frombuffer(bytearray(f.read(b - a)), dtype=dtype).reshape(info["shape"])
+                new = change(old)
+                if new.dtype != dtype or tuple(new.shape) != tuple(info["shape"]):
+                    raise ValueError(f"internal: rewriting {name} changed its dtype or shape")
+                f.seek(start + a)
+                f.write(memoryview(new.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                wanted.discard(name)
+            f.flush()
+            os.fsync(f.fileno())
+    if wanted:
+        raise ValueError(f"internal: tensors {sorted(wanted)[:3]} are in no shard")
+
+
 def read_metadata(folder: Path) -> dict[str, str]:
     """The header metadata of a folder's first shard (every shard carries the same)."""
     from safetensors import safe_open

@@ -15,9 +15,10 @@ reaches its first column, from the *error-updated* weights of that group; with a
 Per-channel / per-tensor q-params are chosen once up front. With an identity Hessian nothing is propagated and GPTQ
 equals round-to-nearest exactly.
 
-Memory: for a ``K``-input layer, the caller's Hessian, one permuted copy (the factorisation overwrites it with
-``H⁻¹``) and the ``K × K`` factor, all float32 (4·K² bytes each: 268 MB for K = 8192, 822 MB for K = 14336). The factorisation runs in
-float32, as in the reference and llm-compressor/GPTQModel, and retries in float64 only if float32 Cholesky fails.
+Memory: for a ``K``-input layer, the caller's Hessian and one permuted float32 copy that the factorisation
+overwrites in place (chol → inverse → chol of the inverse), 4·K² bytes each (268 MB for K = 8192, 822 MB for
+K = 14336), plus the weight being rounded. The factorisation runs in float32, as in the reference and
+llm-compressor/GPTQModel, and is redone in float64 only if float32 Cholesky fails.
 """
 
 from __future__ import annotations
@@ -53,30 +54,49 @@ class GPTQConfig:
             raise ConfigError("GPTQ needs 0 < damp < 1 and block_size ≥ 1")
 
 
-def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp·mean(diag H)·I)⁻¹``, computed in ``h``'s memory and one more ``K × K``
-    buffer: ``h`` (the caller's own copy) is damped, overwritten with the inverse, and must not be used after."""
-    h.diagonal().add_(damp * float(h.diagonal().mean()))
-    chol, info = torch.linalg.cholesky_ex(h)
-    if int(info) != 0:  # float32 lost positive definiteness: the same steps in float64
-        h, chol = h.double(), None
-        chol, info = torch.linalg.cholesky_ex(h)
-        if int(info) != 0:
-            raise ConfigError(f"the Hessian is not positive definite even after damping (minor {int(info)}): "
-                              "raise the GPTQ damp")
-    torch.cholesky_inverse(chol, out=h)  # h ← H⁻¹
-    torch.linalg.cholesky(h, upper=True, out=chol)  # chol ← upper factor of H⁻¹
-    return chol.float()
+def _factor_in_place(a: torch.Tensor) -> int:
+    """``a`` ← upper Cholesky factor ``U`` of ``a⁻¹`` (``a⁻¹ = UᵀU``), in ``a``'s own memory; LAPACK's info (0: done).
+
+    torch's linalg routines work in place when handed a column-major ``out`` that is also their input, and a
+    row-major symmetric matrix seen through ``.mT`` is exactly that: ``L = chol(a)``, ``a⁻¹`` from ``L`` (potri),
+    then the upper factor of ``a⁻¹`` — three K × K results in one K × K buffer (measured: no temporary; the
+    out-of-place calls each allocate a K × K copy). The factor is returned as the ``.mT`` view (row ``j`` of ``U``
+    is strided), with the same values as the out-of-place calls."""
+    info = torch.empty((), dtype=torch.int32)
+    col = a.mT
+    torch.linalg.cholesky_ex(col, out=(col, info))
+    if int(info) != 0:
+        return int(info)
+    torch.cholesky_inverse(col, out=col)
+    torch.linalg.cholesky_ex(col, upper=True, out=(col, info))
+    return int(info)
 
 
-def _permuted(hessian: torch.Tensor, perm: torch.Tensor, scale: float, rows: int = 1024) -> torch.Tensor:
-    """``scale · hessian[perm][:, perm]`` as a new float32 tensor, gathered ``rows`` rows at a time (one ``K × K``
+def _permuted(hessian: torch.Tensor, perm: torch.Tensor, scale: float, dtype: torch.dtype = torch.float32,
+              rows: int = 1024) -> torch.Tensor:
+    """``scale · hessian[perm][:, perm]`` as a new ``dtype`` tensor, gathered ``rows`` rows at a time (one ``K × K``
     allocation, not two)."""
     k = hessian.shape[0]
-    h = torch.empty(k, k)
+    h = torch.empty(k, k, dtype=dtype)
     for r in range(0, k, rows):
-        torch.index_select(hessian[perm[r : r + rows]].float(), 1, perm, out=h[r : r + rows])
+        torch.index_select(hessian[perm[r : r + rows]].to(dtype), 1, perm, out=h[r : r + rows])
     return h.mul_(scale) if scale != 1.0 else h
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor, perm: torch.Tensor, scale: float, diag: torch.Tensor,
+                            damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp·mean(diag H)·I)⁻¹`` for ``H = scale · hessian[perm][:, perm]`` with
+    diagonal ``diag`` (already permuted; dead inputs set to 1), in one ``K × K`` float32 buffer.
+
+    Rebuilt in float64 if float32 Cholesky fails (then 2 × 4·K² bytes more, once)."""
+    for dtype in (torch.float32, torch.float64):
+        h = _permuted(hessian, perm, scale, dtype)
+        h.diagonal().copy_(diag)
+        h.diagonal().add_(damp * float(h.diagonal().mean()))
+        if _factor_in_place(h) == 0:
+            return h.mT if dtype == torch.float32 else h.mT.float()
+        del h
+    raise ConfigError("the Hessian is not positive definite even after damping: raise the GPTQ damp")
 
 
 @torch.no_grad()
@@ -110,11 +130,8 @@ def gptq_quantize(
     diag = diag.masked_fill(dead, 1.0)
     perm = torch.argsort(diag, descending=True) if gptq.act_order else torch.arange(k)
     w = w[:, perm]
-    h = _permuted(hessian, perm, hessian_scale)
-    h.diagonal().copy_(diag[perm])  # dead inputs: H[j, j] = 1
-    hinv = _inverse_hessian_factor(h, gptq.damp)
-    del h  # overwritten by the factorisation
-    codes = torch.zeros(n, k)
+    hinv = _inverse_hessian_factor(hessian, perm, hessian_scale, diag[perm], gptq.damp)  # dead inputs: H[j,j] = 1
+    codes = torch.zeros(n, k, dtype=torch.uint8)  # 0 … qmax, exact
     # per-column q-params in processing order, one block of columns at a time: [N or 1, block]
     col_group = torch.zeros(k, dtype=torch.long) if cfg.granularity == "tensor" else perm // width
     diag_inv = hinv.diagonal().tolist()
@@ -128,6 +145,7 @@ def gptq_quantize(
         err1 = torch.zeros_like(w1)
         q1 = torch.empty_like(w1)
         s1, z1 = scale[:, col_group[i1:i2]].T.contiguous(), zero[:, col_group[i1:i2]].T.contiguous()
+        h1 = hinv[i1:i2, i1:i2].contiguous()  # the factor is a column-major view: this block's rows, contiguous
         for i in range(i2 - i1):
             if dynamic_groups and (i1 + i) % width == 0:  # no act-order: column i1 + i starts group g
                 g = (i1 + i) // width
@@ -139,8 +157,8 @@ def gptq_quantize(
             q = torch.round(w_col / s_col + z_col).clamp_(0, qmax)  # = fake_quantize, one column
             q1[i] = q
             err = (w_col - (q - z_col) * s_col) / diag_inv[i1 + i]
-            w1[i:].addr_(hinv[i1 + i, i1 + i : i2], err, alpha=-1)
+            w1[i:].addr_(h1[i, i:], err, alpha=-1)
             err1[i] = err
-        codes[:, perm[i1:i2]] = q1.T
+        codes[:, perm[i1:i2]] = q1.T.to(torch.uint8)
         w[:, i2:].addmm_(err1.T, hinv[i1:i2, i2:], alpha=-1)
     return QuantizedTensor.from_codes(codes, scale, zero, cfg)
