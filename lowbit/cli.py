@@ -44,6 +44,9 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian damping, fraction of its mean diagonal")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="memory the job may use (e.g. 8GB); past it the calibration hidden states between blocks "
+                        "are kept on disk, one batch in memory at a time (default: 80%% of the RAM available)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,6 +270,12 @@ def _stream_eval(args: argparse.Namespace, model: str, original: str | None) -> 
     return {"text": source, **result.to_dict()}
 
 
+def _max_memory(args: argparse.Namespace) -> int | None:
+    from lowbit.plan.allocate import parse_size
+
+    return None if getattr(args, "max_memory", None) is None else parse_size(args.max_memory)
+
+
 def _compute_dtype(args: argparse.Namespace) -> Any:
     from lowbit.config import COMPUTE_DTYPES
 
@@ -281,6 +290,7 @@ def _quantize_stream(args: argparse.Namespace, recipe: Any, method: Any, calib: 
 
     calib_text, calib_note = _calibration(args, method, calib)
     job = QuantizeJob(args.model, args.out, recipe=recipe, method=method, calib=calib, calib_text=calib_text,
+                      max_memory=_max_memory(args),
                       compute_dtype=args.compute_dtype or "bfloat16", float_dtype=args.float_dtype, fmt=args.format)
     result = quantize_and_save(job, overwrite=args.overwrite, resume=args.resume)
     setting = recipe.default.describe()
@@ -315,6 +325,7 @@ def _quantize_gguf(args: argparse.Namespace) -> int:
         _protocol(args)
     calib_text, calib_note = _calibration(args, method, calib)
     job = QuantizeJob(args.model, args.out, method=method, calib=calib, calib_text=calib_text, fmt="gguf",
+                      max_memory=_max_memory(args),
                       gguf_type=args.type, compute_dtype=args.compute_dtype or "bfloat16")
     result = quantize_and_save(job, overwrite=args.overwrite, resume=args.resume)
     evaluation = None if args.no_eval else _stream_eval(args, str(result.path), args.model)

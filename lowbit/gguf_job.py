@@ -186,14 +186,15 @@ def run_gguf_job(job: Any, sm: StreamingModel, partial: Path, state: dict | None
     def on_block(index: int, prefix: str, block: nn.Module, inputs: Any) -> None:
         sink.add_module(block, prefix)
         sink.sync()
-        checkpoints.save(index + 1, sink.state(), None if inputs is None else [b.hidden for b in inputs])
+        checkpoints.save(index + 1, sink.state(), inputs)
 
     try:
         layers = quantize_sequential(
             sm, recipe, job.method, job.calib_ids, job.calib, progress, quantize_layer,
             desc=f"GGUF {job.gguf_type} ({job.method.name})", on_block=on_block,
             start=state["next_block"] if state else 0, resume_hidden=checkpoints.hidden() if state else None,
-            compute_dtype=COMPUTE_DTYPES[job.compute_dtype])
+            compute_dtype=COMPUTE_DTYPES[job.compute_dtype], max_memory=job.max_memory,
+            spill_dir=partial / ".spill")
         plan = BlockPlan.of(model, None)
         tables = sm.vocab_tables()
         tied = bool(getattr(config, "tie_word_embeddings", False))

@@ -26,12 +26,13 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 
 import lowbit.formats  # noqa: F401  (registers the streaming readers)
+from lowbit.calib.capture import BlockInputs
 from lowbit.calib.data import CalibConfig, calibration_ids
 from lowbit.config import COMPUTE_DTYPES, FLOAT_DTYPES, QuantRecipe
 from lowbit.errors import ConfigError
@@ -39,7 +40,7 @@ from lowbit.formats.atomic import check_output, partial_folder, publish, write_j
 from lowbit.formats.native import NativeSink
 from lowbit.formats.serving import check_recipe
 from lowbit.formats.serving_sink import SINK_FORMATS, ServingSink, float_linears
-from lowbit.formats.shards import DEFAULT_SHARD_BYTES
+from lowbit.formats.shards import DEFAULT_SHARD_BYTES, ShardWriter
 from lowbit.methods.method import MethodConfig
 from lowbit.model.loading import open_model, resolve_source
 from lowbit.model.source import StreamingModel
@@ -47,6 +48,7 @@ from lowbit.pipeline import BlockPlan, quantize_sequential
 
 log = logging.getLogger(__name__)
 STATE_FILE, HIDDEN_FILE = "job.json", "hidden.safetensors"
+SPILL_FOLDER = ".spill"  # hidden states kept on disk past --max-memory (removed when the pass ends)
 JOB_FORMATS = ("lowbit", "compressed-tensors", "gptq", "gguf")
 
 
@@ -70,6 +72,7 @@ class QuantizeJob:
     compute_dtype: str = "bfloat16"  # block passes under bf16 autocast: SmolLM2 GPTQ KL 0.1470 vs 0.1475 fp32, 1.4× faster
     float_dtype: str = "float16"
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    max_memory: int | None = None  # bytes; hidden states go to disk past it (None: 80 % of available RAM)
 
     def __post_init__(self) -> None:
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -124,18 +127,32 @@ class _Checkpoints:
                               "with the same arguments to resume, or without --resume to start over")
         return state
 
-    def hidden(self) -> list[torch.Tensor] | None:
+    def hidden(self) -> Iterator[torch.Tensor] | None:
+        """The saved hidden states, read one batch at a time."""
         file = self.folder / HIDDEN_FILE
         if not file.is_file():
             return None
-        tensors = load_file(str(file))
-        return [tensors[str(i)] for i in range(len(tensors))]
 
-    def save(self, next_block: int, sink_state: dict[str, Any], hidden: list[torch.Tensor] | None) -> None:
+        def batches() -> Iterator[torch.Tensor]:
+            with safe_open(str(file), framework="pt") as f:
+                for i in range(len(list(f.keys()))):
+                    yield f.get_tensor(str(i))
+
+        return batches()
+
+    def save(self, next_block: int, sink_state: dict[str, Any], hidden: list[BlockInputs] | None) -> None:
+        """Record the next block and the sink's state; with ``hidden``, its batches' states too (written one
+        batch at a time, so spilled states are never all in memory)."""
         if hidden is not None:
-            tmp = self.folder / f".{HIDDEN_FILE}.tmp"
-            save_file({str(i): h.contiguous() for i, h in enumerate(hidden)}, str(tmp))
-            tmp.replace(self.folder / HIDDEN_FILE)
+            scratch = self.folder / ".hidden-tmp"
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir()
+            writer = ShardWriter(scratch, {}, max_shard_bytes=1 << 62)
+            for i, batch in enumerate(hidden):
+                writer.add({str(i): batch.hidden})
+            (file,) = writer.finish()
+            (scratch / file).replace(self.folder / HIDDEN_FILE)
+            shutil.rmtree(scratch)
         write_json_atomic(self.folder / STATE_FILE, {"fingerprint": self.fp, "next_block": next_block,
                                                      "sink": sink_state})
 
@@ -212,11 +229,12 @@ def _run_folder(job: QuantizeJob, sm: StreamingModel, partial: Path, state: dict
 
     def on_block(index: int, prefix: str, block: torch.nn.Module, inputs: Any) -> None:
         if sink.add_block(prefix, block):
-            checkpoints.save(index + 1, sink.state(), None if inputs is None else [b.hidden for b in inputs])
+            checkpoints.save(index + 1, sink.state(), inputs)
 
     layers = quantize_sequential(sm, job.recipe, job.method, job.calib_ids, job.calib, progress,
                                  on_block=on_block, start=start, resume_hidden=checkpoints.hidden() if state else None,
-                                 compute_dtype=COMPUTE_DTYPES[job.compute_dtype])
+                                 compute_dtype=COMPUTE_DTYPES[job.compute_dtype], max_memory=job.max_memory,
+                                 spill_dir=partial / SPILL_FOLDER)
     # outside the blocks: quantized layers (an --include'd lm_head) first, then float tensors one at a time
     outside = {t.name for t in plan.targets if t.block_index is None}
     for name in outside:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from lowbit.calib.capture import BlockInputs, capture_first_block_inputs, observe_block_inputs, run_block
 from lowbit.calib.data import CalibConfig
+from lowbit.calib.spill import SpillFolder, resident_memory, should_spill
 from lowbit.calib.stats import InputStats
 from lowbit.config import QuantRecipe
 from lowbit.errors import ConfigError
@@ -79,6 +81,14 @@ def apply_awq(block: nn.Module, spec: ArchSpec, selected: dict[str, LayerTarget]
     return folded
 
 
+def _block_working_set(block: nn.Module, method: MethodConfig) -> int:
+    """Bytes a block needs while it is quantized: its weights in float32, plus GPTQ's two ``K × K`` float32
+    matrices for its widest linear input."""
+    weights = sum(p.numel() for p in block.parameters()) * 4
+    widest = max((m.in_features for m in block.modules() if isinstance(m, nn.Linear)), default=0)
+    return weights + (8 * widest * widest if method.rounding == "gptq" else 0)
+
+
 BlockHook = Callable[[int, str, nn.Module, list[BlockInputs] | None], None]
 
 
@@ -117,7 +127,7 @@ def quantize_sequential(
     model: nn.Module | StreamingModel, recipe: QuantRecipe | None, method: MethodConfig, calib_ids: torch.Tensor | None,
     calib: CalibConfig, progress: bool = True, quantize_layer: LayerQuantizer | None = None, desc: str | None = None,
     on_block: BlockHook | None = None, start: int = 0, resume_hidden: list[torch.Tensor] | None = None,
-    compute_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype = torch.float32, max_memory: int | None = None, spill_dir: Path | None = None,
 ) -> int:
     """Quantize a model block by block; returns the number of layers quantized.
 
@@ -126,7 +136,10 @@ def quantize_sequential(
     ``next_inputs`` are the next block's calibration inputs, None for data-free methods). ``quantize_layer``
     replaces the per-layer step (default: ``quantize_weight`` → :class:`QLinear`); ``recipe`` None selects no
     layer (the blocks are walked for ``on_block`` only). ``start``/``resume_hidden``:
-    continue a run from block ``start`` whose input hidden states were saved. ``compute_dtype`` bfloat16: the block
+    continue a run from block ``start`` whose input hidden states were saved (an iterable, read one at a time).
+    ``max_memory``: when the hidden states between blocks would take the process past it (None: 80 % of the
+    memory available), they are kept on disk under ``spill_dir`` (default: a temporary folder), one batch in
+    memory at a time (:mod:`lowbit.calib.spill`; same results, bit for bit). ``compute_dtype`` bfloat16: the block
     passes (capture, statistics, outputs) run under CPU autocast — matmuls in bf16 (~2.3× faster here) — while the
     weights stay in their loaded precision for the quantizers and the statistics accumulate in float32. Layers outside the blocks
     (e.g. an ``--include``d ``lm_head``) are quantized data-free by the caller, see :func:`quantize_outside`.
@@ -144,49 +157,62 @@ def quantize_sequential(
     rep = {name: group[0] for group in spec.linear_groups for name in group}  # linears sharing one input
     calibrated = method.needs_calibration or calib_ids is not None  # GGUF imatrix: statistics, nearest rounding
     inputs: list[BlockInputs] | None = None
+    spill: SpillFolder | None = None
     if calibrated:
         if calib_ids is None:
             raise ConfigError(f"method {method.name} needs calibration data: pass calibration token ids")
         sm.load_outside(spec.blocks + ".")  # norms, position tables: what runs before the first block
         embed = sm.input_embeds if sm.streamed else None
+        states_bytes = calib_ids.numel() * sm.model.config.get_text_config().hidden_size * 4
+        if should_spill(states_bytes, resident_memory() + _block_working_set(blocks[0], method), max_memory):
+            spill = SpillFolder(spill_dir)
         with block_passes(compute_dtype):
-            inputs = capture_first_block_inputs(sm.model, blocks[0], calib_ids, calib.batch_size, embed)
+            inputs = capture_first_block_inputs(sm.model, blocks[0], calib_ids, calib.batch_size, embed, spill)
         if resume_hidden is not None:
-            inputs = [BlockInputs(h.to(batch.hidden.dtype), batch.args, batch.kwargs)
-                      for h, batch in zip(resume_hidden, inputs)]
+            resumed = []
+            for h, batch in zip(resume_hidden, inputs):
+                dtype = batch.state.dtype if batch.state is not None else batch.stored.dtype
+                batch.discard()
+                resumed.append(BlockInputs(h.to(dtype), batch.args, batch.kwargs).kept(spill))
+            inputs = resumed
     awq_skipped = 0
     bar = tqdm(range(start, len(blocks)), desc=desc or f"quantizing ({method.name})", unit="block",
                disable=not progress, initial=start, total=len(blocks))
-    for index in bar:
-        prefix = plan.prefix(index)
-        block = sm.materialize(prefix[:-1])
-        selected = {t.name[len(prefix):]: t for t in targets if t.block_index == index}
-        if selected:
-            keys = {rep.get(name, name) for name in selected}
-            stats: dict[str, InputStats | None] = {k: None for k in keys}
+    try:
+        for index in bar:
+            prefix = plan.prefix(index)
+            block = sm.materialize(prefix[:-1])
+            selected = {t.name[len(prefix):]: t for t in targets if t.block_index == index}
+            if selected:
+                keys = {rep.get(name, name) for name in selected}
+                stats: dict[str, InputStats | None] = {k: None for k in keys}
+                if calibrated:
+                    stats = {k: InputStats(linear_weight(block.get_submodule(k)).shape[1]) for k in keys}
+                    with block_passes(compute_dtype):
+                        observe_block_inputs(block, inputs, {k: block.get_submodule(k) for k in keys},
+                                             lambda k, x: stats[k].add(x))
+                rep_of = {name: rep.get(name, name) for name in selected}
+                if method.awq is not None and apply_awq(block, spec, selected, stats, rep_of, method, inputs[0]) == 0:
+                    awq_skipped += 1
+                for name, target in selected.items():
+                    clip = method.clip is not None and name not in spec.attention_logits
+                    old = block.get_submodule(name)
+                    if sm.streamed:
+                        return_freed_memory()  # the previous layer's temporaries, before this one's K × K buffers
+                    new = quantize_layer(prefix + name, old, target, stats[rep_of[name]], clip)
+                    set_submodule(block, name, new)
+                    if sm.streamed and new is not old:
+                        old.to("meta")  # the target list still references it: drop its float weight now
+                stats.clear()  # Hessians and their cached factors: not needed by the output pass
             if calibrated:
-                stats = {k: InputStats(linear_weight(block.get_submodule(k)).shape[1]) for k in keys}
-                with block_passes(compute_dtype):
-                    observe_block_inputs(block, inputs, {k: block.get_submodule(k) for k in keys},
-                                         lambda k, x: stats[k].add(x))
-            rep_of = {name: rep.get(name, name) for name in selected}
-            if method.awq is not None and apply_awq(block, spec, selected, stats, rep_of, method, inputs[0]) == 0:
-                awq_skipped += 1
-            for name, target in selected.items():
-                clip = method.clip is not None and name not in spec.attention_logits
-                old = block.get_submodule(name)
-                if sm.streamed:
-                    return_freed_memory()  # the previous layer's temporaries, before this one's K × K buffers
-                new = quantize_layer(prefix + name, old, target, stats[rep_of[name]], clip)
-                set_submodule(block, name, new)
-                if sm.streamed and new is not old:
-                    old.to("meta")  # the target list still references it: drop its float weight now
-        if calibrated:
-            with block_passes(compute_dtype), dequantize_once(block):
-                inputs = run_block(block, inputs)
-        if on_block is not None:
-            on_block(index, prefix, block, inputs)
-        sm.release(prefix[:-1])
+                with block_passes(compute_dtype), dequantize_once(block):
+                    inputs = run_block(block, inputs, spill)
+            if on_block is not None:
+                on_block(index, prefix, block, inputs)
+            sm.release(prefix[:-1])
+    finally:
+        if spill is not None:
+            spill.close()  # the spilled hidden states (a resumable job saved what it needs)
     if awq_skipped:
         log.warning("AWQ: no op could absorb a scale in %d blocks (%s has no usable scale mappings): those blocks "
                     "got only the %s rounding", awq_skipped, spec.name, method.rounding)

@@ -176,3 +176,25 @@ def test_non_finite_weights_are_refused_with_the_layer_name(tiny_hf_folder: Path
     with pytest.raises(LowbitError, match=r"(layers\.1\.mlp\.up_proj|blk\.1\.ffn_up\.weight \(in model\.layers\.1\.\)).*NaN/Inf"):
         quantize_and_save(job, progress=False)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt", ["lowbit", "gguf"])
+def test_hidden_states_spilled_past_max_memory_give_identical_files(deep_folder: Path, tmp_path: Path, fmt: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowbit.calib import spill
+
+    puts = []
+    put = spill.SpillFolder.put
+    monkeypatch.setattr(spill.SpillFolder, "put", lambda self, t: puts.append(self.folder) or put(self, t))
+    outs = {}
+    for max_memory in (None, 1):  # 1 byte: every hidden state goes to disk
+        out = tmp_path / f"q{max_memory}{'.gguf' if fmt == 'gguf' else ''}"
+        quantize_and_save(QuantizeJob(str(deep_folder), str(out), recipe=RECIPE, method=MethodConfig.parse("gptq"),
+                                      calib=CalibConfig(samples=4, seqlen=32, batch_size=2), calib_ids=_calib_ids(),
+                                      fmt=fmt, gguf_type="Q4_K_M", max_shard_bytes=SHARD, max_memory=max_memory),
+                          progress=False)
+        outs[max_memory] = {out.name: out.read_bytes()} if fmt == "gguf" else _folder_bytes(out)
+        assert (len(puts) > 0) == (max_memory == 1)
+    assert 2 * 6 <= len(puts)  # two batches after the capture and after each of the 6 blocks
+    assert not puts[0].exists()  # the spill folder is gone
+    assert list(outs[None].values()) == list(outs[1].values())

@@ -13,6 +13,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from lowbit.calib.spill import SpillFolder, SpilledTensor
+
 
 class _StopForward(Exception):
     """Raised inside the first block once its inputs are recorded (internal control flow only)."""
@@ -20,27 +22,44 @@ class _StopForward(Exception):
 
 @dataclass
 class BlockInputs:
-    """One calibration batch at a block's input: positional args (hidden state first) and keyword args."""
+    """One calibration batch at a block's input: positional args (hidden state first) and keyword args. The
+    hidden state is in memory, or on disk (``stored``, see :mod:`lowbit.calib.spill`) and read on each access."""
 
-    hidden: torch.Tensor
+    state: torch.Tensor | None
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    stored: SpilledTensor | None = None
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.state if self.state is not None else self.stored.load()
+
+    def kept(self, spill: SpillFolder | None) -> "BlockInputs":
+        """This batch with its hidden state moved to ``spill`` (unchanged when None or already there)."""
+        if spill is None or self.state is None:
+            return self
+        return BlockInputs(None, self.args, self.kwargs, spill.put(self.state))
+
+    def discard(self) -> None:
+        """Delete the spilled file (a pass is done with this batch)."""
+        if self.stored is not None:
+            self.stored.delete()
 
 
 @torch.no_grad()
 def capture_first_block_inputs(
     model: nn.Module, first_block: nn.Module, calib_ids: torch.Tensor, batch_size: int,
-    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None, spill: SpillFolder | None = None,
 ) -> list[BlockInputs]:
     """Run the model on ``calib_ids [samples, seqlen]`` in batches, stopping at the first block's input.
 
     ``embed``: computes the input embeddings itself (a streamed model, whose table is not in memory); the model
-    then runs from ``inputs_embeds``."""
+    then runs from ``inputs_embeds``. ``spill``: each batch's hidden state goes to disk as soon as captured."""
     captured: list[BlockInputs] = []
 
     def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(BlockInputs(hidden.detach(), tuple(args[1:]), dict(kwargs)))
+        captured.append(BlockInputs(hidden.detach(), tuple(args[1:]), dict(kwargs)).kept(spill))
         raise _StopForward
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -60,13 +79,17 @@ def capture_first_block_inputs(
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: list[BlockInputs]) -> list[BlockInputs]:
-    """The block's outputs for every batch, as the next block's inputs (same extra arguments)."""
+def run_block(block: nn.Module, inputs: list[BlockInputs], spill: SpillFolder | None = None) -> list[BlockInputs]:
+    """The block's outputs for every batch, as the next block's inputs (same extra arguments). With ``spill``,
+    each output goes to disk as it is computed and each spilled input is deleted once used: ``inputs`` are
+    consumed."""
     outputs = []
     for batch in inputs:
         out = block(batch.hidden, *batch.args, **batch.kwargs)
         hidden = out[0] if isinstance(out, (tuple, list)) else out
-        outputs.append(BlockInputs(hidden, batch.args, batch.kwargs))
+        outputs.append(BlockInputs(hidden, batch.args, batch.kwargs).kept(spill))
+        if spill is not None:
+            batch.discard()
     return outputs
 
 

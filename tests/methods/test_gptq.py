@@ -101,3 +101,24 @@ def test_rtn_by_row_chunks_equals_the_whole_weight(cfg: QuantConfig, monkeypatch
     assert torch.equal(chunked.packed, whole.packed) and torch.equal(chunked.scale, whole.scale)
     assert (chunked.zero is None) == (whole.zero is None)
     assert chunked.zero is None or torch.equal(chunked.zero, whole.zero)
+
+
+def test_layers_sharing_an_input_reuse_one_factorisation_bit_exactly() -> None:
+    """q/k/v (or gate/up) read one input: the column order and inverse-Hessian factor are computed once and
+    reused, with exactly the codes each layer gets alone; a changed Hessian drops the cached factor."""
+    from lowbit.calib.stats import InputStats
+
+
+    gen = torch.Generator().manual_seed(3)
+    stats = InputStats(96)
+    stats.add(torch.randn(400, 96, generator=gen) * torch.linspace(0.1, 3, 96))
+    weights = [torch.randn(n, 96, generator=gen) for n in (64, 32, 32)]
+    cfg = QuantConfig(bits=4, group_size=32)
+    alone = [gptq_quantize(w, stats.xtx, cfg, GPTQConfig(), hessian_scale=stats.hessian_scale) for w in weights]
+    shared = [gptq_quantize(w, stats.xtx, cfg, GPTQConfig(), hessian_scale=stats.hessian_scale,
+                            factors=stats.factors) for w in weights]
+    assert len(stats.factors) == 1
+    for a, b in zip(alone, shared):
+        assert torch.equal(a.packed, b.packed) and torch.equal(a.scale, b.scale)
+    stats.add(torch.randn(10, 96, generator=gen))
+    assert stats.factors == {}
