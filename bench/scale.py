@@ -39,6 +39,7 @@ SIZES = {  # name: (hidden, layers, ffn, heads, kv heads, vocab, tied)
     "0.5b": (1024, 24, 4096, 16, 8, 128256, True),
     "1b": (2048, 16, 8192, 32, 8, 128256, True),
     "8b": (4096, 32, 14336, 32, 8, 128256, False),
+    "8b-2blocks": (4096, 2, 14336, 32, 8, 128256, False),  # 8B shapes, 2 of its 32 blocks: per-block GPTQ time
 }
 SHARD_BYTES = 2 * 1024**3
 

@@ -187,7 +187,8 @@ def quantize_sequential(
                 keys = {rep.get(name, name) for name in selected}
                 stats: dict[str, InputStats | None] = {k: None for k in keys}
                 if calibrated:
-                    stats = {k: InputStats(linear_weight(block.get_submodule(k)).shape[1]) for k in keys}
+                    stats = {k: InputStats(linear_weight(block.get_submodule(k)).shape[1],
+                                           absolute=method.awq is not None) for k in keys}
                     with block_passes(compute_dtype):
                         observe_block_inputs(block, inputs, {k: block.get_submodule(k) for k in keys},
                                              lambda k, x: stats[k].add(x))

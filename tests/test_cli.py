@@ -26,6 +26,7 @@ def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     return code, out.out, errors[0] if errors else ""
 
 
+@pytest.mark.slow
 def test_quantize_eval_inspect_end_to_end(tiny_hf_folder: Path, text_file: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "q"
     code, stdout, _ = run(capsys, "quantize", tiny_hf_folder, "--out", out, "--bits", "4", "--group-size", "32",

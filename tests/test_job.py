@@ -68,6 +68,7 @@ def test_streamed_gguf_is_byte_identical_to_in_memory(deep_folder: Path, tmp_pat
     assert (tmp_path / "stream.gguf").read_bytes() == (tmp_path / "memory.gguf").read_bytes()
 
 
+@pytest.mark.slow
 def test_gguf_source_reads_what_transformers_loads(tmp_path: Path, smollm2_session) -> None:
     for arch, config in {
         "llama": transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
@@ -121,6 +122,7 @@ quantize_and_save(job, resume=len(sys.argv) > 4, progress=False)
 """
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_files(deep_folder: Path, tmp_path: Path) -> None:
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
@@ -178,6 +180,7 @@ def test_non_finite_weights_are_refused_with_the_layer_name(tiny_hf_folder: Path
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["lowbit", "gguf"])
 def test_hidden_states_spilled_past_max_memory_give_identical_files(deep_folder: Path, tmp_path: Path, fmt: str,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:

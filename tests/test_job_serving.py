@@ -95,6 +95,7 @@ def test_gptq_zero_point_of_zero_is_written_as_v2(deep_folder: Path, tmp_path: P
     assert torch.equal(stored["model.layers.4.mlp.up_proj.qzeros"], direct)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
 def test_serving_folder_streams_for_lockstep_eval(deep_folder: Path, tmp_path: Path, fmt: str) -> None:
     recipe = QuantRecipe(QuantConfig(bits=4, group_size=32, symmetric=False))
@@ -138,6 +139,7 @@ quantize_and_save(job, resume=len(sys.argv) > 4, progress=False)
 """
 
 
+@pytest.mark.slow
 def test_gptq_export_sigkill_then_resume_gives_identical_files(deep_folder: Path, tmp_path: Path) -> None:
     script = tmp_path / "child.py"
     script.write_text(_CHILD)

@@ -31,6 +31,7 @@ class InputStats:
     _sum: torch.Tensor | None = None  # float32 [in, in]: upper block triangle while batches are being added
     _mirrored: bool = True
     factors: dict = field(default_factory=dict)  # derived from XᵀX by its consumers (GPTQ's inverse factor)
+    absolute: bool = True  # also accumulate Σ|x| (AWQ's salience; ~10 % of the time of an add)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.float()
@@ -41,7 +42,8 @@ class InputStats:
             self._sum[r : r + _ROWS, r:].addmm_(x[:, r : r + _ROWS].T, x[:, r:])
         self._mirrored = False
         self.factors.clear()
-        self.abs_sum += x.abs().sum(0).double()
+        if self.absolute:
+            self.abs_sum += x.abs().sum(0).double()
         self.tokens += x.shape[0]
 
     @property
@@ -65,6 +67,8 @@ class InputStats:
 
     @property
     def mean_abs(self) -> torch.Tensor:
+        if not self.absolute:
+            raise ValueError("internal: mean |x| was not collected (InputStats(absolute=False))")
         return (self.abs_sum / max(self.tokens, 1)).float()
 
     def rescale_inputs(self, scale: torch.Tensor) -> None:

@@ -19,8 +19,8 @@ resident memory is a sum of a few terms, each computed here from the shapes of t
 ``calibration`` (GPTQ, AWQ)
     the tokenized calibration text (a measured constant), the calibration hidden states entering and leaving the
     block (``2 × samples × seqlen × hidden × 4``: float32, the passes autocast only their matmuls), one
-    batch's activations inside the block, every distinct input's ``XᵀX`` (``Σ in² × 4``) and GPTQ's transient
-    for the widest input (a permuted copy, overwritten by the factorisation, and the factor: ``2 × in² × 4``).
+    batch's activations inside the block, and per distinct input its ``XᵀX`` and GPTQ's inverse-Hessian factor
+    (a permuted copy factorised in place, kept for the layers sharing the input): ``2 × Σ in² × 4``.
 ``evaluation``
     each model's hidden states for every window (``2 × windows × seqlen × hidden × bytes``, one of them twice
     while a block runs), one block, one window's activations, then at the head each model's final hidden states
@@ -120,12 +120,13 @@ def quantize_memory(model: nn.Module, config: QuantConfig, calibrated: bool = Fa
              "quantizing one linear": out * inn * 4 + _RTN_TEMPORARIES * min(out * inn, CHUNK_ELEMENTS) * 4,
              "output": s.packed_block}
     if calibrated:  # the block is read in float32; its output pass keeps one dequantized copy in compute dtype
-        widest = max(s.block_inputs, default=0)
         block["block"] = s.block_params * (4 + cbytes) + s.largest_tensor * stored_bytes
         block |= {"calibration text": CALIBRATION_TEXT_BYTES,
                   "calibration states": 2 * samples * seqlen * s.hidden * 4,
                   "block activations": _activations(s, batch_size * seqlen, seqlen, cbytes),
-                  "Hessians": sum(4 * k * k for k in s.block_inputs) + 2 * 4 * widest * widest}
+                  # per input: XᵀX and its inverse factor (kept for the layers sharing the input; the widest
+                  # input's factor is computed in place, last)
+                  "Hessians": 2 * sum(4 * k * k for k in s.block_inputs)}
         block.pop("quantizing one linear")
     tables = {"tables": _TABLE_CHUNK_ROWS * s.hidden * (stored_bytes + 4)}
     stage = block if sum(block.values()) >= sum(tables.values()) else tables

@@ -7,6 +7,7 @@ from lowbit.data.text import default_text
 from lowbit.errors import ConfigError, TextError
 
 
+@pytest.mark.slow
 def test_calibration_windows_are_seeded_and_reproducible(smollm2_session) -> None:
     tok, text = smollm2_session.tokenizer, default_text("calib")
     a = calibration_ids(tok, text, CalibConfig(samples=6, seqlen=64, seed=3))

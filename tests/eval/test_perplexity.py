@@ -45,6 +45,7 @@ def test_default_text_is_deterministic_and_eval_calib_disjoint() -> None:
     assert len(ev_paragraphs & ca_paragraphs) < 0.01 * len(ev_paragraphs)
 
 
+@pytest.mark.slow
 def test_smollm2_fp32_perplexity_matches_the_published_reference(smollm2_session, wikitext) -> None:
     # ../shared/data/README.md: first 4,096 tokens, two windows of 2048, no BOS → ppl 18.84
     protocol = EvalProtocol(seqlen=2048, max_tokens=4096)

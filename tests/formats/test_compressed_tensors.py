@@ -94,6 +94,7 @@ def test_layer_tensors_equal_the_compressed_tensors_compressor(cfg: QuantConfig)
 # --------------------------------------------------------------------------- SmolLM2 GPTQ through transformers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("act_order", [True, False], ids=["act-order", "no-act-order"])
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
 def test_smollm2_gptq_export_loads_in_transformers(smollm2_session, tmp_path: Path, sym: bool, act_order: bool) -> None:

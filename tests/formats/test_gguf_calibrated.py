@@ -84,6 +84,7 @@ def _output_error(w: torch.Tensor, decoded: torch.Tensor, stats: InputStats) -> 
     return float(((d @ stats.xtx.double()) * d).sum())
 
 
+@pytest.mark.slow
 def test_gptq_on_the_grid_beats_llama_cpp_imatrix_choice_on_real_layers(smollm2_session: LoadedModel,
                                                                         wikitext: str) -> None:
     """Held-out output error ``‖X(W − Ŵ)ᵀ‖²`` on real SmolLM2 layers: GPTQ onto the grid < nearest rounding with
@@ -120,6 +121,7 @@ def test_non_grid_types_and_hqq_are_refused() -> None:
         quantize_to_gguf(None, "x.gguf", "Q4_K_M", "hqq")  # refused before the model is touched
 
 
+@pytest.mark.slow
 def test_calibrated_export_is_a_file_llama_cpp_types_and_lowbit_decodes(tmp_path: Path, smollm2: LoadedModel,
                                                                         wikitext: str) -> None:
     """SmolLM2 → calibrated Q4_K_M (GPTQ, tiny calibration): llama.cpp's tensor types and sizes, and the model
@@ -149,6 +151,7 @@ def test_calibrated_export_is_a_file_llama_cpp_types_and_lowbit_decodes(tmp_path
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.85
 
 
+@pytest.mark.slow
 def test_cli_quantize_to_gguf_with_calibration(tmp_path: Path, tiny_hf_folder: Path) -> None:
     """``lowbit quantize --format gguf --method gptq``: a GGUF file with llama.cpp's types for the tiny model's
     64-wide rows (k-quants fall back to 32-weight types), the calibration recorded, and a JSON report."""

@@ -84,6 +84,7 @@ def test_packing_equals_autogptq(bits: int, sym: bool) -> None:
         assert bool((ours["qzeros"] == 0x77777777).all())  # the familiar symmetric 4-bit qzeros
 
 
+@pytest.mark.slow
 def test_round_trip_and_agreement_with_compressed_tensors(smollm2, tmp_path: Path) -> None:
     """SmolLM2's q_proj layers (RTN: the layout does not depend on how the integers were chosen, and GPTQ on every
     block costs minutes here; GPTQ-made integers are round-tripped in test_compressed_tensors and in

@@ -19,6 +19,7 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
+@pytest.mark.slow
 def test_smollm2_4bit_reload_gives_bit_identical_logits(smollm2, tmp_path: Path) -> None:
     quantize_model(smollm2.model, QuantRecipe(QuantConfig(bits=4, group_size=128)), progress=False)
     ids = torch.randint(0, 49152, (1, 40), generator=torch.Generator().manual_seed(0))

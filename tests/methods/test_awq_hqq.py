@@ -47,6 +47,7 @@ def _inputs_of(model, name: str, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("cfg", [QuantConfig(bits=4, group_size=128), QuantConfig(bits=3, group_size=128)],
                          ids=QuantConfig.describe)
+@pytest.mark.slow
 def test_awq_scaling_lowers_output_error_on_real_layers(smollm2_session, cfg: QuantConfig) -> None:
     from lowbit.calib.data import CalibConfig, calibration_ids
     from lowbit.data.text import default_text

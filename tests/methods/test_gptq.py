@@ -52,6 +52,7 @@ def _layer_inputs(model, layer_name: str, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("layer", ["model.layers.4.self_attn.o_proj", "model.layers.10.mlp.down_proj"])
 @pytest.mark.parametrize("cfg", [QuantConfig(bits=4, group_size=128), QuantConfig(bits=3, group_size=128)],
                          ids=QuantConfig.describe)
+@pytest.mark.slow
 def test_gptq_lowers_layer_output_error_on_real_weights(smollm2_session, layer: str, cfg: QuantConfig) -> None:
     from lowbit.calib.data import CalibConfig, calibration_ids
     from lowbit.data.text import default_text

@@ -24,6 +24,7 @@ def llama70b_config(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_llama2_70b_sizes_from_a_bare_config(llama70b_config: Path) -> None:
     rows = {r.format: r for r in plan(llama70b_config, tokens=4096, budget_gb=45)}
     assert 137e9 < rows["fp16"].weight_bytes < 139e9  # 68.98 B parameters × 2 bytes
@@ -32,6 +33,7 @@ def test_llama2_70b_sizes_from_a_bare_config(llama70b_config: Path) -> None:
     assert rows["4-bit g128"].fits is True and rows["fp16"].fits is False and rows["int8 per-channel"].fits is False
 
 
+@pytest.mark.slow
 def test_planned_bytes_equal_written_tensor_bytes(smollm2_session, tmp_path: Path) -> None:
     import copy
 
@@ -67,6 +69,7 @@ def test_kv_cache_uses_kv_heads(llama70b_config: Path) -> None:
     assert all(p.device == torch.device("meta") for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ftype", ["Q4_0", "Q4_K_M", "Q6_K"])
 def test_planned_gguf_bytes_equal_the_written_files_tensor_data(ftype: str, smollm2_session, tmp_path: Path) -> None:
     """From config.json alone: the GGUF mix (fallbacks included) sized by gguf-py's table = the tensor bytes of the
@@ -83,6 +86,7 @@ def test_planned_gguf_bytes_equal_the_written_files_tensor_data(ftype: str, smol
     assert gguf_plan(skeleton, ftype).weight_bytes == written
 
 
+@pytest.mark.slow
 def test_llama2_70b_gguf_rows(llama70b_config: Path) -> None:
     rows = {r.format: r for r in plan(llama70b_config, tokens=4096)}
     # published llama-2-70b GGUF file sizes (metadata included): Q4_K_M 41.42 GB, Q8_0 73.29 GB, Q6_K 56.59 GB;

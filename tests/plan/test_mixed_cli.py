@@ -40,6 +40,7 @@ def test_target_bpw_and_max_size(tiny_hf_folder: Path, tmp_path: Path, calib_arg
     assert budget - 200 < _tensor_bytes(tmp_path / "s") <= budget
 
 
+@pytest.mark.slow
 def test_saved_table_is_reused(tiny_hf_folder: Path, tmp_path: Path, calib_args: list, capsys) -> None:
     code, stdout, _ = run(capsys, "sensitivity", tiny_hf_folder, "--json", tmp_path / "t.json", "--top", "3",
                           *calib_args)
@@ -83,6 +84,7 @@ def test_mixed_errors_leave_nothing(tiny_hf_folder: Path, tmp_path: Path, calib_
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.slow
 def test_report_command_writes_the_page(tiny_hf_folder: Path, tmp_path: Path, calib_args: list, capsys) -> None:
     text = tmp_path / "text.txt"
     text.write_text(TEXT)

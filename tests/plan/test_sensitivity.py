@@ -57,6 +57,7 @@ def test_proxy_tracks_measured_kl_on_tiny_models(arch: str) -> None:
     assert again.kl == table.kl and [c.name for c in again.candidates] == [c.name for c in cands]
 
 
+@pytest.mark.slow
 def test_proxy_predicts_measured_kl_on_smollm2(smollm2_session) -> None:
     """Quality floor on real weights: over 16 layers (every kind, early to late) × 2 formats, the Fisher proxy's
     ranking agrees with the KL measured by quantizing each layer alone (held-out windows), Spearman ≥ 0.8, and its
