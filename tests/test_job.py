@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -102,45 +98,12 @@ def test_lockstep_eval_equals_whole_model_eval(deep_folder: Path, tmp_path: Path
     assert stream.top1_agreement == whole.top1_agreement
 
 
-_CHILD = """
-import sys, time, torch
-from lowbit.formats import native
-from lowbit.calib.data import CalibConfig
-from lowbit.job import QuantizeJob, quantize_and_save
-from lowbit.methods.method import MethodConfig
-from lowbit import QuantConfig, QuantRecipe
-slow = native.NativeSink.add_block
-def add_block(self, prefix, block):
-    time.sleep(float(sys.argv[3]))
-    return slow(self, prefix, block)
-native.NativeSink.add_block = add_block
-ids = torch.randint(0, 49152, (4, 32), generator=torch.Generator().manual_seed(0))
-job = QuantizeJob(sys.argv[1], sys.argv[2], recipe=QuantRecipe(QuantConfig(bits=4, group_size=32)),
-                  method=MethodConfig.parse("gptq"), calib=CalibConfig(samples=4, seqlen=32, batch_size=2),
-                  calib_ids=ids, max_shard_bytes=40_000)
-quantize_and_save(job, resume=len(sys.argv) > 4, progress=False)
-"""
-
-
 @pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_files(deep_folder: Path, tmp_path: Path) -> None:
-    script = tmp_path / "child.py"
-    script.write_text(_CHILD)
-    out = tmp_path / "killed"
-    child = subprocess.Popen([sys.executable, str(script), str(deep_folder), str(out), "1.0"])
-    state = partial_folder(out) / "job.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["next_block"] >= 2):
-        time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert state.is_file() and not out.exists()  # killed mid-way: nothing at --out, a checkpoint in the partial
-    done = json.loads(state.read_text())["next_block"]
-    assert 2 <= done < 6
-    subprocess.run([sys.executable, str(script), str(deep_folder), str(out), "0", "resume"], check=True)
-    subprocess.run([sys.executable, str(script), str(deep_folder), str(tmp_path / "clean"), "0"], check=True)
-    assert _folder_bytes(out) == _folder_bytes(tmp_path / "clean")
-    assert not partial_folder(out).exists()
+    from resume_helpers import kill_resume_and_rerun
+
+    resumed, clean = kill_resume_and_rerun("lowbit", deep_folder, tmp_path, blocks=6)
+    assert _folder_bytes(resumed) == _folder_bytes(clean)
 
 
 def test_resume_refuses_other_settings(deep_folder: Path, tmp_path: Path) -> None:

@@ -4,10 +4,6 @@ zero points exactly as the format defines them, resumable after SIGKILL, and the
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -119,40 +115,9 @@ def test_unrepresentable_settings_fail_before_any_work(deep_folder: Path, tmp_pa
     assert not (tmp_path / "q").exists() and not partial_folder(tmp_path / "q").exists()
 
 
-_CHILD = """
-import sys, time, torch
-from lowbit.formats import serving_sink
-from lowbit.calib.data import CalibConfig
-from lowbit.job import QuantizeJob, quantize_and_save
-from lowbit.methods.method import MethodConfig
-from lowbit import QuantConfig, QuantRecipe
-slow = serving_sink.ServingSink.add_block
-def add_block(self, prefix, block):
-    time.sleep(float(sys.argv[3]))
-    return slow(self, prefix, block)
-serving_sink.ServingSink.add_block = add_block
-ids = torch.randint(0, 49152, (4, 32), generator=torch.Generator().manual_seed(0))
-job = QuantizeJob(sys.argv[1], sys.argv[2], recipe=QuantRecipe(QuantConfig(bits=4, group_size=32, symmetric=False)),
-                  method=MethodConfig.parse("gptq"), calib=CalibConfig(samples=4, seqlen=32, batch_size=2),
-                  calib_ids=ids, max_shard_bytes=40_000, fmt="gptq")
-quantize_and_save(job, resume=len(sys.argv) > 4, progress=False)
-"""
-
-
 @pytest.mark.slow
 def test_gptq_export_sigkill_then_resume_gives_identical_files(deep_folder: Path, tmp_path: Path) -> None:
-    script = tmp_path / "child.py"
-    script.write_text(_CHILD)
-    out = tmp_path / "killed"
-    child = subprocess.Popen([sys.executable, str(script), str(deep_folder), str(out), "1.0"])
-    state = partial_folder(out) / "job.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["next_block"] >= 2):
-        time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert state.is_file() and not out.exists()
-    assert 2 <= json.loads(state.read_text())["next_block"] < 6
-    subprocess.run([sys.executable, str(script), str(deep_folder), str(out), "0", "resume"], check=True)
-    subprocess.run([sys.executable, str(script), str(deep_folder), str(tmp_path / "clean"), "0"], check=True)
-    assert _bytes(out) == _bytes(tmp_path / "clean")
+    from resume_helpers import kill_resume_and_rerun
+
+    resumed, clean = kill_resume_and_rerun("gptq", deep_folder, tmp_path, blocks=6)
+    assert _bytes(resumed) == _bytes(clean)

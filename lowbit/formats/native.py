@@ -68,6 +68,21 @@ def stored_by_rows(name: str, shape: tuple[int, ...], read_rows: RowReader,
     return dtype, (storage_tensor(read_rows(name, a, b), float_dtype, name).to(dtype) for a, b in bounds)
 
 
+def add_float_tensors(writer: ShardWriter, names: list[str], read: Callable[[str], torch.Tensor],
+                      read_rows: RowReader, shapes: dict[str, tuple[int, ...]], float_dtype: str) -> None:
+    """Write float tensors by name as lowbit stores them, each read only when written (``read(name)``; tables of
+    more than ``TABLE_CHUNK_ROWS`` rows by row chunks, ``read_rows(name, start, stop)``); a shard may end after
+    any of them."""
+    for name in names:
+        shape = shapes[name]
+        if len(shape) == 2 and shape[0] > TABLE_CHUNK_ROWS:
+            dtype, chunks = stored_by_rows(name, shape, read_rows, float_dtype)
+            writer.add_by_rows(name, shape, dtype, chunks)
+        else:
+            writer.add({name: storage_tensor(read(name), float_dtype, name)})
+        writer.boundary()
+
+
 class NativeSink:
     """Consumes finished blocks (then the rest of the model) and writes a lowbit folder into ``folder``."""
 
@@ -98,14 +113,8 @@ class NativeSink:
             self.records.add(module, f"{name}.")
             self.writer.add(module_tensors(module, f"{name}.", self.float_dtype))
             self.writer.boundary()
-        for name in (n for n in names if n not in self.aliases):
-            shape = shapes[name]
-            if len(shape) == 2 and shape[0] > TABLE_CHUNK_ROWS:
-                dtype, chunks = stored_by_rows(name, shape, read_rows, self.float_dtype)
-                self.writer.add_by_rows(name, shape, dtype, chunks)
-            else:
-                self.writer.add({name: storage_tensor(read(name), self.float_dtype, name)})
-            self.writer.boundary()
+        add_float_tensors(self.writer, [n for n in names if n not in self.aliases], read, read_rows, shapes,
+                          self.float_dtype)
 
     def state(self) -> dict[str, Any]:
         return {"shards": self.writer.state.to_dict(), "configs": self.records.configs, "layers": self.records.layers}

@@ -30,7 +30,7 @@ from torch import nn
 from lowbit.config import QuantConfig, storage_tensor
 from lowbit.formats.atomic import atomic_folder
 from lowbit.formats.int32_packing import pack_int32, unpack_int32
-from lowbit.formats.native import TABLE_CHUNK_ROWS, RowReader, feed_model, model_aliases, stored_by_rows
+from lowbit.formats.native import RowReader, add_float_tensors, feed_model, model_aliases
 from lowbit.formats.serving import num_blocks, quantized_layers, raise_problems, skeleton
 from lowbit.formats.shards import DEFAULT_SHARD_BYTES, ShardState, ShardWriter, rewrite_tensors
 from lowbit.model.architectures import spec_for
@@ -97,14 +97,8 @@ class ServingSink:
         for name, module in modules.items():
             self.writer.add(self._module_tensors(module, f"{name}."))
             self.writer.boundary()
-        for name in (n for n in names if n not in self.skip):
-            shape = shapes[name]
-            if len(shape) == 2 and shape[0] > TABLE_CHUNK_ROWS:
-                dtype, chunks = stored_by_rows(name, shape, read_rows, self.float_dtype)
-                self.writer.add_by_rows(name, shape, dtype, chunks)
-            else:
-                self.writer.add({name: storage_tensor(read(name), self.float_dtype, name)})
-            self.writer.boundary()
+        add_float_tensors(self.writer, [n for n in names if n not in self.skip], read, read_rows, shapes,
+                          self.float_dtype)
 
     def state(self) -> dict[str, Any]:
         return {"shards": self.writer.state.to_dict(), "groups": self.groups, "zero_seen": self.zero_seen}
