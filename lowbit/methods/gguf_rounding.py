@@ -66,7 +66,15 @@ def quantize_gguf_weight(
     return data, torch.from_numpy(dequantize(data, qtype).reshape(w.shape).astype(np.float32))
 
 
-def _output_error(w: torch.Tensor, decoded: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``tr(D·H·Dᵀ)`` for ``D = Ŵ − W``: the layer's squared output error on the calibration inputs."""
-    d = (decoded - w).double()
-    return float(((d @ hessian.double()) * d).sum())
+def _output_error(w: torch.Tensor, decoded: torch.Tensor, hessian: torch.Tensor, chunk: int = 1024) -> float:
+    """``tr(D·H·Dᵀ)`` for ``D = Ŵ − W``: the layer's squared output error on the calibration inputs, summed in
+    float64 over ``chunk``-wide column blocks of ``H`` and row blocks of ``D`` (never a float64 copy of the whole
+    ``K × K`` Hessian: 1.6 GB for an 8B ``down_proj``)."""
+    d = decoded - w
+    total = 0.0
+    for c in range(0, d.shape[1], chunk):
+        h_cols = hessian[:, c : c + chunk].double()
+        for r in range(0, d.shape[0], chunk):
+            rows = d[r : r + chunk]
+            total += float(((rows.double() @ h_cols) * rows[:, c : c + chunk].double()).sum())
+    return total

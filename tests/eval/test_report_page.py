@@ -188,6 +188,7 @@ def test_write_report_is_atomic_and_refuses_to_overwrite(tmp_path: Path) -> None
 # --- a real browser ---------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_page_renders_in_headless_chromium(tmp_path: Path) -> None:
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and chromedriver):

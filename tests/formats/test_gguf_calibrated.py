@@ -122,6 +122,7 @@ def test_non_grid_types_and_hqq_are_refused() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.llama_cpp
 def test_calibrated_export_is_a_file_llama_cpp_types_and_lowbit_decodes(tmp_path: Path, smollm2: LoadedModel,
                                                                         wikitext: str) -> None:
     """SmolLM2 → calibrated Q4_K_M (GPTQ, tiny calibration): llama.cpp's tensor types and sizes, and the model

@@ -24,7 +24,7 @@ from lowbit.cli import main
 from lowbit.formats.gguf.writer import write_gguf
 from lowbit.model.loading import LoadedModel, load_model
 
-pytestmark = pytest.mark.slow  # every test here runs llama.cpp on SmolLM2
+pytestmark = [pytest.mark.slow, pytest.mark.llama_cpp]  # every test here runs llama.cpp on SmolLM2
 
 KQUANT_FILE_TYPES = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K"]
 
