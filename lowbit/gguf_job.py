@@ -42,6 +42,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lowbit.calib.data import CalibConfig
 from lowbit.calib.stats import InputStats
+from lowbit.calib.spill import SPILL_FOLDER
 from lowbit.config import COMPUTE_DTYPES, QuantRecipe
 from lowbit.errors import ConfigError
 from lowbit.formats.gguf.convert import gguf_arch, gguf_name_map, gguf_shapes, to_gguf_layout
@@ -194,7 +195,7 @@ def run_gguf_job(job: Any, sm: StreamingModel, partial: Path, state: dict | None
             desc=f"GGUF {job.gguf_type} ({job.method.name})", on_block=on_block,
             start=state["next_block"] if state else 0, resume_hidden=checkpoints.hidden() if state else None,
             compute_dtype=COMPUTE_DTYPES[job.compute_dtype], max_memory=job.max_memory,
-            spill_dir=partial / ".spill")
+            spill_dir=partial / SPILL_FOLDER)
         plan = BlockPlan.of(model, None)
         tables = sm.vocab_tables()
         tied = bool(getattr(config, "tie_word_embeddings", False))

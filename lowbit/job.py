@@ -34,6 +34,7 @@ from safetensors import safe_open
 import lowbit.formats  # noqa: F401  (registers the streaming readers)
 from lowbit.calib.capture import BlockInputs
 from lowbit.calib.data import CalibConfig, calibration_ids
+from lowbit.calib.spill import SPILL_FOLDER
 from lowbit.config import COMPUTE_DTYPES, FLOAT_DTYPES, QuantRecipe
 from lowbit.errors import ConfigError
 from lowbit.formats.atomic import check_output, partial_folder, publish, write_json_atomic
@@ -48,7 +49,6 @@ from lowbit.pipeline import BlockPlan, quantize_sequential
 
 log = logging.getLogger(__name__)
 STATE_FILE, HIDDEN_FILE = "job.json", "hidden.safetensors"
-SPILL_FOLDER = ".spill"  # hidden states kept on disk past --max-memory (removed when the pass ends)
 JOB_FORMATS = ("lowbit", "compressed-tensors", "gptq", "gguf")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
+SPILL_FOLDER = ".spill"  # a job's spill folder inside its partial output (removed when the pass ends)
 
 
 @dataclass(frozen=True)

@@ -232,12 +232,6 @@ def read_metadata(folder: Path) -> dict[str, str]:
 
 def stored_sizes(file: Path) -> dict[str, tuple[list[int], int]]:
     """``{tensor: (shape, bytes)}`` of a safetensors file from its header alone (``data_offsets`` give the bytes)."""
-    import struct
-
-    with open(file, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > file.stat().st_size - 8:
-            raise ValueError(f"{file}: header length {length} exceeds the file")
-        header = json.loads(f.read(length))
+    _, header = _header(file)
     return {name: (info["shape"], info["data_offsets"][1] - info["data_offsets"][0])
             for name, info in header.items() if name != "__metadata__"}
