@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lowbit.errors import ModelLoadError
+from lowbit.model.validate import check_config_sizes, config_errors, verify_tensors
 
 log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
@@ -102,6 +103,14 @@ class SafetensorsSource:
             except (SafetensorError, OSError, ValueError) as exc:
                 raise ModelLoadError(f"{file} is not a readable safetensors file ({exc}): re-download it") from exc
         return self._handles[file], stored
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every stored tensor's shape, from the file headers (nothing else is read)."""
+        result = {}
+        for name in self._files:
+            handle, stored = self._handle(name)
+            result[name] = tuple(handle.get_slice(stored).get_shape())
+        return result
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         handle, stored = self._handle(name)
@@ -182,6 +191,18 @@ class StreamingModel:
             tensors[name] = self._compute_dtype(tensor, current)
         module.load_state_dict(tensors, strict=False, assign=True)
         return module
+
+    def load_all(self) -> nn.Module:
+        """Read every tensor: the whole model in memory (small models), tied parameters shared again as in
+        ``from_pretrained``. The source is closed after; the returned module needs nothing from it."""
+        if self.source is None:
+            return self.model
+        self.materialize("")
+        for name, stored in self.tied.items():
+            parent, _, leaf = name.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, leaf, self.model.get_parameter(stored))
+        self.close()
+        return self.model
 
     def vocab_tables(self) -> set[str]:
         """State-dict names of the vocabulary-sized tensors (input embedding, output head weight and bias): they
@@ -292,10 +313,11 @@ def meta_skeleton(config: Any, swaps: Iterable[tuple[str, Callable[[], nn.Module
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    check_config_sizes(config, f"config of model type {getattr(config, 'model_type', '?')!r}")
     try:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except (ValueError, KeyError, TypeError) as exc:
+    except config_errors() as exc:
         raise ModelLoadError(f"transformers cannot build model type {getattr(config, 'model_type', '?')!r} ({exc}): "
                              "upgrade transformers or use a supported model") from exc
     for name, factory in swaps:
@@ -340,7 +362,7 @@ def open_hf_folder(folder: Path, dtype: torch.dtype, tokenizer: Any) -> Streamin
 
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except (ValueError, KeyError, OSError) as exc:
+    except (OSError, *config_errors()) as exc:
         import json as _json
 
         try:
@@ -351,5 +373,7 @@ def open_hf_folder(folder: Path, dtype: torch.dtype, tokenizer: Any) -> Streamin
                              f"cannot build it; upgrade transformers or use a supported model ({exc})") from exc
     source = SafetensorsSource.from_folder(folder)
     model = meta_skeleton(config)
+    tied = tied_names(model, source.names)
+    verify_tensors(model, source.names, tied, str(folder), shapes=source.shapes())
     load_generation(model, folder)
-    return StreamingModel(model, tokenizer, source, str(folder), "hf", dtype, tied_names(model, source.names))
+    return StreamingModel(model, tokenizer, source, str(folder), "hf", dtype, tied)

@@ -24,6 +24,7 @@ import torch
 from lowbit.config import QuantConfig, QuantRecipe
 from lowbit.errors import FormatError, ModelLoadError
 from lowbit.model.modules import linear_weight, select_layers
+from lowbit.model.validate import check_config_sizes, config_errors
 from lowbit.nn.qlinear import QLinear
 
 FLOAT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -69,12 +70,18 @@ def meta_model(source: str | Path) -> torch.nn.Module:
         raise ModelLoadError(f"{file} not found: give a config.json or a model folder that has one")
     try:
         raw = json.loads(file.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError(f"it holds a JSON {type(raw).__name__}, not an object")
         raw.pop("quantization_config", None)
         config = AutoConfig.for_model(**raw)
-    except (ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"cannot build a model from {file} ({exc}): check its model_type") from exc
-    with init_empty_weights(include_buffers=True):
-        return AutoModelForCausalLM.from_config(config)
+    except (UnicodeDecodeError, *config_errors()) as exc:
+        raise ModelLoadError(f"cannot build a model from {file} ({exc}): check its model_type and sizes") from exc
+    check_config_sizes(config, str(file))
+    try:
+        with init_empty_weights(include_buffers=True):
+            return AutoModelForCausalLM.from_config(config)
+    except (RuntimeError, *config_errors()) as exc:
+        raise ModelLoadError(f"transformers cannot build a model from {file} ({exc}): check its sizes") from exc
 
 
 def weight_plan(model: torch.nn.Module, recipe: QuantRecipe | None, float_dtype: str = "float16",

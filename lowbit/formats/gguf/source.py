@@ -26,10 +26,16 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from lowbit.errors import ModelLoadError
+from lowbit.formats.gguf.bounds import check_gguf_bounds
 from lowbit.model.loading import register_opener
 from lowbit.model.source import StreamingModel, meta_skeleton, tied_names
+from lowbit.model.validate import config_errors, verify_tensors
 
 log = logging.getLogger(__name__)
+
+
+# Tensors llama.cpp stores that transformers derives from the config instead (rope scaling factors).
+_DERIVED = ("rope_freqs.", "rope_factors_")
 
 
 class GGUFSource:
@@ -47,11 +53,15 @@ class GGUFSource:
         self._to_hf = get_gguf_hf_weights_map(model, self._processor)
         self._tensors = {t.name: t for t in self._reader.tensors}
         self._by_hf: dict[str, Any] = {}
+        unmapped = []
         for gguf_name, tensor in self._tensors.items():
             hf = self._to_hf.get(gguf_name)
             if hf is not None:
                 self._by_hf[hf] = tensor
+            elif not gguf_name.startswith(_DERIVED):
+                unmapped.append(gguf_name)
         self.names = frozenset(self._by_hf)
+        self.unmapped = tuple(unmapped)  # tensors the model built from the metadata has no slot for
 
     def _drop_pages(self) -> None:
         raw = getattr(self._reader.data, "_mmap", None)
@@ -63,7 +73,7 @@ class GGUFSource:
         if tensor is None:
             raise ModelLoadError(f"{self.path} has no tensor for {name!r}: the file does not match its metadata")
         try:
-            weights = dequantize(tensor.data, tensor.tensor_type)
+            weights = dequantize_tensor(tensor, self.path)
             result = self._processor.process(weights=weights, name=tensor.name, tensor_key_mapping=self._to_hf,
                                              parsed_parameters=self._parsed)
         except (ValueError, IndexError, NotImplementedError) as exc:
@@ -78,7 +88,7 @@ class GGUFSource:
         if tensor is None or tensor.data.ndim != 2 or tensor.name not in ("token_embd.weight", "output.weight"):
             return self.read(name, dtype)[start:stop]  # only the vocabulary tables are read by rows
         try:
-            rows = dequantize(tensor.data[start:stop], tensor.tensor_type)
+            rows = dequantize_tensor(tensor, self.path, start, stop)
             result = self._processor.process(weights=rows, name=tensor.name, tensor_key_mapping=self._to_hf,
                                              parsed_parameters=self._parsed)
         finally:
@@ -115,32 +125,52 @@ def _parsed_once(path: Path, reader: GGUFReader) -> Iterator[None]:
         gguf.GGUFReader, gguf.get_tensor_name_map = make_reader, name_map
 
 
+def dequantize_tensor(tensor: Any, path: Path, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """float32 values of a gguf-py ``ReaderTensor`` (rows ``start:stop`` of a 2-D one), any decoding failure of
+    a corrupt or unsupported tensor as a :class:`ModelLoadError`."""
+    try:
+        data = tensor.data if start == 0 and stop is None else tensor.data[start:stop]
+        return dequantize(data, tensor.tensor_type)
+    except (ValueError, IndexError, NotImplementedError, TypeError) as exc:
+        raise ModelLoadError(f"cannot decode {tensor.name} in {path} ({exc}): the file is corrupt or uses a type "
+                             "this gguf version cannot read") from exc
+
+
+def read_gguf(path: Path) -> GGUFReader:
+    """gguf-py's reader of ``path``, after the bounded header check (gguf-py trusts every count in the file);
+    anything it still rejects becomes a :class:`ModelLoadError`."""
+    import struct
+
+    check_gguf_bounds(path)
+    try:
+        return GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError, struct.error) as exc:
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}): re-download it") from exc
+
+
 def open_gguf(path: Path, dtype: torch.dtype, load_tokenizer: Callable[[], Any]) -> StreamingModel:
     """A GGUF file as a :class:`StreamingModel`: config from its metadata (transformers), tensors on demand; the
     file is parsed once (its reader serves the tensors) and checked before the tokenizer is read from it."""
-    import struct
-
     from transformers import CONFIG_MAPPING
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    try:
-        reader = GGUFReader(str(path))  # validates magic, version and tensor table first
-    except (ValueError, OSError, IndexError, KeyError, struct.error) as exc:
-        raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}): re-download it") from exc
+    reader = read_gguf(path)
 
     with _parsed_once(path, reader):
         try:  # what AutoConfig.from_pretrained(gguf_file=…) does
             parsed = load_gguf_checkpoint(str(path), return_tensors=False)
             config = CONFIG_MAPPING[parsed["config"]["model_type"]].from_dict(dict(parsed["config"]))
-        except (ValueError, KeyError, OSError, NotImplementedError, IndexError) as exc:
+        except (OSError, NotImplementedError, IndexError, *config_errors()) as exc:
             raise ModelLoadError(f"transformers cannot build a model from {path} ({exc}): its architecture may be "
                                  "unsupported") from exc
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         model = meta_skeleton(config)
         source = GGUFSource(path, model, reader, parsed)
+        tied = tied_names(model, source.names)
+        verify_tensors(model, source.names, tied, str(path), unmapped=source.unmapped)
         tokenizer = load_tokenizer()
-    return StreamingModel(model, tokenizer, source, str(path), "gguf", dtype, tied_names(model, source.names))
+    return StreamingModel(model, tokenizer, source, str(path), "gguf", dtype, tied)
 
 
 def _open(path: Path, dtype: torch.dtype) -> StreamingModel:
