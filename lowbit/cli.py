@@ -21,15 +21,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lowbit import cli_mixed
+from lowbit.checks import check_command
 from lowbit.errors import LowbitError
 from lowbit.methods.method import METHOD_NAMES
+from lowbit.model.loading import resolve_source
 
 log = logging.getLogger("lowbit")
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", help="evaluation text file (UTF-8); default: lowbit's built-in text")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per evaluation window (default 2048)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per evaluation window (default 2048, or the model's context if shorter)")
     p.add_argument("--max-tokens", type=int, default=8192, help="evaluate the first N tokens (default 8192; 0 = all)")
     p.add_argument("--bos", action="store_true", help="put the BOS token before every window (default: none)")
     p.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
@@ -41,7 +44,8 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", help="calibration text file (UTF-8); default: lowbit's built-in calibration text")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--calib-seqlen", type=int, default=None,
+                   help="tokens per calibration window (default 512, or the model's context if shorter)")
     p.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian damping, fraction of its mean diagonal")
     p.add_argument("--max-memory", metavar="SIZE",
@@ -155,13 +159,20 @@ def _print_results(title: str, evaluation: dict[str, Any] | None, size: Any, ext
 
     rows: list[tuple[str, Any]] = list(extra or [])
     if evaluation:
+        bad = evaluation.get("non_finite") or []
+        shown = lambda key: "non-finite (NaN/Inf logits)" if key in bad else evaluation[key]  # noqa: E731
         rows += [("text", evaluation["text"]),
                  ("windows × seqlen", f"{evaluation['windows']} × {evaluation['seqlen']} (BOS: {evaluation['bos']})"),
-                 ("perplexity", evaluation["perplexity"])]
-        if evaluation.get("kl") is not None:
-            rows += [("original perplexity", evaluation["reference_perplexity"]),
-                     ("KL divergence (nats/token)", evaluation["kl"]),
-                     ("top-1 agreement", f"{100 * evaluation['top1_agreement']:.2f} %")]
+                 ("perplexity", shown("perplexity"))]
+        if evaluation.get("kl") is not None or "kl" in bad:
+            top1 = evaluation["top1_agreement"]
+            rows += [("original perplexity", shown("reference_perplexity")),
+                     ("KL divergence (nats/token)", shown("kl")),
+                     ("top-1 agreement", "not meaningful (non-finite logits)" if top1 is None
+                      else f"{100 * top1:.2f} %")]
+        if bad:
+            log.warning("the evaluation gave non-finite %s: the model produces NaN/Inf logits (damaged weights "
+                        "or an overflow in the compute dtype; try --compute-dtype float32)", ", ".join(bad))
     if size is not None:
         rows += [("quantized layers", f"{size.quantized_layers} ({size.quantized_params:,} of {size.total_params:,} weights)"),
                  ("bits per quantized weight", size.quantized_bits_per_weight),
@@ -195,7 +206,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     method = MethodConfig.parse(args.method, gptq=GPTQConfig(damp=args.damp, act_order=not args.no_act_order),
                                 clip=None if args.no_clip else ClipConfig())
     calib = CalibConfig(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed)
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, resolve_source(args.model))
     if not args.no_eval:
         _protocol(args)  # validate before the expensive work
     if not mixed:
@@ -320,7 +331,7 @@ def _quantize_gguf(args: argparse.Namespace) -> int:
     file_type(args.type)  # validate before the expensive work
     method = gguf_method(args.method, GPTQConfig(damp=args.damp), None if args.no_clip else ClipConfig())
     calib = CalibConfig(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed)
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, resolve_source(args.model))
     if not args.no_eval:
         _protocol(args)
     calib_text, calib_note = _calibration(args, method, calib)
@@ -435,7 +446,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if not sep or not pattern:
             raise ConfigError(f"--tensor-type {item!r}: write it as REGEX=TYPE, e.g. 'attn_v=Q8_0'")
         overrides[pattern] = qtype
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, resolve_source(args.model))
     if args.format != "gguf":
         loaded = load_model(args.model)
         print(f"wrote {_save(loaded, args.format, args.out, args.overwrite)} ({args.format})")
@@ -471,10 +482,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from lowbit.formats.atomic import check_json_output
 
             check_json_output(args.json_out)
+        check_command(args)  # inputs exist, windows fit the model's context: before any expensive step
         return commands[args.command](args)
     except LowbitError as exc:
-        print(f"lowbit: error: {exc}", file=sys.stderr)
+        print(f"lowbit: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever it quotes
         return 2
+    except OSError as exc:  # disk full, read-only or missing target, permissions: the system's words, one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"lowbit: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # the output is only ever renamed into place when complete
         resumable = args.command in ("quantize", "export")
         print("\nlowbit: interrupted; no output was completed" + (

@@ -51,6 +51,8 @@ def check_mixed_args(args: argparse.Namespace) -> None:
         parse_size(args.max_size)
     if args.sensitivity_samples < 1:
         raise ConfigError("--sensitivity-samples must be at least 1")
+    if args.target_bpw is not None and not 1.0 < args.target_bpw <= 32.0:  # as layer_budget, but before sensitivity
+        raise ConfigError(f"--target-bpw must be between 1 and 32 bits per weight, got {args.target_bpw}")
 
 
 def sensitivity_ids(loaded: Any, args: argparse.Namespace) -> tuple[Any, Any, str]:
@@ -190,11 +192,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from lowbit.errors import ConfigError
     from lowbit.eval.perplexity import EvalProtocol, token_windows
     from lowbit.eval.report_page import recommendation, write_report
+    from lowbit.eval.report_plots import require_plotting
     from lowbit.eval.sweep import SweepConfig, SweepData, run_sweep
     from lowbit.formats.atomic import check_output
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.methods.method import MethodConfig
-    from lowbit.model.loading import load_model
+    from lowbit.model.loading import load_model, resolve_source
     from lowbit.plan.candidates import parse_candidates
 
     try:
@@ -206,8 +209,11 @@ def cmd_report(args: argparse.Namespace) -> int:
                         MethodConfig.parse(args.method, gptq=GPTQConfig(damp=args.damp)), args.float_dtype, args.max_kl)
     if not uniform and not bpws:
         raise ConfigError("nothing to try: give --uniform settings and/or --bpw budgets")
+    if not args.max_kl > 0:
+        raise ConfigError(f"--max-kl {args.max_kl:g} must be a positive KL divergence (nats/token), e.g. 0.05")
+    require_plotting()  # the optional dependency, before the sweep
     protocol = EvalProtocol(seqlen=args.seqlen, max_tokens=args.max_tokens or None, add_bos=args.bos)
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, resolve_source(args.model))
     loaded = load_model(args.model)
     text, source = read_text(args.text, "eval")
     windows = token_windows(loaded.tokenizer, text, protocol)

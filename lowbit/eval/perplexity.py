@@ -53,8 +53,22 @@ class EvalResult:
     top1_agreement: float | None = None
     reference_perplexity: float | None = None
 
+    @property
+    def non_finite(self) -> list[str]:
+        """Metrics that came out NaN or ±Inf (non-finite logits: damaged weights or an overflow)."""
+        return [k for k in ("perplexity", "nll", "kl", "reference_perplexity")
+                if getattr(self, k) is not None and not math.isfinite(getattr(self, k))]
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The metrics as JSON-safe values: non-finite ones become None and are listed under ``non_finite``; top-1
+        agreement of non-finite logits is meaningless (argmax of NaNs) and becomes None with them."""
+        result = asdict(self)
+        bad = self.non_finite
+        for key in bad:
+            result[key] = None
+        if bad and self.top1_agreement is not None:
+            result["top1_agreement"] = None
+        return result | {"non_finite": bad}
 
 
 def token_windows(tokenizer: Any, text: str, protocol: EvalProtocol) -> torch.Tensor:

@@ -32,14 +32,13 @@ import datetime
 import html
 import logging
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from lowbit.errors import ConfigError, OutputExistsError
 from lowbit.eval.report_plots import candidate_order, plot_sensitivity, plot_size_kl, plot_size_ppl
-from lowbit.formats.atomic import check_output
+from lowbit.formats.atomic import check_output, temporary_sibling
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +270,8 @@ def render_html(data: ReportData) -> str:
     notes = "".join(f"<li>{_e(n)}</li>" for n in data.notes)
     return f"""<!DOCTYPE html>
 <html lang="en">
-<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<head><meta charset="utf-8"><meta name="generator" content="lowbit {_e(__version__)}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <title>lowbit report: {_e(data.model)}</title><style>{_CSS}</style></head>
 <body>
 <header><h1>Quantization report: {_e(data.model)}</h1>
@@ -302,13 +302,13 @@ configurations · original {_e(orig.name)}: {orig.total_bytes / 1e6:,.1f} MB, pe
 def write_report(path: str | Path, data: ReportData, overwrite: bool = False) -> Path:
     """Write the page atomically: a hidden temp file in the same folder, then ``os.replace`` onto ``path``.
 
-    A crash leaves at most a ``.NAME.lowbit-tmp-*`` file, never a half-written report.
+    A crash leaves at most a ``.NAME.lowbit-tmp-PID-*`` file (removed by the next write), never a half-written report.
     """
     out = check_output(path, overwrite)  # fails before the plots are drawn
     if out.is_dir():
         raise OutputExistsError(f"{out} is a folder: pass a file name ending in .html as --out")
     page = render_html(data)
-    tmp = out.parent / f".{out.name}.lowbit-tmp-{uuid.uuid4().hex[:12]}"
+    tmp = temporary_sibling(out, folder=False)
     try:
         with open(tmp, "x", encoding="utf-8") as f:  # "x": default permissions (umask), never clobbers
             f.write(page)

@@ -53,6 +53,11 @@ _OFFSETS = [(6, 5, "left", "bottom"), (6, -5, "left", "top"), (-6, 5, "right", "
 _LEADER = {"arrowstyle": "-", "color": "0.55", "lw": 0.6, "shrinkA": 1, "shrinkB": 4}
 
 
+def require_plotting() -> None:
+    """Raise :class:`ConfigError` with the install command now, not after an hour of sweeping, without matplotlib."""
+    _new_figure(1, 1)
+
+
 def _new_figure(width: float, height: float) -> Figure:
     """A Figure on its own Agg canvas; raises :class:`ConfigError` with the install command without matplotlib."""
     try:

@@ -197,7 +197,7 @@ def load_compressed_tensors(folder: str | Path, device: str = "cpu") -> LoadedMo
 
     folder = Path(folder)
     qc = read_config_json(folder)["quantization_config"]
-    model = skeleton(AutoConfig.from_pretrained(folder))
+    model = skeleton(AutoConfig.from_pretrained(folder, trust_remote_code=False))
     tensors = read_tensors(folder)
     for name, cfg in layer_configs(folder, qc, model, tensors).items():
         module = model.get_submodule(name)

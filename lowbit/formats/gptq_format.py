@@ -134,7 +134,7 @@ def load_gptq(folder: str | Path, device: str = "cpu") -> LoadedModel:
 
     folder = Path(folder)
     cfg, v1 = _read_config(read_config_json(folder)["quantization_config"], folder)
-    model = skeleton(AutoConfig.from_pretrained(folder))
+    model = skeleton(AutoConfig.from_pretrained(folder, trust_remote_code=False))
     tensors = read_tensors(folder)
     imported = 0
     for name, module in list(model.named_modules()):

@@ -179,8 +179,12 @@ def test_write_report_is_atomic_and_refuses_to_overwrite(tmp_path: Path) -> None
     out.write_text("keep me")
     with pytest.raises(OutputExistsError, match="--overwrite"):
         write_report(out, data)
+    with pytest.raises(OutputExistsError, match="replaces only what lowbit wrote"):  # someone else's file
+        write_report(out, data, overwrite=True)
     assert out.read_text() == "keep me"
-    assert write_report(out, data, overwrite=True) == out
+    out.unlink()
+    assert write_report(out, data) == out
+    assert write_report(out, data, overwrite=True) == out  # lowbit's own report: replaced
     assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]  # no temp file left behind
 

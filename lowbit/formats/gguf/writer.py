@@ -24,6 +24,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 from tqdm import tqdm
 
 from lowbit.errors import FormatError
+from lowbit.formats.atomic import GGUF_MARKER
 from lowbit.formats.gguf.convert import gguf_arch, hyperparameters
 from lowbit.formats.gguf.legacy import LEGACY_TYPES, quantize_legacy
 
@@ -73,7 +74,7 @@ def copy_metadata(source: Path | str, writer: GGUFWriter, skip: set[str]) -> Non
     """Copy every key/value of a GGUF ``source`` except ``skip`` and the header fields (tokenizer round-trips)."""
     reader = GGUFReader(str(source))
     for key, fld in reader.fields.items():
-        if key.startswith("GGUF.") or key in skip:
+        if key.startswith(("GGUF.", "lowbit.")) or key in skip:  # lowbit's own keys describe that file only
             continue
         vtype = fld.types[0]
         sub = fld.types[1] if vtype == GGUFValueType.ARRAY else None
@@ -145,7 +146,10 @@ def head_writer(config: Any, ftype: str, tokenizer: Any = None, source: Path | s
         raise FormatError("a GGUF file needs tokenizer metadata: pass the model's tokenizer or its GGUF source file")
 
     def write(writer: GGUFWriter) -> None:
+        from lowbit import __version__
+
         _write_metadata(writer, config, arch, kind, tokenizer, source)
+        writer.add_string(GGUF_MARKER, f"lowbit {__version__}")  # what --overwrite may replace
         for key, value in (metadata or {}).items():
             writer.add_string(key, value)
 
