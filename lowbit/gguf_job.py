@@ -173,8 +173,13 @@ def run_gguf_job(job: Any, sm: StreamingModel, partial: Path, state: dict | None
     shapes, types = gguf_plan(model, job.gguf_type, dict(job.gguf_overrides) or None, has_imatrix=calibrated)
     metadata = None
     if calibrated:
+        import json
+
+        from lowbit.job import run_record
+
         metadata = {"lowbit.method": job.method.name, "lowbit.calibration": job.calib.describe() +
-                    f" ({job.calib_ids.shape[0]} windows of {job.calib_ids.shape[1]} tokens used)"}
+                    f" ({job.calib_ids.shape[0]} windows of {job.calib_ids.shape[1]} tokens used)",
+                    "lowbit.run": json.dumps(run_record(job), sort_keys=True)}
     head = head_writer(config, job.gguf_type, sm.tokenizer, sm.path if sm.kind == "gguf" else None, metadata)
     sink = GGUFSink(partial / GGUF_FILE, config, shapes, types, head, resume=state["sink"] if state else None)
     name_of = gguf_name_map(config)

@@ -46,6 +46,7 @@ from lowbit.methods.method import MethodConfig
 from lowbit.model.loading import open_model, resolve_source
 from lowbit.model.source import StreamingModel
 from lowbit.pipeline import BlockPlan, quantize_sequential
+from lowbit.quantize import run_record as run_record_of
 
 log = logging.getLogger(__name__)
 STATE_FILE, HIDDEN_FILE = "job.json", "hidden.safetensors"
@@ -109,6 +110,11 @@ def fingerprint(job: QuantizeJob) -> str:
     if job.calib_ids is not None:
         h.update(job.calib_ids.numpy().tobytes())
     return h.hexdigest()
+
+
+def run_record(job: QuantizeJob) -> dict[str, Any]:
+    """:func:`lowbit.quantize.run_record` of a job."""
+    return run_record_of(job.method, job.compute_dtype, job.calib, job.calib_ids, job.calib_text)
 
 
 class _Checkpoints:
@@ -244,10 +250,7 @@ def _run_folder(job: QuantizeJob, sm: StreamingModel, partial: Path, state: dict
     rest = [n for n in plan.rest_names(sm.model) if n.rpartition(".")[0] not in outside]
     shapes = dict(sm.model.state_dict(keep_vars=True))
     sink.add_rest(rest, sm.read, sm.read_rows, modules, {n: tuple(shapes[n].shape) for n in rest})
-    extra = {}
-    if job.method.needs_calibration:
-        extra["calibration"] = {"samples": int(job.calib_ids.shape[0]), "seqlen": int(job.calib_ids.shape[1]),
-                                "seed": job.calib.seed}
+    extra = run_record(job)
     record = sink.finish(sm.model.config, job.method.name, getattr(sm.model, "generation_config", None),
                          sm.tokenizer, extra)
     return {"layers": layers, "record": record, "blocks": len(plan.blocks)}

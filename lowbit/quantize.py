@@ -8,9 +8,11 @@ what a reload gives), and records what was done in ``model.config.quantization_c
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,8 +89,25 @@ def quantize_model(
         layers = len(targets)
     round_float_params(model, float_dtype)
     record = quantization_record(model, method.name, float_dtype)
-    if method.needs_calibration:
-        record["calibration"] = {"samples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
-                                 "seed": calib.seed}
+    record |= run_record(method, compute_dtype, calib, calib_ids)
     model.config.quantization_config = record
     return QuantizeSummary(layers, time.perf_counter() - start, method.name)
+
+
+def run_record(method: MethodConfig, compute_dtype: torch.dtype | str, calib: CalibConfig,
+               calib_ids: torch.Tensor | None, calib_text: str | None = None) -> dict[str, Any]:
+    """What a checkpoint records so the run can be repeated: the method's whole configuration (GPTQ damping and
+    act-order, clipping grid, AWQ grid…), the compute dtype of the block passes, and for calibrated methods the
+    calibration windows (count, length, seed) with a SHA-256 of the token ids used (and of the text they were cut
+    from, when known)."""
+    from dataclasses import asdict
+
+    dtype = compute_dtype if isinstance(compute_dtype, str) else str(compute_dtype).removeprefix("torch.")
+    record: dict[str, Any] = {"method_config": asdict(method), "compute_dtype": dtype}
+    if method.needs_calibration and calib_ids is not None:
+        record["calibration"] = {"samples": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]),
+                                 "seed": calib.seed,
+                                 "tokens_sha256": hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest()}
+        if calib_text is not None:
+            record["calibration"]["text_sha256"] = hashlib.sha256(calib_text.encode()).hexdigest()
+    return record

@@ -76,11 +76,14 @@ def test_gguf_source_reads_what_transformers_loads(tmp_path: Path, smollm2_sessi
         model = transformers.AutoModelForCausalLM.from_config(config).eval()
         path = tmp_path / f"{arch}.gguf"
         write_gguf(model, path, "F32", tokenizer=smollm2_session.tokenizer, progress=False)
-        whole = load_model(path).model.state_dict()
+        whole = transformers.AutoModelForCausalLM.from_pretrained(  # transformers' own GGUF reader
+            tmp_path, gguf_file=path.name, dtype=torch.float32).state_dict()
         sm = open_model(path)
         names = [n for n in whole if n in sm.source.names or n in sm.tied]
         assert len(names) == len(whole)
         assert all(torch.equal(sm.read(n), whole[n]) for n in names), arch
+        ours = load_model(path).model.state_dict()  # the in-memory load is the streaming reader read whole
+        assert all(torch.equal(ours[n], whole[n]) for n in whole), arch
 
 
 def test_lockstep_eval_equals_whole_model_eval(deep_folder: Path, tmp_path: Path) -> None:
@@ -164,3 +167,26 @@ def test_hidden_states_spilled_past_max_memory_give_identical_files(deep_folder:
     assert 2 * 6 <= len(puts)  # two batches after the capture and after each of the 6 blocks
     assert not puts[0].exists()  # the spill folder is gone
     assert list(outs[None].values()) == list(outs[1].values())
+
+
+def test_checkpoint_records_how_to_repeat_the_run(tiny_hf_folder: Path, tmp_path: Path) -> None:
+    import dataclasses
+    import hashlib
+    import json
+
+    from lowbit.calib.data import calibration_ids
+    from lowbit.methods.gptq import GPTQConfig
+
+    method = MethodConfig.parse("gptq", gptq=GPTQConfig(damp=0.05, act_order=False))
+    text = "calibration text " * 400
+    job = QuantizeJob(str(tiny_hf_folder), str(tmp_path / "q"), recipe=RECIPE, method=method,
+                      calib=CalibConfig(samples=3, seqlen=64, seed=7), calib_text=text)
+    quantize_and_save(job, progress=False)
+    record = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert record["method_config"]["gptq"] == {"damp": 0.05, "act_order": False, "block_size": 128}
+    assert record["method_config"]["clip"] == dataclasses.asdict(method.clip) and record["compute_dtype"] == "bfloat16"
+    calibration = record["calibration"]
+    assert (calibration["samples"], calibration["seqlen"], calibration["seed"]) == (3, 64, 7)
+    assert calibration["text_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    ids = calibration_ids(open_model(tiny_hf_folder).tokenizer, text, job.calib)
+    assert calibration["tokens_sha256"] == hashlib.sha256(ids.numpy().tobytes()).hexdigest()

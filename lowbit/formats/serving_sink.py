@@ -121,8 +121,9 @@ class ServingSink:
     def finish(self, config: Any, method: str, generation: Any, tokenizer: Any,
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write the last shard, ``config.json`` (with the format's ``quantization_config``), the generation
-        config and the tokenizer; returns the ``quantization_config``. (``method``/``extra`` are lowbit's record,
-        which these formats do not carry beyond the shards' ``lowbit`` metadata.)"""
+        config and the tokenizer; returns the ``quantization_config``. ``extra``, lowbit's record of the run, goes in
+        ``config.json`` as ``lowbit_run`` (the format's own ``quantization_config`` stays exactly as its loaders
+        expect)."""
         if not self.groups:
             raise ValueError("internal: a serving export without quantized layers")
         files = self.writer.finish()
@@ -133,6 +134,8 @@ class ServingSink:
             rewrite_tensors(self.folder, files, names, lambda z: _minus_one(z, bits))
         config = copy.deepcopy(config)
         config.quantization_config = qc
+        if extra:
+            config.lowbit_run = extra  # how lowbit made it (method configuration, calibration hashes)
         config.dtype = torch.float16
         config.to_json_file(str(self.folder / "config.json"))
         if generation is not None:
@@ -171,6 +174,8 @@ def export_serving(loaded: Any, fmt: str, out: str | Path, overwrite: bool = Fal
         sink = ServingSink(tmp, fmt, record.get("float_dtype", "float16"), record.get("method"), float_linears(skel),
                            spec_for(skel).blocks + ".", skip, max_shard_bytes)
         feed_model(sink, model)
-        sink.finish(model.config, record.get("method"), getattr(model, "generation_config", None), loaded.tokenizer)
+        run = {k: record[k] for k in ("method_config", "compute_dtype", "calibration") if k in record}
+        sink.finish(model.config, record.get("method"), getattr(model, "generation_config", None), loaded.tokenizer,
+                    run)
     log.info("wrote %s folder %s (%d layers)", fmt, out, len(layers))
     return Path(out)
