@@ -4,6 +4,7 @@ architectures built from transformers configs."""
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,15 @@ TINY_CONFIGS = {
 
 
 def make_tiny(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of ``arch``; linear biases (qwen2 q/k/v, OPT, GPT-2) are random too — transformers
+    initialises them to zero, which would let a writer that drops bias values pass every comparison."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(TINY_CONFIGS[arch](), dtype=torch.float32)
+    with torch.no_grad():
+        for module in model.modules():
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.nn.Parameter) and module is not model.get_output_embeddings():
+                bias.normal_(0, 0.02)
     return model.eval()
 
 
@@ -56,10 +64,25 @@ def smollm2(smollm2_session: LoadedModel) -> LoadedModel:
 
 @pytest.fixture(scope="session")
 def wikitext() -> str:
+    """WikiText-2 test text from ``../shared/data``. Missing, the tests that need it *fail* (CI must not pass
+    without them); a developer without the folder can skip them with ``LOWBIT_SKIP_SHARED_DATA=1``."""
     path = SHARED_DATA / "wikitext2_test_joined.txt"
     if not path.is_file():
-        pytest.skip(f"{path} not present (developer/CI evaluation text lives in ../shared/data)")
+        message = f"{path} not present (developer/CI evaluation text lives in ../shared/data)"
+        if os.environ.get("LOWBIT_SKIP_SHARED_DATA") == "1":
+            pytest.skip(message)
+        pytest.fail(message + "; set LOWBIT_SKIP_SHARED_DATA=1 to skip these tests instead")
     return path.read_text()
+
+
+REAL_MODEL_FIXTURES = {"smollm2_session", "wikitext"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that need the real SmolLM2-135M (its weights or tokenizer) or WikiText-2 are marked ``real_model``."""
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_model)
 
 
 @pytest.fixture

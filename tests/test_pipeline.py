@@ -36,7 +36,13 @@ def test_every_method_on_every_architecture(tiny_arch: str, method: str) -> None
     record = model.config.quantization_config
     assert record["method"] == method
     assert ("calibration" in record) == MethodConfig.parse(method).needs_calibration
-    assert 0 < _rel_error(model, reference) < 0.5
+    error = _rel_error(model, reference)
+    assert 0 < error < 0.5
+    if method != "rtn":  # measured (3-bit g32): calibrated methods 0.52–0.88× RTN's error; HQQ 0.85–1.01×
+        rtn = copy.deepcopy(reference)
+        quantize_model(rtn, QuantRecipe(QuantConfig(bits=3, group_size=32)), method="rtn", progress=False)
+        bound = 1.0 if MethodConfig.parse(method).needs_calibration else 1.05  # data-free HQQ minimises weight error
+        assert error < bound * _rel_error(rtn, reference), (method, error)
 
 
 def test_gptq_beats_rtn_through_the_driver(tiny_arch: str) -> None:

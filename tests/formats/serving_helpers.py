@@ -47,4 +47,5 @@ def assert_same_quantized_layers(a: torch.nn.Module, b: torch.nn.Module) -> int:
         assert torch.equal(x.scale, y.scale), name
         assert (x.zero is None and y.zero is None) or torch.equal(x.zero, y.zero), name
         assert (m.bias is None) == (qb[name].bias is None), name
+        assert m.bias is None or torch.equal(m.bias, qb[name].bias), name
     return len(qa)

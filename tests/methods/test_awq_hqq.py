@@ -90,6 +90,8 @@ def test_hqq_matches_the_hqq_package_on_real_weights(smollm2_session, key: tuple
     assert hqq < 0.995 * minmax  # and it is a real gain over its min-max start (measured 1.2–15 %)
     scale, zero = hqq_qparams(w, 64, cfg)
     assert scale.shape == zero.shape == (w.shape[0], w.shape[1] // 64)
+    qt = quantize_rtn(w, cfg.with_(qparams="hqq"))  # the q-params the quantizer used are hqq_qparams'
+    assert torch.equal(qt.scale.float(), scale) and torch.equal(qt.zero.float(), zero.to(qt.zero.dtype).float())
 
 
 def test_hqq_needs_an_asymmetric_config() -> None:

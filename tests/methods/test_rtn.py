@@ -50,6 +50,11 @@ def test_per_tensor_has_one_scale() -> None:
     w = torch.randn(16, 32)
     qt = quantize_rtn(w, QuantConfig(bits=4, granularity="tensor"))
     assert qt.scale.shape == (1, 1) and qt.zero.shape == (1, 1)
+    lo, hi = w.min().clamp(max=0), w.max().clamp(min=0)  # the whole tensor's range, zero included
+    scale = ((hi - lo) / 15).half().float()
+    assert torch.equal(qt.scale.float().view(()), scale)
+    assert torch.equal(qt.zero.float().view(()), torch.round(-lo / scale))
+    assert (qt.dequantize() - w).abs().max() <= 0.51 * scale
     assert qt.bits_per_weight == pytest.approx(4 + 24 / (16 * 32))
 
 

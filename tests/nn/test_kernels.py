@@ -52,11 +52,15 @@ def test_qlinear_uses_fast_kernel_for_few_rows_and_keeps_bias() -> None:
     x = torch.randn(2, 3, 128)
     expected = torch.nn.functional.linear(x, qt.dequantize(), bias)
     assert layer.kernel_name == "int4pack"
-    small = layer(x)  # 6 rows ≤ FAST_MAX_ROWS: fast kernel
-    assert 6 <= FAST_MAX_ROWS
-    assert (small - expected).abs().max() < 1e-4
-    big = layer(torch.cat([x] * 4, 0))  # 24 rows: reference path
-    assert torch.allclose(big, torch.cat([expected] * 4, 0), atol=1e-5)
+    rows = x.reshape(-1, 128)[:FAST_MAX_ROWS].reshape(2, -1, 128)  # few rows: the fast kernel runs
+    small = layer(rows)
+    fast = select_kernel(qt)
+    assert torch.equal(small, fast.run(fast.prepare(qt), rows) + bias)
+    assert (small - torch.nn.functional.linear(rows, qt.dequantize(), bias)).abs().max() < 1e-4
+    big_x = torch.cat([x] * (FAST_MAX_ROWS // 6 + 2), 0)  # more rows than FAST_MAX_ROWS: the reference path ran
+    big = layer(big_x)
+    assert torch.equal(big, REFERENCE.run(qt, big_x) + bias)
+    assert torch.allclose(big, torch.nn.functional.linear(big_x, qt.dequantize(), bias), atol=1e-5)
     layer.set_kernel("reference")
     assert layer.kernel_name == "reference"
     assert torch.allclose(layer(x), expected, atol=1e-5)

@@ -58,6 +58,9 @@ def test_allocation_is_near_the_brute_force_optimum(seed: int) -> None:
     best = min(sum(costs[i][j][1] for i, j in enumerate(pick)) for pick in itertools.product(range(4), repeat=5)
                if sum(costs[i][j][0] for i, j in enumerate(pick)) <= budget)
     assert result.weight_bytes <= budget
+    pick = [int(result.choice[f"l{i}"].name[1:]) for i in range(5)]  # the reported totals are the choice's
+    assert result.weight_bytes == sum(costs[i][j][0] for i, j in enumerate(pick))
+    assert result.predicted_kl == pytest.approx(sum(costs[i][j][1] for i, j in enumerate(pick)), abs=1e-9)
     assert result.predicted_kl >= best - 1e-9
     # the LP bound: greedy on the hulls is optimal up to one layer's partly bought step
     assert result.predicted_kl <= best + max(r[0][1] - min(c[1] for c in r) for r in costs) + 1e-9
