@@ -50,6 +50,9 @@ sub-block. ``tests/formats/test_kquants.py`` holds us to golden hashes of the C 
 
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -306,11 +309,32 @@ def quantize_kquant(rows: np.ndarray, qtype: GGMLQuantizationType, weights: np.n
     activations); ``None`` gives the ``quantize_row_qX_K_ref`` bytes, as llama.cpp does without an imatrix.
     """
     x = _blocks(rows, qtype)
+    qw = _block_weights(rows, weights)
     out = np.empty((x.shape[0], GGML_QUANT_SIZES[qtype][1]), np.uint8)
-    for start, grid in kquant_grids(rows, qtype, weights):
-        chunk = x[start:start + grid.dq.shape[0]]
+
+    def encode_chunk(start: int) -> None:
+        chunk = x[start:start + _CHUNK]
+        grid = _GRIDS[qtype](chunk, None if qw is None else qw[start:start + _CHUNK])
         out[start:start + chunk.shape[0]] = grid.pack(grid.round(chunk))
+
+    starts = range(0, x.shape[0], _CHUNK)
+    if len(starts) >= 4 and _workers() > 1:
+        # chunks are independent and fill disjoint rows of ``out``; numpy releases the GIL inside each array
+        # operation, so a thread per core encodes in parallel (the same bytes, in any order)
+        list(_pool().map(encode_chunk, starts))
+    else:
+        for start in starts:
+            encode_chunk(start)
     return out.reshape(x.shape[0] * QK_K // np.shape(rows)[1], -1)
+
+
+def _workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(_workers(), thread_name_prefix="kquant")
 
 
 def kquant_grids(rows: np.ndarray, qtype: GGMLQuantizationType,
@@ -319,6 +343,13 @@ def kquant_grids(rows: np.ndarray, qtype: GGMLQuantizationType,
     super-blocks (blocks run row-major: block ``b`` is row ``b // (C/256)``). A calibrated method rounds onto
     these grids itself and packs its codes with ``Grid.pack``; :func:`quantize_kquant` uses ``Grid.round``."""
     x = _blocks(rows, qtype)
+    qw = _block_weights(rows, weights)
+    for s in range(0, x.shape[0], _CHUNK):
+        yield s, _GRIDS[qtype](x[s:s + _CHUNK], None if qw is None else qw[s:s + _CHUNK])
+
+
+def _block_weights(rows: np.ndarray, weights: np.ndarray | None) -> np.ndarray | None:
+    """Importance ``[R·C/256, 256]`` per super-block from the per-column ``weights [C]`` (None stays None)."""
     n_rows, n = np.shape(rows)
     qw = None
     if weights is not None:
@@ -331,8 +362,7 @@ def kquant_grids(rows: np.ndarray, qtype: GGMLQuantizationType,
                               "check the imatrix")
         # block b of a row uses weights[256·b : 256·(b+1)]
         qw = np.broadcast_to(qw.reshape(1, -1, QK_K), (n_rows, n // QK_K, QK_K)).reshape(-1, QK_K)
-    for s in range(0, x.shape[0], _CHUNK):
-        yield s, _GRIDS[qtype](x[s:s + _CHUNK], None if qw is None else qw[s:s + _CHUNK])
+    return qw
 
 
 def _blocks(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
