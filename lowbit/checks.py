@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lowbit.errors import ConfigError, LowbitError
+from lowbit.errors import ConfigError, LowbitError, TextError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,10 @@ def check_command(args: Any) -> None:
     models = [getattr(args, a) for a in ("model", "compare_to") if getattr(args, a, None)]
     for model in models:
         resolve_source(model)
+    if models and _reads_text(args) and not any(map(_has_tokenizer, models)):
+        raise TextError(f"{args.model} has no usable tokenizer, and {args.command} turns text into tokens: copy the "
+                        "original model's tokenizer files into the folder"
+                        + (", or pass --no-eval" if args.command == "quantize" else ""))
     if not hasattr(args, "seqlen") and not hasattr(args, "calib_seqlen"):
         return
     context = min((c for c in map(model_context, models) if c is not None), default=None)
@@ -81,3 +85,21 @@ def check_command(args: Any) -> None:
         args.seqlen = fit_window(args.seqlen, 2048, context, "--seqlen")
     if hasattr(args, "calib_seqlen"):
         args.calib_seqlen = fit_window(args.calib_seqlen, 512, context, "--calib-seqlen")
+
+
+def _reads_text(args: Any) -> bool:
+    """Whether the command tokenizes text: evaluation, calibration, sensitivity (not a data-free --no-eval run)."""
+    if args.command in ("eval", "sensitivity", "report"):
+        return True
+    if args.command != "quantize":
+        return False
+    mixed = getattr(args, "target_bpw", None) is not None or getattr(args, "max_size", None) is not None
+    return not args.no_eval or mixed or args.method not in ("rtn", "hqq")
+
+
+def _has_tokenizer(model: str) -> bool:
+    """A GGUF file carries its tokenizer (its reader checks it); a folder must hold one transformers can load."""
+    from lowbit.model.loading import _load_tokenizer, resolve_source
+
+    path = resolve_source(model)
+    return path.is_file() or _load_tokenizer(path) is not None

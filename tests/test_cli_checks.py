@@ -143,3 +143,14 @@ def test_model_provided_code_is_never_run(tiny_hf_folder: Path, tmp_path: Path, 
         assert code == 0, err
     else:
         assert code == 2 and "unknown architecture 'remote-only-lm'" in err and "\n" not in err.strip()
+
+
+def test_missing_tokenizer_is_found_before_quantizing(tiny_hf_folder: Path, tmp_path: Path, capsys) -> None:
+    for file in tiny_hf_folder.iterdir():
+        if file.name not in ("config.json", "generation_config.json", "model.safetensors"):
+            file.unlink()
+    code = main(["quantize", str(tiny_hf_folder), "--out", str(tmp_path / "q")])
+    err = capsys.readouterr().err
+    assert code == 2 and "has no usable tokenizer" in err and "--no-eval" in err
+    assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q*"))
+    assert main(["quantize", str(tiny_hf_folder), "--out", str(tmp_path / "q"), "--no-eval"]) == 0  # data-free
