@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -445,6 +446,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         pattern, sep, qtype = item.rpartition("=")
         if not sep or not pattern:
             raise ConfigError(f"--tensor-type {item!r}: write it as REGEX=TYPE, e.g. 'attn_v=Q8_0'")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"--tensor-type {item!r}: {pattern!r} is not a regular expression ({exc})") from None
         overrides[pattern] = qtype
     check_output(args.out, args.overwrite, resolve_source(args.model))
     if args.format != "gguf":

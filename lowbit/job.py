@@ -36,8 +36,8 @@ from lowbit.calib.capture import BlockInputs
 from lowbit.calib.data import CalibConfig, calibration_ids
 from lowbit.calib.spill import SPILL_FOLDER
 from lowbit.config import COMPUTE_DTYPES, FLOAT_DTYPES, QuantRecipe
-from lowbit.errors import ConfigError
-from lowbit.formats.atomic import check_output, partial_folder, publish, write_json_atomic
+from lowbit.errors import ConfigError, LowbitError
+from lowbit.formats.atomic import check_output, partial_folder, publish, remove_stale_siblings, write_json_atomic
 from lowbit.formats.native import NativeSink
 from lowbit.formats.serving import check_recipe
 from lowbit.formats.serving_sink import SINK_FORMATS, ServingSink, float_linears
@@ -193,6 +193,8 @@ def quantize_and_save(job: QuantizeJob, overwrite: bool = False, resume: bool = 
     if job.calib_ids is None:
         sm.dtype = None  # no block runs: keep the stored dtype; each layer is quantized in float32 on its own
     fp = fingerprint(job)
+    remove_stale_siblings(out)  # temporary folders of earlier runs that were killed
+    partial = None
     try:
         if job.fmt in SINK_FORMATS:
             check_recipe(sm.model, job.recipe, job.fmt, job.method)  # before any work: can the format hold it?
@@ -204,6 +206,12 @@ def quantize_and_save(job: QuantizeJob, overwrite: bool = False, resume: bool = 
             result = run_gguf_job(job, sm, partial, state, checkpoints, progress)
         else:
             result = _run_folder(job, sm, partial, state, checkpoints, progress)
+    except LowbitError:
+        # a problem with the inputs (e.g. NaN weights): the fix changes the inputs, so --resume would refuse this
+        # partial output anyway (its fingerprint differs); it goes — unless this run resumed an earlier one
+        if partial is not None and not resume:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     finally:
         sm.close()
     checkpoints.clear()

@@ -143,7 +143,7 @@ def test_non_finite_weights_are_refused_with_the_layer_name(tiny_hf_folder: Path
     job = QuantizeJob(str(tiny_hf_folder), str(out), recipe=RECIPE, fmt=fmt, gguf_type="Q8_0")
     with pytest.raises(LowbitError, match=r"(layers\.1\.mlp\.up_proj|blk\.1\.ffn_up\.weight \(in model\.layers\.1\.\)).*NaN/Inf"):
         quantize_and_save(job, progress=False)
-    assert not out.exists()
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["tiny-llama"]  # no partial left
 
 
 @pytest.mark.slow
@@ -167,6 +167,19 @@ def test_hidden_states_spilled_past_max_memory_give_identical_files(deep_folder:
     assert 2 * 6 <= len(puts)  # two batches after the capture and after each of the 6 blocks
     assert not puts[0].exists()  # the spill folder is gone
     assert list(outs[None].values()) == list(outs[1].values())
+
+
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tiny_hf_folder: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a process id that is no longer alive
+    stale = tmp_path / f".q.lowbit-tmp-{child.pid}-x"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half-written")
+    quantize_and_save(QuantizeJob(str(tiny_hf_folder), str(tmp_path / "q"), recipe=RECIPE), progress=False)
+    assert not stale.exists() and (tmp_path / "q" / "config.json").is_file()
 
 
 def test_checkpoint_records_how_to_repeat_the_run(tiny_hf_folder: Path, tmp_path: Path) -> None:

@@ -131,9 +131,14 @@ def read_config_json(folder: Path) -> dict[str, Any]:
     if not file.is_file():
         raise ModelLoadError(f"{folder} has no config.json: give a Hugging Face model folder or a .gguf file")
     try:
-        return json.loads(file.read_text())
+        config = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{file} is not valid JSON ({exc}): re-download or fix the file") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{file} holds a JSON {type(config).__name__}, not a config object: re-download or fix it")
+    if not isinstance(config.get("quantization_config") or {}, dict):
+        raise ModelLoadError(f"{file}: quantization_config is not an object: re-download or fix the file")
+    return config
 
 
 def _load_hf_folder(folder: Path, config: dict[str, Any]) -> LoadedModel:
