@@ -32,8 +32,10 @@ def model_context(model: str | Path) -> int | None:
         else:
             from transformers import AutoConfig
 
+            from lowbit.model.loading import read_config_json
             from lowbit.model.validate import config_errors
 
+            read_config_json(path)  # a JSON object with sane layer counts, before transformers builds from it
             try:
                 config = AutoConfig.from_pretrained(path, trust_remote_code=False)
             except (OSError, *config_errors()):

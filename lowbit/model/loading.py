@@ -23,6 +23,7 @@ from torch import nn
 
 from lowbit.errors import ModelLoadError
 from lowbit.model.source import StreamingModel, open_hf_folder
+from lowbit.model.validate import check_raw_config
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ def read_config_json(folder: Path) -> dict[str, Any]:
         raise ModelLoadError(f"{file} holds a JSON {type(config).__name__}, not a config object: re-download or fix it")
     if not isinstance(config.get("quantization_config") or {}, dict):
         raise ModelLoadError(f"{file}: quantization_config is not an object: re-download or fix the file")
+    check_raw_config(config, str(file))
     return config
 
 

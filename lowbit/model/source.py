@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lowbit.errors import ModelLoadError
-from lowbit.model.validate import check_config_sizes, config_errors, verify_tensors
+from lowbit.model.validate import check_config_sizes, check_raw_config, config_errors, verify_tensors
 
 log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
@@ -360,6 +360,12 @@ def open_hf_folder(folder: Path, dtype: torch.dtype, tokenizer: Any) -> Streamin
     """A Hugging Face safetensors folder as a :class:`StreamingModel` (nothing read but headers)."""
     from transformers import AutoConfig
 
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        raw = None  # AutoConfig reports it
+    if isinstance(raw, dict):
+        check_raw_config(raw, str(folder / "config.json"))
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, *config_errors()) as exc:

@@ -27,6 +27,23 @@ _DIMS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_val
          "num_hidden_layers", "max_position_embeddings")
 
 
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def check_raw_config(raw: dict[str, Any], where: str) -> None:
+    """Refuse a layer count no model has in the *raw* ``config.json`` dict, before transformers builds a config
+    from it: several config classes build per-layer lists in their constructor (``layer_types``), so a forged
+    10¹² loops until memory runs out before any later check could run."""
+    for section in (raw, raw.get("text_config")):
+        if not isinstance(section, dict):
+            continue
+        for key in _LAYER_KEYS:
+            value = section.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > MAX_LAYERS:
+                raise ModelLoadError(f"{where}: {key} = {value:,} is beyond any real model (lowbit builds at most "
+                                     f"{MAX_LAYERS} blocks); fix the config")
+
+
 def check_config_sizes(config: Any, where: str) -> None:
     """Refuse sizes no model has before anything is built from them: zero, negative or non-integer dimensions
     (they end in a division by zero or a shape error deep inside transformers) and layer counts that would make

@@ -24,7 +24,7 @@ import torch
 from lowbit.config import QuantConfig, QuantRecipe
 from lowbit.errors import FormatError, ModelLoadError
 from lowbit.model.modules import linear_weight, select_layers
-from lowbit.model.validate import check_config_sizes, config_errors
+from lowbit.model.validate import check_config_sizes, check_raw_config, config_errors
 from lowbit.nn.qlinear import QLinear
 
 FLOAT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -73,6 +73,7 @@ def meta_model(source: str | Path) -> torch.nn.Module:
         if not isinstance(raw, dict):
             raise ValueError(f"it holds a JSON {type(raw).__name__}, not an object")
         raw.pop("quantization_config", None)
+        check_raw_config(raw, str(file))
         config = AutoConfig.for_model(**raw)
     except (UnicodeDecodeError, *config_errors()) as exc:
         raise ModelLoadError(f"cannot build a model from {file} ({exc}): check its model_type and sizes") from exc

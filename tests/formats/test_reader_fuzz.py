@@ -7,6 +7,7 @@ campaign with the same targets (``fuzz_targets``)."""
 
 from __future__ import annotations
 
+import json
 import resource
 import struct
 from pathlib import Path
@@ -127,7 +128,27 @@ def test_random_configs(tmp_path: Path, model_type: str, changes: dict) -> None:
     """config.json with random values in the fields that size the model: built (on the meta device) or refused."""
     config = {"model_type": model_type, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512} | changes
-    _only_lowbit_errors(config_target, __import__("json").dumps(config).encode(), tmp_path / "config.json")
+    _only_lowbit_errors(config_target, json.dumps(config).encode(), tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "mamba", "llama"])
+def test_forged_layer_counts_are_refused_before_a_config_is_built(tmp_path: Path, model_type: str) -> None:
+    """Found by the campaign: config classes build per-layer lists in their constructor (MemoryError or a long
+    loop for 10¹² layers) — the raw JSON is checked first."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "num_hidden_layers": 10**12}))
+    before = _peak_rss_mb()
+    with pytest.raises(ModelLoadError, match="beyond any real model"):
+        config_target(tmp_path / "config.json")
+    assert _peak_rss_mb() - before < 50
+
+
+def test_forged_gguf_block_count_is_refused(gguf_bytes: bytes, tmp_path: Path) -> None:
+    marker = gguf_bytes.index(b"llama.block_count") + len(b"llama.block_count") + 4  # after the value type u32
+    forged = bytearray(gguf_bytes)
+    forged[marker:marker + 4] = struct.pack("<I", 2**32 - 1)
+    (tmp_path / "forged.gguf").write_bytes(forged)
+    with pytest.raises(ModelLoadError, match="block_count = 4,294,967,295"):
+        GGUF_TARGET(tmp_path / "forged.gguf")
 
 
 def test_small_files_are_what_they_claim(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from lowbit.errors import ModelLoadError
 from lowbit.formats.gguf.bounds import check_gguf_bounds
 from lowbit.model.loading import register_opener
 from lowbit.model.source import StreamingModel, meta_skeleton, tied_names
-from lowbit.model.validate import config_errors, verify_tensors
+from lowbit.model.validate import MAX_LAYERS, config_errors, verify_tensors
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,12 @@ def read_gguf(path: Path) -> GGUFReader:
     anything it still rejects becomes a :class:`ModelLoadError`."""
     import struct
 
-    check_gguf_bounds(path)
+    metadata = check_gguf_bounds(path)
+    arch = metadata.get("general.architecture")
+    layers = metadata.get(f"{arch}.block_count")
+    if isinstance(layers, int) and layers > MAX_LAYERS:  # transformers would build per-layer lists of that length
+        raise ModelLoadError(f"{path}: {arch}.block_count = {layers:,} is beyond any real model (lowbit builds at most "
+                             f"{MAX_LAYERS} blocks); the file is corrupt")
     try:
         return GGUFReader(str(path))
     except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError, struct.error) as exc:
