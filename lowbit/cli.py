@@ -49,6 +49,9 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per calibration window (default 512, or the model's context if shorter)")
     p.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian damping, fraction of its mean diagonal")
+    p.add_argument("--iters", type=int, default=200,
+                   help="learned rounding (--method learned, gptq+learned, awq+learned): signed-gradient steps per "
+                        "block (default 200; 50 is AutoRound's 'light')")
     p.add_argument("--max-memory", metavar="SIZE",
                    help="memory the job may use (e.g. 8GB); past it the calibration hidden states between blocks "
                         "are kept on disk, one batch in memory at a time (default: 80%% of the RAM available)")
@@ -192,6 +195,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     from lowbit.calib.data import CalibConfig, calibration_ids
     from lowbit.methods.gptq import GPTQConfig
+    from lowbit.methods.learned import LearnedConfig
     from lowbit.methods.method import ClipConfig, MethodConfig
 
     mixed = cli_mixed.wants_mixed(args)
@@ -205,6 +209,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ConfigError("--method imatrix chooses GGUF block scales: use it with --format gguf")
     recipe = _recipe(args)
     method = MethodConfig.parse(args.method, gptq=GPTQConfig(damp=args.damp, act_order=not args.no_act_order),
+                                learned=LearnedConfig(iters=args.iters),
                                 clip=None if args.no_clip else ClipConfig())
     calib = CalibConfig(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed)
     check_output(args.out, args.overwrite, resolve_source(args.model))

@@ -156,8 +156,9 @@ def gguf_method(method: str | MethodConfig, gptq: GPTQConfig = GPTQConfig(),
     elif method in GGUF_METHODS:
         parsed = MethodConfig.parse(method, gptq=gptq, clip=clip)
     else:
-        raise ConfigError(f"GGUF export supports --method {', '.join(GGUF_METHODS)}; got {method!r} "
-                          "(HQQ's float zero points are not a GGUF grid)")
+        why = ("learned rounding onto GGUF block grids is not implemented yet" if "learned" in str(method)
+               else "HQQ's float zero points are not a GGUF grid")
+        raise ConfigError(f"GGUF export supports --method {', '.join(GGUF_METHODS)}; got {method!r} ({why})")
     if parsed.hqq:
         raise ConfigError("HQQ's float zero points are not a GGUF grid: use --method gptq, awq+gptq or imatrix")
     return parsed

@@ -29,6 +29,7 @@ from lowbit.calib.stats import InputStats
 from lowbit.config import QuantRecipe
 from lowbit.errors import ConfigError
 from lowbit.methods.awq import fold_scale, output_width, search_scale
+from lowbit.methods.learned import LearnedConfig, refine_block
 from lowbit.methods.method import MethodConfig, quantize_weight
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.model.architectures import ArchSpec, block_list, spec_for
@@ -175,6 +176,16 @@ def quantize_sequential(
                 batch.discard()
                 resumed.append(BlockInputs(h.to(dtype), batch.args, batch.kwargs).kept(spill))
             inputs = resumed
+    learned = method.learned if calibrated else None
+    fp_inputs: list[BlockInputs] | None = None  # learned rounding: the float model's stream (its targets)
+    if learned is not None:
+        if quantize_layer is not to_qlinear:
+            raise ConfigError("learned rounding writes lowbit's integer grids (lowbit, compressed-tensors, GPTQ "
+                              "formats); for GGUF use --method gptq or imatrix")
+        if start:
+            raise ConfigError("a learned-rounding run cannot be resumed yet (the float model's hidden states are "
+                              "not checkpointed): rerun it without --resume")
+        fp_inputs = [BlockInputs(b.hidden.clone(), b.args, b.kwargs).kept(spill) for b in inputs]
     awq_skipped = 0
     bar = tqdm(range(start, len(blocks)), desc=desc or f"quantizing ({method.name})", unit="block",
                disable=not progress, initial=start, total=len(blocks))
@@ -183,6 +194,10 @@ def quantize_sequential(
             prefix = plan.prefix(index)
             block = sm.materialize(prefix[:-1])
             selected = {t.name[len(prefix):]: t for t in targets if t.block_index == index}
+            wanted, floats = None, {}
+            if fp_inputs is not None:  # the float block on the float stream: what the quantized block must match
+                with block_passes(compute_dtype):
+                    wanted = run_block(block, fp_inputs, spill)
             if selected:
                 keys = {rep.get(name, name) for name in selected}
                 stats: dict[str, InputStats | None] = {k: None for k in keys}
@@ -198,6 +213,8 @@ def quantize_sequential(
                 for name, target in selected.items():
                     clip = method.clip is not None and name not in spec.attention_logits
                     old = block.get_submodule(name)
+                    if wanted is not None:  # after any AWQ scaling: the weight the codes approximate
+                        floats[name] = (finite_weight(prefix + name, old).float().clone(), linear_bias(old))
                     if sm.streamed:
                         return_freed_memory()  # the previous layer's temporaries, before this one's K × K buffers
                     new = quantize_layer(prefix + name, old, target, stats[rep_of[name]], clip)
@@ -205,9 +222,12 @@ def quantize_sequential(
                     if sm.streamed and new is not old:
                         old.to("meta")  # the target list still references it: drop its float weight now
                 stats.clear()  # Hessians and their cached factors: not needed by the output pass
+                if wanted is not None:
+                    bar.set_postfix_str(_refine(block, floats, inputs, wanted, learned, compute_dtype))
             if calibrated:
                 with block_passes(compute_dtype), dequantize_once(block):
                     inputs = run_block(block, inputs, spill)
+            fp_inputs = wanted if wanted is not None else fp_inputs
             if on_block is not None:
                 on_block(index, prefix, block, inputs)
             sm.release(prefix[:-1])
@@ -218,6 +238,26 @@ def quantize_sequential(
         log.warning("AWQ: no op could absorb a scale in %d blocks (%s has no usable scale mappings): those blocks "
                     "got only the %s rounding", awq_skipped, spec.name, method.rounding)
     return sum(1 for t in targets if t.block_index is not None)
+
+
+def _refine(block: nn.Module, floats: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+            inputs: list[BlockInputs], targets: list[BlockInputs], cfg: LearnedConfig,
+            compute_dtype: torch.dtype) -> str:
+    """Learned rounding of the block's quantized layers (:func:`lowbit.methods.learned.refine_block`) against
+    ``targets``, the float block's outputs; the refined layers replace the initial ones. Returns a progress note."""
+    layers = {name: (w, b, block.get_submodule(name).quantized_tensor()) for name, (w, b) in floats.items()}
+
+    def run(module: nn.Module, i: int) -> torch.Tensor:
+        out = module(inputs[i].hidden, *inputs[i].args, **inputs[i].kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    with torch.enable_grad(), block_passes(compute_dtype):
+        refined, report = refine_block(block, layers, len(inputs), run, lambda i: targets[i].hidden, cfg,
+                                       set_submodule)
+    for name, qt in refined.items():
+        set_submodule(block, name, QLinear(qt, floats[name][1]))
+    log.debug("learned rounding: block output error %.3g → %.3g", report.before, report.after)
+    return f"error {report.before:.2e}→{report.after:.2e}"
 
 
 def quantize_outside(model: nn.Module, recipe: QuantRecipe, method: MethodConfig) -> int:

@@ -12,6 +12,7 @@ from lowbit.calib.data import CalibConfig
 from lowbit.config import QuantConfig, QuantRecipe
 from lowbit.errors import ConfigError
 from lowbit.formats.native import save_quantized
+from lowbit.methods.learned import LearnedConfig
 from lowbit.methods.method import METHOD_NAMES, MethodConfig
 from lowbit.nn.qlinear import QLinear
 from lowbit.quantize import quantize_model
@@ -30,7 +31,8 @@ def _rel_error(model, reference) -> float:
 def test_every_method_on_every_architecture(tiny_arch: str, method: str) -> None:
     reference = make_tiny(tiny_arch)
     model = copy.deepcopy(reference)
-    summary = quantize_model(model, QuantRecipe(QuantConfig(bits=3, group_size=32)), method=method,
+    summary = quantize_model(model, QuantRecipe(QuantConfig(bits=3, group_size=32)),
+                             method=MethodConfig.parse(method, learned=LearnedConfig(iters=20)),
                              calib_ids=CALIB, progress=False)
     assert sum(isinstance(m, QLinear) for m in model.modules()) == summary.layers > 0
     record = model.config.quantization_config

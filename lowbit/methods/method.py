@@ -9,7 +9,13 @@ name            transform            q-param choice               rounding
 ``awq``         AWQ scaling          Hessian-weighted clip        nearest
 ``awq+gptq``    AWQ scaling          Hessian-weighted clip        GPTQ
 ``hqq+gptq``    —                    HQQ                          GPTQ
+``learned``     —                    Hessian-weighted clip        nearest, then learned
+``gptq+learned`` —                   Hessian-weighted clip        GPTQ, then learned
+``awq+learned`` AWQ scaling          Hessian-weighted clip        nearest, then learned
 ==============  ===================  ===========================  ===============
+
+``learned`` (:mod:`lowbit.methods.learned`, AutoRound's signed-gradient rounding) refines a whole block's codes
+and group scales after the per-layer step, against the float block's output.
 
 Methods with a transform or GPTQ rounding need calibration data and run through the sequential driver
 (``lowbit.pipeline``); the others are data-free and quantize each weight on its own. With calibration statistics
@@ -35,9 +41,10 @@ from lowbit.core.rounding import group_view, round_to_grid
 from lowbit.errors import ConfigError
 from lowbit.methods.awq import AWQConfig
 from lowbit.methods.gptq import GPTQConfig, QParamChooser, gptq_quantize, plain_chooser
+from lowbit.methods.learned import LearnedConfig
 from lowbit.methods.rtn import quantize_rtn
 
-METHOD_NAMES = ("rtn", "hqq", "gptq", "awq", "awq+gptq", "hqq+gptq")
+METHOD_NAMES = ("rtn", "hqq", "gptq", "awq", "awq+gptq", "hqq+gptq", "learned", "gptq+learned", "awq+learned")
 
 
 @dataclass(frozen=True)
@@ -60,17 +67,18 @@ class MethodConfig:
     hqq: bool = False
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     clip: ClipConfig | None = None
+    learned: LearnedConfig | None = None
 
     @classmethod
     def parse(
         cls, name: str, gptq: GPTQConfig = GPTQConfig(), awq: AWQConfig = AWQConfig(),
-        clip: ClipConfig | None = ClipConfig(),
+        clip: ClipConfig | None = ClipConfig(), learned: LearnedConfig = LearnedConfig(),
     ) -> "MethodConfig":
         """The method called ``name``; ``clip`` applies to calibrated methods without HQQ q-params."""
         if name not in METHOD_NAMES:
             raise ConfigError(f"unknown method {name!r}: choose one of {', '.join(METHOD_NAMES)}")
         parts = set(name.split("+"))
-        calibrated = "gptq" in parts or "awq" in parts
+        calibrated = bool(parts & {"gptq", "awq", "learned"})
         return cls(
             name=name,
             rounding="gptq" if "gptq" in parts else "nearest",
@@ -78,11 +86,12 @@ class MethodConfig:
             hqq="hqq" in parts,
             gptq=gptq,
             clip=clip if calibrated and "hqq" not in parts else None,
+            learned=learned if "learned" in parts else None,
         )
 
     @property
     def needs_calibration(self) -> bool:
-        return self.rounding == "gptq" or self.awq is not None
+        return self.rounding == "gptq" or self.awq is not None or self.learned is not None
 
     def adapt(self, cfg: QuantConfig) -> QuantConfig:
         """The layer config this method quantizes with (HQQ: its solver with float zeros; a symmetric config has

@@ -1,0 +1,182 @@
+"""Learned rounding: choose each weight's grid point (and each group's scale) by descending the block's output error.
+
+Nearest rounding and GPTQ decide a layer at a time from its input statistics; AutoRound (Cheng et al. 2023,
+"Optimize Weight Rounding via Signed Gradient Descent") instead tunes, per decoder block, a rounding offset per
+weight and the clipping of each group's range so that the *quantized block* reproduces the *float block's*
+output on calibration data. lowbit's version, for every grid a :class:`~lowbit.core.qtensor.QuantizedTensor`
+holds (integer/float zeros, sym/asym, group/channel/tensor), starting from any initial quantization (RTN, GPTQ,
+AWQ-scaled):
+
+    x      = W / (s·f) + z + o₀              o₀ = q₀ − ⌊W / s + z⌉: integer; gives the initial codes q₀ at f = 1, δ = 0
+    q      = clamp(⌊x + δ⌉, 0, 2^b − 1)      δ ∈ [−½, ½] per weight: the grid point below or above x
+    Ŵ      = (q − z) · s·f                   f ∈ [f_lo, f_hi] per group: shrinks or widens the group's grid
+    loss   = ‖block_Ŵ(x_q) − block_W(x_fp)‖² / ‖block_W(x_fp)‖²   (x_q: the quantized blocks' output so far)
+
+``⌊·⌉`` passes gradients straight through (STE); δ and f move by signed gradient steps of a linearly decaying
+rate (``lr`` = 1/iters by default, as AutoRound: δ can travel at most half a grid step), and the lowest-loss
+parameters seen are kept. ``s·f`` is rounded to float16 in the forward pass, as it is stored. With zero
+iterations the result is the initial quantization, bit for bit.
+
+The pieces stay apart: the initial q-params and codes come from the method's q-param choice and rounding; this
+module only refines codes and scales on the same grid, so every format that stores that grid stores the result.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lowbit.core.qtensor import QuantizedTensor
+from lowbit.core.rounding import group_view
+from lowbit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LearnedConfig:
+    """``iters`` signed-gradient steps per block, each on one calibration batch; ``lr`` None = 1 / iters;
+    ``scale_range`` bounds the per-group scale factor ``f``."""
+
+    iters: int = 200
+    lr: float | None = None
+    scale_range: tuple[float, float] = (0.5, 1.0)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        lo, hi = self.scale_range
+        if self.iters < 0 or (self.lr is not None and self.lr <= 0) or not 0 < lo <= 1 <= hi:
+            raise ConfigError("learned rounding needs iters ≥ 0, lr > 0 and a scale range lo ≤ 1 ≤ hi with lo > 0")
+
+    @property
+    def step(self) -> float:
+        return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+class LearnedLinear(nn.Module):
+    """A linear layer whose weight is quantized afresh on every forward from ``delta`` and ``factor``.
+
+    ``weight``: the float weight ``[N, K]`` the codes approximate; ``qt``: the initial quantization (its grid)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, qt: QuantizedTensor) -> None:
+        super().__init__()
+        self.config, self.shape = qt.config, tuple(weight.shape)
+        view, width = group_view(weight.detach().float(), qt.config)
+        self.width = width
+        self.register_buffer("w", view.clone())
+        self.register_buffer("s", qt.scale.float().clone())
+        self.register_buffer("z", qt.zero_points().clone())
+        q0 = group_view(qt.codes().float(), qt.config)[0]
+        # an integer shift per weight: 0 where the initial code is the nearest one (RTN), GPTQ's move otherwise;
+        # the fractional part of w/s stays, so δ ∈ [−½, ½] reaches the neighbouring grid point on its side
+        self.register_buffer("o0", q0 - torch.round(view / self._cols(self.s) + self._cols(self.z)))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.delta = nn.Parameter(torch.zeros_like(view))
+        self.factor = nn.Parameter(torch.ones_like(self.s))
+
+    def _cols(self, per_group: torch.Tensor) -> torch.Tensor:
+        """``[R, G]`` → ``[R, C]``: each group's value over its columns (a ragged last group cut off)."""
+        return per_group.repeat_interleave(self.width, dim=1)[:, :self.w.shape[1]]
+
+    def codes_and_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes ``[R, C]`` (float, STE-rounded) and the float16-valued scale ``[R, G]`` of the current state."""
+        scale = self.s * self.factor
+        scale = scale + (scale.to(torch.float16).float() - scale).detach()
+        x = self.w / self._cols(scale) + self._cols(self.z) + self.o0 + self.delta
+        return torch.clamp(_round_ste(x), 0, self.config.qmax), scale
+
+    def dequantized(self) -> torch.Tensor:
+        q, scale = self.codes_and_scale()
+        return ((q - self._cols(self.z)) * self._cols(scale)).reshape(self.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dequantized().to(x.dtype), None if self.bias is None
+                                    else self.bias.to(x.dtype))
+
+    def quantized_tensor(self) -> QuantizedTensor:
+        with torch.no_grad():
+            q, scale = self.codes_and_scale()
+            zero = None if self.config.symmetric else self.z
+            return QuantizedTensor.from_codes(q.reshape(self.shape), scale, zero, self.config)
+
+
+@dataclass
+class Refinement:
+    """What one block's refinement did: the relative output error on all calibration batches before (the initial
+    quantization) and after, and the loss of every step (on that step's batch)."""
+
+    before: float
+    after: float
+    steps: list[float]
+
+
+def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.Tensor | None, QuantizedTensor]],
+                 batches: int, run: Callable[[nn.Module, int], torch.Tensor], target: Callable[[int], torch.Tensor],
+                 cfg: LearnedConfig, swap: Callable[[nn.Module, str, nn.Module], None],
+                 ) -> tuple[dict[str, QuantizedTensor], Refinement]:
+    """Tune the rounding of ``layers`` (``{name in block: (float weight, bias, initial quantization)}``) so that
+    ``run(block, i)`` (the block on calibration batch ``i`` of ``batches``) approaches ``target(i)`` (the float
+    block's output). ``swap(block, name, module)`` puts a module into the block. Returns the refined
+    quantizations: the trained ones if their error on *all* batches is lower than the initial quantization's,
+    else the initial ones (so the result is never worse on the calibration data than the method it refines).
+
+    Only the layers' rounding offsets and scale factors are trained; the block's other parameters are frozen."""
+    initial = {name: qt for name, (_, _, qt) in layers.items()}
+    if cfg.iters == 0 or not layers:
+        return initial, Refinement(float("nan"), float("nan"), [])
+    learned = {name: LearnedLinear(w, b, qt) for name, (w, b, qt) in layers.items()}
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    for name, module in learned.items():
+        swap(block, name, module)
+    params = [p for m in learned.values() for p in (m.delta, m.factor)]
+    best = [p.detach().clone() for p in params]
+    best_loss, losses = float("inf"), []
+    order = torch.randperm(batches, generator=torch.Generator().manual_seed(cfg.seed))
+    lo, hi = cfg.scale_range
+
+    def error(i: int) -> torch.Tensor:
+        out, want = run(block, i).float(), target(i).float()
+        return (out - want).pow(2).mean() / want.pow(2).mean().clamp_min(1e-12)
+
+    try:
+        with torch.no_grad():
+            before = sum(float(error(i)) for i in range(batches)) / batches
+        for step in range(cfg.iters):
+            loss = error(int(order[step % batches]))
+            value = float(loss.detach())
+            losses.append(value)
+            if value < best_loss:
+                best_loss = value
+                for b, p in zip(best, params):
+                    b.copy_(p.detach())
+            for p in params:
+                p.grad = None
+            loss.backward()
+            rate = cfg.step * (1 - step / cfg.iters)  # linear decay to 0
+            with torch.no_grad():
+                for m in learned.values():
+                    if m.delta.grad is not None:
+                        m.delta.sub_(rate * m.delta.grad.sign()).clamp_(-0.5, 0.5)
+                    if m.factor.grad is not None:
+                        m.factor.sub_(rate * m.factor.grad.sign()).clamp_(lo, hi)
+        with torch.no_grad():  # the best parameters seen (the last step's were never evaluated)
+            for b, p in zip(best, params):
+                p.copy_(b)
+            after = sum(float(error(i)) for i in range(batches)) / batches
+            result = {name: m.quantized_tensor() for name, m in learned.items()}
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    if not after < before:
+        return initial, Refinement(before, before, losses)
+    return result, Refinement(before, after, losses)
