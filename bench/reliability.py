@@ -74,6 +74,7 @@ def _interrupt(proc: subprocess.Popen, scratch: Path, spec: tuple[str, str]) -> 
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline:
         if list(scratch.glob(marker)):
+            time.sleep(0.5)  # into the block loop
             target = _python_child(proc.pid)
             os.kill(target, getattr(signal, sig))
             return

@@ -246,7 +246,7 @@ CASES: list[Case] = [
         "quantize", "m", "--out", "disk/q", "--no-eval"], exit=1, check=_unmount),
     Case("ctrl-c", "Ctrl-C (SIGINT) mid-way through a GPTQ run", lambda s: (tiny(s / "m", layers=24), [
         *_quantize("m", "--method", "gptq", "--calib-samples", "64", "--calib-seqlen", "256", "--no-eval")])[1],
-        exit=130, may_leave=PARTIAL, interrupt_after=("SIGINT", ".q.lowbit-partial/job.json"),
+        exit=130, may_leave=PARTIAL, interrupt_after=("SIGINT", ".q.lowbit-partial"),
         check=lambda s, c: not (s / "q").exists()),
     Case("stale-temp", "a killed run's .q.lowbit-tmp-PID folder is cleaned", lambda s: (
         tiny(s / "m"), (s / ".q.lowbit-tmp-4000000-x").mkdir(), (s / ".q.lowbit-tmp-4000000-x" / "w").write_text("x"),
