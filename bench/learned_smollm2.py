@@ -1,0 +1,135 @@
+"""Learned rounding on SmolLM2-135M beside AutoRound (issue 19), same calibration tokens, same evaluation windows.
+
+Rows per setting: lowbit GPTQ, lowbit learned / gptq+learned at 50 and 200 iterations, AutoRound "light" (iters 50)
+and default (iters 200) — AutoRound exported in the GPTQ layout and read back by lowbit's GPTQ loader (so its
+stored weights, not a fake-quantized model, are evaluated). Eval and calibration as bench/calibrated_smollm2.py:
+first 20,480 tokens of wikitext2_test_joined.txt (10 × 2048, no BOS, KL/top-1 against fp32); calibration 64 × 512
+tokens of wikitext2_valid_unk.txt, seed 0, the same token ids for every tool. Each row is a fresh process, run
+one at a time (AutoRound needs the peers' environment: ``/work/peers-venv/bin/python bench/learned_smollm2.py``).
+
+    python bench/learned_smollm2.py [--setting "4-bit g64 asym"] [--tool lowbit|auto-round] [--method M] [--iters 50]
+                                    [--render]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from calibrated_smollm2 import CALIB_SAMPLES, CALIB_SEQLEN, HF_FOLDER, _calib_ids, _finish  # noqa: E402
+from common import MODEL, RESULTS, eval_windows, peak_rss_mb, run_worker, write_results  # noqa: E402
+
+SETTINGS = {
+    "4-bit g64 asym": dict(bits=4, group_size=64),
+    "3-bit g64 asym": dict(bits=3, group_size=64),
+    "3-bit g128 asym": dict(bits=3, group_size=128),
+    "2-bit g64 asym": dict(bits=2, group_size=64),
+}
+WORK = Path(__file__).resolve().parent / "work" / "auto-round"
+
+
+def _auto_round(job: dict, reference, tokenizer, calib_ids: torch.Tensor) -> tuple[object, float]:
+    """AutoRound on the same calibration ids (batches of 4 windows), exported as GPTQ and read back by lowbit."""
+    from auto_round import AutoRound
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.model.loading import load_model
+
+    if not (HF_FOLDER / "config.json").exists():
+        HF_FOLDER.mkdir(parents=True, exist_ok=True)
+        reference.save_pretrained(HF_FOLDER)
+        tokenizer.save_pretrained(HF_FOLDER)
+    model = AutoModelForCausalLM.from_pretrained(HF_FOLDER, dtype=torch.float32)
+    cfg = job["config"]
+    batches = [calib_ids[i:i + 4] for i in range(0, calib_ids.shape[0], 4)]
+    out = WORK / f"{job['setting'].replace(' ', '-')}-{job['iters']}"
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    rounder = AutoRound(model, tokenizer, bits=cfg["bits"], group_size=cfg["group_size"], sym=False,
+                        iters=job["iters"], nsamples=calib_ids.shape[0], seqlen=calib_ids.shape[1], batch_size=4,
+                        dataset=batches, seed=0)
+    rounder.quantize_and_save(str(out), format="auto_gptq")
+    seconds = time.perf_counter() - start
+    saved = out if (out / "config.json").exists() else next(out.glob("*/config.json")).parent  # it adds a subfolder
+    return load_model(saved).model, seconds
+
+
+def worker(job: dict) -> dict:
+    torch.manual_seed(0)
+    from lowbit import QuantConfig, QuantRecipe, load_model, quantize_model
+    from lowbit.calib.data import CalibConfig
+    from lowbit.methods.learned import LearnedConfig
+    from lowbit.methods.method import MethodConfig
+
+    loaded = load_model(MODEL)
+    windows, protocol = eval_windows(loaded.tokenizer)
+    reference = loaded.model
+    calib_ids = _calib_ids(loaded.tokenizer)
+    if job["tool"] == "auto-round":
+        model, seconds = _auto_round(job, reference, loaded.tokenizer, calib_ids)
+        return _finish(job, model, reference, windows, protocol, seconds, peak_rss_mb())
+    method = MethodConfig.parse(job["method"], learned=LearnedConfig(iters=job["iters"] or 0))
+    model = copy.deepcopy(reference)
+    start = time.perf_counter()
+    quantize_model(model, QuantRecipe(QuantConfig(**job["config"])), method=method, calib_ids=calib_ids,
+                   calib=CalibConfig(CALIB_SAMPLES, CALIB_SEQLEN, seed=0), progress=False,
+                   compute_dtype=torch.bfloat16)
+    return _finish(job, model, reference, windows, protocol, time.perf_counter() - start, peak_rss_mb())
+
+
+def jobs() -> list[dict]:
+    rows = []
+    for setting, cfg in SETTINGS.items():
+        rows.append({"tool": "lowbit", "method": "gptq", "iters": None, "setting": setting, "config": cfg})
+        for iters in (50, 200):
+            rows.append({"tool": "auto-round", "method": "auto-round", "iters": iters, "setting": setting, "config": cfg})
+            rows += [{"tool": "lowbit", "method": m, "iters": iters, "setting": setting, "config": cfg}
+                     for m in ("learned", "gptq+learned")]
+    return rows
+
+
+def main() -> None:
+    pick = {flag: sys.argv[sys.argv.index(flag) + 1] for flag in ("--setting", "--tool", "--iters", "--method")
+            if flag in sys.argv}
+    key = lambda r: (r["tool"], r["method"], r["iters"], r["setting"])  # noqa: E731
+    path = RESULTS / "learned_smollm2.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    todo = [] if "--render" in sys.argv else [
+        j for j in jobs() if pick.get("--setting", j["setting"]) == j["setting"]
+        and pick.get("--tool", j["tool"]) == j["tool"] and pick.get("--iters", str(j["iters"])) == str(j["iters"])
+        and pick.get("--method", j["method"]) == j["method"]]
+    for job in todo:
+        print(f"running {job['tool']} {job['method']} iters={job['iters']} {job['setting']} …", flush=True)
+        rows = [r for r in rows if key(r) != key(job)] + [run_worker(Path(__file__), job)]
+        print(json.dumps(rows[-1]), flush=True)
+        path.write_text(json.dumps({"rows": rows}))
+    from lowbit.report import markdown_table
+
+    order = {s: i for i, s in enumerate(SETTINGS)}
+    rows.sort(key=lambda r: (order.get(r["setting"], 9), r["iters"] or 0, r["tool"], r["method"]))
+    table = markdown_table(
+        ["setting", "tool", "method", "iters", "perplexity", "KL (nats/token)", "top-1", "quantize s",
+         "peak RSS MB", "note"],
+        [(r["setting"], r["tool"], r["method"], r["iters"] or "—", r.get("perplexity"), r.get("kl"), r.get("top1"),
+          r.get("quantize_seconds"), r.get("peak_rss_mb_total"), r.get("error", "")) for r in rows])
+    intro = (f"SmolLM2-135M-Instruct, every linear layer in the decoder blocks quantized (asymmetric integer grids). "
+             f"Calibration {CALIB_SAMPLES} × {CALIB_SEQLEN} tokens of wikitext2_valid_unk.txt (seed 0), the same ids "
+             "for every tool; eval the first 20,480 tokens of wikitext2_test_joined.txt (10 × 2048), KL/top-1 vs "
+             "fp32. lowbit's block passes in bf16 autocast; AutoRound with its CPU defaults, batch 4, exported as GPTQ "
+             "and read by lowbit. One row at a time on the same 2-core CPU; times include calibration.")
+    write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
+                  [("Results", table)], {"rows": rows})
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(json.loads(sys.argv[2]))))
+    else:
+        main()
