@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import re
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 from lowbit import cli_mixed
 from lowbit.checks import check_command
+from lowbit.cli_files import cmd_export, cmd_inspect, cmd_plan, save_serving
+from lowbit.cli_output import print_results, write_json
 from lowbit.errors import LowbitError
 from lowbit.methods.method import METHOD_NAMES
 from lowbit.model.loading import resolve_source
@@ -158,33 +158,6 @@ def _evaluate(loaded: Any, args: argparse.Namespace, reference: Any = None) -> d
     return {"text": source, **result.to_dict()}
 
 
-def _print_results(title: str, evaluation: dict[str, Any] | None, size: Any, extra: list | None = None) -> None:
-    from lowbit.report import markdown_table
-
-    rows: list[tuple[str, Any]] = list(extra or [])
-    if evaluation:
-        bad = evaluation.get("non_finite") or []
-        shown = lambda key: "non-finite (NaN/Inf logits)" if key in bad else evaluation[key]  # noqa: E731
-        rows += [("text", evaluation["text"]),
-                 ("windows × seqlen", f"{evaluation['windows']} × {evaluation['seqlen']} (BOS: {evaluation['bos']})"),
-                 ("perplexity", shown("perplexity"))]
-        if evaluation.get("kl") is not None or "kl" in bad:
-            top1 = evaluation["top1_agreement"]
-            rows += [("original perplexity", shown("reference_perplexity")),
-                     ("KL divergence (nats/token)", shown("kl")),
-                     ("top-1 agreement", "not meaningful (non-finite logits)" if top1 is None
-                      else f"{100 * top1:.2f} %")]
-        if bad:
-            log.warning("the evaluation gave non-finite %s: the model produces NaN/Inf logits (damaged weights "
-                        "or an overflow in the compute dtype; try --compute-dtype float32)", ", ".join(bad))
-    if size is not None:
-        rows += [("quantized layers", f"{size.quantized_layers} ({size.quantized_params:,} of {size.total_params:,} weights)"),
-                 ("bits per quantized weight", size.quantized_bits_per_weight),
-                 ("checkpoint tensor bytes", f"{size.tensor_bytes:,} ({size.model_bits_per_weight:.2f} bits/param)"),
-                 ("smaller than fp16 by", f"{size.ratio_to_fp16:.2f}×")]
-    print(f"\n{title}\n" + markdown_table(["", "value"], rows))
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.config import COMPUTE_DTYPES
     from lowbit.eval.size import size_report
@@ -233,7 +206,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                              compute_dtype=COMPUTE_DTYPES[args.compute_dtype or "bfloat16"])
     setting = "mixed precision" if plan else recipe.default.describe()
     log.info("quantized %d layers with %s (%s) in %.1f s", summary.layers, method.name, setting, summary.seconds)
-    out = _save(loaded, args.format, args.out, args.overwrite) if args.format != "lowbit" else \
+    out = save_serving(loaded, args.format, args.out, args.overwrite) if args.format != "lowbit" else \
         save_quantized(loaded, args.out, overwrite=args.overwrite)
     log.info("saved to %s (%s)", out, args.format)
     evaluation = None if args.no_eval else _evaluate(loaded, args, reference=original)
@@ -241,8 +214,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     extra = [("method", f"{method.name}, {setting}"), ("quantize time", f"{summary.seconds:.1f} s")]
     extra += [("calibration", calib_note)] if calib_note else []
     extra += cli_mixed.mixed_summary(plan) if plan else []
-    _print_results(f"{args.model} → {out}", evaluation, size, extra)
-    _write_json(args.json_out, {"method": method.name, "config": recipe.default.to_dict(), "calibration": calib_note,
+    print_results(f"{args.model} → {out}", evaluation, size, extra)
+    write_json(args.json_out, {"method": method.name, "config": recipe.default.to_dict(), "calibration": calib_note,
                                 "quantize_seconds": summary.seconds, "evaluation": evaluation, "size": size.to_dict(),
                                 "mixed_precision": {**plan.allocation.to_dict(), "checkpoint_bytes": plan.total_bytes}
                                 if plan else None})
@@ -318,8 +291,8 @@ def _quantize_stream(args: argparse.Namespace, recipe: Any, method: Any, calib: 
     extra = [("method", f"{method.name}, {setting}"), ("quantize time", f"{result.seconds:.1f} s")]
     extra += [("calibration", calib_note)] if calib_note else []
     extra += [("resumed at block", f"{result.resumed_from} of {result.blocks}")] if result.resumed_from else []
-    _print_results(f"{args.model} → {result.path}", evaluation, size, extra)
-    _write_json(args.json_out, {"method": method.name, "config": recipe.default.to_dict(), "calibration": calib_note,
+    print_results(f"{args.model} → {result.path}", evaluation, size, extra)
+    write_json(args.json_out, {"method": method.name, "config": recipe.default.to_dict(), "calibration": calib_note,
                                 "quantize_seconds": result.seconds, "evaluation": evaluation, "size": size.to_dict()})
     return 0
 
@@ -353,8 +326,8 @@ def _quantize_gguf(args: argparse.Namespace) -> int:
     extra = [("method", f"{method.name}, GGUF {args.type.upper()}"), ("file", f"{size:,} bytes ({counts})"),
              ("quantize time", f"{result.seconds:.1f} s")]
     extra += [("calibration", calib_note)] if calib_note else []
-    _print_results(f"{args.model} → {result.path}", evaluation, None, extra)
-    _write_json(args.json_out, {"method": method.name, "type": args.type.upper(), "calibration": calib_note,
+    print_results(f"{args.model} → {result.path}", evaluation, None, extra)
+    write_json(args.json_out, {"method": method.name, "type": args.type.upper(), "calibration": calib_note,
                                 "file_bytes": size, "tensor_types": result.record, "evaluation": evaluation,
                                 "quantize_seconds": result.seconds})
     return 0
@@ -369,117 +342,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     path = resolve_source(args.model)
     quantized = path.is_dir() and (read_config_json(path).get("quantization_config") or {}).get("quant_method") == "lowbit"
     size = size_of_folder(path) if quantized else None
-    _print_results(f"evaluation of {args.model}" + (f" against {args.compare_to}" if args.compare_to else ""),
+    print_results(f"evaluation of {args.model}" + (f" against {args.compare_to}" if args.compare_to else ""),
                    evaluation, size)
-    _write_json(args.json_out, {"evaluation": evaluation, "size": None if size is None else size.to_dict()})
+    write_json(args.json_out, {"evaluation": evaluation, "size": None if size is None else size.to_dict()})
     return 0
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from lowbit.eval.size import size_report
-    from lowbit.model.architectures import spec_for
-    from lowbit.model.loading import load_model
-    from lowbit.model.modules import LINEAR_TYPES
-    from lowbit.nn.qlinear import QLinear
-    from lowbit.report import markdown_table
-
-    loaded = load_model(args.model)
-    model = loaded.model
-    spec = spec_for(model)
-    print(f"{args.model}: {type(model).__name__} ({loaded.kind}), layout {spec.name}, blocks at {spec.blocks}")
-    rows = []
-    for name, m in model.named_modules():
-        if isinstance(m, QLinear):
-            rows.append((name, f"{m.out_features}×{m.in_features}", m.config.describe(), m.kernel_name))
-        elif isinstance(m, LINEAR_TYPES):
-            rows.append((name, "×".join(map(str, m.weight.shape)), "float", "—"))
-    print(markdown_table(["layer", "shape", "quantization", "kernel"], rows))
-    _print_results("size", None, size_report(model))
-    return 0
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    from lowbit.plan.job_memory import job_memory
-    from lowbit.plan.memory import meta_model, mixed_budget, plan
-    from lowbit.report import markdown_table
-
-    rows = plan(args.config, tokens=args.tokens, batch=args.batch, budget_gb=args.fits)
-    gb = lambda b: f"{b / 1e9:,.2f} GB"  # noqa: E731
-    print(markdown_table(
-        ["format", "weights", "bits/param", f"KV cache ({args.tokens} tok × {args.batch})", "peak (estimate)", "fits"],
-        [(r.format, gb(r.weight_bytes), r.bits_per_param, gb(r.kv_cache_bytes), gb(r.peak_bytes),
-          "—" if r.fits is None else "yes" if r.fits else "no") for r in rows]))
-    if args.fits is not None:
-        fitting = sorted((r for r in rows if r.fits), key=lambda r: -r.bits_per_param)
-        if fitting:
-            best = fitting[0]
-            print(f"\nwithin {args.fits:g} GB: {best.format} is the most precise format that fits "
-                  f"({best.peak_bytes / 1e9:.1f} GB peak); also fit, most precise first: "
-                  + (", ".join(f"{r.format} ({r.peak_bytes / 1e9:.1f} GB)" for r in fitting[1:]) or "none"))
-        else:
-            print(f"\nwithin {args.fits:g} GB: no format fits; use a smaller model, fewer --tokens or more memory")
-        mixed = mixed_budget(args.config, args.fits, args.tokens, args.batch)
-        if mixed is not None and 2 <= mixed.bits_per_weight <= 16:
-            print(f"mixed precision can use all of it: `lowbit quantize MODEL --max-size {mixed.max_bytes / 1e9:.2f}GB` "
-                  f"(≈ {mixed.bits_per_weight:.2f} bits per quantized weight) picks a format per layer")
-    jobs = job_memory(meta_model(args.config))
-    print("\nlowbit's own jobs on this model (4-bit g128; GPTQ with the default 128 × 512 calibration, bf16 "
-          "passes; eval in float32), predicted peak RSS:")
-    print(markdown_table(["job", "peak RSS (estimate)", "made of"],
-                         [(e.task, gb(e.peak_bytes), e.explain()) for e in jobs]))
-    _write_json(args.json_out, {"plan": [r.to_dict() for r in rows],
-                                "jobs": [{"task": e.task, "peak_bytes": e.peak_bytes, "terms": e.terms} for e in jobs]})
-    return 0
-
-
-def _save(loaded: Any, fmt: str, out: str, overwrite: bool) -> Path:
-    """Write a quantized model as compressed-tensors or GPTQ."""
-    from lowbit.formats.compressed_tensors import export_compressed_tensors
-    from lowbit.formats.gptq_format import export_gptq
-
-    writer = export_compressed_tensors if fmt == "compressed-tensors" else export_gptq
-    return writer(loaded, out, overwrite=overwrite)
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from lowbit.errors import ConfigError
-    from lowbit.formats.atomic import check_output
-    from lowbit.model.loading import load_model
-
-    overrides = {}
-    for item in args.tensor_type:
-        pattern, sep, qtype = item.rpartition("=")
-        if not sep or not pattern:
-            raise ConfigError(f"--tensor-type {item!r}: write it as REGEX=TYPE, e.g. 'attn_v=Q8_0'")
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ConfigError(f"--tensor-type {item!r}: {pattern!r} is not a regular expression ({exc})") from None
-        overrides[pattern] = qtype
-    check_output(args.out, args.overwrite, resolve_source(args.model))
-    if args.format != "gguf":
-        loaded = load_model(args.model)
-        print(f"wrote {_save(loaded, args.format, args.out, args.overwrite)} ({args.format})")
-        return 0
-    from collections import Counter
-
-    from lowbit.job import QuantizeJob, quantize_and_save
-
-    job = QuantizeJob(args.model, args.out, fmt="gguf", gguf_type=args.type,
-                      gguf_overrides=tuple(sorted(overrides.items())))
-    result = quantize_and_save(job, overwrite=args.overwrite, resume=args.resume)
-    counts = ", ".join(f"{n} {t}" for t, n in sorted(Counter(result.record.values()).items()))
-    print(f"wrote {result.path}: {result.path.stat().st_size:,} bytes ({counts})")
-    return 0
-
-
-def _write_json(path: str | None, data: dict[str, Any]) -> None:
-    """The results as JSON, atomically, marked as lowbit's own (``--json`` was checked up front)."""
-    from lowbit import __version__
-    from lowbit.formats.atomic import JSON_MARKER, write_json_atomic
-
-    if path:
-        write_json_atomic(path, {JSON_MARKER: f"lowbit {__version__}", **data})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
