@@ -95,8 +95,11 @@ def _reads_text(args: Any) -> bool:
         return True
     if args.command != "quantize":
         return False
+    from lowbit.methods.method import MethodConfig
+
     mixed = getattr(args, "target_bpw", None) is not None or getattr(args, "max_size", None) is not None
-    return not args.no_eval or mixed or args.method not in ("rtn", "hqq")
+    calibrated = args.method == "imatrix" or MethodConfig.parse(args.method).needs_calibration  # imatrix: GGUF only
+    return not args.no_eval or mixed or calibrated
 
 
 def _has_tokenizer(model: str) -> bool:

@@ -23,7 +23,6 @@ module only refines codes and scales on the same grid, so every format that stor
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,7 +33,6 @@ from lowbit.core.qtensor import QuantizedTensor
 from lowbit.core.rounding import group_view
 from lowbit.errors import ConfigError
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ Weights are loaded in float32, the precision the quantizers compute in.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from importlib import metadata
@@ -23,7 +22,7 @@ from torch import nn
 
 from lowbit.errors import ModelLoadError
 from lowbit.model.source import StreamingModel, open_hf_folder
-from lowbit.model.validate import check_raw_config
+from lowbit.model.validate import read_config_json
 
 log = logging.getLogger(__name__)
 
@@ -124,30 +123,14 @@ def load_model(source: str | Path, device: str = "cpu") -> LoadedModel:
     loader = FOLDER_LOADERS.get(quant_method)
     if loader is not None:
         return loader(path, device)
-    return _load_hf_folder(path, config)
+    return _load_hf_folder(path)
 
 
-def read_config_json(folder: Path) -> dict[str, Any]:
-    file = folder / "config.json"
-    if not file.is_file():
-        raise ModelLoadError(f"{folder} has no config.json: give a Hugging Face model folder or a .gguf file")
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{file} is not valid JSON ({exc}): re-download or fix the file") from exc
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{file} holds a JSON {type(config).__name__}, not a config object: re-download or fix it")
-    if not isinstance(config.get("quantization_config") or {}, dict):
-        raise ModelLoadError(f"{file}: quantization_config is not an object: re-download or fix the file")
-    check_raw_config(config, str(file))
-    return config
-
-
-def _load_hf_folder(folder: Path, config: dict[str, Any]) -> LoadedModel:
+def _load_hf_folder(folder: Path) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     _require_safetensors(folder)
-    open_hf_folder(folder, torch.float32, None).close()  # the config builds and the tensors match it (names, shapes), from headers only
+    open_hf_folder(folder, torch.float32, None).close()  # config builds, tensors match it (headers only)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
                                                      trust_remote_code=False)

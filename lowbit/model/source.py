@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lowbit.errors import ModelLoadError
-from lowbit.model.validate import check_config_sizes, check_raw_config, config_errors, verify_tensors
+from lowbit.model.validate import check_config_sizes, config_errors, read_config_json, verify_tensors
 
 log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
@@ -360,23 +360,13 @@ def open_hf_folder(folder: Path, dtype: torch.dtype, tokenizer: Any) -> Streamin
     """A Hugging Face safetensors folder as a :class:`StreamingModel` (nothing read but headers)."""
     from transformers import AutoConfig
 
-    try:
-        raw = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        raw = None  # AutoConfig reports it
-    if isinstance(raw, dict):
-        check_raw_config(raw, str(folder / "config.json"))
+    raw = read_config_json(folder)  # a JSON object with sane layer counts, before transformers builds from it
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, *config_errors()) as exc:
-        import json as _json
-
-        try:
-            model_type = _json.loads((folder / "config.json").read_text()).get("model_type")
-        except (OSError, ValueError, AttributeError):
-            model_type = None
-        raise ModelLoadError(f"unknown architecture {model_type!r} in {folder}/config.json: this transformers version "
-                             f"cannot build it; upgrade transformers or use a supported model ({exc})") from exc
+        raise ModelLoadError(f"unknown architecture {raw.get('model_type')!r} in {folder}/config.json: this "
+                             "transformers version cannot build it; upgrade transformers or use a supported model "
+                             f"({exc})") from exc
     source = SafetensorsSource.from_folder(folder)
     model = meta_skeleton(config)
     tied = tied_names(model, source.names)

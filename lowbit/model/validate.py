@@ -7,6 +7,8 @@ fill a missing tensor with random values and ignore extra ones.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Iterable
 
 from torch import nn
@@ -94,3 +96,22 @@ def verify_tensors(model: nn.Module, stored: frozenset[str], tied: dict[str, str
         raise ModelLoadError(f"{path}: the tensors do not match what its config describes: {'; '.join(problems)}. "
                              "lowbit never fills missing weights with random values: use the checkpoint's own "
                              "config, or repair the file (e.g. strip a 'module.' prefix from the tensor names)")
+
+
+def read_config_json(folder: Path) -> dict[str, Any]:
+    """``folder/config.json`` as a dict, refused with a one-line :class:`ModelLoadError` when it is missing, not
+    JSON, not an object, has a non-object ``quantization_config`` or claims an impossible layer count — the one
+    reader of raw configs, before transformers builds anything from them."""
+    file = folder / "config.json"
+    if not file.is_file():
+        raise ModelLoadError(f"{folder} has no config.json: give a Hugging Face model folder or a .gguf file")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{file} is not valid JSON ({exc}): re-download or fix the file") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{file} holds a JSON {type(config).__name__}, not a config object: re-download or fix it")
+    if not isinstance(config.get("quantization_config") or {}, dict):
+        raise ModelLoadError(f"{file}: quantization_config is not an object: re-download or fix the file")
+    check_raw_config(config, str(file))
+    return config
