@@ -14,14 +14,13 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import sys
 from typing import Any, Sequence
 
 from lowbit import cli_mixed
 from lowbit.checks import check_command
-from lowbit.cli_files import cmd_export, cmd_inspect, cmd_plan, save_serving
+from lowbit.cli_files import cmd_export, cmd_inspect, cmd_plan
 from lowbit.cli_output import print_results, write_json
 from lowbit.errors import LowbitError
 from lowbit.methods.method import METHOD_NAMES
@@ -159,14 +158,8 @@ def _evaluate(loaded: Any, args: argparse.Namespace, reference: Any = None) -> d
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from lowbit.config import COMPUTE_DTYPES
-    from lowbit.eval.size import size_report
+    from lowbit.calib.data import CalibConfig
     from lowbit.formats.atomic import check_output
-    from lowbit.formats.native import save_quantized
-    from lowbit.model.loading import load_model
-    from lowbit.quantize import quantize_model
-
-    from lowbit.calib.data import CalibConfig, calibration_ids
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.methods.learned import LearnedConfig
     from lowbit.methods.method import ClipConfig, MethodConfig
@@ -188,38 +181,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite, resolve_source(args.model))
     if not args.no_eval:
         _protocol(args)  # validate before the expensive work
-    if not mixed:
-        return _quantize_stream(args, recipe, method, calib)
-    loaded = load_model(args.model)
-    plan = cli_mixed.mixed_plan(loaded, recipe, args) if mixed else None
-    if plan is not None:
-        recipe = plan.recipe
-    if args.format != "lowbit":
-        from lowbit.formats.serving import check_recipe
-
-        check_recipe(loaded.model, recipe, args.format, method)  # fail before the expensive work
-    calib_text, calib_note = _calibration(args, method, calib)
-    calib_ids = None if calib_text is None else calibration_ids(loaded.tokenizer, calib_text, calib)
-    original = None if args.no_eval else copy.deepcopy(loaded.model)
-    summary = quantize_model(loaded.model, recipe, method=method, calib_ids=calib_ids, calib=calib,
-                             float_dtype=args.float_dtype,
-                             compute_dtype=COMPUTE_DTYPES[args.compute_dtype or "bfloat16"])
-    setting = "mixed precision" if plan else recipe.default.describe()
-    log.info("quantized %d layers with %s (%s) in %.1f s", summary.layers, method.name, setting, summary.seconds)
-    out = save_serving(loaded, args.format, args.out, args.overwrite) if args.format != "lowbit" else \
-        save_quantized(loaded, args.out, overwrite=args.overwrite)
-    log.info("saved to %s (%s)", out, args.format)
-    evaluation = None if args.no_eval else _evaluate(loaded, args, reference=original)
-    size = size_report(loaded.model)
-    extra = [("method", f"{method.name}, {setting}"), ("quantize time", f"{summary.seconds:.1f} s")]
-    extra += [("calibration", calib_note)] if calib_note else []
-    extra += cli_mixed.mixed_summary(plan) if plan else []
-    print_results(f"{args.model} → {out}", evaluation, size, extra)
-    write_json(args.json_out, {"method": method.name, "config": recipe.default.to_dict(), "calibration": calib_note,
-                                "quantize_seconds": summary.seconds, "evaluation": evaluation, "size": size.to_dict(),
-                                "mixed_precision": {**plan.allocation.to_dict(), "checkpoint_bytes": plan.total_bytes}
-                                if plan else None})
-    return 0
+    plan = cli_mixed.mixed_plan(args, recipe, _max_memory(args)) if mixed else None
+    return _quantize_stream(args, plan.recipe if plan else recipe, method, calib, plan)
 
 
 def _calibration(args: argparse.Namespace, method: Any, calib: Any) -> tuple[str | None, str | None]:
@@ -272,9 +235,9 @@ def _compute_dtype(args: argparse.Namespace) -> Any:
     return COMPUTE_DTYPES[getattr(args, "compute_dtype", None) or "float32"]
 
 
-def _quantize_stream(args: argparse.Namespace, recipe: Any, method: Any, calib: Any) -> int:
+def _quantize_stream(args: argparse.Namespace, recipe: Any, method: Any, calib: Any, plan: Any = None) -> int:
     """``lowbit quantize`` (lowbit, compressed-tensors or GPTQ folder): the streaming job, then a lockstep
-    evaluation of what it wrote."""
+    evaluation of what it wrote. ``plan``: the mixed-precision plan ``recipe`` comes from (reported)."""
     from lowbit.eval.size import size_of_folder
     from lowbit.job import QuantizeJob, quantize_and_save
 
@@ -283,7 +246,7 @@ def _quantize_stream(args: argparse.Namespace, recipe: Any, method: Any, calib: 
                       max_memory=_max_memory(args),
                       compute_dtype=args.compute_dtype or "bfloat16", float_dtype=args.float_dtype, fmt=args.format)
     result = quantize_and_save(job, overwrite=args.overwrite, resume=args.resume)
-    setting = recipe.default.describe()
+    setting = "mixed precision" if plan else recipe.default.describe()
     log.info("quantized %d layers with %s (%s) in %.1f s", result.layers, method.name, setting, result.seconds)
     log.info("saved to %s (%s)", result.path, args.format)
     evaluation = None if args.no_eval else _stream_eval(args, str(result.path), args.model)
@@ -291,9 +254,12 @@ def _quantize_stream(args: argparse.Namespace, recipe: Any, method: Any, calib: 
     extra = [("method", f"{method.name}, {setting}"), ("quantize time", f"{result.seconds:.1f} s")]
     extra += [("calibration", calib_note)] if calib_note else []
     extra += [("resumed at block", f"{result.resumed_from} of {result.blocks}")] if result.resumed_from else []
+    extra += cli_mixed.mixed_summary(plan) if plan else []
     print_results(f"{args.model} → {result.path}", evaluation, size, extra)
     write_json(args.json_out, {"method": method.name, "config": recipe.default.to_dict(), "calibration": calib_note,
-                                "quantize_seconds": result.seconds, "evaluation": evaluation, "size": size.to_dict()})
+                                "quantize_seconds": result.seconds, "evaluation": evaluation, "size": size.to_dict(),
+                                "mixed_precision": {**plan.allocation.to_dict(), "checkpoint_bytes": plan.total_bytes}
+                                if plan else None})
     return 0
 
 

@@ -69,7 +69,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def save_serving(loaded: Any, fmt: str, out: str, overwrite: bool) -> Path:
-    """Write a quantized model as compressed-tensors or GPTQ."""
+    """Write a quantized model (in memory, or a streamed lowbit folder) as compressed-tensors or GPTQ."""
     from lowbit.formats.compressed_tensors import export_compressed_tensors
     from lowbit.formats.gptq_format import export_gptq
 
@@ -80,7 +80,9 @@ def save_serving(loaded: Any, fmt: str, out: str, overwrite: bool) -> Path:
 def cmd_export(args: argparse.Namespace) -> int:
     from lowbit.errors import ConfigError
     from lowbit.formats.atomic import check_output
-    from lowbit.model.loading import load_model
+    import torch
+
+    from lowbit.model.loading import open_model
 
     overrides = {}
     for item in args.tensor_type:
@@ -94,8 +96,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         overrides[pattern] = qtype
     check_output(args.out, args.overwrite, resolve_source(args.model))
     if args.format != "gguf":
-        loaded = load_model(args.model)
-        print(f"wrote {save_serving(loaded, args.format, args.out, args.overwrite)} ({args.format})")
+        sm = open_model(args.model, torch.float32)  # one block at a time
+        try:
+            print(f"wrote {save_serving(sm, args.format, args.out, args.overwrite)} ({args.format})")
+        finally:
+            sm.close()
         return 0
     from collections import Counter
 

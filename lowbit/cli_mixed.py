@@ -55,6 +55,12 @@ def check_mixed_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--target-bpw must be between 1 and 32 bits per weight, got {args.target_bpw}")
 
 
+def _max_memory(args: argparse.Namespace) -> int | None:
+    from lowbit.plan.allocate import parse_size
+
+    return None if getattr(args, "max_memory", None) is None else parse_size(args.max_memory)
+
+
 def sensitivity_ids(loaded: Any, args: argparse.Namespace) -> tuple[Any, Any, str]:
     """Calibration token ids for the sensitivity scores, their config and a description."""
     from lowbit.calib.data import CalibConfig, calibration_ids
@@ -84,8 +90,9 @@ def load_table(path: str, candidates: Any) -> Any:
     return table
 
 
-def mixed_plan(loaded: Any, recipe: Any, args: argparse.Namespace) -> Any:
-    """Sensitivity (or ``--sensitivity FILE``) → allocation under ``--target-bpw`` / ``--max-size``."""
+def mixed_plan(args: argparse.Namespace, recipe: Any, max_memory: int | None) -> Any:
+    """Sensitivity (or ``--sensitivity FILE``) → allocation under ``--target-bpw`` / ``--max-size``, the model
+    read block by block."""
     from lowbit.calib.data import CalibConfig
     from lowbit.plan.allocate import parse_size
     from lowbit.plan.candidates import parse_candidates
@@ -93,16 +100,38 @@ def mixed_plan(loaded: Any, recipe: Any, args: argparse.Namespace) -> Any:
 
     candidates = parse_candidates(args.candidates)
     table, ids, calib = None, None, None
-    if args.sensitivity:
-        table = load_table(args.sensitivity, candidates)
-    else:
-        ids, calib, note = sensitivity_ids(loaded, args)
-        log.info("sensitivity: %d candidate formats scored on %s", len(candidates), note)
-    max_bytes = None if args.max_size is None else parse_size(args.max_size)
-    # scores assume nearest rounding with min-max q-params whatever the method (fast; what bench/mixed_smollm2.py
-    # validates); a GPTQ-rounded table comes from `lowbit sensitivity --method gptq --json` + --sensitivity
-    return plan_mixed(loaded.model, recipe, candidates, ids, args.target_bpw, max_bytes, calib or CalibConfig(),
-                      None, args.format, args.float_dtype, table)
+    sm = open_float(args.model)
+    try:
+        if args.sensitivity:
+            table = load_table(args.sensitivity, candidates)
+        else:
+            ids, calib, note = sensitivity_ids(sm, args)
+            log.info("sensitivity: %d candidate formats scored on %s", len(candidates), note)
+        max_bytes = None if args.max_size is None else parse_size(args.max_size)
+        # scores assume nearest rounding with min-max q-params whatever the method (fast; what
+        # bench/mixed_smollm2.py validates); a GPTQ-rounded table: `lowbit sensitivity --method gptq --json` +
+        # --sensitivity
+        return plan_mixed(sm, recipe, candidates, ids, args.target_bpw, max_bytes, calib or CalibConfig(),
+                          None, args.format, args.float_dtype, table, compute_dtype=_compute_dtype(args),
+                          max_memory=max_memory)
+    finally:
+        sm.close()
+
+
+def open_float(model: str) -> Any:
+    """The float model as a :class:`~lowbit.model.source.StreamingModel`: a meta skeleton, blocks read on demand."""
+    import torch
+
+    from lowbit.model.loading import open_model
+
+    return open_model(model, torch.float32)
+
+
+def _compute_dtype(args: argparse.Namespace) -> Any:
+    """Block passes of the sensitivity scores: float32 unless ``--compute-dtype`` says otherwise."""
+    from lowbit.config import COMPUTE_DTYPES
+
+    return COMPUTE_DTYPES[getattr(args, "compute_dtype", None) or "float32"]
 
 
 def sensitivity_rows(table: Any, top: int) -> tuple[list[str], list[tuple]]:
@@ -118,17 +147,20 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from lowbit.config import QuantRecipe
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.methods.method import MethodConfig
-    from lowbit.model.loading import load_model
     from lowbit.plan.candidates import parse_candidates
     from lowbit.plan.sensitivity import sensitivity_table
     from lowbit.report import markdown_table
 
     candidates = parse_candidates(args.candidates)
     method = MethodConfig.parse(args.method, gptq=GPTQConfig(damp=args.damp))
-    loaded = load_model(args.model)
-    ids, calib, note = sensitivity_ids(loaded, args)
     recipe = QuantRecipe(include=tuple(args.include), exclude=tuple(args.exclude))
-    table = sensitivity_table(loaded.model, recipe, candidates, ids, calib, method, args.float_dtype)
+    sm = open_float(args.model)
+    try:
+        ids, calib, note = sensitivity_ids(sm, args)
+        table = sensitivity_table(sm, recipe, candidates, ids, calib, method, args.float_dtype,
+                                  compute_dtype=_compute_dtype(args), max_memory=_max_memory(args))
+    finally:
+        sm.close()
     table.calibration = note
     headers, rows = sensitivity_rows(table, args.top)
     print(f"\nestimated KL (nats/token) of quantizing each layer alone — {args.top} most sensitive of "
@@ -183,6 +215,7 @@ def add_subcommands(sub: Any, add_calib_args: Any, add_eval_args: Any) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     import json
+    import os
     from dataclasses import replace
     from pathlib import Path
 
@@ -194,10 +227,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from lowbit.eval.report_page import recommendation, write_report
     from lowbit.eval.report_plots import require_plotting
     from lowbit.eval.sweep import SweepConfig, SweepData, run_sweep
-    from lowbit.formats.atomic import check_output
+    from lowbit.formats.atomic import check_output, remove_stale_siblings
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.methods.method import MethodConfig
-    from lowbit.model.loading import load_model, resolve_source
+    from lowbit.model.loading import resolve_source
     from lowbit.plan.candidates import parse_candidates
 
     try:
@@ -213,17 +246,22 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-kl {args.max_kl:g} must be a positive KL divergence (nats/token), e.g. 0.05")
     require_plotting()  # the optional dependency, before the sweep
     protocol = EvalProtocol(seqlen=args.seqlen, max_tokens=args.max_tokens or None, add_bos=args.bos)
-    check_output(args.out, args.overwrite, resolve_source(args.model))
-    loaded = load_model(args.model)
+    out = check_output(args.out, args.overwrite, resolve_source(args.model))
+    sm = open_float(args.model)  # the tokenizer (the sweep reads the blocks itself)
+    sm.close()
     text, source = read_text(args.text, "eval")
-    windows = token_windows(loaded.tokenizer, text, protocol)
+    windows = token_windows(sm.tokenizer, text, protocol)
     calib_text, _ = read_text(args.calib, "calib")
     sens_calib = CalibConfig(samples=args.sensitivity_samples, seqlen=args.calib_seqlen, seed=args.seed)
     calib = CalibConfig(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed)
-    data = SweepData(calibration_ids(loaded.tokenizer, calib_text, calib) if sweep.method.needs_calibration else None,
-                     calib, calibration_ids(loaded.tokenizer, calib_text, sens_calib), sens_calib, windows, protocol)
+    data = SweepData(calibration_ids(sm.tokenizer, calib_text, calib) if sweep.method.needs_calibration else None,
+                     calib, calibration_ids(sm.tokenizer, calib_text, sens_calib), sens_calib, windows, protocol)
     base = QuantRecipe(include=tuple(args.include), exclude=tuple(args.exclude))
-    report = run_sweep(loaded, base, sweep, data, f"{source} ({windows.shape[0]} × {protocol.seqlen} tokens)")
+    remove_stale_siblings(out)  # scratch of a killed sweep
+    scratch = out.with_name(f".{out.name}.lowbit-tmp-{os.getpid()}-sweep")  # beside the page: same disk
+    report = run_sweep(str(resolve_source(args.model)), base, sweep, data,
+                       f"{source} ({windows.shape[0]} × {protocol.seqlen} tokens)", scratch,
+                       max_memory=_max_memory(args))
     report = replace(report, model=args.model)  # the name the user gave, not the resolved file path
     out = write_report(args.out, report, overwrite=args.overwrite)
     data_file = Path(str(out) + ".json")

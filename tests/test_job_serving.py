@@ -70,6 +70,25 @@ def test_streamed_serving_folder_is_byte_identical_to_in_memory_export(deep_fold
     assert torch.equal(reloaded(ids).logits, lm.model(ids).logits)
 
 
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_export_of_a_lowbit_folder_streams_the_same_bytes(deep_folder: Path, tmp_path: Path, fmt: str) -> None:
+    """`lowbit export --format ct|gptq` reads the lowbit folder one block at a time (a StreamingModel) and writes
+    exactly what exporting the whole model from memory writes."""
+    recipe = QuantRecipe(QuantConfig(bits=4, group_size=32, symmetric=False))
+    quantize_and_save(QuantizeJob(str(deep_folder), str(tmp_path / "q"), recipe=recipe, max_shard_bytes=SHARD),
+                      progress=False)
+    sm = open_model(str(tmp_path / "q"), torch.float32)
+    try:
+        assert sm.streamed
+        export_serving(sm, fmt, tmp_path / "stream", max_shard_bytes=SHARD)
+    finally:
+        sm.close()
+    export_serving(load_model(tmp_path / "q"), fmt, tmp_path / "memory", max_shard_bytes=SHARD)
+    streamed, memory = _bytes(tmp_path / "stream"), _bytes(tmp_path / "memory")
+    assert sorted(streamed) == sorted(memory) and len([n for n in streamed if n.startswith("model-")]) > 2
+    assert [n for n in memory if streamed[n] != memory[n]] == []
+
+
 def test_gptq_zero_point_of_zero_is_written_as_v2(deep_folder: Path, tmp_path: Path) -> None:
     """An all-positive weight group has min-max zero point 0, which v1 (z − 1) cannot hold."""
     files = sorted(deep_folder.glob("*.safetensors"))

@@ -96,10 +96,12 @@ def _first_inputs(sm: StreamingModel, ids: torch.Tensor) -> list[BlockInputs]:
     return capture_first_block_inputs(sm.model, block_list(sm.model, spec)[0], ids, 1, embed)
 
 
-@torch.no_grad()
-def _head_inputs(sm: StreamingModel, finals: list[BlockInputs], as_tuple: bool) -> torch.Tensor:
-    """What the output projection receives for each window's final hidden state: ``[windows·T, hidden]``."""
-    model = sm.model
+def head_input(model: nn.Module, hidden: torch.Tensor, as_tuple: bool) -> torch.Tensor:
+    """What the output projection receives for a final hidden state ``[B, T, hidden]``: ``[B·T, hidden]``.
+
+    The model's own forward runs with its blocks stood in for (the first returns ``hidden``), stopped at the
+    head: whatever the architecture does after its last block (final norm, projections) applies. Differentiable:
+    with autograd on, the result is connected to ``hidden``."""
     spec = spec_for(model)
     blocks = block_list(model, spec)
     originals = list(blocks)
@@ -107,26 +109,31 @@ def _head_inputs(sm: StreamingModel, finals: list[BlockInputs], as_tuple: bool) 
     captured: list[torch.Tensor] = []
 
     def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-        captured.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        captured.append(args[0].reshape(-1, args[0].shape[-1]))
         raise _StopAtHead
 
     handle = head.register_forward_pre_hook(hook)
     try:
-        for final in finals:
-            for i, original in enumerate(originals):
-                blocks[i] = _Replay(original, final.hidden if i == 0 else None, as_tuple)
-            try:
-                model(inputs_embeds=torch.zeros_like(final.hidden), use_cache=False)
-            except _StopAtHead:
-                pass
+        for i, original in enumerate(originals):
+            blocks[i] = _Replay(original, hidden if i == 0 else None, as_tuple)
+        try:
+            model(inputs_embeds=torch.zeros_like(hidden.detach()), use_cache=False)
+        except _StopAtHead:
+            pass
     finally:
         handle.remove()
         for i, original in enumerate(originals):
             blocks[i] = original
-    return torch.cat(captured)
+    return captured[0]
 
 
-class _Head:
+@torch.no_grad()
+def _head_inputs(sm: StreamingModel, finals: list[BlockInputs], as_tuple: bool) -> torch.Tensor:
+    """:func:`head_input` of every window's final hidden state: ``[windows·T, hidden]``."""
+    return torch.cat([head_input(sm.model, final.hidden, as_tuple) for final in finals])
+
+
+class OutputHead:
     """The output projection, a chunk of vocabulary rows at a time: :meth:`tile` reads ``W[a:b]`` (and the bias)
     once per chunk, :meth:`logits` applies it to a tile of positions, soft-capped where the config says so. A
     float head is read by rows from the source, never whole; a quantized head (QLinear) is materialized and run,
@@ -159,38 +166,74 @@ class _Head:
         return torch.tanh(z / self.cap) * self.cap if self.cap else z
 
 
-@torch.no_grad()
-def evaluate_lockstep(sm: StreamingModel, windows: torch.Tensor, protocol: EvalProtocol,
-                      reference: StreamingModel | None = None, progress: bool = True) -> EvalResult:
-    """Perplexity of ``sm`` on ``windows``; KL and top-1 agreement against ``reference`` (see module doc)."""
+@dataclass
+class ReferenceHeads:
+    """The reference model's head inputs at the scored positions of some windows (``[N, hidden]``), computed once
+    by :func:`reference_heads` so that many evaluations against it run only their own model's blocks; the head
+    weights are still read from ``sm`` by rows."""
+
+    sm: StreamingModel
+    heads: torch.Tensor
+    windows: torch.Tensor
+
+
+def _scoring(sm: StreamingModel, windows: torch.Tensor, protocol: EvalProtocol,
+             ) -> tuple[torch.Tensor, slice, torch.Tensor]:
+    """(token ids the model runs on, scored positions, their targets) of ``windows`` under ``protocol``."""
     bos_id = _bos_id(protocol, sm.tokenizer)
     ids = windows if bos_id is None else torch.cat([torch.full((windows.shape[0], 1), bos_id), windows], dim=1)
     scored = slice(0, windows.shape[1] - 1) if bos_id is None else slice(0, windows.shape[1])
-    targets = ids[:, scored.start + 1: scored.stop + 1].reshape(-1)
-    models = [sm] + ([reference] if reference is not None else [])
-    states = [_first_inputs(m, ids) for m in models]
-    count = len(block_list(sm.model, spec_for(sm.model)))
+    return ids, scored, ids[:, scored.start + 1: scored.stop + 1].reshape(-1)
+
+
+@torch.no_grad()
+def _final_heads(m: StreamingModel, ids: torch.Tensor, scored: slice, progress: bool, desc: str) -> torch.Tensor:
+    """Run every block of ``m`` on ``ids`` (one block in memory at a time) and return the head inputs at the
+    scored positions, ``[windows·len(scored), hidden]`` float32."""
+    states = _first_inputs(m, ids)
+    spec = spec_for(m.model)
     as_tuple = False
-    prefix = spec_for(sm.model).blocks
-    for index in tqdm(range(count), desc="evaluating", unit="block", disable=not progress):
-        for k, m in enumerate(models):
-            block = m.materialize(f"{prefix}.{index}")
-            with dequantize_once(block):
-                out = block(states[k][0].hidden, *states[k][0].args, **states[k][0].kwargs)
-                as_tuple = isinstance(out, (tuple, list))
-                first = BlockInputs(out[0] if as_tuple else out, states[k][0].args, states[k][0].kwargs)
-                states[k] = [first] + run_block(block, states[k][1:])
-            m.release(f"{prefix}.{index}")
-    heads = []
-    for k, m in enumerate(models):
-        x = _head_inputs(m, states[k], as_tuple).float()
-        t = ids.shape[1]
-        heads.append(x.view(len(states[k]), t, -1)[:, scored].reshape(-1, x.shape[-1]))
-        states[k] = []
+    for index in tqdm(range(len(block_list(m.model, spec))), desc=desc, unit="block", disable=not progress):
+        block = m.materialize(f"{spec.blocks}.{index}")
+        with dequantize_once(block):
+            out = block(states[0].hidden, *states[0].args, **states[0].kwargs)
+            as_tuple = isinstance(out, (tuple, list))
+            first = BlockInputs(out[0] if as_tuple else out, states[0].args, states[0].kwargs)
+            states = [first] + run_block(block, states[1:])
+        m.release(f"{spec.blocks}.{index}")
+    x = _head_inputs(m, states, as_tuple).float()
+    return x.view(len(states), ids.shape[1], -1)[:, scored].reshape(-1, x.shape[-1])
+
+
+def reference_heads(ref: StreamingModel, windows: torch.Tensor, protocol: EvalProtocol,
+                    progress: bool = True) -> ReferenceHeads:
+    """The reference's head inputs on ``windows``, for :func:`evaluate_lockstep` calls against it."""
+    ids, scored, _ = _scoring(ref, windows, protocol)
+    return ReferenceHeads(ref, _final_heads(ref, ids, scored, progress, "evaluating (reference)"), windows)
+
+
+@torch.no_grad()
+def evaluate_lockstep(sm: StreamingModel | ReferenceHeads, windows: torch.Tensor, protocol: EvalProtocol,
+                      reference: StreamingModel | ReferenceHeads | None = None, progress: bool = True) -> EvalResult:
+    """Perplexity of ``sm`` on ``windows``; KL and top-1 agreement against ``reference`` (see module doc). Either
+    may be a model or its :func:`reference_heads` on the same windows (then its blocks are not run again)."""
+    if isinstance(reference, StreamingModel):
+        reference = reference_heads(reference, windows, protocol, progress)
+    for given in (sm, reference):
+        if isinstance(given, ReferenceHeads) and not torch.equal(given.windows, windows):
+            raise ValueError("internal: head inputs computed on other windows")
+    own = sm if isinstance(sm, ReferenceHeads) else None
+    sm = own.sm if own is not None else sm
+    ids, scored, targets = _scoring(sm, windows, protocol)
+    heads = [own.heads if own is not None else _final_heads(sm, ids, scored, progress, "evaluating")]
+    models = [sm]
+    if reference is not None:
+        heads.append(reference.heads)
+        models.append(reference.sm)
     n = targets.numel()
     stats = [_RunningStats.empty(n) for _ in models]
     kl_t = torch.zeros(n, dtype=torch.float64)
-    projections = [_Head(m) for m in models]
+    projections = [OutputHead(m) for m in models]
     vocab = projections[0].vocab
     for a in tqdm(range(0, vocab, _VOCAB_CHUNK), desc="head", unit="chunk", disable=not progress):
         b = min(vocab, a + _VOCAB_CHUNK)
@@ -214,4 +257,5 @@ def evaluate_lockstep(sm: StreamingModel, windows: torch.Tensor, protocol: EvalP
         result = {"kl": float(kl.mean()), "top1_agreement": float((ref.argmax == stats[0].argmax).double().mean()),
                   "reference_perplexity": math.exp(float((ref.lse - ref.target).mean()))}
     return EvalResult(perplexity=math.exp(nll), nll=nll, scored_tokens=n, windows=windows.shape[0],
-                      seqlen=protocol.seqlen, bos="per-window BOS" if bos_id is not None else "none", **result)
+                      seqlen=protocol.seqlen, bos="per-window BOS" if ids.shape[1] > windows.shape[1] else "none",
+                      **result)

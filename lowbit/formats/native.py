@@ -152,17 +152,25 @@ def checkpoint_tensors(model: nn.Module, float_dtype: str) -> tuple[dict[str, to
     return module_tensors(model, "", float_dtype, set(aliases)), aliases
 
 
-def feed_model(sink: Any, model: nn.Module) -> None:
-    """Give an in-memory model to a sink block by block, then what is outside the blocks (as the job does)."""
-    spec = spec_for(model)
-    for index, block in enumerate(block_list(model, spec)):
-        sink.add_block(f"{spec.blocks}.{index}.", block)
+def feed_model(sink: Any, model: nn.Module | StreamingModel) -> None:
+    """Give a quantized model to a sink block by block, then what is outside the blocks (as the job does). A
+    :class:`StreamingModel` (e.g. a lowbit folder opened with :func:`lowbit.model.loading.open_model`) has one
+    block in memory at a time and its vocabulary tables read by rows."""
+    sm = model if isinstance(model, StreamingModel) else StreamingModel(model, None, None, "memory", "memory")
+    spec = spec_for(sm.model)
+    for index in range(len(block_list(sm.model, spec))):
+        name = f"{spec.blocks}.{index}"
+        sink.add_block(name + ".", sm.materialize(name))
+        sm.release(name)
     prefix = spec.blocks + "."
-    outside = {n: m for n, m in model.named_modules() if isinstance(m, QLinear) and not n.startswith(prefix)}
-    state = model.state_dict()
-    rest = [n for n in state if not n.startswith(prefix) and n.rpartition(".")[0] not in outside]
-    sink.add_rest(rest, state.__getitem__, lambda n, a, b: state[n][a:b], outside,
-                  {n: tuple(state[n].shape) for n in rest})
+    outside = {n: sm.materialize(n) for n, m in sm.model.named_modules()
+               if isinstance(m, QLinear) and not n.startswith(prefix)}
+    slots = sm.model.state_dict(keep_vars=True)
+    state = sm.model.state_dict() if not sm.streamed else None
+    rest = [n for n in slots if not n.startswith(prefix) and n.rpartition(".")[0] not in outside]
+    read = state.__getitem__ if state is not None else sm.read
+    rows = (lambda n, a, b: state[n][a:b]) if state is not None else sm.read_rows
+    sink.add_rest(rest, read, rows, outside, {n: tuple(slots[n].shape) for n in rest})
 
 
 def save_quantized(loaded: LoadedModel | nn.Module, out: str | Path, overwrite: bool = False, tokenizer: Any = None,

@@ -34,6 +34,7 @@ from lowbit.formats.native import RowReader, add_float_tensors, feed_model, mode
 from lowbit.formats.serving import num_blocks, quantized_layers, raise_problems, skeleton
 from lowbit.formats.shards import DEFAULT_SHARD_BYTES, ShardState, ShardWriter, rewrite_tensors
 from lowbit.model.architectures import spec_for
+from lowbit.model.source import StreamingModel
 from lowbit.nn.qlinear import QLinear
 
 log = logging.getLogger(__name__)
@@ -162,18 +163,21 @@ def _modules_in_block(linears: list[str], prefix: str, quantized: set[str]) -> l
 
 def export_serving(loaded: Any, fmt: str, out: str | Path, overwrite: bool = False,
                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write an in-memory lowbit-quantized model as ``fmt`` (compressed-tensors or gptq), atomically."""
+    """Write a lowbit-quantized model as ``fmt`` (compressed-tensors or gptq), atomically. ``loaded``: a model in
+    memory (``LoadedModel``) or a :class:`~lowbit.model.source.StreamingModel` of a lowbit folder, read one block
+    at a time (same bytes)."""
     model = loaded.model
     skel = skeleton(model.config)
     layers = quantized_layers(model, skel)
     raise_problems(fmt, [shape for shape, _ in layers], num_blocks(skel))
     record = model.config.quantization_config
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    skip = set(model_aliases(model)) if tied else set()
+    streamed = isinstance(loaded, StreamingModel) and loaded.streamed
+    aliases = set(loaded.tied) if streamed else set(model_aliases(model))
     with atomic_folder(out, overwrite) as tmp:
         sink = ServingSink(tmp, fmt, record.get("float_dtype", "float16"), record.get("method"), float_linears(skel),
-                           spec_for(skel).blocks + ".", skip, max_shard_bytes)
-        feed_model(sink, model)
+                           spec_for(skel).blocks + ".", aliases if tied else set(), max_shard_bytes)
+        feed_model(sink, loaded if streamed else model)
         run = {k: record[k] for k in ("method_config", "compute_dtype", "calibration") if k in record}
         sink.finish(model.config, record.get("method"), getattr(model, "generation_config", None), loaded.tokenizer,
                     run)

@@ -22,6 +22,7 @@ from lowbit.calib.data import CalibConfig
 from lowbit.config import QuantRecipe
 from lowbit.errors import ConfigError
 from lowbit.methods.method import MethodConfig
+from lowbit.model.source import StreamingModel
 from lowbit.plan.allocate import Allocation, allocate, allowed_for_format, check_mixed_format, layer_budget
 from lowbit.plan.candidates import Candidate
 from lowbit.plan.memory import quantized_weight_bytes, weight_plan
@@ -45,17 +46,22 @@ def fixed_bytes(model: nn.Module, recipe: QuantRecipe, table: SensitivityTable, 
     return total - allocated
 
 
-def plan_mixed(model: nn.Module, recipe: QuantRecipe, candidates: Sequence[Candidate], calib_ids: torch.Tensor,
-               target_bpw: float | None = None, max_bytes: int | None = None, calib: CalibConfig = CalibConfig(),
-               method: MethodConfig | None = None, fmt: str = "lowbit", float_dtype: str = "float16",
-               table: SensitivityTable | None = None, progress: bool = True) -> MixedPlan:
+def plan_mixed(model: nn.Module | StreamingModel, recipe: QuantRecipe, candidates: Sequence[Candidate],
+               calib_ids: torch.Tensor | None, target_bpw: float | None = None, max_bytes: int | None = None,
+               calib: CalibConfig = CalibConfig(), method: MethodConfig | None = None, fmt: str = "lowbit",
+               float_dtype: str = "float16", table: SensitivityTable | None = None, progress: bool = True,
+               compute_dtype: torch.dtype = torch.float32, max_memory: int | None = None) -> MixedPlan:
     """Score (unless ``table`` is given), allocate under ``target_bpw`` (bits per allocated weight) or ``max_bytes``
-    (the whole checkpoint's tensor bytes), and return the per-layer recipe. The model is not changed."""
+    (the whole checkpoint's tensor bytes), and return the per-layer recipe. The model (in memory, or streamed:
+    only its skeleton's shapes are needed besides the scoring) is not changed."""
     if (target_bpw is None) == (max_bytes is None):
         raise ConfigError("give exactly one budget: --target-bpw BITS or --max-size SIZE")
     check_mixed_format(fmt)  # before the expensive scoring
     if table is None:
-        table = sensitivity_table(model, recipe, candidates, calib_ids, calib, method, float_dtype, progress)
+        table = sensitivity_table(model, recipe, candidates, calib_ids, calib, method, float_dtype, progress,
+                                  compute_dtype, max_memory)
+    if isinstance(model, StreamingModel):
+        model = model.model
     fixed = fixed_bytes(model, recipe, table, float_dtype)
     budget = layer_budget(table, target_bpw, max_bytes, fixed)
     allocation = allocate(table, budget, allowed_for_format(table, fmt))

@@ -33,7 +33,6 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lowbit.calib.data import CalibConfig
 from lowbit.calib.stats import InputStats
@@ -41,7 +40,9 @@ from lowbit.config import QuantRecipe
 from lowbit.errors import ConfigError, FormatError
 from lowbit.methods.method import MethodConfig, quantize_weight
 from lowbit.model.modules import LayerTarget, linear_weight, select_layers
+from lowbit.model.source import StreamingModel
 from lowbit.plan.candidates import Candidate, parse_candidate
+from lowbit.plan.fisher import output_fisher
 
 log = logging.getLogger(__name__)
 TABLE_VERSION = 1
@@ -94,58 +95,6 @@ class SensitivityTable:
         write_json_atomic(path, {JSON_MARKER: f"lowbit {__version__}", **self.to_dict()})
 
 
-@torch.no_grad()
-def _sampled_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    probs = torch.softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
-
-
-def output_fisher(model: nn.Module, targets: Sequence[LayerTarget], calib_ids: torch.Tensor, batch_size: int = 2,
-                  seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
-    """``G`` for every target: the mean over tokens of the squared output gradient, per output channel ``[out]``.
-
-    Labels are sampled from the model's own prediction at every position (seeded), so ``E[g gᵀ]`` is the Fisher
-    of the model's distribution. Parameters get no gradients: the graph starts at the input embeddings.
-    """
-    acc = {t.name: torch.zeros(linear_weight(t.module).shape[0], dtype=torch.float64) for t in targets}
-    tokens = 0
-    generator = torch.Generator().manual_seed(seed)
-
-    def record(name: str) -> Any:
-        def accumulate(grad: torch.Tensor) -> None:
-            acc[name] += grad.detach().float().pow(2).flatten(0, -2).sum(0).double()
-
-        def hook(_module: nn.Module, _args: Any, output: torch.Tensor) -> None:
-            if output.requires_grad:
-                output.register_hook(accumulate)
-        return hook
-
-    def grad_start(_module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
-        return output.detach().requires_grad_(True)
-
-    handles = [t.module.register_forward_hook(record(t.name)) for t in targets]
-    handles.append(model.get_input_embeddings().register_forward_hook(grad_start))
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            for start in tqdm(range(0, calib_ids.shape[0], batch_size), desc="sensitivity: gradients", unit="batch",
-                              disable=not progress):
-                ids = calib_ids[start:start + batch_size]
-                logits = model(ids, use_cache=False).logits
-                labels = _sampled_labels(logits.detach(), generator)
-                logp = torch.log_softmax(logits.float(), dim=-1)
-                logp.gather(-1, labels[..., None]).sum().backward()
-                tokens += ids.numel()
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-    return {name: (v / max(tokens, 1)).float() for name, v in acc.items()}
-
-
 def _scores(weight: torch.Tensor, deq: torch.Tensor, second_moment: torch.Tensor, fisher: torch.Tensor,
             ) -> tuple[float, float]:
     """(proxy KL, relative output error) of replacing ``weight`` by ``deq`` (both ``[out, in]``)."""
@@ -163,15 +112,21 @@ def _dequantized(weight: torch.Tensor, cand: Candidate, method: MethodConfig, st
 
 
 @torch.no_grad()
-def sensitivity_table(model: nn.Module, recipe: QuantRecipe, candidates: Sequence[Candidate], calib_ids: torch.Tensor,
-                      calib: CalibConfig = CalibConfig(), method: MethodConfig | None = None,
-                      float_dtype: str = "float16", progress: bool = True) -> SensitivityTable:
+def sensitivity_table(model: nn.Module | StreamingModel, recipe: QuantRecipe, candidates: Sequence[Candidate],
+                      calib_ids: torch.Tensor, calib: CalibConfig = CalibConfig(), method: MethodConfig | None = None,
+                      float_dtype: str = "float16", progress: bool = True,
+                      compute_dtype: torch.dtype = torch.float32, max_memory: int | None = None) -> SensitivityTable:
     """Score every layer ``recipe`` selects inside the decoder blocks × every candidate; the model is unchanged.
 
-    ``method`` sets the rounding and q-params the scores assume (default: nearest rounding, min-max). GPTQ
-    rounding scores each candidate with GPTQ on the layer's own Hessian (slower, closer to what it will get).
+    ``model``: in memory, or a :class:`StreamingModel` read one block at a time (both passes — the Fisher's
+    forward/backward and the statistics — stream). ``method`` sets the rounding and q-params the scores assume
+    (default: nearest rounding, min-max). GPTQ rounding scores each candidate with GPTQ on the layer's own Hessian
+    (slower, closer to what it will get). ``compute_dtype``/``max_memory``: as the quantization job's.
     """
     from lowbit.pipeline import quantize_sequential
+
+    sm = model if isinstance(model, StreamingModel) else StreamingModel(model, None, None, "memory", "memory")
+    model = sm.model
 
     if not candidates:
         raise ConfigError("no candidate formats to score: give at least one, e.g. --candidates 3g128,4g128,8pc")
@@ -182,8 +137,8 @@ def sensitivity_table(model: nn.Module, recipe: QuantRecipe, candidates: Sequenc
     if not targets:
         raise ConfigError("mixed precision allocates layers inside the decoder blocks, and none is selected: "
                           "check --include/--exclude")
-    fisher = output_fisher(model, targets, calib_ids, batch_size=min(2, calib.batch_size), seed=calib.seed,
-                           progress=progress)
+    fisher = output_fisher(sm, targets, calib_ids, batch_size=min(2, calib.batch_size), seed=calib.seed,
+                           progress=progress, compute_dtype=compute_dtype, max_memory=max_memory)
     rows: dict[str, tuple[list[float], list[float], list[int]]] = {}
     plain = replace(method, awq=None)
 
@@ -201,8 +156,8 @@ def sensitivity_table(model: nn.Module, recipe: QuantRecipe, candidates: Sequenc
         return module
 
     in_blocks = QuantRecipe(recipe.default, include=tuple(t.name for t in targets))  # exact names, no lm_head
-    quantize_sequential(model, in_blocks, MethodConfig(), calib_ids, calib, progress, quantize_layer=score,
-                        desc="sensitivity: scoring")
+    quantize_sequential(sm, in_blocks, MethodConfig(), calib_ids, calib, progress, quantize_layer=score,
+                        desc="sensitivity: scoring", compute_dtype=compute_dtype, max_memory=max_memory)
     layers = [t.name for t in targets]
     return SensitivityTable(
         layers=layers,

@@ -97,5 +97,17 @@ def test_report_command_writes_the_page(tiny_hf_folder: Path, tmp_path: Path, ca
     data = json.loads(Path(str(out) + ".json").read_text())
     names = [c["name"] for c in data["configs"]]
     assert names == ["original (fp16)", "4-bit g32 asym", "2-bit g16 asym", "mixed 3.6 bpw", "mixed 5 bpw"]
+    assert sorted(p.name for p in tmp_path.iterdir() if "report" in p.name) == ["report.html", "report.html.json"]
+    # a row is exactly what quantize + eval --compare-to measure for that setting (same job, same lockstep eval)
+    code, _, _ = run(capsys, "quantize", tiny_hf_folder, "--out", tmp_path / "q4", "--bits", "4", "--group-size",
+                     "32", "--no-eval")
+    assert code == 0
+    code, _, _ = run(capsys, "eval", tmp_path / "q4", "--compare-to", tiny_hf_folder, "--text", text, "--seqlen", "64",
+                     "--max-tokens", "256", "--json", tmp_path / "e.json")
+    measured = json.loads((tmp_path / "e.json").read_text())["evaluation"]
+    row = data["configs"][1]
+    assert row["kl"] == pytest.approx(measured["kl"], rel=1e-9) and row["perplexity"] == pytest.approx(
+        measured["perplexity"], rel=1e-9)
+    assert data["configs"][2]["kl"] > row["kl"] and data["configs"][2]["total_bytes"] < row["total_bytes"]
     code, _, err = run(capsys, "report", tiny_hf_folder, "--out", out, "--bpw", "3", *calib_args)
     assert code == 2 and "--overwrite" in err

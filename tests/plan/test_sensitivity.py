@@ -22,22 +22,73 @@ def test_rank_correlations() -> None:
     assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
 
 
-def test_output_fisher_is_the_mean_squared_output_gradient() -> None:
-    """G for one layer equals E_t[g_t²] computed by hand with autograd (same sampled labels, same seed)."""
-    model = make_tiny("llama")
-    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
-    target = [t for t in select_layers(model, QuantRecipe()) if t.name.endswith("1.mlp.down_proj")]
-    fisher = output_fisher(model, target, ids, batch_size=2, seed=3, progress=False)[target[0].name]
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_output_fisher_is_the_mean_squared_output_gradient(arch: str) -> None:
+    """G for one layer equals E_t[g_t²] computed by hand with autograd through the whole model (same labels): the
+    block-by-block backward and the chunked head gradient change nothing."""
+    model = make_tiny(arch)
+    ids = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(3))
+    targets = [t for t in select_layers(model, QuantRecipe()) if t.block_index is not None]
+    target = targets[-1]  # the last block's last linear ...
+    first = targets[0]    # ... and the first block's first: the gradient went through every block
+    fisher = output_fisher(model, [first, target], ids, batch_size=2, progress=False, labels=labels)
     captured = {}
-    handle = target[0].module.register_forward_hook(lambda m, a, out: captured.setdefault("y", out))
+    hooks = [t.module.register_forward_hook(lambda m, a, out, n=t.name: captured.setdefault(n, out))
+             for t in (first, target)]
     logits = model(ids).logits
-    labels = torch.multinomial(torch.softmax(logits.detach().reshape(-1, 512), -1), 1,
-                               generator=torch.Generator().manual_seed(3)).view(2, 16)
-    handle.remove()
-    (grad,) = torch.autograd.grad(torch.log_softmax(logits, -1).gather(-1, labels[..., None]).sum(), captured["y"])
-    expected = grad.pow(2).reshape(-1, grad.shape[-1]).mean(0)
-    torch.testing.assert_close(fisher, expected, rtol=1e-4, atol=1e-12)
+    for h in hooks:
+        h.remove()
+    loss = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).sum()
+    grads = torch.autograd.grad(loss, [captured[first.name], captured[target.name]])
+    for t, grad in zip((first, target), grads):
+        expected = grad.pow(2).reshape(-1, grad.shape[-1]).mean(0)
+        torch.testing.assert_close(fisher[t.name], expected, rtol=1e-4, atol=1e-12)
     assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_sampled_labels_follow_the_softmax() -> None:
+    """Gumbel-max over vocabulary chunks draws labels with the model's probabilities (chi-square over 20k draws),
+    and the log-sum-exp is exact across chunks."""
+    from lowbit.plan import fisher
+
+    vocab, hidden = 20, 4
+    weight = torch.randn(vocab, hidden, generator=torch.Generator().manual_seed(0))
+    head = type("Head", (), {"vocab": vocab, "tile": lambda self, a, b: (a, b),
+                             "logits": lambda self, x, t: x @ weight[t[0]:t[1]].T})()
+    x = torch.randn(1, hidden, generator=torch.Generator().manual_seed(1)).expand(20000, hidden)
+    old = fisher._VOCAB_CHUNK
+    fisher._VOCAB_CHUNK = 7  # three chunks
+    try:
+        labels, lse = fisher.sample_labels(head, x, torch.Generator().manual_seed(2))
+    finally:
+        fisher._VOCAB_CHUNK = old
+    z = (x[:1] @ weight.T).double()[0]
+    torch.testing.assert_close(lse[0], torch.logsumexp(z, 0))
+    expected = torch.softmax(z, 0) * x.shape[0]
+    counts = torch.bincount(labels, minlength=vocab).double()
+    keep = expected > 5
+    chi2 = float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    assert chi2 < 45.0, chi2  # 99.9th percentile of chi-square with ≤ 19 degrees of freedom is 43.8
+
+
+def test_streamed_sensitivity_equals_in_memory(tmp_path) -> None:
+    """A model read block by block from safetensors scores exactly as the same model in memory."""
+    from lowbit.model.loading import open_model
+
+    model = make_tiny("qwen2")
+    model.save_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
+    cands = parse_candidates("2g16,4g16")
+    calib = CalibConfig(samples=4, seqlen=32)
+    memory = sensitivity_table(model, QuantRecipe(), cands, ids, calib, progress=False)
+    sm = open_model(str(tmp_path / "m"), torch.float32)
+    try:
+        streamed = sensitivity_table(sm, QuantRecipe(), cands, ids, calib, progress=False, max_memory=1)
+    finally:
+        sm.close()
+    assert streamed.layers == memory.layers and streamed.bytes == memory.bytes
+    torch.testing.assert_close(torch.tensor(streamed.kl), torch.tensor(memory.kl), rtol=1e-4, atol=1e-12)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "opt", "gpt2"])
