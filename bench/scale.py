@@ -1,6 +1,6 @@
 """Models larger than RAM: peak RSS and time of lowbit's streaming jobs on synthetic Llama-3-family models.
 
-    python bench/scale.py --sizes tiny,0.5b,1b,8b [--tasks rtn,gguf,eval,gptq,llama-quantize] [--keep]
+    python bench/scale.py --sizes tiny,0.5b,1b,8b [--tasks rtn,gguf,eval,eval-spill,gptq,sensitivity,llama-quantize]
     python bench/scale.py --sizes smollm2 --tasks gptq,eval,gptq-g64sym,llm-compressor --peer-python PY
 
 ``smollm2`` is the real SmolLM2-135M (GGUF Q4_1, streamed): GPTQ 4-bit g128 asym with 64 × 512 calibration tokens,
@@ -227,6 +227,13 @@ def run_size(size: str, tasks: list[str], work: Path, calib: Path | None, keep: 
         "eval": (f"lockstep eval vs original, {eval_tokens // 2048}×2048 tokens, bf16", lowbit_cmd(
             "eval", str(work / "q"), "--compare-to", str(model), "--seqlen", "2048", "--max-tokens", str(eval_tokens),
             "--compute-dtype", "bfloat16")),
+        "sensitivity": ("sensitivity: Fisher forward+backward and scoring (8×512 calib; 3g128,4g128,8pc)", lowbit_cmd(
+            "sensitivity", str(model), "--sensitivity-samples", "8", "--calib-seqlen", "512",
+            "--candidates", "3g128,4g128,8pc", "--json", str(work / "sensitivity.json"), *calib_args)),
+        "eval-spill": (f"lockstep eval vs original, {4 * eval_tokens // 2048}×2048 tokens, bf16, --max-memory 1GB "
+                       "(states and head inputs on disk)", lowbit_cmd(
+            "eval", str(work / "q"), "--compare-to", str(model), "--seqlen", "2048", "--max-tokens",
+            str(4 * eval_tokens), "--compute-dtype", "bfloat16", "--max-memory", "1GB")),
         "gptq": ("GPTQ 4-bit g128 (32×512 calib) → lowbit", lowbit_cmd(
             "quantize", str(model), "--out", str(work / "gptq"), "--method", "gptq", "--bits", "4",
             "--group-size", "128", "--calib-samples", "32", "--calib-seqlen", "512", "--no-eval", *calib_args)),
@@ -249,7 +256,7 @@ def run_size(size: str, tasks: list[str], work: Path, calib: Path | None, keep: 
         _record(size, params, label, row)
     if not keep:
         shutil.rmtree(model, ignore_errors=True)
-        for name in ("q", "q.gguf", "gptq"):
+        for name in ("q", "q.gguf", "gptq", "sensitivity.json"):
             p = work / name
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a model; KL and top-1 agreement with --compare-to")
     e.add_argument("model", help="model folder, .gguf file, quantized folder, or a named default")
     e.add_argument("--compare-to", help="the original model, for KL divergence and top-1 agreement")
+    e.add_argument("--max-memory", metavar="SIZE",
+                   help="memory the evaluation may use (e.g. 8GB); past it the hidden states between blocks and the "
+                        "head inputs are kept on disk (default: 80%% of the RAM available)")
     _add_eval_args(e)
 
     i = sub.add_parser("inspect", help="describe a model or quantized folder: layers, bits, size")
@@ -215,7 +218,7 @@ def _stream_eval(args: argparse.Namespace, model: str, original: str | None) -> 
                                 text, protocol)
         log.info("evaluating on %s: %d windows × %d tokens, BOS: %s", source, windows.shape[0], protocol.seqlen,
                  "per window" if protocol.add_bos else "none")
-        result = evaluate_lockstep(sm, windows, protocol, ref)
+        result = evaluate_lockstep(sm, windows, protocol, ref, max_memory=_max_memory(args))
     finally:
         sm.close()
         if ref is not None:

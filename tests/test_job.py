@@ -86,7 +86,7 @@ def test_gguf_source_reads_what_transformers_loads(tmp_path: Path, smollm2_sessi
         assert all(torch.equal(ours[n], whole[n]) for n in whole), arch
 
 
-def test_lockstep_eval_equals_whole_model_eval(deep_folder: Path, tmp_path: Path) -> None:
+def test_lockstep_eval_equals_whole_model_eval(deep_folder: Path, tmp_path: Path, monkeypatch) -> None:
     quantize_and_save(QuantizeJob(str(deep_folder), str(tmp_path / "q"), recipe=RECIPE), progress=False)
     protocol = EvalProtocol(seqlen=64)
     windows = torch.randint(0, 49152, (3, 64), generator=torch.Generator().manual_seed(1))
@@ -99,6 +99,19 @@ def test_lockstep_eval_equals_whole_model_eval(deep_folder: Path, tmp_path: Path
     assert stream.kl == pytest.approx(whole.kl, rel=1e-4, abs=1e-7)
     assert stream.kl > 1e-4  # a real difference was measured
     assert stream.top1_agreement == whole.top1_agreement
+    # on disk past a (tiny) memory budget, the head walked in groups of windows: the same numbers
+    from lowbit.eval import lockstep
+
+    monkeypatch.setattr(lockstep, "_HEAD_POSITIONS", 100)  # one 63-position window per vocabulary walk
+    spilled = evaluate_lockstep(open_model(tmp_path / "q"), windows, protocol, open_model(deep_folder),
+                                progress=False, max_memory=1)
+    assert spilled.perplexity == pytest.approx(stream.perplexity, rel=1e-12)
+    assert spilled.kl == pytest.approx(stream.kl, rel=1e-9) and spilled.top1_agreement == stream.top1_agreement
+    heads = lockstep.reference_heads(open_model(deep_folder), windows, protocol, False, max_memory=1)
+    assert heads.spill is not None and len(list(heads.spill.folder.iterdir())) == 3  # one file per window
+    again = evaluate_lockstep(open_model(tmp_path / "q"), windows, protocol, heads, progress=False)
+    heads.close()
+    assert again.kl == pytest.approx(stream.kl, rel=1e-9) and not heads.spill.folder.exists()
 
 
 @pytest.mark.slow

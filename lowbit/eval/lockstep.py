@@ -3,18 +3,22 @@
 Same protocol and numbers as :func:`lowbit.eval.perplexity.evaluate` (perplexity; KL divergence and top-1 agreement
 against a reference), computed with bounded memory:
 
-1. each model's first-block inputs for every window (the embedding table read only at the rows the text uses);
-2. for each block index: materialize that block of each model, run it on that model's hidden states, release it;
-3. the head: the input of the output projection (final norm etc., whatever the architecture does after its last
-   block) is captured by replaying the final hidden states through the model's own forward with its blocks
-   stood in for; then the vocabulary is walked in chunks of rows of the output matrix, with running
-   (online-softmax) statistics per position — for the reference ``m_r`` (max logit), ``s_r = Σ exp(z_r − m_r)``
-   and ``T = Σ exp(z_r − m_r)(z_r − z_q)``, rescaled by ``exp(m_old − m_new)`` as the max grows — so that
+1. the reference's first-block inputs for every window (the embedding table read only at the rows the text uses);
+   each block in turn: materialized, run on every window's hidden state, released; then the head inputs (the
+   input of the output projection — final norm etc., whatever the architecture does after its last block —
+   captured by replaying the final hidden states through the model's own forward with its blocks stood in
+   for). The same for the evaluated model: one model's block in memory at a time.
+2. the head: for groups of up to ``_HEAD_POSITIONS`` positions, the vocabulary is walked in chunks of rows of the
+   output matrix, with running (online-softmax) statistics per position — for the reference ``m_r`` (max logit),
+   ``s_r = Σ exp(z_r − m_r)`` and ``T = Σ exp(z_r − m_r)(z_r − z_q)``, rescaled by ``exp(m_old − m_new)`` as the
+   max grows — so that
 
    ``KL = T / s_r − lse_r + lse_q``, ``lse = m + log s``, ``NLL = lse − z_target``.
 
-Memory: hidden states ``windows × seqlen × hidden`` per model, one block per model, one ``positions × chunk``
-logits tile: no ``windows × seqlen × vocab`` array ever exists (vocab is 128k–256k on current models).
+Memory: one model's hidden states (``windows × seqlen × hidden``, in and out of a block) plus the reference's head
+inputs, one block, one ``positions × chunk`` logits tile: no ``windows × seqlen × vocab`` array ever exists (vocab
+is 128k–256k on current models). Past the memory budget (``max_memory``), hidden states and head inputs go to disk
+(:mod:`lowbit.calib.spill`) and only one group of head inputs is in memory at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.calib.capture import BlockInputs, capture_first_block_inputs, run_block
+from lowbit.calib.spill import SpillFolder, SpilledTensor, resident_memory, should_spill
 from lowbit.eval.perplexity import EvalProtocol, EvalResult, _bos_id
 from lowbit.model.architectures import block_list, spec_for
 from lowbit.model.source import StreamingModel
@@ -35,6 +40,7 @@ from lowbit.nn.qlinear import dequantize_once
 
 _VOCAB_CHUNK = 8192  # rows of the output matrix per step
 _POS_CHUNK = 1024  # positions per logits tile
+_HEAD_POSITIONS = 16384  # positions per walk over the vocabulary (their head inputs are in memory together)
 
 
 class _StopAtHead(Exception):
@@ -89,11 +95,11 @@ class _RunningStats:
         return self.m + torch.log(self.s)
 
 
-def _first_inputs(sm: StreamingModel, ids: torch.Tensor) -> list[BlockInputs]:
+def _first_inputs(sm: StreamingModel, ids: torch.Tensor, spill: SpillFolder | None) -> list[BlockInputs]:
     spec = spec_for(sm.model)
     sm.load_outside(spec.blocks + ".")  # the norms and position tables the forward passes around the blocks use
     embed = sm.input_embeds if sm.streamed else None
-    return capture_first_block_inputs(sm.model, block_list(sm.model, spec)[0], ids, 1, embed)
+    return capture_first_block_inputs(sm.model, block_list(sm.model, spec)[0], ids, 1, embed, spill)
 
 
 def head_input(model: nn.Module, hidden: torch.Tensor, as_tuple: bool) -> torch.Tensor:
@@ -125,12 +131,6 @@ def head_input(model: nn.Module, hidden: torch.Tensor, as_tuple: bool) -> torch.
         for i, original in enumerate(originals):
             blocks[i] = original
     return captured[0]
-
-
-@torch.no_grad()
-def _head_inputs(sm: StreamingModel, finals: list[BlockInputs], as_tuple: bool) -> torch.Tensor:
-    """:func:`head_input` of every window's final hidden state: ``[windows·T, hidden]``."""
-    return torch.cat([head_input(sm.model, final.hidden, as_tuple) for final in finals])
 
 
 class OutputHead:
@@ -166,15 +166,28 @@ class OutputHead:
         return torch.tanh(z / self.cap) * self.cap if self.cap else z
 
 
+Stored = torch.Tensor | SpilledTensor  # in memory, or on disk past the memory budget
+
+
+def _load(x: Stored) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else x.load()
+
+
 @dataclass
 class ReferenceHeads:
-    """The reference model's head inputs at the scored positions of some windows (``[N, hidden]``), computed once
-    by :func:`reference_heads` so that many evaluations against it run only their own model's blocks; the head
-    weights are still read from ``sm`` by rows."""
+    """The reference model's head inputs at the scored positions of each window (``[positions, hidden]`` float32
+    per window, on disk in ``spill`` past the memory budget), computed once by :func:`reference_heads` so that
+    many evaluations against it run only their own model's blocks; the head weights are still read from ``sm``
+    by rows. :meth:`close` deletes the spilled ones."""
 
     sm: StreamingModel
-    heads: torch.Tensor
+    heads: list[Stored]
     windows: torch.Tensor
+    spill: SpillFolder | None = None
+
+    def close(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
 
 
 def _scoring(sm: StreamingModel, windows: torch.Tensor, protocol: EvalProtocol,
@@ -186,11 +199,18 @@ def _scoring(sm: StreamingModel, windows: torch.Tensor, protocol: EvalProtocol,
     return ids, scored, ids[:, scored.start + 1: scored.stop + 1].reshape(-1)
 
 
+def _spill_for(sm: StreamingModel, ids: torch.Tensor, max_memory: int | None) -> SpillFolder | None:
+    """A spill folder when the hidden states of ``ids`` (float32) would take the process past ``max_memory``."""
+    states = ids.numel() * sm.model.config.get_text_config().hidden_size * 4
+    return SpillFolder() if should_spill(states, resident_memory(), max_memory) else None
+
+
 @torch.no_grad()
-def _final_heads(m: StreamingModel, ids: torch.Tensor, scored: slice, progress: bool, desc: str) -> torch.Tensor:
-    """Run every block of ``m`` on ``ids`` (one block in memory at a time) and return the head inputs at the
-    scored positions, ``[windows·len(scored), hidden]`` float32."""
-    states = _first_inputs(m, ids)
+def _final_heads(m: StreamingModel, ids: torch.Tensor, scored: slice, progress: bool, desc: str,
+                 spill: SpillFolder | None) -> list[Stored]:
+    """Run every block of ``m`` on ``ids`` (one block in memory at a time; hidden states in ``spill`` when given)
+    and return, per window, the head inputs at the scored positions, ``[len(scored), hidden]`` float32."""
+    states = _first_inputs(m, ids, spill)
     spec = spec_for(m.model)
     as_tuple = False
     for index in tqdm(range(len(block_list(m.model, spec))), desc=desc, unit="block", disable=not progress):
@@ -198,64 +218,105 @@ def _final_heads(m: StreamingModel, ids: torch.Tensor, scored: slice, progress: 
         with dequantize_once(block):
             out = block(states[0].hidden, *states[0].args, **states[0].kwargs)
             as_tuple = isinstance(out, (tuple, list))
-            first = BlockInputs(out[0] if as_tuple else out, states[0].args, states[0].kwargs)
-            states = [first] + run_block(block, states[1:])
+            first = BlockInputs(out[0] if as_tuple else out, states[0].args, states[0].kwargs).kept(spill)
+            if spill is not None:
+                states[0].discard()
+            states = [first] + run_block(block, states[1:], spill)
         m.release(f"{spec.blocks}.{index}")
-    x = _head_inputs(m, states, as_tuple).float()
-    return x.view(len(states), ids.shape[1], -1)[:, scored].reshape(-1, x.shape[-1])
+    heads: list[Stored] = []
+    for state in states:
+        x = head_input(m.model, state.hidden, as_tuple).float()[scored]
+        heads.append(x if spill is None else spill.put(x))
+        state.discard()
+    return heads
 
 
-def reference_heads(ref: StreamingModel, windows: torch.Tensor, protocol: EvalProtocol,
-                    progress: bool = True) -> ReferenceHeads:
+def reference_heads(ref: StreamingModel, windows: torch.Tensor, protocol: EvalProtocol, progress: bool = True,
+                    max_memory: int | None = None) -> ReferenceHeads:
     """The reference's head inputs on ``windows``, for :func:`evaluate_lockstep` calls against it."""
     ids, scored, _ = _scoring(ref, windows, protocol)
-    return ReferenceHeads(ref, _final_heads(ref, ids, scored, progress, "evaluating (reference)"), windows)
+    spill = _spill_for(ref, ids, max_memory)
+    return ReferenceHeads(ref, _final_heads(ref, ids, scored, progress, "evaluating (reference)", spill), windows,
+                          spill)
 
 
 @torch.no_grad()
 def evaluate_lockstep(sm: StreamingModel | ReferenceHeads, windows: torch.Tensor, protocol: EvalProtocol,
-                      reference: StreamingModel | ReferenceHeads | None = None, progress: bool = True) -> EvalResult:
+                      reference: StreamingModel | ReferenceHeads | None = None, progress: bool = True,
+                      max_memory: int | None = None) -> EvalResult:
     """Perplexity of ``sm`` on ``windows``; KL and top-1 agreement against ``reference`` (see module doc). Either
-    may be a model or its :func:`reference_heads` on the same windows (then its blocks are not run again)."""
-    if isinstance(reference, StreamingModel):
-        reference = reference_heads(reference, windows, protocol, progress)
-    for given in (sm, reference):
-        if isinstance(given, ReferenceHeads) and not torch.equal(given.windows, windows):
-            raise ValueError("internal: head inputs computed on other windows")
-    own = sm if isinstance(sm, ReferenceHeads) else None
-    sm = own.sm if own is not None else sm
-    ids, scored, targets = _scoring(sm, windows, protocol)
-    heads = [own.heads if own is not None else _final_heads(sm, ids, scored, progress, "evaluating")]
-    models = [sm]
-    if reference is not None:
-        heads.append(reference.heads)
-        models.append(reference.sm)
+    may be a model or its :func:`reference_heads` on the same windows (then its blocks are not run again).
+    ``max_memory``: past it, hidden states and head inputs are kept on disk (None: 80 % of the available RAM)."""
+    made = reference_heads(reference, windows, protocol, progress, max_memory) \
+        if isinstance(reference, StreamingModel) else None
+    reference = made or reference
+    spill = None
+    try:
+        for given in (sm, reference):
+            if isinstance(given, ReferenceHeads) and not torch.equal(given.windows, windows):
+                raise ValueError("internal: head inputs computed on other windows")
+        own = sm if isinstance(sm, ReferenceHeads) else None
+        sm = own.sm if own is not None else sm
+        ids, scored, targets = _scoring(sm, windows, protocol)
+        if own is None:
+            spill = _spill_for(sm, ids, max_memory)
+        heads = [own.heads if own is not None else _final_heads(sm, ids, scored, progress, "evaluating", spill)]
+        models = [sm] + ([reference.sm] if reference is not None else [])
+        heads += [reference.heads] if reference is not None else []
+        sums = _score(models, heads, targets, progress)
+    finally:
+        if made is not None:
+            made.close()
+        if spill is not None:
+            spill.close()
     n = targets.numel()
-    stats = [_RunningStats.empty(n) for _ in models]
-    kl_t = torch.zeros(n, dtype=torch.float64)
-    projections = [OutputHead(m) for m in models]
-    vocab = projections[0].vocab
-    for a in tqdm(range(0, vocab, _VOCAB_CHUNK), desc="head", unit="chunk", disable=not progress):
-        b = min(vocab, a + _VOCAB_CHUNK)
-        tiles = [head.tile(a, b) for head in projections]
-        for p in range(0, n, _POS_CHUNK):
-            part = slice(p, min(n, p + _POS_CHUNK))
-            z = [head.logits(heads[k][part], tiles[k]) for k, head in enumerate(projections)]
-            stats[0].update(z[0], part, a, targets[part])
-            if reference is not None:
-                ref = stats[1]
-                old_m = ref.m[part].clone()
-                ref.update(z[1], part, a, targets[part])
-                factor = torch.exp(old_m - ref.m[part])
-                kl_t[part] = kl_t[part] * factor + (torch.exp(z[1].double() - ref.m[part][:, None])
-                                                    * (z[1] - z[0]).double()).sum(1)
-    nll = float((stats[0].lse - stats[0].target).mean())
+    nll = sums["nll"] / n
     result: dict[str, Any] = {}
     if reference is not None:
-        ref = stats[1]
-        kl = kl_t / ref.s - ref.lse + stats[0].lse
-        result = {"kl": float(kl.mean()), "top1_agreement": float((ref.argmax == stats[0].argmax).double().mean()),
-                  "reference_perplexity": math.exp(float((ref.lse - ref.target).mean()))}
+        result = {"kl": sums["kl"] / n, "top1_agreement": sums["agree"] / n,
+                  "reference_perplexity": math.exp(sums["ref_nll"] / n)}
     return EvalResult(perplexity=math.exp(nll), nll=nll, scored_tokens=n, windows=windows.shape[0],
                       seqlen=protocol.seqlen, bos="per-window BOS" if ids.shape[1] > windows.shape[1] else "none",
                       **result)
+
+
+def _score(models: list[StreamingModel], heads: list[list[Stored]], targets: torch.Tensor, progress: bool,
+           ) -> dict[str, float]:
+    """Sums over positions of the NLL (and with a reference, second: KL, top-1 agreement, reference NLL), the
+    vocabulary walked once per group of up to ``_HEAD_POSITIONS`` positions (module doc)."""
+    per_window = targets.numel() // len(heads[0])
+    group = max(1, _HEAD_POSITIONS // per_window)
+    projections = [OutputHead(m) for m in models]
+    vocab = projections[0].vocab
+    chunks = range(0, vocab, _VOCAB_CHUNK)
+    sums = {"nll": 0.0, "kl": 0.0, "agree": 0.0, "ref_nll": 0.0}
+    bar = tqdm(total=len(chunks) * math.ceil(len(heads[0]) / group), desc="head", unit="chunk", disable=not progress)
+    for w in range(0, len(heads[0]), group):
+        xs = [torch.cat([_load(h) for h in model_heads[w:w + group]]) for model_heads in heads]
+        t = targets[w * per_window:(w + group) * per_window]
+        n = t.numel()
+        stats = [_RunningStats.empty(n) for _ in models]
+        kl_t = torch.zeros(n, dtype=torch.float64)
+        for a in chunks:
+            b = min(vocab, a + _VOCAB_CHUNK)
+            tiles = [head.tile(a, b) for head in projections]
+            for p in range(0, n, _POS_CHUNK):
+                part = slice(p, min(n, p + _POS_CHUNK))
+                z = [head.logits(xs[k][part], tiles[k]) for k, head in enumerate(projections)]
+                stats[0].update(z[0], part, a, t[part])
+                if len(models) > 1:
+                    ref = stats[1]
+                    old_m = ref.m[part].clone()
+                    ref.update(z[1], part, a, t[part])
+                    factor = torch.exp(old_m - ref.m[part])
+                    kl_t[part] = kl_t[part] * factor + (torch.exp(z[1].double() - ref.m[part][:, None])
+                                                        * (z[1] - z[0]).double()).sum(1)
+            bar.update()
+        sums["nll"] += float((stats[0].lse - stats[0].target).sum())
+        if len(models) > 1:
+            ref = stats[1]
+            sums["kl"] += float((kl_t / ref.s - ref.lse + stats[0].lse).sum())
+            sums["agree"] += float((ref.argmax == stats[0].argmax).double().sum())
+            sums["ref_nll"] += float((ref.lse - ref.target).sum())
+    bar.close()
+    return sums

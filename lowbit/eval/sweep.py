@@ -72,8 +72,9 @@ def run_sweep(model: str, base: QuantRecipe, sweep: SweepConfig, data: SweepData
 
     ref = open_model(model, torch.float32)
     scratch.mkdir()
+    heads = None
     try:
-        heads = reference_heads(ref, data.windows, data.protocol, progress)
+        heads = reference_heads(ref, data.windows, data.protocol, progress, max_memory)
         original = evaluate_lockstep(heads, data.windows, data.protocol, progress=False)
         configs = [TriedConfig("original (fp16)", "original", weight_plan(ref.model, None, "float16").weight_bytes,
                                16.0, original.perplexity)]
@@ -89,7 +90,7 @@ def run_sweep(model: str, base: QuantRecipe, sweep: SweepConfig, data: SweepData
                                           max_memory=max_memory), progress=False)
             quantized = open_model(folder, torch.float32)
             try:
-                result = evaluate_lockstep(quantized, data.windows, data.protocol, heads, progress=False)
+                result = evaluate_lockstep(quantized, data.windows, data.protocol, heads, False, max_memory)
             finally:
                 quantized.close()
             size = size_of_folder(folder)
@@ -101,6 +102,8 @@ def run_sweep(model: str, base: QuantRecipe, sweep: SweepConfig, data: SweepData
             if allocation is not None:
                 allocations[name] = {layer: c.name for layer, c in allocation.choice.items()}
     finally:
+        if heads is not None:
+            heads.close()
         ref.close()
         shutil.rmtree(scratch, ignore_errors=True)
     shown = _allocation_to_show(configs, allocations, sweep.max_kl)
