@@ -91,7 +91,7 @@ def check_command(args: Any) -> None:
 
 def _reads_text(args: Any) -> bool:
     """Whether the command tokenizes text: evaluation, calibration, sensitivity (not a data-free --no-eval run)."""
-    if args.command in ("eval", "sensitivity", "report"):
+    if args.command in ("eval", "sensitivity", "report", "generate", "chat"):
         return True
     if args.command != "quantize":
         return False

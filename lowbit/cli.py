@@ -9,6 +9,8 @@
     lowbit quantize MODEL --out DIR --target-bpw 3.5 | --max-size 60MB    (mixed precision)
     lowbit sensitivity MODEL [--candidates 3g128,4g128,8pc] [--json FILE]
     lowbit report MODEL --out report.html
+    lowbit generate MODEL --prompt "The capital of France is" [--max-new-tokens 64]
+    lowbit chat MODEL
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from lowbit import cli_mixed
+from lowbit import cli_mixed, cli_run
 from lowbit.checks import check_command
 from lowbit.cli_files import cmd_export, cmd_inspect, cmd_plan
 from lowbit.cli_output import print_results, write_json
@@ -129,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fits", type=float, metavar="GB", help="memory budget in GB (10^9 bytes)")
     p.add_argument("--json", dest="json_out", help="also write the plan as JSON to this file")
     cli_mixed.add_subcommands(sub, _add_calib_args, _add_eval_args)
+    cli_run.add_subcommands(sub)
     return parser
 
 
@@ -321,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     commands = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "plan": cmd_plan,
-                "export": cmd_export, "sensitivity": cli_mixed.cmd_sensitivity, "report": cli_mixed.cmd_report}
+                "export": cmd_export, "sensitivity": cli_mixed.cmd_sensitivity, "report": cli_mixed.cmd_report,
+                "generate": cli_run.cmd_generate, "chat": cli_run.cmd_chat}
     try:
         if getattr(args, "json_out", None):  # before any expensive work: never overwrite someone else's file
             from lowbit.formats.atomic import check_json_output

@@ -10,12 +10,18 @@ tens of times faster. So ``QLinear`` uses the fast kernel only for inputs of at 
 
 * ``reference`` — dequantize ``ŵ = (q − z)·s`` to float32 and call ``F.linear``. Always available; the
   definition every other kernel is tested against.
-* ``int8pack`` — 8-bit per-channel, via ``torch.ops.aten._weight_int8pack_mm`` (int8 weights, float scales).
-  Codes are stored unsigned, so the kernel gets ``q − 128`` and the asymmetric offset is added back:
-  ``x · ((q − z)·s)ᵀ = x · ((q − 128)·s)ᵀ + (Σ_k x_k) · ((128 − z)·s)``.
-* ``int4pack`` — 4-bit groups of 32/64/128/256 (or per-channel rows of those widths), via
+* ``int4pack`` — 2-, 3- and 4-bit groups of 32/64/128/256 (or per-channel rows of those widths), via
   ``torch.ops.aten._weight_int4pack_mm_for_cpu``, which computes ``ŵ = (q − 8)·s + m`` per group; we pass
-  ``m = (8 − z)·s``. A ragged last group is handled by padding ``K`` with zero columns (and ``x`` with zeros).
+  ``m = (8 − z)·s``, so any code ``q < 16`` works: 2- and 3-bit codes run as 4-bit ones (the runtime layout
+  takes 4 bits per weight; the checkpoint keeps its own). A ragged last group is handled by padding ``K`` with zero
+  columns (and ``x`` with zeros).
+* ``int8pack`` — per-channel weights of up to 8 bits, via ``torch.ops.aten._weight_int8pack_mm`` (int8 weights,
+  float scales). Codes are stored unsigned, so the kernel gets signed ``q + c`` (``c ≈ −z``) and any remaining
+  offset is added back: ``x · ((q − z)·s)ᵀ = x · ((q + c)·s)ᵀ + (Σ_k x_k) · ((−c − z)·s)``.
+
+Both run on bfloat16 activations and scales (the ops' fast path; their float32 path is 10–35× slower, shared
+notes); ``int4pack-fp32`` / ``int8pack-fp32`` are the same packing on float32 activations, which pin the packing
+down against the reference to 1e-4.
 """
 
 from __future__ import annotations
@@ -31,44 +37,65 @@ from lowbit.core.qtensor import QuantizedTensor
 from lowbit.errors import ConfigError
 
 _INT4_GROUPS = (32, 64, 128, 256)
+# torch 2.13's bfloat16 _weight_int8pack_mm returns garbage (or crashes) unless K is a multiple of 16 (measured:
+# K = 8, 24, 40, 100 fail; 16, 32, 48, 96 work): K is zero-padded to a multiple of 32
+_INT8_K_ALIGN = 32
 FAST_MAX_ROWS = 8
+
+
+FP32_TOLERANCE = 1e-4  # float32 activations: only the accumulation order differs from the reference
+BF16_TOLERANCE = 1.5e-2  # bfloat16 activations and scales: 8 significant bits, each rounded by ≤ 2⁻⁹ relative
 
 
 @dataclass(frozen=True)
 class Kernel:
+    """``why_not(qt)``: None when the kernel can run ``qt``, else the reason. ``tolerance``: the guarantee
+    ``|run − reference| ≤ tolerance · max|reference|`` (tested for every supported config and width)."""
+
     name: str
     why_not: Callable[[QuantizedTensor], str | None]
     prepare: Callable[[QuantizedTensor], Any]
     run: Callable[[Any, torch.Tensor], torch.Tensor]
+    tolerance: float = 0.0
 
 
 def _reference_run(qt: QuantizedTensor, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, qt.dequantize(x.dtype))
 
 
-REFERENCE = Kernel("reference", lambda qt: None, lambda qt: qt, _reference_run)
+REFERENCE = Kernel("reference", lambda qt: None, lambda qt: qt, _reference_run, 0.0)
 
 
 def _int8_why_not(qt: QuantizedTensor) -> str | None:
     c = qt.config
-    if c.bits != 8 or c.granularity != "channel":
-        return "int8pack needs 8-bit per-channel weights"
+    if c.bits > 8 or c.granularity != "channel":
+        return "int8pack needs per-channel weights of at most 8 bits"
     return None
 
 
-def _int8_prepare(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    w = (qt.codes().to(torch.int16) - 128).to(torch.int8).contiguous()
-    s = qt.scale.float().reshape(-1).contiguous()
-    offset = None if qt.zero is None else ((128.0 - qt.zero.float().reshape(-1)) * s)
-    return w, s, offset
+def _int8_prepare(qt: QuantizedTensor, act: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Signed codes ``q + c`` per row, ``c`` the integer nearest ``−z`` that keeps them in int8: ``ŵ = (q − z)·s =
+    (q + c)·s + (−c − z)·s``; the offset term (0 for an integer zero that fits) is added in float32."""
+    codes = qt.codes().to(torch.int32)
+    n = codes.shape[0]
+    z = qt.zero_points().float().expand(n, 1).reshape(-1)
+    shift = torch.minimum(torch.maximum(-torch.round(z).to(torch.int32), -128 - codes.amin(1)), 127 - codes.amax(1))
+    k = codes.shape[1]
+    w = F.pad((codes + shift[:, None]).to(torch.int8), (0, -k % _INT8_K_ALIGN)).contiguous()
+    s = qt.scale.float().expand(n, 1).reshape(-1).contiguous()
+    offset = (-shift - z) * s
+    return w, s.to(act), None if bool((offset == 0).all()) else offset
 
 
 def _int8_run(state: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], x: torch.Tensor) -> torch.Tensor:
     w, s, offset = state
-    x2 = x.reshape(-1, x.shape[-1]).float()
-    y = torch.ops.aten._weight_int8pack_mm(x2, w, s)
+    x2 = x.reshape(-1, x.shape[-1])
+    xs = x2.to(s.dtype)
+    if xs.shape[1] != w.shape[1]:
+        xs = F.pad(xs, (0, w.shape[1] - xs.shape[1]))
+    y = torch.ops.aten._weight_int8pack_mm(xs.contiguous(), w, s).float()
     if offset is not None:
-        y = y + x2.sum(-1, keepdim=True) * offset
+        y = y + x2.float().sum(-1, keepdim=True) * offset
     return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
@@ -78,8 +105,8 @@ def _int4_width(qt: QuantizedTensor) -> int:
 
 def _int4_why_not(qt: QuantizedTensor) -> str | None:
     c = qt.config
-    if c.bits != 4 or c.granularity == "tensor":
-        return "int4pack needs 4-bit per-group or per-channel weights"
+    if c.bits > 4 or c.granularity == "tensor":
+        return "int4pack needs per-group or per-channel weights of at most 4 bits"
     if _int4_width(qt) not in _INT4_GROUPS:
         return f"int4pack needs a group width in {_INT4_GROUPS}, got {_int4_width(qt)}"
     if qt.shape[0] % 8:
@@ -87,31 +114,51 @@ def _int4_why_not(qt: QuantizedTensor) -> str | None:
     return None
 
 
-def _int4_prepare(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def _int4_prepare(qt: QuantizedTensor, act: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Codes shifted per group by an integer ``c`` so the zero point sits as near the op's fixed 8 as the codes
+    allow (``0 ≤ q + c ≤ 15``): ``ŵ = (q − z)·s = (q + c − 8)·s + m`` with ``m = (8 − c − z)·s``, which is 0 for an
+    integer zero that fits. Then rounding ``s`` and ``m`` to bfloat16 costs ≤ 2⁻⁹ of the weight, not of a large
+    offset that cancels (a 2-bit group would otherwise lose ~3 % to that cancellation)."""
     n, k = qt.shape
     g = _int4_width(qt)
-    k_padded = num_groups(k, g) * g
-    codes = F.pad(qt.codes().to(torch.int32), (0, k_padded - k), value=8)
+    groups = num_groups(k, g)
+    k_padded = groups * g
+    codes = F.pad(qt.codes().to(torch.int32), (0, k_padded - k), value=0).view(n, groups, g)
+    valid = F.pad(torch.ones(k, dtype=torch.bool), (0, k_padded - k)).view(groups, g)
+    low = torch.where(valid, codes, 15).amin(-1)
+    high = torch.where(valid, codes, 0).amax(-1)
+    z = qt.zero_points().expand(n, groups)  # [N, G] (per-channel: G = 1)
+    shift = torch.minimum(torch.maximum(8 - torch.round(z).to(torch.int32), -low), 15 - high)
+    codes = torch.where(valid, codes + shift[..., None], 8).view(n, k_padded)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)
-    s = qt.scale.float()  # [N, G]
-    m = (8.0 - qt.zero_points()) * s
-    scales_and_zeros = torch.stack([s, m], dim=-1).transpose(0, 1).contiguous()  # [G, N, 2]
+    s = qt.scale.float().expand(n, groups)  # [N, G]
+    m = (8.0 - shift - z) * s
+    scales_and_zeros = torch.stack([s, m], dim=-1).transpose(0, 1).contiguous().to(act)  # [G, N, 2]
     return packed, scales_and_zeros, g, k_padded
 
 
 def _int4_run(state: tuple[torch.Tensor, torch.Tensor, int, int], x: torch.Tensor) -> torch.Tensor:
     packed, scales_and_zeros, g, k_padded = state
-    x2 = x.reshape(-1, x.shape[-1]).float()
+    x2 = x.reshape(-1, x.shape[-1]).to(scales_and_zeros.dtype)
     if k_padded != x2.shape[1]:
         x2 = F.pad(x2, (0, k_padded - x2.shape[1]))
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, g, scales_and_zeros)
     return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
-INT8PACK = Kernel("int8pack", _int8_why_not, _int8_prepare, _int8_run)
-INT4PACK = Kernel("int4pack", _int4_why_not, _int4_prepare, _int4_run)
-FAST_KERNELS: tuple[Kernel, ...] = (INT8PACK, INT4PACK)
-KERNELS = {k.name: k for k in (REFERENCE, *FAST_KERNELS)}
+def _packed(name: str, why_not: Callable, prepare: Callable, run: Callable, act: torch.dtype) -> Kernel:
+    tolerance = BF16_TOLERANCE if act == torch.bfloat16 else FP32_TOLERANCE
+    return Kernel(name, why_not, lambda qt: prepare(qt, act), run, tolerance)
+
+
+# bfloat16 activations (and scales): the ops' fast path, 3–5× a float32 matmul for a few rows (shared notes)
+INT8PACK = _packed("int8pack", _int8_why_not, _int8_prepare, _int8_run, torch.bfloat16)
+INT4PACK = _packed("int4pack", _int4_why_not, _int4_prepare, _int4_run, torch.bfloat16)
+# float32 activations: the same packing with the reference's precision (10–35× slower; the packing's oracle)
+INT8PACK_FP32 = _packed("int8pack-fp32", _int8_why_not, _int8_prepare, _int8_run, torch.float32)
+INT4PACK_FP32 = _packed("int4pack-fp32", _int4_why_not, _int4_prepare, _int4_run, torch.float32)
+FAST_KERNELS: tuple[Kernel, ...] = (INT4PACK, INT8PACK)  # the first that can run a layer is used
+KERNELS = {k.name: k for k in (REFERENCE, *FAST_KERNELS, INT8PACK_FP32, INT4PACK_FP32)}
 
 
 def select_kernel(qt: QuantizedTensor, preference: str = "auto") -> Kernel:

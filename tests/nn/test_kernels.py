@@ -1,6 +1,8 @@
-"""The fast CPU kernels equal the reference (dequantize + matmul) path within a stated tolerance.
+"""The fast CPU kernels equal the reference (dequantize + matmul) path within each kernel's stated tolerance.
 
-Tolerance: |fast − reference| ≤ 1e-4 · max|reference| + 1e-5 (float32 accumulation order differs).
+``|fast − reference| ≤ tolerance · max|reference| + 1e-5``: 1e-4 for float32 activations (accumulation order),
+1.5e-2 for the bfloat16-activation kernels ``auto`` picks (8 significant bits); the float32 variants of the same
+packing pin the packing itself down to 1e-4.
 """
 
 import pytest
@@ -21,6 +23,11 @@ CASES = [
     (QuantConfig(bits=4, group_size=64, zero_point="float"), "int4pack", 576),
     (QuantConfig(bits=8, granularity="channel", zero_point="float"), "int8pack", 320),
     (QuantConfig(bits=4, granularity="channel"), "int4pack", 256),
+    (QuantConfig(bits=3, group_size=128), "int4pack", 576),  # 3- and 2-bit codes run as 4-bit ones
+    (QuantConfig(bits=2, group_size=32, symmetric=True), "int4pack", 320),
+    (QuantConfig(bits=3, group_size=64, zero_point="float"), "int4pack", 192),
+    (QuantConfig(bits=6, granularity="channel"), "int8pack", 576),  # up to 8 bits per channel
+    (QuantConfig(bits=5, granularity="channel", symmetric=True), "int8pack", 100),
 ]
 
 
@@ -29,19 +36,23 @@ CASES = [
 def test_fast_kernel_matches_reference(cfg: QuantConfig, kernel: str, in_features: int, rows: int) -> None:
     torch.manual_seed(rows)
     qt = quantize_rtn(torch.randn(96, in_features), cfg)
-    chosen = select_kernel(qt)
-    assert chosen.name == kernel
+    assert select_kernel(qt).name == kernel
     x = torch.randn(rows, in_features)
     ref = REFERENCE.run(REFERENCE.prepare(qt), x)
-    fast = chosen.run(chosen.prepare(qt), x)
-    assert (fast - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-5
+    for chosen in (select_kernel(qt), select_kernel(qt, kernel + "-fp32")):
+        fast = chosen.run(chosen.prepare(qt), x)
+        error = float((fast - ref).abs().max() / ref.abs().max())
+        assert error <= chosen.tolerance + 1e-5, (chosen.name, error)
+        assert fast.dtype == x.dtype and fast.shape == ref.shape
+    assert select_kernel(qt).tolerance == 1.5e-2 and select_kernel(qt, kernel + "-fp32").tolerance == 1e-4
 
 
 def test_unsupported_configs_fall_back_to_reference() -> None:
-    for cfg in (QuantConfig(bits=3, group_size=128), QuantConfig(bits=4, group_size=96), QuantConfig(bits=8)):
+    for cfg in (QuantConfig(bits=5, group_size=128), QuantConfig(bits=4, group_size=96), QuantConfig(bits=8),
+                QuantConfig(bits=4, granularity="tensor")):
         assert select_kernel(quantize_rtn(torch.randn(16, 192), cfg)) is REFERENCE
     with pytest.raises(ConfigError):
-        select_kernel(quantize_rtn(torch.randn(16, 192), QuantConfig(bits=3)), "int4pack")
+        select_kernel(quantize_rtn(torch.randn(16, 192), QuantConfig(bits=6)), "int4pack")
 
 
 def test_qlinear_uses_fast_kernel_for_few_rows_and_keeps_bias() -> None:
@@ -56,7 +67,8 @@ def test_qlinear_uses_fast_kernel_for_few_rows_and_keeps_bias() -> None:
     small = layer(rows)
     fast = select_kernel(qt)
     assert torch.equal(small, fast.run(fast.prepare(qt), rows) + bias)
-    assert (small - torch.nn.functional.linear(rows, qt.dequantize(), bias)).abs().max() < 1e-4
+    ref = torch.nn.functional.linear(rows, qt.dequantize(), bias)
+    assert (small - ref).abs().max() <= fast.tolerance * ref.abs().max()
     big_x = torch.cat([x] * (FAST_MAX_ROWS // 6 + 2), 0)  # more rows than FAST_MAX_ROWS: the reference path ran
     big = layer(big_x)
     assert torch.equal(big, REFERENCE.run(qt, big_x) + bias)
