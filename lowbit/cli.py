@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--format gguf: llama.cpp file type (Q4_0, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, Q8_0 …; default "
                         "Q4_K_M); --bits/--group-size do not apply, the type's block grids do")
     q.add_argument("--method", default="rtn", choices=[*METHOD_NAMES, "imatrix"],
-                   help="rtn, hqq (data-free); gptq, awq, awq+gptq, hqq+gptq (calibrated); imatrix (--format gguf: "
+                   help="rtn, hqq (data-free); gptq, awq, awq+gptq, hqq+gptq, learned, gptq+learned, awq+learned; sq, "
+                        "sq+gptq (SmoothQuant, with --act-bits 8) (calibrated); imatrix (--format gguf: "
                         "importance-weighted k-quant search, as llama.cpp's imatrix). Default rtn")
     _add_calib_args(q)
     q.add_argument("--no-act-order", action="store_true",
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     gran.add_argument("--per-channel", action="store_true", help="one scale per output row")
     gran.add_argument("--per-tensor", action="store_true", help="one scale for the whole tensor")
     q.add_argument("--sym", action="store_true", help="symmetric (no zero points); default asymmetric")
+    q.add_argument("--act-bits", type=int, choices=[8], default=None,
+                   help="also quantize each layer's inputs, per token, dynamically (W8A8 with --bits 8 --per-channel "
+                        "--sym runs as an int8 GEMM); pair with --method sq or sq+gptq (SmoothQuant)")
     q.add_argument("--qparams", default="minmax", choices=["minmax", "mse"], help="scale/zero choice (default minmax)")
     q.add_argument("--zero-point", default="int", choices=["int", "float"],
                    help="asymmetric zero points as uint8 integers (default) or float16")
@@ -146,7 +150,7 @@ def _recipe(args: argparse.Namespace) -> Any:
 
     granularity = "channel" if args.per_channel else "tensor" if args.per_tensor else "group"
     cfg = QuantConfig(bits=args.bits, symmetric=args.sym, granularity=granularity, group_size=args.group_size,
-                      qparams=args.qparams, zero_point=args.zero_point)
+                      qparams=args.qparams, zero_point=args.zero_point, input_bits=args.act_bits)
     return QuantRecipe(cfg, include=tuple(args.include), exclude=tuple(args.exclude))
 
 
@@ -180,6 +184,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         raise ConfigError("--method imatrix chooses GGUF block scales: use it with --format gguf")
     recipe = _recipe(args)
+    if args.method.startswith("sq") and not args.act_bits:
+        from lowbit.errors import ConfigError
+
+        raise ConfigError("SmoothQuant (--method sq, sq+gptq) moves activation outliers into the weights, for layers "
+                          "that quantize their inputs: add --act-bits 8 (e.g. --bits 8 --per-channel --sym)")
     method = MethodConfig.parse(args.method, gptq=GPTQConfig(damp=args.damp, act_order=not args.no_act_order),
                                 learned=LearnedConfig(iters=args.iters),
                                 clip=None if args.no_clip else ClipConfig())

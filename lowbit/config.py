@@ -74,8 +74,11 @@ class QuantConfig:
     mse_grid: int = 100
     mse_max_shrink: float = 0.8
     mse_norm: float = 2.4
+    input_bits: int | None = None  # 8: the layer's inputs are quantized too, per token, dynamically (W8A8)
 
     def __post_init__(self) -> None:
+        if self.input_bits not in (None, 8):
+            raise ConfigError(f"activation quantization is int8 per token (--act-bits 8), got {self.input_bits!r}")
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ConfigError(f"bits must be an integer from 2 to 8, got {self.bits!r}: pick e.g. --bits 4")
         if self.granularity not in ("tensor", "channel", "group"):
@@ -108,10 +111,14 @@ class QuantConfig:
         gran = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
         extra = "" if self.qparams == "minmax" else f" {self.qparams}"
         extra += " fz" if self.zero_point == "float" else ""
+        extra += f", int{self.input_bits} per-token activations" if self.input_bits else ""
         return f"{self.bits}-bit {gran} {'sym' if self.symmetric else 'asym'}{extra}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": CONFIG_VERSION, **asdict(self)}
+        data = asdict(self)
+        if data["input_bits"] is None:  # weight-only: written as before activation quantization existed
+            del data["input_bits"]
+        return {"version": CONFIG_VERSION, **data}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":

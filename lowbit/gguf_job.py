@@ -157,7 +157,8 @@ def gguf_method(method: str | MethodConfig, gptq: GPTQConfig = GPTQConfig(),
         parsed = MethodConfig.parse(method, gptq=gptq, clip=clip)
     else:
         why = ("learned rounding onto GGUF block grids is not implemented yet" if "learned" in str(method)
-               else "HQQ's float zero points are not a GGUF grid")
+               else "SmoothQuant serves W8A8 (int8 activations), which GGUF files do not describe"
+               if str(method).startswith("sq") else "HQQ's float zero points are not a GGUF grid")
         raise ConfigError(f"GGUF export supports --method {', '.join(GGUF_METHODS)}; got {method!r} ({why})")
     if parsed.hqq:
         raise ConfigError("HQQ's float zero points are not a GGUF grid: use --method gptq, awq+gptq or imatrix")

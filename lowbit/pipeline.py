@@ -32,6 +32,7 @@ from lowbit.methods.awq import fold_scale, output_width, search_scale
 from lowbit.methods.learned import LearnedConfig, refine_block
 from lowbit.methods.method import MethodConfig, quantize_weight
 from lowbit.methods.rtn import quantize_rtn
+from lowbit.methods.smoothquant import search_smoothing
 from lowbit.model.architectures import ArchSpec, block_list, spec_for
 from lowbit.model.modules import (LayerTarget, finite_weight, linear_bias, linear_weight, select_layers,
                                   set_submodule)
@@ -52,7 +53,8 @@ def _block_output(block: nn.Module, batch: BlockInputs) -> torch.Tensor:
 @torch.no_grad()
 def apply_awq(block: nn.Module, spec: ArchSpec, selected: dict[str, LayerTarget], stats: dict[str, InputStats],
               rep: dict[str, str], method: MethodConfig, probe: BlockInputs) -> int:
-    """Search and fold AWQ scales for every mapping of the block whose linears are all selected; returns count."""
+    """Search and fold per-channel input scales — AWQ's, or SmoothQuant's for W8A8 — for every mapping of the block
+    whose linears are all selected; returns how many were folded."""
     before = _block_output(block, probe)
     folded = 0
     for mapping in spec.scale_mappings:
@@ -66,8 +68,12 @@ def apply_awq(block: nn.Module, spec: ArchSpec, selected: dict[str, LayerTarget]
             continue
         st = stats[rep[mapping.linears[0]]]
         cfgs = [method.adapt(selected[name].config) for name in mapping.linears]
-        scale, _alpha = search_scale(st.hessian, st.mean_abs, [linear_weight(m).float() for m in linears], cfgs,
-                                     lambda w, c: quantize_rtn(w, c).dequantize(), method.awq)
+        weights = [linear_weight(m).float() for m in linears]
+        round_trip = lambda w, c: quantize_rtn(w, c).dequantize()  # noqa: E731
+        if method.smoothquant is not None:
+            scale, _alpha = search_smoothing(st.sample, st.abs_max, weights, cfgs, round_trip, method.smoothquant)
+        else:
+            scale, _alpha = search_scale(st.hessian, st.mean_abs, weights, cfgs, round_trip, method.awq)
         fold_scale(prev, linears, scale, spec.norm_offset)
         for key in {rep[name] for name in mapping.linears}:
             stats[key].rescale_inputs(scale)
@@ -76,7 +82,7 @@ def apply_awq(block: nn.Module, spec: ArchSpec, selected: dict[str, LayerTarget]
     change = float((after - before).norm() / before.norm().clamp_min(1e-12))
     if change > _FOLD_TOLERANCE:
         raise ConfigError(
-            f"AWQ scaling changed a block's output by {change:.2e} (relative): this model's scale mappings in "
+            f"input scaling changed a block's output by {change:.2e} (relative): this model's scale mappings in "
             "lowbit/model/architectures.py are wrong; use --method gptq or fix the mappings"
         )
     return folded
@@ -202,13 +208,14 @@ def quantize_sequential(
                 keys = {rep.get(name, name) for name in selected}
                 stats: dict[str, InputStats | None] = {k: None for k in keys}
                 if calibrated:
+                    sample = method.smoothquant.sample_tokens if method.smoothquant is not None else 0
                     stats = {k: InputStats(linear_weight(block.get_submodule(k)).shape[1],
-                                           absolute=method.awq is not None) for k in keys}
+                                           absolute=method.awq is not None, sample_rows=sample) for k in keys}
                     with block_passes(compute_dtype):
                         observe_block_inputs(block, inputs, {k: block.get_submodule(k) for k in keys},
                                              lambda k, x: stats[k].add(x))
                 rep_of = {name: rep.get(name, name) for name in selected}
-                if method.awq is not None and apply_awq(block, spec, selected, stats, rep_of, method, inputs[0]) == 0:
+                if method.scales_inputs and apply_awq(block, spec, selected, stats, rep_of, method, inputs[0]) == 0:
                     awq_skipped += 1
                 for name, target in selected.items():
                     clip = method.clip is not None and name not in spec.attention_logits
@@ -235,7 +242,7 @@ def quantize_sequential(
         if spill is not None:
             spill.close()  # the spilled hidden states (a resumable job saved what it needs)
     if awq_skipped:
-        log.warning("AWQ: no op could absorb a scale in %d blocks (%s has no usable scale mappings): those blocks "
+        log.warning("input scaling (AWQ/SmoothQuant): no op could absorb a scale in %d blocks (%s has no usable scale mappings): those blocks "
                     "got only the %s rounding", awq_skipped, spec.name, method.rounding)
     return sum(1 for t in targets if t.block_index is not None)
 
@@ -262,7 +269,7 @@ def _refine(block: nn.Module, floats: dict[str, tuple[torch.Tensor, torch.Tensor
 
 def quantize_outside(model: nn.Module, recipe: QuantRecipe, method: MethodConfig) -> int:
     """Quantize the selected layers outside the decoder blocks (data-free: nearest rounding, no calibration)."""
-    data_free = replace(method, rounding="nearest", awq=None)
+    data_free = replace(method, rounding="nearest", awq=None, smoothquant=None)
     count = 0
     for target in (t for t in select_layers(model, recipe) if t.block_index is None):
         if method.needs_calibration:

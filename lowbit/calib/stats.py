@@ -2,7 +2,9 @@
 
 * Hessian of the layer-wise squared error, ``H = (2 / n) Σ_t x_t x_tᵀ`` (GPTQ, eq. 1–2), ``[in, in]``, accumulated
   in place in float32 (as GPTQ's reference and llm-compressor; 4·in² bytes: 268 MB for in = 8192);
-* mean absolute activation per input channel, ``mean_t |x_t|`` (AWQ's activation salience), ``[in]``.
+* mean absolute activation per input channel, ``mean_t |x_t|`` (AWQ's activation salience), ``[in]``;
+* optionally (``sample_rows``) the largest ``|x|`` per channel and the first rows of ``X`` (SmoothQuant's search,
+  whose loss quantizes the activations and so cannot be written with ``XᵀX`` alone).
 
 Output-error searches need no stored activations: ``‖X Dᵀ‖² = tr(D XᵀX Dᵀ)`` for any weight error ``D``.
 """
@@ -32,6 +34,9 @@ class InputStats:
     _mirrored: bool = True
     factors: dict = field(default_factory=dict)  # derived from XᵀX by its consumers (GPTQ's inverse factor)
     absolute: bool = True  # also accumulate Σ|x| (AWQ's salience; ~10 % of the time of an add)
+    sample_rows: int = 0  # keep the first rows of X (SmoothQuant's search) and max|x| per channel
+    abs_max: torch.Tensor | None = None
+    sample: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
         x = x.float()
@@ -44,6 +49,13 @@ class InputStats:
         self.factors.clear()
         if self.absolute:
             self.abs_sum += x.abs().sum(0).double()
+        if self.sample_rows:
+            batch_max = x.abs().amax(0)
+            self.abs_max = batch_max if self.abs_max is None else torch.maximum(self.abs_max, batch_max)
+            kept = 0 if self.sample is None else self.sample.shape[0]
+            if kept < self.sample_rows:
+                rows = x[: self.sample_rows - kept].clone()
+                self.sample = rows if self.sample is None else torch.cat([self.sample, rows])
         self.tokens += x.shape[0]
 
     @property
@@ -76,4 +88,8 @@ class InputStats:
         inv = (1.0 / scale).double()
         self.factors.clear()
         self.xtx.mul_(inv[:, None].float()).mul_(inv[None, :].float())
-        self.abs_sum = self.abs_sum * inv
+        self.abs_sum = None if self.abs_sum is None else self.abs_sum * inv
+        if self.abs_max is not None:
+            self.abs_max = self.abs_max * inv.float()
+        if self.sample is not None:
+            self.sample = self.sample * inv.float()

@@ -75,6 +75,9 @@ def _problems(fmt: str, layers: list[LayerShape], num_blocks: int) -> list[str]:
         if cfg.zero_point == "float":
             problems.append(f"{fmt} stores integer zero points only, not float ones (HQQ): use --method rtn/gptq/awq "
                             "with --zero-point int, or --sym")
+        if cfg.input_bits:
+            problems.append(f"lowbit writes W8A8 (--act-bits 8) layers in its own format only (compressed-tensors' "
+                            f"int-quantized W8A8 layout is not written yet): use --format lowbit")
     bad_type = [layer.name for layer in layers if not layer.is_linear]
     if bad_type:
         problems.append(f"{fmt} stores nn.Linear layers only; {bad_type[0]} (and {len(bad_type) - 1} more) are "

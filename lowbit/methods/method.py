@@ -12,7 +12,12 @@ name            transform            q-param choice               rounding
 ``learned``     —                    Hessian-weighted clip        nearest, then learned
 ``gptq+learned`` —                   Hessian-weighted clip        GPTQ, then learned
 ``awq+learned`` AWQ scaling          Hessian-weighted clip        nearest, then learned
+``sq``          SmoothQuant scaling  Hessian-weighted clip        nearest
+``sq+gptq``     SmoothQuant scaling  Hessian-weighted clip        GPTQ
 ==============  ===================  ===========================  ===============
+
+SmoothQuant (:mod:`lowbit.methods.smoothquant`) is for layers that quantize their inputs too (W8A8,
+``QuantConfig(input_bits=8)``, CLI ``--act-bits 8``): it moves activation outliers into the weights.
 
 ``learned`` (:mod:`lowbit.methods.learned`, AutoRound's signed-gradient rounding) refines a whole block's codes
 and group scales after the per-layer step, against the float block's output.
@@ -43,8 +48,10 @@ from lowbit.methods.awq import AWQConfig
 from lowbit.methods.gptq import GPTQConfig, QParamChooser, gptq_quantize, plain_chooser
 from lowbit.methods.learned import LearnedConfig
 from lowbit.methods.rtn import quantize_rtn
+from lowbit.methods.smoothquant import SmoothQuantConfig
 
-METHOD_NAMES = ("rtn", "hqq", "gptq", "awq", "awq+gptq", "hqq+gptq", "learned", "gptq+learned", "awq+learned")
+METHOD_NAMES = ("rtn", "hqq", "gptq", "awq", "awq+gptq", "hqq+gptq", "learned", "gptq+learned", "awq+learned", "sq",
+                "sq+gptq")
 
 
 @dataclass(frozen=True)
@@ -68,17 +75,19 @@ class MethodConfig:
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     clip: ClipConfig | None = None
     learned: LearnedConfig | None = None
+    smoothquant: SmoothQuantConfig | None = None
 
     @classmethod
     def parse(
         cls, name: str, gptq: GPTQConfig = GPTQConfig(), awq: AWQConfig = AWQConfig(),
         clip: ClipConfig | None = ClipConfig(), learned: LearnedConfig = LearnedConfig(),
+        smoothquant: SmoothQuantConfig = SmoothQuantConfig(),
     ) -> "MethodConfig":
         """The method called ``name``; ``clip`` applies to calibrated methods without HQQ q-params."""
         if name not in METHOD_NAMES:
             raise ConfigError(f"unknown method {name!r}: choose one of {', '.join(METHOD_NAMES)}")
         parts = set(name.split("+"))
-        calibrated = bool(parts & {"gptq", "awq", "learned"})
+        calibrated = bool(parts & {"gptq", "awq", "learned", "sq"})
         return cls(
             name=name,
             rounding="gptq" if "gptq" in parts else "nearest",
@@ -87,11 +96,18 @@ class MethodConfig:
             gptq=gptq,
             clip=clip if calibrated and "hqq" not in parts else None,
             learned=learned if "learned" in parts else None,
+            smoothquant=smoothquant if "sq" in parts else None,
         )
 
     @property
     def needs_calibration(self) -> bool:
-        return self.rounding == "gptq" or self.awq is not None or self.learned is not None
+        return (self.rounding == "gptq" or self.awq is not None or self.learned is not None
+                or self.smoothquant is not None)
+
+    @property
+    def scales_inputs(self) -> bool:
+        """Whether a transform folds per-channel input scales into the blocks (AWQ or SmoothQuant)."""
+        return self.awq is not None or self.smoothquant is not None
 
     def adapt(self, cfg: QuantConfig) -> QuantConfig:
         """The layer config this method quantizes with (HQQ: its solver with float zeros; a symmetric config has

@@ -19,7 +19,11 @@ tens of times faster. So ``QLinear`` uses the fast kernel only for inputs of at 
   float scales). Codes are stored unsigned, so the kernel gets signed ``q + c`` (``c ≈ −z``) and any remaining
   offset is added back: ``x · ((q − z)·s)ᵀ = x · ((q + c)·s)ᵀ + (Σ_k x_k) · ((−c − z)·s)``.
 
-Both run on bfloat16 activations and scales (the ops' fast path; their float32 path is 10–35× slower, shared
+* ``int8mm`` — W8A8 (8-bit per-channel symmetric weights, inputs quantized per token, :mod:`lowbit.core.
+  activations`): ``torch._int_mm`` multiplies int8 by int8 into int32 exactly, then ``· s_x · s_w``. Faster than
+  float32 for any number of rows (a prompt's GEMM is where it pays).
+
+int4pack and int8pack run on bfloat16 activations and scales (the ops' fast path; their float32 path is 10–35× slower, shared
 notes); ``int4pack-fp32`` / ``int8pack-fp32`` are the same packing on float32 activations, which pin the packing
 down against the reference to 1e-4.
 """
@@ -32,6 +36,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from lowbit.core.activations import fake_quantize_per_token, quantize_per_token
 from lowbit.core.qparams import num_groups
 from lowbit.core.qtensor import QuantizedTensor
 from lowbit.errors import ConfigError
@@ -57,10 +62,17 @@ class Kernel:
     prepare: Callable[[QuantizedTensor], Any]
     run: Callable[[Any, torch.Tensor], torch.Tensor]
     tolerance: float = 0.0
+    all_rows: bool = False  # faster than the reference for any number of input rows (else: a few rows only)
+
+
+def act_input(qt: QuantizedTensor, x: torch.Tensor) -> torch.Tensor:
+    """What the layer multiplies: ``x``, or its per-token int8 fake quantization when the config quantizes
+    inputs (the reference definition of a W8A8 layer)."""
+    return fake_quantize_per_token(x, qt.config.input_bits) if qt.config.input_bits else x
 
 
 def _reference_run(qt: QuantizedTensor, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, qt.dequantize(x.dtype))
+    return F.linear(act_input(qt, x), qt.dequantize(x.dtype))
 
 
 REFERENCE = Kernel("reference", lambda qt: None, lambda qt: qt, _reference_run, 0.0)
@@ -68,6 +80,8 @@ REFERENCE = Kernel("reference", lambda qt: None, lambda qt: qt, _reference_run, 
 
 def _int8_why_not(qt: QuantizedTensor) -> str | None:
     c = qt.config
+    if c.input_bits:
+        return "int8pack keeps float activations; this layer quantizes its inputs"
     if c.bits > 8 or c.granularity != "channel":
         return "int8pack needs per-channel weights of at most 8 bits"
     return None
@@ -105,6 +119,8 @@ def _int4_width(qt: QuantizedTensor) -> int:
 
 def _int4_why_not(qt: QuantizedTensor) -> str | None:
     c = qt.config
+    if c.input_bits:
+        return "int4pack keeps float activations; this layer quantizes its inputs"
     if c.bits > 4 or c.granularity == "tensor":
         return "int4pack needs per-group or per-channel weights of at most 4 bits"
     if _int4_width(qt) not in _INT4_GROUPS:
@@ -146,6 +162,31 @@ def _int4_run(state: tuple[torch.Tensor, torch.Tensor, int, int], x: torch.Tenso
     return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
+def _int8mm_why_not(qt: QuantizedTensor) -> str | None:
+    c = qt.config
+    if c.input_bits != 8 or c.bits != 8 or c.granularity != "channel" or not c.symmetric:
+        return "int8mm needs 8-bit per-channel symmetric weights with int8 per-token activations (W8A8)"
+    return None
+
+
+def _int8mm_prepare(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w = (qt.codes().to(torch.int16) - 128).to(torch.int8)  # symmetric: z = 128
+    return w.t().contiguous(), qt.scale.float().reshape(1, -1)  # [K, N] as _int_mm takes it, s_w [1, N]
+
+
+def _int8mm_run(state: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``y = (q_x · q_wᵀ) · s_x · s_w``: the products summed exactly in int32 (``torch._int_mm``, oneDNN)."""
+    w_t, s_w = state
+    q, s_x = quantize_per_token(x.reshape(-1, x.shape[-1]))
+    y = torch._int_mm(q, w_t).float() * s_x * s_w
+    return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+# W8A8: int8 × int8 → int32 GEMM; equals the reference (fake-quantized input × dequantized weight in float32)
+# up to float32 rounding of the reference's sum
+INT8MM = Kernel("int8mm", _int8mm_why_not, _int8mm_prepare, _int8mm_run, FP32_TOLERANCE, all_rows=True)
+
+
 def _packed(name: str, why_not: Callable, prepare: Callable, run: Callable, act: torch.dtype) -> Kernel:
     tolerance = BF16_TOLERANCE if act == torch.bfloat16 else FP32_TOLERANCE
     return Kernel(name, why_not, lambda qt: prepare(qt, act), run, tolerance)
@@ -157,7 +198,7 @@ INT4PACK = _packed("int4pack", _int4_why_not, _int4_prepare, _int4_run, torch.bf
 # float32 activations: the same packing with the reference's precision (10–35× slower; the packing's oracle)
 INT8PACK_FP32 = _packed("int8pack-fp32", _int8_why_not, _int8_prepare, _int8_run, torch.float32)
 INT4PACK_FP32 = _packed("int4pack-fp32", _int4_why_not, _int4_prepare, _int4_run, torch.float32)
-FAST_KERNELS: tuple[Kernel, ...] = (INT4PACK, INT8PACK)  # the first that can run a layer is used
+FAST_KERNELS: tuple[Kernel, ...] = (INT8MM, INT4PACK, INT8PACK)  # the first that can run a layer is used
 KERNELS = {k.name: k for k in (REFERENCE, *FAST_KERNELS, INT8PACK_FP32, INT4PACK_FP32)}
 
 

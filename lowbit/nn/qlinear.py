@@ -26,7 +26,7 @@ from lowbit.config import QuantConfig
 from lowbit.core.packing import packed_row_bytes
 from lowbit.core.qparams import num_groups
 from lowbit.core.qtensor import QuantizedTensor
-from lowbit.nn.kernels import FAST_MAX_ROWS, REFERENCE, Kernel, select_kernel
+from lowbit.nn.kernels import FAST_MAX_ROWS, REFERENCE, Kernel, act_input, select_kernel
 
 
 class QLinear(nn.Module):
@@ -88,7 +88,8 @@ class QLinear(nn.Module):
             self._kernel = select_kernel(qt, self.kernel_preference)
             self._state = self._kernel.prepare(qt)
         rows = x.numel() // x.shape[-1]
-        if self._kernel is REFERENCE or (self.kernel_preference == "auto" and rows > FAST_MAX_ROWS):
+        few = rows <= FAST_MAX_ROWS or self._kernel.all_rows
+        if self._kernel is REFERENCE or (self.kernel_preference == "auto" and not few):
             y = self._reference(x)
         else:
             y = self._kernel.run(self._state, x)
@@ -98,6 +99,7 @@ class QLinear(nn.Module):
         """``x · dequantize(W)ᵀ`` (the reference kernel), reusing the dequantized weight inside ``dequantize_once``."""
         if self._dense is None:
             return REFERENCE.run(self.quantized_tensor(), x)
+        x = act_input(self.quantized_tensor(), x)
         # under autocast the matmul sees the weight rounded to the autocast dtype: keep only that copy (half the
         # memory of a float32 one, the same values autocast would make of it)
         autocast = torch.is_autocast_enabled("cpu")

@@ -140,7 +140,7 @@ def sensitivity_table(model: nn.Module | StreamingModel, recipe: QuantRecipe, ca
     fisher = output_fisher(sm, targets, calib_ids, batch_size=min(2, calib.batch_size), seed=calib.seed,
                            progress=progress, compute_dtype=compute_dtype, max_memory=max_memory)
     rows: dict[str, tuple[list[float], list[float], list[int]]] = {}
-    plain = replace(method, awq=None)
+    plain = replace(method, awq=None, smoothquant=None)
 
     def score(full: str, module: nn.Module, _target: LayerTarget, stats: InputStats, clip: bool) -> nn.Module:
         weight = linear_weight(module).float()

@@ -76,3 +76,42 @@ def test_qlinear_uses_fast_kernel_for_few_rows_and_keeps_bias() -> None:
     layer.set_kernel("reference")
     assert layer.kernel_name == "reference"
     assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_features", [576, 100])
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_w8a8_int8mm_equals_its_reference(in_features: int, rows: int) -> None:
+    """W8A8: int8 × int8 summed exactly in int32 equals the reference definition (per-token fake-quantized input ×
+    dequantized weight, float32) to 1e-4, and differs from the weight-only layer by the activation rounding."""
+    from lowbit.core.activations import fake_quantize_per_token, quantize_per_token
+
+    torch.manual_seed(rows)
+    cfg = QuantConfig(bits=8, granularity="channel", symmetric=True, input_bits=8)
+    qt = quantize_rtn(torch.randn(96, in_features), cfg)
+    kernel = select_kernel(qt)
+    assert kernel.name == "int8mm" and kernel.all_rows
+    x = torch.randn(rows, in_features) * torch.exp(torch.randn(1, in_features))  # outlier channels
+    ref = REFERENCE.run(qt, x)
+    fast = kernel.run(kernel.prepare(qt), x)
+    assert float((fast - ref).abs().max() / ref.abs().max()) <= kernel.tolerance
+    q, s = quantize_per_token(x)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127 and s.shape == (rows, 1)
+    assert torch.equal(fake_quantize_per_token(x), q.float() * s)
+    weight_only = torch.nn.functional.linear(x, qt.dequantize())
+    assert 0 < float((ref - weight_only).abs().max()) < 0.05 * float(weight_only.abs().max())
+
+
+def test_activation_quantized_layers_never_take_a_float_activation_kernel() -> None:
+    for cfg in (QuantConfig(bits=4, group_size=64, input_bits=8), QuantConfig(bits=8, granularity="channel",
+                                                                               input_bits=8)):
+        qt = quantize_rtn(torch.randn(64, 128), cfg)
+        assert select_kernel(qt) is REFERENCE  # no int8mm for these weights: the fake-quant reference runs
+        layer = QLinear(qt)
+        x = torch.randn(3, 128)
+        from lowbit.core.activations import fake_quantize_per_token
+
+        assert torch.equal(layer(x), torch.nn.functional.linear(fake_quantize_per_token(x), qt.dequantize()))
+    assert QuantConfig.from_dict(QuantConfig(bits=8, input_bits=8).to_dict()).input_bits == 8
+    assert "input_bits" not in QuantConfig().to_dict()  # weight-only configs are written as before
+    with pytest.raises(ConfigError):
+        QuantConfig(input_bits=4)
