@@ -12,7 +12,7 @@ Three tables, written to ``bench/results/inference.{md,json}``:
    ``FAST_MAX_ROWS`` is set from.
 2. **decode** — ``lowbit generate`` (its own process each: load, prefill, greedy decode of ``--new-tokens``) on
    SmolLM2-135M and a synthetic ~1B Llama-3-shaped model (random bf16 weights, written to a temporary folder):
-   float32, bfloat16, lowbit RTN 8-bit per-channel, 4-bit g128, 3-bit g128 — beside llama.cpp (llama-cpp-python,
+   float32, bfloat16, lowbit RTN 8-bit per-channel, 4-bit g128, 3-bit g128, W8A8 — beside llama.cpp (llama-cpp-python,
    2 threads) on GGUF Q8_0 and Q4_0 made from the same weights (lowbit's F16 export → ``llama_model_quantize``).
    Decode tokens/s, prefill tokens/s of the short prompt, peak RSS of the process.
 3. **prefill** — the same at a 2048-token prompt (one new token).
@@ -44,6 +44,7 @@ VARIANTS = {  # name: (quantize args or None for the float model, generate --dty
     "lowbit int4 g128": (["--bits", "4", "--group-size", "128"], "float32"),
     "lowbit int4 g128, bf16 float parts": (["--bits", "4", "--group-size", "128"], "bfloat16"),
     "lowbit 3-bit g128": (["--bits", "3", "--group-size", "128"], "float32"),
+    "lowbit W8A8 (int8 GEMM, RTN weights)": (["--bits", "8", "--per-channel", "--sym", "--act-bits", "8"], "float32"),
 }
 LLAMA_CPP = {"llama.cpp Q8_0": 7, "llama.cpp Q4_0": 2}  # llama_ftype values
 
@@ -78,8 +79,10 @@ def kernel_rows(bandwidth: float) -> list[dict]:
         w = torch.randn(out_f, in_f) * in_f ** -0.5
         layers = {"float32 nn.Linear": (w, 4.0), "bfloat16 nn.Linear": (w.to(torch.bfloat16), 2.0)}
         quantized = {"int4 g128": QuantConfig(bits=4, group_size=128), "int8 per-channel": QuantConfig(
-            bits=8, granularity="channel", symmetric=True)}
-        for m in (1, 4, 16, 64):
+            bits=8, granularity="channel", symmetric=True), "W8A8": QuantConfig(
+            bits=8, granularity="channel", symmetric=True, input_bits=8)}
+        kernels = {"int4 g128": "int4pack", "int8 per-channel": "int8pack", "W8A8": "int8mm"}
+        for m in (1, 4, 16, 64, 512):
             x = torch.randn(m, in_f)
             for name, (weight, nbytes) in layers.items():
                 xx = x.to(weight.dtype)
@@ -88,7 +91,7 @@ def kernel_rows(bandwidth: float) -> list[dict]:
             for qname, cfg in quantized.items():
                 qt = quantize_rtn(w, cfg)
                 stored = qt.qweight.numel() + qt.scale.numel() * 2 + (0 if qt.zero is None else qt.zero.numel())
-                for kname in ("reference", "int4pack" if cfg.bits == 4 else "int8pack"):
+                for kname in ("reference", kernels[qname]):
                     kernel = KERNELS[kname]
                     state = kernel.prepare(qt)
                     ms = _median_ms(lambda: kernel.run(state, x), n=10 if kname == "reference" else 30)
