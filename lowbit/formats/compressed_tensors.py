@@ -57,8 +57,20 @@ log = logging.getLogger(__name__)
 FORMAT = "compressed-tensors"
 
 
+INT_QUANTIZED = "int-quantized"  # W8A8: int8 weights stored unpacked, int8 per-token dynamic input activations
+
+
+def layer_format(cfg: QuantConfig) -> str:
+    """compressed-tensors' format of a layer: ``int-quantized`` for W8A8, ``pack-quantized`` otherwise."""
+    return INT_QUANTIZED if cfg.input_bits else "pack-quantized"
+
+
 def layer_tensors(name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-    """The pack-quantized tensors of one layer (see the module docstring)."""
+    """The pack-quantized tensors of one layer (see the module docstring); for W8A8 (``int-quantized``) the signed
+    int8 weight ``q − 128`` as ``L.weight [N, K]`` and ``L.weight_scale [N, 1]``."""
+    if qt.config.input_bits:
+        return {f"{name}.weight": (qt.codes().to(torch.int16) - 128).to(torch.int8),
+                f"{name}.weight_scale": qt.scale}
     out = {
         f"{name}.weight_packed": pack_int32(qt.codes(), qt.config.bits),
         f"{name}.weight_scale": qt.scale,
@@ -76,17 +88,27 @@ def weights_args(cfg: QuantConfig) -> dict[str, Any]:
             "strategy": "group" if cfg.granularity == "group" else "channel", "dynamic": False}
 
 
+def input_args(cfg: QuantConfig) -> dict[str, Any] | None:
+    """``input_activations`` of a layer: int8, symmetric, per token, dynamic for W8A8; None when weight-only."""
+    if not cfg.input_bits:
+        return None
+    return {"num_bits": cfg.input_bits, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
+            "group_size": None}
+
+
 def quantization_config(groups: list[tuple[QuantConfig, list[str]]], ignore: list[str]) -> dict[str, Any]:
     """The ``quantization_config`` for layers grouped by config: ``[(config, layer names)]``."""
     single = len(groups) == 1
     config_groups = {
         f"group_{i}": {"targets": ["Linear"] if single else names, "weights": weights_args(cfg),
-                       "input_activations": None, "output_activations": None, "format": "pack-quantized"}
+                       "input_activations": input_args(cfg), "output_activations": None,
+                       "format": layer_format(cfg)}
         for i, (cfg, names) in enumerate(groups)
     }
+    formats = {layer_format(cfg) for cfg, _ in groups}
     config = {"config_groups": config_groups, "quant_method": "compressed-tensors", "kv_cache_scheme": None,
-              "format": "pack-quantized", "quantization_status": "compressed", "global_compression_ratio": None,
-              "ignore": ignore}
+              "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+              "quantization_status": "compressed", "global_compression_ratio": None, "ignore": ignore}
     _validate_with_package(config)
     if any(not cfg.symmetric for cfg, _ in groups):
         config["dequantize"] = True  # lets plain transformers load packed zero points (see the module docstring)
@@ -122,13 +144,22 @@ def _matches(name: str, module: nn.Module, targets: list[str]) -> bool:
     return any(t == name or t in classes or (t.startswith("re:") and re.match(t[3:], name)) for t in targets)
 
 
-def _config_for(args: dict[str, Any], group: str) -> QuantConfig:
-    unsupported = [k for k in ("input_activations", "output_activations") if args.get(k)]
+_W8A8_INPUTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+
+
+def _config_for(args: dict[str, Any], group: str, top_format: str | None = None) -> QuantConfig:
     weights = args.get("weights") or {}
-    fmt = args.get("format") or "pack-quantized"
+    fmt = args.get("format") or top_format or "pack-quantized"
+    inputs = args.get("input_activations")
+    if fmt == INT_QUANTIZED and inputs and all(inputs.get(k) == v for k, v in _W8A8_INPUTS.items()) and \
+            weights.get("num_bits") == 8 and weights.get("strategy") == "channel" and weights.get("symmetric", True) \
+            and not args.get("output_activations"):
+        return QuantConfig(bits=8, symmetric=True, granularity="channel", input_bits=8)
+    unsupported = [k for k in ("input_activations", "output_activations") if args.get(k)]
     if unsupported or fmt != "pack-quantized" or weights.get("type", "int") != "int" or weights.get("dynamic"):
         raise FormatError(f"config group {group}: lowbit imports weight-only integer pack-quantized checkpoints "
-                          f"(W4A16-style), not format {fmt!r} with {unsupported or weights}: evaluate it with "
+                          f"(W4A16-style) and int-quantized W8A8 (8-bit per-channel weights, int8 per-token dynamic "
+                          f"activations), not format {fmt!r} with {unsupported or weights}: evaluate it with "
                           "transformers or vLLM instead")
     strategy = weights.get("strategy")
     if strategy not in ("group", "channel"):
@@ -141,7 +172,14 @@ def _config_for(args: dict[str, Any], group: str) -> QuantConfig:
 
 
 def import_layer(name: str, tensors: dict[str, torch.Tensor], cfg: QuantConfig) -> QuantizedTensor:
-    """Rebuild one layer's QuantizedTensor from its pack-quantized tensors (removed from ``tensors``)."""
+    """Rebuild one layer's QuantizedTensor from its pack-quantized (or int-quantized) tensors (removed from
+    ``tensors``)."""
+    if cfg.input_bits:
+        weight = tensors.pop(f"{name}.weight")
+        if weight.dtype != torch.int8:
+            raise FormatError(f"{name}: an int-quantized layer stores int8 weights, found {weight.dtype}")
+        scale = to_float16_scales(tensors.pop(f"{name}.weight_scale").reshape(weight.shape[0], 1), name)
+        return QuantizedTensor.from_codes((weight.to(torch.int16) + 128).to(torch.uint8), scale, None, cfg)
     packed = tensors.pop(f"{name}.weight_packed")
     n, k = (int(v) for v in tensors.pop(f"{name}.weight_shape").tolist())
     codes = unpack_int32(packed, cfg.bits, k)
@@ -175,12 +213,12 @@ def layer_configs(folder: Path, qc: dict[str, Any], model: nn.Module, stored: An
         raise FormatError(f"{folder}: quantization_status {qc.get('quantization_status')!r} is not supported "
                           "(lowbit reads compressed checkpoints)")
     config_groups = qc.get("config_groups") or {}
-    groups = {name: _config_for(args, name) for name, args in config_groups.items()}
+    groups = {name: _config_for(args, name, qc.get("format")) for name, args in config_groups.items()}
     targets = {name: args.get("targets") or [] for name, args in config_groups.items()}
     ignore = qc.get("ignore") or []
     out = {}
     for name, module in model.named_modules():
-        if f"{name}.weight_packed" not in stored:
+        if f"{name}.weight_packed" not in stored and f"{name}.weight_scale" not in stored:
             continue
         if not isinstance(module, nn.Linear):
             raise FormatError(f"{folder}: {name} is a {type(module).__name__}, lowbit imports packed nn.Linear only")

@@ -75,9 +75,11 @@ def _problems(fmt: str, layers: list[LayerShape], num_blocks: int) -> list[str]:
         if cfg.zero_point == "float":
             problems.append(f"{fmt} stores integer zero points only, not float ones (HQQ): use --method rtn/gptq/awq "
                             "with --zero-point int, or --sym")
-        if cfg.input_bits:
-            problems.append(f"lowbit writes W8A8 (--act-bits 8) layers in its own format only (compressed-tensors' "
-                            f"int-quantized W8A8 layout is not written yet): use --format lowbit")
+        if cfg.input_bits and fmt == "gptq":
+            problems.append("GPTQ checkpoints are weight-only: write W8A8 (--act-bits 8) as compressed-tensors or lowbit")
+        elif cfg.input_bits and not (cfg.bits == 8 and cfg.granularity == "channel" and cfg.symmetric):
+            problems.append("compressed-tensors stores W8A8 as int-quantized: 8-bit per-channel symmetric weights "
+                            "(--bits 8 --per-channel --sym --act-bits 8)")
     bad_type = [layer.name for layer in layers if not layer.is_linear]
     if bad_type:
         problems.append(f"{fmt} stores nn.Linear layers only; {bad_type[0]} (and {len(bad_type) - 1} more) are "

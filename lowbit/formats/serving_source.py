@@ -95,7 +95,8 @@ def open_compressed_tensors(folder: str | Path, dtype: torch.dtype = torch.float
         return ct.import_layer(name, stored, cfg)
 
     return _open(Path(folder), dtype, ct.FORMAT, ct.layer_configs,
-                 ("weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "weight_g_idx"), convert)
+                 ("weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "weight_g_idx", "weight"),
+                 convert)
 
 
 def open_gptq(folder: str | Path, dtype: torch.dtype = torch.float32) -> StreamingModel:
