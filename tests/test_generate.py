@@ -104,3 +104,27 @@ def test_quantized_smollm2_answers_paris(tmp_path: Path, capsys) -> None:
                      "8", "--kernel", kernel])
         text = capsys.readouterr().out
         assert code == 0 and "Paris" in text, (kernel, text)
+
+
+def test_chat_answers_each_line_with_the_chat_template_until_eof(tiny_hf_folder: Path, monkeypatch, capsys) -> None:
+    lines = iter(["hello there", "", "and again"])
+
+    def fake_input(prompt: str = "") -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    seen = []
+    import lowbit.generate as gen
+
+    real = gen.generate
+
+    def spy(model, ids, *args, **kwargs):
+        seen.append(ids.shape[1])
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr(gen, "generate", spy)
+    assert main(["chat", str(tiny_hf_folder), "--max-new-tokens", "3"]) == 0
+    assert len(seen) == 2 and seen[1] > seen[0] + 3  # the second turn's prompt holds the whole conversation
