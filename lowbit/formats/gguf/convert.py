@@ -21,13 +21,26 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, get_tensor_name_map
+from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
 
 from lowbit.errors import FormatError
 
 log = logging.getLogger(__name__)
 
-ARCH_ALIASES = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss"}  # model_type → GGUF name
+# model_type → GGUF architecture name, where they differ (llama.cpp's converter writes Mistral as llama; the text
+# half of a multimodal family is its text architecture)
+ARCH_ALIASES = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss", "mistral": "llama",
+                "gemma3_text": "gemma3"}
+# model_type → the key of transformers' GGUF_CONFIG_MAPPING that describes it
+CONFIG_TABLE_ALIASES = {"gemma3_text": "gemma3"}
+# architectures whose llama.cpp loader reads ``attention.layer_norm_epsilon`` (LayerNorm), not the RMS one
+LAYER_NORM_ARCHS = {"falcon", "gpt2", "stablelm", "starcoder2", "phi2", "bloom", "gptneox", "starcoder", "mpt"}
+
+
+def _config_table(model_type: str) -> dict[str, Any] | None:
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    return GGUF_CONFIG_MAPPING.get(CONFIG_TABLE_ALIASES.get(model_type, model_type))
 
 
 def gguf_arch(model_type: str) -> str:
@@ -35,8 +48,8 @@ def gguf_arch(model_type: str) -> str:
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
     arch = ARCH_ALIASES.get(model_type, model_type)
-    if arch not in MODEL_ARCH_NAMES.values() or model_type not in GGUF_CONFIG_MAPPING:
-        known = sorted(set(GGUF_CONFIG_MAPPING) - {"general"})
+    if arch not in MODEL_ARCH_NAMES.values() or _config_table(model_type) is None:
+        known = sorted((set(GGUF_CONFIG_MAPPING) | set(ARCH_ALIASES)) - {"general", "tokenizer", "t5", "umt5"})
         raise FormatError(f"cannot write GGUF for model_type {model_type!r}: supported are {', '.join(known)} "
                           "(export another format, e.g. the native lowbit folder)")
     return arch
@@ -61,7 +74,7 @@ def _gemma_norm_transform(name: str, w: np.ndarray, config: Any) -> np.ndarray:
 
 TENSOR_TRANSFORMS: dict[str, Callable[[str, np.ndarray, Any], np.ndarray]] = {
     "llama": _llama_transform, "mistral": _llama_transform, "gemma2": _gemma_norm_transform,
-    "gemma3": _gemma_norm_transform,
+    "gemma3": _gemma_norm_transform, "gemma3_text": _gemma_norm_transform,
 }
 
 
@@ -118,11 +131,14 @@ def module_gguf_state(config: Any, module: torch.nn.Module, prefix: str, materia
     """``(GGUF name, tensor)`` for the tensors of ``module`` (full names ``prefix + name``), skipping names that
     start with ``exclude``; quantized layers are dequantized to float32 when ``materialize``, else stand in as
     meta tensors of their shape; a tied ``lm_head`` is skipped."""
+    from transformers.pytorch_utils import Conv1D
+
     from lowbit.nn.qlinear import QLinear
 
     name_of = gguf_name_map(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     quantized = {name: m for name, m in module.named_modules() if isinstance(m, QLinear)}
+    conv1d = {name for name, m in module.named_modules() if isinstance(m, Conv1D)}  # GPT-2: weight [in, out]
     entries: list[tuple[str, torch.Tensor]] = []
     for name, tensor in module.state_dict(keep_vars=True).items():
         owner, _, leaf = name.rpartition(".")
@@ -138,24 +154,74 @@ def module_gguf_state(config: Any, module: torch.nn.Module, prefix: str, materia
             elif leaf == "bias":
                 entries.append((full, tensor.detach()))
             continue
-        entries.append((full, tensor.detach()))
+        entries.append((full, tensor.detach().t() if owner in conv1d and leaf == "weight" else tensor.detach()))
     for hf_name, tensor in entries:
         if not (tied and hf_name.startswith("lm_head.")):
             yield name_of(hf_name), tensor.float() if materialize else tensor
 
 
-def hyperparameters(config: Any) -> dict[str, Any]:
-    """``{gguf key: value}`` for the architecture's hyper-parameters (transformers' reader mapping, inverted)."""
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+def _first(config: Any, *attrs: str) -> Any:
+    return next((getattr(config, a) for a in attrs if getattr(config, a, None) is not None), None)
 
+
+def _derived(key: str, config: Any, arch: str) -> Any:
+    """Values llama.cpp needs that transformers' reader table maps from an attribute this config lacks (or not at
+    all), computed from the config's own fields — generic rules, not per-model numbers."""
+    head_dim = _first(config, "head_dim") or _first(config, "hidden_size", "n_embd") // _first(
+        config, "num_attention_heads", "n_head")
+    if key == "context_length":
+        return _first(config, "max_position_embeddings", "n_positions", "n_ctx")
+    if key == "feed_forward_length":
+        return _first(config, "intermediate_size", "n_inner", "ffn_dim") or 4 * _first(config, "hidden_size", "n_embd")
+    if key == "rope.dimension_count":
+        factor = _first(config, "partial_rotary_factor") or (getattr(config, "rope_parameters", None) or {}).get(
+            "partial_rotary_factor") or 1.0
+        return int(head_dim * factor)
+    if key == "rope.freq_base":
+        return (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+    if key == "attention.head_count_kv" and getattr(config, "multi_query", False):
+        return 1  # Falcon-7B style multi-query attention
+    if key in ("attention.layer_norm_epsilon", "attention.layer_norm_rms_epsilon"):
+        return _first(config, "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon")
+    return None
+
+
+def hyperparameters(config: Any) -> dict[str, Any]:
+    """``{gguf key: value}`` for the architecture's hyper-parameters: transformers' GGUF reader mapping, inverted,
+    with :func:`_derived` values where the config names a field differently, and the epsilon under the key
+    llama.cpp's loader reads for this architecture (:data:`LAYER_NORM_ARCHS`)."""
     arch = gguf_arch(config.model_type)
+    table = dict(_config_table(config.model_type))
+    eps_key = "attention.layer_norm_epsilon" if arch in LAYER_NORM_ARCHS else "attention.layer_norm_rms_epsilon"
+    for key in ("attention.layer_norm_epsilon", "attention.layer_norm_rms_epsilon"):
+        table.pop(key, None)
+    table.update({eps_key: None, "context_length": table.get("context_length"),
+                  "feed_forward_length": table.get("feed_forward_length")})
     values: dict[str, Any] = {}
-    for key, attr in GGUF_CONFIG_MAPPING[config.model_type].items():
+    for key, attr in table.items():
         value = getattr(config, attr, None) if attr else None
-        if key == "rope.dimension_count" and value is None:
-            value = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        if key == "rope.freq_base" and value is None:
-            value = (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+        if key == "attention.head_count_kv" and getattr(config, "multi_query", False):
+            value = None  # the attribute counts heads as if there were no multi-query sharing
+        if value is None:
+            value = _derived(key, config, arch)
         if value is not None and not isinstance(value, (list, dict)):
             values[f"{arch}.{key}"] = value
+    head_dim = getattr(config, "head_dim", None)
+    if isinstance(head_dim, int):  # llama.cpp defaults it to hidden / heads, which e.g. Qwen3 and Gemma do not follow
+        values.setdefault(f"{arch}.attention.key_length", head_dim)
+        values.setdefault(f"{arch}.attention.value_length", head_dim)
     return values
+
+
+def complete_config(config: Any, metadata: dict[str, Any]) -> Any:
+    """Fields transformers' GGUF reader leaves at their defaults although the file states them (the inverse of
+    what :func:`hyperparameters` adds): ``head_dim`` from ``attention.key_length``, GPT-2's ``n_positions`` from
+    ``context_length``."""
+    arch = ARCH_ALIASES.get(config.model_type, config.model_type)
+    key_length = metadata.get(f"{arch}.attention.key_length")
+    if key_length is not None and hasattr(config, "head_dim"):
+        config.head_dim = int(key_length)
+    context = metadata.get(f"{arch}.context_length")
+    if context is not None and hasattr(config, "n_positions"):
+        config.n_positions = int(context)
+    return config

@@ -27,6 +27,7 @@ from gguf.quants import dequantize
 
 from lowbit.errors import ModelLoadError
 from lowbit.formats.gguf.bounds import check_gguf_bounds
+from lowbit.formats.gguf.convert import complete_config
 from lowbit.model.loading import register_opener
 from lowbit.model.source import StreamingModel, meta_skeleton, tied_names
 from lowbit.model.validate import MAX_LAYERS, config_errors, verify_tensors
@@ -153,6 +154,15 @@ def read_gguf(path: Path) -> GGUFReader:
         raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}): re-download it") from exc
 
 
+def _scalars(reader: Any) -> dict[str, Any]:
+    """The file's single-valued numeric metadata, by key."""
+    out = {}
+    for key, field in reader.fields.items():
+        if len(field.types) == 1 and len(field.data) == 1 and field.types[0].name not in ("STRING", "ARRAY"):
+            out[key] = field.contents()
+    return out
+
+
 def open_gguf(path: Path, dtype: torch.dtype, load_tokenizer: Callable[[], Any]) -> StreamingModel:
     """A GGUF file as a :class:`StreamingModel`: config from its metadata (transformers), tensors on demand; the
     file is parsed once (its reader serves the tensors) and checked before the tokenizer is read from it."""
@@ -165,6 +175,7 @@ def open_gguf(path: Path, dtype: torch.dtype, load_tokenizer: Callable[[], Any])
         try:  # what AutoConfig.from_pretrained(gguf_file=…) does
             parsed = load_gguf_checkpoint(str(path), return_tensors=False)
             config = CONFIG_MAPPING[parsed["config"]["model_type"]].from_dict(dict(parsed["config"]))
+            config = complete_config(config, _scalars(reader))
         except (OSError, NotImplementedError, IndexError, *config_errors()) as exc:
             raise ModelLoadError(f"transformers cannot build a model from {path} ({exc}): its architecture may be "
                                  "unsupported") from exc

@@ -1,0 +1,85 @@
+"""GGUF for every architecture both transformers and llama.cpp run, judged by llama.cpp itself: a tiny random model
+exported by lowbit loads in llama-cpp-python and gives the logits transformers gives for the same weights; GGUF →
+lowbit → GGUF keeps every metadata key; what cannot be written is refused up front, naming what can."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from arch_zoo import CONFIGS, PROMPT, build, llama_cpp_logits, tiny_tokenizer
+from lowbit.errors import LowbitError
+from lowbit.job import QuantizeJob, quantize_and_save
+
+MOE = ("qwen2_moe", "qwen3_moe")
+SUPPORTED = [a for a in CONFIGS if a not in MOE]
+CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _export(source: Path | str, out: Path, gguf_type: str) -> Path:
+    quantize_and_save(QuantizeJob(str(source), str(out), fmt="gguf", gguf_type=gguf_type), progress=False)
+    return out
+
+
+def _metadata(path: Path) -> dict[str, object]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith(("general.", "lowbit.", "GGUF.")):
+            continue
+        value = field.contents()
+        out[key] = value
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.llama_cpp
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_llama_cpp_gives_our_logits(arch: str, tmp_path: Path, tokenizer) -> None:
+    """F32: max |Δ| ≤ 1e-3 (float32 summation order only). Q8_0: llama.cpp also rounds the activations to 8 bits
+    in its Q8_0 dot products, so within 5 % of the logits' range."""
+    model = build(arch, tmp_path / "m", tokenizer)
+    with torch.no_grad():
+        ours = model(torch.tensor([PROMPT])).logits[0].numpy()
+    f32 = llama_cpp_logits(_export(tmp_path / "m", tmp_path / "f32.gguf", "F32"), PROMPT)
+    assert float(np.abs(f32 - ours).max()) <= 1e-3, arch
+    q8 = llama_cpp_logits(_export(tmp_path / "m", tmp_path / "q8.gguf", "Q8_0"), PROMPT)
+    assert float(np.abs(q8 - ours).max()) <= 0.05 * float(np.abs(ours).max()), arch
+
+
+@pytest.mark.slow
+@pytest.mark.llama_cpp
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "qwen3", "gpt2"])
+def test_gguf_round_trip_keeps_every_metadata_key(arch: str, tmp_path: Path, tokenizer) -> None:
+    """HF → GGUF (A) → lowbit (transformers' GGUF reader) → GGUF (B): A and B carry the same keys and values
+    (chat template, special tokens, rope, sliding window, softcapping…), and B requantizes to Q4_K_M for llama.cpp."""
+    build(arch, tmp_path / "m", tokenizer)
+    a = _export(tmp_path / "m", tmp_path / "a.gguf", "F32")
+    b = _export(a, tmp_path / "b.gguf", "F32")
+    meta_a, meta_b = _metadata(a), _metadata(b)
+    assert meta_a["tokenizer.chat_template"] == CHAT_TEMPLATE
+    assert {k: meta_a[k] for k in meta_a if k not in meta_b} == {} and {k for k in meta_b if k not in meta_a} == set()
+    assert [k for k in meta_a if meta_a[k] != meta_b[k]] == []
+    q4 = llama_cpp_logits(_export(a, tmp_path / "q4.gguf", "Q4_K_M"), PROMPT)
+    assert np.isfinite(q4).all()
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_unsupported_architectures_fail_before_any_work_naming_what_works(arch: str, tmp_path: Path,
+                                                                           tokenizer) -> None:
+    build(arch, tmp_path / "m", tokenizer)
+    with pytest.raises(LowbitError, match="mixture-of-experts") as info:
+        _export(tmp_path / "m", tmp_path / "x.gguf", "F32")
+    assert "llama" in str(info.value) and not (tmp_path / "x.gguf").exists()
