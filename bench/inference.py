@@ -90,7 +90,7 @@ def kernel_rows(bandwidth: float) -> list[dict]:
                 rows.append(_kernel_row(out_f, in_f, m, name, ms, out_f * in_f * nbytes, bandwidth))
             for qname, cfg in quantized.items():
                 qt = quantize_rtn(w, cfg)
-                stored = qt.qweight.numel() + qt.scale.numel() * 2 + (0 if qt.zero is None else qt.zero.numel())
+                stored = qt.nbytes
                 for kname in ("reference", kernels[qname]):
                     kernel = KERNELS[kname]
                     state = kernel.prepare(qt)

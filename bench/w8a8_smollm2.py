@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--work", default=None)
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="lowbit-w8a8-"))
+    work.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, qargs in ROWS.items():
         out = work / str(len(rows))

@@ -166,11 +166,15 @@ class OutputHead:
         return torch.tanh(z / self.cap) * self.cap if self.cap else z
 
 
-Stored = torch.Tensor | SpilledTensor  # in memory, or on disk past the memory budget
+# head inputs of every window: one ``[windows·positions, hidden]`` tensor in memory, or one file per window on disk
+Heads = torch.Tensor | list[SpilledTensor]
 
 
-def _load(x: Stored) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else x.load()
+def _rows(heads: Heads, first: int, last: int, per_window: int) -> torch.Tensor:
+    """Head inputs of windows ``first … last − 1``: a view in memory, or read from their files."""
+    if isinstance(heads, torch.Tensor):
+        return heads[first * per_window:last * per_window]
+    return torch.cat([part.load() for part in heads[first:last]])
 
 
 @dataclass
@@ -181,7 +185,7 @@ class ReferenceHeads:
     by rows. :meth:`close` deletes the spilled ones."""
 
     sm: StreamingModel
-    heads: list[Stored]
+    heads: Heads
     windows: torch.Tensor
     spill: SpillFolder | None = None
 
@@ -207,9 +211,10 @@ def _spill_for(sm: StreamingModel, ids: torch.Tensor, max_memory: int | None) ->
 
 @torch.no_grad()
 def _final_heads(m: StreamingModel, ids: torch.Tensor, scored: slice, progress: bool, desc: str,
-                 spill: SpillFolder | None) -> list[Stored]:
+                 spill: SpillFolder | None) -> Heads:
     """Run every block of ``m`` on ``ids`` (one block in memory at a time; hidden states in ``spill`` when given)
-    and return, per window, the head inputs at the scored positions, ``[len(scored), hidden]`` float32."""
+    and return the head inputs at the scored positions, float32: ``[windows·len(scored), hidden]`` in memory
+    (filled window by window, never copied), or one ``[len(scored), hidden]`` file per window in ``spill``."""
     states = _first_inputs(m, ids, spill)
     spec = spec_for(m.model)
     as_tuple = False
@@ -223,12 +228,19 @@ def _final_heads(m: StreamingModel, ids: torch.Tensor, scored: slice, progress: 
                 states[0].discard()
             states = [first] + run_block(block, states[1:], spill)
         m.release(f"{spec.blocks}.{index}")
-    heads: list[Stored] = []
-    for state in states:
+    files: list[SpilledTensor] = []
+    table: torch.Tensor | None = None
+    for w, state in enumerate(states):
         x = head_input(m.model, state.hidden, as_tuple).float()[scored]
-        heads.append(x if spill is None else spill.put(x))
+        if spill is not None:
+            files.append(spill.put(x))
+        else:
+            if table is None:
+                table = torch.empty(len(states) * x.shape[0], x.shape[1])
+            table[w * x.shape[0]:(w + 1) * x.shape[0]] = x
         state.discard()
-    return heads
+        states[w] = None  # this window's final state is no longer needed
+    return table if spill is None else files
 
 
 def reference_heads(ref: StreamingModel, windows: torch.Tensor, protocol: EvalProtocol, progress: bool = True,
@@ -263,7 +275,7 @@ def evaluate_lockstep(sm: StreamingModel | ReferenceHeads, windows: torch.Tensor
         heads = [own.heads if own is not None else _final_heads(sm, ids, scored, progress, "evaluating", spill)]
         models = [sm] + ([reference.sm] if reference is not None else [])
         heads += [reference.heads] if reference is not None else []
-        sums = _score(models, heads, targets, progress)
+        sums = _score(models, heads, targets, windows.shape[0], progress)
     finally:
         if made is not None:
             made.close()
@@ -280,19 +292,19 @@ def evaluate_lockstep(sm: StreamingModel | ReferenceHeads, windows: torch.Tensor
                       **result)
 
 
-def _score(models: list[StreamingModel], heads: list[list[Stored]], targets: torch.Tensor, progress: bool,
+def _score(models: list[StreamingModel], heads: list[Heads], targets: torch.Tensor, windows: int, progress: bool,
            ) -> dict[str, float]:
     """Sums over positions of the NLL (and with a reference, second: KL, top-1 agreement, reference NLL), the
     vocabulary walked once per group of up to ``_HEAD_POSITIONS`` positions (module doc)."""
-    per_window = targets.numel() // len(heads[0])
+    per_window = targets.numel() // windows
     group = max(1, _HEAD_POSITIONS // per_window)
     projections = [OutputHead(m) for m in models]
     vocab = projections[0].vocab
     chunks = range(0, vocab, _VOCAB_CHUNK)
     sums = {"nll": 0.0, "kl": 0.0, "agree": 0.0, "ref_nll": 0.0}
-    bar = tqdm(total=len(chunks) * math.ceil(len(heads[0]) / group), desc="head", unit="chunk", disable=not progress)
-    for w in range(0, len(heads[0]), group):
-        xs = [torch.cat([_load(h) for h in model_heads[w:w + group]]) for model_heads in heads]
+    bar = tqdm(total=len(chunks) * math.ceil(windows / group), desc="head", unit="chunk", disable=not progress)
+    for w in range(0, windows, group):
+        xs = [_rows(model_heads, w, min(windows, w + group), per_window) for model_heads in heads]
         t = targets[w * per_window:(w + group) * per_window]
         n = t.numel()
         stats = [_RunningStats.empty(n) for _ in models]
