@@ -136,17 +136,23 @@ def generation_rows(model_name: str, source: str, work: Path, prompt: str, new_t
 
 
 LLAMA_SCRIPT = """
-import json, resource, sys, llama_cpp
+import json, sys, time, llama_cpp
 path, prompt, n = sys.argv[1], open(sys.argv[2]).read(), int(sys.argv[3])
 llm = llama_cpp.Llama(model_path=path, n_threads=2, n_threads_batch=2, n_ctx=4096, n_batch=2048, verbose=False)
 tokens = llm.tokenize(prompt.encode(), add_bos=False)
-llama_cpp.llama_perf_context_reset(llm.ctx)
-out = llm.create_completion(tokens, max_tokens=n, temperature=0.0)
-perf = llama_cpp.llama_perf_context(llm.ctx)
-print(json.dumps({"prompt_tokens": perf.n_p_eval, "new_tokens": out["usage"]["completion_tokens"],
-                  "prefill_tokens_per_s": 1e3 * perf.n_p_eval / perf.t_p_eval_ms,
-                  "decode_tokens_per_s": 1e3 * perf.n_eval / perf.t_eval_ms if perf.n_eval else 0.0,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+start = time.perf_counter()
+llm.eval(tokens)
+token = llm.sample(temp=0.0)
+prefill = time.perf_counter() - start
+start, made = time.perf_counter(), 1
+for _ in range(n - 1):
+    llm.eval([token])
+    token = llm.sample(temp=0.0)
+    made += 1
+decode = time.perf_counter() - start
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"prompt_tokens": len(tokens), "new_tokens": made, "prefill_tokens_per_s": len(tokens) / prefill,
+                  "decode_tokens_per_s": (made - 1) / decode if made > 1 else 0.0, "peak_rss_bytes": hwm}))
 """
 
 

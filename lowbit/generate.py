@@ -135,7 +135,15 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, sampling: SamplingConfi
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set so far (Linux reports kilobytes)."""
+    """This process's peak resident set so far: ``VmHWM`` (reset by ``exec``, unlike ``getrusage``'s ``ru_maxrss``,
+    which a child started by a large parent inherits), else ``ru_maxrss`` (kilobytes on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -4,9 +4,10 @@ Each kernel says which configs it supports (``why_not``), turns a :class:`Quanti
 computes with (``prepare``, done once and cached by the module), and runs (``run``). ``select_kernel`` picks the
 first fast kernel that supports a layer and falls back to the reference.
 
-Measured on this project's 2-core AVX-512 box (``bench/``), torch's packed CPU kernels beat dequantize-then-GEMM
-only for a few input rows (token-by-token decoding); for a prompt or an evaluation window the reference path is
-tens of times faster. So ``QLinear`` uses the fast kernel only for inputs of at most ``FAST_MAX_ROWS`` rows.
+Measured on this project's 2-core AVX-512 box (``bench/results/inference.md``), torch's packed weight-only kernels
+beat dequantize-then-GEMM for up to ``PACKED_MAX_ROWS`` input rows (decoding, short prompts); for longer prompts and
+evaluation windows the reference path wins, so ``QLinear`` dispatches on the row count (``Kernel.max_rows``). The
+W8A8 int8 GEMM wins at every row count.
 
 * ``reference`` — dequantize ``ŵ = (q − z)·s`` to float32 and call ``F.linear``. Always available; the
   definition every other kernel is tested against.
@@ -42,10 +43,13 @@ from lowbit.core.qtensor import QuantizedTensor
 from lowbit.errors import ConfigError
 
 _INT4_GROUPS = (32, 64, 128, 256)
+# inputs of at most this many rows run the packed kernels; larger ones the reference (dequantize + GEMM). Measured
+# (bench/results/inference.md, 576…14336-wide layers): int4pack and int8pack beat the reference at 1–64 rows on
+# every shape; at 512 rows the reference wins for int8 everywhere and for int4 on SmolLM2's 576-wide layers
+PACKED_MAX_ROWS = 64
 # torch 2.13's bfloat16 _weight_int8pack_mm returns garbage (or crashes) unless K is a multiple of 16 (measured:
 # K = 8, 24, 40, 100 fail; 16, 32, 48, 96 work): K is zero-padded to a multiple of 32
 _INT8_K_ALIGN = 32
-FAST_MAX_ROWS = 8
 
 
 FP32_TOLERANCE = 1e-4  # float32 activations: only the accumulation order differs from the reference
@@ -62,7 +66,7 @@ class Kernel:
     prepare: Callable[[QuantizedTensor], Any]
     run: Callable[[Any, torch.Tensor], torch.Tensor]
     tolerance: float = 0.0
-    all_rows: bool = False  # faster than the reference for any number of input rows (else: a few rows only)
+    max_rows: int | None = None  # auto dispatch: inputs with more rows run the reference (None: any number)
 
 
 def act_input(qt: QuantizedTensor, x: torch.Tensor) -> torch.Tensor:
@@ -184,12 +188,12 @@ def _int8mm_run(state: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> to
 
 # W8A8: int8 × int8 → int32 GEMM; equals the reference (fake-quantized input × dequantized weight in float32)
 # up to float32 rounding of the reference's sum
-INT8MM = Kernel("int8mm", _int8mm_why_not, _int8mm_prepare, _int8mm_run, FP32_TOLERANCE, all_rows=True)
+INT8MM = Kernel("int8mm", _int8mm_why_not, _int8mm_prepare, _int8mm_run, FP32_TOLERANCE)
 
 
 def _packed(name: str, why_not: Callable, prepare: Callable, run: Callable, act: torch.dtype) -> Kernel:
     tolerance = BF16_TOLERANCE if act == torch.bfloat16 else FP32_TOLERANCE
-    return Kernel(name, why_not, lambda qt: prepare(qt, act), run, tolerance)
+    return Kernel(name, why_not, lambda qt: prepare(qt, act), run, tolerance, PACKED_MAX_ROWS)
 
 
 # bfloat16 activations (and scales): the ops' fast path, 3–5× a float32 matmul for a few rows (shared notes)

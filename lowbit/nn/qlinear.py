@@ -9,7 +9,7 @@ State-dict entries (what a checkpoint stores for layer ``name``)::
 
 The kernel (see :mod:`lowbit.nn.kernels`) is chosen on first use and its prepared layout cached; it is not part of
 the state dict, so a checkpoint does not depend on the machine that wrote it. With ``kernel="auto"`` a fast kernel
-runs inputs of at most ``FAST_MAX_ROWS`` rows and the reference path runs larger ones (where dequantize + GEMM is
+runs inputs of at most its ``max_rows`` rows and the reference path runs larger ones (where dequantize + GEMM is
 faster); ``kernel="reference"`` or a kernel's name forces one path for every input.
 """
 
@@ -26,7 +26,7 @@ from lowbit.config import QuantConfig
 from lowbit.core.packing import packed_row_bytes
 from lowbit.core.qparams import num_groups
 from lowbit.core.qtensor import QuantizedTensor
-from lowbit.nn.kernels import FAST_MAX_ROWS, REFERENCE, Kernel, act_input, select_kernel
+from lowbit.nn.kernels import REFERENCE, Kernel, act_input, select_kernel
 
 
 class QLinear(nn.Module):
@@ -88,7 +88,7 @@ class QLinear(nn.Module):
             self._kernel = select_kernel(qt, self.kernel_preference)
             self._state = self._kernel.prepare(qt)
         rows = x.numel() // x.shape[-1]
-        few = rows <= FAST_MAX_ROWS or self._kernel.all_rows
+        few = self._kernel.max_rows is None or rows <= self._kernel.max_rows
         if self._kernel is REFERENCE or (self.kernel_preference == "auto" and not few):
             y = self._reference(x)
         else:

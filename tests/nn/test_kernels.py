@@ -11,7 +11,7 @@ import torch
 from lowbit.config import QuantConfig
 from lowbit.errors import ConfigError
 from lowbit.methods.rtn import quantize_rtn
-from lowbit.nn.kernels import FAST_MAX_ROWS, REFERENCE, select_kernel
+from lowbit.nn.kernels import PACKED_MAX_ROWS, REFERENCE, select_kernel
 from lowbit.nn.qlinear import QLinear
 
 CASES = [
@@ -63,13 +63,13 @@ def test_qlinear_uses_fast_kernel_for_few_rows_and_keeps_bias() -> None:
     x = torch.randn(2, 3, 128)
     expected = torch.nn.functional.linear(x, qt.dequantize(), bias)
     assert layer.kernel_name == "int4pack"
-    rows = x.reshape(-1, 128)[:FAST_MAX_ROWS].reshape(2, -1, 128)  # few rows: the fast kernel runs
+    rows = x  # 6 rows ≤ max_rows: the fast kernel runs
     small = layer(rows)
     fast = select_kernel(qt)
     assert torch.equal(small, fast.run(fast.prepare(qt), rows) + bias)
     ref = torch.nn.functional.linear(rows, qt.dequantize(), bias)
     assert (small - ref).abs().max() <= fast.tolerance * ref.abs().max()
-    big_x = torch.cat([x] * (FAST_MAX_ROWS // 6 + 2), 0)  # more rows than FAST_MAX_ROWS: the reference path ran
+    big_x = torch.cat([x] * (PACKED_MAX_ROWS // 6 + 2), 0)  # more rows than max_rows: the reference path ran
     big = layer(big_x)
     assert torch.equal(big, REFERENCE.run(qt, big_x) + bias)
     assert torch.allclose(big, torch.nn.functional.linear(big_x, qt.dequantize(), bias), atol=1e-5)
@@ -89,7 +89,8 @@ def test_w8a8_int8mm_equals_its_reference(in_features: int, rows: int) -> None:
     cfg = QuantConfig(bits=8, granularity="channel", symmetric=True, input_bits=8)
     qt = quantize_rtn(torch.randn(96, in_features), cfg)
     kernel = select_kernel(qt)
-    assert kernel.name == "int8mm" and kernel.all_rows
+    assert kernel.name == "int8mm" and kernel.max_rows is None and select_kernel(
+        quantize_rtn(torch.randn(8, 64), QuantConfig(bits=4, group_size=32))).max_rows == PACKED_MAX_ROWS
     x = torch.randn(rows, in_features) * torch.exp(torch.randn(1, in_features))  # outlier channels
     ref = REFERENCE.run(qt, x)
     fast = kernel.run(kernel.prepare(qt), x)
