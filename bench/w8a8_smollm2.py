@@ -49,10 +49,15 @@ from lowbit.data.text import read_text
 from lowbit.eval.perplexity import EvalProtocol, evaluate, token_windows
 from lowbit.model.loading import load_model
 
-calib, text = sys.argv[1], sys.argv[2]
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+calib, text, folder = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 original = load_model("smollm2-135m")
-model = load_model("smollm2-135m").model
-tok = original.tokenizer
+if not folder.is_dir():  # llm-compressor wants a model with a name/path: the same weights as a Hugging Face folder
+    original.model.save_pretrained(folder)
+    original.tokenizer.save_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+tok = AutoTokenizer.from_pretrained(folder)
 ids = calibration_ids(tok, Path(calib).read_text(), CalibConfig(64, 512, seed=0))
 recipe = [SmoothQuantModifier(smoothing_strength=0.8),
           GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"], dampening_frac=0.01)]
@@ -83,11 +88,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--peer-python", default=None)
     parser.add_argument("--work", default=None)
+    parser.add_argument("--peer-only", action="store_true", help="keep the lowbit rows of the last run")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="lowbit-w8a8-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name, qargs in ROWS.items():
+    if args.peer_only:
+        rows = [r for r in json.loads((RESULTS / "w8a8_smollm2.json").read_text())["rows"]
+                if r["tool"].startswith("lowbit")]
+    for name, qargs in ({} if args.peer_only else ROWS).items():
         out = work / str(len(rows))
         start = time.perf_counter()
         run(lowbit("quantize", "smollm2-135m", "--out", str(out), "--no-eval", "--overwrite", *qargs, *CALIB_ARGS))
@@ -100,7 +109,7 @@ def main() -> None:
         render(rows)
     if args.peer_python:
         try:
-            out = run([args.peer_python, "-c", PEER, str(CALIB), str(TEXT)])
+            out = run([args.peer_python, "-c", PEER, str(CALIB), str(TEXT), str(work / "smollm2-hf")])
             peer = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
             rows.append({"tool": "llm-compressor 0.14 SmoothQuant (0.8) + GPTQ, W8A8 (same calibration tokens)",
                          "quantize_s": peer["oneshot_s"], **{k: peer[k] for k in ("perplexity", "kl",

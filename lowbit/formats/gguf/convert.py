@@ -219,7 +219,8 @@ def complete_config(config: Any, metadata: dict[str, Any]) -> Any:
     ``context_length``."""
     arch = ARCH_ALIASES.get(config.model_type, config.model_type)
     key_length = metadata.get(f"{arch}.attention.key_length")
-    if key_length is not None and hasattr(config, "head_dim"):
+    computed = isinstance(getattr(type(config), "head_dim", None), property)  # e.g. Falcon derives it
+    if key_length is not None and hasattr(config, "head_dim") and not computed:
         config.head_dim = int(key_length)
     context = metadata.get(f"{arch}.context_length")
     if context is not None and hasattr(config, "n_positions"):
