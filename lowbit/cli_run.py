@@ -38,6 +38,8 @@ def add_subcommands(sub: Any) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
+    from tqdm.auto import tqdm
+
     from lowbit.errors import ConfigError
     from lowbit.generate import DTYPES, cast_float_parts
     from lowbit.model.loading import load_model
@@ -49,9 +51,9 @@ def _load(args: argparse.Namespace) -> Any:
                           "tokenizer_config.json of the original model into the folder)")
     model = cast_float_parts(loaded.model.eval(), DTYPES[args.dtype])
     layers = [m for m in model.modules() if isinstance(m, QLinear)]
-    for layer in layers:
+    for layer in tqdm(layers, desc="preparing kernels", unit="layer", disable=not layers):
         layer.set_kernel(args.kernel)
-        layer.kernel_name  # noqa: B018 — raises now if the kernel cannot run a layer
+        layer.prepare()  # raises now if the kernel cannot run a layer; not inside the timed prefill
     if layers:
         from collections import Counter
 

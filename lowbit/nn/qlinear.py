@@ -82,11 +82,15 @@ class QLinear(nn.Module):
         self.kernel_preference = preference
         self._kernel, self._state = None, None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare(self) -> None:
+        """Choose the kernel and build its layout now (otherwise on the first call: e.g. inside a timed prompt)."""
         if self._kernel is None:
             qt = self.quantized_tensor()
             self._kernel = select_kernel(qt, self.kernel_preference)
             self._state = self._kernel.prepare(qt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.prepare()
         rows = x.numel() // x.shape[-1]
         few = self._kernel.max_rows is None or rows <= self._kernel.max_rows
         if self._kernel is REFERENCE or (self.kernel_preference == "auto" and not few):
