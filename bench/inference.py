@@ -263,8 +263,9 @@ def main() -> None:
             fresh = generation_rows(model_name, source, work, prompts[part], new, part)
             if "llama.cpp" in parts:
                 fresh += llama_cpp_rows(model_name, source, work, prompts[part], new, part)
-            data["generation"] = [r for r in data["generation"] if not (r["model"] == model_name and
-                                                                        r["part"] == part)] + fresh
+            measured = {(r["model"], r["part"], r["variant"]) for r in fresh}
+            data["generation"] = [r for r in data["generation"]
+                                  if (r["model"], r["part"], r["variant"]) not in measured] + fresh
             render(data)
     print(f"work folder (delete when done): {work}")
 
