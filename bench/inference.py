@@ -116,9 +116,12 @@ def lowbit(*args: str) -> list[str]:
     return [sys.executable, "-m", "lowbit.cli", *args]
 
 
-def generation_rows(model_name: str, source: str, work: Path, prompt: str, new_tokens: int, part: str) -> list[dict]:
+def generation_rows(model_name: str, source: str, work: Path, prompt: str, new_tokens: int, part: str,
+                    only: str | None = None) -> list[dict]:
     rows = []
     for variant, (qargs, dtype) in VARIANTS.items():
+        if only and not any(v.strip() and v.strip() in variant for v in only.split(",")):
+            continue
         path = source
         if qargs is not None:
             folder = work / f"{model_name}-{'-'.join(qargs)}"
@@ -235,6 +238,7 @@ def main() -> None:
     parser.add_argument("--parts", default="kernels,decode,prefill,llama.cpp")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--work", default=None)
+    parser.add_argument("--variants", default=None, help="only the variants whose name contains one of these")
     args = parser.parse_args()
     parts = args.parts.split(",")
     old = json.loads((RESULTS / "inference.json").read_text()) if (RESULTS / "inference.json").is_file() else {}
@@ -260,7 +264,7 @@ def main() -> None:
             if part not in parts:
                 continue
             new = args.new_tokens if part == "decode" else 1
-            fresh = generation_rows(model_name, source, work, prompts[part], new, part)
+            fresh = generation_rows(model_name, source, work, prompts[part], new, part, args.variants)
             if "llama.cpp" in parts:
                 fresh += llama_cpp_rows(model_name, source, work, prompts[part], new, part)
             measured = {(r["model"], r["part"], r["variant"]) for r in fresh}
