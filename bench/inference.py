@@ -266,7 +266,10 @@ def main() -> None:
             new = args.new_tokens if part == "decode" else 1
             fresh = generation_rows(model_name, source, work, prompts[part], new, part, args.variants)
             if "llama.cpp" in parts:
-                fresh += llama_cpp_rows(model_name, source, work, prompts[part], new, part)
+                try:
+                    fresh += llama_cpp_rows(model_name, source, work, prompts[part], new, part)
+                except RuntimeError as exc:  # recorded, not fatal: the lowbit rows stand on their own
+                    print(f"llama.cpp rows of {model_name} {part} failed: {str(exc)[-300:]}", flush=True)
             measured = {(r["model"], r["part"], r["variant"]) for r in fresh}
             data["generation"] = [r for r in data["generation"]
                                   if (r["model"], r["part"], r["variant"]) not in measured] + fresh
