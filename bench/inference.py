@@ -228,6 +228,8 @@ def render(data: dict) -> None:
         lines += [f"## {title}", "", markdown_table(
             ["model", "variant", "prompt tokens", "new tokens", "prefill tok/s", "decode tok/s",
              f"{'decode' if part == 'decode' else 'prefill'} vs float32", "peak RSS GB"], table), ""]
+    if data.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
     (RESULTS / "inference.md").write_text("\n".join(lines))
     (RESULTS / "inference.json").write_text(json.dumps(data, indent=2))
 
@@ -242,7 +244,8 @@ def main() -> None:
     args = parser.parse_args()
     parts = args.parts.split(",")
     old = json.loads((RESULTS / "inference.json").read_text()) if (RESULTS / "inference.json").is_file() else {}
-    data = {"bandwidth": old.get("bandwidth"), "kernels": old.get("kernels", []), "generation": old.get("generation", [])}
+    data = {"bandwidth": old.get("bandwidth"), "kernels": old.get("kernels", []), "generation": old.get("generation", []),
+            "notes": old.get("notes", [])}
     if "kernels" in parts:
         data["bandwidth"] = copy_bandwidth()
         data["kernels"] = kernel_rows(data["bandwidth"])
