@@ -14,7 +14,7 @@ log = logging.getLogger("lowbit")
 
 
 def add_subcommands(sub: Any) -> None:
-    from lowbit.nn.kernels import KERNELS
+    from lowbit.nn.kernels import PREFERENCES
 
     for name, help_text in (("generate", "continue a prompt with any model lowbit loads; prints tokens/s"),
                             ("chat", "talk to a model with its chat template (Ctrl-C stops a reply, Ctrl-D exits)")):
@@ -32,9 +32,10 @@ def add_subcommands(sub: Any) -> None:
         p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                        help="precision of everything but the quantized weights (default float32)")
-        p.add_argument("--kernel", default="auto", choices=sorted(KERNELS) + ["auto"],
-                       help="quantized layers' kernel: auto (default: packed int4/int8 ops for decoding, dequantize + "
-                            "GEMM for the prompt) or one kernel for every input")
+        p.add_argument("--kernel", default="fast", choices=list(PREFERENCES),
+                       help="quantized layers' kernel: fast (default: packed int4/int8 ops on bf16 activations for up "
+                            "to 64 rows, dequantize + GEMM for longer prompts), auto (float32 precision), or one "
+                            "kernel for every input")
 
 
 def _load(args: argparse.Namespace) -> Any:

@@ -87,7 +87,7 @@ def test_generate_cli_streams_and_writes_timings(tiny_hf_folder: Path, tmp_path:
 def test_generate_cli_errors(tiny_hf_folder: Path, tmp_path: Path, capsys) -> None:
     code = main(["generate", str(tiny_hf_folder), "--prompt", "x", "--max-new-tokens", "0"])
     assert code == 2 and "--max-new-tokens" in capsys.readouterr().err
-    assert main(["quantize", str(tiny_hf_folder), "--out", str(tmp_path / "q3"), "--bits", "3", "--no-eval"]) == 0
+    assert main(["quantize", str(tiny_hf_folder), "--out", str(tmp_path / "q3"), "--bits", "6", "--no-eval"]) == 0
     capsys.readouterr()
     code = main(["generate", str(tmp_path / "q3"), "--prompt", "x", "--kernel", "int4pack"])
     assert code == 2 and "int4pack" in capsys.readouterr().err

@@ -68,10 +68,11 @@ def unpack_codes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tenso
     if 8 % bits == 0:
         per_byte = 8 // bits
         shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
-        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        return codes.reshape(rows, -1)[:, :num_codes].contiguous()
+        codes = ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)
+        return codes if codes.shape[1] == num_codes else codes[:, :num_codes].contiguous()
     full = -(-num_codes // 8) * bits  # bytes of the row padded to a whole number of 8-code units
-    p = torch.nn.functional.pad(packed, (0, full - packed.shape[1])).view(rows, -1, bits).to(torch.int64)
-    word = (p << (torch.arange(bits, dtype=torch.int64) * 8)).sum(-1, keepdim=True)  # [rows, units, 1]
-    codes = (word >> (torch.arange(8, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
+    wide = torch.int32 if 8 * bits < 32 else torch.int64  # a 3-bit unit (24 bits) fits int32: half the traffic
+    p = torch.nn.functional.pad(packed, (0, full - packed.shape[1])).view(rows, -1, bits).to(wide)
+    word = (p << (torch.arange(bits, dtype=wide) * 8)).sum(-1, keepdim=True, dtype=wide)  # [rows, units, 1]
+    codes = (word >> (torch.arange(8, dtype=wide) * bits)) & ((1 << bits) - 1)
     return codes.to(torch.uint8).reshape(rows, -1)[:, :num_codes].contiguous()

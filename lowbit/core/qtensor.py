@@ -84,14 +84,17 @@ class QuantizedTensor:
         Broadcasts the ``[N, G]`` q-params over a ``[N, G, g]`` view of the codes (a ragged last group is padded
         and cut off again), which avoids materialising per-column q-param matrices.
         """
-        q = self.codes().float()
+        codes = self.codes()
         s, z = self.scale.float(), self.zero_points()
         if self.config.granularity == "tensor":
-            return ((q - z) * s).to(dtype)
+            return ((codes.float() - z) * s).to(dtype)
         n, k = self.shape
         groups, width = s.shape[1], self.group_width
-        padded = torch.nn.functional.pad(q, (0, groups * width - k)).view(n, groups, width)
-        w = (padded - z.unsqueeze(-1)).mul_(s.unsqueeze(-1)).view(n, groups * width)
+        if groups * width != k:  # ragged last group: pad the uint8 codes (a quarter of the float bytes)
+            codes = torch.nn.functional.pad(codes, (0, groups * width - k))
+        w = codes.view(n, groups, width).float()  # the one float32 allocation; the rest is in place
+        w.sub_(z.unsqueeze(-1)).mul_(s.unsqueeze(-1))
+        w = w.view(n, groups * width)
         return w[:, :k].to(dtype) if groups * width != k else w.to(dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:

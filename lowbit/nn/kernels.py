@@ -47,6 +47,8 @@ _INT4_GROUPS = (32, 64, 128, 256)
 # (bench/results/inference.md, 576…14336-wide layers): int4pack and int8pack beat the reference at 1–64 rows on
 # every shape; at 512 rows the reference wins for int8 everywhere and for int4 on SmolLM2's 576-wide layers
 PACKED_MAX_ROWS = 64
+# the float32-activation variants (10–35× slower ops) beat dequantize + GEMM only for a few rows (decoding)
+EXACT_MAX_ROWS = 8
 # torch 2.13's bfloat16 _weight_int8pack_mm returns garbage (or crashes) unless K is a multiple of 16 (measured:
 # K = 8, 24, 40, 100 fail; 16, 32, 48, 96 work): K is zero-padded to a multiple of 32
 _INT8_K_ALIGN = 32
@@ -192,8 +194,9 @@ INT8MM = Kernel("int8mm", _int8mm_why_not, _int8mm_prepare, _int8mm_run, FP32_TO
 
 
 def _packed(name: str, why_not: Callable, prepare: Callable, run: Callable, act: torch.dtype) -> Kernel:
-    tolerance = BF16_TOLERANCE if act == torch.bfloat16 else FP32_TOLERANCE
-    return Kernel(name, why_not, lambda qt: prepare(qt, act), run, tolerance, PACKED_MAX_ROWS)
+    bf16 = act == torch.bfloat16
+    return Kernel(name, why_not, lambda qt: prepare(qt, act), run, BF16_TOLERANCE if bf16 else FP32_TOLERANCE,
+                  PACKED_MAX_ROWS if bf16 else EXACT_MAX_ROWS)
 
 
 # bfloat16 activations (and scales): the ops' fast path, 3–5× a float32 matmul for a few rows (shared notes)
@@ -202,14 +205,20 @@ INT4PACK = _packed("int4pack", _int4_why_not, _int4_prepare, _int4_run, torch.bf
 # float32 activations: the same packing with the reference's precision (10–35× slower; the packing's oracle)
 INT8PACK_FP32 = _packed("int8pack-fp32", _int8_why_not, _int8_prepare, _int8_run, torch.float32)
 INT4PACK_FP32 = _packed("int4pack-fp32", _int4_why_not, _int4_prepare, _int4_run, torch.float32)
-FAST_KERNELS: tuple[Kernel, ...] = (INT8MM, INT4PACK, INT8PACK)  # the first that can run a layer is used
+# the first kernel of a list that can run a layer is used. "auto" keeps float32 precision (the library default: an
+# evaluation or a test gets the reference's numbers to 1e-4); "fast" trades it for bf16 speed (lowbit generate/chat)
+EXACT_KERNELS: tuple[Kernel, ...] = (INT8MM, INT4PACK_FP32, INT8PACK_FP32)
+FAST_KERNELS: tuple[Kernel, ...] = (INT8MM, INT4PACK, INT8PACK)
 KERNELS = {k.name: k for k in (REFERENCE, *FAST_KERNELS, INT8PACK_FP32, INT4PACK_FP32)}
+PREFERENCES = ("auto", "fast", *KERNELS)
 
 
 def select_kernel(qt: QuantizedTensor, preference: str = "auto") -> Kernel:
-    """The kernel named by ``preference`` (``auto``: the first fast kernel that supports ``qt``, else reference)."""
-    if preference == "auto":
-        return next((k for k in FAST_KERNELS if k.why_not(qt) is None), REFERENCE)
+    """The kernel named by ``preference``: ``auto`` the first of :data:`EXACT_KERNELS` (float32 activations) that
+    supports ``qt``, ``fast`` the first of :data:`FAST_KERNELS` (bfloat16 activations), else the reference."""
+    if preference in ("auto", "fast"):
+        return next((k for k in (EXACT_KERNELS if preference == "auto" else FAST_KERNELS) if k.why_not(qt) is None),
+                    REFERENCE)
     kernel = KERNELS[preference]
     reason = kernel.why_not(qt)
     if reason is not None:

@@ -93,7 +93,7 @@ class QLinear(nn.Module):
         self.prepare()
         rows = x.numel() // x.shape[-1]
         few = self._kernel.max_rows is None or rows <= self._kernel.max_rows
-        if self._kernel is REFERENCE or (self.kernel_preference == "auto" and not few):
+        if self._kernel is REFERENCE or (self.kernel_preference in ("auto", "fast") and not few):
             y = self._reference(x)
         else:
             y = self._kernel.run(self._state, x)

@@ -11,7 +11,7 @@ import torch
 from lowbit.config import QuantConfig
 from lowbit.errors import ConfigError
 from lowbit.methods.rtn import quantize_rtn
-from lowbit.nn.kernels import PACKED_MAX_ROWS, REFERENCE, select_kernel
+from lowbit.nn.kernels import EXACT_MAX_ROWS, PACKED_MAX_ROWS, REFERENCE, select_kernel
 from lowbit.nn.qlinear import QLinear
 
 CASES = [
@@ -36,15 +36,15 @@ CASES = [
 def test_fast_kernel_matches_reference(cfg: QuantConfig, kernel: str, in_features: int, rows: int) -> None:
     torch.manual_seed(rows)
     qt = quantize_rtn(torch.randn(96, in_features), cfg)
-    assert select_kernel(qt).name == kernel
+    assert select_kernel(qt, "fast").name == kernel and select_kernel(qt).name == kernel + "-fp32"
     x = torch.randn(rows, in_features)
     ref = REFERENCE.run(REFERENCE.prepare(qt), x)
-    for chosen in (select_kernel(qt), select_kernel(qt, kernel + "-fp32")):
+    for chosen in (select_kernel(qt, "fast"), select_kernel(qt)):
         fast = chosen.run(chosen.prepare(qt), x)
         error = float((fast - ref).abs().max() / ref.abs().max())
         assert error <= chosen.tolerance + 1e-5, (chosen.name, error)
         assert fast.dtype == x.dtype and fast.shape == ref.shape
-    assert select_kernel(qt).tolerance == 1.5e-2 and select_kernel(qt, kernel + "-fp32").tolerance == 1e-4
+    assert select_kernel(qt, "fast").tolerance == 1.5e-2 and select_kernel(qt).tolerance == 1e-4
 
 
 def test_unsupported_configs_fall_back_to_reference() -> None:
@@ -62,14 +62,14 @@ def test_qlinear_uses_fast_kernel_for_few_rows_and_keeps_bias() -> None:
     layer = QLinear(qt, bias)
     x = torch.randn(2, 3, 128)
     expected = torch.nn.functional.linear(x, qt.dequantize(), bias)
-    assert layer.kernel_name == "int4pack"
-    rows = x  # 6 rows ≤ max_rows: the fast kernel runs
+    assert layer.kernel_name == "int4pack-fp32"  # the library default keeps float32 precision
+    rows = x  # 6 rows ≤ max_rows: the packed kernel runs
     small = layer(rows)
     fast = select_kernel(qt)
     assert torch.equal(small, fast.run(fast.prepare(qt), rows) + bias)
     ref = torch.nn.functional.linear(rows, qt.dequantize(), bias)
     assert (small - ref).abs().max() <= fast.tolerance * ref.abs().max()
-    big_x = torch.cat([x] * (PACKED_MAX_ROWS // 6 + 2), 0)  # more rows than max_rows: the reference path ran
+    big_x = torch.cat([x] * (EXACT_MAX_ROWS // 6 + 2), 0)  # more rows than max_rows: the reference path ran
     big = layer(big_x)
     assert torch.equal(big, REFERENCE.run(qt, big_x) + bias)
     assert torch.allclose(big, torch.nn.functional.linear(big_x, qt.dequantize(), bias), atol=1e-5)
@@ -90,7 +90,7 @@ def test_w8a8_int8mm_equals_its_reference(in_features: int, rows: int) -> None:
     qt = quantize_rtn(torch.randn(96, in_features), cfg)
     kernel = select_kernel(qt)
     assert kernel.name == "int8mm" and kernel.max_rows is None and select_kernel(
-        quantize_rtn(torch.randn(8, 64), QuantConfig(bits=4, group_size=32))).max_rows == PACKED_MAX_ROWS
+        quantize_rtn(torch.randn(8, 64), QuantConfig(bits=4, group_size=32)), "fast").max_rows == PACKED_MAX_ROWS
     x = torch.randn(rows, in_features) * torch.exp(torch.randn(1, in_features))  # outlier channels
     ref = REFERENCE.run(qt, x)
     fast = kernel.run(kernel.prepare(qt), x)
