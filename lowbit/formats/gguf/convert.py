@@ -207,7 +207,9 @@ def hyperparameters(config: Any) -> dict[str, Any]:
         if value is not None and not isinstance(value, (list, dict)):
             values[f"{arch}.{key}"] = value
     head_dim = getattr(config, "head_dim", None)
-    if isinstance(head_dim, int):  # llama.cpp defaults it to hidden / heads, which e.g. Qwen3 and Gemma do not follow
+    heads = _first(config, "num_attention_heads", "n_head")
+    default = _first(config, "hidden_size", "n_embd") // heads if heads else None
+    if isinstance(head_dim, int) and head_dim != default:  # llama.cpp defaults it to hidden / heads (Qwen3 differs)
         values.setdefault(f"{arch}.attention.key_length", head_dim)
         values.setdefault(f"{arch}.attention.value_length", head_dim)
     return values
