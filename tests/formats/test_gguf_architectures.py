@@ -61,7 +61,7 @@ def test_llama_cpp_gives_our_logits(arch: str, tmp_path: Path, tokenizer) -> Non
 
 @pytest.mark.slow
 @pytest.mark.llama_cpp
-@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "qwen3", "gpt2", "falcon"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "qwen3", "gpt2", "falcon", "phi3"])
 def test_gguf_round_trip_keeps_every_metadata_key(arch: str, tmp_path: Path, tokenizer) -> None:
     """HF → GGUF (A) → lowbit (transformers' GGUF reader) → GGUF (B): A and B carry the same keys and values
     (chat template, special tokens, rope, sliding window, softcapping…); A requantizes to Q4_K_M and Q8_0 files

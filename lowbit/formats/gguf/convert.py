@@ -217,13 +217,20 @@ def hyperparameters(config: Any) -> dict[str, Any]:
 
 def complete_config(config: Any, metadata: dict[str, Any]) -> Any:
     """Fields transformers' GGUF reader leaves at their defaults although the file states them (the inverse of
-    what :func:`hyperparameters` adds): ``head_dim`` from ``attention.key_length``, GPT-2's ``n_positions`` from
-    ``context_length``."""
+    what :func:`hyperparameters` adds): ``head_dim`` from ``attention.key_length`` (hidden / heads when absent, as
+    llama.cpp reads it), GPT-2's ``n_positions`` from ``context_length``, a ``pad_token_id`` inside the vocabulary."""
     arch = ARCH_ALIASES.get(config.model_type, config.model_type)
     key_length = metadata.get(f"{arch}.attention.key_length")
     computed = isinstance(getattr(type(config), "head_dim", None), property)  # e.g. Falcon derives it
-    if key_length is not None and hasattr(config, "head_dim") and not computed:
-        config.head_dim = int(key_length)
+    if hasattr(config, "head_dim") and not computed:  # absent key: llama.cpp's default, hidden / heads
+        heads = _first(config, "num_attention_heads", "n_head")
+        config.head_dim = int(key_length) if key_length is not None else _first(
+            config, "hidden_size", "n_embd") // heads
+    pad = getattr(config, "pad_token_id", None)
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(pad, int) and vocab is not None and pad >= vocab:  # a class default beyond this vocabulary
+        stored = metadata.get("tokenizer.ggml.padding_token_id")
+        config.pad_token_id = int(stored) if stored is not None and int(stored) < vocab else None
     context = metadata.get(f"{arch}.context_length")
     if context is not None and hasattr(config, "n_positions"):
         config.n_positions = int(context)
