@@ -86,6 +86,7 @@ def test_gguf_source_reads_what_transformers_loads(tmp_path: Path, smollm2_sessi
         assert all(torch.equal(ours[n], whole[n]) for n in whole), arch
 
 
+@pytest.mark.slow  # ≥ 3 s (measured)
 def test_lockstep_eval_equals_whole_model_eval(deep_folder: Path, tmp_path: Path, monkeypatch) -> None:
     quantize_and_save(QuantizeJob(str(deep_folder), str(tmp_path / "q"), recipe=RECIPE), progress=False)
     protocol = EvalProtocol(seqlen=64)

@@ -55,6 +55,7 @@ def test_smollm2_fp32_perplexity_matches_the_published_reference(smollm2_session
     assert result.perplexity == pytest.approx(18.84, abs=0.01)
 
 
+@pytest.mark.slow  # ≥ 3 s (measured)
 def test_kl_against_itself_is_zero_and_grows_with_quantization() -> None:
     model = make_tiny("llama")
     windows = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
@@ -96,6 +97,7 @@ def test_bos_per_window_scores_every_text_token() -> None:
     assert result.perplexity == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow  # ≥ 3 s (measured)
 def test_size_report_counts_scales_and_zeros(smollm2) -> None:
     quantize_model(smollm2.model, QuantRecipe(QuantConfig(bits=4, group_size=128)), progress=False)
     report = size_report(smollm2.model)

@@ -123,6 +123,7 @@ def test_smollm2_gptq_export_loads_in_transformers(smollm2_session, tmp_path: Pa
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
 
 
+@pytest.mark.slow  # ≥ 3 s (measured)
 def test_round_trip_gives_identical_integers_scales_and_logits(smollm2_session, tmp_path: Path) -> None:
     lm = _quantized(smollm2_session, sym=False, act_order=True)
     out = export_compressed_tensors(lm, tmp_path / "ct")
@@ -204,6 +205,7 @@ def test_cli_quantize_refuses_before_quantizing(tiny_hf_folder: Path, tmp_path: 
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.slow  # ≥ 3 s (measured)
 def test_cli_quantize_and_export(tiny_hf_folder: Path, tmp_path: Path) -> None:
     args = ["--no-eval", "--group-size", "32", "--sym"]
     assert main(["quantize", str(tiny_hf_folder), "--out", str(tmp_path / "ct"), "--format", "compressed-tensors",
