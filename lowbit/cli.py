@@ -196,7 +196,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite, resolve_source(args.model))
     if not args.no_eval:
         _protocol(args)  # validate before the expensive work
-    plan = cli_mixed.mixed_plan(args, recipe, _max_memory(args)) if mixed else None
+    plan = cli_mixed.mixed_plan(args, recipe) if mixed else None
     return _quantize_stream(args, plan.recipe if plan else recipe, method, calib, plan)
 
 
@@ -220,7 +220,7 @@ def _stream_eval(args: argparse.Namespace, model: str, original: str | None) -> 
     from lowbit.eval.perplexity import token_windows
     from lowbit.model.loading import open_model
 
-    dtype = _compute_dtype(args)
+    dtype = cli_mixed.compute_dtype_arg(args)
     protocol = _protocol(args)
     sm = open_model(model, dtype)
     ref = open_model(original, dtype) if original else None
@@ -230,24 +230,12 @@ def _stream_eval(args: argparse.Namespace, model: str, original: str | None) -> 
                                 text, protocol)
         log.info("evaluating on %s: %d windows × %d tokens, BOS: %s", source, windows.shape[0], protocol.seqlen,
                  "per window" if protocol.add_bos else "none")
-        result = evaluate_lockstep(sm, windows, protocol, ref, max_memory=_max_memory(args))
+        result = evaluate_lockstep(sm, windows, protocol, ref, max_memory=cli_mixed.max_memory_arg(args))
     finally:
         sm.close()
         if ref is not None:
             ref.close()
     return {"text": source, **result.to_dict()}
-
-
-def _max_memory(args: argparse.Namespace) -> int | None:
-    from lowbit.plan.allocate import parse_size
-
-    return None if getattr(args, "max_memory", None) is None else parse_size(args.max_memory)
-
-
-def _compute_dtype(args: argparse.Namespace) -> Any:
-    from lowbit.config import COMPUTE_DTYPES
-
-    return COMPUTE_DTYPES[getattr(args, "compute_dtype", None) or "float32"]
 
 
 def _quantize_stream(args: argparse.Namespace, recipe: Any, method: Any, calib: Any, plan: Any = None) -> int:
@@ -258,7 +246,7 @@ def _quantize_stream(args: argparse.Namespace, recipe: Any, method: Any, calib: 
 
     calib_text, calib_note = _calibration(args, method, calib)
     job = QuantizeJob(args.model, args.out, recipe=recipe, method=method, calib=calib, calib_text=calib_text,
-                      max_memory=_max_memory(args),
+                      max_memory=cli_mixed.max_memory_arg(args),
                       compute_dtype=args.compute_dtype or "bfloat16", float_dtype=args.float_dtype, fmt=args.format)
     result = quantize_and_save(job, overwrite=args.overwrite, resume=args.resume)
     setting = "mixed precision" if plan else recipe.default.describe()
@@ -296,7 +284,7 @@ def _quantize_gguf(args: argparse.Namespace) -> int:
         _protocol(args)
     calib_text, calib_note = _calibration(args, method, calib)
     job = QuantizeJob(args.model, args.out, method=method, calib=calib, calib_text=calib_text, fmt="gguf",
-                      max_memory=_max_memory(args),
+                      max_memory=cli_mixed.max_memory_arg(args),
                       gguf_type=args.type, compute_dtype=args.compute_dtype or "bfloat16")
     result = quantize_and_save(job, overwrite=args.overwrite, resume=args.resume)
     evaluation = None if args.no_eval else _stream_eval(args, str(result.path), args.model)

@@ -55,7 +55,8 @@ def check_mixed_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--target-bpw must be between 1 and 32 bits per weight, got {args.target_bpw}")
 
 
-def _max_memory(args: argparse.Namespace) -> int | None:
+def max_memory_arg(args: argparse.Namespace) -> int | None:
+    """``--max-memory`` in bytes (None: the job's default, 80 % of the RAM available)."""
     from lowbit.plan.allocate import parse_size
 
     return None if getattr(args, "max_memory", None) is None else parse_size(args.max_memory)
@@ -90,7 +91,7 @@ def load_table(path: str, candidates: Any) -> Any:
     return table
 
 
-def mixed_plan(args: argparse.Namespace, recipe: Any, max_memory: int | None) -> Any:
+def mixed_plan(args: argparse.Namespace, recipe: Any) -> Any:
     """Sensitivity (or ``--sensitivity FILE``) → allocation under ``--target-bpw`` / ``--max-size``, the model
     read block by block."""
     from lowbit.calib.data import CalibConfig
@@ -112,8 +113,8 @@ def mixed_plan(args: argparse.Namespace, recipe: Any, max_memory: int | None) ->
         # bench/mixed_smollm2.py validates); a GPTQ-rounded table: `lowbit sensitivity --method gptq --json` +
         # --sensitivity
         return plan_mixed(sm, recipe, candidates, ids, args.target_bpw, max_bytes, calib or CalibConfig(),
-                          None, args.format, args.float_dtype, table, compute_dtype=_compute_dtype(args),
-                          max_memory=max_memory)
+                          None, args.format, args.float_dtype, table, compute_dtype=compute_dtype_arg(args),
+                          max_memory=max_memory_arg(args))
     finally:
         sm.close()
 
@@ -127,8 +128,8 @@ def open_float(model: str) -> Any:
     return open_model(model, torch.float32)
 
 
-def _compute_dtype(args: argparse.Namespace) -> Any:
-    """Block passes of the sensitivity scores: float32 unless ``--compute-dtype`` says otherwise."""
+def compute_dtype_arg(args: argparse.Namespace) -> Any:
+    """Block passes of evaluation and sensitivity scores: float32 unless ``--compute-dtype`` says otherwise."""
     from lowbit.config import COMPUTE_DTYPES
 
     return COMPUTE_DTYPES[getattr(args, "compute_dtype", None) or "float32"]
@@ -158,7 +159,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     try:
         ids, calib, note = sensitivity_ids(sm, args)
         table = sensitivity_table(sm, recipe, candidates, ids, calib, method, args.float_dtype,
-                                  compute_dtype=_compute_dtype(args), max_memory=_max_memory(args))
+                                  compute_dtype=compute_dtype_arg(args), max_memory=max_memory_arg(args))
     finally:
         sm.close()
     table.calibration = note
@@ -247,21 +248,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     require_plotting()  # the optional dependency, before the sweep
     protocol = EvalProtocol(seqlen=args.seqlen, max_tokens=args.max_tokens or None, add_bos=args.bos)
     out = check_output(args.out, args.overwrite, resolve_source(args.model))
-    sm = open_float(args.model)  # the tokenizer (the sweep reads the blocks itself)
-    sm.close()
-    text, source = read_text(args.text, "eval")
-    windows = token_windows(sm.tokenizer, text, protocol)
-    calib_text, _ = read_text(args.calib, "calib")
-    sens_calib = CalibConfig(samples=args.sensitivity_samples, seqlen=args.calib_seqlen, seed=args.seed)
-    calib = CalibConfig(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed)
-    data = SweepData(calibration_ids(sm.tokenizer, calib_text, calib) if sweep.method.needs_calibration else None,
-                     calib, calibration_ids(sm.tokenizer, calib_text, sens_calib), sens_calib, windows, protocol)
-    base = QuantRecipe(include=tuple(args.include), exclude=tuple(args.exclude))
-    remove_stale_siblings(out)  # scratch of a killed sweep
-    scratch = out.with_name(f".{out.name}.lowbit-tmp-{os.getpid()}-sweep")  # beside the page: same disk
-    report = run_sweep(str(resolve_source(args.model)), base, sweep, data,
-                       f"{source} ({windows.shape[0]} × {protocol.seqlen} tokens)", scratch,
-                       max_memory=_max_memory(args))
+    sm = open_float(args.model)  # the sweep reads its blocks
+    try:
+        text, source = read_text(args.text, "eval")
+        windows = token_windows(sm.tokenizer, text, protocol)
+        calib_text, _ = read_text(args.calib, "calib")
+        sens_calib = CalibConfig(samples=args.sensitivity_samples, seqlen=args.calib_seqlen, seed=args.seed)
+        calib = CalibConfig(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed)
+        data = SweepData(calibration_ids(sm.tokenizer, calib_text, calib) if sweep.method.needs_calibration else None,
+                         calib, calibration_ids(sm.tokenizer, calib_text, sens_calib), sens_calib, windows, protocol)
+        base = QuantRecipe(include=tuple(args.include), exclude=tuple(args.exclude))
+        remove_stale_siblings(out)  # scratch of a killed sweep
+        scratch = out.with_name(f".{out.name}.lowbit-tmp-{os.getpid()}-sweep")  # beside the page: same disk
+        report = run_sweep(sm, base, sweep, data,
+                           f"{source} ({windows.shape[0]} × {protocol.seqlen} tokens)", scratch,
+                           max_memory=max_memory_arg(args))
+    finally:
+        sm.close()
     report = replace(report, model=args.model)  # the name the user gave, not the resolved file path
     out = write_report(args.out, report, overwrite=args.overwrite)
     data_file = Path(str(out) + ".json")

@@ -60,17 +60,18 @@ def sensitivity_view(table: SensitivityTable, note: str = "") -> Sensitivity:
                        tuple(tuple(row) for row in table.kl), bits, note)
 
 
-def run_sweep(model: str, base: QuantRecipe, sweep: SweepConfig, data: SweepData, text: str, scratch: Path,
+def run_sweep(ref: Any, base: QuantRecipe, sweep: SweepConfig, data: SweepData, text: str, scratch: Path,
               progress: bool = True, max_memory: int | None = None) -> ReportData:
-    """Measure every configuration of ``sweep`` on the float model at ``model`` (a folder or GGUF file, read one
-    block at a time) and collect the report's data; quantized configurations are written under ``scratch`` (a
-    folder that must not exist; removed afterwards)."""
+    """Measure every configuration of ``sweep`` on the float model ``ref`` (a
+    :class:`~lowbit.model.source.StreamingModel` opened in float32, read one block at a time; the caller closes it) and
+    collect the report's data; quantized configurations are written under ``scratch`` (a folder that must not
+    exist; removed afterwards)."""
     from lowbit.eval.lockstep import evaluate_lockstep, reference_heads
     from lowbit.eval.size import size_of_folder
     from lowbit.job import QuantizeJob, quantize_and_save
     from lowbit.model.loading import open_model
 
-    ref = open_model(model, torch.float32)
+    model = ref.path
     scratch.mkdir()
     heads = None
     try:
@@ -104,7 +105,6 @@ def run_sweep(model: str, base: QuantRecipe, sweep: SweepConfig, data: SweepData
     finally:
         if heads is not None:
             heads.close()
-        ref.close()
         shutil.rmtree(scratch, ignore_errors=True)
     shown = _allocation_to_show(configs, allocations, sweep.max_kl)
     notes = (f"method: {sweep.method.name}; every configuration quantizes the same selected layers "
