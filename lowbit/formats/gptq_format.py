@@ -121,9 +121,14 @@ def import_layer(name: str, tensors: dict[str, torch.Tensor], cfg: QuantConfig, 
     if cfg.symmetric and not bool((zero == 1 << (bits - 1)).all()):
         log.warning("%s: GPTQ sym=true but zero points differ from %d; imported as asymmetric", name, 1 << (bits - 1))
         cfg = cfg.with_(symmetric=False)
-    if not cfg.symmetric and int(zero.max()) > cfg.qmax:
-        raise FormatError(f"{name}: a zero point of {int(zero.max())} does not fit {bits} bits (a v1 zero of "
-                          f"{cfg.qmax} overflowed); lowbit cannot import it")
+    if not cfg.symmetric and v1 and int(zero.max()) > cfg.qmax:
+        # v1 stores z − 1 in b bits, so a zero point of 0 was written as 2^b − 1 (AutoRound and GPTQModel's v1
+        # export do this for all-positive or all-negative groups). No b-bit asymmetric grid has a zero of 2^b: the
+        # quantizer meant 0. AutoGPTQ-era v1 kernels read 2^b there (the reason gptq_v2 exists); lowbit reads 0.
+        wrapped = int((zero > cfg.qmax).sum())
+        log.warning("%s: %d zero points stored as %d in the v1 layout (z − 1 of a zero point 0) read as 0; "
+                    "kernels that add 1 without wrapping read %d there", name, wrapped, cfg.qmax, cfg.qmax + 1)
+        zero = zero % (cfg.qmax + 1)
     zero_t = None if cfg.symmetric else zero.to(torch.uint8)
     return QuantizedTensor.from_codes(codes, scale, zero_t, cfg)
 

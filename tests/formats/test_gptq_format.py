@@ -134,6 +134,37 @@ def test_zero_of_zero_is_written_as_v2(tmp_path: Path, caplog) -> None:
     assert assert_same_quantized_layers(model, load_model(out).model) == 14
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_v1_zero_of_zero_written_by_other_tools_reads_as_zero(bits: int, tmp_path: Path, caplog) -> None:
+    """AutoRound and GPTQModel write a zero point of 0 in the v1 layout as (0 − 1) mod 2^b = 2^b − 1: lowbit reads
+    the zero the quantizer chose (0), not 2^b (what an unwrapped +1 gives), and warns."""
+    model = make_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[:, :32] = torch.rand(160, 32) + 0.01  # all-positive groups: z = 0
+    quantize_model(model, QuantRecipe(QuantConfig(bits=bits, group_size=32)), progress=False)
+    out = export_gptq(LoadedModel(model, None, "tiny", "lowbit"), tmp_path / "gptq")  # written as gptq_v2
+    tensors = load_file(out / "model.safetensors")
+    for name, module in model.named_modules():
+        if hasattr(module, "quantized_tensor"):
+            tensors.update(layer_tensors(name, module.quantized_tensor(), v1=True))
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["checkpoint_format"] = "gptq"
+    (out / "config.json").write_text(json.dumps(config))
+    assert int(unpack_zeros(tensors["model.layers.0.mlp.up_proj.qzeros"], bits).max()) == (1 << bits) - 1
+    with caplog.at_level(logging.WARNING):
+        back = load_model(out).model
+    assert "read as 0" in caplog.text
+    assert assert_same_quantized_layers(model, back) == 14
+    assert int(back.model.layers[0].mlp.up_proj.zeros.min()) == 0
+
+
+def unpack_zeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    from lowbit.formats.int32_packing import unpack_int32
+
+    return unpack_int32(qzeros, bits, qzeros.shape[1] * 32 // bits)
+
+
 @pytest.mark.parametrize("recipe, message", [
     (QuantRecipe(QuantConfig(bits=5, group_size=32)), "2, 3, 4, 8-bit"),
     (QuantRecipe(QuantConfig(group_size=32), include=("model.layers.0.*",)), "same linear layers quantized in every"),
