@@ -7,12 +7,13 @@ output on calibration data. lowbit's version, for every grid a :class:`~lowbit.c
 holds (integer/float zeros, sym/asym, group/channel/tensor), starting from any initial quantization (RTN, GPTQ,
 AWQ-scaled):
 
-    x      = W / (s·f) + z + o₀              o₀ = q₀ − ⌊W / s + z⌉: integer; gives the initial codes q₀ at f = 1, δ = 0
+    x      = W / (s·f) + z' + o₀             o₀ = q₀ − ⌊W / s + z⌉: integer; gives the initial codes q₀ at f = 1, δ = 0
     q      = clamp(⌊x + δ⌉, 0, 2^b − 1)      δ ∈ [−½, ½] per weight: the grid point below or above x
-    Ŵ      = (q − z) · s·f                   f ∈ [f_lo, f_hi] per group: shrinks or widens the group's grid
+    Ŵ      = (q − z') · s·f                  f ∈ [f_lo, f_hi] per group: shrinks or widens the group's grid
+    z'     = clamp(⌊z + ζ⌉, 0, 2^b − 1)      ζ ∈ [−½, ½] per group (asymmetric grids): slides it by a step
     loss   = ‖block_Ŵ(x_q) − block_W(x_fp)‖² / ‖block_W(x_fp)‖²   (x_q: the quantized blocks' output so far)
 
-``⌊·⌉`` passes gradients straight through (STE); δ and f move by signed gradient steps of a linearly decaying
+``⌊·⌉`` passes gradients straight through (STE); δ, f and ζ move by signed gradient steps of a linearly decaying
 rate (``lr`` = 1/iters by default, as AutoRound: δ can travel at most half a grid step), and the lowest-loss
 parameters seen are kept. ``s·f`` is rounded to float16 in the forward pass, as it is stored. With zero
 iterations the result is the initial quantization, bit for bit.
@@ -79,21 +80,38 @@ class LearnedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self.delta = nn.Parameter(torch.zeros_like(view))
         self.factor = nn.Parameter(torch.ones_like(self.s))
+        # asymmetric grids: a zero-point shift per group (in grid steps), so that with ``factor`` the group's
+        # range moves at both ends independently, as AutoRound's learned min and max clipping
+        self.zshift = None if qt.config.symmetric else nn.Parameter(torch.zeros_like(self.s))
+
+    def parameters_to_learn(self) -> list[nn.Parameter]:
+        return [p for p in (self.delta, self.factor, self.zshift) if p is not None]
 
     def _cols(self, per_group: torch.Tensor) -> torch.Tensor:
         """``[R, G]`` → ``[R, C]``: each group's value over its columns (a ragged last group cut off)."""
         return per_group.repeat_interleave(self.width, dim=1)[:, :self.w.shape[1]]
 
-    def codes_and_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes ``[R, C]`` (float, STE-rounded) and the float16-valued scale ``[R, G]`` of the current state."""
+    def zero(self) -> torch.Tensor:
+        """The zero points ``[R, G]`` of the current state, as stored: integers in [0, qmax], or float16 values."""
+        if self.zshift is None:
+            return self.z
+        z = self.z + self.zshift
+        if self.config.zero_point == "float":
+            return z + (z.to(torch.float16).float() - z).detach()
+        return torch.clamp(_round_ste(z), 0, self.config.qmax)
+
+    def codes_and_scale(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Codes ``[R, C]`` (float, STE-rounded), the float16-valued scale and the zero points ``[R, G]`` of the
+        current state."""
         scale = self.s * self.factor
         scale = scale + (scale.to(torch.float16).float() - scale).detach()
-        x = self.w / self._cols(scale) + self._cols(self.z) + self.o0 + self.delta
-        return torch.clamp(_round_ste(x), 0, self.config.qmax), scale
+        zero = self.zero()
+        x = self.w / self._cols(scale) + self._cols(zero) + self.o0 + self.delta
+        return torch.clamp(_round_ste(x), 0, self.config.qmax), scale, zero
 
     def dequantized(self) -> torch.Tensor:
-        q, scale = self.codes_and_scale()
-        return ((q - self._cols(self.z)) * self._cols(scale)).reshape(self.shape)
+        q, scale, zero = self.codes_and_scale()
+        return ((q - self._cols(zero)) * self._cols(scale)).reshape(self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.dequantized().to(x.dtype), None if self.bias is None
@@ -101,8 +119,8 @@ class LearnedLinear(nn.Module):
 
     def quantized_tensor(self) -> QuantizedTensor:
         with torch.no_grad():
-            q, scale = self.codes_and_scale()
-            zero = None if self.config.symmetric else self.z
+            q, scale, zero = self.codes_and_scale()
+            zero = None if self.config.symmetric else zero
             return QuantizedTensor.from_codes(q.reshape(self.shape), scale, zero, self.config)
 
 
@@ -136,7 +154,7 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
         p.requires_grad_(False)
     for name, module in learned.items():
         swap(block, name, module)
-    params = [p for m in learned.values() for p in (m.delta, m.factor)]
+    params = [p for m in learned.values() for p in m.parameters_to_learn()]
     best = [p.detach().clone() for p in params]
     best_loss, losses = float("inf"), []
     order = torch.randperm(batches, generator=torch.Generator().manual_seed(cfg.seed))
@@ -167,6 +185,8 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
                         m.delta.sub_(rate * m.delta.grad.sign()).clamp_(-0.5, 0.5)
                     if m.factor.grad is not None:
                         m.factor.sub_(rate * m.factor.grad.sign()).clamp_(lo, hi)
+                    if m.zshift is not None and m.zshift.grad is not None:
+                        m.zshift.sub_(rate * m.zshift.grad.sign()).clamp_(-0.5, 0.5)
         with torch.no_grad():  # the best parameters seen (the last step's were never evaluated)
             for b, p in zip(best, params):
                 p.copy_(b)
