@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-bits", type=int, choices=[8], default=None,
                    help="also quantize each layer's inputs, per token, dynamically (W8A8 with --bits 8 --per-channel "
                         "--sym runs as an int8 GEMM); pair with --method sq or sq+gptq (SmoothQuant)")
+    q.add_argument("--codebook", choices=["nf4", "fp4"], default=None,
+                   help="4-bit code-book grid instead of integers: NF4 or FP4 as bitsandbytes/QLoRA (symmetric, "
+                        "scale = group absmax; bitsandbytes' blocks are --group-size 64)")
+    q.add_argument("--double-quant", action="store_true",
+                   help="with --codebook: store the scales in 8 bits (QLoRA's double quantization; NF4 g64: 4.127 "
+                        "instead of 4.5 bits per weight)")
     q.add_argument("--qparams", default="minmax", choices=["minmax", "mse"], help="scale/zero choice (default minmax)")
     q.add_argument("--zero-point", default="int", choices=["int", "float"],
                    help="asymmetric zero points as uint8 integers (default) or float16")
@@ -149,8 +155,9 @@ def _recipe(args: argparse.Namespace) -> Any:
     from lowbit.config import QuantConfig, QuantRecipe
 
     granularity = "channel" if args.per_channel else "tensor" if args.per_tensor else "group"
-    cfg = QuantConfig(bits=args.bits, symmetric=args.sym, granularity=granularity, group_size=args.group_size,
-                      qparams=args.qparams, zero_point=args.zero_point, input_bits=args.act_bits)
+    cfg = QuantConfig(bits=args.bits, symmetric=args.sym or args.codebook is not None, granularity=granularity,
+                      group_size=args.group_size, qparams=args.qparams, zero_point=args.zero_point,
+                      input_bits=args.act_bits, codebook=args.codebook, double_quant=args.double_quant)
     return QuantRecipe(cfg, include=tuple(args.include), exclude=tuple(args.exclude))
 
 

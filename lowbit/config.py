@@ -75,8 +75,11 @@ class QuantConfig:
     mse_max_shrink: float = 0.8
     mse_norm: float = 2.4
     input_bits: int | None = None  # 8: the layer's inputs are quantized too, per token, dynamically (W8A8)
+    codebook: str | None = None  # "nf4" | "fp4": 4-bit codes index a table of values (lowbit.core.codebook)
+    double_quant: bool = False  # code-book scales stored in 8 bits (lowbit.core.double_quant)
 
     def __post_init__(self) -> None:
+        self._check_codebook()
         if self.input_bits not in (None, 8):
             raise ConfigError(f"activation quantization is int8 per token (--act-bits 8), got {self.input_bits!r}")
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -97,6 +100,25 @@ class QuantConfig:
         if self.mse_grid < 1 or not 0.0 < self.mse_max_shrink < 1.0 or self.mse_norm <= 0:
             raise ConfigError("MSE search needs grid >= 1, 0 < max_shrink < 1 and norm > 0")
 
+    def _check_codebook(self) -> None:
+        if self.codebook is None:
+            if self.double_quant:
+                raise ConfigError("double quantization stores code-book scales: use it with --codebook nf4|fp4")
+            return
+        from lowbit.core.codebook import CODEBOOK_NAMES
+
+        if self.codebook not in CODEBOOK_NAMES:
+            raise ConfigError(f"unknown code book {self.codebook!r}: pick one of {', '.join(CODEBOOK_NAMES)}")
+        if self.bits != 4 or not self.symmetric or self.qparams == "hqq" or self.input_bits is not None:
+            raise ConfigError(f"the {self.codebook} code book is a 4-bit symmetric grid (scale = group absmax) with "
+                              "min-max or MSE q-params and float activations: drop --bits/--asym/--qparams hqq/"
+                              "--act-bits (lowbit sets bits 4, symmetric for --codebook)")
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        """How scales are held: float16, or float32 for code books (bitsandbytes stores float32 absmax)."""
+        return torch.float32 if self.codebook is not None else torch.float16
+
     @property
     def qmax(self) -> int:
         """Largest code, ``2**bits - 1``."""
@@ -107,8 +129,11 @@ class QuantConfig:
         return self.group_size if self.granularity == "group" else in_features
 
     def describe(self) -> str:
-        """Short human name, e.g. ``4-bit g128 asym``."""
+        """Short human name, e.g. ``4-bit g128 asym`` or ``nf4 g64 dq``."""
         gran = {"tensor": "per-tensor", "channel": "per-channel"}.get(self.granularity, f"g{self.group_size}")
+        if self.codebook is not None:
+            extra = " mse" if self.qparams == "mse" else ""
+            return f"{self.codebook} {gran}{' dq' if self.double_quant else ''}{extra}"
         extra = "" if self.qparams == "minmax" else f" {self.qparams}"
         extra += " fz" if self.zero_point == "float" else ""
         extra += f", int{self.input_bits} per-token activations" if self.input_bits else ""
@@ -116,8 +141,9 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if data["input_bits"] is None:  # weight-only: written as before activation quantization existed
-            del data["input_bits"]
+        for key, default in (("input_bits", None), ("codebook", None), ("double_quant", False)):
+            if data[key] == default:  # not used: written as before the field existed
+                del data[key]
         return {"version": CONFIG_VERSION, **data}
 
     @classmethod

@@ -12,6 +12,8 @@ Rules (``qmax = 2**b − 1``):
   (stored as float16), so the grid runs exactly from the group minimum to its maximum;
 * symmetric min-max (GPTQ's convention): ``a = max|w|``, ``s = 2a / qmax``, ``z = (qmax + 1) / 2``, so codes
   ``0 … qmax`` map to ``(−2^{b−1} … 2^{b−1}−1) · s``;
+* code book (``cfg.codebook``, NF4/FP4): ``s = max |w|`` in float32 (bitsandbytes' absmax), no zero point;
+  the codes index the code book (:mod:`lowbit.core.codebook`) and ``ŵ = C[q] · s``;
 * ``hqq``: HQQ's half-quadratic solver (``lowbit.core.hqq``), starting from min-max;
 * ``mse``: shrink the range by ``p ∈ {1, 1 − 1/n, …, 1 − max_shrink}`` and keep, per group, the ``p`` with the
   smallest ``Σ |w − ŵ|^norm`` (GPTQ's and llm-compressor's MSE observer).
@@ -25,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.config import QuantConfig
+from lowbit.core.codebook import decode, inverse_scale, nearest_codes
 
 _FP16_TINY = 2.0**-24  # smallest positive float16 (subnormal)
 _FP16_MAX = 65504.0
@@ -62,6 +65,9 @@ def params_from_range(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero (both float32 ``[R, G]``; zero integral) for group ranges ``[lo, hi]``."""
     qmax = cfg.qmax
+    if cfg.codebook is not None:
+        scale = torch.maximum(lo.abs(), hi.abs()).float()
+        return scale, torch.full_like(scale, (qmax + 1) // 2)
     if cfg.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
         scale = _to_fp16_scale(2 * amax / qmax)
@@ -77,22 +83,26 @@ def params_from_range(
 
 
 def fake_quantize(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int, book: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Round to nearest with per-column q-params (all ``[R, C]``): returns (codes as float, dequantized).
 
-    ``q = clamp(round(w / s + z), 0, qmax)``, ``ŵ = (q − z) · s``.
+    ``q = clamp(round(w / s + z), 0, qmax)``, ``ŵ = (q − z) · s``; with a code ``book`` (``zero`` unused) ``q`` is
+    the nearest code of ``w · (1/s)`` and ``ŵ = C[q] · s``.
     """
+    if book is not None:
+        q = nearest_codes(w * inverse_scale(scale), book)
+        return q.float(), decode(q, book) * scale
     q = torch.clamp(torch.round(w / scale + zero), 0, qmax)
     return q, (q - zero) * scale
 
 
 def fake_quantize_groups(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, width: int, qmax: int
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, width: int, qmax: int, book: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fake_quantize` of ``w [R, C]`` with per-group q-params ``[R, G]`` broadcast to every column."""
     cols = w.shape[1]
-    return fake_quantize(w, expand_groups(scale, cols, width), expand_groups(zero, cols, width), qmax)
+    return fake_quantize(w, expand_groups(scale, cols, width), expand_groups(zero, cols, width), qmax, book)
 
 
 def choose_qparams(w: torch.Tensor, width: int, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +121,7 @@ def choose_qparams(w: torch.Tensor, width: int, cfg: QuantConfig) -> tuple[torch
     for i in range(int(cfg.mse_max_shrink * cfg.mse_grid) + 1):
         p = 1.0 - i / cfg.mse_grid
         s, z = params_from_range(p * lo, p * hi, cfg)
-        _, deq = fake_quantize_groups(w, s, z, width, cfg.qmax)
+        _, deq = fake_quantize_groups(w, s, z, width, cfg.qmax, cfg.codebook)
         err = group_reduce((deq - w).abs_().pow_(cfg.mse_norm), width, "sum")
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -147,7 +157,7 @@ def choose_qparams_weighted(
     for i in range(int(max_shrink * grid) + 1):
         p = 1.0 - i / grid
         s, z = params_from_range(p * lo, p * hi, cfg)
-        _, deq = fake_quantize_groups(w, s, z, width, cfg.qmax)
+        _, deq = fake_quantize_groups(w, s, z, width, cfg.qmax, cfg.codebook)
         d = torch.nn.functional.pad(deq - w, (0, padded - cols)).view(-1, groups, width).transpose(0, 1)  # [G, R, g]
         err = (torch.bmm(d, blocks) * d).sum(-1).T  # dᵀ H_gg d per row and group, [R, G]
         better = err < best_err

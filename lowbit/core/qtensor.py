@@ -6,14 +6,17 @@ For a weight of shape ``[N, K]`` (``out_features × in_features``) and config ``
 field      dtype / shape               meaning
 =========  ==========================  ======================================================================
 packed     uint8 ``[N, ceil(K·b/8)]``  codes ``q ∈ [0, 2^b − 1]``, each row one bit stream (``core.packing``)
-scale      float16 ``[N, G]``          per-group scale ``s``; ``[1, 1]`` for per-tensor
+scale      float16 ``[N, G]``          per-group scale ``s``; ``[1, 1]`` for per-tensor; float32 for code books
+scale_dq   or None                     double-quantized scales (``core.double_quant``): stored *instead of*
+                                       ``scale``, which then holds their decoded values
 zero       uint8|float16 ``[N, G]``    per-group zero ``z`` (uint8 integer or float16, by ``zero_point``);
            or None                     None when symmetric (``z = 2^{b−1}``)
 shape      ``(N, K)``                  logical weight shape
 config     :class:`QuantConfig`        bits, symmetry, granularity (``G = ceil(K / g)`` groups per row)
 =========  ==========================  ======================================================================
 
-``dequantize()`` gives ``ŵ[n, k] = (q[n, k] − z[n, k // g]) · s[n, k // g]``.
+``dequantize()`` gives ``ŵ[n, k] = (q[n, k] − z[n, k // g]) · s[n, k // g]``, or ``C[q[n, k]] · s[n, k // g]``
+for a code book ``C`` (``core.codebook``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.config import QuantConfig
+from lowbit.core.codebook import decode
+from lowbit.core.double_quant import DoubleQuantScales
 from lowbit.core.packing import pack_codes, packed_row_bytes, unpack_codes
 from lowbit.core.qparams import num_groups
 from lowbit.errors import FormatError
@@ -35,6 +40,7 @@ class QuantizedTensor:
     zero: torch.Tensor | None
     shape: tuple[int, int]
     config: QuantConfig
+    scale_dq: DoubleQuantScales | None = None
 
     def __post_init__(self) -> None:
         n, k = self.shape
@@ -42,8 +48,10 @@ class QuantizedTensor:
         groups = (1, 1) if c.granularity == "tensor" else (n, num_groups(k, c.group_width(k)))
         expect = {
             "packed": ((n, packed_row_bytes(k, c.bits)), torch.uint8),
-            "scale": (groups, torch.float16),
+            "scale": (groups, c.scale_dtype),
         }
+        if c.double_quant != (self.scale_dq is not None):
+            raise FormatError("double-quantized configs store their scales as scale_dq (and only those)")
         if not c.symmetric:
             expect["zero"] = (groups, torch.float16 if c.zero_point == "float" else torch.uint8)
         elif self.zero is not None:
@@ -62,7 +70,14 @@ class QuantizedTensor:
         packed = pack_codes(codes.to(torch.uint8), config.bits)
         zero_dtype = torch.float16 if config.zero_point == "float" else torch.uint8
         z = None if config.symmetric else zero.to(zero_dtype)
-        return cls(packed, scale.to(torch.float16), z, tuple(codes.shape), config)
+        scale = scale.to(config.scale_dtype)
+        dq = None
+        if config.double_quant:
+            from lowbit.core.double_quant import double_quantize
+
+            dq = double_quantize(scale)
+            scale = dq.decode()
+        return cls(packed, scale, z, tuple(codes.shape), config, dq)
 
     @property
     def group_width(self) -> int:
@@ -86,20 +101,25 @@ class QuantizedTensor:
         """
         codes = self.codes()
         s, z = self.scale.float(), self.zero_points()
+        book = self.config.codebook
         if self.config.granularity == "tensor":
-            return ((codes.float() - z) * s).to(dtype)
+            return ((decode(codes, book) if book else codes.float() - z) * s).to(dtype)
         n, k = self.shape
         groups, width = s.shape[1], self.group_width
         if groups * width != k:  # ragged last group: pad the uint8 codes (a quarter of the float bytes)
             codes = torch.nn.functional.pad(codes, (0, groups * width - k))
-        w = codes.view(n, groups, width).float()  # the one float32 allocation; the rest is in place
-        w.sub_(z.unsqueeze(-1)).mul_(s.unsqueeze(-1))
+        if book is not None:
+            w = decode(codes.view(n, groups, width), book).mul_(s.unsqueeze(-1))
+        else:
+            w = codes.view(n, groups, width).float()  # the one float32 allocation; the rest is in place
+            w.sub_(z.unsqueeze(-1)).mul_(s.unsqueeze(-1))
         w = w.view(n, groups * width)
         return w[:, :k].to(dtype) if groups * width != k else w.to(dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored fields, by the names they get in a checkpoint."""
-        out = {"qweight": self.packed, "scales": self.scale}
+        out = {"qweight": self.packed}
+        out.update(self.scale_dq.tensors() if self.scale_dq is not None else {"scales": self.scale})
         if self.zero is not None:
             out["zeros"] = self.zero
         return out

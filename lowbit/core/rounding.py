@@ -24,7 +24,8 @@ def group_view(weight: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, in
 def round_to_grid(
     weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig
 ) -> QuantizedTensor:
-    """Round-to-nearest ``q = clamp(round(w / s) + z, 0, 2^b − 1)`` with given per-group ``scale``/``zero``."""
+    """Round-to-nearest ``q = clamp(round(w / s) + z, 0, 2^b − 1)`` with given per-group ``scale``/``zero`` (or the
+    nearest code of ``w / s`` for a code-book config)."""
     view, width = group_view(weight.float(), cfg)
-    q, _ = fake_quantize_groups(view, scale, zero, width, cfg.qmax)
+    q, _ = fake_quantize_groups(view, scale, zero, width, cfg.qmax, cfg.codebook)
     return QuantizedTensor.from_codes(q.reshape(weight.shape), scale, zero, cfg)

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from lowbit.nn.qlinear import QLinear
+from lowbit.nn.qlinear import QLINEAR_FIELDS, QLinear
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def size_report(model: nn.Module) -> SizeReport:
     )
 
 
-_QUANTIZED_LEAVES = {"qweight", "scales", "zeros",  # lowbit, and GPTQ's qweight/scales
+_QUANTIZED_LEAVES = {*QLINEAR_FIELDS,  # lowbit, and GPTQ's qweight/scales
                      "qzeros", "g_idx", "weight_packed", "weight_scale", "weight_zero_point", "weight_shape",
                      "weight_g_idx"}
 

@@ -33,7 +33,7 @@ from lowbit.formats.shards import DEFAULT_SHARD_BYTES, ShardState, ShardWriter, 
 from lowbit.model.architectures import block_list, spec_for
 from lowbit.model.loading import LoadedModel, _load_tokenizer, read_config_json, register_loader, register_opener
 from lowbit.model.source import SafetensorsSource, StreamingModel, load_generation, meta_skeleton
-from lowbit.nn.qlinear import QLinear
+from lowbit.nn.qlinear import QLINEAR_FIELDS, QLinear
 from lowbit.nn.record import RecordBuilder
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def module_tensors(module: nn.Module, prefix: str, float_dtype: str, skip: set[s
         if full in skip:
             continue
         owner, _, leaf = name.rpartition(".")
-        packed = owner in quantized and leaf in ("qweight", "scales", "zeros")
+        packed = owner in quantized and leaf in QLINEAR_FIELDS
         out[full] = t.detach().contiguous() if packed else storage_tensor(t, float_dtype, full)
     return out
 

@@ -75,6 +75,9 @@ def _problems(fmt: str, layers: list[LayerShape], num_blocks: int) -> list[str]:
         if cfg.zero_point == "float":
             problems.append(f"{fmt} stores integer zero points only, not float ones (HQQ): use --method rtn/gptq/awq "
                             "with --zero-point int, or --sym")
+        if cfg.codebook:
+            problems.append(f"{fmt} stores evenly spaced integer grids, not the {cfg.codebook} code book: write "
+                            f"{cfg.codebook} as lowbit's format (or a bitsandbytes checkpoint), or use --bits 4")
         if cfg.input_bits and fmt == "gptq":
             problems.append("GPTQ checkpoints are weight-only: write W8A8 (--act-bits 8) as compressed-tensors or lowbit")
         elif cfg.input_bits and not (cfg.bits == 8 and cfg.granularity == "channel" and cfg.symmetric):

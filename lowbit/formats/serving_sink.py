@@ -35,7 +35,7 @@ from lowbit.formats.serving import num_blocks, quantized_layers, raise_problems,
 from lowbit.formats.shards import DEFAULT_SHARD_BYTES, ShardState, ShardWriter, rewrite_tensors
 from lowbit.model.architectures import spec_for
 from lowbit.model.source import StreamingModel
-from lowbit.nn.qlinear import QLinear
+from lowbit.nn.qlinear import QLINEAR_FIELDS, QLinear
 
 log = logging.getLogger(__name__)
 SINK_FORMATS = ("compressed-tensors", "gptq")
@@ -80,7 +80,7 @@ class ServingSink:
 
     def _module_tensors(self, module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
         qlinears = {n: m for n, m in module.named_modules() if isinstance(m, QLinear)}
-        qbuffers = {f"{n}.{leaf}" if n else leaf for n in qlinears for leaf in ("qweight", "scales", "zeros")}
+        qbuffers = {f"{n}.{leaf}" if n else leaf for n in qlinears for leaf in QLINEAR_FIELDS}
         out = {prefix + name: storage_tensor(t, self.float_dtype, prefix + name)
                for name, t in module.state_dict().items() if name not in qbuffers and prefix + name not in self.skip}
         for name, m in qlinears.items():

@@ -3,7 +3,7 @@ the columns not yet quantized, weighted by the inverse Hessian of the layer-wise
 
 For column ``j`` with ``Hinv = chol(H⁻¹)ᵀ`` (upper Cholesky factor of the inverse Hessian)::
 
-    q_j  = quant(w_j)                              (nearest grid point, current q-params)
+    q_j  = quant(w_j)                              (nearest grid point, current q-params; or code-book value)
     e_j  = (w_j − q_j) / Hinv[j, j]
     w_k ← w_k − e_j · Hinv[j, k]       for k > j   (done lazily per block of ``block_size`` columns)
 
@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from lowbit.config import QuantConfig
+from lowbit.core.codebook import decode, inverse_scale, nearest_codes
 from lowbit.core.qparams import choose_qparams, num_groups
 from lowbit.core.qtensor import QuantizedTensor
 from lowbit.core.rounding import group_view
@@ -146,7 +147,7 @@ def gptq_quantize(
     # per-column q-params in processing order, one block of columns at a time: [N or 1, block]
     col_group = torch.zeros(k, dtype=torch.long) if cfg.granularity == "tensor" else perm // width
     diag_inv = hinv.diagonal().tolist()
-    qmax = cfg.qmax
+    qmax, book = cfg.qmax, cfg.codebook
 
     for i1 in range(0, k, gptq.block_size):
         i2 = min(i1 + gptq.block_size, k)
@@ -168,8 +169,12 @@ def gptq_quantize(
                 scale[:, g : g + 1], zero[:, g : g + 1] = s, z
                 s1[i:], z1[i:] = scale[:, col_group[i1 + i : i2]].T, zero[:, col_group[i1 + i : i2]].T
             w_col, s_col, z_col, q, err = w_rows[i], s_rows[i], z_rows[i], q_rows[i], e_rows[i]
-            torch.div(w_col, s_col, out=q).add_(z_col).round_().clamp_(0, qmax)  # = fake_quantize, one column
-            torch.sub(q, z_col, out=err).mul_(s_col)  # the dequantized column
+            if book is None:
+                torch.div(w_col, s_col, out=q).add_(z_col).round_().clamp_(0, qmax)  # = fake_quantize, one column
+                torch.sub(q, z_col, out=err).mul_(s_col)  # the dequantized column
+            else:  # a code book: the nearest code, C[q] · s
+                q.copy_(nearest_codes(w_col * inverse_scale(s_col), book))
+                torch.mul(decode(q, book), s_col, out=err)
             torch.sub(w_col, err, out=err).div_(diag_inv[i1 + i])  # its error, scaled: (w − ŵ) / Hinv[j, j]
             w1[i:].addr_(h_rows[i][i:], err, alpha=-1)
         codes[:, perm[i1:i2]] = q1.T.to(torch.uint8)

@@ -4,8 +4,8 @@ Nearest rounding and GPTQ decide a layer at a time from its input statistics; Au
 "Optimize Weight Rounding via Signed Gradient Descent") instead tunes, per decoder block, a rounding offset per
 weight and the clipping of each group's range so that the *quantized block* reproduces the *float block's*
 output on calibration data. lowbit's version, for every grid a :class:`~lowbit.core.qtensor.QuantizedTensor`
-holds (integer/float zeros, sym/asym, group/channel/tensor), starting from any initial quantization (RTN, GPTQ,
-AWQ-scaled):
+holds (integer/float zeros, sym/asym, group/channel/tensor, NF4/FP4 code books), starting from any initial
+quantization (RTN, GPTQ, AWQ-scaled):
 
     x      = W / (s·f) + z' + o₀             o₀ = q₀ − ⌊W / s + z⌉: integer; gives the initial codes q₀ at f = 1, δ = 0
     q      = clamp(⌊x + δ⌉, 0, 2^b − 1)      δ ∈ [−½, ½] per weight: the grid point below or above x
@@ -16,7 +16,8 @@ AWQ-scaled):
 ``⌊·⌉`` passes gradients straight through (STE); δ, f and ζ move by signed gradient steps of a linearly decaying
 rate (``lr`` = 1/iters by default, as AutoRound: δ can travel at most half a grid step), and the lowest-loss
 parameters seen are kept. ``s·f`` is rounded to float16 in the forward pass, as it is stored. With zero
-iterations the result is the initial quantization, bit for bit.
+iterations the result is the initial quantization, bit for bit. On a code book, ``x`` is the weight's position
+between the book's ascending values (piecewise linear in ``W / s``), ``q`` an index into them and ``Ŵ = C[q] · s``.
 
 The pieces stay apart: the initial q-params and codes come from the method's q-param choice and rounding; this
 module only refines codes and scales on the same grid, so every format that stores that grid stores the result.
@@ -30,6 +31,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lowbit.core.codebook import codebook, decode, nearest_codes
+from lowbit.core.double_quant import double_quantize
+from lowbit.core.packing import pack_codes
 from lowbit.core.qtensor import QuantizedTensor
 from lowbit.core.rounding import group_view
 from lowbit.errors import ConfigError
@@ -73,10 +77,19 @@ class LearnedLinear(nn.Module):
         self.register_buffer("w", view.clone())
         self.register_buffer("s", qt.scale.float().clone())
         self.register_buffer("z", qt.zero_points().clone())
+        self.book = qt.config.codebook
         q0 = group_view(qt.codes().float(), qt.config)[0]
+        if self.book is not None:  # code book: positions are indices into its distinct values, ascending
+            levels = torch.unique(codebook(self.book))
+            self.register_buffer("levels", levels)
+            self.register_buffer("level_codes", nearest_codes(levels, self.book))  # the code stored per level
+            self.register_buffer("c0", q0.clone())  # FP4's two zeros: an unmoved weight keeps its own code
+            q0 = torch.searchsorted(levels, decode(q0.long(), self.book)).float()
+            self.register_buffer("p0", q0.clone())
+        self.initial = qt
         # an integer shift per weight: 0 where the initial code is the nearest one (RTN), GPTQ's move otherwise;
         # the fractional part of w/s stays, so δ ∈ [−½, ½] reaches the neighbouring grid point on its side
-        self.register_buffer("o0", q0 - torch.round(view / self._cols(self.s) + self._cols(self.z)))
+        self.register_buffer("o0", q0 - torch.round(self._position(view / self._cols(self.s), self.z)))
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self.delta = nn.Parameter(torch.zeros_like(view))
         self.factor = nn.Parameter(torch.ones_like(self.s))
@@ -91,9 +104,20 @@ class LearnedLinear(nn.Module):
         """``[R, G]`` → ``[R, C]``: each group's value over its columns (a ragged last group cut off)."""
         return per_group.repeat_interleave(self.width, dim=1)[:, :self.w.shape[1]]
 
+    def _position(self, x: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Where ``x = w / s`` lies on the grid, in grid steps: ``x + z`` for an integer grid; for a code book
+        the piecewise-linear index between its ascending values (clamped to [−1, 1]): ``i + (x − v_i) / (v_{i+1} −
+        v_i)``, so that rounding it picks the nearest value (a half step is the midpoint between two values)."""
+        if self.book is None:
+            return x + self._cols(zero)
+        x = x.clamp(-1, 1)
+        i = (torch.searchsorted(self.levels, x.detach(), right=True) - 1).clamp(0, self.levels.numel() - 2)
+        lo, hi = self.levels[i], self.levels[i + 1]
+        return i + (x - lo) / (hi - lo)
+
     def zero(self) -> torch.Tensor:
         """The zero points ``[R, G]`` of the current state, as stored: integers in [0, qmax], or float16 values."""
-        if self.zshift is None:
+        if self.zshift is None:  # symmetric (and code books: ``z`` is unused there)
             return self.z
         z = self.z + self.zshift
         if self.config.zero_point == "float":
@@ -104,13 +128,23 @@ class LearnedLinear(nn.Module):
         """Codes ``[R, C]`` (float, STE-rounded), the float16-valued scale and the zero points ``[R, G]`` of the
         current state."""
         scale = self.s * self.factor
-        scale = scale + (scale.to(torch.float16).float() - scale).detach()
+        if self.config.double_quant:  # the scales as their 8-bit storage decodes them (unmoved: the initial ones)
+            stored = self.s if bool((self.factor == 1).all()) else double_quantize(scale.detach()).decode()
+        else:
+            stored = scale.to(self.config.scale_dtype).float()  # code books keep float32 scales
+        scale = scale + (stored - scale).detach()
         zero = self.zero()
-        x = self.w / self._cols(scale) + self._cols(zero) + self.o0 + self.delta
-        return torch.clamp(_round_ste(x), 0, self.config.qmax), scale, zero
+        x = self._position(self.w / self._cols(scale), zero) + self.o0 + self.delta
+        top = self.config.qmax if self.book is None else self.levels.numel() - 1
+        return torch.clamp(_round_ste(x), 0, top), scale, zero
 
     def dequantized(self) -> torch.Tensor:
         q, scale, zero = self.codes_and_scale()
+        if self.book is not None:  # the level's value, its gradient the slope to the next level (STE)
+            i = q.detach().long()
+            slope = self.levels[(i + 1).clamp(max=self.levels.numel() - 1)] - self.levels[(i - 1).clamp(min=0)]
+            value = self.levels[i] + (q - q.detach()) * slope / 2
+            return (value * self._cols(scale)).reshape(self.shape)
         return ((q - self._cols(zero)) * self._cols(scale)).reshape(self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,6 +155,13 @@ class LearnedLinear(nn.Module):
         with torch.no_grad():
             q, scale, zero = self.codes_and_scale()
             zero = None if self.config.symmetric else zero
+            if self.book is not None:
+                q = torch.where(q == self.p0, self.c0, self.level_codes[q.long()].float())
+            if self.config.double_quant:  # the 8-bit scales the forward pass decoded (unmoved: the initial ones)
+                moved = not bool((self.factor == 1).all())
+                dq = double_quantize(self.s * self.factor) if moved else self.initial.scale_dq
+                return QuantizedTensor(pack_codes(q.reshape(self.shape).to(torch.uint8), self.config.bits),
+                                       dq.decode() if moved else self.initial.scale, None, self.shape, self.config, dq)
             return QuantizedTensor.from_codes(q.reshape(self.shape), scale, zero, self.config)
 
 

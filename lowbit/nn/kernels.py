@@ -88,6 +88,8 @@ def _int8_why_not(qt: QuantizedTensor) -> str | None:
     c = qt.config
     if c.input_bits:
         return "int8pack keeps float activations; this layer quantizes its inputs"
+    if c.codebook:
+        return "int8pack computes evenly spaced integer grids, not the {} code book".format(c.codebook)
     if c.bits > 8 or c.granularity != "channel":
         return "int8pack needs per-channel weights of at most 8 bits"
     return None
@@ -127,6 +129,8 @@ def _int4_why_not(qt: QuantizedTensor) -> str | None:
     c = qt.config
     if c.input_bits:
         return "int4pack keeps float activations; this layer quantizes its inputs"
+    if c.codebook:
+        return "int4pack computes evenly spaced integer grids, not the {} code book".format(c.codebook)
     if c.bits > 4 or c.granularity == "tensor":
         return "int4pack needs per-group or per-channel weights of at most 4 bits"
     if _int4_width(qt) not in _INT4_GROUPS:
@@ -170,7 +174,7 @@ def _int4_run(state: tuple[torch.Tensor, torch.Tensor, int, int], x: torch.Tenso
 
 def _int8mm_why_not(qt: QuantizedTensor) -> str | None:
     c = qt.config
-    if c.input_bits != 8 or c.bits != 8 or c.granularity != "channel" or not c.symmetric:
+    if c.codebook or c.input_bits != 8 or c.bits != 8 or c.granularity != "channel" or not c.symmetric:
         return "int8mm needs 8-bit per-channel symmetric weights with int8 per-token activations (W8A8)"
     return None
 

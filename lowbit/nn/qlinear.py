@@ -3,7 +3,9 @@
 State-dict entries (what a checkpoint stores for layer ``name``)::
 
     name.qweight  uint8   [out, ceil(in·bits/8)]   packed codes
-    name.scales   float16 [out|1, G]
+    name.scales   float16 [out|1, G]               float32 for code books (NF4/FP4); with double quantization
+                                                   instead scale_codes uint8 [out|1, G], scale_absmax float32
+                                                   [ceil(out·G/256)], scale_offset float32 []
     name.zeros    uint8   [out|1, G]               only when asymmetric (float16 for float zero points)
     name.bias     float32 [out]                    only when the original layer had a bias
 
@@ -25,8 +27,13 @@ from torch import nn
 from lowbit.config import QuantConfig
 from lowbit.core.packing import packed_row_bytes
 from lowbit.core.qparams import num_groups
+from lowbit.core.double_quant import SCALE_BLOCK, DoubleQuantScales
 from lowbit.core.qtensor import QuantizedTensor
 from lowbit.nn.kernels import REFERENCE, Kernel, act_input, select_kernel
+
+
+# every buffer a QLinear may store for its weight (which ones: by config), as the checkpoint names them
+QLINEAR_FIELDS = ("qweight", "scales", "zeros", "scale_codes", "scale_absmax", "scale_offset")
 
 
 class QLinear(nn.Module):
@@ -49,17 +56,27 @@ class QLinear(nn.Module):
         """A layer of the right shapes with zero contents (to be filled by ``load_state_dict``)."""
         g = 1 if config.granularity == "tensor" else num_groups(in_features, config.group_width(in_features))
         rows = 1 if config.granularity == "tensor" else out_features
+        dq = None
+        if config.double_quant:
+            dq = DoubleQuantScales(torch.zeros(rows, g, dtype=torch.uint8, device=device),
+                                   torch.ones(-(-rows * g // SCALE_BLOCK), device=device),
+                                   torch.zeros((), device=device))
         qt = QuantizedTensor(
             torch.zeros(out_features, packed_row_bytes(in_features, config.bits), dtype=torch.uint8, device=device),
-            torch.ones(rows, g, dtype=torch.float16, device=device),
+            torch.ones(rows, g, dtype=config.scale_dtype, device=device),
             None if config.symmetric else torch.zeros(
                 rows, g, dtype=torch.float16 if config.zero_point == "float" else torch.uint8, device=device),
             (out_features, in_features),
             config,
+            dq,
         )
         return cls(qt, torch.zeros(out_features, device=device) if bias else None)
 
     def quantized_tensor(self) -> QuantizedTensor:
+        if self.config.double_quant:  # the stored 8-bit scales, decoded
+            dq = DoubleQuantScales(self.scale_codes, self.scale_absmax, self.scale_offset)
+            return QuantizedTensor(self.qweight, dq.decode(), self.zeros, (self.out_features, self.in_features),
+                                   self.config, dq)
         return QuantizedTensor(
             self.qweight, self.scales, self.zeros, (self.out_features, self.in_features), self.config
         )

@@ -10,6 +10,8 @@ Short names (CLI ``--candidates``), one per candidate::
     4g64sym    4-bit, groups of 64, symmetric (no zero points)
     8pc        8-bit, one scale per output row (per-channel), asymmetric
     8pcsym     … symmetric
+    nf4b64     NF4 code book, blocks (groups) of 64 — bitsandbytes' default; fp4b64 its FP4
+    nf4b64dq   … with double-quantized scales (4.127 bits per weight)
     fp16       keep the layer in float (the checkpoint's float dtype)
 
 The default ladder spans 3 to 16 bits per weight in small steps, asymmetric (lowbit's default): where a layer is
@@ -29,6 +31,7 @@ from lowbit.config import QuantConfig
 from lowbit.errors import ConfigError
 from lowbit.plan.memory import FLOAT_BYTES, quantized_weight_bytes
 _NAME = re.compile(r"^(?P<bits>[2-8])(?:g(?P<group>\d+)|(?P<pc>pc))(?P<sym>sym)?$")
+_BOOK = re.compile(r"^(?P<book>nf4|fp4)(?:[bg](?P<group>\d+)|(?P<pc>pc))(?P<dq>dq)?$")
 
 
 @dataclass(frozen=True)
@@ -58,11 +61,17 @@ def parse_candidate(name: str) -> Candidate:
     text = name.strip().lower()
     if text in ("fp16", "float", "f16"):
         return Candidate("fp16", None)
+    book = _BOOK.match(text)
+    if book is not None:
+        gran = dict(granularity="channel") if book["pc"] else dict(group_size=int(book["group"]))
+        return Candidate(text, QuantConfig(bits=4, symmetric=True, codebook=book["book"],
+                                           double_quant=bool(book["dq"]), **gran))
     match = _NAME.match(text)
     if match is None:
         raise ConfigError(
-            f"unknown candidate {name!r}: write BITS then gGROUP or pc, optionally sym — e.g. 3g128, 4g64sym, 8pc, "
-            "or fp16 to allow keeping a layer in float"
+            f"unknown candidate {name!r}: write BITS then gGROUP or pc, optionally sym — e.g. 3g128, 4g64sym, 8pc; "
+            "a code book then bGROUP, optionally dq — nf4b64, nf4b64dq, fp4b64; or fp16 to allow keeping a layer "
+            "in float"
         )
     bits, sym = int(match["bits"]), bool(match["sym"])
     if match["pc"]:

@@ -19,7 +19,9 @@ from lowbit.quantize import quantize_model
 
 GRIDS = [QuantConfig(bits=4, group_size=32), QuantConfig(bits=3, group_size=32, symmetric=True),
          QuantConfig(bits=4, group_size=16, zero_point="float"), QuantConfig(bits=8, granularity="channel"),
-         QuantConfig(bits=2, granularity="tensor"), QuantConfig(bits=4, group_size=24)]  # 24: a ragged last group
+         QuantConfig(bits=2, granularity="tensor"), QuantConfig(bits=4, group_size=24),  # 24: a ragged last group
+         QuantConfig(bits=4, symmetric=True, group_size=32, codebook="nf4"),
+         QuantConfig(bits=4, symmetric=True, group_size=16, codebook="fp4", double_quant=True)]
 CALIB = torch.randint(0, 512, (16, 64), generator=torch.Generator().manual_seed(0))
 HELD_OUT = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1))
 
