@@ -69,10 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.add_argument("--resume", action="store_true",
                    help="continue an interrupted run with the same arguments from its last finished block")
-    q.add_argument("--format", default="lowbit", choices=["lowbit", "compressed-tensors", "gptq", "gguf"],
+    q.add_argument("--format", default="lowbit",
+                   choices=["lowbit", "compressed-tensors", "gptq", "bitsandbytes", "gguf"],
                    help="checkpoint layout of --out: lowbit's own (default), compressed-tensors pack-quantized or "
-                        "GPTQ (both load in transformers/vLLM), or a GGUF file (llama.cpp; see --type); checked "
-                        "before quantizing")
+                        "GPTQ (both load in transformers/vLLM), bitsandbytes 4-bit (--codebook nf4|fp4; transformers "
+                        "and PEFT/QLoRA load it), or a GGUF file (llama.cpp; see --type); checked before quantizing")
     q.add_argument("--type", default="Q4_K_M",
                    help="--format gguf: llama.cpp file type (Q4_0, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, Q8_0 …; default "
                         "Q4_K_M); --bits/--group-size do not apply, the type's block grids do")
@@ -124,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a model (float, GGUF or lowbit-quantized) in a format engines load")
     x.add_argument("model", help="model folder, .gguf file, quantized folder, or a named default")
-    x.add_argument("--format", default="gguf", choices=["gguf", "compressed-tensors", "gptq"],
-                   help="output format (default gguf); compressed-tensors and gptq need a quantized MODEL")
+    x.add_argument("--format", default="gguf", choices=["gguf", "compressed-tensors", "gptq", "bitsandbytes"],
+                   help="output format (default gguf); compressed-tensors, gptq and bitsandbytes need a quantized "
+                        "MODEL (bitsandbytes: one quantized with --codebook)")
     x.add_argument("--type", default="Q4_K_M", help="GGUF file type as llama-quantize names it: F32, F16, BF16, Q8_0, "
                    "Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K (default Q4_K_M)")
     x.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",

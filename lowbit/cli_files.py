@@ -69,12 +69,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def save_serving(loaded: Any, fmt: str, out: str, overwrite: bool) -> Path:
-    """Write a quantized model (in memory, or a streamed lowbit folder) as compressed-tensors or GPTQ."""
-    from lowbit.formats.compressed_tensors import export_compressed_tensors
-    from lowbit.formats.gptq_format import export_gptq
+    """Write a quantized model (in memory, or a streamed lowbit folder) as compressed-tensors, GPTQ or
+    bitsandbytes 4-bit."""
+    from lowbit.formats.serving_sink import export_serving
 
-    writer = export_compressed_tensors if fmt == "compressed-tensors" else export_gptq
-    return writer(loaded, out, overwrite=overwrite)
+    return export_serving(loaded, fmt, out, overwrite=overwrite)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

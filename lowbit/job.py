@@ -50,7 +50,7 @@ from lowbit.quantize import run_record as run_record_of
 
 log = logging.getLogger(__name__)
 STATE_FILE, HIDDEN_FILE = "job.json", "hidden.safetensors"
-JOB_FORMATS = ("lowbit", "compressed-tensors", "gptq", "gguf")
+JOB_FORMATS = ("lowbit", "compressed-tensors", "gptq", "bitsandbytes", "gguf")
 
 
 @dataclass(frozen=True)

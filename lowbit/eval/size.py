@@ -87,7 +87,8 @@ def size_of_folder(folder: str | Path) -> SizeReport:
         for name, (shape, nbytes) in stored_sizes(file).items():
             tensor_bytes += nbytes
             owner, _, leaf = name.rpartition(".")
-            if owner in layers and (leaf in _QUANTIZED_LEAVES or leaf == "weight"):  # "weight": int-quantized
+            quantized = owner in layers and (leaf in _QUANTIZED_LEAVES or leaf == "weight")  # "weight": codes
+            if quantized or name.partition(".weight.")[0] in layers:  # bitsandbytes: L.weight.absmax, …
                 q_bytes += nbytes
             else:
                 float_params += math.prod(shape)

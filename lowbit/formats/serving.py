@@ -38,7 +38,7 @@ from lowbit.nn.qlinear import QLinear
 
 log = logging.getLogger(__name__)
 
-SERVING_FORMATS = ("compressed-tensors", "gptq")
+SERVING_FORMATS = ("compressed-tensors", "gptq", "bitsandbytes")
 WEIGHTS = "model.safetensors"
 _GROUP_CANDIDATES = (16, 32, 64, 128, 256, 512, 1024)
 
@@ -67,6 +67,11 @@ def _problems(fmt: str, layers: list[LayerShape], num_blocks: int) -> list[str]:
     bits_ok = (2, 3, 4, 8) if fmt == "gptq" else tuple(range(2, 9))
     configs = {layer.config for layer in layers}
     for cfg in sorted(configs, key=QuantConfig.describe):
+        if fmt == "bitsandbytes":
+            from lowbit.formats.bitsandbytes_format import config_problems
+
+            problems += config_problems(cfg)
+            continue
         if cfg.bits not in bits_ok:
             problems.append(f"{fmt} stores {', '.join(map(str, bits_ok))}-bit weights, not {cfg.bits}-bit: "
                             f"use --bits {4 if 4 in bits_ok else bits_ok[0]}")
@@ -99,6 +104,9 @@ def _problems(fmt: str, layers: list[LayerShape], num_blocks: int) -> list[str]:
             f"layers); group sizes that work here: {', '.join(map(str, good)) or 'none'} (or --per-channel)")
     if fmt == "gptq":
         problems += _gptq_problems(layers, configs, num_blocks)
+    if fmt == "bitsandbytes" and len({(c.codebook, c.double_quant) for c in configs}) > 1:
+        problems.append("bitsandbytes stores one code book and double-quantization setting for the whole model, "
+                        f"this one has {', '.join(sorted(c.describe() for c in configs))}: use one --codebook")
     return problems
 
 

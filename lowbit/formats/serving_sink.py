@@ -38,7 +38,7 @@ from lowbit.model.source import StreamingModel
 from lowbit.nn.qlinear import QLINEAR_FIELDS, QLinear
 
 log = logging.getLogger(__name__)
-SINK_FORMATS = ("compressed-tensors", "gptq")
+SINK_FORMATS = ("compressed-tensors", "gptq", "bitsandbytes")
 
 
 def float_linears(float_model: nn.Module) -> list[str]:
@@ -74,6 +74,10 @@ class ServingSink:
         self.groups.setdefault(key, [cfg.to_dict(), []])[1].append(name)
         if self.fmt == "compressed-tensors":
             return compressed_tensors.layer_tensors(name, qt)
+        if self.fmt == "bitsandbytes":
+            from lowbit.formats import bitsandbytes_format
+
+            return bitsandbytes_format.layer_tensors(name, qt)
         if not cfg.symmetric and bool((module.zeros == 0).any()):
             self.zero_seen = True
         return gptq_format.layer_tensors(name, qt, v1=False)  # z now; v1's z − 1 at finish if it can hold them
@@ -113,6 +117,11 @@ class ServingSink:
             ignore = [name for name in self.linears if name not in quantized]
             return compressed_tensors.quantization_config(groups, ignore)
         cfg = QuantConfig.from_dict(next(iter(self.groups.values()))[0])
+        if self.fmt == "bitsandbytes":
+            from lowbit.formats import bitsandbytes_format
+
+            floats = [name for name in self.linears if name not in quantized]
+            return bitsandbytes_format.quantization_config(cfg, floats)
         v1 = cfg.symmetric or not self.zero_seen
         if not v1:
             log.warning("an asymmetric zero point is 0, which GPTQ v1 cannot store: writing checkpoint_format "
@@ -137,7 +146,7 @@ class ServingSink:
         config.quantization_config = qc
         if extra:
             config.lowbit_run = extra  # how lowbit made it (method configuration, calibration hashes)
-        config.dtype = torch.float16
+        config.dtype = torch.float16 if self.fmt != "bitsandbytes" else getattr(torch, self.float_dtype)
         config.to_json_file(str(self.folder / "config.json"))
         if generation is not None:
             generation.save_pretrained(self.folder)

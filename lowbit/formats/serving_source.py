@@ -1,4 +1,4 @@
-"""compressed-tensors and GPTQ folders opened for streaming (:func:`lowbit.model.loading.open_model`): a skeleton
+"""compressed-tensors, GPTQ and bitsandbytes 4-bit folders opened for streaming (:func:`lowbit.model.loading.open_model`): a skeleton
 with ``QLinear`` layers on the meta device, and a :class:`ConvertingSource` that turns a layer's stored tensors
 into lowbit's ``qweight``/``scales``/``zeros`` only when the driver reaches its block.
 
@@ -16,14 +16,13 @@ import torch
 from lowbit.config import QuantConfig
 from lowbit.core.qtensor import QuantizedTensor
 from lowbit.errors import FormatError
-from lowbit.model.loading import _load_tokenizer, read_config_json, register_opener
+from lowbit.model.loading import LoadedModel, _load_tokenizer, read_config_json, register_loader, register_opener
 from lowbit.model.source import SafetensorsSource, StreamingModel, load_generation, meta_skeleton, tied_names
-from lowbit.nn.qlinear import QLinear
+from lowbit.nn.qlinear import QLINEAR_FIELDS, QLinear, stored_fields
 from lowbit.nn.record import quantization_record
 
 # (layer name, its stored tensors by full name, config) → the layer's QuantizedTensor
 Converter = Callable[[str, dict[str, torch.Tensor], QuantConfig], QuantizedTensor]
-_QLINEAR_FIELDS = ("qweight", "scales", "zeros")
 
 
 class ConvertingSource:
@@ -35,8 +34,7 @@ class ConvertingSource:
                  convert: Converter) -> None:
         self._files, self._layers, self._suffixes, self._convert = files, layers, suffixes, convert
         hidden = {f"{name}.{s}" for name in layers for s in suffixes}
-        lowbit_names = {f"{name}.{f}" for name, cfg in layers.items() for f in _QLINEAR_FIELDS
-                        if f != "zeros" or not cfg.symmetric}
+        lowbit_names = {f"{name}.{f}" for name, cfg in layers.items() for f in stored_fields(cfg)}
         self.names = frozenset((files.names - hidden) | lowbit_names)
         self._cached: tuple[str, dict[str, torch.Tensor]] | None = None
 
@@ -49,7 +47,7 @@ class ConvertingSource:
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         owner, _, leaf = name.rpartition(".")
-        if owner in self._layers and leaf in _QLINEAR_FIELDS:
+        if owner in self._layers and leaf in QLINEAR_FIELDS:
             return self._layer(owner)[leaf]  # packed codes and q-params keep their own dtypes
         return self._files.read(name, dtype)
 
@@ -125,5 +123,40 @@ def open_gptq(folder: str | Path, dtype: torch.dtype = torch.float32) -> Streami
     return _open(folder, dtype, gf.FORMAT, layer_configs, ("qweight", "qzeros", "scales", "g_idx"), convert)
 
 
+def open_bitsandbytes(folder: str | Path, dtype: torch.dtype = torch.float32) -> StreamingModel:
+    """A transformers bitsandbytes 4-bit folder (NF4/FP4, with or without double quantization), streamed."""
+    from lowbit.formats import bitsandbytes_format as bf
+
+    folder = Path(folder)
+
+    def layer_configs(_folder: Path, qc: dict, float_model: torch.nn.Module, stored: frozenset) -> dict:
+        if not qc.get("load_in_4bit") and not qc.get("_load_in_4bit"):
+            raise FormatError(f"{folder}: an 8-bit bitsandbytes (LLM.int8) checkpoint; lowbit imports 4-bit ones")
+        files = SafetensorsSource.from_folder(folder)
+        try:
+            out = {}
+            for name, module in float_model.named_modules():
+                keys = [k for k in (f"{name}.weight.quant_state.bitsandbytes__{t}" for t in ("nf4", "fp4"))
+                        if k in stored]
+                if keys:
+                    if not isinstance(module, torch.nn.Linear):
+                        raise FormatError(f"{folder}: {name} is a {type(module).__name__}, lowbit imports "
+                                          "bitsandbytes nn.Linear only")
+                    state = bf.read_state(name, {keys[0]: files.read(keys[0])})
+                    out[name] = bf.layer_config(name, state, "nested_absmax" in state or
+                                                f"{name}.weight.nested_absmax" in stored)
+            return out
+        finally:
+            files.close()
+
+    def convert(name: str, stored: dict[str, torch.Tensor], cfg: QuantConfig) -> QuantizedTensor:
+        return bf.import_layer(name, stored, cfg)
+
+    return _open(folder, dtype, bf.FORMAT, layer_configs, bf.SUFFIXES, convert)
+
+
+register_opener("bitsandbytes", lambda path, dtype: open_bitsandbytes(path, dtype))
+register_loader("bitsandbytes", lambda path, device: LoadedModel(open_bitsandbytes(path).load_all().to(device),
+                                                                  _load_tokenizer(Path(path)), str(path), "lowbit"))
 register_opener("compressed-tensors", lambda path, dtype: open_compressed_tensors(path, dtype))
 register_opener("gptq", lambda path, dtype: open_gptq(path, dtype))

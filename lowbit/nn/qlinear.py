@@ -36,6 +36,12 @@ from lowbit.nn.kernels import REFERENCE, Kernel, act_input, select_kernel
 QLINEAR_FIELDS = ("qweight", "scales", "zeros", "scale_codes", "scale_absmax", "scale_offset")
 
 
+def stored_fields(config: QuantConfig) -> tuple[str, ...]:
+    """The buffers a QLinear with ``config`` stores, of :data:`QLINEAR_FIELDS`."""
+    scales = ("scale_codes", "scale_absmax", "scale_offset") if config.double_quant else ("scales",)
+    return ("qweight", *scales) + (() if config.symmetric else ("zeros",))
+
+
 class QLinear(nn.Module):
     def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None, kernel: str = "auto") -> None:
         super().__init__()
