@@ -97,6 +97,13 @@ class LearnedLinear(nn.Module):
         # range moves at both ends independently, as AutoRound's learned min and max clipping
         self.zshift = None if qt.config.symmetric else nn.Parameter(torch.zeros_like(self.s))
 
+    def train_weight(self) -> None:
+        """Make the float weight ``w`` (the ``[R, C]`` group view) a trainable parameter too (QAT); the rounding
+        offsets ``delta`` stay frozen at their value."""
+        weight = self._buffers.pop("w")
+        self.w = nn.Parameter(weight)
+        self.delta.requires_grad_(False)
+
     def parameters_to_learn(self) -> list[nn.Parameter]:
         return [p for p in (self.delta, self.factor, self.zshift) if p is not None]
 

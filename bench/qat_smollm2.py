@@ -1,0 +1,157 @@
+"""Quantization-aware training on SmolLM2-135M (issue 13): lowbit QAT from its GPTQ start vs that start, beside
+torchao's QAT fake quantization trained by the same loop (same windows, batches, steps, loss and optimiser).
+
+Training text: windows of wikitext2_valid_unk.txt (512 tokens, seed 0). Loss: KL from the fp32 model
+(distillation). Evaluation: the usual windows (first 20,480 tokens of wikitext2_test_joined.txt, 10 × 2048, KL and
+top-1 vs fp32), and held-out text of another domain the training never saw — lowbit's built-in default text
+(Python standard-library docstrings: technical prose and code), 10 windows of 512 tokens. Each row is a fresh
+process, one at a time.
+
+    /work/peers-venv/bin/python bench/qat_smollm2.py [--only "3-bit g64 asym"] [--tool lowbit|torchao] [--render]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from calibrated_smollm2 import CALIB_SAMPLES, CALIB_SEQLEN, _calib_ids  # noqa: E402
+from common import CALIB_TEXT, MODEL, RESULTS, eval_windows, peak_rss_mb, reference_logits, run_worker, write_results  # noqa: E402,E501
+
+SETTINGS = {
+    "4-bit g64 asym": dict(bits=4, group_size=64),
+    "3-bit g64 asym": dict(bits=3, group_size=64),
+    "nf4 g64 dq": dict(bits=4, symmetric=True, group_size=64, codebook="nf4", double_quant=True),
+}
+STEPS, BATCH, TRAIN_SEQLEN = 300, 4, 512
+HELD_OUT_WINDOWS, HELD_OUT_SEQLEN = 10, 512
+
+
+def _kl_top1(model, reference_model, ids: torch.Tensor) -> tuple[float, float]:
+    """Mean per-token KL(fp32 ‖ model) and top-1 agreement on windows ``ids``, one window at a time."""
+    kls, agree, n = 0.0, 0, 0
+    with torch.no_grad():
+        for row in ids:
+            p = torch.log_softmax(reference_model(row[None]).logits.float(), -1)[0]
+            q = torch.log_softmax(model(row[None]).logits.float(), -1)[0]
+            kls += float((p.exp() * (p - q)).sum(-1).sum())
+            agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+            n += row.numel()
+    return kls / n, agree / n
+
+
+def _evaluate(job: dict, model, reference, windows, protocol, held_out) -> dict:
+    from lowbit.eval.perplexity import evaluate
+
+    ev = evaluate(model, windows, protocol, reference=reference_logits(reference, windows), progress=False)
+    kl_out, top1_out = _kl_top1(model, reference, held_out)
+    return {**job, "perplexity": ev.perplexity, "kl": ev.kl, "top1": ev.top1_agreement, "held_out_kl": kl_out,
+            "held_out_top1": top1_out, "peak_rss_mb_total": peak_rss_mb()}
+
+
+def _torchao(job: dict, reference, train_ids: torch.Tensor, cfg) -> tuple[object, dict]:
+    """torchao's QAT fake quantization (IntxFakeQuantizeConfig, asymmetric groups) on the decoder-block linears,
+    trained by lowbit's loop on the same batches; evaluated as the fake-quantized model torchao's convert step
+    would freeze."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    from lowbit.methods.qat import distill
+
+    setting = SETTINGS[job["setting"]]
+    dtype = {4: torch.int4, 3: torch.int3}[setting["bits"]]
+    model = copy.deepcopy(reference)
+    weight = IntxFakeQuantizeConfig(dtype, group_size=setting["group_size"], is_symmetric=False)
+    quantize_(model, QATConfig(weight_config=weight, step="prepare"),
+              filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and ".layers." in fqn)
+    weights = [m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name]
+    report = distill(model, reference, train_ids, cfg, weights, [], torch.bfloat16, progress=False)
+    return model, {"quantize_seconds": report.seconds, "loss_first_last": report.first_last}
+
+
+def worker(job: dict) -> dict:
+    torch.manual_seed(0)
+    from lowbit import QuantConfig, QuantRecipe, load_model, quantize_model
+    from lowbit.calib.data import CalibConfig, calibration_ids
+    from lowbit.data.text import default_text
+    from lowbit.methods.qat import QATConfig, train_qat
+
+    loaded = load_model(MODEL)
+    windows, protocol = eval_windows(loaded.tokenizer)
+    held_out = calibration_ids(loaded.tokenizer, default_text("eval"),
+                               CalibConfig(HELD_OUT_WINDOWS, HELD_OUT_SEQLEN, seed=1))
+    reference = loaded.model
+    train_ids = calibration_ids(loaded.tokenizer, CALIB_TEXT.read_text(),
+                                CalibConfig(STEPS * BATCH, TRAIN_SEQLEN, seed=0))
+    cfg = QATConfig(steps=job["steps"], batch_size=BATCH)
+    if job["tool"] == "torchao":
+        model, extra = _torchao(job, reference, train_ids, cfg)
+        return {**_evaluate(job, model, reference, windows, protocol, held_out), **extra}
+    model = copy.deepcopy(reference)
+    start = time.perf_counter()
+    quantize_model(model, QuantRecipe(QuantConfig(**SETTINGS[job["setting"]])), method="gptq",
+                   calib_ids=_calib_ids(loaded.tokenizer), calib=CalibConfig(CALIB_SAMPLES, CALIB_SEQLEN, seed=0),
+                   progress=False, compute_dtype=torch.bfloat16)
+    ptq_seconds = time.perf_counter() - start
+    extra = {"ptq_seconds": ptq_seconds}
+    if job["steps"]:
+        report = train_qat(model, reference, train_ids, cfg, progress=False)
+        extra |= {"quantize_seconds": report.seconds, "loss_first_last": report.first_last}
+    return {**_evaluate(job, model, reference, windows, protocol, held_out), **extra}
+
+
+def jobs() -> list[dict]:
+    rows = []
+    for setting in SETTINGS:
+        rows += [{"tool": "lowbit", "method": "gptq (PTQ start)", "steps": 0, "setting": setting},
+                 {"tool": "lowbit", "method": "gptq + QAT", "steps": STEPS, "setting": setting}]
+        if setting in ("4-bit g64 asym", "3-bit g64 asym"):
+            rows.append({"tool": "torchao", "method": "QAT (IntxFakeQuantize)", "steps": STEPS, "setting": setting})
+    return rows
+
+
+def main() -> None:
+    pick = {flag: sys.argv[sys.argv.index(flag) + 1] for flag in ("--only", "--tool") if flag in sys.argv}
+    key = lambda r: (r["tool"], r["method"], r["setting"])  # noqa: E731
+    path = RESULTS / "qat_smollm2.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    todo = [] if "--render" in sys.argv else [j for j in jobs() if pick.get("--only", j["setting"]) == j["setting"]
+                                              and pick.get("--tool", j["tool"]) == j["tool"]]
+    for job in todo:
+        print(f"running {job['tool']} {job['method']} {job['setting']} …", flush=True)
+        rows = [r for r in rows if key(r) != key(job)] + [run_worker(Path(__file__), job)]
+        print(json.dumps(rows[-1]), flush=True)
+        path.write_text(json.dumps({"rows": rows}))
+    from lowbit.report import markdown_table
+
+    order = [key(j) for j in jobs()]
+    rows.sort(key=lambda r: order.index(key(r)) if key(r) in order else 99)
+    table = markdown_table(
+        ["setting", "tool", "method", "steps", "perplexity", "KL (nats/token)", "top-1", "held-out KL",
+         "held-out top-1", "train s", "peak RSS MB", "note"],
+        [(r["setting"], r["tool"], r["method"], r["steps"], r.get("perplexity"), r.get("kl"), r.get("top1"),
+          r.get("held_out_kl"), r.get("held_out_top1"), r.get("quantize_seconds"), r.get("peak_rss_mb_total"),
+          r.get("error", "")) for r in rows])
+    intro = (f"SmolLM2-135M-Instruct, decoder-block linears quantized. PTQ start: lowbit GPTQ ({CALIB_SAMPLES} × "
+             f"{CALIB_SEQLEN} calibration tokens). QAT: {STEPS} Adam steps × {BATCH} windows of {TRAIN_SEQLEN} "
+             "tokens of wikitext2_valid_unk.txt (seed 0), KL-to-fp32 distillation, bf16 autocast, weights lr 2e-5 and "
+             "scales 1e-3 with warm-up + cosine decay. torchao: its IntxFakeQuantizeConfig (asymmetric groups, "
+             "dynamic min-max scales) on the same linears, trained by the same loop on the same batches (its float "
+             "weights start where PTQ's RTN would). Eval: first 20,480 tokens of wikitext2_test_joined.txt (10 × "
+             "2048) and a held-out domain the training never saw (lowbit's built-in default text: Python stdlib "
+             "docstrings, 10 × 512 tokens), KL/top-1 vs fp32. One row at a time on the 2-core CPU.")
+    write_results("qat_smollm2", "QAT on SmolLM2-135M (beside torchao QAT)", intro, [("Results", table)],
+                  {"rows": rows})
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(json.loads(sys.argv[2]))))
+    else:
+        main()

@@ -1,0 +1,207 @@
+"""Quantization-aware training (QAT): fine-tune the float weights *through* their quantizer, then freeze.
+
+Post-training methods choose codes once; QAT trains the model with every quantized layer's weight fake-quantized
+in the forward pass, so the weights move to where the grid serves them best (Jacob et al. 2018; LLM-QAT, Liu et
+al. 2023, which distils from the float model as here). Each quantized layer becomes a
+:class:`~lowbit.methods.learned.LearnedLinear` whose float weight ``W`` is trained too:
+
+    Ŵ = (clamp(⌊W / (s·f) + z'⌉, 0, 2^b − 1) − z') · s·f        (a code book: C[q] · s·f, see ``learned``)
+
+``⌊·⌉`` passes gradients straight through (STE); ``f`` (per-group scale factor, LSQ-style, Esser et al. 2020) and
+the zero-point shift of asymmetric grids train beside ``W``. The loss is the KL divergence from the float
+teacher's next-token distribution (``loss="kl"``, distillation: no labels needed and every position teaches all
+of the vocabulary) or the next-token cross-entropy of the text (``"ce"``). Training starts from any PTQ result
+(RTN, GPTQ …: its codes are the step-0 state, bit for bit) and ends with the same :class:`QLinear` layers PTQ
+writes, so every format lowbit writes for PTQ stores a QAT model.
+
+Memory (float32 master weights): the student's trained layers hold ``W``, an integer offset and a rounding offset
+per weight (3 copies) plus Adam's two moments and a gradient for ``W`` — about 6 float32 copies of the quantized
+weights — beside the float teacher and the activations of one batch for the backward pass (the model runs in eval
+mode: no dropout, and no activation checkpointing yet).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.errors import ConfigError
+from lowbit.methods.learned import LearnedLinear
+from lowbit.model.modules import set_submodule
+from lowbit.nn.qlinear import QLinear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """``steps`` optimiser steps on batches of ``batch_size`` training windows; Adam with ``lr`` for the weights and
+    ``scale_lr`` for the scale factors and zero shifts (0 freezes them), both decayed by a cosine to 0 after
+    ``warmup`` linear steps; ``loss`` "kl" (distil from the float model) or "ce" (the text's next token)."""
+
+    steps: int = 300
+    lr: float = 2e-5
+    scale_lr: float = 1e-3
+    warmup: int = 10
+    batch_size: int = 4
+    loss: Literal["kl", "ce"] = "kl"
+    seed: int = 0
+    grad_clip: float = 1.0
+    scale_range: tuple[float, float] = (0.5, 1.5)  # bounds of each group's trained scale factor
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.lr < 0 or self.scale_lr < 0 or self.batch_size < 1 or self.warmup < 0:
+            raise ConfigError("QAT needs steps ≥ 0, learning rates ≥ 0, batch size ≥ 1 and warmup ≥ 0")
+        if self.loss not in ("kl", "ce"):
+            raise ConfigError(f"QAT loss must be 'kl' (distillation) or 'ce' (next token), got {self.loss!r}")
+
+    def rate(self, step: int) -> float:
+        """Learning-rate multiplier at ``step``: linear warm-up, then a cosine from 1 to 0."""
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        span = max(self.steps - self.warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - self.warmup) / span))
+
+
+@dataclass
+class QATReport:
+    """Loss per step (on that step's batch), seconds, and the steps run."""
+
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def first_last(self) -> tuple[float, float]:
+        """Mean loss of the first and the last tenth of the steps."""
+        n = max(len(self.losses) // 10, 1)
+        return sum(self.losses[:n]) / n, sum(self.losses[-n:]) / n
+
+
+def fake_quantize_layers(student: nn.Module, teacher: nn.Module) -> dict[str, LearnedLinear]:
+    """Replace every :class:`QLinear` of ``student`` by a trainable :class:`LearnedLinear` starting at its codes;
+    the float weight comes from the same layer of ``teacher`` (the float model). Returns them by name."""
+    from lowbit.model.modules import linear_weight
+
+    layers = {}
+    for name, module in list(student.named_modules()):
+        if isinstance(module, QLinear):
+            float_layer = teacher.get_submodule(name)
+            weight = linear_weight(float_layer).detach().float()
+            bias = None if module.bias is None else module.bias.detach()  # as PTQ stored it (float16-rounded)
+            layer = LearnedLinear(weight, bias, module.quantized_tensor())
+            layer.train_weight()
+            set_submodule(student, name, layer)
+            layers[name] = layer
+    if not layers:
+        raise ConfigError("QAT trains a quantized model: quantize it first (no QLinear layers found)")
+    return layers
+
+
+def freeze_layers(student: nn.Module, layers: dict[str, LearnedLinear]) -> None:
+    """Replace the trained layers by the :class:`QLinear` layers of their current codes and scales."""
+    for name, layer in layers.items():
+        set_submodule(student, name, QLinear(layer.quantized_tensor(), None if layer.bias is None
+                                             else layer.bias.detach()))
+
+
+def _loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, ids: torch.Tensor,
+          kind: str) -> torch.Tensor:
+    """Mean per-token KL(teacher ‖ student) or next-token cross-entropy, in float32."""
+    logp = torch.log_softmax(student_logits.float(), dim=-1)
+    if kind == "ce":
+        return nn.functional.nll_loss(logp[:, :-1].reshape(-1, logp.shape[-1]), ids[:, 1:].reshape(-1))
+    target = torch.log_softmax(teacher_logits.float(), dim=-1)
+    return (target.exp() * (target - logp)).sum(-1).mean()
+
+
+def distill(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, cfg: QATConfig,
+            weights: list[nn.Parameter], scales: list[nn.Parameter], compute_dtype: torch.dtype = torch.bfloat16,
+            progress: bool = True, after_step: Callable[[], None] | None = None,
+            on_step: Callable[[int, float], None] | None = None) -> QATReport:
+    """The training loop: ``cfg.steps`` Adam steps of ``cfg.loss`` on random batches of ``train_ids`` (seeded),
+    training only ``weights`` (``lr``, gradient-norm clipped) and ``scales`` (``scale_lr``); ``after_step`` runs
+    after each update (e.g. to clamp). Any fake-quantized model trains the same way (bench/qat_smollm2.py runs
+    torchao's through it)."""
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in weights + scales:
+        p.requires_grad_(True)
+    groups = [{"params": weights, "lr": cfg.lr}]
+    if cfg.scale_lr > 0 and scales:
+        groups.append({"params": scales, "lr": cfg.scale_lr})
+    else:
+        for p in scales:
+            p.requires_grad_(False)
+    optimiser = torch.optim.Adam(groups, betas=(0.9, 0.95))
+    base = [g["lr"] for g in optimiser.param_groups]
+    order = torch.Generator().manual_seed(cfg.seed)
+    student.eval()  # no dropout: the student learns the teacher's deterministic function (as LLM-QAT)
+    teacher.eval()
+    report, start = QATReport(), time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="QAT", unit="step", disable=not progress)
+    try:
+        for step in bar:
+            ids = train_ids[torch.randint(0, train_ids.shape[0], (cfg.batch_size,), generator=order)]
+            with torch.autocast("cpu", dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+                teacher_logits = None
+                if cfg.loss == "kl":
+                    with torch.no_grad():
+                        teacher_logits = teacher(ids).logits
+                loss = _loss(student(ids).logits, teacher_logits, ids, cfg.loss)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(weights, cfg.grad_clip)
+            for group, lr in zip(optimiser.param_groups, base):
+                group["lr"] = lr * cfg.rate(step)
+            optimiser.step()
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step()
+            report.losses.append(float(loss.detach()))
+            bar.set_postfix_str(f"loss {report.losses[-1]:.4f}")
+            if on_step is not None:
+                on_step(step, report.losses[-1])
+    finally:
+        report.seconds = time.perf_counter() - start
+        for p in student.parameters():
+            p.requires_grad_(False)
+    return report
+
+
+def train_qat(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, cfg: QATConfig,
+              compute_dtype: torch.dtype = torch.bfloat16, progress: bool = True,
+              on_step: Callable[[int, float], None] | None = None) -> QATReport:
+    """Train the quantized ``student`` (its QLinear layers, made trainable here and frozen back at the end) against
+    the float ``teacher`` on windows ``train_ids [n, seqlen]``. Only the quantized layers train; embeddings, norms
+    and every float layer stay as they are (so the frozen model has exactly PTQ's layout)."""
+    layers = fake_quantize_layers(student, teacher)
+    lo, hi = cfg.scale_range
+
+    def clamp() -> None:
+        for m in layers.values():
+            m.factor.clamp_(lo, hi)
+            if m.zshift is not None:
+                m.zshift.clamp_(-0.5, 0.5)
+
+    try:
+        report = distill(student, teacher, train_ids, cfg, [m.w for m in layers.values()],
+                         [p for m in layers.values() for p in (m.factor, m.zshift) if p is not None],
+                         compute_dtype, progress, clamp, on_step)
+    finally:
+        freeze_layers(student, layers)
+    record = getattr(student.config, "quantization_config", None)
+    if isinstance(record, dict):  # the checkpoint says how it was trained, beside the PTQ method it started from
+        record["qat"] = {**asdict(cfg), "compute_dtype": str(compute_dtype).removeprefix("torch."),
+                         "windows": list(train_ids.shape), "steps_run": len(report.losses),
+                         "tokens_sha256": hashlib.sha256(train_ids.numpy().tobytes()).hexdigest()}
+    if report.losses:
+        log.info("QAT: %d steps in %.0f s, loss %.4f → %.4f", len(report.losses), report.seconds, *report.first_last)
+    return report
