@@ -10,10 +10,11 @@ quantization (RTN, GPTQ, AWQ-scaled):
     x      = W / (s·f) + z' + o₀             o₀ = q₀ − ⌊W / s + z⌉: integer; gives the initial codes q₀ at f = 1, δ = 0
     q      = clamp(⌊x + δ⌉, 0, 2^b − 1)      δ ∈ [−½, ½] per weight: the grid point below or above x
     Ŵ      = (q − z') · s·f                  f ∈ [f_lo, f_hi] per group: shrinks or widens the group's grid
-    z'     = clamp(⌊z + ζ⌉, 0, 2^b − 1)      ζ ∈ [−½, ½] per group (asymmetric grids): slides it by a step
+    asymmetric grids: the range [α·lo₀, β·hi₀] (lo₀ = −z·s, hi₀ = (2^b − 1 − z)·s, α and β per group) gives
+    s·f = (β·hi₀ − α·lo₀) / (2^b − 1) and z' = ⌊−α·lo₀ / (s·f)⌉: AutoRound's learned min/max clipping
     loss   = ‖block_Ŵ(x_q) − block_W(x_fp)‖² / ‖block_W(x_fp)‖²   (x_q: the quantized blocks' output so far)
 
-``⌊·⌉`` passes gradients straight through (STE); δ, f and ζ move by signed gradient steps of a linearly decaying
+``⌊·⌉`` passes gradients straight through (STE); δ, f (or α, β) move by signed gradient steps of a linearly decaying
 rate (``lr`` = 1/iters by default, as AutoRound: δ can travel at most half a grid step), and the lowest-loss
 parameters seen are kept. ``s·f`` is rounded to float16 in the forward pass, as it is stored. With zero
 iterations the result is the initial quantization, bit for bit. On a code book, ``x`` is the weight's position
@@ -93,9 +94,9 @@ class LearnedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self.delta = nn.Parameter(torch.zeros_like(view))
         self.factor = nn.Parameter(torch.ones_like(self.s))
-        # asymmetric grids: a zero-point shift per group (in grid steps), so that with ``factor`` the group's
-        # range moves at both ends independently, as AutoRound's learned min and max clipping
-        self.zshift = None if qt.config.symmetric else nn.Parameter(torch.zeros_like(self.s))
+        # asymmetric grids: ``factor`` scales the top of each group's range and ``factor_lo`` its bottom, so the
+        # range moves at both ends independently (AutoRound's learned min/max clipping) and the zero point follows
+        self.factor_lo = None if qt.config.symmetric else nn.Parameter(torch.ones_like(self.s))
 
     def train_weight(self) -> None:
         """Make the float weight ``w`` (the ``[R, C]`` group view) a trainable parameter too (QAT); the rounding
@@ -104,8 +105,12 @@ class LearnedLinear(nn.Module):
         self.w = nn.Parameter(weight)
         self.delta.requires_grad_(False)
 
+    def scale_parameters(self) -> list[nn.Parameter]:
+        """The per-group range factors: ``factor`` (and ``factor_lo`` on asymmetric grids)."""
+        return [p for p in (self.factor, self.factor_lo) if p is not None]
+
     def parameters_to_learn(self) -> list[nn.Parameter]:
-        return [p for p in (self.delta, self.factor, self.zshift) if p is not None]
+        return [self.delta, *self.scale_parameters()]
 
     def _cols(self, per_group: torch.Tensor) -> torch.Tensor:
         """``[R, G]`` → ``[R, C]``: each group's value over its columns (a ragged last group cut off)."""
@@ -122,11 +127,12 @@ class LearnedLinear(nn.Module):
         lo, hi = self.levels[i], self.levels[i + 1]
         return i + (x - lo) / (hi - lo)
 
-    def zero(self) -> torch.Tensor:
-        """The zero points ``[R, G]`` of the current state, as stored: integers in [0, qmax], or float16 values."""
-        if self.zshift is None:  # symmetric (and code books: ``z`` is unused there)
+    def zero(self, scale: torch.Tensor) -> torch.Tensor:
+        """The zero points ``[R, G]`` for ``scale``, as stored: integers in [0, qmax], or float16 values. Asymmetric:
+        ``z' = −α·lo₀ / s'`` with the initial range bottom ``lo₀ = −z·s``."""
+        if self.factor_lo is None:  # symmetric (and code books: ``z`` is unused there)
             return self.z
-        z = self.z + self.zshift
+        z = self.factor_lo * self.z * self.s / scale
         if self.config.zero_point == "float":
             return z + (z.to(torch.float16).float() - z).detach()
         return torch.clamp(_round_ste(z), 0, self.config.qmax)
@@ -134,13 +140,17 @@ class LearnedLinear(nn.Module):
     def codes_and_scale(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codes ``[R, C]`` (float, STE-rounded), the float16-valued scale and the zero points ``[R, G]`` of the
         current state."""
-        scale = self.s * self.factor
+        if self.factor_lo is None:
+            scale = self.s * self.factor
+        else:  # the range [α·lo₀, β·hi₀] with lo₀ = −z·s, hi₀ = (qmax − z)·s, over qmax steps
+            qmax = self.config.qmax
+            scale = (self.factor * (qmax - self.z) + self.factor_lo * self.z) * self.s / qmax
         if self.config.double_quant:  # the scales as their 8-bit storage decodes them (unmoved: the initial ones)
             stored = self.s if bool((self.factor == 1).all()) else double_quantize(scale.detach()).decode()
         else:
             stored = scale.to(self.config.scale_dtype).float()  # code books keep float32 scales
         scale = scale + (stored - scale).detach()
-        zero = self.zero()
+        zero = self.zero(scale)
         x = self._position(self.w / self._cols(scale), zero) + self.o0 + self.delta
         top = self.config.qmax if self.book is None else self.levels.numel() - 1
         return torch.clamp(_round_ste(x), 0, top), scale, zero
@@ -233,8 +243,8 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
                         m.delta.sub_(rate * m.delta.grad.sign()).clamp_(-0.5, 0.5)
                     if m.factor.grad is not None:
                         m.factor.sub_(rate * m.factor.grad.sign()).clamp_(lo, hi)
-                    if m.zshift is not None and m.zshift.grad is not None:
-                        m.zshift.sub_(rate * m.zshift.grad.sign()).clamp_(-0.5, 0.5)
+                    if m.factor_lo is not None and m.factor_lo.grad is not None:
+                        m.factor_lo.sub_(rate * m.factor_lo.grad.sign()).clamp_(lo, hi)
         with torch.no_grad():  # the best parameters seen (the last step's were never evaluated)
             for b, p in zip(best, params):
                 p.copy_(b)

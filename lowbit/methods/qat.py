@@ -7,8 +7,8 @@ al. 2023, which distils from the float model as here). Each quantized layer beco
 
     Ŵ = (clamp(⌊W / (s·f) + z'⌉, 0, 2^b − 1) − z') · s·f        (a code book: C[q] · s·f, see ``learned``)
 
-``⌊·⌉`` passes gradients straight through (STE); ``f`` (per-group scale factor, LSQ-style, Esser et al. 2020) and
-the zero-point shift of asymmetric grids train beside ``W``. The loss is the KL divergence from the float
+``⌊·⌉`` passes gradients straight through (STE); ``f`` (per-group scale factor, LSQ-style, Esser et al. 2020; on
+asymmetric grids one factor per end of the group's range) trains beside ``W``. The loss is the KL divergence from the float
 teacher's next-token distribution (``loss="kl"``, distillation: no labels needed and every position teaches all
 of the vocabulary) or the next-token cross-entropy of the text (``"ce"``). Training starts from any PTQ result
 (RTN, GPTQ …: its codes are the step-0 state, bit for bit) and ends with the same :class:`QLinear` layers PTQ
@@ -187,13 +187,12 @@ def train_qat(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, c
 
     def clamp() -> None:
         for m in layers.values():
-            m.factor.clamp_(lo, hi)
-            if m.zshift is not None:
-                m.zshift.clamp_(-0.5, 0.5)
+            for p in m.scale_parameters():
+                p.clamp_(lo, hi)
 
     try:
         report = distill(student, teacher, train_ids, cfg, [m.w for m in layers.values()],
-                         [p for m in layers.values() for p in (m.factor, m.zshift) if p is not None],
+                         [p for m in layers.values() for p in m.scale_parameters()],
                          compute_dtype, progress, clamp, on_step)
     finally:
         freeze_layers(student, layers)

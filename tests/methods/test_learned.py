@@ -46,8 +46,8 @@ def test_stored_codes_are_what_the_forward_pass_used(cfg: QuantConfig) -> None:
     with torch.no_grad():
         layer.delta.uniform_(-0.5, 0.5)
         layer.factor.uniform_(0.6, 1.0)
-        if layer.zshift is not None:
-            layer.zshift.uniform_(-0.5, 0.5)
+        if layer.factor_lo is not None:
+            layer.factor_lo.uniform_(0.6, 1.0)
     stored = layer.quantized_tensor()
     assert torch.equal(stored.dequantize(), layer.dequantized().detach())
     assert not torch.equal(stored.packed, quantize_rtn(w, cfg).packed)  # the offsets did move codes
