@@ -77,6 +77,27 @@ def run_worker(script: Path, job: dict[str, Any]) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def run_jobs(script: Path, name: str, todo: list[dict[str, Any]], key: Any) -> list[dict[str, Any]]:
+    """Run each job of ``todo`` in a fresh process, one at a time; the rows of ``RESULTS/name.json`` with the same
+    ``key(row)`` are replaced, and the file is saved after every row. Returns all rows."""
+    path = RESULTS / f"{name}.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    for job in todo:
+        print(f"running {' '.join(str(v) for v in key(job))} …", flush=True)
+        rows = [r for r in rows if key(r) != key(job)] + [run_worker(script, job)]
+        print(json.dumps(rows[-1]), flush=True)
+        path.write_text(json.dumps({"rows": rows}))
+    return rows
+
+
+def entry(worker: Any, main: Any) -> None:
+    """A bench script's ``__main__``: ``--worker JOB`` runs one row and prints it as JSON, anything else ``main``."""
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(json.loads(sys.argv[2]))))
+    else:
+        main()
+
+
 def machine() -> dict[str, Any]:
     return {
         "python": platform.python_version(),

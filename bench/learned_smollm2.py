@@ -14,7 +14,6 @@ one at a time (AutoRound needs the peers' environment: ``/work/peers-venv/bin/py
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import sys
 import time
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibrated_smollm2 import CALIB_SAMPLES, CALIB_SEQLEN, HF_FOLDER, _calib_ids, _finish  # noqa: E402
-from common import MODEL, RESULTS, eval_windows, peak_rss_mb, run_worker, write_results  # noqa: E402
+from common import MODEL, entry, eval_windows, peak_rss_mb, run_jobs, write_results  # noqa: E402
 
 SETTINGS = {
     "4-bit g64 asym": dict(bits=4, group_size=64),
@@ -99,17 +98,11 @@ def main() -> None:
     pick = {flag: sys.argv[sys.argv.index(flag) + 1] for flag in ("--setting", "--tool", "--iters", "--method")
             if flag in sys.argv}
     key = lambda r: (r["tool"], r["method"], r["iters"], r["setting"])  # noqa: E731
-    path = RESULTS / "learned_smollm2.json"
-    rows = json.loads(path.read_text())["rows"] if path.exists() else []
     todo = [] if "--render" in sys.argv else [
         j for j in jobs() if pick.get("--setting", j["setting"]) == j["setting"]
         and pick.get("--tool", j["tool"]) == j["tool"] and pick.get("--iters", str(j["iters"])) == str(j["iters"])
         and pick.get("--method", j["method"]) == j["method"]]
-    for job in todo:
-        print(f"running {job['tool']} {job['method']} iters={job['iters']} {job['setting']} …", flush=True)
-        rows = [r for r in rows if key(r) != key(job)] + [run_worker(Path(__file__), job)]
-        print(json.dumps(rows[-1]), flush=True)
-        path.write_text(json.dumps({"rows": rows}))
+    rows = run_jobs(Path(__file__), "learned_smollm2", todo, key)
     from lowbit.report import markdown_table
 
     order = {s: i for i, s in enumerate(SETTINGS)}
@@ -129,7 +122,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(json.loads(sys.argv[2]))))
-    else:
-        main()
+    entry(worker, main)

@@ -13,7 +13,6 @@ GPTQ: 64 × 512 tokens of wikitext2_valid_unk.txt). Each row is a fresh process,
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibrated_smollm2 import CALIB_SAMPLES, CALIB_SEQLEN, HF_FOLDER, _calib_ids, _finish  # noqa: E402
-from common import MODEL, RESULTS, eval_windows, peak_rss_mb, run_worker, write_results  # noqa: E402
+from common import MODEL, entry, eval_windows, peak_rss_mb, run_jobs, write_results  # noqa: E402
 
 GRIDS = {  # name → QuantConfig fields
     "nf4b64": dict(bits=4, symmetric=True, group_size=64, codebook="nf4"),
@@ -99,14 +98,8 @@ def jobs() -> list[dict]:
 def main() -> None:
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
     key = lambda r: (r["tool"], r["method"], r["grid"])  # noqa: E731
-    path = RESULTS / "nf4_smollm2.json"
-    rows = json.loads(path.read_text())["rows"] if path.exists() else []
     todo = [] if "--render" in sys.argv else [j for j in jobs() if only in (None, j["grid"])]
-    for job in todo:
-        print(f"running {job['tool']} {job['method']} {job['grid']} …", flush=True)
-        rows = [r for r in rows if key(r) != key(job)] + [run_worker(Path(__file__), job)]
-        print(json.dumps(rows[-1]), flush=True)
-        path.write_text(json.dumps({"rows": rows}))
+    rows = run_jobs(Path(__file__), "nf4_smollm2", todo, key)
     from lowbit.report import markdown_table
 
     methods = ["rtn", "load_in_4bit", "gptq"]
@@ -129,7 +122,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(json.loads(sys.argv[2]))))
-    else:
-        main()
+    entry(worker, main)

@@ -13,7 +13,6 @@ process, one at a time.
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibrated_smollm2 import CALIB_SAMPLES, CALIB_SEQLEN, _calib_ids  # noqa: E402
-from common import CALIB_TEXT, MODEL, RESULTS, eval_windows, peak_rss_mb, reference_logits, run_worker, write_results  # noqa: E402,E501
+from common import (CALIB_TEXT, MODEL, entry, eval_windows, peak_rss_mb, reference_logits, run_jobs,  # noqa: E402
+                    write_results)
 
 SETTINGS = {
     "4-bit g64 asym": dict(bits=4, group_size=64),
@@ -119,15 +119,9 @@ def jobs() -> list[dict]:
 def main() -> None:
     pick = {flag: sys.argv[sys.argv.index(flag) + 1] for flag in ("--only", "--tool") if flag in sys.argv}
     key = lambda r: (r["tool"], r["method"], r["setting"])  # noqa: E731
-    path = RESULTS / "qat_smollm2.json"
-    rows = json.loads(path.read_text())["rows"] if path.exists() else []
     todo = [] if "--render" in sys.argv else [j for j in jobs() if pick.get("--only", j["setting"]) == j["setting"]
                                               and pick.get("--tool", j["tool"]) == j["tool"]]
-    for job in todo:
-        print(f"running {job['tool']} {job['method']} {job['setting']} …", flush=True)
-        rows = [r for r in rows if key(r) != key(job)] + [run_worker(Path(__file__), job)]
-        print(json.dumps(rows[-1]), flush=True)
-        path.write_text(json.dumps({"rows": rows}))
+    rows = run_jobs(Path(__file__), "qat_smollm2", todo, key)
     from lowbit.report import markdown_table
 
     order = [key(j) for j in jobs()]
@@ -151,7 +145,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(json.loads(sys.argv[2]))))
-    else:
-        main()
+    entry(worker, main)

@@ -20,7 +20,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from lowbit import cli_mixed, cli_run
+from lowbit import cli_mixed, cli_qat, cli_run
 from lowbit.checks import check_command
 from lowbit.cli_files import cmd_export, cmd_inspect, cmd_plan
 from lowbit.cli_output import print_results, write_json
@@ -58,6 +58,33 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
                         "are kept on disk, one batch in memory at a time (default: 80%% of the RAM available)")
 
 
+def add_grid_args(q: argparse.ArgumentParser) -> None:
+    """What each quantized weight looks like (bits, groups, symmetry, code book) and which layers: shared by
+    ``quantize`` and ``qat``."""
+    q.add_argument("--bits", type=int, default=4, help="bits per weight, 2–8 (default 4)")
+    gran = q.add_mutually_exclusive_group()
+    gran.add_argument("--group-size", type=int, default=128, help="weights per scale along a row (default 128)")
+    gran.add_argument("--per-channel", action="store_true", help="one scale per output row")
+    gran.add_argument("--per-tensor", action="store_true", help="one scale for the whole tensor")
+    q.add_argument("--sym", action="store_true", help="symmetric (no zero points); default asymmetric")
+    q.add_argument("--act-bits", type=int, choices=[8], default=None,
+                   help="also quantize each layer's inputs, per token, dynamically (W8A8 with --bits 8 --per-channel "
+                        "--sym runs as an int8 GEMM); pair with --method sq or sq+gptq (SmoothQuant)")
+    q.add_argument("--codebook", choices=["nf4", "fp4"], default=None,
+                   help="4-bit code-book grid instead of integers: NF4 or FP4 as bitsandbytes/QLoRA (symmetric, "
+                        "scale = group absmax; bitsandbytes' blocks are --group-size 64)")
+    q.add_argument("--double-quant", action="store_true",
+                   help="with --codebook: store the scales in 8 bits (QLoRA's double quantization; NF4 g64: 4.127 "
+                        "instead of 4.5 bits per weight)")
+    q.add_argument("--qparams", default="minmax", choices=["minmax", "mse"], help="scale/zero choice (default minmax)")
+    q.add_argument("--zero-point", default="int", choices=["int", "float"],
+                   help="asymmetric zero points as uint8 integers (default) or float16")
+    q.add_argument("--include", action="append", default=[], metavar="GLOB", help="only quantize layers matching")
+    q.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never quantize layers matching")
+    q.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="storage dtype of the layers left in float (default float16)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs and measure what it costs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -86,28 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ: quantize columns left to right instead of by decreasing Hessian diagonal (act-order)")
     q.add_argument("--no-clip", action="store_true",
                    help="calibrated methods: keep the --qparams rule instead of the Hessian-weighted clip search")
-    q.add_argument("--bits", type=int, default=4, help="bits per weight, 2–8 (default 4)")
-    gran = q.add_mutually_exclusive_group()
-    gran.add_argument("--group-size", type=int, default=128, help="weights per scale along a row (default 128)")
-    gran.add_argument("--per-channel", action="store_true", help="one scale per output row")
-    gran.add_argument("--per-tensor", action="store_true", help="one scale for the whole tensor")
-    q.add_argument("--sym", action="store_true", help="symmetric (no zero points); default asymmetric")
-    q.add_argument("--act-bits", type=int, choices=[8], default=None,
-                   help="also quantize each layer's inputs, per token, dynamically (W8A8 with --bits 8 --per-channel "
-                        "--sym runs as an int8 GEMM); pair with --method sq or sq+gptq (SmoothQuant)")
-    q.add_argument("--codebook", choices=["nf4", "fp4"], default=None,
-                   help="4-bit code-book grid instead of integers: NF4 or FP4 as bitsandbytes/QLoRA (symmetric, "
-                        "scale = group absmax; bitsandbytes' blocks are --group-size 64)")
-    q.add_argument("--double-quant", action="store_true",
-                   help="with --codebook: store the scales in 8 bits (QLoRA's double quantization; NF4 g64: 4.127 "
-                        "instead of 4.5 bits per weight)")
-    q.add_argument("--qparams", default="minmax", choices=["minmax", "mse"], help="scale/zero choice (default minmax)")
-    q.add_argument("--zero-point", default="int", choices=["int", "float"],
-                   help="asymmetric zero points as uint8 integers (default) or float16")
-    q.add_argument("--include", action="append", default=[], metavar="GLOB", help="only quantize layers matching")
-    q.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never quantize layers matching")
-    q.add_argument("--float-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
-                   help="storage dtype of the layers left in float (default float16)")
+    add_grid_args(q)
     q.add_argument("--no-eval", action="store_true", help="skip the evaluation after quantizing")
     cli_mixed.add_mixed_args(q)
     _add_eval_args(q)
@@ -136,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     x.add_argument("--resume", action="store_true", help="GGUF: continue an interrupted export from its last block")
 
+    cli_qat.add_qat_parser(sub, add_grid_args, _add_calib_args, _add_eval_args)
     p = sub.add_parser("plan", help="memory needed per format, from a config.json alone (no weights)")
     p.add_argument("config", help="a config.json file or a model folder")
     p.add_argument("--tokens", type=int, default=4096, help="context length for the KV cache (default 4096)")
@@ -331,7 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     commands = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "plan": cmd_plan,
                 "export": cmd_export, "sensitivity": cli_mixed.cmd_sensitivity, "report": cli_mixed.cmd_report,
-                "generate": cli_run.cmd_generate, "chat": cli_run.cmd_chat}
+                "generate": cli_run.cmd_generate, "chat": cli_run.cmd_chat,
+                "qat": lambda a: cli_qat.cmd_qat(a, _recipe(a), _evaluate)}
     try:
         if getattr(args, "json_out", None):  # before any expensive work: never overwrite someone else's file
             from lowbit.formats.atomic import check_json_output
