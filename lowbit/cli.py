@@ -355,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lowbit: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # the output is only ever renamed into place when complete
-        resumable = args.command in ("quantize", "export")
+        resumable = args.command in ("quantize", "export", "qat")
         print("\nlowbit: interrupted; no output was completed" + (
             " (finished blocks are kept: run the same command with --resume to continue)" if resumable else ""),
               file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ def add_qat_parser(sub: Any, add_grid_args: Any, add_calib_args: Any, add_eval_a
     t.add_argument("model", help="model folder, .gguf file, or a named default (smollm2-135m)")
     t.add_argument("--out", required=True, help="output folder (written atomically)")
     t.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    t.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run (Ctrl-C saves OUT.qat-state.pt) with the same arguments")
     t.add_argument("--format", default="lowbit", choices=["lowbit", "compressed-tensors", "gptq", "bitsandbytes"],
                    help="checkpoint layout of --out, as for quantize (default lowbit's own)")
     t.add_argument("--init", default="gptq", choices=["rtn", "gptq", "awq", "awq+gptq", "hqq"],
@@ -54,6 +57,7 @@ def cmd_qat(args: argparse.Namespace, recipe: Any, evaluate: Any) -> int:
 
     from lowbit.calib.data import CalibConfig, calibration_ids
     from lowbit.data.text import read_text
+    from lowbit.errors import ConfigError
     from lowbit.formats.atomic import check_output
     from lowbit.formats.serving import check_recipe
     from lowbit.methods.method import MethodConfig
@@ -83,7 +87,10 @@ def cmd_qat(args: argparse.Namespace, recipe: Any, evaluate: Any) -> int:
                                 CalibConfig(max(args.steps * args.batch_size, 1), args.train_seqlen, seed=args.seed))
     log.info("QAT: %d steps × %d windows of %d tokens from %s", args.steps, args.batch_size, args.train_seqlen,
              train_source)
-    report = train_qat(student, teacher, train_ids, cfg)
+    state_file = Path(str(args.out).rstrip("/") + ".qat-state.pt")
+    if state_file.exists() and not args.resume:
+        raise ConfigError(f"{state_file} holds an interrupted run: add --resume to continue it, or delete it")
+    report = train_qat(student, teacher, train_ids, cfg, resume_file=state_file)
     out = _save(loaded, student, args)
     extra: list[tuple[str, Any]] = [("PTQ start", method.name), ("QAT", f"{len(report.losses)} steps in "
                                                                        f"{report.seconds:.0f} s ({args.loss} loss)")]

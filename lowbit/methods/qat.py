@@ -27,6 +27,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Literal
 
 import torch
@@ -112,6 +113,32 @@ def freeze_layers(student: nn.Module, layers: dict[str, LearnedLinear]) -> None:
                                              else layer.bias.detach()))
 
 
+def _save_state(path: Path, layers: dict[str, LearnedLinear], state: Progress) -> None:
+    """The trained parameters of every layer, the step, losses and optimiser state, written atomically."""
+    data = {"step": state.step, "losses": state.losses,
+            "optimiser": state.optimiser.state_dict() if state.optimiser is not None else None,
+            "layers": {name: {"w": m.w.detach(), **{f"scale{i}": p.detach() for i, p in
+                                                     enumerate(m.scale_parameters())}}
+                       for name, m in layers.items()}}
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(data, tmp)
+    tmp.replace(path)
+
+
+def _load_state(path: Path, layers: dict[str, LearnedLinear]) -> Progress:
+    data = torch.load(path, weights_only=True)
+    if sorted(data["layers"]) != sorted(layers):
+        raise ConfigError(f"{path} was saved for other layers than this model's: delete it to start over")
+    with torch.no_grad():
+        for name, m in layers.items():
+            saved = data["layers"][name]
+            for param, key in [(m.w, "w"), *((p, f"scale{i}") for i, p in enumerate(m.scale_parameters()))]:
+                if tuple(saved[key].shape) != tuple(param.shape):
+                    raise ConfigError(f"{path}: {name} has another shape than this run's: delete it to start over")
+                param.copy_(saved[key])
+    return Progress(data["step"], list(data["losses"]), data["optimiser"])
+
+
 def _loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, ids: torch.Tensor,
           kind: str) -> torch.Tensor:
     """Mean per-token KL(teacher ‖ student) or next-token cross-entropy, in float32."""
@@ -122,14 +149,26 @@ def _loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, ids
     return (target.exp() * (target - logp)).sum(-1).mean()
 
 
+@dataclass
+class Progress:
+    """Where a run is: steps done, their losses, and the optimiser (its state is what a resumed run needs)."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    optimiser_state: dict | None = None
+    optimiser: torch.optim.Optimizer | None = None
+
+
 def distill(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, cfg: QATConfig,
             weights: list[nn.Parameter], scales: list[nn.Parameter], compute_dtype: torch.dtype = torch.bfloat16,
             progress: bool = True, after_step: Callable[[], None] | None = None,
-            on_step: Callable[[int, float], None] | None = None) -> QATReport:
+            on_step: Callable[[int, float], None] | None = None, state: Progress | None = None) -> QATReport:
     """The training loop: ``cfg.steps`` Adam steps of ``cfg.loss`` on random batches of ``train_ids`` (seeded),
     training only ``weights`` (``lr``, gradient-norm clipped) and ``scales`` (``scale_lr``); ``after_step`` runs
     after each update (e.g. to clamp). Any fake-quantized model trains the same way (bench/qat_smollm2.py runs
-    torchao's through it)."""
+    torchao's through it). ``state``: continue from its step with its optimiser state (the same batches follow as
+    in an uninterrupted run), and keep it current."""
+    state = state if state is not None else Progress()
     for p in student.parameters():
         p.requires_grad_(False)
     for p in weights + scales:
@@ -142,11 +181,17 @@ def distill(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, cfg
             p.requires_grad_(False)
     optimiser = torch.optim.Adam(groups, betas=(0.9, 0.95))
     base = [g["lr"] for g in optimiser.param_groups]
+    if state.optimiser_state is not None:
+        optimiser.load_state_dict(state.optimiser_state)
+    state.optimiser = optimiser
     order = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(state.step):  # the batches the finished steps drew
+        torch.randint(0, train_ids.shape[0], (cfg.batch_size,), generator=order)
     student.eval()  # no dropout: the student learns the teacher's deterministic function (as LLM-QAT)
     teacher.eval()
-    report, start = QATReport(), time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="QAT", unit="step", disable=not progress)
+    report, start = QATReport(list(state.losses)), time.perf_counter()
+    bar = tqdm(range(state.step, cfg.steps), desc="QAT", unit="step", disable=not progress, initial=state.step,
+               total=cfg.steps)
     try:
         for step in bar:
             ids = train_ids[torch.randint(0, train_ids.shape[0], (cfg.batch_size,), generator=order)]
@@ -166,6 +211,7 @@ def distill(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, cfg
                 with torch.no_grad():
                     after_step()
             report.losses.append(float(loss.detach()))
+            state.step, state.losses = step + 1, report.losses
             bar.set_postfix_str(f"loss {report.losses[-1]:.4f}")
             if on_step is not None:
                 on_step(step, report.losses[-1])
@@ -178,12 +224,20 @@ def distill(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, cfg
 
 def train_qat(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, cfg: QATConfig,
               compute_dtype: torch.dtype = torch.bfloat16, progress: bool = True,
-              on_step: Callable[[int, float], None] | None = None) -> QATReport:
+              on_step: Callable[[int, float], None] | None = None, resume_file: Path | None = None) -> QATReport:
     """Train the quantized ``student`` (its QLinear layers, made trainable here and frozen back at the end) against
     the float ``teacher`` on windows ``train_ids [n, seqlen]``. Only the quantized layers train; embeddings, norms
-    and every float layer stay as they are (so the frozen model has exactly PTQ's layout)."""
+    and every float layer stay as they are (so the frozen model has exactly PTQ's layout).
+
+    ``resume_file``: if it exists, training continues from the state saved there (the student must be the same PTQ
+    start); if training is interrupted (Ctrl-C, an error), the state is saved there — trained parameters, step,
+    losses, optimiser — and it is deleted when training completes."""
     layers = fake_quantize_layers(student, teacher)
     lo, hi = cfg.scale_range
+    state = Progress()
+    if resume_file is not None and resume_file.exists():
+        state = _load_state(resume_file, layers)
+        log.info("QAT: resuming at step %d of %d from %s", state.step, cfg.steps, resume_file)
 
     def clamp() -> None:
         for m in layers.values():
@@ -193,9 +247,17 @@ def train_qat(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, c
     try:
         report = distill(student, teacher, train_ids, cfg, [m.w for m in layers.values()],
                          [p for m in layers.values() for p in m.scale_parameters()],
-                         compute_dtype, progress, clamp, on_step)
+                         compute_dtype, progress, clamp, on_step, state)
+    except BaseException:
+        if resume_file is not None and state.step > 0:
+            _save_state(resume_file, layers, state)
+            log.warning("QAT interrupted at step %d of %d: state saved to %s (run again with --resume)",
+                        state.step, cfg.steps, resume_file)
+        raise
     finally:
         freeze_layers(student, layers)
+    if resume_file is not None:
+        resume_file.unlink(missing_ok=True)
     record = getattr(student.config, "quantization_config", None)
     if isinstance(record, dict):  # the checkpoint says how it was trained, beside the PTQ method it started from
         record["qat"] = {**asdict(cfg), "compute_dtype": str(compute_dtype).removeprefix("torch."),

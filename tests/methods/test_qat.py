@@ -71,3 +71,31 @@ def test_training_lowers_held_out_kl_and_freezes_to_ptq_layout(arch: str, cfg: Q
     back = load_model(tmp_path / "qat").model
     with torch.no_grad():
         assert torch.equal(back(HELD_OUT).logits, student(HELD_OUT).logits)
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path) -> None:
+    """Ctrl-C at step 4 of 8 saves the trained parameters, step and optimiser; the resumed run draws the same
+    batches and ends bit for bit where an uninterrupted run ends; the state file is gone after it."""
+    cfg = QATConfig(steps=8, lr=1e-4, scale_lr=1e-2, batch_size=4)
+    plain, teacher = quantized("llama", QuantConfig(bits=3, group_size=32))
+    interrupted = copy.deepcopy(plain)
+    train_qat(plain, teacher, TRAIN, cfg, compute_dtype=torch.float32, progress=False)
+    state = tmp_path / "out.qat-state.pt"
+
+    def stop(step: int, _loss: float) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    start = copy.deepcopy(interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_qat(interrupted, teacher, TRAIN, cfg, compute_dtype=torch.float32, progress=False, on_step=stop,
+                  resume_file=state)
+    assert state.exists()
+    resumed_steps: list[int] = []
+    report = train_qat(start, teacher, TRAIN, cfg, compute_dtype=torch.float32, progress=False, resume_file=state,
+                       on_step=lambda step, _loss: resumed_steps.append(step))
+    assert resumed_steps == [4, 5, 6, 7] and len(report.losses) == 8 and not state.exists()
+    a, b = codes(plain), codes(start)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    with torch.no_grad():
+        assert torch.equal(plain(HELD_OUT).logits, start(HELD_OUT).logits)
