@@ -159,7 +159,7 @@ class Progress:
     optimiser: torch.optim.Optimizer | None = None
 
 
-def distill(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, cfg: QATConfig,
+def distill(student: nn.Module, teacher: nn.Module | None, train_ids: torch.Tensor, cfg: QATConfig,
             weights: list[nn.Parameter], scales: list[nn.Parameter], compute_dtype: torch.dtype = torch.bfloat16,
             progress: bool = True, after_step: Callable[[], None] | None = None,
             on_step: Callable[[int, float], None] | None = None, state: Progress | None = None) -> QATReport:
@@ -167,7 +167,7 @@ def distill(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, cfg
     training only ``weights`` (``lr``, gradient-norm clipped) and ``scales`` (``scale_lr``); ``after_step`` runs
     after each update (e.g. to clamp). Any fake-quantized model trains the same way (bench/qat_smollm2.py runs
     torchao's through it). ``state``: continue from its step with its optimiser state (the same batches follow as
-    in an uninterrupted run), and keep it current."""
+    in an uninterrupted run), and keep it current. ``teacher`` may be None with ``loss="ce"``."""
     state = state if state is not None else Progress()
     for p in student.parameters():
         p.requires_grad_(False)
@@ -187,8 +187,11 @@ def distill(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, cfg
     order = torch.Generator().manual_seed(cfg.seed)
     for _ in range(state.step):  # the batches the finished steps drew
         torch.randint(0, train_ids.shape[0], (cfg.batch_size,), generator=order)
+    if teacher is None and cfg.loss == "kl":
+        raise ConfigError("distillation (loss kl) needs the float teacher model")
     student.eval()  # no dropout: the student learns the teacher's deterministic function (as LLM-QAT)
-    teacher.eval()
+    if teacher is not None:
+        teacher.eval()
     report, start = QATReport(list(state.losses)), time.perf_counter()
     bar = tqdm(range(state.step, cfg.steps), desc="QAT", unit="step", disable=not progress, initial=state.step,
                total=cfg.steps)
