@@ -70,7 +70,7 @@ def check_command(args: Any) -> None:
     from lowbit.data.text import read_text
     from lowbit.model.loading import resolve_source
 
-    for attr, split in (("text", "eval"), ("calib", "calib"), ("train", "calib")):
+    for attr, split in (("text", "eval"), ("calib", "calib"), ("train", "calib"), ("eval_text", "eval")):
         if getattr(args, attr, None):
             read_text(getattr(args, attr), split)
     models = [getattr(args, a) for a in ("model", "compare_to") if getattr(args, a, None)]
@@ -91,7 +91,7 @@ def check_command(args: Any) -> None:
 
 def _reads_text(args: Any) -> bool:
     """Whether the command tokenizes text: evaluation, calibration, sensitivity (not a data-free --no-eval run)."""
-    if args.command in ("eval", "sensitivity", "report", "generate", "chat", "qat"):
+    if args.command in ("eval", "sensitivity", "report", "generate", "chat", "qat", "finetune", "merge"):
         return True
     if args.command != "quantize":
         return False

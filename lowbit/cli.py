@@ -20,7 +20,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from lowbit import cli_mixed, cli_qat, cli_run
+from lowbit import cli_lora, cli_mixed, cli_qat, cli_run
 from lowbit.checks import check_command
 from lowbit.cli_files import cmd_export, cmd_inspect, cmd_plan
 from lowbit.cli_output import print_results, write_json
@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--resume", action="store_true", help="GGUF: continue an interrupted export from its last block")
 
     cli_qat.add_qat_parser(sub, add_grid_args, _add_calib_args, _add_eval_args)
+    cli_lora.add_lora_parsers(sub, add_grid_args, _add_calib_args)
     p = sub.add_parser("plan", help="memory needed per format, from a config.json alone (no weights)")
     p.add_argument("config", help="a config.json file or a model folder")
     p.add_argument("--tokens", type=int, default=4096, help="context length for the KV cache (default 4096)")
@@ -339,7 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect, "plan": cmd_plan,
                 "export": cmd_export, "sensitivity": cli_mixed.cmd_sensitivity, "report": cli_mixed.cmd_report,
                 "generate": cli_run.cmd_generate, "chat": cli_run.cmd_chat,
-                "qat": lambda a: cli_qat.cmd_qat(a, _recipe(a), _evaluate)}
+                "qat": lambda a: cli_qat.cmd_qat(a, _recipe(a), _evaluate), "finetune": cli_lora.cmd_finetune,
+                "merge": lambda a: cli_lora.cmd_merge(a, _recipe(a))}
     try:
         if getattr(args, "json_out", None):  # before any expensive work: never overwrite someone else's file
             from lowbit.formats.atomic import check_json_output

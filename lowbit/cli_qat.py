@@ -91,7 +91,7 @@ def cmd_qat(args: argparse.Namespace, recipe: Any, evaluate: Any) -> int:
     if state_file.exists() and not args.resume:
         raise ConfigError(f"{state_file} holds an interrupted run: add --resume to continue it, or delete it")
     report = train_qat(student, teacher, train_ids, cfg, resume_file=state_file)
-    out = _save(loaded, student, args)
+    out = save_model(loaded, student, args)
     extra: list[tuple[str, Any]] = [("PTQ start", method.name), ("QAT", f"{len(report.losses)} steps in "
                                                                        f"{report.seconds:.0f} s ({args.loss} loss)")]
     if report.losses:
@@ -106,7 +106,8 @@ def cmd_qat(args: argparse.Namespace, recipe: Any, evaluate: Any) -> int:
     return 0
 
 
-def _save(loaded: Any, student: Any, args: argparse.Namespace) -> Any:
+def save_model(loaded: Any, student: Any, args: argparse.Namespace) -> Any:
+    """Write a quantized model held in memory as ``args.format`` to ``args.out`` (atomically)."""
     from lowbit.formats.native import save_quantized
     from lowbit.formats.serving_sink import export_serving
 

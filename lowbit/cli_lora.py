@@ -1,0 +1,148 @@
+"""``lowbit finetune`` (LoRA adapters on a quantized base) and ``lowbit merge`` (adapter into the base, then
+re-quantized by any method).
+
+    lowbit finetune BASE --train FILE --out ADAPTER_DIR [--lora-rank 16 --lora-alpha 32 --lora-targets q_proj,…]
+                    [--steps 200 --lr 2e-4 --batch-size 4 --train-seqlen 512] [--eval FILE]
+    lowbit merge BASE ADAPTER_DIR --out DIR [--method gptq|awq|rtn …] [--calib FILE] [grid options] [--format …]
+
+``--train``/``--eval``/``--calib`` take plain UTF-8 text or JSONL, one ``{"text": …}`` or ``{"messages": […]}``
+(rendered with the tokenizer's chat template) per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def add_lora_parsers(sub: Any, add_grid_args: Any, add_calib_args: Any) -> None:
+    f = sub.add_parser("finetune", help="train LoRA adapters on a frozen quantized base (QLoRA)")
+    f.add_argument("model", help="a quantized model folder (lowbit, compressed-tensors, GPTQ, bitsandbytes)")
+    f.add_argument("--train", required=True, help="training text: UTF-8 text or JSONL ({\"text\"} / {\"messages\"})")
+    f.add_argument("--eval", dest="eval_text", help="held-out text (same formats): its loss before and after")
+    f.add_argument("--out", required=True, help="adapter folder (peft's LoRA format)")
+    f.add_argument("--lora-rank", type=int, default=16, help="adapter rank r (default 16)")
+    f.add_argument("--lora-alpha", type=float, default=32.0, help="adapter scale α (update × α/r; default 32)")
+    f.add_argument("--lora-targets", default="", help="comma-separated layer names to adapt (default: all quantized)")
+    f.add_argument("--steps", type=int, default=200, help="optimiser steps (default 200)")
+    f.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default 2e-4)")
+    f.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
+    f.add_argument("--train-seqlen", type=int, default=512, help="tokens per window (default 512)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the windows and the adapter init (default 0)")
+    m = sub.add_parser("merge", help="merge a LoRA adapter into its quantized base and quantize the result again")
+    m.add_argument("model", help="the quantized base the adapter was trained on")
+    m.add_argument("adapter", help="the adapter folder (lowbit finetune --out, or any peft LoRA of those layers)")
+    m.add_argument("--out", required=True, help="output folder (written atomically)")
+    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    m.add_argument("--format", default="lowbit", choices=["lowbit", "compressed-tensors", "gptq", "bitsandbytes"],
+                   help="checkpoint layout of --out (default lowbit's own)")
+    m.add_argument("--method", default="gptq", choices=["rtn", "gptq", "awq", "awq+gptq", "hqq"],
+                   help="re-quantization of the merged weights (default gptq, calibrated on --calib: pass the "
+                        "fine-tune data)")
+    add_grid_args(m)
+    add_calib_args(m)
+
+
+def read_training_text(path: str, tokenizer: Any) -> str:
+    """Plain text as it is; JSONL lines of ``{"text": …}`` or ``{"messages": […]}`` (chat template) joined."""
+    from lowbit.data.text import read_text
+    from lowbit.errors import TextError
+
+    text, _ = read_text(path, "calib")
+    if not path.endswith(".jsonl"):
+        return text
+    parts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TextError(f"{path}:{number} is not JSON ({exc.msg}): one object per line") from None
+        if "text" in row:
+            parts.append(str(row["text"]))
+        elif "messages" in row:
+            parts.append(tokenizer.apply_chat_template(row["messages"], tokenize=False))
+        else:
+            raise TextError(f"{path}:{number}: expected a \"text\" or \"messages\" field")
+    return "\n\n".join(parts)
+
+
+def _mean_loss(model: Any, ids: Any) -> float:
+    import torch
+
+    with torch.no_grad():
+        total = 0.0
+        for row in ids:
+            logits = model(row[None]).logits[0, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(logits, row[1:]))
+    return total / len(ids)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from lowbit.calib.data import CalibConfig, calibration_ids
+    from lowbit.errors import ConfigError
+    from lowbit.methods.lora import LoRAConfig, add_lora, save_adapter, train_lora
+    from lowbit.methods.qat import QATConfig
+    from lowbit.model.loading import load_model
+    from lowbit.nn.qlinear import QLinear
+
+    loaded = load_model(args.model)
+    if not any(isinstance(m, QLinear) for m in loaded.model.modules()):
+        raise ConfigError(f"{args.model} is not quantized: QLoRA trains on a quantized base — quantize it first "
+                          "(lowbit quantize MODEL --codebook nf4 --group-size 64 --out BASE)")
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    lora = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=targets, seed=args.seed)
+    windows = CalibConfig(max(args.steps * args.batch_size, 1), args.train_seqlen, seed=args.seed)
+    train_ids = calibration_ids(loaded.tokenizer, read_training_text(args.train, loaded.tokenizer), windows)
+    held_out = None
+    if args.eval_text:
+        held_out = calibration_ids(loaded.tokenizer, read_training_text(args.eval_text, loaded.tokenizer),
+                                   CalibConfig(16, args.train_seqlen, seed=args.seed))
+        log.info("held-out loss before: %.4f", _mean_loss(loaded.model, held_out))
+    layers = add_lora(loaded.model, lora)
+    report = train_lora(loaded.model, layers, train_ids, QATConfig(steps=args.steps, lr=args.lr,
+                                                                    batch_size=args.batch_size, seed=args.seed))
+    out = save_adapter(layers, lora, args.out, str(args.model))
+    first, last = report.first_last if report.losses else (float("nan"), float("nan"))
+    print(f"wrote {out}: {len(layers)} adapted layers, {len(report.losses)} steps in {report.seconds:.0f} s, "
+          f"training loss {first:.4f} → {last:.4f}")
+    if held_out is not None:
+        print(f"held-out loss after: {_mean_loss(loaded.model, held_out):.4f}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace, recipe: Any) -> int:
+    import torch
+
+    from lowbit.calib.data import CalibConfig, calibration_ids
+    from lowbit.data.text import read_text
+    from lowbit.formats.atomic import check_output
+    from lowbit.methods.lora import load_adapter, merge_into_float
+    from lowbit.methods.method import MethodConfig
+    from lowbit.model.loading import load_model, resolve_source
+    from lowbit.quantize import quantize_model
+
+    check_output(args.out, args.overwrite, resolve_source(args.model))
+    loaded = load_model(args.model)
+    layers, _ = load_adapter(loaded.model, Path(args.adapter))
+    merge_into_float(loaded.model, layers)
+    method = MethodConfig.parse(args.method)
+    calib = CalibConfig(samples=args.calib_samples, seqlen=args.calib_seqlen or 512, seed=args.seed)
+    calib_ids = None
+    if method.needs_calibration:
+        text = read_training_text(args.calib, loaded.tokenizer) if args.calib else read_text(None, "calib")[0]
+        calib_ids = calibration_ids(loaded.tokenizer, text, calib)
+    merged_recipe = type(recipe)(recipe.default, include=tuple(layers), exclude=recipe.exclude)
+    quantize_model(loaded.model, merged_recipe, method=method, calib_ids=calib_ids, calib=calib,
+                   float_dtype=args.float_dtype, compute_dtype=torch.bfloat16)
+    from lowbit.cli_qat import save_model
+
+    out = save_model(loaded, loaded.model, args)
+    print(f"wrote {out}: {len(layers)} merged layers re-quantized with {method.name} ({recipe.default.describe()})")
+    return 0
