@@ -1,0 +1,111 @@
+"""QLoRA on SmolLM2-135M (issue 14): LoRA adapters trained on a frozen NF4 base, then merged and re-quantized.
+
+Domain: Python standard-library documentation (docstrings, lowbit's built-in text), split by *module*: training
+windows from one set of modules (lowbit's calibration list), held-out perplexity on the disjoint evaluation list
+(16 windows of 512 tokens). Rows: (a) the float model, (b) the NF4 g64 base (RTN, bitsandbytes' rounding),
+(c) base + adapter, (d) adapter merged in float and re-quantized with RTN onto the same grid (the naive merge),
+(e) merged and re-quantized with GPTQ calibrated on the fine-tune windows. Sizes are the stored tensor bytes of
+the quantized layers (+ the adapter for c). One process, one run; the training's peak RSS and step time are recorded.
+
+    python bench/qlora_smollm2.py [--steps 200]
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MODEL, peak_rss_mb, write_results  # noqa: E402
+
+GRID = dict(bits=4, symmetric=True, group_size=64, codebook="nf4")
+RANK, ALPHA, LR, BATCH, SEQLEN, HELD_OUT = 16, 32.0, 2e-4, 4, 512, 16
+
+
+def _bytes(model) -> int:
+    from lowbit.methods.lora import LoRALinear
+    from lowbit.nn.qlinear import QLinear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QLinear):
+            total += m.quantized_tensor().nbytes
+        elif isinstance(m, LoRALinear):
+            total += 4 * (m.lora_A.numel() + m.lora_B.numel())
+    return total
+
+
+def main() -> None:
+    from lowbit import QuantConfig, QuantRecipe, load_model, quantize_model
+    from lowbit.calib.data import CalibConfig, calibration_ids
+    from lowbit.data.text import default_text
+    from lowbit.eval.perplexity import EvalProtocol, evaluate
+    from lowbit.methods.lora import LoRAConfig, add_lora, merge_into_float, train_lora
+    from lowbit.methods.qat import QATConfig
+    from lowbit.report import markdown_table
+
+    steps = int(sys.argv[sys.argv.index("--steps") + 1]) if "--steps" in sys.argv else 200
+    torch.manual_seed(0)
+    loaded = load_model(MODEL)
+    tok = loaded.tokenizer
+    held_out = calibration_ids(tok, default_text("eval"), CalibConfig(HELD_OUT, SEQLEN, seed=1))
+    train_ids = calibration_ids(tok, default_text("calib"), CalibConfig(steps * BATCH, SEQLEN, seed=0))
+    protocol = EvalProtocol(seqlen=SEQLEN)
+    rows = []
+
+    def row(name: str, model, size: int | None, note: str = "") -> None:
+        ppl = evaluate(model, held_out, protocol, progress=False).perplexity
+        rows.append({"row": name, "held_out_ppl": ppl, "quantized_layer_bytes": size, "note": note})
+        print(rows[-1], flush=True)
+
+    row("(a) float", loaded.model, None)
+    base = copy.deepcopy(loaded.model)
+    recipe = QuantRecipe(QuantConfig(**GRID))
+    quantize_model(base, recipe, progress=False)
+    row("(b) NF4 g64 base (RTN)", base, _bytes(base))
+    layers = add_lora(base, LoRAConfig(rank=RANK, alpha=ALPHA))
+    rss_before = peak_rss_mb()
+    report = train_lora(base, layers, train_ids, QATConfig(steps=steps, lr=LR, batch_size=BATCH), progress=True)
+    train = {"steps": steps, "seconds": report.seconds, "step_seconds": report.seconds / max(steps, 1),
+             "loss_first_last": report.first_last, "peak_rss_mb_before_training": rss_before,
+             "peak_rss_mb_training": peak_rss_mb()}
+    print(train, flush=True)
+    row("(c) base + adapter", base, _bytes(base), f"rank {RANK}, α {ALPHA}, {steps} steps × {BATCH} × {SEQLEN}")
+    for name, method in (("(d) merged, RTN onto NF4 g64", "rtn"), ("(e) merged, GPTQ onto NF4 g64", "gptq")):
+        merged = copy.deepcopy(base)
+        merged_layers = {n: merged.get_submodule(n) for n in layers}
+        merge_into_float(merged, merged_layers)
+        start = time.perf_counter()
+        quantize_model(merged, QuantRecipe(QuantConfig(**GRID), include=tuple(layers)), method=method,
+                       calib_ids=train_ids[:128], calib=CalibConfig(128, SEQLEN), progress=False,
+                       compute_dtype=torch.bfloat16)
+        row(name, merged, _bytes(merged), f"{time.perf_counter() - start:.0f} s"
+            + (", calibrated on 128 fine-tune windows" if method == "gptq" else ""))
+    by = {r["row"][:3]: r["held_out_ppl"] for r in rows}
+    gain = by["(b)"] - by["(c)"]
+    kept = {k: (by["(b)"] - by[k]) / gain if gain else None for k in ("(d)", "(e)")}
+    table = markdown_table(["", "held-out perplexity", "quantized layers + adapter bytes", "note"],
+                           [(r["row"], r["held_out_ppl"], r["quantized_layer_bytes"], r["note"]) for r in rows])
+    summary = markdown_table(["", "value"], [
+        ("training", f"{steps} steps in {report.seconds:.0f} s ({train['step_seconds']:.2f} s/step), loss "
+                     f"{report.first_last[0]:.3f} → {report.first_last[1]:.3f}"),
+        ("peak RSS (whole process, after training)", f"{train['peak_rss_mb_training']:.0f} MB"),
+        ("share of (c)'s gain over (b) kept by (d) naive RTN merge", kept["(d)"]),
+        ("share kept by (e) GPTQ merge", kept["(e)"])])
+    intro = ("SmolLM2-135M-Instruct. Domain: Python standard-library docstrings (lowbit's built-in text), split by "
+             f"module: training windows from the calibration module list, held-out perplexity on {HELD_OUT} × "
+             f"{SEQLEN} tokens of the disjoint evaluation list. Base: NF4, blocks of 64, every decoder linear. LoRA "
+             f"on every quantized linear (rank {RANK}, α {ALPHA}), Adam lr {LR}, warm-up + cosine, bf16 autocast, "
+             "next-token loss; the base stays packed (its backward dequantizes again). The peft + bitsandbytes peer "
+             "was not run in this session.")
+    write_results("qlora_smollm2", "QLoRA on SmolLM2-135M: fine-tune on a quantized base, merge, re-quantize",
+                  intro, [("Held-out perplexity", table), ("Summary", summary)],
+                  {"rows": rows, "training": train, "kept": kept})
+
+
+if __name__ == "__main__":
+    main()
