@@ -71,6 +71,12 @@ def test_training_lowers_held_out_kl_and_freezes_to_ptq_layout(arch: str, cfg: Q
     back = load_model(tmp_path / "qat").model
     with torch.no_grad():
         assert torch.equal(back(HELD_OUT).logits, student(HELD_OUT).logits)
+    if cfg.codebook is None:  # serving formats store the QAT layers exactly as PTQ ones
+        from lowbit.formats.serving_sink import export_serving
+
+        out = export_serving(LoadedModel(student, None, "tiny", "lowbit"), "compressed-tensors", tmp_path / "ct")
+        ours, theirs = codes(student), codes(load_model(out).model)
+        assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[n], theirs[n]) for n in ours)
 
 
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path) -> None:
