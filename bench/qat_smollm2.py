@@ -7,7 +7,8 @@ top-1 vs fp32), and held-out text of another domain the training never saw — l
 (Python standard-library docstrings: technical prose and code), 10 windows of 512 tokens. Each row is a fresh
 process, one at a time.
 
-    /work/peers-venv/bin/python bench/qat_smollm2.py [--only "3-bit g64 asym"] [--tool lowbit|torchao] [--render]
+    /work/peers-venv/bin/python bench/qat_smollm2.py [--only "3-bit g64 asym"] [--tool lowbit|torchao] [--steps 300]
+                                                     [--render]
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def worker(job: dict) -> dict:
                                CalibConfig(HELD_OUT_WINDOWS, HELD_OUT_SEQLEN, seed=1))
     reference = loaded.model
     train_ids = calibration_ids(loaded.tokenizer, CALIB_TEXT.read_text(),
-                                CalibConfig(STEPS * BATCH, TRAIN_SEQLEN, seed=0))
+                                CalibConfig(max(job["steps"], 1) * BATCH, TRAIN_SEQLEN, seed=0))
     cfg = QATConfig(steps=job["steps"], batch_size=BATCH)
     if job["tool"] == "torchao":
         model, extra = _torchao(job, reference, train_ids, cfg)
@@ -106,21 +107,24 @@ def worker(job: dict) -> dict:
     return {**_evaluate(job, model, reference, windows, protocol, held_out), **extra}
 
 
-def jobs() -> list[dict]:
+def jobs(steps: int = STEPS) -> list[dict]:
     rows = []
     for setting in SETTINGS:
         rows += [{"tool": "lowbit", "method": "gptq (PTQ start)", "steps": 0, "setting": setting},
-                 {"tool": "lowbit", "method": "gptq + QAT", "steps": STEPS, "setting": setting}]
+                 {"tool": "lowbit", "method": "gptq + QAT", "steps": steps, "setting": setting}]
         if setting in ("4-bit g64 asym", "3-bit g64 asym"):
-            rows.append({"tool": "torchao", "method": "QAT (IntxFakeQuantize)", "steps": STEPS, "setting": setting})
+            rows.append({"tool": "torchao", "method": "QAT (IntxFakeQuantize)", "steps": steps, "setting": setting})
     return rows
 
 
 def main() -> None:
-    pick = {flag: sys.argv[sys.argv.index(flag) + 1] for flag in ("--only", "--tool") if flag in sys.argv}
+    pick = {flag: sys.argv[sys.argv.index(flag) + 1] for flag in ("--only", "--tool", "--steps", "--method")
+            if flag in sys.argv}
     key = lambda r: (r["tool"], r["method"], r["setting"])  # noqa: E731
-    todo = [] if "--render" in sys.argv else [j for j in jobs() if pick.get("--only", j["setting"]) == j["setting"]
-                                              and pick.get("--tool", j["tool"]) == j["tool"]]
+    todo = [] if "--render" in sys.argv else [j for j in jobs(int(pick.get("--steps", STEPS)))
+                                              if pick.get("--only", j["setting"]) == j["setting"]
+                                              and pick.get("--tool", j["tool"]) == j["tool"]
+                                              and pick.get("--method", j["method"]) == j["method"]]
     rows = run_jobs(Path(__file__), "qat_smollm2", todo, key)
     from lowbit.report import markdown_table
 
@@ -133,7 +137,7 @@ def main() -> None:
           r.get("held_out_kl"), r.get("held_out_top1"), r.get("quantize_seconds"), r.get("peak_rss_mb_total"),
           r.get("error", "")) for r in rows])
     intro = (f"SmolLM2-135M-Instruct, decoder-block linears quantized. PTQ start: lowbit GPTQ ({CALIB_SAMPLES} × "
-             f"{CALIB_SEQLEN} calibration tokens). QAT: {STEPS} Adam steps × {BATCH} windows of {TRAIN_SEQLEN} "
+             f"{CALIB_SEQLEN} calibration tokens). QAT: the table's steps of Adam × {BATCH} windows of {TRAIN_SEQLEN} "
              "tokens of wikitext2_valid_unk.txt (seed 0), KL-to-fp32 distillation, bf16 autocast, weights lr 2e-5 and "
              "scales 1e-3 with warm-up + cosine decay. torchao: its IntxFakeQuantizeConfig (asymmetric groups, "
              "dynamic min-max scales) on the same linears, trained by the same loop on the same batches (its float "
