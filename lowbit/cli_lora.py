@@ -25,7 +25,8 @@ def add_lora_parsers(sub: Any, add_grid_args: Any, add_calib_args: Any) -> None:
     f.add_argument("model", help="a quantized model folder (lowbit, compressed-tensors, GPTQ, bitsandbytes)")
     f.add_argument("--train", required=True, help="training text: UTF-8 text or JSONL ({\"text\"} / {\"messages\"})")
     f.add_argument("--eval", dest="eval_text", help="held-out text (same formats): its loss before and after")
-    f.add_argument("--out", required=True, help="adapter folder (peft's LoRA format)")
+    f.add_argument("--out", required=True, help="adapter folder (peft's LoRA format, written atomically)")
+    f.add_argument("--overwrite", action="store_true", help="replace --out if it exists (and lowbit wrote it)")
     f.add_argument("--lora-rank", type=int, default=16, help="adapter rank r (default 16)")
     f.add_argument("--lora-alpha", type=float, default=32.0, help="adapter scale α (update × α/r; default 32)")
     f.add_argument("--lora-targets", default="", help="comma-separated layer names to adapt (default: all quantized)")
@@ -87,11 +88,13 @@ def _mean_loss(model: Any, ids: Any) -> float:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from lowbit.calib.data import CalibConfig, calibration_ids
     from lowbit.errors import ConfigError
+    from lowbit.formats.atomic import check_output
     from lowbit.methods.lora import LoRAConfig, add_lora, save_adapter, train_lora
     from lowbit.methods.qat import QATConfig
-    from lowbit.model.loading import load_model
+    from lowbit.model.loading import load_model, resolve_source
     from lowbit.nn.qlinear import QLinear
 
+    check_output(args.out, args.overwrite, resolve_source(args.model))  # before training, not after
     loaded = load_model(args.model)
     if not any(isinstance(m, QLinear) for m in loaded.model.modules()):
         raise ConfigError(f"{args.model} is not quantized: QLoRA trains on a quantized base — quantize it first "
@@ -108,7 +111,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     layers = add_lora(loaded.model, lora)
     report = train_lora(loaded.model, layers, train_ids, QATConfig(steps=args.steps, lr=args.lr,
                                                                     batch_size=args.batch_size, seed=args.seed))
-    out = save_adapter(layers, lora, args.out, str(args.model))
+    out = save_adapter(layers, lora, args.out, str(args.model), overwrite=args.overwrite)
     first, last = report.first_last if report.losses else (float("nan"), float("nan"))
     print(f"wrote {out}: {len(layers)} adapted layers, {len(report.losses)} steps in {report.seconds:.0f} s, "
           f"training loss {first:.4f} → {last:.4f}")
@@ -133,12 +136,16 @@ def cmd_merge(args: argparse.Namespace, recipe: Any) -> int:
     layers, _ = load_adapter(loaded.model, Path(args.adapter))
     merge_into_float(loaded.model, layers)
     method = MethodConfig.parse(args.method)
+    merged_recipe = type(recipe)(recipe.default, include=tuple(layers), exclude=recipe.exclude)
+    if args.format != "lowbit":  # the format can store the re-quantized layers: checked before quantizing
+        from lowbit.formats.serving import check_recipe
+
+        check_recipe(loaded.model, merged_recipe, args.format, method)
     calib = CalibConfig(samples=args.calib_samples, seqlen=args.calib_seqlen or 512, seed=args.seed)
     calib_ids = None
     if method.needs_calibration:
         text = read_training_text(args.calib, loaded.tokenizer) if args.calib else read_text(None, "calib")[0]
         calib_ids = calibration_ids(loaded.tokenizer, text, calib)
-    merged_recipe = type(recipe)(recipe.default, include=tuple(layers), exclude=recipe.exclude)
     quantize_model(loaded.model, merged_recipe, method=method, calib_ids=calib_ids, calib=calib,
                    float_dtype=args.float_dtype, compute_dtype=torch.bfloat16)
     from lowbit.cli_qat import save_model

@@ -152,8 +152,10 @@ def train_lora(model: nn.Module, layers: dict[str, LoRALinear], train_ids: torch
                    on_step=on_step)
 
 
-def save_adapter(layers: dict[str, LoRALinear], cfg: LoRAConfig, out: str | Path, base_model: str = "") -> Path:
-    """Write the adapters as a peft LoRA adapter folder (atomically)."""
+def save_adapter(layers: dict[str, LoRALinear], cfg: LoRAConfig, out: str | Path, base_model: str = "",
+                 overwrite: bool = False) -> Path:
+    """Write the adapters as a peft LoRA adapter folder (atomically; an existing ``out`` only with ``overwrite``,
+    and only if lowbit wrote it)."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -166,7 +168,7 @@ def save_adapter(layers: dict[str, LoRALinear], cfg: LoRAConfig, out: str | Path
     for name, layer in layers.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().float().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().float().contiguous()
-    with atomic_folder(out, overwrite=True) as tmp:
+    with atomic_folder(out, overwrite) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return Path(out)
