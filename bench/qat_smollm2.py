@@ -7,7 +7,7 @@ top-1 vs fp32), and held-out text of another domain the training never saw — l
 (Python standard-library docstrings: technical prose and code), 10 windows of 512 tokens. Each row is a fresh
 process, one at a time.
 
-    /work/peers-venv/bin/python bench/qat_smollm2.py [--only "3-bit g64 asym"] [--tool lowbit|torchao] [--steps 300]
+    /work/peers-venv/bin/python bench/qat_smollm2.py [--only "3-bit g64 asym"] [--tool lowbit|torchao] [--steps 300] [--lr 2e-5]
                                                      [--render]
 """
 
@@ -30,7 +30,8 @@ SETTINGS = {
     "3-bit g64 asym": dict(bits=3, group_size=64),
     "nf4 g64 dq": dict(bits=4, symmetric=True, group_size=64, codebook="nf4", double_quant=True),
 }
-STEPS, BATCH, TRAIN_SEQLEN = 300, 4, 512
+STEPS, BATCH, TRAIN_SEQLEN, LR = 300, 4, 512, 2e-5
+CACHE = Path("/tmp/lowbit-bench-qat")  # the GPTQ starts, computed once per setting (scratch, never committed)
 HELD_OUT_WINDOWS, HELD_OUT_SEQLEN = 10, 512
 
 
@@ -76,9 +77,33 @@ def _torchao(job: dict, reference, train_ids: torch.Tensor, cfg) -> tuple[object
     return model, {"quantize_seconds": report.seconds, "loss_first_last": report.first_last}
 
 
+def _gptq_start(loaded, setting: str) -> tuple[object, dict]:
+    """The GPTQ start of ``setting`` (from the scratch cache when an earlier row computed it: same inputs, same
+    codes) and the seconds its GPTQ took."""
+    import json
+
+    from lowbit import QuantConfig, QuantRecipe, load_model, quantize_model
+    from lowbit.calib.data import CalibConfig
+    from lowbit.formats.native import save_quantized
+
+    folder = CACHE / setting.replace(" ", "_")
+    if (folder / "config.json").is_file():
+        return load_model(folder).model, json.loads((CACHE / f"{folder.name}.json").read_text())
+    model = copy.deepcopy(loaded.model)
+    start = time.perf_counter()
+    quantize_model(model, QuantRecipe(QuantConfig(**SETTINGS[setting])), method="gptq",
+                   calib_ids=_calib_ids(loaded.tokenizer), calib=CalibConfig(CALIB_SAMPLES, CALIB_SEQLEN, seed=0),
+                   progress=False, compute_dtype=torch.bfloat16)
+    extra = {"ptq_seconds": time.perf_counter() - start}
+    CACHE.mkdir(exist_ok=True)
+    save_quantized(type(loaded)(model, loaded.tokenizer, loaded.source, "lowbit"), folder, overwrite=True)
+    (CACHE / f"{folder.name}.json").write_text(json.dumps(extra))
+    return model, extra
+
+
 def worker(job: dict) -> dict:
     torch.manual_seed(0)
-    from lowbit import QuantConfig, QuantRecipe, load_model, quantize_model
+    from lowbit import load_model
     from lowbit.calib.data import CalibConfig, calibration_ids
     from lowbit.data.text import default_text
     from lowbit.methods.qat import QATConfig, train_qat
@@ -90,56 +115,53 @@ def worker(job: dict) -> dict:
     reference = loaded.model
     train_ids = calibration_ids(loaded.tokenizer, CALIB_TEXT.read_text(),
                                 CalibConfig(max(job["steps"], 1) * BATCH, TRAIN_SEQLEN, seed=0))
-    cfg = QATConfig(steps=job["steps"], batch_size=BATCH)
+    cfg = QATConfig(steps=job["steps"], batch_size=BATCH, lr=job.get("lr", LR))
     if job["tool"] == "torchao":
         model, extra = _torchao(job, reference, train_ids, cfg)
         return {**_evaluate(job, model, reference, windows, protocol, held_out), **extra}
-    model = copy.deepcopy(reference)
-    start = time.perf_counter()
-    quantize_model(model, QuantRecipe(QuantConfig(**SETTINGS[job["setting"]])), method="gptq",
-                   calib_ids=_calib_ids(loaded.tokenizer), calib=CalibConfig(CALIB_SAMPLES, CALIB_SEQLEN, seed=0),
-                   progress=False, compute_dtype=torch.bfloat16)
-    ptq_seconds = time.perf_counter() - start
-    extra = {"ptq_seconds": ptq_seconds}
+    model, extra = _gptq_start(loaded, job["setting"])
     if job["steps"]:
         report = train_qat(model, reference, train_ids, cfg, progress=False)
         extra |= {"quantize_seconds": report.seconds, "loss_first_last": report.first_last}
     return {**_evaluate(job, model, reference, windows, protocol, held_out), **extra}
 
 
-def jobs(steps: int = STEPS) -> list[dict]:
+def jobs(steps: int = STEPS, lr: float = LR) -> list[dict]:
     rows = []
     for setting in SETTINGS:
-        rows += [{"tool": "lowbit", "method": "gptq (PTQ start)", "steps": 0, "setting": setting},
-                 {"tool": "lowbit", "method": "gptq + QAT", "steps": steps, "setting": setting}]
+        rows += [{"tool": "lowbit", "method": "gptq (PTQ start)", "steps": 0, "setting": setting, "lr": 0.0},
+                 {"tool": "lowbit", "method": "gptq + QAT", "steps": steps, "setting": setting, "lr": lr}]
         if setting in ("4-bit g64 asym", "3-bit g64 asym"):
-            rows.append({"tool": "torchao", "method": "QAT (IntxFakeQuantize)", "steps": steps, "setting": setting})
+            rows += [{"tool": "torchao", "method": "QAT (IntxFakeQuantize)", "steps": n, "setting": setting,
+                      "lr": lr if n else 0.0} for n in (0, steps)]
     return rows
 
 
 def main() -> None:
-    pick = {flag: sys.argv[sys.argv.index(flag) + 1] for flag in ("--only", "--tool", "--steps", "--method")
+    pick = {flag: sys.argv[sys.argv.index(flag) + 1] for flag in ("--only", "--tool", "--steps", "--method", "--lr")
             if flag in sys.argv}
-    key = lambda r: (r["tool"], r["method"], r["setting"])  # noqa: E731
-    todo = [] if "--render" in sys.argv else [j for j in jobs(int(pick.get("--steps", STEPS)))
+    key = lambda r: (r["tool"], r["method"], r["setting"], r["steps"], r.get("lr", LR))  # noqa: E731
+    todo = [] if "--render" in sys.argv else [j for j in jobs(int(pick.get("--steps", STEPS)),
+                                                               float(pick.get("--lr", LR)))
                                               if pick.get("--only", j["setting"]) == j["setting"]
                                               and pick.get("--tool", j["tool"]) == j["tool"]
                                               and pick.get("--method", j["method"]) == j["method"]]
     rows = run_jobs(Path(__file__), "qat_smollm2", todo, key)
     from lowbit.report import markdown_table
 
-    order = [key(j) for j in jobs()]
-    rows.sort(key=lambda r: order.index(key(r)) if key(r) in order else 99)
+    order = [(j["setting"], j["tool"], j["method"]) for j in jobs()]
+    rows.sort(key=lambda r: (order.index((r["setting"], r["tool"], r["method"])), r["steps"], r.get("lr", LR)))
     table = markdown_table(
-        ["setting", "tool", "method", "steps", "perplexity", "KL (nats/token)", "top-1", "held-out KL",
+        ["setting", "tool", "method", "steps", "weight lr", "perplexity", "KL (nats/token)", "top-1", "held-out KL",
          "held-out top-1", "train s", "peak RSS MB", "note"],
-        [(r["setting"], r["tool"], r["method"], r["steps"], r.get("perplexity"), r.get("kl"), r.get("top1"),
+        [(r["setting"], r["tool"], r["method"], r["steps"], r.get("lr", LR) if r["steps"] else "—",
+          r.get("perplexity"), r.get("kl"), r.get("top1"),
           r.get("held_out_kl"), r.get("held_out_top1"), r.get("quantize_seconds"), r.get("peak_rss_mb_total"),
           r.get("error", "")) for r in rows])
     intro = (f"SmolLM2-135M-Instruct, decoder-block linears quantized. PTQ start: lowbit GPTQ ({CALIB_SAMPLES} × "
              f"{CALIB_SEQLEN} calibration tokens). QAT: the table's steps of Adam × {BATCH} windows of {TRAIN_SEQLEN} "
-             "tokens of wikitext2_valid_unk.txt (seed 0), KL-to-fp32 distillation, bf16 autocast, weights lr 2e-5 and "
-             "scales 1e-3 with warm-up + cosine decay. torchao: its IntxFakeQuantizeConfig (asymmetric groups, "
+             "tokens of wikitext2_valid_unk.txt (seed 0), KL-to-fp32 distillation, bf16 autocast, Adam with the "
+             "table's weight lr and scale lr 1e-3, 10 warm-up steps then cosine decay to 0. torchao: its IntxFakeQuantizeConfig (asymmetric groups, "
              "dynamic min-max scales) on the same linears, trained by the same loop on the same batches (its float "
              "weights start where PTQ's RTN would). Eval: first 20,480 tokens of wikitext2_test_joined.txt (10 × "
              "2048) and a held-out domain the training never saw (lowbit's built-in default text: Python stdlib "

@@ -4,15 +4,19 @@ Domain: Python standard-library documentation (docstrings, lowbit's built-in tex
 windows from one set of modules (lowbit's calibration list), held-out perplexity on the disjoint evaluation list
 (16 windows of 512 tokens). Rows: (a) the float model, (b) the NF4 g64 base (RTN, bitsandbytes' rounding),
 (c) base + adapter, (d) adapter merged in float and re-quantized with RTN onto the same grid (the naive merge),
-(e) merged and re-quantized with GPTQ calibrated on the fine-tune windows. Sizes are the stored tensor bytes of
-the quantized layers (+ the adapter for c). One process, one run; the training's peak RSS and step time are recorded.
+(e) merged and re-quantized with GPTQ calibrated on the fine-tune windows, (f) the same with GPTQ then learned
+rounding (signed-gradient rounding of each block against the merged float block, lowbit's ``gptq+learned``). Sizes are the stored tensor bytes of
+the quantized layers (+ the adapter for c). One process; the training's peak RSS and step time are recorded (a later run with the same --steps reuses the trained
+adapter from the scratch cache and re-evaluates every row).
 
+    python bench/qlora_smollm2.py --peer [--steps 200]   # the peft + bitsandbytes row, its own process first
     python bench/qlora_smollm2.py [--steps 200]
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -20,9 +24,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from calibrated_smollm2 import HF_FOLDER  # noqa: E402
 from common import MODEL, peak_rss_mb, write_results  # noqa: E402
 
 GRID = dict(bits=4, symmetric=True, group_size=64, codebook="nf4")
+MERGES = (("(d) merged, RTN onto NF4 g64", "rtn"), ("(e) merged, GPTQ onto NF4 g64", "gptq"),
+          ("(f) merged, GPTQ + learned rounding onto NF4 g64", "gptq+learned"))
+CACHE = Path("/tmp/lowbit-bench-qlora")  # the trained adapter, reused by a later run (scratch, never committed)
 RANK, ALPHA, LR, BATCH, SEQLEN, HELD_OUT = 16, 32.0, 2e-4, 4, 512, 16
 
 
@@ -39,16 +47,64 @@ def _bytes(model) -> int:
     return total
 
 
+def peer(steps: int) -> dict:
+    """peft LoRA (same rank, α, layers, init scheme) on transformers' bitsandbytes NF4 base (blocks of 64, bf16
+    compute), trained by lowbit's loop on the same batches; held-out perplexity, step time and peak RSS."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lowbit import load_model
+    from lowbit.calib.data import CalibConfig, calibration_ids
+    from lowbit.data.text import default_text
+    from lowbit.eval.perplexity import EvalProtocol, evaluate
+    from lowbit.methods.qat import QATConfig, distill
+
+    torch.manual_seed(0)
+    loaded = load_model(MODEL)
+    tok = loaded.tokenizer
+    if not (HF_FOLDER / "config.json").exists():
+        HF_FOLDER.mkdir(parents=True, exist_ok=True)
+        loaded.model.save_pretrained(HF_FOLDER)
+        tok.save_pretrained(HF_FOLDER)
+    held_out = calibration_ids(tok, default_text("eval"), CalibConfig(HELD_OUT, SEQLEN, seed=1))
+    train_ids = calibration_ids(tok, default_text("calib"), CalibConfig(steps * BATCH, SEQLEN, seed=0))
+    del loaded
+    model = AutoModelForCausalLM.from_pretrained(
+        HF_FOLDER, dtype=torch.float32, device_map="cpu",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.bfloat16))
+    protocol = EvalProtocol(seqlen=SEQLEN)
+    base_ppl = evaluate(model, held_out, protocol, progress=False).perplexity
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, lora_dropout=0.0,
+                                             bias="none", task_type="CAUSAL_LM"))
+    params = [p for name, p in model.named_parameters() if "lora_" in name]
+    rss_before = peak_rss_mb()
+    report = distill(model, None, train_ids, QATConfig(steps=steps, lr=LR, batch_size=BATCH, loss="ce"), params, [],
+                     torch.bfloat16)
+    return {"steps": steps, "base_ppl": base_ppl, "adapted_ppl": evaluate(model, held_out, protocol,
+                                                                          progress=False).perplexity,
+            "seconds": report.seconds, "step_seconds": report.seconds / max(steps, 1),
+            "loss_first_last": report.first_last, "peak_rss_mb_before_training": rss_before,
+            "peak_rss_mb_training": peak_rss_mb()}
+
+
 def main() -> None:
     from lowbit import QuantConfig, QuantRecipe, load_model, quantize_model
     from lowbit.calib.data import CalibConfig, calibration_ids
     from lowbit.data.text import default_text
     from lowbit.eval.perplexity import EvalProtocol, evaluate
-    from lowbit.methods.lora import LoRAConfig, add_lora, merge_into_float, train_lora
+    from lowbit.methods.lora import LoRAConfig, add_lora, load_adapter, merge_into_float, save_adapter, train_lora
     from lowbit.methods.qat import QATConfig
     from lowbit.report import markdown_table
 
     steps = int(sys.argv[sys.argv.index("--steps") + 1]) if "--steps" in sys.argv else 200
+    CACHE.mkdir(parents=True, exist_ok=True)
+    if "--peer" in sys.argv:  # its own process (its own peak RSS); main() puts its row in the table
+        result = peer(steps)
+        print(result)
+        (CACHE / f"peer-{steps}.json").write_text(json.dumps(result))
+        return
     torch.manual_seed(0)
     loaded = load_model(MODEL)
     tok = loaded.tokenizer
@@ -67,15 +123,22 @@ def main() -> None:
     recipe = QuantRecipe(QuantConfig(**GRID))
     quantize_model(base, recipe, progress=False)
     row("(b) NF4 g64 base (RTN)", base, _bytes(base))
-    layers = add_lora(base, LoRAConfig(rank=RANK, alpha=ALPHA))
-    rss_before = peak_rss_mb()
-    report = train_lora(base, layers, train_ids, QATConfig(steps=steps, lr=LR, batch_size=BATCH), progress=True)
-    train = {"steps": steps, "seconds": report.seconds, "step_seconds": report.seconds / max(steps, 1),
-             "loss_first_last": report.first_last, "peak_rss_mb_before_training": rss_before,
-             "peak_rss_mb_training": peak_rss_mb()}
+    cached = CACHE / f"adapter-{steps}"
+    if (cached / "adapter_model.safetensors").is_file() and (CACHE / f"train-{steps}.json").is_file():
+        layers, _ = load_adapter(base, cached)  # this script's own adapter of an earlier run (same seed, steps)
+        train = json.loads((CACHE / f"train-{steps}.json").read_text())
+    else:
+        layers = add_lora(base, LoRAConfig(rank=RANK, alpha=ALPHA))
+        rss_before = peak_rss_mb()
+        report = train_lora(base, layers, train_ids, QATConfig(steps=steps, lr=LR, batch_size=BATCH), progress=True)
+        train = {"steps": steps, "seconds": report.seconds, "step_seconds": report.seconds / max(steps, 1),
+                 "loss_first_last": report.first_last, "peak_rss_mb_before_training": rss_before,
+                 "peak_rss_mb_training": peak_rss_mb()}
+        save_adapter(layers, LoRAConfig(rank=RANK, alpha=ALPHA), cached, overwrite=True)
+        (CACHE / f"train-{steps}.json").write_text(json.dumps(train))
     print(train, flush=True)
     row("(c) base + adapter", base, _bytes(base), f"rank {RANK}, α {ALPHA}, {steps} steps × {BATCH} × {SEQLEN}")
-    for name, method in (("(d) merged, RTN onto NF4 g64", "rtn"), ("(e) merged, GPTQ onto NF4 g64", "gptq")):
+    for name, method in MERGES:
         merged = copy.deepcopy(base)
         merged_layers = {n: merged.get_submodule(n) for n in layers}
         merge_into_float(merged, merged_layers)
@@ -84,27 +147,36 @@ def main() -> None:
                        calib_ids=train_ids[:128], calib=CalibConfig(128, SEQLEN), progress=False,
                        compute_dtype=torch.bfloat16)
         row(name, merged, _bytes(merged), f"{time.perf_counter() - start:.0f} s"
-            + (", calibrated on 128 fine-tune windows" if method == "gptq" else ""))
+            + (", calibrated on 128 fine-tune windows" if method != "rtn" else ""))
+    peer_row = None
+    if (CACHE / f"peer-{steps}.json").is_file():
+        peer_row = json.loads((CACHE / f"peer-{steps}.json").read_text())
+        rows.append({"row": "peer: peft LoRA on bitsandbytes NF4 (transformers)", "held_out_ppl":
+                     peer_row["adapted_ppl"], "quantized_layer_bytes": None,
+                     "note": f"base {peer_row['base_ppl']:.4f}; {peer_row['step_seconds']:.2f} s/step, peak RSS "
+                             f"{peer_row['peak_rss_mb_training']:.0f} MB"})
     by = {r["row"][:3]: r["held_out_ppl"] for r in rows}
     gain = by["(b)"] - by["(c)"]
-    kept = {k: (by["(b)"] - by[k]) / gain if gain else None for k in ("(d)", "(e)")}
+    kept = {k: (by["(b)"] - by[k]) / gain if gain else None for k in ("(d)", "(e)", "(f)")}
     table = markdown_table(["", "held-out perplexity", "quantized layers + adapter bytes", "note"],
                            [(r["row"], r["held_out_ppl"], r["quantized_layer_bytes"], r["note"]) for r in rows])
     summary = markdown_table(["", "value"], [
-        ("training", f"{steps} steps in {report.seconds:.0f} s ({train['step_seconds']:.2f} s/step), loss "
-                     f"{report.first_last[0]:.3f} → {report.first_last[1]:.3f}"),
+        ("training", f"{steps} steps in {train['seconds']:.0f} s ({train['step_seconds']:.2f} s/step), loss "
+                     f"{train['loss_first_last'][0]:.3f} → {train['loss_first_last'][1]:.3f}"),
         ("peak RSS (whole process, after training)", f"{train['peak_rss_mb_training']:.0f} MB"),
         ("share of (c)'s gain over (b) kept by (d) naive RTN merge", kept["(d)"]),
-        ("share kept by (e) GPTQ merge", kept["(e)"])])
+        ("share kept by (e) GPTQ merge", kept["(e)"]),
+        ("share kept by (f) GPTQ + learned rounding merge", kept["(f)"])])
     intro = ("SmolLM2-135M-Instruct. Domain: Python standard-library docstrings (lowbit's built-in text), split by "
              f"module: training windows from the calibration module list, held-out perplexity on {HELD_OUT} × "
              f"{SEQLEN} tokens of the disjoint evaluation list. Base: NF4, blocks of 64, every decoder linear. LoRA "
              f"on every quantized linear (rank {RANK}, α {ALPHA}), Adam lr {LR}, warm-up + cosine, bf16 autocast, "
-             "next-token loss; the base stays packed (its backward dequantizes again). The peft + bitsandbytes peer "
-             "was not run in this session.")
+             "next-token loss; the base stays packed (its backward dequantizes again). Peer (run first, in its own "
+             "process: python bench/qlora_smollm2.py --peer): peft's LoRA, same rank/α/layers, on transformers' "
+             "bitsandbytes NF4 base (bf16 compute), trained by the same loop on the same batches.")
     write_results("qlora_smollm2", "QLoRA on SmolLM2-135M: fine-tune on a quantized base, merge, re-quantize",
                   intro, [("Held-out perplexity", table), ("Summary", summary)],
-                  {"rows": rows, "training": train, "kept": kept})
+                  {"rows": rows, "training": train, "kept": kept, "peer": peer_row})
 
 
 if __name__ == "__main__":

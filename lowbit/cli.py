@@ -24,6 +24,7 @@ from lowbit import cli_lora, cli_mixed, cli_qat, cli_run
 from lowbit.checks import check_command
 from lowbit.cli_files import cmd_export, cmd_inspect, cmd_plan
 from lowbit.cli_output import print_results, write_json
+from lowbit.config import default_compute_dtype
 from lowbit.errors import LowbitError
 from lowbit.methods.method import METHOD_NAMES
 from lowbit.model.loading import resolve_source
@@ -39,8 +40,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bos", action="store_true", help="put the BOS token before every window (default: none)")
     p.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
     p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"],
-                   help="dtype of the block passes: calibration default bfloat16 (autocast matmuls; weights keep "
-                        "their precision), evaluation default float32")
+                   help="dtype of the block passes: calibration and training default bfloat16 autocast (weights "
+                        "keep their precision) on CPUs with native bf16 matmuls, float32 on others; evaluation "
+                        "default float32")
 
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
@@ -264,7 +266,8 @@ def _quantize_stream(args: argparse.Namespace, recipe: Any, method: Any, calib: 
     calib_text, calib_note = _calibration(args, method, calib)
     job = QuantizeJob(args.model, args.out, recipe=recipe, method=method, calib=calib, calib_text=calib_text,
                       max_memory=cli_mixed.max_memory_arg(args),
-                      compute_dtype=args.compute_dtype or "bfloat16", float_dtype=args.float_dtype, fmt=args.format)
+                      compute_dtype=args.compute_dtype or default_compute_dtype(), float_dtype=args.float_dtype,
+                      fmt=args.format)
     result = quantize_and_save(job, overwrite=args.overwrite, resume=args.resume)
     setting = "mixed precision" if plan else recipe.default.describe()
     log.info("quantized %d layers with %s (%s) in %.1f s", result.layers, method.name, setting, result.seconds)
@@ -302,7 +305,7 @@ def _quantize_gguf(args: argparse.Namespace) -> int:
     calib_text, calib_note = _calibration(args, method, calib)
     job = QuantizeJob(args.model, args.out, method=method, calib=calib, calib_text=calib_text, fmt="gguf",
                       max_memory=cli_mixed.max_memory_arg(args),
-                      gguf_type=args.type, compute_dtype=args.compute_dtype or "bfloat16")
+                      gguf_type=args.type, compute_dtype=args.compute_dtype or default_compute_dtype())
     result = quantize_and_save(job, overwrite=args.overwrite, resume=args.resume)
     evaluation = None if args.no_eval else _stream_eval(args, str(result.path), args.model)
     from collections import Counter

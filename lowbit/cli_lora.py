@@ -2,7 +2,8 @@
 re-quantized by any method).
 
     lowbit finetune BASE --train FILE --out ADAPTER_DIR [--lora-rank 16 --lora-alpha 32 --lora-targets q_proj,…]
-                    [--steps 200 --lr 2e-4 --batch-size 4 --train-seqlen 512] [--eval FILE]
+                    [--steps 200 --lr 2e-4 --batch-size 4 --train-seqlen 512] [--eval FILE [--eval-every N]]
+                    [--resume]
     lowbit merge BASE ADAPTER_DIR --out DIR [--method gptq|awq|rtn …] [--calib FILE] [grid options] [--format …]
 
 ``--train``/``--eval``/``--calib`` take plain UTF-8 text or JSONL, one ``{"text": …}`` or ``{"messages": […]}``
@@ -21,12 +22,18 @@ log = logging.getLogger(__name__)
 
 
 def add_lora_parsers(sub: Any, add_grid_args: Any, add_calib_args: Any) -> None:
+    from lowbit.methods.method import METHOD_NAMES
+
     f = sub.add_parser("finetune", help="train LoRA adapters on a frozen quantized base (QLoRA)")
     f.add_argument("model", help="a quantized model folder (lowbit, compressed-tensors, GPTQ, bitsandbytes)")
     f.add_argument("--train", required=True, help="training text: UTF-8 text or JSONL ({\"text\"} / {\"messages\"})")
     f.add_argument("--eval", dest="eval_text", help="held-out text (same formats): its loss before and after")
+    f.add_argument("--eval-every", type=int, default=0,
+                   help="also log the held-out loss every N steps (needs --eval; default: before and after only)")
     f.add_argument("--out", required=True, help="adapter folder (peft's LoRA format, written atomically)")
     f.add_argument("--overwrite", action="store_true", help="replace --out if it exists (and lowbit wrote it)")
+    f.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run (Ctrl-C saves OUT.lora-state.pt) with the same arguments")
     f.add_argument("--lora-rank", type=int, default=16, help="adapter rank r (default 16)")
     f.add_argument("--lora-alpha", type=float, default=32.0, help="adapter scale α (update × α/r; default 32)")
     f.add_argument("--lora-targets", default="", help="comma-separated layer names to adapt (default: all quantized)")
@@ -42,9 +49,9 @@ def add_lora_parsers(sub: Any, add_grid_args: Any, add_calib_args: Any) -> None:
     m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     m.add_argument("--format", default="lowbit", choices=["lowbit", "compressed-tensors", "gptq", "bitsandbytes"],
                    help="checkpoint layout of --out (default lowbit's own)")
-    m.add_argument("--method", default="gptq", choices=["rtn", "gptq", "awq", "awq+gptq", "hqq"],
-                   help="re-quantization of the merged weights (default gptq, calibrated on --calib: pass the "
-                        "fine-tune data)")
+    m.add_argument("--method", default="gptq", choices=[n for n in METHOD_NAMES if not n.startswith("sq")],
+                   help="re-quantization of the merged weights (default gptq; calibrated methods use --calib: pass "
+                        "the fine-tune data)")
     add_grid_args(m)
     add_calib_args(m)
 
@@ -87,6 +94,7 @@ def _mean_loss(model: Any, ids: Any) -> float:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from lowbit.calib.data import CalibConfig, calibration_ids
+    from lowbit.config import compute_dtype_of
     from lowbit.errors import ConfigError
     from lowbit.formats.atomic import check_output
     from lowbit.methods.lora import LoRAConfig, add_lora, save_adapter, train_lora
@@ -95,6 +103,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from lowbit.nn.qlinear import QLinear
 
     check_output(args.out, args.overwrite, resolve_source(args.model))  # before training, not after
+    state_file = Path(str(args.out).rstrip("/") + ".lora-state.pt")
+    if state_file.exists() and not args.resume:
+        raise ConfigError(f"{state_file} holds an interrupted run: add --resume to continue it, or delete it")
     loaded = load_model(args.model)
     if not any(isinstance(m, QLinear) for m in loaded.model.modules()):
         raise ConfigError(f"{args.model} is not quantized: QLoRA trains on a quantized base — quantize it first "
@@ -108,9 +119,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         held_out = calibration_ids(loaded.tokenizer, read_training_text(args.eval_text, loaded.tokenizer),
                                    CalibConfig(16, args.train_seqlen, seed=args.seed))
         log.info("held-out loss before: %.4f", _mean_loss(loaded.model, held_out))
+    if args.eval_every and held_out is None:
+        raise ConfigError("--eval-every needs held-out text: add --eval FILE")
     layers = add_lora(loaded.model, lora)
+
+    def periodic_eval(step: int, _loss: float) -> None:
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            log.info("held-out loss at step %d: %.4f", step + 1, _mean_loss(loaded.model, held_out))
+
     report = train_lora(loaded.model, layers, train_ids, QATConfig(steps=args.steps, lr=args.lr,
-                                                                    batch_size=args.batch_size, seed=args.seed))
+                                                                    batch_size=args.batch_size, seed=args.seed),
+                        compute_dtype=compute_dtype_of(args), on_step=periodic_eval, resume_file=state_file)
     out = save_adapter(layers, lora, args.out, str(args.model), overwrite=args.overwrite)
     first, last = report.first_last if report.losses else (float("nan"), float("nan"))
     print(f"wrote {out}: {len(layers)} adapted layers, {len(report.losses)} steps in {report.seconds:.0f} s, "
@@ -121,9 +140,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace, recipe: Any) -> int:
-    import torch
 
     from lowbit.calib.data import CalibConfig, calibration_ids
+    from lowbit.config import compute_dtype_of
     from lowbit.data.text import read_text
     from lowbit.formats.atomic import check_output
     from lowbit.methods.lora import load_adapter, merge_into_float
@@ -147,7 +166,7 @@ def cmd_merge(args: argparse.Namespace, recipe: Any) -> int:
         text = read_training_text(args.calib, loaded.tokenizer) if args.calib else read_text(None, "calib")[0]
         calib_ids = calibration_ids(loaded.tokenizer, text, calib)
     quantize_model(loaded.model, merged_recipe, method=method, calib_ids=calib_ids, calib=calib,
-                   float_dtype=args.float_dtype, compute_dtype=torch.bfloat16)
+                   float_dtype=args.float_dtype, compute_dtype=compute_dtype_of(args))
     from lowbit.cli_qat import save_model
 
     out = save_model(loaded, loaded.model, args)

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def add_qat_parser(sub: Any, add_grid_args: Any, add_calib_args: Any, add_eval_args: Any) -> None:
+    from lowbit.methods.method import METHOD_NAMES
+
     t = sub.add_parser("qat", help="quantization-aware training: PTQ start, train through the quantizer, save")
     t.add_argument("model", help="model folder, .gguf file, or a named default (smollm2-135m)")
     t.add_argument("--out", required=True, help="output folder (written atomically)")
@@ -30,7 +32,7 @@ def add_qat_parser(sub: Any, add_grid_args: Any, add_calib_args: Any, add_eval_a
                    help="continue an interrupted run (Ctrl-C saves OUT.qat-state.pt) with the same arguments")
     t.add_argument("--format", default="lowbit", choices=["lowbit", "compressed-tensors", "gptq", "bitsandbytes"],
                    help="checkpoint layout of --out, as for quantize (default lowbit's own)")
-    t.add_argument("--init", default="gptq", choices=["rtn", "gptq", "awq", "awq+gptq", "hqq"],
+    t.add_argument("--init", default="gptq", choices=[n for n in METHOD_NAMES if not n.startswith("sq")],
                    help="the PTQ method QAT starts from (default gptq)")
     t.add_argument("--train", help="training text file (UTF-8); default: lowbit's built-in calibration text")
     t.add_argument("--steps", type=int, default=300, help="optimiser steps (default 300)")
@@ -50,12 +52,12 @@ def add_qat_parser(sub: Any, add_grid_args: Any, add_calib_args: Any, add_eval_a
 def cmd_qat(args: argparse.Namespace, recipe: Any, evaluate: Any) -> int:
     """``recipe``: the grid arguments' QuantRecipe; ``evaluate(loaded, args, reference)``: the quantize command's
     evaluation (built-in or --text windows, KL against the original)."""
-    import torch
 
     from lowbit.cli_output import print_results, write_json
     from lowbit.eval.size import size_report
 
     from lowbit.calib.data import CalibConfig, calibration_ids
+    from lowbit.config import compute_dtype_of
     from lowbit.data.text import read_text
     from lowbit.errors import ConfigError
     from lowbit.formats.atomic import check_output
@@ -81,7 +83,7 @@ def cmd_qat(args: argparse.Namespace, recipe: Any, evaluate: Any) -> int:
         log.info("PTQ start (%s): calibration %s from %s", method.name, calib.describe(), source)
         calib_ids = calibration_ids(loaded.tokenizer, text, calib)
     quantize_model(student, recipe, method=method, calib_ids=calib_ids, calib=calib, float_dtype=args.float_dtype,
-                   compute_dtype=torch.bfloat16)
+                   compute_dtype=compute_dtype_of(args))
     train_text, train_source = read_text(args.train, "calib")
     train_ids = calibration_ids(loaded.tokenizer, train_text,
                                 CalibConfig(max(args.steps * args.batch_size, 1), args.train_seqlen, seed=args.seed))
@@ -90,7 +92,8 @@ def cmd_qat(args: argparse.Namespace, recipe: Any, evaluate: Any) -> int:
     state_file = Path(str(args.out).rstrip("/") + ".qat-state.pt")
     if state_file.exists() and not args.resume:
         raise ConfigError(f"{state_file} holds an interrupted run: add --resume to continue it, or delete it")
-    report = train_qat(student, teacher, train_ids, cfg, resume_file=state_file)
+    report = train_qat(student, teacher, train_ids, cfg, compute_dtype=compute_dtype_of(args),
+                       resume_file=state_file)
     out = save_model(loaded, student, args)
     extra: list[tuple[str, Any]] = [("PTQ start", method.name), ("QAT", f"{len(report.losses)} steps in "
                                                                        f"{report.seconds:.0f} s ({args.loss} loss)")]

@@ -19,6 +19,7 @@ granularity      scales / zeros shape        one (scale, zero) for
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -32,8 +33,30 @@ CONFIG_VERSION = 1
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-# dtypes of block passes (calibration, evaluation): bf16 matmuls are ~2.3× faster than float32 on this CPU kind
+# dtypes of block passes (calibration, training): bf16 autocast is what makes them fast on a CPU with native bf16
+# matmuls (AVX512-BF16 / AMX: ~2.3× float32 measured), and what makes them slow without (AVX2: bf16 is emulated,
+# ~7× *slower* than float32 measured) — hence default_compute_dtype()
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matmuls natively (oneDNN's check: AVX512 with BF16 instructions, or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def default_compute_dtype() -> str:
+    """The block passes' default dtype (a ``COMPUTE_DTYPES`` key): ``bfloat16`` autocast where the CPU has native
+    bf16 matmuls, else ``float32`` (emulated bf16 is several times slower than float32, and no more accurate)."""
+    return "bfloat16" if native_bf16() else "float32"
+
+
+def compute_dtype_of(args: object) -> torch.dtype:
+    """The ``--compute-dtype`` of parsed command-line ``args`` (absent or None: :func:`default_compute_dtype`)."""
+    return COMPUTE_DTYPES[getattr(args, "compute_dtype", None) or default_compute_dtype()]
 
 
 def storage_tensor(t: torch.Tensor, float_dtype: str, name: str = "") -> torch.Tensor:

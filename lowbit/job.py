@@ -35,7 +35,7 @@ import lowbit.formats  # noqa: F401  (registers the streaming readers)
 from lowbit.calib.capture import BlockInputs
 from lowbit.calib.data import CalibConfig, calibration_ids
 from lowbit.calib.spill import SPILL_FOLDER
-from lowbit.config import COMPUTE_DTYPES, FLOAT_DTYPES, QuantRecipe
+from lowbit.config import COMPUTE_DTYPES, FLOAT_DTYPES, QuantRecipe, default_compute_dtype
 from lowbit.errors import ConfigError, LowbitError
 from lowbit.formats.atomic import check_output, partial_folder, publish, remove_stale_siblings, write_json_atomic
 from lowbit.formats.native import NativeSink
@@ -70,7 +70,9 @@ class QuantizeJob:
     fmt: str = "lowbit"
     gguf_type: str = "Q4_K_M"
     gguf_overrides: tuple[tuple[str, str], ...] = ()
-    compute_dtype: str = "bfloat16"  # block passes under bf16 autocast: SmolLM2 GPTQ KL 0.1470 vs 0.1475 fp32, 1.4× faster
+    # block passes under bf16 autocast where the CPU has native bf16 (SmolLM2 GPTQ KL 0.1470 vs 0.1475 fp32, 1.4×
+    # faster there), float32 elsewhere (config.default_compute_dtype)
+    compute_dtype: str = field(default_factory=default_compute_dtype)
     float_dtype: str = "float16"
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     max_memory: int | None = None  # bytes; hidden states go to disk past it (None: 80 % of available RAM)

@@ -97,7 +97,9 @@ def test_lockstep_eval_equals_whole_model_eval(deep_folder: Path, tmp_path: Path
     assert stream.scored_tokens == whole.scored_tokens == 3 * 63
     assert stream.perplexity == pytest.approx(whole.perplexity, rel=1e-5)
     assert stream.reference_perplexity == pytest.approx(whole.reference_perplexity, rel=1e-5)
-    assert stream.kl == pytest.approx(whole.kl, rel=1e-4, abs=1e-7)
+    # float32 KL of nearly equal distributions carries ~1e-7 absolute error per token, whatever the GEMM kernels
+    # (AVX2 and AVX-512 sum in other orders): 2.3e-4 relative measured on an AVX2 CPU, < 1e-4 on AVX-512
+    assert stream.kl == pytest.approx(whole.kl, rel=1e-3, abs=1e-7)
     assert stream.kl > 1e-4  # a real difference was measured
     assert stream.top1_agreement == whole.top1_agreement
     # on disk past a (tiny) memory budget, the head walked in groups of windows: the same numbers

@@ -123,7 +123,7 @@ def test_serving_folder_streams_for_lockstep_eval(deep_folder: Path, tmp_path: P
     whole = evaluate(load_model(tmp_path / "q").model, windows, protocol, reference=load_model(deep_folder).model,
                      progress=False)
     assert stream.perplexity == pytest.approx(whole.perplexity, rel=1e-5)
-    assert stream.kl == pytest.approx(whole.kl, rel=1e-4, abs=1e-7) and stream.kl > 1e-4
+    assert stream.kl == pytest.approx(whole.kl, rel=1e-3, abs=1e-7) and stream.kl > 1e-4  # see test_job.py
 
 
 def test_unrepresentable_settings_fail_before_any_work(deep_folder: Path, tmp_path: Path) -> None:

@@ -64,6 +64,9 @@ class InputStats:
         if not self._mirrored:
             for r in range(0, self.in_features, _ROWS):  # below-diagonal blocks of row block r ← their mirror
                 self._sum[r : r + _ROWS, :r] = self._sum[:r, r : r + _ROWS].T
+                diagonal = self._sum[r : r + _ROWS, r : r + _ROWS]  # a GEMM's own xᵀx block need not be symmetric
+                rows, cols = torch.tril_indices(*diagonal.shape, offset=-1)
+                diagonal[rows, cols] = diagonal[cols, rows]
             self._mirrored = True
         return self._sum
 

@@ -139,17 +139,23 @@ def merge_into_float(model: nn.Module, layers: dict[str, LoRALinear]) -> None:
 
 
 def train_lora(model: nn.Module, layers: dict[str, LoRALinear], train_ids: torch.Tensor, cfg: Any,
-               compute_dtype: torch.dtype = torch.bfloat16, progress: bool = True, on_step: Any = None) -> Any:
+               compute_dtype: torch.dtype | None = None, progress: bool = True, on_step: Any = None,
+               resume_file: Path | None = None) -> Any:
     """Train the adapters ``layers`` of ``model`` on the next tokens of ``train_ids [n, seqlen]`` with the schedule
     of ``cfg`` (a :class:`lowbit.methods.qat.QATConfig`: steps, lr, batch size, warm-up + cosine, seed); the base
-    stays frozen. Returns the :class:`~lowbit.methods.qat.QATReport`."""
+    stays frozen. Returns the :class:`~lowbit.methods.qat.QATReport`.
+
+    ``resume_file``: an interrupted run (Ctrl-C, an error) saves the adapters, step and optimiser state there; a
+    run that finds it continues from it and ends where an uninterrupted run with the same seed ends."""
     from dataclasses import replace
 
-    from lowbit.methods.qat import distill
+    from lowbit.methods.qat import distill, resumable
 
     params = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
-    return distill(model, None, train_ids, replace(cfg, loss="ce"), params, [], compute_dtype, progress,
-                   on_step=on_step)
+    named = {name: {"lora_A": layer.lora_A, "lora_B": layer.lora_B} for name, layer in layers.items()}
+    return resumable(named, resume_file, lambda state: distill(
+        model, None, train_ids, replace(cfg, loss="ce"), params, [], compute_dtype, progress, on_step=on_step,
+        state=state), "LoRA fine-tuning")
 
 
 def save_adapter(layers: dict[str, LoRALinear], cfg: LoRAConfig, out: str | Path, base_model: str = "",

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.config import COMPUTE_DTYPES, default_compute_dtype
 from lowbit.errors import ConfigError
 from lowbit.methods.learned import LearnedLinear
 from lowbit.model.modules import set_submodule
@@ -113,30 +114,53 @@ def freeze_layers(student: nn.Module, layers: dict[str, LearnedLinear]) -> None:
                                              else layer.bias.detach()))
 
 
-def _save_state(path: Path, layers: dict[str, LearnedLinear], state: Progress) -> None:
+TrainedParameters = dict[str, dict[str, nn.Parameter]]  # layer name → parameter name → parameter
+
+
+def _save_state(path: Path, params: TrainedParameters, state: Progress) -> None:
     """The trained parameters of every layer, the step, losses and optimiser state, written atomically."""
     data = {"step": state.step, "losses": state.losses,
             "optimiser": state.optimiser.state_dict() if state.optimiser is not None else None,
-            "layers": {name: {"w": m.w.detach(), **{f"scale{i}": p.detach() for i, p in
-                                                     enumerate(m.scale_parameters())}}
-                       for name, m in layers.items()}}
+            "layers": {name: {key: p.detach() for key, p in layer.items()} for name, layer in params.items()}}
     tmp = path.with_name(path.name + ".partial")
     torch.save(data, tmp)
     tmp.replace(path)
 
 
-def _load_state(path: Path, layers: dict[str, LearnedLinear]) -> Progress:
+def _load_state(path: Path, params: TrainedParameters) -> Progress:
     data = torch.load(path, weights_only=True)
-    if sorted(data["layers"]) != sorted(layers):
-        raise ConfigError(f"{path} was saved for other layers than this model's: delete it to start over")
+    if sorted(data["layers"]) != sorted(params):
+        raise ConfigError(f"{path} was saved for other layers than this run's: delete it to start over")
     with torch.no_grad():
-        for name, m in layers.items():
+        for name, layer in params.items():
             saved = data["layers"][name]
-            for param, key in [(m.w, "w"), *((p, f"scale{i}") for i, p in enumerate(m.scale_parameters()))]:
-                if tuple(saved[key].shape) != tuple(param.shape):
-                    raise ConfigError(f"{path}: {name} has another shape than this run's: delete it to start over")
+            for key, param in layer.items():
+                if key not in saved or tuple(saved[key].shape) != tuple(param.shape):
+                    raise ConfigError(f"{path}: {name}.{key} differs from this run's: delete it to start over")
                 param.copy_(saved[key])
     return Progress(data["step"], list(data["losses"]), data["optimiser"])
+
+
+def resumable(params: TrainedParameters, resume_file: Path | None, run: Callable[[Progress], QATReport],
+              what: str = "training") -> QATReport:
+    """Run ``run(progress)`` so that an interruption can be continued: if ``resume_file`` exists, the parameters,
+    step, losses and optimiser state saved there are restored first; if the run is interrupted (Ctrl-C, an error)
+    after a step, they are saved there (atomically); it is deleted when the run completes."""
+    state = Progress()
+    if resume_file is not None and resume_file.exists():
+        state = _load_state(resume_file, params)
+        log.info("%s: resuming at step %d from %s", what, state.step, resume_file)
+    try:
+        report = run(state)
+    except BaseException:
+        if resume_file is not None and state.step > 0:
+            _save_state(resume_file, params, state)
+            log.warning("%s interrupted after step %d: state saved to %s (run again with --resume)", what,
+                        state.step, resume_file)
+        raise
+    if resume_file is not None:
+        resume_file.unlink(missing_ok=True)
+    return report
 
 
 def _loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, ids: torch.Tensor,
@@ -160,7 +184,7 @@ class Progress:
 
 
 def distill(student: nn.Module, teacher: nn.Module | None, train_ids: torch.Tensor, cfg: QATConfig,
-            weights: list[nn.Parameter], scales: list[nn.Parameter], compute_dtype: torch.dtype = torch.bfloat16,
+            weights: list[nn.Parameter], scales: list[nn.Parameter], compute_dtype: torch.dtype | None = None,
             progress: bool = True, after_step: Callable[[], None] | None = None,
             on_step: Callable[[int, float], None] | None = None, state: Progress | None = None) -> QATReport:
     """The training loop: ``cfg.steps`` Adam steps of ``cfg.loss`` on random batches of ``train_ids`` (seeded),
@@ -169,6 +193,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_ids: torch.Tens
     torchao's through it). ``state``: continue from its step with its optimiser state (the same batches follow as
     in an uninterrupted run), and keep it current. ``teacher`` may be None with ``loss="ce"``."""
     state = state if state is not None else Progress()
+    compute_dtype = compute_dtype or COMPUTE_DTYPES[default_compute_dtype()]
     for p in student.parameters():
         p.requires_grad_(False)
     for p in weights + scales:
@@ -226,7 +251,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_ids: torch.Tens
 
 
 def train_qat(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, cfg: QATConfig,
-              compute_dtype: torch.dtype = torch.bfloat16, progress: bool = True,
+              compute_dtype: torch.dtype | None = None, progress: bool = True,
               on_step: Callable[[int, float], None] | None = None, resume_file: Path | None = None) -> QATReport:
     """Train the quantized ``student`` (its QLinear layers, made trainable here and frozen back at the end) against
     the float ``teacher`` on windows ``train_ids [n, seqlen]``. Only the quantized layers train; embeddings, norms
@@ -235,32 +260,26 @@ def train_qat(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, c
     ``resume_file``: if it exists, training continues from the state saved there (the student must be the same PTQ
     start); if training is interrupted (Ctrl-C, an error), the state is saved there — trained parameters, step,
     losses, optimiser — and it is deleted when training completes."""
+    compute_dtype = compute_dtype or COMPUTE_DTYPES[default_compute_dtype()]
     layers = fake_quantize_layers(student, teacher)
     lo, hi = cfg.scale_range
-    state = Progress()
-    if resume_file is not None and resume_file.exists():
-        state = _load_state(resume_file, layers)
-        log.info("QAT: resuming at step %d of %d from %s", state.step, cfg.steps, resume_file)
+    params = {name: {"w": m.w, **{f"scale{i}": p for i, p in enumerate(m.scale_parameters())}}
+              for name, m in layers.items()}
 
     def clamp() -> None:
         for m in layers.values():
             for p in m.scale_parameters():
                 p.clamp_(lo, hi)
 
+    def run(state: Progress) -> QATReport:
+        return distill(student, teacher, train_ids, cfg, [m.w for m in layers.values()],
+                       [p for m in layers.values() for p in m.scale_parameters()],
+                       compute_dtype, progress, clamp, on_step, state)
+
     try:
-        report = distill(student, teacher, train_ids, cfg, [m.w for m in layers.values()],
-                         [p for m in layers.values() for p in m.scale_parameters()],
-                         compute_dtype, progress, clamp, on_step, state)
-    except BaseException:
-        if resume_file is not None and state.step > 0:
-            _save_state(resume_file, layers, state)
-            log.warning("QAT interrupted at step %d of %d: state saved to %s (run again with --resume)",
-                        state.step, cfg.steps, resume_file)
-        raise
+        report = resumable(params, resume_file, run, "QAT")
     finally:
         freeze_layers(student, layers)
-    if resume_file is not None:
-        resume_file.unlink(missing_ok=True)
     record = getattr(student.config, "quantization_config", None)
     if isinstance(record, dict):  # the checkpoint says how it was trained, beside the PTQ method it started from
         record["qat"] = {**asdict(cfg), "compute_dtype": str(compute_dtype).removeprefix("torch."),

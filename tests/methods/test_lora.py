@@ -96,3 +96,32 @@ def test_merge_then_requantize(method: str) -> None:
         assert (model(IDS).logits - adapted).abs().max() <= 1e-4
     quantize_model(model, QuantRecipe(CFG), method=method, calib_ids=TRAIN, progress=False)
     assert sum(isinstance(m, QLinear) for m in model.modules()) == 14
+
+
+def test_an_interrupted_fine_tune_resumes_to_the_uninterrupted_adapter(tmp_path) -> None:
+    """Ctrl-C after step 3 of 8 saves the adapters, step and optimiser state; a run with the same seed that finds
+    the state file continues at step 4 and ends with exactly the adapter of an uninterrupted run."""
+    cfg, lora = QATConfig(steps=8, lr=1e-2, batch_size=4), LoRAConfig(rank=4, alpha=8, seed=3)
+    plain = quantized_base()
+    plain_layers = add_lora(plain, lora)
+    train_lora(plain, plain_layers, TRAIN, cfg, compute_dtype=torch.float32, progress=False)
+    state = tmp_path / "adapter.lora-state.pt"
+
+    def stop(step: int, _loss: float) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    interrupted = quantized_base()
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(interrupted, add_lora(interrupted, lora), TRAIN, cfg, compute_dtype=torch.float32,
+                   progress=False, on_step=stop, resume_file=state)
+    assert state.exists()
+    resumed = quantized_base()  # a new process: fresh base, fresh adapters (same seed), state from the file
+    layers, steps = add_lora(resumed, lora), []
+    report = train_lora(resumed, layers, TRAIN, cfg, compute_dtype=torch.float32, progress=False,
+                        on_step=lambda step, _loss: steps.append(step), resume_file=state)
+    assert steps == [4, 5, 6, 7] and len(report.losses) == 8 and not state.exists()
+    for name, layer in layers.items():
+        assert torch.equal(layer.lora_A, plain_layers[name].lora_A)
+        assert torch.equal(layer.lora_B, plain_layers[name].lora_B)
+        assert not torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B))  # it trained

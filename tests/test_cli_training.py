@@ -1,0 +1,72 @@
+"""The training commands end to end on a tiny Llama with SmolLM2's tokenizer: `lowbit qat`, `lowbit finetune`
+(JSONL chat + text, periodic held-out loss, an interrupted run's state refused without --resume) and `lowbit merge`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from lowbit.cli import main
+
+TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps. " * 300
+
+
+def run(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    errors = [line for line in out.err.replace("\r", "\n").splitlines() if line.startswith("lowbit: error:")]
+    return code, out.out, errors[0] if errors else ""
+
+
+@pytest.mark.slow
+def test_qat_writes_a_trained_checkpoint_that_loads(tiny_hf_folder: Path, tmp_path: Path, capsys) -> None:
+    from lowbit.model.loading import load_model
+
+    text = tmp_path / "train.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "qat"
+    code, stdout, err = run(capsys, "qat", tiny_hf_folder, "--out", out, "--bits", "3", "--group-size", "32",
+                            "--init", "rtn", "--train", text, "--steps", "3", "--batch-size", "2",
+                            "--train-seqlen", "64", "--no-eval")
+    assert code == 0, err
+    assert "3 steps" in stdout
+    loaded = load_model(out)
+    record = loaded.model.config.quantization_config
+    assert record["qat"]["steps_run"] == 3 and record["qat"]["windows"] == [6, 64]
+
+
+@pytest.mark.slow
+def test_finetune_then_merge(tiny_hf_folder: Path, tmp_path: Path, capsys, caplog) -> None:
+    base = tmp_path / "base"
+    assert run(capsys, "quantize", tiny_hf_folder, "--out", base, "--codebook", "nf4", "--group-size", "32",
+               "--no-eval")[0] == 0
+    train = tmp_path / "train.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Count to {i}."},
+                          {"role": "assistant", "content": " ".join(str(j) for j in range(i))}]} for i in range(40)]
+    rows += [{"text": TEXT[:400]}]
+    train.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    held_out = tmp_path / "held.txt"
+    held_out.write_text(TEXT)
+    adapter = tmp_path / "adapter"
+    (tmp_path / "adapter.lora-state.pt").write_bytes(b"")  # an interrupted run's state: refused without --resume
+    code, _, err = run(capsys, "finetune", base, "--train", train, "--out", adapter, "--steps", "4")
+    assert code != 0 and "--resume" in err and not adapter.exists()
+    (tmp_path / "adapter.lora-state.pt").unlink()
+    with caplog.at_level(logging.INFO, logger="lowbit.cli_lora"):
+        code, stdout, err = run(capsys, "finetune", base, "--train", train, "--out", adapter, "--steps", "4",
+                                "--batch-size", "2", "--train-seqlen", "64", "--lr", "1e-2", "--eval", held_out,
+                                "--eval-every", "2")
+    assert code == 0, err
+    assert [r.getMessage().split(":")[0] for r in caplog.records if "held-out loss" in r.getMessage()] == [
+        "held-out loss before", "held-out loss at step 2"]
+    assert "held-out loss after" in stdout and "14 adapted layers, 4 steps" in stdout
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 16
+    merged = tmp_path / "merged"
+    code, stdout, err = run(capsys, "merge", base, adapter, "--out", merged, "--method", "rtn", "--codebook", "nf4",
+                            "--group-size", "32")
+    assert code == 0, err
+    assert "14 merged layers" in stdout and (merged / "config.json").is_file()
