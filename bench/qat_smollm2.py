@@ -7,8 +7,8 @@ top-1 vs fp32), and held-out text of another domain the training never saw — l
 (Python standard-library docstrings: technical prose and code), 10 windows of 512 tokens. Each row is a fresh
 process, one at a time.
 
-    /work/peers-venv/bin/python bench/qat_smollm2.py [--only "3-bit g64 asym"] [--tool lowbit|torchao] [--steps 300] [--lr 2e-5]
-                                                     [--render]
+    /work/peers-venv/bin/python bench/qat_smollm2.py [--only "3-bit g64 asym"] [--tool lowbit|torchao] [--steps 300]
+                                                     [--lr 2e-5] [--render]
 """
 
 from __future__ import annotations
@@ -53,8 +53,11 @@ def _evaluate(job: dict, model, reference, windows, protocol, held_out) -> dict:
 
     ev = evaluate(model, windows, protocol, reference=reference_logits(reference, windows), progress=False)
     kl_out, top1_out = _kl_top1(model, reference, held_out)
+    from lowbit.config import default_compute_dtype, native_bf16
+
     return {**job, "perplexity": ev.perplexity, "kl": ev.kl, "top1": ev.top1_agreement, "held_out_kl": kl_out,
-            "held_out_top1": top1_out, "peak_rss_mb_total": peak_rss_mb()}
+            "held_out_top1": top1_out, "peak_rss_mb_total": peak_rss_mb(), "compute_dtype": default_compute_dtype(),
+            "native_bf16": native_bf16()}
 
 
 def _torchao(job: dict, reference, train_ids: torch.Tensor, cfg) -> tuple[object, dict]:
@@ -73,7 +76,7 @@ def _torchao(job: dict, reference, train_ids: torch.Tensor, cfg) -> tuple[object
     quantize_(model, QATConfig(weight_config=weight, step="prepare"),
               filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and ".layers." in fqn)
     weights = [m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name]
-    report = distill(model, reference, train_ids, cfg, weights, [], torch.bfloat16, progress=False)
+    report = distill(model, reference, train_ids, cfg, weights, [], progress=False)
     return model, {"quantize_seconds": report.seconds, "loss_first_last": report.first_last}
 
 
@@ -84,6 +87,7 @@ def _gptq_start(loaded, setting: str) -> tuple[object, dict]:
 
     from lowbit import QuantConfig, QuantRecipe, load_model, quantize_model
     from lowbit.calib.data import CalibConfig
+    from lowbit.config import COMPUTE_DTYPES, default_compute_dtype
     from lowbit.formats.native import save_quantized
 
     folder = CACHE / setting.replace(" ", "_")
@@ -93,7 +97,7 @@ def _gptq_start(loaded, setting: str) -> tuple[object, dict]:
     start = time.perf_counter()
     quantize_model(model, QuantRecipe(QuantConfig(**SETTINGS[setting])), method="gptq",
                    calib_ids=_calib_ids(loaded.tokenizer), calib=CalibConfig(CALIB_SAMPLES, CALIB_SEQLEN, seed=0),
-                   progress=False, compute_dtype=torch.bfloat16)
+                   progress=False, compute_dtype=COMPUTE_DTYPES[default_compute_dtype()])
     extra = {"ptq_seconds": time.perf_counter() - start}
     CACHE.mkdir(exist_ok=True)
     save_quantized(type(loaded)(model, loaded.tokenizer, loaded.source, "lowbit"), folder, overwrite=True)
@@ -152,20 +156,23 @@ def main() -> None:
     order = [(j["setting"], j["tool"], j["method"]) for j in jobs()]
     rows.sort(key=lambda r: (order.index((r["setting"], r["tool"], r["method"])), r["steps"], r.get("lr", LR)))
     table = markdown_table(
-        ["setting", "tool", "method", "steps", "weight lr", "perplexity", "KL (nats/token)", "top-1", "held-out KL",
-         "held-out top-1", "train s", "peak RSS MB", "note"],
+        ["setting", "tool", "method", "steps", "weight lr", "compute", "perplexity", "KL (nats/token)", "top-1",
+         "held-out KL", "held-out top-1", "train s", "peak RSS MB", "note"],
         [(r["setting"], r["tool"], r["method"], r["steps"], r.get("lr", LR) if r["steps"] else "—",
-          r.get("perplexity"), r.get("kl"), r.get("top1"),
+          r.get("compute_dtype"), r.get("perplexity"), r.get("kl"), r.get("top1"),
           r.get("held_out_kl"), r.get("held_out_top1"), r.get("quantize_seconds"), r.get("peak_rss_mb_total"),
           r.get("error", "")) for r in rows])
     intro = (f"SmolLM2-135M-Instruct, decoder-block linears quantized. PTQ start: lowbit GPTQ ({CALIB_SAMPLES} × "
              f"{CALIB_SEQLEN} calibration tokens). QAT: the table's steps of Adam × {BATCH} windows of {TRAIN_SEQLEN} "
-             "tokens of wikitext2_valid_unk.txt (seed 0), KL-to-fp32 distillation, bf16 autocast, Adam with the "
-             "table's weight lr and scale lr 1e-3, 10 warm-up steps then cosine decay to 0. torchao: its IntxFakeQuantizeConfig (asymmetric groups, "
+             "tokens of wikitext2_valid_unk.txt (seed 0), KL-to-fp32 distillation, Adam with the table's weight lr "
+             "and scale lr 1e-3, 10 warm-up steps then cosine decay to 0. torchao: its IntxFakeQuantizeConfig "
+             "(asymmetric groups, "
              "dynamic min-max scales) on the same linears, trained by the same loop on the same batches (its float "
              "weights start where PTQ's RTN would). Eval: first 20,480 tokens of wikitext2_test_joined.txt (10 × "
              "2048) and a held-out domain the training never saw (lowbit's built-in default text: Python stdlib "
-             "docstrings, 10 × 512 tokens), KL/top-1 vs fp32. One row at a time on the 2-core CPU.")
+             "docstrings, 10 × 512 tokens), KL/top-1 vs fp32. One row at a time on the 2-core CPU; 'compute' is the "
+             "block passes' dtype: bfloat16 autocast rows ran on a CPU with native bf16 (AVX-512 BF16), float32 rows "
+             "on an AVX2-only CPU (lowbit's default there) — compare train seconds within one kind only.")
     write_results("qat_smollm2", "QAT on SmolLM2-135M (beside torchao QAT)", intro, [("Results", table)],
                   {"rows": rows})
 

@@ -5,9 +5,11 @@ windows from one set of modules (lowbit's calibration list), held-out perplexity
 (16 windows of 512 tokens). Rows: (a) the float model, (b) the NF4 g64 base (RTN, bitsandbytes' rounding),
 (c) base + adapter, (d) adapter merged in float and re-quantized with RTN onto the same grid (the naive merge),
 (e) merged and re-quantized with GPTQ calibrated on the fine-tune windows, (f) the same with GPTQ then learned
-rounding (signed-gradient rounding of each block against the merged float block, lowbit's ``gptq+learned``). Sizes are the stored tensor bytes of
-the quantized layers (+ the adapter for c). One process; the training's peak RSS and step time are recorded (a later run with the same --steps reuses the trained
-adapter from the scratch cache and re-evaluates every row).
+rounding (signed-gradient rounding of each block against the merged float block, lowbit's ``gptq+learned``);
+(g)–(i) QA-LoRA: an int4 g64 asymmetric base with float16 zero points, adapters pooled per group, folded into the
+zero points. Sizes are the stored tensor bytes of the quantized layers (+ the adapter for c, h). One process; the
+trainings' peak RSS and step times are recorded (a later run with the same --steps reuses the trained adapters from
+the scratch cache and re-evaluates every row).
 
     python bench/qlora_smollm2.py --peer [--steps 200]   # the peft + bitsandbytes row, its own process first
     python bench/qlora_smollm2.py [--steps 200]
@@ -30,6 +32,7 @@ from common import MODEL, peak_rss_mb, write_results  # noqa: E402
 GRID = dict(bits=4, symmetric=True, group_size=64, codebook="nf4")
 MERGES = (("(d) merged, RTN onto NF4 g64", "rtn"), ("(e) merged, GPTQ onto NF4 g64", "gptq"),
           ("(f) merged, GPTQ + learned rounding onto NF4 g64", "gptq+learned"))
+QA_GRID = dict(bits=4, group_size=64, zero_point="float")
 CACHE = Path("/tmp/lowbit-bench-qlora")  # the trained adapter, reused by a later run (scratch, never committed)
 RANK, ALPHA, LR, BATCH, SEQLEN, HELD_OUT = 16, 32.0, 2e-4, 4, 512, 16
 
@@ -49,7 +52,8 @@ def _bytes(model) -> int:
 
 def peer(steps: int) -> dict:
     """peft LoRA (same rank, α, layers, init scheme) on transformers' bitsandbytes NF4 base (blocks of 64, bf16
-    compute), trained by lowbit's loop on the same batches; held-out perplexity, step time and peak RSS."""
+    compute where the CPU has native bf16, else float32, as lowbit), trained by lowbit's loop on the same batches;
+    held-out perplexity, step time and peak RSS."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -57,6 +61,7 @@ def peer(steps: int) -> dict:
     from lowbit.calib.data import CalibConfig, calibration_ids
     from lowbit.data.text import default_text
     from lowbit.eval.perplexity import EvalProtocol, evaluate
+    from lowbit.config import COMPUTE_DTYPES, default_compute_dtype
     from lowbit.methods.qat import QATConfig, distill
 
     torch.manual_seed(0)
@@ -69,10 +74,11 @@ def peer(steps: int) -> dict:
     held_out = calibration_ids(tok, default_text("eval"), CalibConfig(HELD_OUT, SEQLEN, seed=1))
     train_ids = calibration_ids(tok, default_text("calib"), CalibConfig(steps * BATCH, SEQLEN, seed=0))
     del loaded
+    dtype = COMPUTE_DTYPES[default_compute_dtype()]
     model = AutoModelForCausalLM.from_pretrained(
         HF_FOLDER, dtype=torch.float32, device_map="cpu",
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_compute_dtype=torch.bfloat16))
+                                               bnb_4bit_compute_dtype=dtype))
     protocol = EvalProtocol(seqlen=SEQLEN)
     base_ppl = evaluate(model, held_out, protocol, progress=False).perplexity
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -81,7 +87,7 @@ def peer(steps: int) -> dict:
     params = [p for name, p in model.named_parameters() if "lora_" in name]
     rss_before = peak_rss_mb()
     report = distill(model, None, train_ids, QATConfig(steps=steps, lr=LR, batch_size=BATCH, loss="ce"), params, [],
-                     torch.bfloat16)
+                     dtype)
     return {"steps": steps, "base_ppl": base_ppl, "adapted_ppl": evaluate(model, held_out, protocol,
                                                                           progress=False).perplexity,
             "seconds": report.seconds, "step_seconds": report.seconds / max(steps, 1),
@@ -89,13 +95,32 @@ def peer(steps: int) -> dict:
             "peak_rss_mb_training": peak_rss_mb()}
 
 
+def _adapter(base, train_ids, lora, steps: int, name: str) -> tuple[dict, dict]:
+    """Train ``lora`` adapters on ``base`` (or reload this script's own from an earlier run with the same steps)."""
+    from lowbit.methods.lora import add_lora, load_adapter, save_adapter, train_lora
+    from lowbit.methods.qat import QATConfig
+
+    cached, record = CACHE / f"{name}-{steps}", CACHE / f"{name}-{steps}.json"
+    if (cached / "adapter_model.safetensors").is_file() and record.is_file():
+        return load_adapter(base, cached)[0], json.loads(record.read_text())
+    layers = add_lora(base, lora)
+    rss_before = peak_rss_mb()
+    report = train_lora(base, layers, train_ids, QATConfig(steps=steps, lr=LR, batch_size=BATCH), progress=True)
+    train = {"steps": steps, "seconds": report.seconds, "step_seconds": report.seconds / max(steps, 1),
+             "loss_first_last": report.first_last, "peak_rss_mb_before_training": rss_before,
+             "peak_rss_mb_training": peak_rss_mb()}
+    save_adapter(layers, lora, cached, overwrite=True)
+    record.write_text(json.dumps(train))
+    return layers, train
+
+
 def main() -> None:
     from lowbit import QuantConfig, QuantRecipe, load_model, quantize_model
     from lowbit.calib.data import CalibConfig, calibration_ids
+    from lowbit.config import default_compute_dtype
     from lowbit.data.text import default_text
     from lowbit.eval.perplexity import EvalProtocol, evaluate
-    from lowbit.methods.lora import LoRAConfig, add_lora, load_adapter, merge_into_float, save_adapter, train_lora
-    from lowbit.methods.qat import QATConfig
+    from lowbit.methods.lora import LoRAConfig, merge_into_float, merge_into_zero_points
     from lowbit.report import markdown_table
 
     steps = int(sys.argv[sys.argv.index("--steps") + 1]) if "--steps" in sys.argv else 200
@@ -120,34 +145,29 @@ def main() -> None:
 
     row("(a) float", loaded.model, None)
     base = copy.deepcopy(loaded.model)
-    recipe = QuantRecipe(QuantConfig(**GRID))
-    quantize_model(base, recipe, progress=False)
+    quantize_model(base, QuantRecipe(QuantConfig(**GRID)), progress=False)
     row("(b) NF4 g64 base (RTN)", base, _bytes(base))
-    cached = CACHE / f"adapter-{steps}"
-    if (cached / "adapter_model.safetensors").is_file() and (CACHE / f"train-{steps}.json").is_file():
-        layers, _ = load_adapter(base, cached)  # this script's own adapter of an earlier run (same seed, steps)
-        train = json.loads((CACHE / f"train-{steps}.json").read_text())
-    else:
-        layers = add_lora(base, LoRAConfig(rank=RANK, alpha=ALPHA))
-        rss_before = peak_rss_mb()
-        report = train_lora(base, layers, train_ids, QATConfig(steps=steps, lr=LR, batch_size=BATCH), progress=True)
-        train = {"steps": steps, "seconds": report.seconds, "step_seconds": report.seconds / max(steps, 1),
-                 "loss_first_last": report.first_last, "peak_rss_mb_before_training": rss_before,
-                 "peak_rss_mb_training": peak_rss_mb()}
-        save_adapter(layers, LoRAConfig(rank=RANK, alpha=ALPHA), cached, overwrite=True)
-        (CACHE / f"train-{steps}.json").write_text(json.dumps(train))
+    layers, train = _adapter(base, train_ids, LoRAConfig(rank=RANK, alpha=ALPHA), steps, "lora")
     print(train, flush=True)
     row("(c) base + adapter", base, _bytes(base), f"rank {RANK}, α {ALPHA}, {steps} steps × {BATCH} × {SEQLEN}")
     for name, method in MERGES:
         merged = copy.deepcopy(base)
-        merged_layers = {n: merged.get_submodule(n) for n in layers}
-        merge_into_float(merged, merged_layers)
+        merge_into_float(merged, {n: merged.get_submodule(n) for n in layers})
         start = time.perf_counter()
         quantize_model(merged, QuantRecipe(QuantConfig(**GRID), include=tuple(layers)), method=method,
-                       calib_ids=train_ids[:128], calib=CalibConfig(128, SEQLEN), progress=False,
-                       compute_dtype=torch.bfloat16)
+                       calib_ids=train_ids[:128], calib=CalibConfig(128, SEQLEN), progress=False)
         row(name, merged, _bytes(merged), f"{time.perf_counter() - start:.0f} s"
             + (", calibrated on 128 fine-tune windows" if method != "rtn" else ""))
+    del base, merged
+    qa_base = copy.deepcopy(loaded.model)
+    quantize_model(qa_base, QuantRecipe(QuantConfig(**QA_GRID)), progress=False)
+    row("(g) int4 g64 asym, float16 zeros, base (RTN)", qa_base, _bytes(qa_base))
+    qa_layers, qa_train = _adapter(qa_base, train_ids, LoRAConfig(rank=RANK, alpha=ALPHA, pool=64), steps, "qalora")
+    print(qa_train, flush=True)
+    row("(h) base + QA-LoRA adapter (inputs pooled per 64)", qa_base, _bytes(qa_base),
+        f"rank {RANK}, α {ALPHA}, same steps and batches")
+    merge_into_zero_points(qa_base, qa_layers)
+    row("(i) QA-LoRA folded into the zero points", qa_base, _bytes(qa_base), "no re-quantization: same codes, scales")
     peer_row = None
     if (CACHE / f"peer-{steps}.json").is_file():
         peer_row = json.loads((CACHE / f"peer-{steps}.json").read_text())
@@ -156,27 +176,34 @@ def main() -> None:
                      "note": f"base {peer_row['base_ppl']:.4f}; {peer_row['step_seconds']:.2f} s/step, peak RSS "
                              f"{peer_row['peak_rss_mb_training']:.0f} MB"})
     by = {r["row"][:3]: r["held_out_ppl"] for r in rows}
-    gain = by["(b)"] - by["(c)"]
-    kept = {k: (by["(b)"] - by[k]) / gain if gain else None for k in ("(d)", "(e)", "(f)")}
+    kept = {k: (by["(b)"] - by[k]) / (by["(b)"] - by["(c)"]) for k in ("(d)", "(e)", "(f)")}
+    kept["(i)"] = (by["(g)"] - by["(i)"]) / (by["(g)"] - by["(h)"])
     table = markdown_table(["", "held-out perplexity", "quantized layers + adapter bytes", "note"],
                            [(r["row"], r["held_out_ppl"], r["quantized_layer_bytes"], r["note"]) for r in rows])
     summary = markdown_table(["", "value"], [
-        ("training", f"{steps} steps in {train['seconds']:.0f} s ({train['step_seconds']:.2f} s/step), loss "
-                     f"{train['loss_first_last'][0]:.3f} → {train['loss_first_last'][1]:.3f}"),
-        ("peak RSS (whole process, after training)", f"{train['peak_rss_mb_training']:.0f} MB"),
+        *((f"training {what}", f"{t['steps']} steps in {t['seconds']:.0f} s ({t['step_seconds']:.2f} s/step), loss "
+                               f"{t['loss_first_last'][0]:.3f} → {t['loss_first_last'][1]:.3f}, peak RSS (whole "
+                               f"process, after training) {t['peak_rss_mb_training']:.0f} MB")
+          for what, t in (("LoRA (c)", train), ("QA-LoRA (h)", qa_train))),
         ("share of (c)'s gain over (b) kept by (d) naive RTN merge", kept["(d)"]),
         ("share kept by (e) GPTQ merge", kept["(e)"]),
-        ("share kept by (f) GPTQ + learned rounding merge", kept["(f)"])])
+        ("share kept by (f) GPTQ + learned rounding merge", kept["(f)"]),
+        ("share of (h)'s gain over (g) kept by (i) the zero-point merge", kept["(i)"])])
+    dtype = default_compute_dtype()
     intro = ("SmolLM2-135M-Instruct. Domain: Python standard-library docstrings (lowbit's built-in text), split by "
              f"module: training windows from the calibration module list, held-out perplexity on {HELD_OUT} × "
              f"{SEQLEN} tokens of the disjoint evaluation list. Base: NF4, blocks of 64, every decoder linear. LoRA "
-             f"on every quantized linear (rank {RANK}, α {ALPHA}), Adam lr {LR}, warm-up + cosine, bf16 autocast, "
-             "next-token loss; the base stays packed (its backward dequantizes again). Peer (run first, in its own "
-             "process: python bench/qlora_smollm2.py --peer): peft's LoRA, same rank/α/layers, on transformers' "
-             "bitsandbytes NF4 base (bf16 compute), trained by the same loop on the same batches.")
+             f"on every quantized linear (rank {RANK}, α {ALPHA}), Adam lr {LR}, warm-up + cosine, {dtype} compute, "
+             "next-token loss; the base stays packed (its backward dequantizes again). QA-LoRA rows: an int4 g64 "
+             "asymmetric base with float16 zero points (4.5 bits per weight, as NF4 g64 with float32 absmax), "
+             "adapters whose inputs are averaged per 64 (peft's use_qalora layout), same schedule and batches; "
+             "merged by folding the update into the zero points. Peer (run first, in its own process: python "
+             "bench/qlora_smollm2.py --peer): peft's LoRA, same rank/α/layers, on transformers' bitsandbytes NF4 "
+             f"base ({dtype} compute), trained by the same loop on the same batches.")
     write_results("qlora_smollm2", "QLoRA on SmolLM2-135M: fine-tune on a quantized base, merge, re-quantize",
                   intro, [("Held-out perplexity", table), ("Summary", summary)],
-                  {"rows": rows, "training": train, "kept": kept, "peer": peer_row})
+                  {"rows": rows, "training": train, "qa_lora_training": qa_train, "kept": kept, "peer": peer_row,
+                   "compute_dtype": dtype})
 
 
 if __name__ == "__main__":

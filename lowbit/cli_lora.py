@@ -2,9 +2,11 @@
 re-quantized by any method).
 
     lowbit finetune BASE --train FILE --out ADAPTER_DIR [--lora-rank 16 --lora-alpha 32 --lora-targets q_proj,…]
+                    [--qa-lora]
                     [--steps 200 --lr 2e-4 --batch-size 4 --train-seqlen 512] [--eval FILE [--eval-every N]]
                     [--resume]
-    lowbit merge BASE ADAPTER_DIR --out DIR [--method gptq|awq|rtn …] [--calib FILE] [grid options] [--format …]
+    lowbit merge BASE ADAPTER_DIR --out DIR [--method zeros|gptq|gptq+learned|rtn …] [--calib FILE] [grid options]
+                 [--format …]
 
 ``--train``/``--eval``/``--calib`` take plain UTF-8 text or JSONL, one ``{"text": …}`` or ``{"messages": […]}``
 (rendered with the tokenizer's chat template) per line.
@@ -37,11 +39,16 @@ def add_lora_parsers(sub: Any, add_grid_args: Any, add_calib_args: Any) -> None:
     f.add_argument("--lora-rank", type=int, default=16, help="adapter rank r (default 16)")
     f.add_argument("--lora-alpha", type=float, default=32.0, help="adapter scale α (update × α/r; default 32)")
     f.add_argument("--lora-targets", default="", help="comma-separated layer names to adapt (default: all quantized)")
+    f.add_argument("--qa-lora", action="store_true",
+                   help="QA-LoRA: pool the adapter's inputs over the base's quantization groups, so `lowbit merge` "
+                        "folds it into the zero points exactly (asymmetric integer bases; peft's use_qalora format)")
     f.add_argument("--steps", type=int, default=200, help="optimiser steps (default 200)")
     f.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default 2e-4)")
     f.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
     f.add_argument("--train-seqlen", type=int, default=512, help="tokens per window (default 512)")
     f.add_argument("--seed", type=int, default=0, help="seed of the windows and the adapter init (default 0)")
+    f.add_argument("--recompute-activations", action="store_true",
+                   help="activation checkpointing: recompute each block in the backward pass (less memory, more time)")
     m = sub.add_parser("merge", help="merge a LoRA adapter into its quantized base and quantize the result again")
     m.add_argument("model", help="the quantized base the adapter was trained on")
     m.add_argument("adapter", help="the adapter folder (lowbit finetune --out, or any peft LoRA of those layers)")
@@ -49,9 +56,10 @@ def add_lora_parsers(sub: Any, add_grid_args: Any, add_calib_args: Any) -> None:
     m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     m.add_argument("--format", default="lowbit", choices=["lowbit", "compressed-tensors", "gptq", "bitsandbytes"],
                    help="checkpoint layout of --out (default lowbit's own)")
-    m.add_argument("--method", default="gptq", choices=[n for n in METHOD_NAMES if not n.startswith("sq")],
-                   help="re-quantization of the merged weights (default gptq; calibrated methods use --calib: pass "
-                        "the fine-tune data)")
+    m.add_argument("--method", default=None, choices=["zeros", *(n for n in METHOD_NAMES if not n.startswith("sq"))],
+                   help="zeros: fold a QA-LoRA adapter into the base's zero points (no re-quantization; the default "
+                        "for QA-LoRA adapters); otherwise the re-quantization of the merged float weights (default "
+                        "gptq; calibrated methods use --calib: pass the fine-tune data)")
     add_grid_args(m)
     add_calib_args(m)
 
@@ -111,7 +119,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.model} is not quantized: QLoRA trains on a quantized base — quantize it first "
                           "(lowbit quantize MODEL --codebook nf4 --group-size 64 --out BASE)")
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    lora = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=targets, seed=args.seed)
+    pool = _base_group_width(loaded.model, targets) if args.qa_lora else 0
+    lora = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=targets, seed=args.seed, pool=pool)
     windows = CalibConfig(max(args.steps * args.batch_size, 1), args.train_seqlen, seed=args.seed)
     train_ids = calibration_ids(loaded.tokenizer, read_training_text(args.train, loaded.tokenizer), windows)
     held_out = None
@@ -128,7 +137,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             log.info("held-out loss at step %d: %.4f", step + 1, _mean_loss(loaded.model, held_out))
 
     report = train_lora(loaded.model, layers, train_ids, QATConfig(steps=args.steps, lr=args.lr,
-                                                                    batch_size=args.batch_size, seed=args.seed),
+                                                                    batch_size=args.batch_size, seed=args.seed,
+                                                                    recompute=args.recompute_activations),
                         compute_dtype=compute_dtype_of(args), on_step=periodic_eval, resume_file=state_file)
     out = save_adapter(layers, lora, args.out, str(args.model), overwrite=args.overwrite)
     first, last = report.first_last if report.losses else (float("nan"), float("nan"))
@@ -137,6 +147,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if held_out is not None:
         print(f"held-out loss after: {_mean_loss(loaded.model, held_out):.4f}")
     return 0
+
+
+def _base_group_width(model: Any, targets: tuple[str, ...]) -> int:
+    """The one group width of the quantized layers QA-LoRA adapts (it pools its inputs over those groups)."""
+    from lowbit.errors import ConfigError
+    from lowbit.nn.qlinear import QLinear
+
+    widths = {m.quantized_tensor().group_width for n, m in model.named_modules() if isinstance(m, QLinear)
+              and (not targets or n.rsplit(".", 1)[-1] in targets)}
+    if len(widths) != 1:
+        raise ConfigError(f"--qa-lora pools over the base's quantization groups, but the adapted layers have group "
+                          f"widths {sorted(widths)}: quantize the base with one --group-size")
+    return widths.pop()
 
 
 def cmd_merge(args: argparse.Namespace, recipe: Any) -> int:
@@ -152,9 +175,18 @@ def cmd_merge(args: argparse.Namespace, recipe: Any) -> int:
 
     check_output(args.out, args.overwrite, resolve_source(args.model))
     loaded = load_model(args.model)
-    layers, _ = load_adapter(loaded.model, Path(args.adapter))
+    layers, lora = load_adapter(loaded.model, Path(args.adapter))
+    if (args.method or ("zeros" if lora.pool else "gptq")) == "zeros":
+        from lowbit.methods.lora import merge_into_zero_points
+
+        merge_into_zero_points(loaded.model, layers)
+        from lowbit.cli_qat import save_model
+
+        out = save_model(loaded, loaded.model, args)
+        print(f"wrote {out}: {len(layers)} QA-LoRA layers folded into the base's zero points (codes unchanged)")
+        return 0
     merge_into_float(loaded.model, layers)
-    method = MethodConfig.parse(args.method)
+    method = MethodConfig.parse(args.method or "gptq")
     merged_recipe = type(recipe)(recipe.default, include=tuple(layers), exclude=recipe.exclude)
     if args.format != "lowbit":  # the format can store the re-quantized layers: checked before quantizing
         from lowbit.formats.serving import check_recipe

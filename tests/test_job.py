@@ -11,6 +11,7 @@ import transformers
 
 from lowbit import QuantConfig, QuantRecipe, load_model, quantize_model, save_quantized
 from lowbit.calib.data import CalibConfig
+from lowbit.config import default_compute_dtype
 from lowbit.errors import ConfigError, OutputExistsError
 from lowbit.eval.lockstep import evaluate_lockstep
 from lowbit.eval.perplexity import EvalProtocol, evaluate
@@ -213,7 +214,7 @@ def test_checkpoint_records_how_to_repeat_the_run(tiny_hf_folder: Path, tmp_path
     quantize_and_save(job, progress=False)
     record = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert record["method_config"]["gptq"] == {"damp": 0.05, "act_order": False, "block_size": 128}
-    assert record["method_config"]["clip"] == dataclasses.asdict(method.clip) and record["compute_dtype"] == "bfloat16"
+    assert record["method_config"]["clip"] == dataclasses.asdict(method.clip) and record["compute_dtype"] == default_compute_dtype()
     calibration = record["calibration"]
     assert (calibration["samples"], calibration["seqlen"], calibration["seed"]) == (3, 64, 7)
     assert calibration["text_sha256"] == hashlib.sha256(text.encode()).hexdigest()

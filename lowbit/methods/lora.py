@@ -11,7 +11,12 @@ autograd keeping a float copy of every layer for the backward pass. Only ``A`` a
 The adapter is saved as peft saves a LoRA adapter (``adapter_config.json`` from peft's ``LoraConfig``,
 ``adapter_model.safetensors`` with ``base_model.model.<layer>.lora_A.weight`` / ``lora_B.weight``), so
 ``PeftModel.from_pretrained(float_model, folder)`` loads it on the float model too. :func:`merged_weight` gives the
-float weight ``dequantize(W) + (α / r) · B A`` that re-quantization (:mod:`lowbit.methods.merge`) starts from.
+float weight ``dequantize(W) + (α / r) · B A`` that re-quantization (``lowbit merge``) starts from.
+
+QA-LoRA (``LoRAConfig.pool``; Xu et al. 2023, peft's ``use_qalora`` layout) averages the input over each run of g
+features before ``A`` (``[r, in / g]``): the update is then constant within each g-wide input group, and on a base
+quantized asymmetrically in groups of g it folds into the zero points (:func:`merge_into_zero_points`) — no
+re-quantization, nothing of the fine-tune lost but the float16 rounding of the new zero points.
 """
 
 from __future__ import annotations
@@ -36,16 +41,20 @@ ADAPTER_CONFIG = "adapter_config.json"
 @dataclass(frozen=True)
 class LoRAConfig:
     """``rank`` r and ``alpha`` α (scaling α / r) of the adapters; ``targets``: layer-name suffixes to adapt
-    (e.g. ``("q_proj", "v_proj")``), empty = every quantized linear layer."""
+    (e.g. ``("q_proj", "v_proj")``), empty = every quantized linear layer. ``pool`` g > 0: QA-LoRA (Xu et al.
+    2023, peft's ``use_qalora``/``qalora_group_size``) — the input is averaged over each run of g features before
+    ``A: [r, in / g]``, so the update is constant within each g-wide group of inputs and merges into the zero points
+    of a g-group asymmetric base exactly (:func:`merge_into_zero_points`)."""
 
     rank: int = 16
     alpha: float = 32.0
     targets: tuple[str, ...] = ()
     seed: int = 0
+    pool: int = 0
 
     def __post_init__(self) -> None:
-        if self.rank < 1 or self.alpha <= 0:
-            raise ConfigError("LoRA needs --lora-rank ≥ 1 and --lora-alpha > 0")
+        if self.rank < 1 or self.alpha <= 0 or self.pool < 0:
+            raise ConfigError("LoRA needs --lora-rank ≥ 1, --lora-alpha > 0 and a QA-LoRA pool ≥ 0")
 
     @property
     def scaling(self) -> float:
@@ -70,13 +79,18 @@ class _PackedBase(torch.autograd.Function):
 class LoRALinear(nn.Module):
     """A frozen ``base`` layer plus a trainable low-rank update (see the module docstring)."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, generator: torch.Generator) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, generator: torch.Generator, pool: int = 0) -> None:
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.scaling = alpha / rank
-        a = torch.empty(rank, self.in_features)
-        bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform_(a=√5), peft's default for A
+        self.pool = pool
+        if pool and self.in_features % pool:
+            raise ConfigError(f"QA-LoRA pools groups of {pool} inputs: a layer with {self.in_features} inputs does "
+                              "not divide into them (use the base's group size, or plain LoRA)")
+        width = self.in_features // pool if pool else self.in_features
+        a = torch.empty(rank, width)
+        bound = 1 / math.sqrt(width)  # kaiming_uniform_(a=√5), peft's default for A
         a.uniform_(-bound, bound, generator=generator)
         self.lora_A = nn.Parameter(a)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))
@@ -86,12 +100,21 @@ class LoRALinear(nn.Module):
             y = _PackedBase.apply(x, self.base)
         else:
             y = self.base(x)
-        update = (x.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T
+        x = x.to(self.lora_A.dtype)
+        if self.pool:  # peft's QA-LoRA: group means × (in / g)
+            groups = self.in_features // self.pool
+            x = x.reshape(*x.shape[:-1], groups, self.pool).mean(-1) * groups
+        update = (x @ self.lora_A.T) @ self.lora_B.T
         return y + (self.scaling * update).to(y.dtype)
 
     def delta(self) -> torch.Tensor:
-        """``(α / r) · B A``: float32 ``[out, in]``."""
-        return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        """``(α / r) · B A``: float32 ``[out, in]`` (QA-LoRA: each pooled column spread over its g inputs, times
+        ``(in / g) / g``)."""
+        ba = self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        if not self.pool:
+            return ba
+        groups = self.in_features // self.pool
+        return (ba * (groups / self.pool)).repeat_interleave(self.pool, dim=1)
 
 
 def add_lora(model: nn.Module, cfg: LoRAConfig) -> dict[str, LoRALinear]:
@@ -105,7 +128,7 @@ def add_lora(model: nn.Module, cfg: LoRAConfig) -> dict[str, LoRALinear]:
                           f"({', '.join(cfg.targets) or 'all'})")
     layers = {}
     for name in names:
-        layers[name] = LoRALinear(model.get_submodule(name), cfg.rank, cfg.alpha, generator)
+        layers[name] = LoRALinear(model.get_submodule(name), cfg.rank, cfg.alpha, generator, cfg.pool)
         set_submodule(model, name, layers[name])
     return layers
 
@@ -136,6 +159,33 @@ def merge_into_float(model: nn.Module, layers: dict[str, LoRALinear]) -> None:
             if bias is not None:
                 linear.bias.copy_(bias.detach().float())
         set_submodule(model, name, linear.requires_grad_(False))
+
+
+def merge_into_zero_points(model: nn.Module, layers: dict[str, LoRALinear]) -> None:
+    """QA-LoRA's merge: replace every adapted layer by its base with the update folded into the zero points — the
+    same codes and scales, no re-quantization. A pooled update ``c`` is constant over each group's inputs, so
+
+        s (q − z) + c = s (q − z′)     with   z′ = z − c / s   (per output row and group)
+
+    stored as float16 zero points (``zero_point="float"``): exact up to that rounding (≤ 2⁻¹¹ relative of z′)."""
+    from dataclasses import replace
+
+    from lowbit.core.qtensor import QuantizedTensor
+
+    for name, layer in layers.items():
+        base = layer.base
+        qt = base.quantized_tensor() if isinstance(base, QLinear) else None
+        cfg = None if qt is None else qt.config
+        if (not layer.pool or cfg is None or cfg.symmetric or cfg.codebook or cfg.granularity != "group"
+                or qt.group_width != layer.pool):
+            what = "not quantized" if cfg is None else cfg.describe()
+            raise ConfigError(f"{name}: a zero-point merge needs a QA-LoRA adapter pooled over the base's groups and "
+                              f"an asymmetric integer grid of that group size (here pool {layer.pool}, base "
+                              f"{what}): merge with --method gptq instead")
+        update = layer.delta()[:, :: layer.pool]  # [N, G]: the value every input of a group gets
+        zero = qt.zero_points() - update / qt.scale.float()
+        merged = QuantizedTensor.from_codes(qt.codes(), qt.scale, zero, replace(cfg, zero_point="float"))
+        set_submodule(model, name, QLinear(merged, None if base.bias is None else base.bias.detach()))
 
 
 def train_lora(model: nn.Module, layers: dict[str, LoRALinear], train_ids: torch.Tensor, cfg: Any,
@@ -169,7 +219,8 @@ def save_adapter(layers: dict[str, LoRALinear], cfg: LoRAConfig, out: str | Path
 
     targets = sorted({name.rsplit(".", 1)[-1] for name in layers})
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets, lora_dropout=0.0, bias="none",
-                        task_type="CAUSAL_LM", base_model_name_or_path=base_model or None)
+                        task_type="CAUSAL_LM", base_model_name_or_path=base_model or None,
+                        use_qalora=bool(cfg.pool), **({"qalora_group_size": cfg.pool} if cfg.pool else {}))
     tensors = {}
     for name, layer in layers.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().float().contiguous()
@@ -192,14 +243,15 @@ def load_adapter(model: nn.Module, folder: str | Path) -> tuple[dict[str, LoRALi
         raise FormatError(f"{folder}: lowbit loads plain LoRA adapters (not DoRA/rsLoRA/{raw.get('peft_type')})")
     tensors = load_file(str(folder / ADAPTER_WEIGHTS))
     names = sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in tensors})
-    cfg = LoRAConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), targets=tuple(raw["target_modules"] or ()))
+    cfg = LoRAConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), targets=tuple(raw["target_modules"] or ()),
+                     pool=int(raw.get("qalora_group_size") or 0) if raw.get("use_qalora") else 0)
     layers = {}
     for name in names:
         try:
             base = model.get_submodule(name)
         except AttributeError:
             raise FormatError(f"{folder}: the adapter has a layer {name} this model does not") from None
-        layer = LoRALinear(base, cfg.rank, cfg.alpha, torch.Generator())
+        layer = LoRALinear(base, cfg.rank, cfg.alpha, torch.Generator(), cfg.pool)
         with torch.no_grad():
             layer.lora_A.copy_(tensors[f"base_model.model.{name}.lora_A.weight"])
             layer.lora_B.copy_(tensors[f"base_model.model.{name}.lora_B.weight"])

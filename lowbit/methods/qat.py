@@ -8,27 +8,30 @@ al. 2023, which distils from the float model as here). Each quantized layer beco
     Ŵ = (clamp(⌊W / (s·f) + z'⌉, 0, 2^b − 1) − z') · s·f        (a code book: C[q] · s·f, see ``learned``)
 
 ``⌊·⌉`` passes gradients straight through (STE); ``f`` (per-group scale factor, LSQ-style, Esser et al. 2020; on
-asymmetric grids one factor per end of the group's range) trains beside ``W``. The loss is the KL divergence from the float
-teacher's next-token distribution (``loss="kl"``, distillation: no labels needed and every position teaches all
-of the vocabulary) or the next-token cross-entropy of the text (``"ce"``). Training starts from any PTQ result
+asymmetric grids one factor per end of the group's range) trains beside ``W``. The loss is the KL divergence from the
+float teacher's next-token distribution (``loss="kl"``, distillation: no labels needed and every position teaches
+all of the vocabulary) or the next-token cross-entropy of the text (``"ce"``). Training starts from any PTQ result
 (RTN, GPTQ …: its codes are the step-0 state, bit for bit) and ends with the same :class:`QLinear` layers PTQ
 writes, so every format lowbit writes for PTQ stores a QAT model.
 
 Memory (float32 master weights): the student's trained layers hold ``W``, an integer offset and a rounding offset
 per weight (3 copies) plus Adam's two moments and a gradient for ``W`` — about 6 float32 copies of the quantized
 weights — beside the float teacher and the activations of one batch for the backward pass (the model runs in eval
-mode: no dropout, and no activation checkpointing yet).
+mode: no dropout). ``recompute=True`` keeps only each block's input and recomputes the block (and its
+fake-quantization intermediates) in the backward pass (:mod:`lowbit.methods.recompute`); the loss keeps one
+``[positions, vocabulary]`` gradient, not autograd's copies (:mod:`lowbit.methods.losses`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -37,6 +40,8 @@ from tqdm.auto import tqdm
 from lowbit.config import COMPUTE_DTYPES, default_compute_dtype
 from lowbit.errors import ConfigError
 from lowbit.methods.learned import LearnedLinear
+from lowbit.methods.losses import kl_loss, next_token_loss
+from lowbit.methods.recompute import recompute_blocks
 from lowbit.model.modules import set_submodule
 from lowbit.nn.qlinear import QLinear
 
@@ -58,6 +63,7 @@ class QATConfig:
     seed: int = 0
     grad_clip: float = 1.0
     scale_range: tuple[float, float] = (0.5, 1.5)  # bounds of each group's trained scale factor
+    recompute: bool = False  # activation checkpointing of every decoder block (lowbit.methods.recompute)
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.lr < 0 or self.scale_lr < 0 or self.batch_size < 1 or self.warmup < 0:
@@ -165,12 +171,11 @@ def resumable(params: TrainedParameters, resume_file: Path | None, run: Callable
 
 def _loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, ids: torch.Tensor,
           kind: str) -> torch.Tensor:
-    """Mean per-token KL(teacher ‖ student) or next-token cross-entropy, in float32."""
-    logp = torch.log_softmax(student_logits.float(), dim=-1)
+    """Mean per-token KL(teacher ‖ student) or next-token cross-entropy, in float32, a block of positions at a time
+    (:mod:`lowbit.methods.losses`: one ``[N, V]`` gradient kept instead of autograd's ~6 float32 copies)."""
     if kind == "ce":
-        return nn.functional.nll_loss(logp[:, :-1].reshape(-1, logp.shape[-1]), ids[:, 1:].reshape(-1))
-    target = torch.log_softmax(teacher_logits.float(), dim=-1)
-    return (target.exp() * (target - logp)).sum(-1).mean()
+        return next_token_loss(student_logits, ids)
+    return kl_loss(student_logits, teacher_logits)
 
 
 @dataclass
@@ -221,33 +226,43 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_ids: torch.Tens
     bar = tqdm(range(state.step, cfg.steps), desc="QAT", unit="step", disable=not progress, initial=state.step,
                total=cfg.steps)
     try:
-        for step in bar:
-            ids = train_ids[torch.randint(0, train_ids.shape[0], (cfg.batch_size,), generator=order)]
-            with torch.autocast("cpu", dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-                teacher_logits = None
-                if cfg.loss == "kl":
-                    with torch.no_grad():
-                        teacher_logits = teacher(ids).logits
-                loss = _loss(student(ids).logits, teacher_logits, ids, cfg.loss)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(weights, cfg.grad_clip)
-            for group, lr in zip(optimiser.param_groups, base):
-                group["lr"] = lr * cfg.rate(step)
-            optimiser.step()
-            if after_step is not None:
-                with torch.no_grad():
-                    after_step()
-            report.losses.append(float(loss.detach()))
-            state.step, state.losses = step + 1, report.losses
-            bar.set_postfix_str(f"loss {report.losses[-1]:.4f}")
-            if on_step is not None:
-                on_step(step, report.losses[-1])
+        with recompute_blocks(student) if cfg.recompute else contextlib.nullcontext():
+            _steps(student, teacher, train_ids, cfg, optimiser, base, order, weights, compute_dtype, bar, report,
+                   state, after_step, on_step)
     finally:
         report.seconds = time.perf_counter() - start
         for p in student.parameters():
             p.requires_grad_(False)
     return report
+
+
+def _steps(student: nn.Module, teacher: nn.Module | None, train_ids: torch.Tensor, cfg: QATConfig,
+           optimiser: torch.optim.Optimizer, base: list[float], order: torch.Generator, weights: list[nn.Parameter],
+           compute_dtype: torch.dtype, bar: Any, report: QATReport, state: Progress,
+           after_step: Callable[[], None] | None, on_step: Callable[[int, float], None] | None) -> None:
+    """The optimiser steps of :func:`distill` (see there)."""
+    for step in bar:
+        ids = train_ids[torch.randint(0, train_ids.shape[0], (cfg.batch_size,), generator=order)]
+        with torch.autocast("cpu", dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+            teacher_logits = None
+            if cfg.loss == "kl":
+                with torch.no_grad():
+                    teacher_logits = teacher(ids, use_cache=False).logits
+            loss = _loss(student(ids, use_cache=False).logits, teacher_logits, ids, cfg.loss)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(weights, cfg.grad_clip)
+        for group, lr in zip(optimiser.param_groups, base):
+            group["lr"] = lr * cfg.rate(step)
+        optimiser.step()
+        if after_step is not None:
+            with torch.no_grad():
+                after_step()
+        report.losses.append(float(loss.detach()))
+        state.step, state.losses = step + 1, report.losses
+        bar.set_postfix_str(f"loss {report.losses[-1]:.4f}")
+        if on_step is not None:
+            on_step(step, report.losses[-1])
 
 
 def train_qat(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, cfg: QATConfig,

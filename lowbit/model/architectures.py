@@ -171,5 +171,26 @@ def _fits(model: nn.Module, spec: ArchSpec) -> bool:
     return present == {n for group in spec.linear_groups for n in group}
 
 
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks, whatever their linear layers are now (e.g. being trained): the known layout's block list
+    for the model type, else the largest ModuleList of the model's layer count."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for spec in KNOWN_ARCHITECTURES:
+        if model_type in spec.model_types:
+            try:
+                blocks = model.get_submodule(spec.blocks)
+            except AttributeError:
+                continue
+            if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+                return blocks
+    count = _layer_count(model)
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+             and (count is None or len(m) == count)]
+    if not lists:
+        raise ModelLoadError("could not find the decoder blocks of this model (no ModuleList of its layer count): "
+                             "add an ArchSpec for it in lowbit/model/architectures.py")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
 def block_list(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
     return model.get_submodule(spec.blocks)

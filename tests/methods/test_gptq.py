@@ -39,29 +39,58 @@ def test_dead_inputs_get_zero_weights() -> None:
     assert (qt.dequantize()[:, 5] == 0).all()  # set to 0 (no error reaches it) and decoded exactly
 
 
-def _layer_inputs(model, layer_name: str, ids: torch.Tensor) -> torch.Tensor:
-    captured = []
-    module = model.get_submodule(layer_name)
-    handle = module.register_forward_pre_hook(lambda m, a: captured.append(a[0].reshape(-1, a[0].shape[-1])))
+REAL_LAYERS = ("model.layers.4.self_attn.o_proj", "model.layers.10.mlp.down_proj")
+
+
+class _Enough(Exception):
+    """Raised by a hook once the deepest layer wanted has its input: the rest of the forward pass is not needed."""
+
+
+def _layer_inputs(model, layer_names: tuple[str, ...], ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The inputs of ``layer_names`` on ``ids`` (each ``[tokens, in]``), the forward pass stopped after the last."""
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in layer_names}
+
+    def hook(name: str):
+        def grab(module, args):
+            captured[name].append(args[0].reshape(-1, args[0].shape[-1]))
+            if name == layer_names[-1]:
+                raise _Enough
+        return grab
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in layer_names]
     with torch.no_grad():
-        model(ids)
-    handle.remove()
-    return torch.cat(captured)
+        for row in ids.split(8):
+            try:
+                model(row)
+            except _Enough:
+                pass
+    for handle in handles:
+        handle.remove()
+    return {name: torch.cat(parts) for name, parts in captured.items()}
 
 
-@pytest.mark.parametrize("layer", ["model.layers.4.self_attn.o_proj", "model.layers.10.mlp.down_proj"])
-@pytest.mark.parametrize("cfg", [QuantConfig(bits=4, group_size=128), QuantConfig(bits=3, group_size=128)],
-                         ids=QuantConfig.describe)
-@pytest.mark.slow
-def test_gptq_lowers_layer_output_error_on_real_weights(smollm2_session, layer: str, cfg: QuantConfig) -> None:
+@pytest.fixture(scope="module")
+def real_layer_inputs(smollm2_session) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Calibration (32 × 256 tokens of the built-in text) and held-out (4 × 256) inputs of REAL_LAYERS."""
     from lowbit.calib.data import CalibConfig, calibration_ids
     from lowbit.data.text import default_text
 
     tok = smollm2_session.tokenizer
-    ids = calibration_ids(tok, default_text("calib"), CalibConfig(samples=32, seqlen=256))  # 8k tokens
-    x = _layer_inputs(smollm2_session.model, layer, ids)
-    held_out = _layer_inputs(smollm2_session.model, layer,
-                             calibration_ids(tok, default_text("eval"), CalibConfig(samples=4, seqlen=256)))
+    calib = calibration_ids(tok, default_text("calib"), CalibConfig(samples=32, seqlen=256))  # 8k tokens
+    held_out = calibration_ids(tok, default_text("eval"), CalibConfig(samples=4, seqlen=256))
+    return (_layer_inputs(smollm2_session.model, REAL_LAYERS, calib),
+            _layer_inputs(smollm2_session.model, REAL_LAYERS, held_out))
+
+
+@pytest.mark.parametrize("layer", REAL_LAYERS)
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4, group_size=128), QuantConfig(bits=3, group_size=128)],
+                         ids=QuantConfig.describe)
+@pytest.mark.slow
+def test_gptq_lowers_layer_output_error_on_real_weights(smollm2_session, real_layer_inputs, layer: str,
+                                                        cfg: QuantConfig) -> None:
+    calib, held = real_layer_inputs
+    x, held_out = calib[layer], held[layer]
+    assert x.shape[0] == 32 * 256 and held_out.shape[0] == 4 * 256
     w = smollm2_session.model.get_submodule(layer).weight.detach()
     hessian = 2 * x.T @ x / x.shape[0]
 

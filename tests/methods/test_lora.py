@@ -125,3 +125,69 @@ def test_an_interrupted_fine_tune_resumes_to_the_uninterrupted_adapter(tmp_path)
         assert torch.equal(layer.lora_A, plain_layers[name].lora_A)
         assert torch.equal(layer.lora_B, plain_layers[name].lora_B)
         assert not torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B))  # it trained
+
+
+def qa_lora_base() -> nn.Module:
+    """A tiny Llama quantized to 4-bit g32 asymmetric with float16 zero points (QA-LoRA's merge target)."""
+    model = make_tiny("llama")
+    quantize_model(model, QuantRecipe(QuantConfig(bits=4, group_size=32, zero_point="float")), float_dtype="float32",
+                   progress=False)
+    return model
+
+
+def test_qa_lora_update_is_peft_s_and_merges_into_the_zero_points(tmp_path) -> None:
+    """QA-LoRA (pool = the base's group size): the update equals peft's QALoraLinearVariant on the same tensors; it
+    merges into the zero points — same codes, same scales, same bytes — with the adapted model's logits up to the
+    float16 rounding of the new zero points; the adapter round-trips through peft's config fields."""
+    from types import SimpleNamespace
+
+    from peft.tuners.lora.variants import QALoraLinearVariant
+
+    from lowbit.methods.lora import merge_into_zero_points
+
+    model = qa_lora_base()
+    with torch.no_grad():
+        untrained = model(IDS).logits
+    cfg = LoRAConfig(rank=4, alpha=8, pool=32)
+    layers = add_lora(model, cfg)
+    train_lora(model, layers, TRAIN, QATConfig(steps=6, lr=1e-2, batch_size=8), compute_dtype=torch.float32,
+               progress=False)
+    layer = layers["model.layers.1.mlp.down_proj"]
+    assert tuple(layer.lora_A.shape) == (4, layer.in_features // 32)
+    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(2))
+    peft_module = SimpleNamespace(lora_A={"a": SimpleNamespace(weight=layer.lora_A)},
+                                  lora_B={"a": SimpleNamespace(weight=layer.lora_B)}, lora_dropout={"a": nn.Identity()},
+                                  scaling={"a": layer.scaling}, qalora_group_size={"a": 32},
+                                  in_features=layer.in_features, training=False)
+    with torch.no_grad():
+        base_out = layer.base(x)
+        torch.testing.assert_close(layer(x), QALoraLinearVariant.forward(peft_module, "a", x, base_out),
+                                   rtol=1e-6, atol=1e-6)
+        adapted = model(IDS).logits
+    before = {n: (m.base.qweight.clone(), m.base.quantized_tensor().scale.clone(), m.base.quantized_tensor().nbytes)
+              for n, m in layers.items()}
+    save_adapter(layers, cfg, tmp_path / "qa")
+    merge_into_zero_points(model, layers)
+    with torch.no_grad():
+        merged = model(IDS).logits
+    error, effect = float((merged - adapted).abs().max()), float((adapted - untrained).abs().max())
+    assert 0 < error <= 0.02 * effect, (error, effect)  # float16 zeros; prints the measured pair if not
+    for name, (codes, scale, nbytes) in before.items():
+        qt = model.get_submodule(name).quantized_tensor()
+        assert torch.equal(qt.packed, codes) and torch.equal(qt.scale, scale) and qt.nbytes == nbytes
+    reloaded, back = load_adapter(qa_lora_base(), tmp_path / "qa")
+    assert back.pool == 32 and torch.equal(reloaded["model.layers.1.mlp.down_proj"].lora_A, layer.lora_A)
+
+
+def test_zero_point_merge_refuses_plain_lora_and_symmetric_bases() -> None:
+    from lowbit.errors import ConfigError
+    from lowbit.methods.lora import merge_into_zero_points
+
+    plain = qa_lora_base()
+    with pytest.raises(ConfigError, match="--method gptq"):
+        merge_into_zero_points(plain, add_lora(plain, LoRAConfig(rank=2, alpha=4)))
+    nf4 = quantized_base()
+    with pytest.raises(ConfigError, match="asymmetric integer grid"):
+        merge_into_zero_points(nf4, add_lora(nf4, LoRAConfig(rank=2, alpha=4, pool=32)))
+    with pytest.raises(ConfigError, match="does not divide"):
+        add_lora(qa_lora_base(), LoRAConfig(rank=2, alpha=4, pool=48))

@@ -105,3 +105,29 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path) -> Non
     assert all(torch.equal(a[n], b[n]) for n in a)
     with torch.no_grad():
         assert torch.equal(plain(HELD_OUT).logits, start(HELD_OUT).logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_recomputed_activations_train_to_the_same_model(arch: str) -> None:
+    """Activation checkpointing changes memory, not the math: 6 steps with and without it end with equal codes and
+    logits (float32: the recomputed forward is the same sequence of operations)."""
+    import dataclasses
+
+    from lowbit.model.architectures import find_blocks
+
+    cfg = QATConfig(steps=6, lr=1e-4, scale_lr=1e-2, batch_size=4)
+    plain, teacher = quantized(arch, QuantConfig(bits=3, group_size=32))
+    recomputed = copy.deepcopy(plain)
+    calls = {"plain": 0, "recomputed": 0}
+    for key, model in (("plain", plain), ("recomputed", recomputed)):
+        leaf = next(m for m in find_blocks(model)[0].modules() if not list(m.children()) and not isinstance(m, QLinear))
+        leaf.register_forward_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
+    train_qat(plain, teacher, TRAIN, cfg, compute_dtype=torch.float32, progress=False)
+    train_qat(recomputed, teacher, TRAIN, dataclasses.replace(cfg, recompute=True), compute_dtype=torch.float32,
+              progress=False)
+    assert calls == {"plain": 6, "recomputed": 12}  # each block ran again in the backward pass
+    a, b = codes(plain), codes(recomputed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not any("forward" in vars(m) for m in recomputed.modules())  # the wrappers are gone
+    with torch.no_grad():
+        torch.testing.assert_close(plain(HELD_OUT).logits, recomputed(HELD_OUT).logits, rtol=0, atol=1e-5)
