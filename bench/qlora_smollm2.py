@@ -12,7 +12,7 @@ trainings' peak RSS and step times are recorded (a later run with the same --ste
 the scratch cache and re-evaluates every row).
 
     python bench/qlora_smollm2.py --peer [--steps 200]   # the peft + bitsandbytes row, its own process first
-    python bench/qlora_smollm2.py [--steps 200]
+    python bench/qlora_smollm2.py [--steps 200] [--merges rtn,gptq,gptq+learned]
 """
 
 from __future__ import annotations
@@ -150,7 +150,14 @@ def main() -> None:
     layers, train = _adapter(base, train_ids, LoRAConfig(rank=RANK, alpha=ALPHA), steps, "lora")
     print(train, flush=True)
     row("(c) base + adapter", base, _bytes(base), f"rank {RANK}, α {ALPHA}, {steps} steps × {BATCH} × {SEQLEN}")
+    wanted = sys.argv[sys.argv.index("--merges") + 1].split(",") if "--merges" in sys.argv else None
     for name, method in MERGES:
+        done = CACHE / f"merge-{method}-{steps}.json"  # a row of an earlier run on the same cached adapter
+        if done.is_file():
+            rows.append(json.loads(done.read_text()))
+            continue
+        if wanted is not None and method not in wanted:
+            continue
         merged = copy.deepcopy(base)
         merge_into_float(merged, {n: merged.get_submodule(n) for n in layers})
         start = time.perf_counter()
@@ -158,7 +165,9 @@ def main() -> None:
                        calib_ids=train_ids[:128], calib=CalibConfig(128, SEQLEN), progress=False)
         row(name, merged, _bytes(merged), f"{time.perf_counter() - start:.0f} s"
             + (", calibrated on 128 fine-tune windows" if method != "rtn" else ""))
-    del base, merged
+        done.write_text(json.dumps(rows[-1]))
+        del merged
+    del base
     qa_base = copy.deepcopy(loaded.model)
     quantize_model(qa_base, QuantRecipe(QuantConfig(**QA_GRID)), progress=False)
     row("(g) int4 g64 asym, float16 zeros, base (RTN)", qa_base, _bytes(qa_base))
@@ -176,7 +185,7 @@ def main() -> None:
                      "note": f"base {peer_row['base_ppl']:.4f}; {peer_row['step_seconds']:.2f} s/step, peak RSS "
                              f"{peer_row['peak_rss_mb_training']:.0f} MB"})
     by = {r["row"][:3]: r["held_out_ppl"] for r in rows}
-    kept = {k: (by["(b)"] - by[k]) / (by["(b)"] - by["(c)"]) for k in ("(d)", "(e)", "(f)")}
+    kept = {k: (by["(b)"] - by[k]) / (by["(b)"] - by["(c)"]) if k in by else None for k in ("(d)", "(e)", "(f)")}
     kept["(i)"] = (by["(g)"] - by["(i)"]) / (by["(g)"] - by["(h)"])
     table = markdown_table(["", "held-out perplexity", "quantized layers + adapter bytes", "note"],
                            [(r["row"], r["held_out_ppl"], r["quantized_layer_bytes"], r["note"]) for r in rows])

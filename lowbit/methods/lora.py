@@ -205,7 +205,7 @@ def train_lora(model: nn.Module, layers: dict[str, LoRALinear], train_ids: torch
     named = {name: {"lora_A": layer.lora_A, "lora_B": layer.lora_B} for name, layer in layers.items()}
     return resumable(named, resume_file, lambda state: distill(
         model, None, train_ids, replace(cfg, loss="ce"), params, [], compute_dtype, progress, on_step=on_step,
-        state=state), "LoRA fine-tuning")
+        state=state, desc="LoRA"), "LoRA fine-tuning")
 
 
 def save_adapter(layers: dict[str, LoRALinear], cfg: LoRAConfig, out: str | Path, base_model: str = "",

@@ -191,7 +191,8 @@ class Progress:
 def distill(student: nn.Module, teacher: nn.Module | None, train_ids: torch.Tensor, cfg: QATConfig,
             weights: list[nn.Parameter], scales: list[nn.Parameter], compute_dtype: torch.dtype | None = None,
             progress: bool = True, after_step: Callable[[], None] | None = None,
-            on_step: Callable[[int, float], None] | None = None, state: Progress | None = None) -> QATReport:
+            on_step: Callable[[int, float], None] | None = None, state: Progress | None = None,
+            desc: str = "QAT") -> QATReport:
     """The training loop: ``cfg.steps`` Adam steps of ``cfg.loss`` on random batches of ``train_ids`` (seeded),
     training only ``weights`` (``lr``, gradient-norm clipped) and ``scales`` (``scale_lr``); ``after_step`` runs
     after each update (e.g. to clamp). Any fake-quantized model trains the same way (bench/qat_smollm2.py runs
@@ -223,7 +224,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_ids: torch.Tens
     if teacher is not None:
         teacher.eval()
     report, start = QATReport(list(state.losses)), time.perf_counter()
-    bar = tqdm(range(state.step, cfg.steps), desc="QAT", unit="step", disable=not progress, initial=state.step,
+    bar = tqdm(range(state.step, cfg.steps), desc=desc, unit="step", disable=not progress, initial=state.step,
                total=cfg.steps)
     try:
         with recompute_blocks(student) if cfg.recompute else contextlib.nullcontext():
