@@ -206,8 +206,8 @@ def main() -> None:
              "next-token loss; the base stays packed (its backward dequantizes again). QA-LoRA rows: an int4 g64 "
              "asymmetric base with float16 zero points (4.5 bits per weight, as NF4 g64 with float32 absmax), "
              "adapters whose inputs are averaged per 64 (peft's use_qalora layout), same schedule and batches; "
-             "merged by folding the update into the zero points. Peer (run first, in its own process: python "
-             "bench/qlora_smollm2.py --peer): peft's LoRA, same rank/α/layers, on transformers' bitsandbytes NF4 "
+             "merged by folding the update into the zero points. Peer (when run first, in its own process: python "
+             "bench/qlora_smollm2.py --peer; its row is absent otherwise): peft's LoRA, same rank/α/layers, on transformers' bitsandbytes NF4 "
              f"base ({dtype} compute), trained by the same loop on the same batches.")
     write_results("qlora_smollm2", "QLoRA on SmolLM2-135M: fine-tune on a quantized base, merge, re-quantize",
                   intro, [("Held-out perplexity", table), ("Summary", summary)],

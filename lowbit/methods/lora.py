@@ -22,6 +22,7 @@ re-quantization, nothing of the fine-tune lost but the float16 rounding of the n
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from lowbit.errors import ConfigError, FormatError
 from lowbit.model.modules import set_submodule
 from lowbit.nn.qlinear import QLinear
 
+log = logging.getLogger(__name__)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -183,7 +185,12 @@ def merge_into_zero_points(model: nn.Module, layers: dict[str, LoRALinear]) -> N
                               f"an asymmetric integer grid of that group size (here pool {layer.pool}, base "
                               f"{what}): merge with --method gptq instead")
         update = layer.delta()[:, :: layer.pool]  # [N, G]: the value every input of a group gets
-        zero = qt.zero_points() - update / qt.scale.float()
+        scale = qt.scale.float()
+        dead = scale == 0  # a zero-scale group decodes to 0 whatever its zero point: no offset can be stored there
+        if bool((dead & (update != 0)).any()):
+            log.warning("%s: %d groups have a zero scale; the adapter's update is dropped there",
+                        name, int((dead & (update != 0)).sum()))
+        zero = torch.where(dead, qt.zero_points(), qt.zero_points() - update / torch.where(dead, 1.0, scale))
         merged = QuantizedTensor.from_codes(qt.codes(), qt.scale, zero, replace(cfg, zero_point="float"))
         set_submodule(model, name, QLinear(merged, None if base.bias is None else base.bias.detach()))
 
