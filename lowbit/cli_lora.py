@@ -106,14 +106,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from lowbit.errors import ConfigError
     from lowbit.formats.atomic import check_output
     from lowbit.methods.lora import LoRAConfig, add_lora, save_adapter, train_lora
-    from lowbit.methods.qat import QATConfig
+    from lowbit.methods.qat import QATConfig, state_file
     from lowbit.model.loading import load_model, resolve_source
     from lowbit.nn.qlinear import QLinear
 
     check_output(args.out, args.overwrite, resolve_source(args.model))  # before training, not after
-    state_file = Path(str(args.out).rstrip("/") + ".lora-state.pt")
-    if state_file.exists() and not args.resume:
-        raise ConfigError(f"{state_file} holds an interrupted run: add --resume to continue it, or delete it")
+    state = state_file(args.out, "lora", args.resume)
+    if args.eval_every and not args.eval_text:
+        raise ConfigError("--eval-every needs held-out text: add --eval FILE")
     loaded = load_model(args.model)
     if not any(isinstance(m, QLinear) for m in loaded.model.modules()):
         raise ConfigError(f"{args.model} is not quantized: QLoRA trains on a quantized base — quantize it first "
@@ -128,8 +128,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         held_out = calibration_ids(loaded.tokenizer, read_training_text(args.eval_text, loaded.tokenizer),
                                    CalibConfig(16, args.train_seqlen, seed=args.seed))
         log.info("held-out loss before: %.4f", _mean_loss(loaded.model, held_out))
-    if args.eval_every and held_out is None:
-        raise ConfigError("--eval-every needs held-out text: add --eval FILE")
     layers = add_lora(loaded.model, lora)
 
     def periodic_eval(step: int, _loss: float) -> None:
@@ -139,7 +137,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     report = train_lora(loaded.model, layers, train_ids, QATConfig(steps=args.steps, lr=args.lr,
                                                                     batch_size=args.batch_size, seed=args.seed,
                                                                     recompute=args.recompute_activations),
-                        compute_dtype=compute_dtype_of(args), on_step=periodic_eval, resume_file=state_file)
+                        compute_dtype=compute_dtype_of(args), on_step=periodic_eval, resume_file=state)
     out = save_adapter(layers, lora, args.out, str(args.model), overwrite=args.overwrite)
     first, last = report.first_last if report.losses else (float("nan"), float("nan"))
     print(f"wrote {out}: {len(layers)} adapted layers, {len(report.losses)} steps in {report.seconds:.0f} s, "
@@ -163,7 +161,6 @@ def _base_group_width(model: Any, targets: tuple[str, ...]) -> int:
 
 
 def cmd_merge(args: argparse.Namespace, recipe: Any) -> int:
-
     from lowbit.calib.data import CalibConfig, calibration_ids
     from lowbit.config import compute_dtype_of
     from lowbit.data.text import read_text

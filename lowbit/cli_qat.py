@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -62,17 +61,17 @@ def cmd_qat(args: argparse.Namespace, recipe: Any, evaluate: Any) -> int:
     from lowbit.calib.data import CalibConfig, calibration_ids
     from lowbit.config import compute_dtype_of
     from lowbit.data.text import read_text
-    from lowbit.errors import ConfigError
     from lowbit.formats.atomic import check_output
     from lowbit.formats.serving import check_recipe
     from lowbit.methods.method import MethodConfig
-    from lowbit.methods.qat import QATConfig, train_qat
+    from lowbit.methods.qat import QATConfig, state_file, train_qat
     from lowbit.model.loading import load_model, resolve_source
     from lowbit.quantize import quantize_model
 
     cfg = QATConfig(steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, batch_size=args.batch_size,
                     loss=args.loss, seed=args.seed, recompute=args.recompute_activations)
     check_output(args.out, args.overwrite, resolve_source(args.model))
+    state = state_file(args.out, "qat", args.resume)  # before the model loads and the PTQ start runs
     loaded = load_model(args.model)
     if args.format != "lowbit":
         check_recipe(loaded.model, recipe, args.format, MethodConfig.parse(args.init))
@@ -92,11 +91,8 @@ def cmd_qat(args: argparse.Namespace, recipe: Any, evaluate: Any) -> int:
                                 CalibConfig(max(args.steps * args.batch_size, 1), args.train_seqlen, seed=args.seed))
     log.info("QAT: %d steps × %d windows of %d tokens from %s", args.steps, args.batch_size, args.train_seqlen,
              train_source)
-    state_file = Path(str(args.out).rstrip("/") + ".qat-state.pt")
-    if state_file.exists() and not args.resume:
-        raise ConfigError(f"{state_file} holds an interrupted run: add --resume to continue it, or delete it")
     report = train_qat(student, teacher, train_ids, cfg, compute_dtype=compute_dtype_of(args),
-                       resume_file=state_file)
+                       resume_file=state)
     out = save_model(loaded, student, args)
     extra: list[tuple[str, Any]] = [("PTQ start", method.name), ("QAT", f"{len(report.losses)} steps in "
                                                                        f"{report.seconds:.0f} s ({args.loss} loss)")]

@@ -31,7 +31,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -147,6 +147,15 @@ def _load_state(path: Path, params: TrainedParameters) -> Progress:
     return Progress(data["step"], list(data["losses"]), data["optimiser"])
 
 
+def state_file(out: str | Path, kind: str, resume: bool) -> Path:
+    """Where a run writing ``out`` keeps its interrupted state (``OUT.<kind>-state.pt``); an existing one is
+    refused unless ``resume`` (the user decides whether to continue or drop it)."""
+    path = Path(str(out).rstrip("/") + f".{kind}-state.pt")
+    if path.exists() and not resume:
+        raise ConfigError(f"{path} holds an interrupted run: add --resume to continue it, or delete it")
+    return path
+
+
 def resumable(params: TrainedParameters, resume_file: Path | None, run: Callable[[Progress], QATReport],
               what: str = "training") -> QATReport:
     """Run ``run(progress)`` so that an interruption can be continued: if ``resume_file`` exists, the parameters,
@@ -226,44 +235,38 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_ids: torch.Tens
     report, start = QATReport(list(state.losses)), time.perf_counter()
     bar = tqdm(range(state.step, cfg.steps), desc=desc, unit="step", disable=not progress, initial=state.step,
                total=cfg.steps)
+    blocks = contextlib.ExitStack()  # activation checkpointing, undone however the loop ends
+    if cfg.recompute:
+        blocks.enter_context(recompute_blocks(student))
     try:
-        with recompute_blocks(student) if cfg.recompute else contextlib.nullcontext():
-            _steps(student, teacher, train_ids, cfg, optimiser, base, order, weights, compute_dtype, bar, report,
-                   state, after_step, on_step)
+        for step in bar:
+            ids = train_ids[torch.randint(0, train_ids.shape[0], (cfg.batch_size,), generator=order)]
+            with torch.autocast("cpu", dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+                teacher_logits = None
+                if cfg.loss == "kl":
+                    with torch.no_grad():
+                        teacher_logits = teacher(ids, use_cache=False).logits
+                loss = _loss(student(ids, use_cache=False).logits, teacher_logits, ids, cfg.loss)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(weights, cfg.grad_clip)
+            for group, lr in zip(optimiser.param_groups, base):
+                group["lr"] = lr * cfg.rate(step)
+            optimiser.step()
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step()
+            report.losses.append(float(loss.detach()))
+            state.step, state.losses = step + 1, report.losses
+            bar.set_postfix_str(f"loss {report.losses[-1]:.4f}")
+            if on_step is not None:
+                on_step(step, report.losses[-1])
     finally:
+        blocks.close()
         report.seconds = time.perf_counter() - start
         for p in student.parameters():
             p.requires_grad_(False)
     return report
-
-
-def _steps(student: nn.Module, teacher: nn.Module | None, train_ids: torch.Tensor, cfg: QATConfig,
-           optimiser: torch.optim.Optimizer, base: list[float], order: torch.Generator, weights: list[nn.Parameter],
-           compute_dtype: torch.dtype, bar: Any, report: QATReport, state: Progress,
-           after_step: Callable[[], None] | None, on_step: Callable[[int, float], None] | None) -> None:
-    """The optimiser steps of :func:`distill` (see there)."""
-    for step in bar:
-        ids = train_ids[torch.randint(0, train_ids.shape[0], (cfg.batch_size,), generator=order)]
-        with torch.autocast("cpu", dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-            teacher_logits = None
-            if cfg.loss == "kl":
-                with torch.no_grad():
-                    teacher_logits = teacher(ids, use_cache=False).logits
-            loss = _loss(student(ids, use_cache=False).logits, teacher_logits, ids, cfg.loss)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(weights, cfg.grad_clip)
-        for group, lr in zip(optimiser.param_groups, base):
-            group["lr"] = lr * cfg.rate(step)
-        optimiser.step()
-        if after_step is not None:
-            with torch.no_grad():
-                after_step()
-        report.losses.append(float(loss.detach()))
-        state.step, state.losses = step + 1, report.losses
-        bar.set_postfix_str(f"loss {report.losses[-1]:.4f}")
-        if on_step is not None:
-            on_step(step, report.losses[-1])
 
 
 def train_qat(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, cfg: QATConfig,
