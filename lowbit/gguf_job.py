@@ -45,7 +45,8 @@ from lowbit.calib.stats import InputStats
 from lowbit.calib.spill import SPILL_FOLDER
 from lowbit.config import COMPUTE_DTYPES, QuantRecipe
 from lowbit.errors import ConfigError
-from lowbit.formats.gguf.convert import gguf_arch, gguf_name_map, gguf_shapes, to_gguf_layout
+from lowbit.formats.gguf.convert import (check_gguf_semantics, extra_tensors, gguf_arch, gguf_name_map, gguf_shapes,
+                                         to_gguf_layout)
 from lowbit.formats.gguf.grids import APPROX_CONFIG
 from lowbit.formats.gguf.recipes import ModelFacts, tensor_types
 from lowbit.formats.gguf.sink import GGUFSink
@@ -105,6 +106,7 @@ def quantize_to_gguf(
         raise ConfigError(f"method {method.name} needs calibration data: pass calibration token ids (--calib FILE)")
     calib = calib or CalibConfig()
     config = model.config
+    check_gguf_semantics(config)
     name_of = gguf_name_map(config)
     shapes = gguf_shapes(model)
     types = tensor_types(ftype, shapes, ModelFacts.from_config(config, gguf_arch(config.model_type)), overrides,
@@ -215,6 +217,8 @@ def run_gguf_job(job: Any, sm: StreamingModel, partial: Path, state: dict | None
             else:
                 sink.add_tensor(name, torch.from_numpy(to_gguf_layout(name, sm.read(hf_name).float().numpy(),
                                                                       config)))
+        for name, values in extra_tensors(config).items():  # rotary scaling divisors
+            sink.add_tensor(name, torch.from_numpy(values))
         sink.finish()
     except BaseException:
         sink.abort()

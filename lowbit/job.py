@@ -44,6 +44,7 @@ from lowbit.formats.serving_sink import SINK_FORMATS, ServingSink, float_linears
 from lowbit.formats.shards import DEFAULT_SHARD_BYTES, ShardWriter
 from lowbit.methods.method import MethodConfig
 from lowbit.model.loading import open_model, resolve_source
+from lowbit.model.modules import expert_stacks
 from lowbit.model.source import StreamingModel
 from lowbit.pipeline import BlockPlan, quantize_sequential
 from lowbit.quantize import run_record as run_record_of
@@ -202,6 +203,7 @@ def quantize_and_save(job: QuantizeJob, overwrite: bool = False, resume: bool = 
             check_recipe(sm.model, job.recipe, job.fmt, job.method)  # before any work: can the format hold it?
         partial, state = _prepare_partial(out, resume, fp)
         checkpoints = _Checkpoints(partial, fp)
+        _note_expert_stacks(sm.model, job)
         if job.fmt == "gguf":
             from lowbit.gguf_job import run_gguf_job
 
@@ -233,6 +235,21 @@ def _folder_sink(job: QuantizeJob, sm: StreamingModel, plan: BlockPlan, partial:
     tied = bool(getattr(sm.model.config.get_text_config(), "tie_word_embeddings", False))
     return ServingSink(partial, job.fmt, job.float_dtype, job.method.name, float_linears(sm.model),
                        plan.spec.blocks + ".", set(sm.tied) if tied else set(), job.max_shard_bytes, sink_state)
+
+
+def _note_expert_stacks(model: torch.nn.Module, job: QuantizeJob) -> None:
+    """Say what happens to a mixture-of-experts model's stacked expert weights, which are not linear layers."""
+    stacks = expert_stacks(model)
+    if not stacks:
+        return
+    share = sum(stacks.values()) / max(1, sum(p.numel() for p in model.parameters()))
+    if job.fmt != "gguf":
+        log.warning("%d stacked expert weights (%.0f %% of the parameters) stay in %s: lowbit's %s format quantizes "
+                    "linear layers; export --format gguf to quantize the experts too", len(stacks), 100 * share,
+                    job.float_dtype, job.fmt)
+    elif job.method.name != "rtn":
+        log.info("%d stacked expert weights (%.0f %% of the parameters) use llama.cpp's encoders (the %s rounding "
+                 "covers the linear layers)", len(stacks), 100 * share, job.method.name)
 
 
 def _run_folder(job: QuantizeJob, sm: StreamingModel, partial: Path, state: dict | None, checkpoints: _Checkpoints,

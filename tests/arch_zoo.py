@@ -34,7 +34,23 @@ CONFIGS: dict[str, Callable[[], Any]] = {
     "qwen2_moe": lambda: tf.Qwen2MoeConfig(**_SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                            shared_expert_intermediate_size=64),
     "qwen3_moe": lambda: tf.Qwen3MoeConfig(**_SMALL, head_dim=16, num_experts=4, num_experts_per_tok=2,
-                                           moe_intermediate_size=32),
+                                           moe_intermediate_size=32, norm_topk_prob=True),
+    # rotary scaling as real checkpoints use it (Llama 3.1's llama3, Qwen2.5's YaRN, Gemma 3's linear + local θ,
+    # Phi-3-128k's LongRoPE), at sizes where it changes the logits of a 12-token prompt
+    "llama+llama3-rope": lambda: tf.LlamaConfig(**{**_SMALL, "max_position_embeddings": 16384}, head_dim=64,
+                                                rope_parameters=dict(rope_type="llama3", rope_theta=500000.0,
+                                                                     factor=8.0, low_freq_factor=1.0,
+                                                                     high_freq_factor=4.0,
+                                                                     original_max_position_embeddings=8192)),
+    "qwen2+yarn": lambda: tf.Qwen2Config(**_SMALL, rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=4.0,
+                                                                         original_max_position_embeddings=64)),
+    "gemma3_text+linear-rope": lambda: tf.Gemma3TextConfig(
+        **{**_SMALL, "num_hidden_layers": 6}, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+        rope_parameters={"full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1e6),
+                         "sliding_attention": dict(rope_type="default", rope_theta=1e4)}),
+    "phi3+longrope": lambda: tf.Phi3Config(**_SMALL, pad_token_id=0, rope_parameters=dict(
+        rope_type="longrope", rope_theta=1e4, original_max_position_embeddings=64,
+        long_factor=[1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0], short_factor=[1.0, 1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0])),
 }
 PROMPT = [1, 5, 9, 17, 33, 65, 129, 257, 300, 7, 44, 480]
 

@@ -75,6 +75,13 @@ def select_layers(model: nn.Module, recipe: QuantRecipe, spec: ArchSpec | None =
     return targets
 
 
+def expert_stacks(model: nn.Module) -> dict[str, int]:
+    """``{name: element count}`` of the model's stacked weights — 3-D parameters such as a mixture-of-experts
+    block's ``experts.gate_up_proj [E, 2I, H]``: one matrix per expert in one tensor, not a linear layer, so the
+    linear-layer quantizers leave them alone (GGUF encodes them row by row like any tensor)."""
+    return {name: p.numel() for name, p in model.named_parameters() if p.dim() >= 3}
+
+
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

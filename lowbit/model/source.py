@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lowbit.errors import ModelLoadError
+from lowbit.model.fused import FusingSource, needs_fusing
 from lowbit.model.validate import check_config_sizes, config_errors, read_config_json, verify_tensors
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,9 @@ class StreamingModel:
                                          "checkpoint is incomplete or belongs to another architecture")
                 continue
             tensor = self.read(full)
+            if tensor.shape != current.shape and [d for d in tensor.shape if d != 1] == [
+                    d for d in current.shape if d != 1]:
+                tensor = tensor.reshape(current.shape)  # [H] / [1, H] / [1, 1, H]: writers and readers differ
             if tensor.shape != current.shape:
                 raise ModelLoadError(f"{full} in {self.path} has shape {tuple(tensor.shape)}, the config implies "
                                      f"{tuple(current.shape)}: the checkpoint does not match its config.json")
@@ -367,8 +371,10 @@ def open_hf_folder(folder: Path, dtype: torch.dtype, tokenizer: Any) -> Streamin
         raise ModelLoadError(f"unknown architecture {raw.get('model_type')!r} in {folder}/config.json: this "
                              "transformers version cannot build it; upgrade transformers or use a supported model "
                              f"({exc})") from exc
-    source = SafetensorsSource.from_folder(folder)
+    source: Any = SafetensorsSource.from_folder(folder)
     model = meta_skeleton(config)
+    if needs_fusing(config.model_type, source.names):  # per-expert tensors → the model's fused parameters
+        source = FusingSource(source, config.model_type, frozenset(model.state_dict()))
     tied = tied_names(model, source.names)
     verify_tensors(model, source.names, tied, str(folder), shapes=source.shapes())
     load_generation(model, folder)

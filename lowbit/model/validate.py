@@ -92,12 +92,6 @@ def verify_tensors(model: nn.Module, stored: frozenset[str], tied: dict[str, str
     problems = [f"{len(names)} {what} ({', '.join(names[:4])}{', …' if len(names) > 4 else ''})"
                 for what, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
                                     ("tensors of the wrong shape (file vs config)", wrong)) if names]
-    per_expert = re.compile(r"\.experts\.\d+\.")
-    if any(per_expert.search(n) for n in unexpected) and any(".experts." in n for n in missing):
-        raise ModelLoadError(f"{path}: a mixture-of-experts checkpoint stored one tensor per expert, which transformers "
-                             "fuses while loading; lowbit reads tensors by name and does not support "
-                             "mixture-of-experts models yet. Dense architectures work: llama, mistral, qwen2, qwen3, "
-                             "phi3, gemma2, gemma3, gpt2, starcoder2, stablelm, falcon, opt and more")
     if problems:
         raise ModelLoadError(f"{path}: the tensors do not match what its config describes: {'; '.join(problems)}. "
                              "lowbit never fills missing weights with random values: use the checkpoint's own "

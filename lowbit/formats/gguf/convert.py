@@ -26,6 +26,7 @@ import torch
 from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
 
 from lowbit.errors import FormatError
+from lowbit.formats.gguf.rope import rope_keys, rope_tensors
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,11 @@ ARCH_ALIASES = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gp
                 "gemma3_text": "gemma3"}
 # model_type → the key of transformers' GGUF_CONFIG_MAPPING that describes it
 CONFIG_TABLE_ALIASES = {"gemma3_text": "gemma3"}
+# GGUF keys llama.cpp reads that transformers' reader table does not map (so transformers leaves the attribute at
+# its class default when it reads a GGUF): written from the config, read back by complete_config
+EXTRA_KEYS = {"expert_feed_forward_length": "moe_intermediate_size",
+              "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
+              "use_parallel_residual": "use_parallel_residual"}
 # architectures whose llama.cpp loader reads ``attention.layer_norm_epsilon`` (LayerNorm), not the RMS one
 LAYER_NORM_ARCHS = {"falcon", "gpt2", "stablelm", "starcoder2", "phi2", "bloom", "gptneox", "starcoder", "mpt"}
 
@@ -55,6 +61,40 @@ def gguf_arch(model_type: str) -> str:
         raise FormatError(f"cannot write GGUF for model_type {model_type!r}: supported are {', '.join(known)} "
                           "(export another format, e.g. the native lowbit folder)")
     return arch
+
+
+# Routing constants llama.cpp's graph fixes per architecture (it reads no key for them): transformers' own table of
+# what it assumes when it reads such a GGUF, plus the ones it leaves at the class default
+_FIXED_BY_LLAMA_CPP = {"qwen2_moe": {"norm_topk_prob": False}}
+# llama.cpp's sliding-window layer pattern per architecture (set_swa_pattern(n): layer i is full attention when
+# i % n == n - 1); a config whose layer_types differ cannot be described by a GGUF
+_SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6}
+# layer counts llama.cpp's Gemma graphs recognise as the 27B model (attention scaled by 1/√(hidden/heads) there)
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62, "gemma3_text": 62}
+
+
+def check_gguf_semantics(config: Any) -> None:
+    """Refuse a model whose config asks for something llama.cpp's graph for its architecture does not compute
+    (Qwen3-MoE with un-normalised top-k routing weights, Gemma with another sliding-window layer pattern): its
+    GGUF would load and give other outputs."""
+    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING
+
+    fixed = {**_FIXED_BY_LLAMA_CPP.get(config.model_type, {}),
+             **GGUF_CONFIG_DEFAULTS_MAPPING.get(config.model_type, {})}
+    pattern = _SWA_PATTERN.get(config.model_type)
+    if pattern and getattr(config, "layer_types", None) is not None:
+        fixed["layer_types"] = ["full_attention" if i % pattern == pattern - 1 else "sliding_attention"
+                                for i in range(len(config.layer_types))]
+    if config.model_type in _GEMMA_27B_LAYERS and getattr(config, "query_pre_attn_scalar", None) is not None:
+        big = _first(config, "num_hidden_layers") == _GEMMA_27B_LAYERS[config.model_type]
+        fixed["query_pre_attn_scalar"] = (config.hidden_size // config.num_attention_heads if big
+                                          else config.head_dim)
+    differ = {k: v for k, v in fixed.items() if hasattr(config, k) and getattr(config, k) != v}
+    if differ:
+        raise FormatError(f"llama.cpp computes {config.model_type} with "
+                          f"{', '.join(f'{k}={v}' for k, v in differ.items())} and reads no GGUF key for it; this model "
+                          f"has {', '.join(f'{k}={getattr(config, k)}' for k in differ)}, so its GGUF would give other "
+                          "outputs: export another format (lowbit, compressed-tensors, gptq)")
 
 
 def _permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -83,7 +123,7 @@ TENSOR_TRANSFORMS: dict[str, Callable[[str, np.ndarray, Any], np.ndarray]] = {
 @functools.lru_cache(maxsize=8)
 def _tensor_name_map(arch: str, blocks: int) -> Any:
     """gguf-py's ``TensorNameMap`` (it formats every name of every block: 0.14 s for 80 blocks — built once)."""
-    return get_tensor_name_map(next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch), blocks)
+    return get_tensor_name_map(_arch_enum(arch), blocks)
 
 
 def gguf_name_map(config: Any) -> Callable[[str], str]:
@@ -132,6 +172,27 @@ def gguf_state(model: torch.nn.Module, materialize: bool) -> Iterator[tuple[str,
         if block is not None:
             yield from module_gguf_state(model.config, block, part, materialize)
     yield from module_gguf_state(model.config, model, "", materialize, exclude=prefix)
+    for name, values in extra_tensors(model.config).items():
+        yield name, torch.from_numpy(values) if materialize else torch.empty(values.shape, device="meta")
+
+
+def extra_tensors(config: Any) -> dict[str, np.ndarray]:
+    """Tensors llama.cpp needs that the model computes instead of storing (rotary scaling divisors), written after
+    everything else; refused when this architecture's llama.cpp graph has no slot for them."""
+    from gguf import MODEL_TENSORS, TENSOR_NAMES
+
+    extra = rope_tensors(config)
+    arch = gguf_arch(config.model_type)
+    allowed = {TENSOR_NAMES[t] + ".weight" for t in MODEL_TENSORS[_arch_enum(arch)]}
+    refused = sorted(set(extra) - allowed)
+    if refused:
+        raise FormatError(f"this model's rotary scaling needs {', '.join(refused)}, which llama.cpp's {arch} graph "
+                          "does not read: export another format (lowbit, compressed-tensors, gptq)")
+    return extra
+
+
+def _arch_enum(arch: str) -> Any:
+    return next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
 
 
 def module_gguf_state(config: Any, module: torch.nn.Module, prefix: str, materialize: bool,
@@ -141,6 +202,7 @@ def module_gguf_state(config: Any, module: torch.nn.Module, prefix: str, materia
     meta tensors of their shape; a tied ``lm_head`` is skipped."""
     from transformers.pytorch_utils import Conv1D
 
+    from lowbit.model.fused import unfuse
     from lowbit.nn.qlinear import QLinear
 
     name_of = gguf_name_map(config)
@@ -163,9 +225,10 @@ def module_gguf_state(config: Any, module: torch.nn.Module, prefix: str, materia
                 entries.append((full, tensor.detach()))
             continue
         entries.append((full, tensor.detach().t() if owner in conv1d and leaf == "weight" else tensor.detach()))
-    for hf_name, tensor in entries:
-        if not (tied and hf_name.startswith("lm_head.")):
-            yield name_of(hf_name), tensor.float() if materialize else tensor
+    for fused_name, fused in entries:
+        for hf_name, tensor in unfuse(config.model_type, fused_name, fused):  # experts: gate_up → gate, up
+            if not (tied and hf_name.startswith("lm_head.")):
+                yield name_of(hf_name), tensor.float() if materialize else tensor
 
 
 def _first(config: Any, *attrs: str) -> Any:
@@ -185,8 +248,6 @@ def _derived(key: str, config: Any, arch: str) -> Any:
         factor = _first(config, "partial_rotary_factor") or (getattr(config, "rope_parameters", None) or {}).get(
             "partial_rotary_factor") or 1.0
         return int(head_dim * factor)
-    if key == "rope.freq_base":
-        return (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
     if key == "attention.head_count_kv" and getattr(config, "multi_query", False):
         return 1  # Falcon-7B style multi-query attention
     if key in ("attention.layer_norm_epsilon", "attention.layer_norm_rms_epsilon"):
@@ -214,18 +275,23 @@ def hyperparameters(config: Any) -> dict[str, Any]:
             value = _derived(key, config, arch)
         if value is not None and not isinstance(value, (list, dict)):
             values[f"{arch}.{key}"] = value
+    for key, attr in EXTRA_KEYS.items():
+        if isinstance(getattr(config, attr, None), (int, bool)):
+            values.setdefault(f"{arch}.{key}", getattr(config, attr))
+    values.update(rope_keys(config, arch))  # θ (full / sliding-window layers) and the scaling scheme
     head_dim = getattr(config, "head_dim", None)
     heads = _first(config, "num_attention_heads", "n_head")
     default = _first(config, "hidden_size", "n_embd") // heads if heads else None
     if isinstance(head_dim, int) and head_dim != default:  # llama.cpp defaults it to hidden / heads (Qwen3 differs)
         values.setdefault(f"{arch}.attention.key_length", head_dim)
-        values.setdefault(f"{arch}.attention.value_length", head_dim)
+    if f"{arch}.attention.key_length" in values:  # llama.cpp defaults the value length to hidden / heads, not to it
+        values.setdefault(f"{arch}.attention.value_length", values[f"{arch}.attention.key_length"])
     return values
 
 
 def complete_config(config: Any, metadata: dict[str, Any]) -> Any:
     """Fields transformers' GGUF reader leaves at their defaults although the file states them (the inverse of
-    what :func:`hyperparameters` adds): ``head_dim`` from ``attention.key_length`` (hidden / heads when absent, as
+    what :func:`hyperparameters` adds): the :data:`EXTRA_KEYS` (expert widths), ``head_dim`` from ``attention.key_length`` (hidden / heads when absent, as
     llama.cpp reads it), GPT-2's ``n_positions`` from ``context_length``, a ``pad_token_id`` inside the vocabulary."""
     arch = ARCH_ALIASES.get(config.model_type, config.model_type)
     key_length = metadata.get(f"{arch}.attention.key_length")
@@ -239,6 +305,16 @@ def complete_config(config: Any, metadata: dict[str, Any]) -> Any:
     if isinstance(pad, int) and vocab is not None and pad >= vocab:  # a class default beyond this vocabulary
         stored = metadata.get("tokenizer.ggml.padding_token_id")
         config.pad_token_id = int(stored) if stored is not None and int(stored) < vocab else None
+    for key, attr in EXTRA_KEYS.items():
+        if metadata.get(f"{arch}.{key}") is not None and hasattr(config, attr):
+            value = metadata[f"{arch}.{key}"]
+            setattr(config, attr, bool(value) if isinstance(getattr(config, attr), bool) else int(value))
+    if config.model_type in _GEMMA_27B_LAYERS and hasattr(config, "query_pre_attn_scalar"):
+        # llama.cpp scales attention by 1/√head_dim, by 1/√(hidden/heads) for the 27B models only; transformers'
+        # reader keeps the class default (256)
+        big = _first(config, "num_hidden_layers") == _GEMMA_27B_LAYERS[config.model_type]
+        config.query_pre_attn_scalar = (config.hidden_size // config.num_attention_heads if big
+                                        else config.head_dim)
     context = metadata.get(f"{arch}.context_length")
     if context is not None and hasattr(config, "n_positions"):
         config.n_positions = int(context)

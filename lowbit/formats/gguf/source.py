@@ -28,6 +28,7 @@ from gguf.quants import dequantize
 from lowbit.errors import ModelLoadError
 from lowbit.formats.gguf.bounds import check_gguf_bounds
 from lowbit.formats.gguf.convert import complete_config
+from lowbit.formats.gguf.rope import rope_from_gguf
 from lowbit.model.loading import register_opener
 from lowbit.model.source import StreamingModel, meta_skeleton, tied_names
 from lowbit.model.validate import MAX_LAYERS, config_errors, verify_tensors
@@ -53,12 +54,13 @@ class GGUFSource:
         self._parsed = parsed
         self._to_hf = get_gguf_hf_weights_map(model, self._processor)
         self._tensors = {t.name: t for t in self._reader.tensors}
-        self._by_hf: dict[str, Any] = {}
+        self._by_hf: dict[str, list[Any]] = {}  # several GGUF tensors make one fused parameter (MoE gate + up)
         unmapped = []
         for gguf_name, tensor in self._tensors.items():
-            hf = self._to_hf.get(gguf_name)
+            # bare parameters (MoE ``experts.down_proj``, no ``.weight``) are mapped without the file's suffix
+            hf = self._to_hf.get(gguf_name) or self._to_hf.get(gguf_name.removesuffix(".weight"))
             if hf is not None:
-                self._by_hf[hf] = tensor
+                self._by_hf.setdefault(hf, []).append(tensor)
             elif not gguf_name.startswith(_DERIVED):
                 unmapped.append(gguf_name)
         self.names = frozenset(self._by_hf)
@@ -70,22 +72,29 @@ class GGUFSource:
             raw.madvise(mmap.MADV_DONTNEED)
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        tensor = self._by_hf.get(name)
-        if tensor is None:
+        """The parameter ``name``: its GGUF tensor dequantized, through the architecture's processor. A parameter
+        made of several GGUF tensors (``ffn_gate_exps`` + ``ffn_up_exps`` → ``experts.gate_up_proj``) is assembled
+        by the processor itself, into a scratch ``tensors`` dict as ``load_gguf_checkpoint`` would."""
+        tensors = self._by_hf.get(name)
+        if not tensors:
             raise ModelLoadError(f"{self.path} has no tensor for {name!r}: the file does not match its metadata")
-        try:
-            weights = dequantize_tensor(tensor, self.path)
-            result = self._processor.process(weights=weights, name=tensor.name, tensor_key_mapping=self._to_hf,
-                                             parsed_parameters=self._parsed)
-        except (ValueError, IndexError, NotImplementedError) as exc:
-            raise ModelLoadError(f"cannot decode {tensor.name} in {self.path} ({exc}): corrupt or unsupported") from exc
-        finally:
-            self._drop_pages()
-        out = torch.from_numpy(np.copy(result.weights))
+        scratch: dict[str, Any] = {**self._parsed, "tensors": {}}
+        out = None
+        for tensor in tensors:
+            try:
+                weights = dequantize_tensor(tensor, self.path)
+                result = self._processor.process(weights=weights, name=tensor.name, tensor_key_mapping=self._to_hf,
+                                                 parsed_parameters=scratch)
+            except (ValueError, IndexError, NotImplementedError) as exc:
+                raise ModelLoadError(f"cannot decode {tensor.name} in {self.path} ({exc}): corrupt or "
+                                     "unsupported") from exc
+            finally:
+                self._drop_pages()
+            out = torch.from_numpy(np.copy(result.weights)) if result.name is not None else scratch["tensors"][name]
         return out if dtype is None else out.to(dtype)
 
     def read_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        tensor = self._by_hf.get(name)
+        tensor = (self._by_hf.get(name) or [None])[0]
         if tensor is None or tensor.data.ndim != 2 or tensor.name not in ("token_embd.weight", "output.weight"):
             return self.read(name, dtype)[start:stop]  # only the vocabulary tables are read by rows
         try:
@@ -154,11 +163,12 @@ def read_gguf(path: Path) -> GGUFReader:
         raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}): re-download it") from exc
 
 
-def _scalars(reader: Any) -> dict[str, Any]:
-    """The file's single-valued numeric metadata, by key."""
+def _scalars(reader: Any, strings: bool = False) -> dict[str, Any]:
+    """The file's single-valued numeric (and with ``strings``, string) metadata, by key."""
     out = {}
+    skip = ("ARRAY",) if strings else ("STRING", "ARRAY")
     for key, field in reader.fields.items():
-        if len(field.types) == 1 and len(field.data) == 1 and field.types[0].name not in ("STRING", "ARRAY"):
+        if len(field.types) == 1 and len(field.data) == 1 and field.types[0].name not in skip:
             out[key] = field.contents()
     return out
 
@@ -176,6 +186,8 @@ def open_gguf(path: Path, dtype: torch.dtype, load_tokenizer: Callable[[], Any])
             parsed = load_gguf_checkpoint(str(path), return_tensors=False)
             config = CONFIG_MAPPING[parsed["config"]["model_type"]].from_dict(dict(parsed["config"]))
             config = complete_config(config, _scalars(reader))
+            rope_from_gguf(config, _scalars(reader, strings=True), str(reader.fields["general.architecture"].contents()),
+                           {t.name: dequantize_tensor(t, path) for t in reader.tensors if t.name.startswith(_DERIVED)})
         except (OSError, NotImplementedError, IndexError, *config_errors()) as exc:
             raise ModelLoadError(f"transformers cannot build a model from {path} ({exc}): its architecture may be "
                                  "unsupported") from exc

@@ -121,11 +121,12 @@ def gguf_plan(model: Any, ftype: str, overrides: dict[str, str] | None = None, h
               ) -> tuple[dict[str, tuple[int, ...]], dict[str, GGMLQuantizationType]]:
     """``(shapes, types)`` of the GGUF file ``model`` becomes as ``ftype``: every tensor's ne shape in file
     order and its block type (llama.cpp's rules + ``overrides``). Reads no weights (a meta skeleton works)."""
-    from lowbit.formats.gguf.convert import gguf_shapes
+    from lowbit.formats.gguf.convert import check_gguf_semantics, gguf_shapes
     from lowbit.formats.gguf.recipes import ModelFacts, tensor_types
 
     config = model.config
     arch = gguf_arch(config.model_type)
+    check_gguf_semantics(config)
     file_type(ftype)
     shapes = gguf_shapes(model)
     types = tensor_types(ftype, shapes, ModelFacts.from_config(config, arch), overrides, has_imatrix=has_imatrix)
@@ -170,7 +171,9 @@ def write_gguf(
     reference encoders). ``has_imatrix``: the weights were chosen with calibration data (llama.cpp's mixes then differ for
     Q4_0/Q5_0). ``metadata``: extra string key/values (e.g. how lowbit calibrated).
     """
-    from lowbit.formats.gguf.convert import stream_parts
+    import torch
+
+    from lowbit.formats.gguf.convert import extra_tensors, stream_parts
     from lowbit.formats.gguf.sink import GGUFSink
     from lowbit.model.architectures import spec_for
 
@@ -187,6 +190,8 @@ def write_gguf(
                 sink.add_module(block, prefix)
             else:
                 sink.add_module(model, "", exclude=blocks)
+        for name, values in extra_tensors(model.config).items():
+            sink.add_tensor(name, torch.from_numpy(values))
         sink.finish()
         os.replace(tmp, path)
     except BaseException:
