@@ -15,6 +15,9 @@ from lowbit.model.loading import LoadedModel, load_model
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, no OpenMP oversubscription
+    torch.set_num_threads(1)
+
 TINY_CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(
         vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -48,6 +51,15 @@ def make_tiny(arch: str, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def tiny_arch(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def bpe512() -> object:
+    """A real byte-level BPE tokenizer of 512 tokens (trained on the built-in text): GGUF files written with it
+    parse in milliseconds, where SmolLM2's 49k-token vocabulary takes seconds per read."""
+    from arch_zoo import tiny_tokenizer
+
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")

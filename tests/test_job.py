@@ -65,18 +65,17 @@ def test_streamed_gguf_is_byte_identical_to_in_memory(deep_folder: Path, tmp_pat
     assert (tmp_path / "stream.gguf").read_bytes() == (tmp_path / "memory.gguf").read_bytes()
 
 
-@pytest.mark.slow
-def test_gguf_source_reads_what_transformers_loads(tmp_path: Path, smollm2_session) -> None:
+def test_gguf_source_reads_what_transformers_loads(tmp_path: Path, bpe512) -> None:
     for arch, config in {
-        "llama": transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+        "llama": transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-        "qwen2": transformers.Qwen2Config(vocab_size=49152, hidden_size=64, intermediate_size=128,
+        "qwen2": transformers.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128,
                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
     }.items():
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config).eval()
         path = tmp_path / f"{arch}.gguf"
-        write_gguf(model, path, "F32", tokenizer=smollm2_session.tokenizer, progress=False)
+        write_gguf(model, path, "F32", tokenizer=bpe512, progress=False)
         whole = transformers.AutoModelForCausalLM.from_pretrained(  # transformers' own GGUF reader
             tmp_path, gguf_file=path.name, dtype=torch.float32).state_dict()
         sm = open_model(path)

@@ -76,15 +76,14 @@ def test_tied_head_and_computed_buffers_are_not_missing(tmp_path: Path, smollm2_
 
 
 @pytest.fixture
-def tiny_gguf(tmp_path: Path, smollm2_session) -> Path:
-    """A tiny random Llama as GGUF F16 with SmolLM2's tokenizer (parsing its 49k-token vocabulary takes seconds:
-    the GGUF tests are slow)."""
+def tiny_gguf(tmp_path: Path, bpe512) -> Path:
+    """A tiny random Llama as GGUF F16 with a real 512-token BPE tokenizer."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2)
     path = tmp_path / "tiny.gguf"
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    write_gguf(model, path, "F16", tokenizer=smollm2_session.tokenizer, progress=False)
+    write_gguf(model, path, "F16", tokenizer=bpe512, progress=False)
     return path
 
 
@@ -102,14 +101,12 @@ def _edit_gguf(path: Path, key: str, value: int | bytes) -> None:
     part.base.flush() if hasattr(part.base, "flush") else None
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("count, what", [(1, "unexpected tensors (blk.1."), (4, "missing tensors (model.layers.2.")])
 def test_gguf_block_count_must_match_its_tensors(tiny_gguf: Path, count: int, what: str) -> None:
     _edit_gguf(tiny_gguf, "llama.block_count", count)
     _refused(tiny_gguf, what)
 
 
-@pytest.mark.slow
 def test_gguf_architecture_must_match_its_tensors(tiny_gguf: Path, tmp_path: Path) -> None:
     edited = tmp_path / "mamba.gguf"
     shutil.copy(tiny_gguf, edited)

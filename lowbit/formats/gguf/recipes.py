@@ -17,7 +17,8 @@ the tensor types ``llama-quantize … Q4_K_M`` would give the same model:
    Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0; if even 32 does not divide, F16. The tied/output embedding instead goes
    straight to Q8_0 when 256 does not divide its rows.
 
-Only the non-IQ file types are here: lowbit cannot encode IQ block types (they need llama.cpp's lattice tables).
+Of the IQ file types, IQ4_NL and IQ4_XS are here (:mod:`lowbit.formats.gguf.iquants` encodes them); the lattice
+types (IQ3/IQ2/IQ1) are not yet.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ DEFAULT_TYPE: dict[str, GGMLQuantizationType] = {
     "F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16, "Q8_0": Q.Q8_0, "Q4_0": Q.Q4_0, "Q4_1": Q.Q4_1, "Q5_0": Q.Q5_0,
     "Q5_1": Q.Q5_1, "Q2_K": Q.Q2_K, "Q2_K_S": Q.Q2_K, "Q3_K_S": Q.Q3_K, "Q3_K_M": Q.Q3_K, "Q3_K_L": Q.Q3_K,
     "Q4_K_S": Q.Q4_K, "Q4_K_M": Q.Q4_K, "Q5_K_S": Q.Q5_K, "Q5_K_M": Q.Q5_K, "Q6_K": Q.Q6_K,
+    "IQ4_NL": Q.IQ4_NL, "IQ4_XS": Q.IQ4_XS,
 }
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
-FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0, Q.IQ4_XS: Q.IQ4_NL}
 # substrings of tensor names llama.cpp never quantizes (beyond norms and 1-D tensors)
 KEEP_FLOAT = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
               "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight",
@@ -157,7 +159,7 @@ class _Mix:
             if facts.arch == "falcon":
                 return Q.Q4_K if f == "Q3_K_L" else new
             if facts.n_expert == 8:
-                return Q.Q5_K if f in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M") else new
+                return Q.Q5_K if f in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS") else new
             return {"Q2_K": Q.Q3_K, "Q3_K_M": Q.Q4_K, "Q3_K_L": Q.Q5_K}.get(f, new)
         return new  # attn_q, ffn_gate, ffn_up, other: only IQ mixes change them
 
@@ -170,6 +172,8 @@ class _Mix:
         elif f == "Q3_K_M":
             new = Q.Q5_K if i < 2 else Q.Q4_K
         elif f == "Q3_K_L":
+            new = Q.Q5_K
+        elif f in ("IQ4_NL", "IQ4_XS") and facts.n_gqa >= 4:
             new = Q.Q5_K
         elif f in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
             new = Q.Q6_K
@@ -202,6 +206,8 @@ class _Mix:
             if falcon:
                 return Q.Q6_K if i < n // 16 else Q.Q5_K if use_more_bits(i, n) else Q.Q4_K
             return Q.Q6_K if use_more_bits(i, n) else new
+        if f in ("IQ4_NL", "IQ4_XS") and i < n // 8 and not self.has_imatrix:
+            return Q.Q5_K
         if f == "Q5_K_M" and use_more_bits(i, n):
             return Q.Q6_K
         if f == "Q4_K_S" and not falcon and i < n // 8:
@@ -217,7 +223,7 @@ def parse_type(name: str) -> GGMLQuantizationType:
         return Q[name.upper()]
     except KeyError:
         raise FormatError(f"unknown GGUF tensor type {name!r}: use one of F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, "
-                          "Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K") from None
+                          "Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS") from None
 
 
 def tensor_types(

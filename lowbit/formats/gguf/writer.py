@@ -31,14 +31,15 @@ from lowbit.formats.gguf.legacy import LEGACY_TYPES, quantize_legacy
 log = logging.getLogger(__name__)
 Q = GGMLQuantizationType
 KQUANTS = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
-WRITABLE = (Q.F32, Q.F16, Q.BF16, *LEGACY_TYPES, *KQUANTS)
+IQUANTS = (Q.IQ4_NL, Q.IQ4_XS)
+WRITABLE = (Q.F32, Q.F16, Q.BF16, *LEGACY_TYPES, *KQUANTS, *IQUANTS)
 
 
 def file_type(name: str) -> LlamaFileType:
     """``Q4_K_M`` → ``LlamaFileType.MOSTLY_Q4_K_M`` (``F32`` → ``ALL_F32``)."""
     key = "ALL_F32" if name.upper() == "F32" else f"MOSTLY_{name.upper()}"
     if key not in LlamaFileType.__members__:
-        raise FormatError(f"unknown GGUF file type {name!r}: use e.g. F16, Q8_0, Q4_0, Q4_K_M, Q3_K_M, Q5_K_M, Q6_K")
+        raise FormatError(f"unknown GGUF file type {name!r}: use e.g. F16, Q8_0, Q4_0, Q4_K_M, Q3_K_M, Q5_K_M, Q6_K, IQ4_XS")
     return LlamaFileType[key]
 
 
@@ -56,6 +57,10 @@ def encode(rows: np.ndarray, qtype: GGMLQuantizationType, weights: np.ndarray | 
         from lowbit.formats.gguf.kquants import quantize_kquant
 
         return quantize_kquant(np.ascontiguousarray(rows, dtype=np.float32), qtype, weights)
+    if qtype in IQUANTS:
+        from lowbit.formats.gguf.iquants import quantize_iq4
+
+        return quantize_iq4(np.atleast_2d(rows), qtype, weights)
     raise FormatError(f"lowbit cannot encode GGUF type {qtype.name}: choose one of "
                       f"{', '.join(t.name for t in WRITABLE)}")
 
