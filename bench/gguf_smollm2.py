@@ -1,5 +1,6 @@
 """GGUF on SmolLM2-135M: llama.cpp's quantizer (with and without an imatrix) against lowbit's plain and calibrated
-GGUF, at Q4_0, Q3_K_M, Q4_K_M and Q5_K_M — same source weights, same evaluation windows, file sizes side by side.
+GGUF, at Q4_0, Q3_K_M, Q4_K_M, Q5_K_M, IQ4_XS and IQ4_NL — same source weights, same evaluation windows, file
+sizes side by side.
 
 Source: the shipped Q4_1 GGUF dequantized to an F32 GGUF by lowbit (every tool starts from the same F32 file).
 Rows per file type:
@@ -41,7 +42,7 @@ from common import CALIB_TEXT, MODEL, RESULTS, ROOT, eval_windows, peak_rss_mb, 
 from common import write_results  # noqa: E402
 
 CALIB_SAMPLES, CALIB_SEQLEN = 64, 512
-TYPES = ("Q4_0", "Q3_K_M", "Q4_K_M", "Q5_K_M")
+TYPES = ("Q4_0", "Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_XS", "IQ4_NL")
 TOOLS = ("llama.cpp", "llama.cpp + imatrix", "lowbit", "lowbit imatrix", "lowbit gptq", "lowbit awq+gptq")
 WORK = ROOT / "bench" / "work" / "gguf"
 BIN = Path(os.environ.get("LLAMA_CPP_BIN", "/work/bench-tools/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin"))
@@ -188,7 +189,9 @@ def render(rows: list[dict], info: dict) -> None:
              "specific to this model: SmolLM2's weights come from a Q4_1 file (they lie on a 4-bit g32 asymmetric grid); "
              "its 576-wide tensors fall back Q5_K → Q5_1, and llama.cpp's imatrix-weighted Q5_1 search finds a step of "
              "d/2 that contains that grid exactly (KL 0.002), which lowbit's Hessian clip search does not look for — "
-             "lowbit loses that row (0.022).")
+             "lowbit loses that row (0.022). The IQ4_XS / IQ4_NL rows were measured later (2026-12-02, an AVX2-only "
+             "2-core machine: their quantize times are not comparable with the rows above); SmolLM2's 576-wide rows "
+             "fall back IQ4_XS → IQ4_NL, so only ffn_down keeps IQ4_XS blocks.")
     tables = [("Results", "\n".join(lines))]
     if info.get("export_sizes"):
         sizes = ["| file | setting | bytes |", "|---|---|---|"]

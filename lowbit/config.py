@@ -128,9 +128,9 @@ class QuantConfig:
             if self.double_quant:
                 raise ConfigError("double quantization stores code-book scales: use it with --codebook nf4|fp4")
             return
-        from lowbit.core.codebook import CODEBOOK_NAMES
+        from lowbit.core.codebook import CODEBOOK_NAMES, GGUF_CODEBOOKS
 
-        if self.codebook not in CODEBOOK_NAMES:
+        if self.codebook not in CODEBOOK_NAMES and self.codebook not in GGUF_CODEBOOKS:
             raise ConfigError(f"unknown code book {self.codebook!r}: pick one of {', '.join(CODEBOOK_NAMES)}")
         if self.bits != 4 or not self.symmetric or self.qparams == "hqq" or self.input_bits is not None:
             raise ConfigError(f"the {self.codebook} code book is a 4-bit symmetric grid (scale = group absmax) with "

@@ -33,11 +33,17 @@ CODEBOOKS: dict[str, torch.Tensor] = {
     ], dtype=torch.float32),
 }
 CODEBOOK_NAMES = tuple(CODEBOOKS)
+# llama.cpp's IQ4_NL/IQ4_XS levels (kvalues_iq4nl) / 127: a GGUF grid, decoded there as d · K[q] (scale s = 127·d;
+# d may be negative, so is s). Used by calibrated GGUF rounding, not a choice for lowbit's own formats.
+GGUF_CODEBOOKS: dict[str, torch.Tensor] = {
+    "iq4nl": torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                          dtype=torch.float32) / 127,
+}
 
 
 def codebook(name: str) -> torch.Tensor:
     """The 16 float32 values of code book ``name`` (index = code)."""
-    book = CODEBOOKS.get(name)
+    book = CODEBOOKS.get(name, GGUF_CODEBOOKS.get(name))
     if book is None:
         raise ConfigError(f"unknown code book {name!r}: lowbit knows {', '.join(CODEBOOK_NAMES)}")
     return book
@@ -64,5 +70,7 @@ def decode(codes: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
-    """``1 / s`` as bitsandbytes forms it (an all-zero group divides by 1e-38, giving codes of 0.0)."""
-    return 1.0 / scale.float().clamp(min=1e-38)
+    """``1 / s`` as bitsandbytes forms it (an all-zero group divides by 1e-38, giving codes of 0.0); a negative
+    scale (GGUF's IQ4 blocks, fitted by least squares) keeps its sign."""
+    s = scale.float()
+    return torch.where(s < 0, 1.0 / s.clamp(max=-1e-38), 1.0 / s.clamp(min=1e-38))

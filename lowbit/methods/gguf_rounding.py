@@ -19,8 +19,10 @@ from gguf.quants import dequantize
 from lowbit.calib.stats import InputStats
 from lowbit.core.qparams import expand_groups, fake_quantize_groups
 from lowbit.errors import ConfigError
-from lowbit.formats.gguf.grids import gguf_grid
-from lowbit.formats.gguf.kquants import KQUANT_TYPES, quantize_kquant
+from lowbit.core.codebook import decode, inverse_scale, nearest_codes
+from lowbit.formats.gguf.grids import GGUFGrid, gguf_grid
+from lowbit.formats.gguf.kquants import KQUANT_TYPES
+from lowbit.formats.gguf.writer import IQUANTS, encode
 from lowbit.methods.gptq import gptq_quantize
 from lowbit.methods.method import MethodConfig
 
@@ -39,12 +41,12 @@ def quantize_gguf_weight(
     """
     w = weight.detach().float()
     hessian = None if stats is None else stats.hessian
-    if method.rounding == "nearest" and qtype in KQUANT_TYPES:
+    if method.rounding == "nearest" and qtype in (*KQUANT_TYPES, *IQUANTS):
         importance = None if hessian is None else torch.diagonal(hessian).numpy() / 2
-        data = quantize_kquant(w.numpy(), qtype, importance)
+        data = encode(w.numpy(), qtype, importance)
     else:
-        grid = gguf_grid(w, qtype, hessian if (clip or qtype in KQUANT_TYPES) else None)
-        codes, decoded = fake_quantize_groups(w, grid.scale, grid.zero, grid.width, grid.config.qmax)
+        grid = gguf_grid(w, qtype, hessian if (clip or qtype in KQUANT_TYPES or qtype in IQUANTS) else None)
+        codes, decoded = _nearest(w, grid)
         if method.rounding == "gptq":
             if hessian is None:
                 raise ConfigError("GPTQ rounding needs calibration statistics for every layer it quantizes")
@@ -52,9 +54,7 @@ def quantize_gguf_weight(
             qt = gptq_quantize(w, hessian, grid.config, replace(method.gptq, act_order=True),
                                lambda _view, _width, _cfg, _cols: (grid.scale, grid.zero))
             gptq_codes = qt.codes().float()
-            cols = w.shape[1]
-            gptq_decoded = ((gptq_codes - expand_groups(grid.zero, cols, grid.width))
-                            * expand_groups(grid.scale, cols, grid.width))
+            gptq_decoded = _decode(gptq_codes, grid)
             # GPTQ's error feedback can lose to nearest rounding on some grids (measured: 4-bit k-quant sub-blocks
             # whose min-fitted range leaves no room for the feedback, ~1 % gain or a loss): keep whichever rounding
             # has the lower calibration output error tr(D·H·Dᵀ).
@@ -64,6 +64,23 @@ def quantize_gguf_weight(
                 log.debug("GGUF %s: nearest rounding beat GPTQ on the calibration data; kept nearest", qtype.name)
         data = grid.pack(codes.numpy().astype(np.int64))
     return data, torch.from_numpy(dequantize(data, qtype).reshape(w.shape).astype(np.float32))
+
+
+def _nearest(w: torch.Tensor, grid: GGUFGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest codes on the grid and their decoded weights (affine, or a code book's levels)."""
+    if grid.codebook is None:
+        return fake_quantize_groups(w, grid.scale, grid.zero, grid.width, grid.config.qmax)
+    scale = expand_groups(grid.scale, w.shape[1], grid.width)
+    codes = nearest_codes(w * inverse_scale(scale), grid.codebook).float()
+    return codes, _decode(codes, grid)
+
+
+def _decode(codes: torch.Tensor, grid: GGUFGrid) -> torch.Tensor:
+    cols = codes.shape[1]
+    scale = expand_groups(grid.scale, cols, grid.width)
+    if grid.codebook is not None:
+        return decode(codes, grid.codebook) * scale
+    return (codes - expand_groups(grid.zero, cols, grid.width)) * scale
 
 
 def _output_error(w: torch.Tensor, decoded: torch.Tensor, hessian: torch.Tensor, chunk: int = 1024) -> float:

@@ -17,6 +17,8 @@ Q3_K     16     3      d·(sc − 32) · (L − 4)                  d·(sc − 3
 Q4_K     32     4      d·sc · L − dmin·m                      d·sc, dmin·m / (d·sc)
 Q5_K     32     5      d·sc · L − dmin·m                      d·sc, dmin·m / (d·sc)
 Q6_K     16     6      d·sc · (L − 32)                        d·sc, 32
+IQ4_NL   32     4      d · K[L]  (K: 16 levels in −127…113)    127·d, code book K/127
+IQ4_XS   32     4      d·(l − 32) · K[L]                      127·d·(l − 32), code book K/127
 =======  =====  =====  =====================================  ===========================================
 
 :func:`gguf_grid` chooses those numbers (the *q-param choice*) for a weight ``[R, C]``:
@@ -60,6 +62,8 @@ APPROX_CONFIG: dict[GGMLQuantizationType, QuantConfig] = {
     Q.Q4_K: QuantConfig(4, False, "group", 32, zero_point="float"),
     Q.Q5_K: QuantConfig(5, False, "group", 32, zero_point="float"),
     Q.Q6_K: QuantConfig(6, True, "group", 16),
+    Q.IQ4_NL: QuantConfig(4, True, "group", 32, codebook="iq4nl"),
+    Q.IQ4_XS: QuantConfig(4, True, "group", 32, codebook="iq4nl"),
 }
 KQUANT_WIDTH = {Q.Q2_K: 16, Q.Q3_K: 16, Q.Q4_K: 32, Q.Q5_K: 32, Q.Q6_K: 16}
 
@@ -74,10 +78,13 @@ class GGUFGrid:
     zero: torch.Tensor
     width: int
     pack: Callable[[np.ndarray], np.ndarray]
+    codebook: str | None = None  # IQ4: codes index a table of levels, decoded C[L] · scale (zero unused)
 
     @property
     def config(self) -> QuantConfig:
         """A config with this grid's code range and group width (float zeros: any zero the grid needs)."""
+        if self.codebook is not None:
+            return APPROX_CONFIG[self.qtype]
         return QuantConfig(APPROX_CONFIG[self.qtype].bits, False, "group", self.width, zero_point="float")
 
 
@@ -89,6 +96,8 @@ def gguf_grid(weight: torch.Tensor, qtype: GGMLQuantizationType, hessian: torch.
         return _kquant_grid(w, qtype, None if hessian is None else torch.diagonal(hessian).numpy() / 2)
     if qtype in LEGACY_TYPES:
         return _legacy_grid(w, qtype, hessian)
+    if qtype in (Q.IQ4_NL, Q.IQ4_XS):
+        return _iq4_grid(w, qtype, None if hessian is None else torch.diagonal(hessian).numpy() / 2)
     raise FormatError(f"{qtype.name} has no integer grid lowbit can round onto: use a k-quant or a 32-weight type")
 
 
@@ -127,3 +136,13 @@ def _legacy_grid(w: torch.Tensor, qtype: GGMLQuantizationType, hessian: torch.Te
         return pack_blocks(np.asarray(codes, dtype=np.uint8).reshape(-1, 32), d, m, t).reshape(rows, -1)
 
     return GGUFGrid(qtype, torch.from_numpy(scale.reshape(rows, -1)), torch.from_numpy(zero.reshape(rows, -1)), 32, pack)
+
+
+def _iq4_grid(w: torch.Tensor, qtype: GGMLQuantizationType, importance: np.ndarray | None) -> GGUFGrid:
+    """IQ4_NL / IQ4_XS: llama.cpp's scale search (weighted by ``importance``, as with an imatrix) fixes each
+    sub-block's decode scale ``d_b``; the grid is the level table ``K/127`` times ``127 · d_b``."""
+    from lowbit.formats.gguf.iquants import block_scales, quantize_iq4, repack
+
+    data = quantize_iq4(w.numpy(), qtype, importance)
+    scale = torch.from_numpy(block_scales(data, qtype) * np.float32(127))
+    return GGUFGrid(qtype, scale, torch.zeros_like(scale), 32, lambda codes: repack(data, codes, qtype), "iq4nl")

@@ -122,3 +122,29 @@ def quantize_iq4(rows: np.ndarray, qtype: GGMLQuantizationType, weights: np.ndar
     blocks = np.concatenate([to_fp16(d).view(np.uint8).reshape(-1, 2), scales_h.astype("<u2").view(np.uint8).reshape(
         -1, 2), scales_l, qs], axis=1)
     return blocks.reshape(R, -1)
+
+
+def block_scales(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Each 32-weight sub-block's decode scale ``d_b`` (float32 ``[R, C/32]``) of encoded rows ``data`` — what
+    llama.cpp multiplies the levels by: the fp16 ``d`` (IQ4_NL), or ``d · (l_b − 32)`` (IQ4_XS)."""
+    rows = data.shape[0]
+    if qtype == Q.IQ4_NL:
+        blocks = data.reshape(-1, 18)
+        return blocks[:, :2].copy().view(np.float16).astype(F).reshape(rows, -1)
+    blocks = data.reshape(-1, 136)
+    d = blocks[:, :2].copy().view(np.float16).astype(F)[:, 0]
+    high = blocks[:, 2:4].copy().view("<u2")[:, 0].astype(np.int32)
+    low = blocks[:, 4:8].astype(np.int32)
+    codes = [((low[:, b // 2] >> (4 * (b % 2))) & 0xF) | (((high >> (2 * b)) & 3) << 4) for b in range(8)]
+    return (d[:, None] * (np.stack(codes, axis=1) - 32).astype(F)).astype(F).reshape(rows, -1)
+
+
+def repack(data: np.ndarray, codes: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """``data`` with its level indices replaced by ``codes [R, C]`` (0…15): the scales stay as encoded."""
+    rows = data.shape[0]
+    L = np.asarray(codes, dtype=np.uint8).reshape(-1, 32)
+    qs = L[:, :16] | (L[:, 16:] << 4)  # [G, 16]
+    size, head = (18, 2) if qtype == Q.IQ4_NL else (136, 8)
+    blocks = data.reshape(-1, size).copy()
+    blocks[:, head:] = qs.reshape(blocks.shape[0], -1)
+    return blocks.reshape(rows, -1)
