@@ -92,33 +92,38 @@ class FusingSource:
 
 def needs_fusing(model_type: str, stored: frozenset[str]) -> bool:
     """Whether ``stored`` names hold per-expert (or renamed) tensors that ``model_type``'s conversion mapping
-    turns into other parameters."""
+    turns into other parameters. A stored name that only a conversion lowbit cannot apply would turn into a
+    parameter (a split, a transpose, a model-specific operation) is refused here, naming the fix."""
     converters = _conversions(model_type)
+    for converter in converters["other"]:
+        patterns = [re.compile(re.escape(p).replace(r"\*", r"\d+")) for p in converter.source_patterns]  # anywhere
+        if any(p.search(name) for name in stored for p in patterns):
+            raise ModelLoadError(f"model type {model_type!r} stores tensors that transformers converts with "
+                                 f"{[type(op).__name__ for op in converter.operations]} while loading; lowbit "
+                                 "applies only the per-expert stacking of mixture-of-experts models: convert the "
+                                 "checkpoint with transformers (from_pretrained + save_pretrained) or use another "
+                                 "model")
     patterns = [_pattern_regex(p) for c in converters["fusions"] for p in c.source_patterns]
     renames = [re.compile(p) for p, _ in converters["renames"]]
     return any(p.search(name) for name in stored for p in patterns + renames)
 
 
 def _conversions(model_type: str) -> dict[str, list[Any]]:
-    """transformers' checkpoint conversions for ``model_type``: renames as ``(regex, replacement)`` and the fusing
-    converters (``WeightConverter`` with operations lowbit can apply one target at a time)."""
+    """transformers' checkpoint conversions for ``model_type``: renames as ``(regex, replacement)``, the fusing
+    converters (``WeightConverter`` with operations lowbit can apply one target at a time) and the ``other`` ones."""
     from transformers.conversion_mapping import (Concatenate, MergeModulelist, WeightConverter, WeightRenaming,
                                                  get_checkpoint_conversion_mapping)
 
-    renames, fusions = [], []
+    renames, fusions, other = [], [], []
     for conversion in get_checkpoint_conversion_mapping(model_type) or ():
         if isinstance(conversion, WeightConverter):
             ops = list(conversion.operations)
-            if not ops or not all(isinstance(op, (MergeModulelist, Concatenate)) for op in ops) or len(
-                    conversion.target_patterns) != 1:
-                raise ModelLoadError(f"model type {model_type!r} stores tensors that transformers converts with "
-                                     f"{[type(op).__name__ for op in ops]} while loading; lowbit applies only the "
-                                     "per-expert stacking of mixture-of-experts models: convert the checkpoint with "
-                                     "transformers (from_pretrained + save_pretrained) or use another model")
-            fusions.append(conversion)
+            supported = ops and all(isinstance(op, (MergeModulelist, Concatenate)) for op in ops) and len(
+                conversion.target_patterns) == 1
+            (fusions if supported else other).append(conversion)
         elif isinstance(conversion, WeightRenaming):
             renames.extend(zip(conversion.source_patterns, conversion.target_patterns))
-    return {"renames": renames, "fusions": fusions}
+    return {"renames": renames, "fusions": fusions, "other": other}
 
 
 def _pattern_regex(pattern: str) -> re.Pattern[str]:

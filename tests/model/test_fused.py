@@ -87,3 +87,14 @@ def test_missing_expert_is_refused(tmp_path: Path) -> None:
     save_file(tensors, file, metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match="per-expert tensors are incomplete"):
         open_model(tmp_path / "m")
+
+
+def test_conversions_lowbit_cannot_apply_are_refused_only_when_the_checkpoint_needs_them() -> None:
+    """gte's mapping splits a fused qkv_proj (transformers' Chunk): a checkpoint storing it is refused, naming the
+    fix; a checkpoint without it, and every dense architecture without a mapping, loads by name as before."""
+    from lowbit.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="Chunk"):
+        needs_fusing("gte", frozenset({"encoder.layer.0.attention.qkv_proj.weight"}))
+    assert needs_fusing("gte", frozenset({"embeddings.word_embeddings.weight"})) is False
+    assert needs_fusing("llama", frozenset({"model.layers.0.mlp.up_proj.weight"})) is False
