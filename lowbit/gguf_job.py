@@ -140,9 +140,6 @@ def gguf_targets(model: nn.Module, types: dict[str, GGMLQuantizationType], name_
         if qtype in APPROX_CONFIG:
             targets[target.name] = qtype
     if not targets:
-        if ftype.upper().startswith("IQ"):
-            raise ConfigError(f"calibrated rounding onto {ftype}'s non-linear grid is not implemented yet: write it "
-                              "with --method rtn (llama.cpp's own encoder, byte-identical), or choose a k-quant type")
         raise ConfigError(f"{ftype} quantizes no linear layer of this model's blocks: choose a quantized file type")
     recipe = QuantRecipe(include=tuple(targets), overrides=tuple((n, APPROX_CONFIG[q]) for n, q in targets.items()))
     return GGUFTargets(targets, recipe)

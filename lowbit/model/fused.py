@@ -18,6 +18,7 @@ tensor at a time, so a streamed job reads a block's experts when it reaches the 
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -108,9 +109,12 @@ def needs_fusing(model_type: str, stored: frozenset[str]) -> bool:
     return any(p.search(name) for name in stored for p in patterns + renames)
 
 
+@functools.lru_cache(maxsize=None)
 def _conversions(model_type: str) -> dict[str, list[Any]]:
     """transformers' checkpoint conversions for ``model_type``: renames as ``(regex, replacement)``, the fusing
-    converters (``WeightConverter`` with operations lowbit can apply one target at a time) and the ``other`` ones."""
+    converters (``WeightConverter`` with operations lowbit can apply one target at a time) and the ``other`` ones.
+    Built once per model type (transformers builds the mapping anew on each call: ~2 ms, and the GGUF writer asks
+    for every tensor); callers never modify it."""
     from transformers.conversion_mapping import (Concatenate, MergeModulelist, WeightConverter, WeightRenaming,
                                                  get_checkpoint_conversion_mapping)
 

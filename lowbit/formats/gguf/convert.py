@@ -86,15 +86,19 @@ def check_gguf_semantics(config: Any) -> None:
         fixed["layer_types"] = ["full_attention" if i % pattern == pattern - 1 else "sliding_attention"
                                 for i in range(len(config.layer_types))]
     if config.model_type in _GEMMA_27B_LAYERS and getattr(config, "query_pre_attn_scalar", None) is not None:
-        big = _first(config, "num_hidden_layers") == _GEMMA_27B_LAYERS[config.model_type]
-        fixed["query_pre_attn_scalar"] = (config.hidden_size // config.num_attention_heads if big
-                                          else config.head_dim)
+        fixed["query_pre_attn_scalar"] = _llama_cpp_attention_scalar(config)
     differ = {k: v for k, v in fixed.items() if hasattr(config, k) and getattr(config, k) != v}
     if differ:
         raise FormatError(f"llama.cpp computes {config.model_type} with "
                           f"{', '.join(f'{k}={v}' for k, v in differ.items())} and reads no GGUF key for it; this model "
                           f"has {', '.join(f'{k}={getattr(config, k)}' for k in differ)}, so its GGUF would give other "
                           "outputs: export another format (lowbit, compressed-tensors, gptq)")
+
+
+def _llama_cpp_attention_scalar(config: Any) -> int:
+    """The ``query_pre_attn_scalar`` llama.cpp's Gemma graphs use: head_dim, hidden / heads for the 27B layer count."""
+    big = _first(config, "num_hidden_layers") == _GEMMA_27B_LAYERS[config.model_type]
+    return config.hidden_size // config.num_attention_heads if big else config.head_dim
 
 
 def _permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -310,11 +314,7 @@ def complete_config(config: Any, metadata: dict[str, Any]) -> Any:
             value = metadata[f"{arch}.{key}"]
             setattr(config, attr, bool(value) if isinstance(getattr(config, attr), bool) else int(value))
     if config.model_type in _GEMMA_27B_LAYERS and hasattr(config, "query_pre_attn_scalar"):
-        # llama.cpp scales attention by 1/√head_dim, by 1/√(hidden/heads) for the 27B models only; transformers'
-        # reader keeps the class default (256)
-        big = _first(config, "num_hidden_layers") == _GEMMA_27B_LAYERS[config.model_type]
-        config.query_pre_attn_scalar = (config.hidden_size // config.num_attention_heads if big
-                                        else config.head_dim)
+        config.query_pre_attn_scalar = _llama_cpp_attention_scalar(config)  # transformers' reader keeps 256
     context = metadata.get(f"{arch}.context_length")
     if context is not None and hasattr(config, "n_positions"):
         config.n_positions = int(context)

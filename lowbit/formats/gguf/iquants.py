@@ -45,6 +45,11 @@ def best_index(v: np.ndarray) -> np.ndarray:
     return np.where(v <= _K[0], 0, np.where(v >= _K[15], 15, index)).astype(np.uint8)
 
 
+def _inverse(v: np.ndarray) -> np.ndarray:
+    """C's ``v ? 1/v : 0.f`` in float32."""
+    return np.where(v != 0, F(1) / np.where(v != 0, v, F(1)), F(0)).astype(F)
+
+
 def _weighted_sums(x: np.ndarray, w: np.ndarray, inv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``L = best_index(inv·x)``, ``Σ (w·q)·x`` and ``Σ (w·q)·q`` in C order, per group (column)."""
     L = best_index(inv[None, :] * x)
@@ -101,7 +106,7 @@ def quantize_iq4(rows: np.ndarray, qtype: GGMLQuantizationType, weights: np.ndar
     scales = _sub_block_scales(x, w)  # [G]
     if qtype == Q.IQ4_NL:
         dh = to_fp16(scales)
-        inv = np.where(scales != 0, F(1) / np.where(scales != 0, scales, F(1)), F(0)).astype(F)
+        inv = _inverse(scales)
         L = best_index(inv[None, :] * x)
         qs = (L[:16] | (L[16:] << 4)).T  # [G, 16]
         return np.concatenate([dh.view(np.uint8).reshape(-1, 2), qs], axis=1).reshape(R, -1)
@@ -109,10 +114,10 @@ def quantize_iq4(rows: np.ndarray, qtype: GGMLQuantizationType, weights: np.ndar
     first = np.argmax(np.abs(per), axis=1)
     max_scale = per[np.arange(per.shape[0]), first]
     d = (-max_scale / F(32)).astype(F)
-    inv = np.where(d != 0, F(1) / np.where(d != 0, d, F(1)), F(0)).astype(F)
+    inv = _inverse(d)
     l = np.clip(nearest_int(inv[:, None] * per), -32, 31)
     dl = (d[:, None] * l.astype(F)).astype(F)
-    idl = np.where(dl != 0, F(1) / np.where(dl != 0, dl, F(1)), F(0)).astype(F).reshape(-1)
+    idl = _inverse(dl).reshape(-1)
     L = best_index(idl[None, :] * x)
     qs = (L[:16] | (L[16:] << 4)).T.reshape(-1, 128)  # [S, 128]
     code = (l + 32).astype(np.uint16)

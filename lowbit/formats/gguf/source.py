@@ -163,12 +163,11 @@ def read_gguf(path: Path) -> GGUFReader:
         raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}): re-download it") from exc
 
 
-def _scalars(reader: Any, strings: bool = False) -> dict[str, Any]:
-    """The file's single-valued numeric (and with ``strings``, string) metadata, by key."""
+def _scalars(reader: Any) -> dict[str, Any]:
+    """The file's single-valued metadata (numbers and strings; no arrays), by key."""
     out = {}
-    skip = ("ARRAY",) if strings else ("STRING", "ARRAY")
     for key, field in reader.fields.items():
-        if len(field.types) == 1 and len(field.data) == 1 and field.types[0].name not in skip:
+        if len(field.types) == 1 and len(field.data) == 1 and field.types[0].name != "ARRAY":
             out[key] = field.contents()
     return out
 
@@ -185,8 +184,9 @@ def open_gguf(path: Path, dtype: torch.dtype, load_tokenizer: Callable[[], Any])
         try:  # what AutoConfig.from_pretrained(gguf_file=…) does
             parsed = load_gguf_checkpoint(str(path), return_tensors=False)
             config = CONFIG_MAPPING[parsed["config"]["model_type"]].from_dict(dict(parsed["config"]))
-            config = complete_config(config, _scalars(reader))
-            rope_from_gguf(config, _scalars(reader, strings=True), str(reader.fields["general.architecture"].contents()),
+            metadata = _scalars(reader)
+            config = complete_config(config, metadata)
+            rope_from_gguf(config, metadata, str(metadata["general.architecture"]),
                            {t.name: dequantize_tensor(t, path) for t in reader.tensors if t.name.startswith(_DERIVED)})
         except (OSError, NotImplementedError, IndexError, *config_errors()) as exc:
             raise ModelLoadError(f"transformers cannot build a model from {path} ({exc}): its architecture may be "
