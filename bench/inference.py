@@ -81,7 +81,7 @@ def kernel_rows(bandwidth: float) -> list[dict]:
         quantized = {"int4 g128": QuantConfig(bits=4, group_size=128), "int8 per-channel": QuantConfig(
             bits=8, granularity="channel", symmetric=True), "W8A8": QuantConfig(
             bits=8, granularity="channel", symmetric=True, input_bits=8)}
-        kernels = {"int4 g128": "int4pack", "int8 per-channel": "int8pack", "W8A8": "int8mm"}
+        kernels = {"int4 g128": ("int4dot", "int4pack"), "int8 per-channel": ("int8pack",), "W8A8": ("int8mm",)}
         for m in (1, 4, 16, 64, 512):
             x = torch.randn(m, in_f)
             for name, (weight, nbytes) in layers.items():
@@ -91,7 +91,7 @@ def kernel_rows(bandwidth: float) -> list[dict]:
             for qname, cfg in quantized.items():
                 qt = quantize_rtn(w, cfg)
                 stored = qt.nbytes
-                for kname in ("reference", kernels[qname]):
+                for kname in ("reference", *kernels[qname]):
                     kernel = KERNELS[kname]
                     state = kernel.prepare(qt)
                     ms = _median_ms(lambda: kernel.run(state, x), n=10 if kname == "reference" else 30)

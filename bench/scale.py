@@ -38,6 +38,7 @@ SIZES = {  # name: (hidden, layers, ffn, heads, kv heads, vocab, tied)
     "tiny": (64, 2, 256, 4, 2, 128256, True),
     "0.5b": (1024, 24, 4096, 16, 8, 128256, True),
     "1b": (2048, 16, 8192, 32, 8, 128256, True),
+    "1b-49k": (2048, 16, 8192, 32, 8, 49152, True),  # 1b with SmolLM2's vocabulary: llama.cpp accepts its tokenizer
     "8b": (4096, 32, 14336, 32, 8, 128256, False),
     "8b-2blocks": (4096, 2, 14336, 32, 8, 128256, False),  # 8B shapes, 2 of its 32 blocks: per-block GPTQ time
 }

@@ -96,14 +96,16 @@ def test_generate_cli_errors(tiny_hf_folder: Path, tmp_path: Path, capsys) -> No
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_quantized_smollm2_answers_paris(tmp_path: Path, capsys) -> None:
-    assert main(["quantize", "smollm2-135m", "--out", str(tmp_path / "q"), "--bits", "4", "--group-size", "64",
-                 "--no-eval"]) == 0
+    """g64 runs int4pack (fast), int4pack-fp32 (auto) and the reference; g128 the native int4dot (fast)."""
+    for group in ("64", "128"):
+        assert main(["quantize", "smollm2-135m", "--out", str(tmp_path / group), "--bits", "4", "--group-size",
+                     group, "--no-eval"]) == 0
     capsys.readouterr()
-    for kernel in ("auto", "reference"):
-        code = main(["generate", str(tmp_path / "q"), "--prompt", "The capital of France is", "--max-new-tokens",
+    for group, kernel in (("64", "fast"), ("64", "auto"), ("64", "reference"), ("128", "fast")):
+        code = main(["generate", str(tmp_path / group), "--prompt", "The capital of France is", "--max-new-tokens",
                      "8", "--kernel", kernel])
         text = capsys.readouterr().out
-        assert code == 0 and "Paris" in text, (kernel, text)
+        assert code == 0 and "Paris" in text, (group, kernel, text)
 
 
 def test_chat_answers_each_line_with_the_chat_template_until_eof(tiny_hf_folder: Path, monkeypatch, capsys) -> None:

@@ -20,6 +20,10 @@ W8A8 int8 GEMM wins at every row count.
   float scales). Codes are stored unsigned, so the kernel gets signed ``q + c`` (``c ≈ −z``) and any remaining
   offset is added back: ``x · ((q − z)·s)ᵀ = x · ((q + c)·s)ᵀ + (Σ_k x_k) · ((−c − z)·s)``.
 
+* ``int4dot`` — 2-, 3- and 4-bit weights in groups of a multiple of 128 (or per-channel), lowbit's native kernel
+  (:mod:`lowbit.nn.native`): the activations quantized to int8 per 128-block, integer dot products with the codes
+  (AVX-512 VNNI / AVX2), ``Σ_b d_b·s_g·(q·x_q)_b − Σ_g s_g·z_g·Σ_{k∈g} x_k`` — llama.cpp's Q4_1 × Q8_1 scheme, the
+  zero points exact. About twice torch's int4pack at batch 1 (reads the weights at memory speed); for decoding.
 * ``int8mm`` — W8A8 (8-bit per-channel symmetric weights, inputs quantized per token, :mod:`lowbit.core.
   activations`): ``torch._int_mm`` multiplies int8 by int8 into int32 exactly, then ``· s_x · s_w``. Faster than
   float32 for any number of rows (a prompt's GEMM is where it pays).
@@ -56,6 +60,9 @@ _INT8_K_ALIGN = 32
 
 FP32_TOLERANCE = 1e-4  # float32 activations: only the accumulation order differs from the reference
 BF16_TOLERANCE = 1.5e-2  # bfloat16 activations and scales: 8 significant bits, each rounded by ≤ 2⁻⁹ relative
+# int8 activations per 128-block: each input rounded by ≤ max|x_b|/254, about twice bfloat16's error relative to
+# typical inputs (what llama.cpp's Q8 activations cost too)
+INT8_ACT_TOLERANCE = 3e-2
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,38 @@ def _int4_run(state: tuple[torch.Tensor, torch.Tensor, int, int], x: torch.Tenso
     return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
+def _int4dot_why_not(qt: QuantizedTensor) -> str | None:
+    from lowbit.nn.native import BLOCK, int4_dot_module
+
+    c = qt.config
+    if c.input_bits or c.codebook or c.bits > 4 or c.granularity == "tensor":
+        return "int4dot needs per-group or per-channel integer weights of at most 4 bits and float activations"
+    if c.granularity == "group" and qt.group_width % BLOCK:
+        return f"int4dot needs groups of a multiple of {BLOCK} columns, got {qt.group_width}"
+    if int4_dot_module() is None:
+        return "the native int4dot kernel could not be built here (the log says why)"
+    return None
+
+
+def _int4dot_prepare(qt: QuantizedTensor) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The codes in the native nibble layout, ``s`` and ``s·z`` per group ``[N, G]`` in float32 (exact), and the
+    number of 128-blocks per group."""
+    from lowbit.nn.native import BLOCK, int4_dot_module
+
+    module = int4_dot_module()
+    n, k = qt.shape
+    s = qt.scale.float().expand(n, -1).contiguous()
+    sz = (s * qt.zero_points().expand(n, s.shape[1])).contiguous()
+    width = qt.group_width if qt.config.granularity == "group" else num_groups(k, BLOCK) * BLOCK
+    return module, module.pack(qt.codes().to(torch.uint8)), s, sz, width // BLOCK
+
+
+def _int4dot_run(state: tuple, x: torch.Tensor) -> torch.Tensor:
+    module, packed, s, sz, blocks_per_group = state
+    y = module.mm(x.reshape(-1, x.shape[-1]).float().contiguous(), packed, s, sz, blocks_per_group)
+    return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
 def _int8mm_why_not(qt: QuantizedTensor) -> str | None:
     c = qt.config
     if c.codebook or c.input_bits != 8 or c.bits != 8 or c.granularity != "channel" or not c.symmetric:
@@ -188,13 +227,14 @@ def _int8mm_run(state: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> to
     """``y = (q_x · q_wᵀ) · s_x · s_w``: the products summed exactly in int32 (``torch._int_mm``, oneDNN)."""
     w_t, s_w = state
     q, s_x = quantize_per_token(x.reshape(-1, x.shape[-1]))
-    y = torch._int_mm(q, w_t).float() * s_x * s_w
+    y = torch._int_mm(q, w_t).float().mul_(s_x).mul_(s_w)  # in place: 2.3× faster than `* s_x * s_w` at 2048 rows
     return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
 # W8A8: int8 × int8 → int32 GEMM; equals the reference (fake-quantized input × dequantized weight in float32)
 # up to float32 rounding of the reference's sum
 INT8MM = Kernel("int8mm", _int8mm_why_not, _int8mm_prepare, _int8mm_run, FP32_TOLERANCE)
+INT4DOT = Kernel("int4dot", _int4dot_why_not, _int4dot_prepare, _int4dot_run, INT8_ACT_TOLERANCE, PACKED_MAX_ROWS)
 
 
 def _packed(name: str, why_not: Callable, prepare: Callable, run: Callable, act: torch.dtype) -> Kernel:
@@ -212,7 +252,7 @@ INT4PACK_FP32 = _packed("int4pack-fp32", _int4_why_not, _int4_prepare, _int4_run
 # the first kernel of a list that can run a layer is used. "auto" keeps float32 precision (the library default: an
 # evaluation or a test gets the reference's numbers to 1e-4); "fast" trades it for bf16 speed (lowbit generate/chat)
 EXACT_KERNELS: tuple[Kernel, ...] = (INT8MM, INT4PACK_FP32, INT8PACK_FP32)
-FAST_KERNELS: tuple[Kernel, ...] = (INT8MM, INT4PACK, INT8PACK)
+FAST_KERNELS: tuple[Kernel, ...] = (INT8MM, INT4DOT, INT4PACK, INT8PACK)
 KERNELS = {k.name: k for k in (REFERENCE, *FAST_KERNELS, INT8PACK_FP32, INT4PACK_FP32)}
 PREFERENCES = ("auto", "fast", *KERNELS)
 
