@@ -9,6 +9,7 @@ The job that runs it block by block is :mod:`lowbit.gguf_job`.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -20,7 +21,7 @@ from lowbit.calib.stats import InputStats
 from lowbit.core.qparams import expand_groups, fake_quantize_groups
 from lowbit.errors import ConfigError
 from lowbit.core.codebook import decode, inverse_scale, nearest_codes
-from lowbit.formats.gguf.grids import GGUFGrid, gguf_grid
+from lowbit.formats.gguf.grids import GGUFGrid, gguf_grid, gguf_grid_candidates
 from lowbit.formats.gguf.kquants import KQUANT_TYPES
 from lowbit.formats.gguf.writer import IQUANTS, encode
 from lowbit.methods.gptq import gptq_quantize
@@ -36,8 +37,10 @@ def quantize_gguf_weight(
     """Quantize ``weight [R, C]`` to ``qtype`` with calibration ``stats``: ``(bytes [R, row bytes], decoded [R, C])``.
 
     k-quants take llama.cpp's scale search weighted by the mean squared activations; 32-weight types take the
-    Hessian clip search when ``clip`` (else llama.cpp's reference q-params). GPTQ then rounds onto that grid; with
-    nearest rounding k-quants keep llama.cpp's own rounding (i.e. what ``llama-quantize --imatrix`` writes).
+    Hessian clip search when ``clip`` (else llama.cpp's reference q-params) and, beside it, llama.cpp's
+    imatrix-weighted search. GPTQ then rounds onto each grid, and the (grid, rounding) with the lowest calibration
+    output error is written; with nearest rounding k-quants keep llama.cpp's own rounding (i.e. what
+    ``llama-quantize --imatrix`` writes).
     """
     w = weight.detach().float()
     hessian = None if stats is None else stats.hessian
@@ -45,25 +48,39 @@ def quantize_gguf_weight(
         importance = None if hessian is None else torch.diagonal(hessian).numpy() / 2
         data = encode(w.numpy(), qtype, importance)
     else:
-        grid = gguf_grid(w, qtype, hessian if (clip or qtype in KQUANT_TYPES or qtype in IQUANTS) else None)
-        codes, decoded = _nearest(w, grid)
-        if method.rounding == "gptq":
-            if hessian is None:
-                raise ConfigError("GPTQ rounding needs calibration statistics for every layer it quantizes")
-            # static groups (act-order): every sub-block keeps the grid chosen from the original weights
-            qt = gptq_quantize(w, hessian, grid.config, replace(method.gptq, act_order=True),
-                               lambda _view, _width, _cfg, _cols: (grid.scale, grid.zero))
-            gptq_codes = qt.codes().float()
-            gptq_decoded = _decode(gptq_codes, grid)
-            # GPTQ's error feedback can lose to nearest rounding on some grids (measured: 4-bit k-quant sub-blocks
-            # whose min-fitted range leaves no room for the feedback, ~1 % gain or a loss): keep whichever rounding
-            # has the lower calibration output error tr(D·H·Dᵀ).
-            if _output_error(w, gptq_decoded, hessian) <= _output_error(w, decoded, hessian):
-                codes = gptq_codes
-            else:
-                log.debug("GGUF %s: nearest rounding beat GPTQ on the calibration data; kept nearest", qtype.name)
+        if method.rounding == "gptq" and hessian is None:
+            raise ConfigError("GPTQ rounding needs calibration statistics for every layer it quantizes")
+        use_hessian = hessian if (clip or qtype in KQUANT_TYPES or qtype in IQUANTS) else None
+        grids = gguf_grid_candidates(w, qtype, use_hessian) if use_hessian is not None else [gguf_grid(w, qtype)]
+        # every (grid, rounding) pair is a candidate; keep the lowest calibration output error tr(D·H·Dᵀ). GPTQ's
+        # error feedback can lose to nearest rounding on some grids (measured: 4-bit k-quant sub-blocks whose
+        # min-fitted range leaves no room for the feedback), and llama.cpp's weighted search can find a grid
+        # lowbit's clip search does not look at (a step of d/2 that holds a finer grid's points exactly)
+        candidates: list[tuple[str, torch.Tensor, GGUFGrid]] = []
+        for i, grid in enumerate(grids):
+            candidates.append((f"grid {i} nearest", _nearest(w, grid)[0], grid))
+            if grid.codes is not None:
+                candidates.append((f"grid {i} search's own codes", grid.codes.float(), grid))
+            if method.rounding == "gptq":
+                candidates.append((f"grid {i} gptq", _gptq_codes(w, grid, hessian, method), grid))
+        name, codes, grid = candidates[0] if len(candidates) == 1 else min(
+            candidates, key=lambda c: _finite(_output_error(w, _decode(c[1], c[2]), hessian)))
+        log.debug("GGUF %s: kept %s of %d candidates", qtype.name, name, len(candidates))
         data = grid.pack(codes.numpy().astype(np.int64))
     return data, torch.from_numpy(dequantize(data, qtype).reshape(w.shape).astype(np.float32))
+
+
+def _finite(error: float) -> float:
+    """An output error to compare: a candidate whose decode overflowed (NaN or inf) is never chosen."""
+    return error if math.isfinite(error) else float("inf")
+
+
+def _gptq_codes(w: torch.Tensor, grid: GGUFGrid, hessian: torch.Tensor, method: MethodConfig) -> torch.Tensor:
+    """GPTQ onto the fixed grid: static groups (act-order), every sub-block keeps the grid chosen from the original
+    weights."""
+    qt = gptq_quantize(w, hessian, grid.config, replace(method.gptq, act_order=True),
+                       lambda _view, _width, _cfg, _cols: (grid.scale, grid.zero))
+    return qt.codes().float()
 
 
 def _nearest(w: torch.Tensor, grid: GGUFGrid) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,3 +53,22 @@ def test_rows_must_fit_whole_blocks() -> None:
         quantize_legacy(np.zeros((2, 48), np.float32), Q.Q4_0)
     with pytest.raises(FormatError, match="legacy"):
         quantize_legacy(np.zeros((2, 256), np.float32), Q.Q4_K)
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.parametrize("qtype", [t for t in TYPES if t != Q.Q8_0], ids=lambda t: t.name)
+def test_imatrix_bytes_equal_llama_cpp(qtype: Q, smollm2_session) -> None:
+    """With an importance vector, llama.cpp's weighted searches (``quantize_row_q4_0_impl`` … ``q5_1_impl``): our
+    bytes equal ``ggml_quantize_chunk``'s on random rows (zero, constant, outlier, tie rows) and real SmolLM2 rows."""
+    from ggml_reference import ggml_bytes
+
+    rng = np.random.default_rng(3)
+    real = smollm2_session.model.model.layers[4].mlp.down_proj.weight.detach().numpy()[:64]
+    for rows in (_rows(rng), real):
+        qw = rng.uniform(0.01, 5, rows.shape[1]).astype(np.float32)
+        ours = quantize_legacy(rows, qtype, qw)
+        assert np.array_equal(ours, ggml_bytes(rows, qtype, qw))
+        if rows is not real:  # (SmolLM2's rows already lie on a Q4_1 grid, which both searches find)
+            assert not np.array_equal(ours, quantize_legacy(rows, qtype))  # the weighting changed the result
+    qw = (real.astype(np.float64) ** 2).mean(0).astype(np.float32)  # an imatrix-like importance
+    assert np.array_equal(quantize_legacy(real, qtype, qw), ggml_bytes(real, qtype, qw))

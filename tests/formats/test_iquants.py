@@ -5,7 +5,6 @@ rows fall back to IQ4_NL, which llama.cpp then runs."""
 
 from __future__ import annotations
 
-import ctypes
 from collections import Counter
 from pathlib import Path
 
@@ -20,26 +19,10 @@ from gguf.quants import dequantize
 from lowbit.formats.gguf.iquants import KVALUES, best_index, quantize_iq4
 from lowbit.formats.gguf.writer import write_gguf
 
+from ggml_reference import ggml_bytes
+
 pytestmark = pytest.mark.llama_cpp
-_LIB = llama_cpp.llama_cpp._lib
-_LIB.ggml_quantize_chunk.restype = ctypes.c_size_t
-_LIB.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                     ctypes.c_int64, ctypes.c_void_p]
-_LIB.ggml_quantize_init.argtypes = [ctypes.c_int]
 SIZES = {Q.IQ4_NL: (32, 18), Q.IQ4_XS: (256, 136)}
-
-
-def ggml_bytes(x: np.ndarray, qtype: Q, imatrix: np.ndarray | None) -> np.ndarray:
-    """llama.cpp's encoding of rows ``x`` (its ``ggml_quantize_chunk``, as ``llama_model_quantize`` calls it)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    block, size = SIZES[qtype]
-    out = np.zeros(x.size // block * size, np.uint8)
-    _LIB.ggml_quantize_init(int(qtype))
-    qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
-    n = _LIB.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
-                                 None if qw is None else qw.ctypes.data)
-    assert n == out.size
-    return out.reshape(x.shape[0], -1)
 
 
 def test_best_index_is_the_nearest_level_ties_high() -> None:

@@ -27,7 +27,8 @@ IQ4_XS   32     4      d·(l − 32) · K[L]                      127·d·(l −
   an importance vector when one is given — the calibration's mean squared activation per input column, i.e.
   exactly what ``llama-imatrix`` measures (``diag(H) / 2`` for ``H = 2/n · XᵀX``);
 * 32-weight types: llama.cpp's reference rule, or with a Hessian lowbit's output-error clip search
-  (:func:`~lowbit.core.qparams.choose_qparams_weighted`) on the type's grid.
+  (:func:`~lowbit.core.qparams.choose_qparams_weighted`) on the type's grid — and, as a second candidate
+  (:func:`gguf_grid_candidates`), llama.cpp's imatrix-weighted search.
 
 A *rounding* (nearest, or GPTQ in :mod:`lowbit.methods.gguf_rounding`) then picks codes on the grid, and
 :attr:`GGUFGrid.pack` writes llama.cpp's bytes for those codes with the chosen scales. :data:`APPROX_CONFIG` gives
@@ -47,7 +48,7 @@ from lowbit.config import QuantConfig
 from lowbit.core.qparams import choose_qparams_weighted
 from lowbit.errors import FormatError
 from lowbit.formats.gguf.kquants import KQUANT_TYPES, QK_K, kquant_grids
-from lowbit.formats.gguf.legacy import LEGACY_TYPES, as_blocks, choose_params, pack_blocks
+from lowbit.formats.gguf.legacy import LEGACY_TYPES, as_blocks, choose_params, pack_blocks, weighted_params
 
 Q = GGMLQuantizationType
 
@@ -79,6 +80,9 @@ class GGUFGrid:
     width: int
     pack: Callable[[np.ndarray], np.ndarray]
     codebook: str | None = None  # IQ4: codes index a table of levels, decoded C[L] · scale (zero unused)
+    # the codes the q-param search itself chose (llama.cpp's weighted searches round with the float32 scale before
+    # storing it as float16), when they may differ from nearest rounding on the stored grid
+    codes: torch.Tensor | None = None
 
     @property
     def config(self) -> QuantConfig:
@@ -116,9 +120,23 @@ def _kquant_grid(w: torch.Tensor, qtype: GGMLQuantizationType, importance: np.nd
                     torch.from_numpy(zero.reshape(rows, cols // width)), width, pack)
 
 
+def gguf_grid_candidates(weight: torch.Tensor, qtype: GGMLQuantizationType,
+                         hessian: torch.Tensor | None) -> list[GGUFGrid]:
+    """The grids a calibrated rounding tries for ``qtype`` (it keeps the one with the lowest output error): the
+    :func:`gguf_grid` choice and, for the 32-weight types, also llama.cpp's imatrix-weighted search (what
+    ``llama-quantize --imatrix`` writes, its codes included) — so lowbit's calibrated result is never worse on the
+    calibration data than llama.cpp's given the same statistics. (k-quant and IQ4 grids already are llama.cpp's
+    weighted search.)"""
+    grids = [gguf_grid(weight, qtype, hessian)]
+    if hessian is not None and qtype in LEGACY_TYPES and LEGACY_TYPES[qtype].bits != 8:
+        w = weight.detach().float().contiguous()
+        d, m, codes = weighted_params(w.numpy(), LEGACY_TYPES[qtype], torch.diagonal(hessian).numpy() / 2)
+        grids.append(_legacy_affine_grid(w, qtype, d, m, torch.from_numpy(codes.reshape(w.shape))))
+    return grids
+
+
 def _legacy_grid(w: torch.Tensor, qtype: GGMLQuantizationType, hessian: torch.Tensor | None) -> GGUFGrid:
     t = LEGACY_TYPES[qtype]
-    rows, _ = w.shape
     blocks = as_blocks(w.numpy())  # checks C % 32
     if hessian is None:
         d, m = choose_params(blocks, t)
@@ -126,6 +144,20 @@ def _legacy_grid(w: torch.Tensor, qtype: GGMLQuantizationType, hessian: torch.Te
         s, z = choose_qparams_weighted(w, 32, APPROX_CONFIG[qtype], hessian.float())
         d = s.reshape(-1).numpy()  # already float16-exact
         m = (-z * s).reshape(-1).numpy() if t.with_min else None
+        if m is not None and not np.isfinite(m).all():
+            # a (nearly) constant block: its float zero −lo/s overflows float16; llama.cpp's rule (d = 0, m = lo)
+            # stores it exactly
+            bad = ~np.isfinite(m)
+            d_ref, m_ref = choose_params(blocks, t)
+            d, m = np.where(bad, d_ref, d), np.where(bad, m_ref, m)
+    return _legacy_affine_grid(w, qtype, d, m)
+
+
+def _legacy_affine_grid(w: torch.Tensor, qtype: GGMLQuantizationType, d: np.ndarray, m: np.ndarray | None,
+                        codes: torch.Tensor | None = None) -> GGUFGrid:
+    """The grid of stored ``d`` (and ``m``) per 32-weight block, as lowbit's (scale, zero)."""
+    t = LEGACY_TYPES[qtype]
+    rows = w.shape[0]
     d = d.astype(np.float16).astype(np.float32)  # what the block stores
     m = None if m is None else m.astype(np.float16).astype(np.float32)
     live = d != 0  # a zero scale decodes every code to m (or 0): a vanishing scale keeps that value
@@ -135,7 +167,8 @@ def _legacy_grid(w: torch.Tensor, qtype: GGMLQuantizationType, hessian: torch.Te
     def pack(codes: np.ndarray) -> np.ndarray:
         return pack_blocks(np.asarray(codes, dtype=np.uint8).reshape(-1, 32), d, m, t).reshape(rows, -1)
 
-    return GGUFGrid(qtype, torch.from_numpy(scale.reshape(rows, -1)), torch.from_numpy(zero.reshape(rows, -1)), 32, pack)
+    return GGUFGrid(qtype, torch.from_numpy(scale.reshape(rows, -1)), torch.from_numpy(zero.reshape(rows, -1)), 32, pack,
+                    codes=codes)
 
 
 def _iq4_grid(w: torch.Tensor, qtype: GGMLQuantizationType, importance: np.ndarray | None) -> GGUFGrid:

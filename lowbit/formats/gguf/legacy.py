@@ -157,9 +157,35 @@ def unpack_codes(data: np.ndarray, t: LegacyType) -> np.ndarray:
     return codes | (high << np.uint8(4)) if t.bits == 5 else codes
 
 
-def quantize_legacy(rows: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """llama.cpp's reference quantization of ``rows [R, C]``: bytes ``[R, C/32 · type_size]``."""
+def quantize_legacy(rows: np.ndarray, qtype: GGMLQuantizationType, importance: np.ndarray | None = None) -> np.ndarray:
+    """llama.cpp's quantization of ``rows [R, C]``: bytes ``[R, C/32 · type_size]`` — the reference rule, or with an
+    ``importance [C]`` vector (an imatrix) its weighted search (:func:`weighted_params`; Q8_0 ignores it, as in C)."""
     t = legacy_type(qtype)
     blocks = as_blocks(rows)
-    d, m = choose_params(blocks, t)
-    return pack_blocks(round_codes(blocks, d, m, t), d, m, t).reshape(rows.shape[0], -1)
+    if importance is None or t.bits == 8:
+        d, m = choose_params(blocks, t)
+        return pack_blocks(round_codes(blocks, d, m, t), d, m, t).reshape(rows.shape[0], -1)
+    d, m, codes = weighted_params(np.asarray(rows, dtype=np.float32), t, importance)
+    return pack_blocks(codes, d, m, t).reshape(rows.shape[0], -1)
+
+
+def weighted_params(rows: np.ndarray, t: LegacyType, importance: np.ndarray) -> tuple[np.ndarray, np.ndarray | None,
+                                                                                       np.ndarray]:
+    """llama.cpp's imatrix search for one 32-weight type (``quantize_row_q4_0_impl`` … ``q5_1_impl``): per block,
+    weights ``qw_j · sqrt(σ² + x_j²)`` (``σ²`` = the row's mean square, ``qw`` = importance), then Q4_0/Q5_0:
+    ``make_qx_quants`` (19 trial scales, weighted least squares), Q4_1/Q5_1: ``make_qkx3_quants`` (37 trial ranges,
+    weighted least-squares scale and min). Returns ``d [n]``, ``m [n]`` (or None), codes ``[n, 32]`` — the codes
+    as C keeps them, rounded with the float32 scale before it is stored as float16."""
+    from lowbit.formats.gguf.kquant_search import make_qkx_quants, make_qx_quants, sequential_sum
+
+    f = np.float32
+    r, c = rows.shape
+    sigma2 = sequential_sum((rows * rows).T) / f(c)  # float sum_x2 over the row, in C's order
+    blocks = as_blocks(rows)
+    qw = np.tile(np.asarray(importance, dtype=f).reshape(-1, BLOCK), (r, 1))
+    weight = qw * np.sqrt(np.repeat(sigma2, c // BLOCK)[:, None] + blocks * blocks)
+    if t.with_min:
+        d, the_min, codes = make_qkx_quants(blocks.T, weight.T, t.qmax, -0.9, 0.05, 36, False)
+        return d.astype(f), (-the_min).astype(f), codes.T.astype(np.uint8)
+    d, codes = make_qx_quants(blocks.T, t.offset, weight.T)
+    return d.astype(f), None, codes.T.astype(np.uint8)

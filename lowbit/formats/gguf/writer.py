@@ -52,7 +52,7 @@ def encode(rows: np.ndarray, qtype: GGMLQuantizationType, weights: np.ndarray | 
     if qtype in (Q.F16, Q.BF16):
         return quantize(np.ascontiguousarray(rows, dtype=np.float32), qtype)
     if qtype in LEGACY_TYPES:
-        return quantize_legacy(rows, qtype)
+        return quantize_legacy(rows, qtype, weights)
     if qtype in KQUANTS:
         from lowbit.formats.gguf.kquants import quantize_kquant
 
