@@ -58,8 +58,8 @@ def _run(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def prepare() -> dict:
-    """The shared F32 GGUF and llama.cpp's imatrix (computed once)."""
+def prepare(imatrix: bool = True) -> dict:
+    """The shared F32 GGUF and llama.cpp's imatrix (computed once, when a llama.cpp + imatrix row needs it)."""
     from lowbit.formats.gguf.writer import write_gguf
     from lowbit.model.loading import load_model
 
@@ -68,7 +68,7 @@ def prepare() -> dict:
     if not F32.exists():
         loaded = load_model(MODEL)
         write_gguf(loaded.model, F32, "F32", source=loaded.source, progress=False)
-    if not IMATRIX.exists():
+    if imatrix and not IMATRIX.exists():
         info["imatrix_seconds"] = _run([str(BIN / "llama-imatrix"), "-m", str(F32), "-f", str(CALIB_TEXT), "-o",
                                         str(IMATRIX), "-c", "512", "-t", "2", "--no-ppl"])
     return info
@@ -224,7 +224,7 @@ def main() -> None:
             info["export_sizes"] = export_sizes()
         render(rows, info)
         return
-    info.update(prepare())
+    info.update(prepare(imatrix="llama.cpp + imatrix" in (args.tool or TOOLS)))
     if not any(r["tool"] == "fp32" for r in rows):
         rows.append({"type": "F32", "tool": "fp32", "file_bytes": F32.stat().st_size, **_fp32_eval()})
     for ftype in args.type or TYPES:
