@@ -88,7 +88,7 @@ def kernel_rows(bandwidth: float) -> list[dict]:
             x = torch.randn(m, in_f)
             for name, (weight, nbytes) in layers.items():
                 xx = x.to(weight.dtype)
-                copies = _cycle([weight] + [weight.clone() for _ in range(_copies(out_f * in_f * nbytes) - 1)])
+                copies = _cycle([weight] + [weight.clone() for _ in range(_copies(int(out_f * in_f * nbytes)) - 1)])
                 ms = _median_ms(lambda: torch.nn.functional.linear(xx, next(copies)))
                 rows.append(_kernel_row(out_f, in_f, m, name, ms, out_f * in_f * nbytes, bandwidth))
             for qname, cfg in quantized.items():
