@@ -188,8 +188,12 @@ def render(rows: list[dict], info: dict) -> None:
              "(Q4_0 and Q4_K_M lowbit rows ran beside the test suite; Q3_K_M and Q5_K_M alone). Q5_K_M caveat, "
              "specific to this model: SmolLM2's weights come from a Q4_1 file (they lie on a 4-bit g32 asymmetric grid); "
              "its 576-wide tensors fall back Q5_K → Q5_1, and llama.cpp's imatrix-weighted Q5_1 search finds a step of "
-             "d/2 that contains that grid exactly (KL 0.002), which lowbit's Hessian clip search does not look for — "
-             "lowbit loses that row (0.022). The IQ4_XS / IQ4_NL rows were measured later (2026-12-02, an AVX2-only "
+             "d/2 that contains that grid exactly (KL 0.002), which lowbit's Hessian clip search did not look for (0.022). "
+             "Since 2026-12-02 (third session) llama.cpp's weighted search is one of lowbit's candidate grids for the "
+             "32-weight types, chosen per tensor by calibration output error: the lowbit gptq Q5_K_M row was re-run then "
+             "(0.0043, in 218 s on a noisy AVX-512 VM: two grids × two roundings per tensor) and still loses to llama.cpp "
+             "+ imatrix here — lowbit's importance comes from 32k sequential calibration tokens, llama-imatrix's from the "
+             "whole file, and which search lands on SmolLM2's hidden grid depends on those weights. The IQ4_XS / IQ4_NL rows were measured later (2026-12-02, an AVX2-only "
              "2-core machine: their quantize times are not comparable with the rows above); SmolLM2's 576-wide rows "
              "fall back IQ4_XS → IQ4_NL, so only ffn_down keeps IQ4_XS blocks.")
     tables = [("Results", "\n".join(lines))]

@@ -71,13 +71,16 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / (ms / 1e3)
 
 
-def kernel_rows(bandwidth: float) -> list[dict]:
+SHAPES = ((4096, 4096), (14336, 4096), (576, 576), (1536, 576))
+
+
+def kernel_rows(bandwidth: float, shapes: tuple[tuple[int, int], ...] = SHAPES) -> list[dict]:
     from lowbit.config import QuantConfig
     from lowbit.methods.rtn import quantize_rtn
     from lowbit.nn.kernels import KERNELS
 
     rows = []
-    for out_f, in_f in ((4096, 4096), (14336, 4096), (576, 576), (1536, 576)):
+    for out_f, in_f in shapes:
         w = torch.randn(out_f, in_f) * in_f ** -0.5
         layers = {"float32 nn.Linear": (w, 4.0), "bfloat16 nn.Linear": (w.to(torch.bfloat16), 2.0)}
         quantized = {"int4 g128": QuantConfig(bits=4, group_size=128), "int8 per-channel": QuantConfig(
@@ -259,14 +262,20 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--work", default=None)
     parser.add_argument("--variants", default=None, help="only the variants whose name contains one of these")
+    parser.add_argument("--shapes", default=None, help="kernel shapes to (re)measure, e.g. 4096x4096,14336x4096")
     args = parser.parse_args()
     parts = args.parts.split(",")
     old = json.loads((RESULTS / "inference.json").read_text()) if (RESULTS / "inference.json").is_file() else {}
     data = {"bandwidth": old.get("bandwidth"), "kernels": old.get("kernels", []), "generation": old.get("generation", []),
             "notes": old.get("notes", [])}
     if "kernels" in parts:
+        shapes = SHAPES if not args.shapes else tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
+        names = {f"{o}×{i}" for o, i in shapes}
         data["bandwidth"] = copy_bandwidth()
-        data["kernels"] = kernel_rows(data["bandwidth"])
+        fresh = kernel_rows(data["bandwidth"], shapes)
+        order = {f"{o}×{i}": n for n, (o, i) in enumerate(SHAPES)}
+        kept = [r for r in data["kernels"] if r["shape"] not in names]  # other shapes keep their rows (and bounds)
+        data["kernels"] = sorted(kept + fresh, key=lambda r: order.get(r["shape"], len(order)))
         render(data)
     work = Path(args.work or tempfile.mkdtemp(prefix="lowbit-inference-"))
     work.mkdir(parents=True, exist_ok=True)
