@@ -21,7 +21,7 @@ W8A8 int8 GEMM wins at every row count.
   offset is added back: ``x · ((q − z)·s)ᵀ = x · ((q + c)·s)ᵀ + (Σ_k x_k) · ((−c − z)·s)``.
 
 * ``int4dot`` — 2-, 3- and 4-bit weights in groups of a multiple of 128 (or per-channel), lowbit's native kernel
-  (:mod:`lowbit.nn.native`): the activations quantized to int8 per 128-block, integer dot products with the codes
+  (:mod:`lowbit.nn.native`): the activations quantized to int8 per 32-block, integer dot products with the codes
   (AVX-512 VNNI / AVX2), ``Σ_b d_b·s_g·(q·x_q)_b − Σ_g s_g·z_g·Σ_{k∈g} x_k`` — llama.cpp's Q4_1 × Q8_1 scheme, the
   zero points exact. About twice torch's int4pack at batch 1 (reads the weights at memory speed); for decoding.
 * ``int8mm`` — W8A8 (8-bit per-channel symmetric weights, inputs quantized per token, :mod:`lowbit.core.
@@ -60,7 +60,7 @@ _INT8_K_ALIGN = 32
 
 FP32_TOLERANCE = 1e-4  # float32 activations: only the accumulation order differs from the reference
 BF16_TOLERANCE = 1.5e-2  # bfloat16 activations and scales: 8 significant bits, each rounded by ≤ 2⁻⁹ relative
-# int8 activations per 128-block: each input rounded by ≤ max|x_b|/254, about twice bfloat16's error relative to
+# int8 activations per 32-block: each input rounded by ≤ max|x_b|/254, about twice bfloat16's error relative to
 # typical inputs (what llama.cpp's Q8 activations cost too)
 INT8_ACT_TOLERANCE = 3e-2
 
@@ -194,7 +194,7 @@ def _int4dot_why_not(qt: QuantizedTensor) -> str | None:
 
 def _int4dot_prepare(qt: QuantizedTensor) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """The codes in the native nibble layout, ``s`` and ``s·z`` per group ``[N, G]`` in float32 (exact), and the
-    number of 128-blocks per group."""
+    number of 128-wide chunks per group."""
     from lowbit.nn.native import BLOCK, int4_dot_module
 
     module = int4_dot_module()

@@ -3,7 +3,7 @@
 Why native code: at batch 1 a quantized linear is a matrix-vector product whose cost is reading the weights, and
 torch's packed int4 op (``_weight_int4pack_mm_for_cpu``) spends more time unpacking and converting than reading
 (measured here: 0.5 ms for a 4096×4096 int4 layer whose 8.9 MB a memory copy moves in 0.36 ms). llama.cpp's answer
-— integer dot products of the 4-bit codes with the activations quantized to int8 per 128-block (AVX-512 VNNI
+— integer dot products of the 4-bit codes with the activations quantized to int8 per 32-block (AVX-512 VNNI
 ``vpdpbusd`` or AVX2 ``vpmaddubsw``), the scales and zero points applied in float per block — is not shipped by
 torch or torchao's x86 wheels, so lowbit compiles its own (~150 lines, ``torch.utils.cpp_extension``).
 
@@ -27,7 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parent / "csrc" / "int4_dot.cpp"
-BLOCK = 128  # activations are quantized per block of this many inputs; weight groups must be multiples of it
+BLOCK = 128  # the kernel's chunk: 128 codes in 64 bytes; weight groups must be multiples of it (activations: 32-blocks)
 
 
 def _cpu_signature() -> str:

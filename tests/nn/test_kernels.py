@@ -2,7 +2,7 @@
 
 ``|fast − reference| ≤ tolerance · max|reference| + 1e-5``: 1e-4 for float32 activations (accumulation order),
 1.5e-2 for the bfloat16-activation kernels ``fast`` picks (8 significant bits), 3e-2 for int4dot (int8 activations
-per 128-block); the float32 variants of the same packing pin the packing itself down to 1e-4, and int4dot is exact
+per 32-block); the float32 variants of the same packing pin the packing itself down to 1e-4, and int4dot is exact
 on activations that are already int8.
 """
 
@@ -126,7 +126,7 @@ def test_activation_quantized_layers_never_take_a_float_activation_kernel() -> N
 
 
 def test_int4dot_is_exact_when_the_activations_are_int8() -> None:
-    """int4dot's only approximation is rounding the activations to int8 per 128-block: with inputs that are
+    """int4dot's only approximation is rounding the activations to int8 per 32-block: with inputs that are
     integers in [−127, 127] and reach ±127 in every block (d = 1), it equals the reference to float32 rounding —
     which pins down the nibble layout, the group/block bookkeeping (ragged last group, 256-wide groups, per-channel)
     and the exact zero-point term."""
@@ -139,7 +139,7 @@ def test_int4dot_is_exact_when_the_activations_are_int8() -> None:
         torch.manual_seed(k)
         qt = quantize_rtn(torch.randn(40, k), cfg)
         x = torch.randint(-126, 127, (11, k)).float()
-        x[:, ::128] = 127.0  # every 128-block's max |x| is 127: its int8 scale is exactly 1
+        x[:, ::32] = 127.0  # every 32-block's max |x| is 127: its int8 scale is exactly 1
         ref = torch.nn.functional.linear(x, qt.dequantize().double().float())
         out = kernel.run(kernel.prepare(qt), x)
         assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5, cfg.describe()
