@@ -23,7 +23,7 @@ W8A8 int8 GEMM wins at every row count.
 * ``int4dot`` — 2-, 3- and 4-bit weights in groups of a multiple of 128 (or per-channel), lowbit's native kernel
   (:mod:`lowbit.nn.native`): the activations quantized to int8 per 32-block, integer dot products with the codes
   (AVX-512 VNNI / AVX2), ``Σ_b d_b·s_g·(q·x_q)_b − Σ_g s_g·z_g·Σ_{k∈g} x_k`` — llama.cpp's Q4_1 × Q8_1 scheme, the
-  zero points exact. About twice torch's int4pack at batch 1 (reads the weights at memory speed); for decoding.
+  zero points exact. 1.2–1.6× torch's int4pack at batch 1 (0.76–0.91 of the copy-bandwidth bound); for decoding.
 * ``int8mm`` — W8A8 (8-bit per-channel symmetric weights, inputs quantized per token, :mod:`lowbit.core.
   activations`): ``torch._int_mm`` multiplies int8 by int8 into int32 exactly, then ``· s_x · s_w``. Faster than
   float32 for any number of rows (a prompt's GEMM is where it pays).
