@@ -7,6 +7,7 @@
     lowbit export MODEL --format gguf --type Q4_K_M --out FILE [--tensor-type REGEX=TYPE]
     lowbit export QUANTIZED_DIR --format compressed-tensors|gptq --out DIR
     lowbit quantize MODEL --out DIR --target-bpw 3.5 | --max-size 60MB    (mixed precision)
+    lowbit quantize MODEL --format gguf --out FILE --max-size 80MB       (a GGUF block type per tensor)
     lowbit sensitivity MODEL [--candidates 3g128,4g128,8pc] [--json FILE]
     lowbit report MODEL --out report.html
     lowbit generate MODEL --prompt "The capital of France is" [--max-new-tokens 64]
@@ -302,9 +303,10 @@ def _quantize_gguf(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite, resolve_source(args.model))
     if not args.no_eval:
         _protocol(args)
+    mix = cli_mixed.gguf_mix(args) if cli_mixed.wants_mixed(args) else None
     calib_text, calib_note = _calibration(args, method, calib)
     job = QuantizeJob(args.model, args.out, method=method, calib=calib, calib_text=calib_text, fmt="gguf",
-                      max_memory=cli_mixed.max_memory_arg(args),
+                      max_memory=cli_mixed.max_memory_arg(args), gguf_overrides=mix.overrides if mix else (),
                       gguf_type=args.type, compute_dtype=args.compute_dtype or default_compute_dtype())
     result = quantize_and_save(job, overwrite=args.overwrite, resume=args.resume)
     evaluation = None if args.no_eval else _stream_eval(args, str(result.path), args.model)
@@ -315,10 +317,16 @@ def _quantize_gguf(args: argparse.Namespace) -> int:
     extra = [("method", f"{method.name}, GGUF {args.type.upper()}"), ("file", f"{size:,} bytes ({counts})"),
              ("quantize time", f"{result.seconds:.1f} s")]
     extra += [("calibration", calib_note)] if calib_note else []
+    if mix is not None:
+        from lowbit.gguf_mix import describe_mix
+
+        extra += describe_mix(mix)
     print_results(f"{args.model} → {result.path}", evaluation, None, extra)
     write_json(args.json_out, {"method": method.name, "type": args.type.upper(), "calibration": calib_note,
                                 "file_bytes": size, "tensor_types": result.record, "evaluation": evaluation,
-                                "quantize_seconds": result.seconds})
+                                "quantize_seconds": result.seconds,
+                                "gguf_mix": {**mix.allocation.to_dict(), "planned_file_bytes": mix.file_bytes}
+                                if mix else None})
     return 0
 
 

@@ -13,11 +13,12 @@ log = logging.getLogger("lowbit")
 DEFAULT_SENSITIVITY_SAMPLES = 32
 
 
-def add_candidate_args(p: argparse.ArgumentParser) -> None:
-    from lowbit.plan.candidates import DEFAULT_CANDIDATES
+def add_candidate_args(p: argparse.ArgumentParser, by_format: bool = False) -> None:
+    from lowbit.plan.candidates import DEFAULT_CANDIDATES, DEFAULT_GGUF_CANDIDATES
 
-    p.add_argument("--candidates", default=DEFAULT_CANDIDATES,
-                   help=f"formats a layer may get, e.g. 3g128,4g64sym,8pc,fp16 (default {DEFAULT_CANDIDATES})")
+    gguf = f"; with --format gguf, GGUF block types (default {DEFAULT_GGUF_CANDIDATES})" if by_format else ""
+    p.add_argument("--candidates", default=None if by_format else DEFAULT_CANDIDATES,
+                   help=f"formats a layer may get, e.g. 3g128,4g64sym,8pc,fp16 (default {DEFAULT_CANDIDATES}){gguf}")
     p.add_argument("--sensitivity-samples", type=int, default=DEFAULT_SENSITIVITY_SAMPLES,
                    help=f"calibration windows (of --calib-seqlen tokens) for the sensitivity scores (default "
                         f"{DEFAULT_SENSITIVITY_SAMPLES}; one forward + backward each)")
@@ -29,8 +30,9 @@ def add_mixed_args(p: argparse.ArgumentParser) -> None:
                         help="mixed precision: average bits per quantized weight (scales and zeros included); each "
                              "layer gets the candidate format that minimises the estimated KL under this budget")
     budget.add_argument("--max-size", metavar="SIZE",
-                        help="mixed precision: the whole checkpoint's tensor bytes at most SIZE (e.g. 60MB, 1.5GB)")
-    add_candidate_args(p)
+                        help="mixed precision: the whole checkpoint's tensor bytes at most SIZE (e.g. 60MB, 1.5GB); "
+                             "with --format gguf, the file's size")
+    add_candidate_args(p, by_format=True)
     p.add_argument("--sensitivity", metavar="FILE",
                    help="reuse a sensitivity table written by `lowbit sensitivity --json` (same model and candidates)")
 
@@ -39,14 +41,26 @@ def wants_mixed(args: argparse.Namespace) -> bool:
     return args.target_bpw is not None or args.max_size is not None
 
 
+def candidate_names(args: argparse.Namespace) -> str:
+    """``--candidates``, or the default ladder of the output format (GGUF block types for ``--format gguf``)."""
+    from lowbit.plan.candidates import DEFAULT_CANDIDATES, DEFAULT_GGUF_CANDIDATES
+
+    if args.candidates:
+        return args.candidates
+    return DEFAULT_GGUF_CANDIDATES if getattr(args, "format", None) == "gguf" else DEFAULT_CANDIDATES
+
+
 def check_mixed_args(args: argparse.Namespace) -> None:
     """Validate the mixed-precision flags before any expensive work."""
     from lowbit.errors import ConfigError
     from lowbit.plan.allocate import check_mixed_format, parse_size
-    from lowbit.plan.candidates import parse_candidates
+    from lowbit.plan.candidates import check_gguf_candidates, parse_candidates
 
-    check_mixed_format(args.format)
-    parse_candidates(args.candidates)
+    candidates = parse_candidates(candidate_names(args))
+    if args.format == "gguf":
+        check_gguf_candidates(candidates)
+    else:
+        check_mixed_format(args.format)
     if args.max_size is not None:
         parse_size(args.max_size)
     if args.sensitivity_samples < 1:
@@ -99,7 +113,7 @@ def mixed_plan(args: argparse.Namespace, recipe: Any) -> Any:
     from lowbit.plan.candidates import parse_candidates
     from lowbit.plan.mixed import plan_mixed
 
-    candidates = parse_candidates(args.candidates)
+    candidates = parse_candidates(candidate_names(args))
     table, ids, calib = None, None, None
     sm = open_float(args.model)
     try:
@@ -115,6 +129,30 @@ def mixed_plan(args: argparse.Namespace, recipe: Any) -> Any:
         return plan_mixed(sm, recipe, candidates, ids, args.target_bpw, max_bytes, calib or CalibConfig(),
                           None, args.format, args.float_dtype, table, compute_dtype=compute_dtype_arg(args),
                           max_memory=max_memory_arg(args))
+    finally:
+        sm.close()
+
+
+def gguf_mix(args: argparse.Namespace) -> Any:
+    """``lowbit quantize --format gguf --max-size/--target-bpw``: a block type per tensor under the budget
+    (:func:`lowbit.gguf_mix.plan_gguf_mix`), scored on ``--sensitivity-samples`` windows of the calibration text."""
+    from lowbit.calib.data import CalibConfig
+    from lowbit.gguf_mix import plan_gguf_mix
+    from lowbit.plan.allocate import parse_size
+    from lowbit.plan.candidates import parse_candidates
+
+    candidates = parse_candidates(candidate_names(args))
+    table, ids, calib = None, None, None
+    sm = open_float(args.model)
+    try:
+        if args.sensitivity:
+            table = load_table(args.sensitivity, candidates)
+        else:
+            ids, calib, note = sensitivity_ids(sm, args)
+            log.info("GGUF mix: %d block types scored on %s", len(candidates), note)
+        max_bytes = None if args.max_size is None else parse_size(args.max_size)
+        return plan_gguf_mix(sm, args.type, candidates, ids, args.target_bpw, max_bytes, calib or CalibConfig(),
+                             table, compute_dtype=compute_dtype_arg(args), max_memory=max_memory_arg(args))
     finally:
         sm.close()
 

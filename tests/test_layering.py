@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lowbit"
 JOBS = ("lowbit.pipeline", "lowbit.quantize", "lowbit.job", "lowbit.gguf_job", "lowbit.report")
-UI = ("lowbit.cli", "lowbit.cli_mixed")
+UI = ("lowbit.cli", "lowbit.cli_mixed", "lowbit.gguf_mix")  # gguf_mix: plans (plan) for a job (gguf_job)
 FORBIDDEN = {
     "lowbit.core": ("lowbit.nn", "lowbit.calib", "lowbit.model", "lowbit.formats", "lowbit.methods", "lowbit.eval",
                     "lowbit.plan", *JOBS, *UI),

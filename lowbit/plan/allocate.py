@@ -14,6 +14,7 @@ optimal up to the one partly-fitting upgrade of the LP.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -84,12 +85,13 @@ def allocate(table: SensitivityTable, budget_bytes: int, allowed: Sequence[Seque
              ) -> Allocation:
     """Choose one candidate per layer of ``table`` with total bytes ``≤ budget_bytes`` and least summed KL.
 
-    ``allowed[i][j]`` (optional) rules candidates out per layer (e.g. group sizes a serving format cannot store).
+    ``allowed[i][j]`` (optional) rules candidates out per layer (e.g. group sizes a serving format cannot store);
+    a candidate scored non-finite (a GGUF block that does not fit the row) is never chosen.
     """
     hulls = []
     for i, name in enumerate(table.layers):
         points = [(table.bytes[i][j], table.kl[i][j], j) for j in range(len(table.candidates))
-                  if allowed is None or allowed[i][j]]
+                  if (allowed is None or allowed[i][j]) and math.isfinite(table.kl[i][j])]
         if not points:
             raise ConfigError(f"no candidate format can store {name}: add one that fits it to --candidates")
         hulls.append(lower_hull(points))

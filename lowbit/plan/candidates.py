@@ -12,7 +12,9 @@ Short names (CLI ``--candidates``), one per candidate::
     8pcsym     … symmetric
     nf4b64     NF4 code book, blocks (groups) of 64 — bitsandbytes' default; fp4b64 its FP4
     nf4b64dq   … with double-quantized scales (4.127 bits per weight)
-    fp16       keep the layer in float (the checkpoint's float dtype)
+    fp16       keep the layer in float (the checkpoint's float dtype; F16 in a GGUF file)
+    q4_k       a GGUF block type by llama.cpp's name (q2_k … q6_k, q4_0 … q5_1, q8_0, iq4_nl, iq4_xs) — for
+               ``--format gguf``; it fits a layer only if its block (256 or 32 weights) divides the row
 
 The default ladder spans 3 to 16 bits per weight in small steps, asymmetric (lowbit's default): where a layer is
 cheap to quantize the allocator may go down to 3 bits per channel, where it is sensitive up to 8 bits or float.
@@ -27,8 +29,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
 from lowbit.config import QuantConfig
 from lowbit.errors import ConfigError
+from lowbit.formats.gguf.grids import APPROX_CONFIG
 from lowbit.plan.memory import FLOAT_BYTES, quantized_weight_bytes
 _NAME = re.compile(r"^(?P<bits>[2-8])(?:g(?P<group>\d+)|(?P<pc>pc))(?P<sym>sym)?$")
 _BOOK = re.compile(r"^(?P<book>nf4|fp4)(?:[bg](?P<group>\d+)|(?P<pc>pc))(?P<dq>dq)?$")
@@ -36,10 +41,16 @@ _BOOK = re.compile(r"^(?P<book>nf4|fp4)(?:[bg](?P<group>\d+)|(?P<pc>pc))(?P<dq>d
 
 @dataclass(frozen=True)
 class Candidate:
-    """One storage choice for a layer: ``config`` (quantized) or ``None`` (kept in float)."""
+    """One storage choice for a layer: ``config`` (quantized) or ``None`` (kept in float); ``gguf`` a GGUF block
+    type (then ``config`` is its closest lowbit grid, :data:`~lowbit.formats.gguf.grids.APPROX_CONFIG`)."""
 
     name: str
     config: QuantConfig | None
+    gguf: GGMLQuantizationType | None = None
+
+    def fits(self, in_features: int) -> bool:
+        """Whether rows of ``in_features`` weights can be stored (a GGUF type's blocks must divide them)."""
+        return self.gguf is None or in_features % GGML_QUANT_SIZES[self.gguf][0] == 0
 
     @property
     def is_float(self) -> bool:
@@ -47,6 +58,9 @@ class Candidate:
 
     def weight_bytes(self, out_features: int, in_features: int, float_dtype: str = "float16") -> int:
         """Bytes the checkpoint stores for this ``[out, in]`` weight (codes, scales, zeros; bias not included)."""
+        if self.gguf is not None:
+            block, size = GGML_QUANT_SIZES[self.gguf]
+            return out_features * -(-in_features // block) * size  # a partial block is what a fallback would cost
         if self.config is None:
             return out_features * in_features * FLOAT_BYTES[float_dtype]
         return quantized_weight_bytes(out_features, in_features, self.config)
@@ -61,6 +75,9 @@ def parse_candidate(name: str) -> Candidate:
     text = name.strip().lower()
     if text in ("fp16", "float", "f16"):
         return Candidate("fp16", None)
+    gguf_type = GGUF_CANDIDATE_TYPES.get(text)
+    if gguf_type is not None:
+        return Candidate(text, APPROX_CONFIG[gguf_type], gguf_type)
     book = _BOOK.match(text)
     if book is not None:
         gran = dict(granularity="channel") if book["pc"] else dict(group_size=int(book["group"]))
@@ -71,7 +88,7 @@ def parse_candidate(name: str) -> Candidate:
         raise ConfigError(
             f"unknown candidate {name!r}: write BITS then gGROUP or pc, optionally sym — e.g. 3g128, 4g64sym, 8pc; "
             "a code book then bGROUP, optionally dq — nf4b64, nf4b64dq, fp4b64; or fp16 to allow keeping a layer "
-            "in float"
+            "in float; a GGUF block type for --format gguf — q2_k … q6_k, q4_0, q5_1, q8_0, iq4_nl, iq4_xs"
         )
     bits, sym = int(match["bits"]), bool(match["sym"])
     if match["pc"]:
@@ -96,3 +113,18 @@ DEFAULT_CANDIDATES = "3pc,3g256,3g128,3g64,3g32,4g128,4g64,4g32,5g64,6g128,8pc,f
 
 def default_candidates() -> tuple[Candidate, ...]:
     return parse_candidates(DEFAULT_CANDIDATES)
+
+
+GGUF_CANDIDATE_TYPES = {q.name.lower(): q for q in APPROX_CONFIG}
+# every block type lowbit encodes: 256-weight k-quants and IQ4_XS where the row allows, 32-weight types everywhere
+# (on 576-wide rows such as SmolLM2's only those fit). F16 is left out by default — Q8_0 is within 0.1 % of it at half
+# the bytes — and can be added as fp16
+DEFAULT_GGUF_CANDIDATES = "q2_k,q3_k,iq4_xs,q4_k,q5_k,q6_k,q4_0,iq4_nl,q4_1,q5_0,q5_1,q8_0"
+
+
+def check_gguf_candidates(candidates: tuple[Candidate, ...]) -> None:
+    """A GGUF mix takes GGUF block types (and fp16 as F16) only."""
+    other = [c.name for c in candidates if c.gguf is None and c.config is not None]
+    if other:
+        raise ConfigError(f"--format gguf mixes GGUF block types, not {', '.join(other)}: list types such as "
+                          f"{DEFAULT_GGUF_CANDIDATES}")

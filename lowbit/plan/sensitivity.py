@@ -27,6 +27,7 @@ held-out windows.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -106,6 +107,12 @@ def _scores(weight: torch.Tensor, deq: torch.Tensor, second_moment: torch.Tensor
 
 def _dequantized(weight: torch.Tensor, cand: Candidate, method: MethodConfig, stats: InputStats | None, clip: bool,
                  float_dtype: str) -> torch.Tensor:
+    if cand.gguf is not None:
+        # llama.cpp's own q-params (importance-weighted by the layer's mean squared inputs where it weighs them) and
+        # nearest rounding: the clip search would cost ~10× more per candidate for a ranking that hardly moves
+        from lowbit.methods.gguf_rounding import quantize_gguf_weight
+
+        return quantize_gguf_weight(weight, cand.gguf, stats, replace(method, rounding="nearest"), clip=False)[1]
     if cand.config is None:
         return weight.to(getattr(torch, float_dtype)).float()
     return quantize_weight(weight, cand.config, method, stats, clip).dequantize()
@@ -147,6 +154,11 @@ def sensitivity_table(model: nn.Module | StreamingModel, recipe: QuantRecipe, ca
         second_moment = stats.hessian / 2  # E[x xᵀ]
         kl, err, size = [], [], []
         for cand in candidates:
+            if not cand.fits(weight.shape[1]):  # a GGUF block wider than the row: never allocated
+                kl.append(math.inf)
+                err.append(math.inf)
+                size.append(cand.weight_bytes(*weight.shape, float_dtype))
+                continue
             deq = _dequantized(weight, cand, plain, stats, clip, float_dtype)
             k, e = _scores(weight, deq, second_moment, fisher[full])
             kl.append(k)

@@ -27,7 +27,7 @@ Q = GGMLQuantizationType
 _ROWS = 4096  # rows encoded at once: 64 MB of float32 at width 4096
 
 
-def _nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
+def tensor_nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
     from lowbit.formats.gguf.writer import tensor_bytes
 
     if qtype == Q.F32:
@@ -58,7 +58,7 @@ class GGUFSink:
                 qtype = types[name]
                 raw = None if qtype in (Q.F32, Q.F16) else qtype
                 np_dtype = np.float16 if qtype == Q.F16 else np.float32
-                writer.add_tensor_info(name, shape, np.dtype(np_dtype), _nbytes(shape, qtype), raw_dtype=raw)
+                writer.add_tensor_info(name, shape, np.dtype(np_dtype), tensor_nbytes(shape, qtype), raw_dtype=raw)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
@@ -74,11 +74,11 @@ class GGUFSink:
         offset = self.data_start
         for name, shape in self.shapes.items():
             self.offsets[name] = offset
-            offset += GGUFWriter.ggml_pad(_nbytes(shape, types[name]), self.alignment)
+            offset += GGUFWriter.ggml_pad(tensor_nbytes(shape, types[name]), self.alignment)
         self.end = offset
 
     def _write(self, name: str, data: np.ndarray) -> None:
-        expected = _nbytes(self.shapes[name], self.types[name])
+        expected = tensor_nbytes(self.shapes[name], self.types[name])
         if data.nbytes != expected:
             raise FormatError(f"internal: {name} encodes to {data.nbytes} bytes, its tensor info says {expected}")
         self._file.seek(self.offsets[name])
@@ -117,7 +117,7 @@ class GGUFSink:
             self._file.seek(offset + written)
             self._file.write(memoryview(np.ascontiguousarray(data)).cast("B"))
             written += data.nbytes
-        expected = _nbytes(self.shapes[name], self.types[name])
+        expected = tensor_nbytes(self.shapes[name], self.types[name])
         if written != expected:
             raise FormatError(f"internal: {name} encodes to {written} bytes, its tensor info says {expected}")
         self.written.append(name)
