@@ -110,15 +110,14 @@ def same_bytes_as(a: Path, b: Path) -> str:
     return f"{same}/{len(ta)} tensors byte-identical to llama.cpp"
 
 
-def worker(job: dict) -> dict:
+def evaluate_file(out: Path) -> dict:
+    """Perplexity, KL and top-1 agreement of a GGUF file's decoded weights against the fp32 model (the same
+    windows and code for every row), and its size."""
     import torch
 
     from lowbit.eval.perplexity import evaluate
     from lowbit.model.loading import load_model
 
-    seconds = quantize(job)
-    rss_quant = peak_rss_mb()
-    out = _file(job)
     fp32 = load_model(MODEL)
     windows, protocol = eval_windows(fp32.tokenizer)
     ref = reference_logits(fp32.model, windows)
@@ -126,8 +125,14 @@ def worker(job: dict) -> dict:
     model = load_model(out).model
     with torch.no_grad():
         ev = evaluate(model, windows, protocol, reference=ref, progress=False)
-    row = {**job, "perplexity": ev.perplexity, "kl": ev.kl, "top1": ev.top1_agreement, "file_bytes": out.stat().st_size,
-           "quantize_seconds": seconds, "peak_rss_mb_quantize": rss_quant}
+    return {"perplexity": ev.perplexity, "kl": ev.kl, "top1": ev.top1_agreement, "file_bytes": out.stat().st_size}
+
+
+def worker(job: dict) -> dict:
+    seconds = quantize(job)
+    rss_quant = peak_rss_mb()
+    out = _file(job)
+    row = {**job, **evaluate_file(out), "quantize_seconds": seconds, "peak_rss_mb_quantize": rss_quant}
     reference_file = _file({**job, "tool": "llama.cpp"})
     if job["tool"] == "lowbit" and reference_file.exists():
         row["note"] = same_bytes_as(reference_file, out)

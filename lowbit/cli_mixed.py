@@ -99,10 +99,11 @@ def load_table(path: str, candidates: Any) -> Any:
         raise FormatError(f"cannot read the sensitivity table {path} ({exc}): write it with `lowbit sensitivity "
                           "MODEL --json FILE`") from exc
     table = SensitivityTable.from_dict(data.get("sensitivity", data))
-    if [c.name for c in table.candidates] != [c.name for c in candidates]:
-        raise ConfigError(f"{path} scores candidates {[c.name for c in table.candidates]}, not --candidates "
-                          f"{[c.name for c in candidates]}: pass the same --candidates or recompute the table")
-    return table
+    missing = [c.name for c in candidates if c.name not in {t.name for t in table.candidates}]
+    if missing:
+        raise ConfigError(f"{path} scores candidates {[c.name for c in table.candidates]}, not {missing} of "
+                          f"--candidates: pass candidates the table scores (all or some) or recompute the table")
+    return table.restricted([c.name for c in candidates])
 
 
 def mixed_plan(args: argparse.Namespace, recipe: Any) -> Any:

@@ -72,6 +72,17 @@ class SensitivityTable:
         """Weights in the scored layers."""
         return sum(out_f * in_f for out_f, in_f in self.shapes)
 
+    def restricted(self, names: Sequence[str]) -> "SensitivityTable":
+        """The same scores for the candidates called ``names`` only (in that order)."""
+        index = {c.name: j for j, c in enumerate(self.candidates)}
+        cols = [index[n] for n in names]
+        return replace(self, candidates=[self.candidates[j] for j in cols],
+                       kl=[[row[j] for j in cols] for row in self.kl],
+                       output_error=[[row[j] for j in cols] for row in self.output_error],
+                       bytes=[[row[j] for j in cols] for row in self.bytes],
+                       measured={layer: {n: v for n, v in cands.items() if n in names}
+                                 for layer, cands in self.measured.items()})
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": TABLE_VERSION, "layers": self.layers, "shapes": [list(s) for s in self.shapes],

@@ -56,8 +56,13 @@ def test_saved_table_is_reused(tiny_hf_folder: Path, tmp_path: Path, calib_args:
         results.append(json.loads(Path(str(out) + ".json").read_text())["mixed_precision"]["layers"])
     assert results[0] == results[1]
     code, _, err = run(capsys, "quantize", tiny_hf_folder, "--out", tmp_path / "x", "--target-bpw", "4", "--no-eval",
-                       "--sensitivity", tmp_path / "t.json", "--candidates", "4g32,8pc")
-    assert code == 2 and "pass the same --candidates" in err
+                       "--sensitivity", tmp_path / "t.json", "--candidates", "4g64,8pc")
+    assert code == 2 and "not ['4g64'] of --candidates" in err
+    some = ",".join(CANDS.split(",")[1:])  # a subset of the scored candidates: the table's columns for them
+    code, _, _ = run(capsys, "quantize", tiny_hf_folder, "--out", tmp_path / "sub", "--target-bpw", "4", "--no-eval",
+                     "--json", tmp_path / "sub.json", "--sensitivity", tmp_path / "t.json", "--candidates", some)
+    chosen = json.loads((tmp_path / "sub.json").read_text())["mixed_precision"]["layers"]
+    assert code == 0 and set(chosen.values()) <= set(some.split(",")) and len(chosen) == 14
 
 
 def test_mixed_compressed_tensors_export(tiny_hf_folder: Path, tmp_path: Path, calib_args: list, capsys) -> None:
