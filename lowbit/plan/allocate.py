@@ -149,7 +149,8 @@ def check_mixed_format(fmt: str) -> None:
     """Mixed precision needs a format that stores a different config per layer."""
     if fmt not in MIXED_FORMATS:
         raise ConfigError(f"mixed precision writes --format lowbit or compressed-tensors, not {fmt}: GPTQ needs one "
-                          "config for the same linear of every block; GGUF types are chosen with --type")
+                          "config for the same linear of every block; for a GGUF mix pass --format gguf with GGUF "
+                          "block types as --candidates (e.g. q3_k,iq4_xs,q4_k,q6_k)")
 
 
 def allowed_for_format(table: SensitivityTable, fmt: str) -> list[list[bool]] | None:

@@ -96,7 +96,7 @@ def test_budgets_and_formats() -> None:
     table.shapes = [(4, 576), (4, 512)]
     assert allowed_for_format(table, "compressed-tensors") == [[False, True], [True, True]]
     assert allowed_for_format(table, "lowbit") is None
-    with pytest.raises(ConfigError, match="GGUF types are chosen with --type"):
+    with pytest.raises(ConfigError, match="GGUF block types as --candidates"):
         allowed_for_format(table, "gguf")
 
 

@@ -74,7 +74,7 @@ def test_mixed_compressed_tensors_export(tiny_hf_folder: Path, tmp_path: Path, c
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--target-bpw", "3.5", "--format", "gguf"], "mixed precision writes --format lowbit or compressed-tensors"),
+    (["--target-bpw", "3.5", "--format", "gguf"], "--format gguf mixes GGUF block types, not 2g16"),
     (["--target-bpw", "3.5", "--format", "gptq"], "mixed precision writes --format lowbit or compressed-tensors"),
     (["--max-size", "1KB"], "not more than what stays in float"),
     (["--max-size", "lots"], "write e.g. 60MB"),
