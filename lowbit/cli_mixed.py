@@ -153,7 +153,8 @@ def gguf_mix(args: argparse.Namespace) -> Any:
             log.info("GGUF mix: %d block types scored on %s", len(candidates), note)
         max_bytes = None if args.max_size is None else parse_size(args.max_size)
         return plan_gguf_mix(sm, args.type, candidates, ids, args.target_bpw, max_bytes, calib or CalibConfig(),
-                             table, compute_dtype=compute_dtype_arg(args), max_memory=max_memory_arg(args))
+                             table, compute_dtype=compute_dtype_arg(args), max_memory=max_memory_arg(args),
+                             has_imatrix=args.method != "rtn")
     finally:
         sm.close()
 

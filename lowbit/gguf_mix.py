@@ -35,6 +35,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from lowbit.calib.data import CalibConfig
 from lowbit.errors import ConfigError
 from lowbit.formats.gguf.convert import gguf_name_map
+from lowbit.formats.gguf.recipes import requires_imatrix
 from lowbit.formats.gguf.sink import GGUFSink, tensor_nbytes
 from lowbit.formats.gguf.writer import gguf_plan, head_writer
 from lowbit.gguf_job import gguf_targets
@@ -92,19 +93,21 @@ def padded_bytes(shape: tuple[int, ...], qtype: GGMLQuantizationType, alignment:
 def plan_gguf_mix(sm: StreamingModel, ftype: str, candidates: Sequence[Candidate], calib_ids: torch.Tensor | None,
                   target_bpw: float | None = None, max_bytes: int | None = None, calib: CalibConfig = CalibConfig(),
                   table: SensitivityTable | None = None, progress: bool = True,
-                  compute_dtype: torch.dtype = torch.float32, max_memory: int | None = None) -> GGUFMix:
+                  compute_dtype: torch.dtype = torch.float32, max_memory: int | None = None,
+                  has_imatrix: bool = True) -> GGUFMix:
     """Score (unless ``table`` is given) and allocate GGUF block types for the linears of ``sm``'s blocks.
 
     ``ftype`` (e.g. ``Q4_K_M``) decides which tensors are quantized at all and the types of those outside the
-    blocks; ``max_bytes`` (the file) or ``target_bpw`` (the chosen tensors) is the budget. The model is not
-    changed.
+    blocks; ``max_bytes`` (the file) or ``target_bpw`` (the chosen tensors) is the budget. ``has_imatrix``: the
+    file will be written with calibration statistics (else the types llama.cpp refuses without an importance
+    matrix — IQ3_XXS, IQ2_*, IQ1_* — are not offered). The model is not changed.
     """
     if (target_bpw is None) == (max_bytes is None):
         raise ConfigError("give exactly one budget: --target-bpw BITS or --max-size SIZE")
     candidates = tuple(candidates)
     check_gguf_candidates(candidates)
     model, config = sm.model, sm.model.config
-    shapes, base = gguf_plan(model, ftype, None, has_imatrix=True)
+    shapes, base = gguf_plan(model, ftype, None, has_imatrix=has_imatrix)
     name_of = gguf_name_map(config)
     targets = gguf_targets(model, base, name_of, ftype)
     if table is None:
@@ -119,11 +122,12 @@ def plan_gguf_mix(sm: StreamingModel, ftype: str, candidates: Sequence[Candidate
         padded_bytes(shape, base[name], alignment) for name, shape in shapes.items() if name not in chosen)
     fixed += alignment * len(chosen)  # each chosen tensor's padding, at most one alignment
     budget = layer_budget(table, target_bpw, max_bytes, fixed)
-    allowed = [[c.fits(in_f) for c in table.candidates] for _out, in_f in table.shapes]
+    allowed = [[c.fits(in_f) and (has_imatrix or not requires_imatrix(name_of(f"{layer}.weight"), gguf_type_of(c)))
+                for c in table.candidates] for layer, (_out, in_f) in zip(table.layers, table.shapes)]
     allocation = allocate(table, budget, allowed)
     overrides = tuple((f"^{re.escape(name_of(layer + '.weight'))}$", gguf_type_of(cand).name)
                       for layer, cand in allocation.choice.items())
-    _, types = gguf_plan(model, ftype, dict(overrides), has_imatrix=True)
+    _, types = gguf_plan(model, ftype, dict(overrides), has_imatrix=has_imatrix)
     for layer, cand in allocation.choice.items():  # the override must be what the file stores
         stored = types[name_of(layer + ".weight")]
         if stored != gguf_type_of(cand):

@@ -13,7 +13,8 @@ Short names (CLI ``--candidates``), one per candidate::
     nf4b64     NF4 code book, blocks (groups) of 64 — bitsandbytes' default; fp4b64 its FP4
     nf4b64dq   … with double-quantized scales (4.127 bits per weight)
     fp16       keep the layer in float (the checkpoint's float dtype; F16 in a GGUF file)
-    q4_k       a GGUF block type by llama.cpp's name (q2_k … q6_k, q4_0 … q5_1, q8_0, iq4_nl, iq4_xs) — for
+    q4_k       a GGUF block type by llama.cpp's name (q2_k … q6_k, q4_0 … q5_1, q8_0, iq4_nl, iq4_xs, iq3_s,
+               iq3_xxs, iq2_s, iq2_xs, iq2_xxs, iq1_m, iq1_s) — for
                ``--format gguf``; it fits a layer only if its block (256 or 32 weights) divides the row
 
 The default ladder spans 3 to 16 bits per weight in small steps, asymmetric (lowbit's default): where a layer is
@@ -88,7 +89,7 @@ def parse_candidate(name: str) -> Candidate:
         raise ConfigError(
             f"unknown candidate {name!r}: write BITS then gGROUP or pc, optionally sym — e.g. 3g128, 4g64sym, 8pc; "
             "a code book then bGROUP, optionally dq — nf4b64, nf4b64dq, fp4b64; or fp16 to allow keeping a layer "
-            "in float; a GGUF block type for --format gguf — q2_k … q6_k, q4_0, q5_1, q8_0, iq4_nl, iq4_xs"
+            "in float; a GGUF block type for --format gguf — q2_k … q6_k, q4_0, q5_1, q8_0, iq4_nl, iq4_xs, iq3_s … iq1_s"
         )
     bits, sym = int(match["bits"]), bool(match["sym"])
     if match["pc"]:
@@ -116,10 +117,11 @@ def default_candidates() -> tuple[Candidate, ...]:
 
 
 GGUF_CANDIDATE_TYPES = {q.name.lower(): q for q in APPROX_CONFIG}
-# every block type lowbit encodes: 256-weight k-quants and IQ4_XS where the row allows, 32-weight types everywhere
+# the block types worth a choice: 256-weight lattice i-quants (2.3–3.4 bits), k-quants and IQ4_XS where the row
+# allows, 32-weight types everywhere (IQ2_XXS and IQ1_S/M, below 2.1 bits, are opt-in)
 # (on 576-wide rows such as SmolLM2's only those fit). F16 is left out by default — Q8_0 is within 0.1 % of it at half
 # the bytes — and can be added as fp16
-DEFAULT_GGUF_CANDIDATES = "q2_k,q3_k,iq4_xs,q4_k,q5_k,q6_k,q4_0,iq4_nl,q4_1,q5_0,q5_1,q8_0"
+DEFAULT_GGUF_CANDIDATES = "iq2_xs,iq2_s,iq3_xxs,iq3_s,q2_k,q3_k,iq4_xs,q4_k,q5_k,q6_k,q4_0,iq4_nl,q4_1,q5_0,q5_1,q8_0"
 
 
 def check_gguf_candidates(candidates: tuple[Candidate, ...]) -> None:

@@ -49,6 +49,7 @@ from lowbit.core.qparams import choose_qparams_weighted
 from lowbit.errors import FormatError
 from lowbit.formats.gguf.kquants import KQUANT_TYPES, QK_K, kquant_grids
 from lowbit.formats.gguf.legacy import LEGACY_TYPES, as_blocks, choose_params, pack_blocks, weighted_params
+from lowbit.formats.gguf.recipes import LATTICE_TYPES
 
 Q = GGMLQuantizationType
 
@@ -65,6 +66,9 @@ APPROX_CONFIG: dict[GGMLQuantizationType, QuantConfig] = {
     Q.Q6_K: QuantConfig(6, True, "group", 16),
     Q.IQ4_NL: QuantConfig(4, True, "group", 32, codebook="iq4nl"),
     Q.IQ4_XS: QuantConfig(4, True, "group", 32, codebook="iq4nl"),
+    # the lattice i-quants have no per-weight grid (their code book holds points of 8 or 4 weights): as a lowbit
+    # config they read as their bit width; sizes always come from GGML_QUANT_SIZES (IQ3_S 3.44 … IQ1_S 1.56 bpw)
+    **{q: QuantConfig(3 if q.name.startswith("IQ3") else 2, True, "group", 32) for q in LATTICE_TYPES},
 }
 KQUANT_WIDTH = {Q.Q2_K: 16, Q.Q3_K: 16, Q.Q4_K: 32, Q.Q5_K: 32, Q.Q6_K: 16}
 

@@ -17,8 +17,10 @@ the tensor types ``llama-quantize … Q4_K_M`` would give the same model:
    Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0; if even 32 does not divide, F16. The tied/output embedding instead goes
    straight to Q8_0 when 256 does not divide its rows.
 
-Of the IQ file types, IQ4_NL and IQ4_XS are here (:mod:`lowbit.formats.gguf.iquants` encodes them); the lattice
-types (IQ3/IQ2/IQ1) are not yet.
+Every IQ file type is here: IQ4_NL/IQ4_XS (:mod:`~lowbit.formats.gguf.iquants`) and the lattice types IQ3_XXS,
+IQ3_XS, IQ3_S, IQ3_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ2_M, IQ1_S, IQ1_M (:mod:`~lowbit.formats.gguf.iq3`, ``iq2``, ``iq1``),
+whose 256-weight blocks fall back to IQ4_NL on other row widths. IQ3_XXS/IQ2_*/IQ1_* tensors need an importance
+matrix (:func:`requires_imatrix`, llama.cpp's ``tensor_requires_imatrix``).
 """
 
 from __future__ import annotations
@@ -37,10 +39,16 @@ DEFAULT_TYPE: dict[str, GGMLQuantizationType] = {
     "F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16, "Q8_0": Q.Q8_0, "Q4_0": Q.Q4_0, "Q4_1": Q.Q4_1, "Q5_0": Q.Q5_0,
     "Q5_1": Q.Q5_1, "Q2_K": Q.Q2_K, "Q2_K_S": Q.Q2_K, "Q3_K_S": Q.Q3_K, "Q3_K_M": Q.Q3_K, "Q3_K_L": Q.Q3_K,
     "Q4_K_S": Q.Q4_K, "Q4_K_M": Q.Q4_K, "Q5_K_S": Q.Q5_K, "Q5_K_M": Q.Q5_K, "Q6_K": Q.Q6_K,
-    "IQ4_NL": Q.IQ4_NL, "IQ4_XS": Q.IQ4_XS,
+    "IQ4_NL": Q.IQ4_NL, "IQ4_XS": Q.IQ4_XS, "IQ3_XXS": Q.IQ3_XXS, "IQ3_XS": Q.IQ3_S, "IQ3_S": Q.IQ3_S,
+    "IQ3_M": Q.IQ3_S, "IQ2_XXS": Q.IQ2_XXS, "IQ2_XS": Q.IQ2_XS, "IQ2_S": Q.IQ2_XS, "IQ2_M": Q.IQ2_S,
+    "IQ1_S": Q.IQ1_S, "IQ1_M": Q.IQ1_M,
 }
+LATTICE_TYPES = (Q.IQ3_XXS, Q.IQ3_S, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_S, Q.IQ1_M)
+# file types whose mix drops to ~2 bits (llama.cpp's first IQ branch of llama_tensor_get_type_impl)
+LOW_BIT_MIXES = ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M")
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
-FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0, Q.IQ4_XS: Q.IQ4_NL}
+FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0, Q.IQ4_XS: Q.IQ4_NL,
+            **{t: Q.IQ4_NL for t in (Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S)}}
 # substrings of tensor names llama.cpp never quantizes (beyond norms and 1-D tensors)
 KEEP_FLOAT = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
               "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight",
@@ -134,23 +142,38 @@ class _Mix:
         self.ftype, self.facts, self.has_imatrix = ftype, facts, has_imatrix
         self.n_attention_wv = sum(category(n) in ("attn_v", "attn_qkv", "attn_kv_b") for n in names)
         self.tied = "output.weight" not in names
-        self.i_attention_wv = self.i_ffn_down = 0
+        self.i_attention_wv = self.i_ffn_down = self.i_ffn_gate = self.i_ffn_up = 0
 
     def choose(self, name: str, ncols: int, new: GGMLQuantizationType) -> GGMLQuantizationType:
-        """``llama_tensor_get_type_impl`` for the non-IQ file types."""
+        """``llama_tensor_get_type_impl``."""
         f, facts, cat = self.ftype, self.facts, category(name)
         if cat == "output" or (self.tied and cat == "token_embd"):
             if facts.arch == "falcon" or ncols % block_size(new) != 0:
                 return Q.Q8_0
+            if f in (*LOW_BIT_MIXES, "IQ3_XXS"):
+                return Q.Q5_K
             return new if new == Q.Q8_0 else Q.Q6_K
         if cat == "token_embd":
-            return new
+            return {"IQ2_XXS": Q.Q2_K, "IQ2_XS": Q.Q2_K, "IQ1_S": Q.Q2_K, "IQ1_M": Q.Q2_K, "IQ2_S": Q.IQ3_S,
+                    "IQ2_M": Q.IQ3_S, "IQ3_XXS": Q.IQ3_S}.get(f, new)
+        if f in LOW_BIT_MIXES:
+            return self._low_bit(cat, new)
         if cat in ("attn_v", "attn_qkv", "attn_kv_b"):
             new = self._attn_v(new)
             self.i_attention_wv += 1
             return new
         if cat == "attn_k":
-            return Q.Q8_0 if facts.n_expert == 8 else new
+            return Q.Q8_0 if facts.n_expert == 8 else {"IQ3_XS": Q.IQ3_XXS, "IQ3_XXS": Q.IQ2_S}.get(f, new)
+        if cat == "attn_q":
+            return {"IQ3_XS": Q.IQ3_XXS, "IQ3_XXS": Q.IQ2_S}.get(f, new)
+        if cat in ("ffn_gate", "ffn_up"):
+            i = self._layer(name, self.i_ffn_gate if cat == "ffn_gate" else self.i_ffn_up)
+            if cat == "ffn_gate":
+                self.i_ffn_gate += 1
+            else:
+                self.i_ffn_up += 1
+            n = facts.n_layer
+            return Q.IQ3_XXS if f == "IQ3_XS" and n // 8 <= i < 7 * n // 8 else new
         if cat == "ffn_down":
             new = self._ffn_down(name, new)
             self.i_ffn_down += 1
@@ -159,15 +182,51 @@ class _Mix:
             if facts.arch == "falcon":
                 return Q.Q4_K if f == "Q3_K_L" else new
             if facts.n_expert == 8:
-                return Q.Q5_K if f in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS") else new
-            return {"Q2_K": Q.Q3_K, "Q3_K_M": Q.Q4_K, "Q3_K_L": Q.Q5_K}.get(f, new)
-        return new  # attn_q, ffn_gate, ffn_up, other: only IQ mixes change them
+                return Q.Q5_K if f in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS", "IQ3_XS",
+                                       "IQ3_XXS", "IQ3_S", "IQ3_M") else new
+            return {"Q2_K": Q.Q3_K, "IQ3_XXS": Q.IQ3_S, "Q3_K_M": Q.Q4_K, "Q3_K_L": Q.Q5_K, "IQ3_M": Q.Q4_K}.get(f, new)
+        return new
+
+    def _layer(self, name: str, counter: int) -> int:
+        """The layer of a per-layer tensor: its counter, or for mixture-of-experts models (whose experts are not
+        consecutive) the number in its name."""
+        if self.facts.n_expert <= 1:
+            return counter
+        match = re.match(r"blk\.(\d+)\.", name)
+        if match is None:
+            raise FormatError(f"cannot tell the layer of {name!r} in a mixture-of-experts model")
+        return int(match.group(1))
+
+    def _low_bit(self, cat: str, new: GGMLQuantizationType) -> GGMLQuantizationType:
+        """The IQ2_*/IQ1_* mixes: attn_v and the first eighth of ffn_down get Q2_K (IQ3_S for IQ2_S/IQ2_M), …"""
+        f, facts = self.ftype, self.facts
+        two_s = f in ("IQ2_S", "IQ2_M")
+        if cat in ("attn_v", "attn_qkv", "attn_kv_b"):
+            self.i_attention_wv += 1
+            return Q.Q4_K if facts.n_gqa >= 4 or facts.n_expert >= 4 else Q.IQ3_S if two_s else Q.Q2_K
+        if cat == "attn_k" and facts.n_expert == 8:
+            return Q.Q4_K
+        if cat == "ffn_down":
+            i = self.i_ffn_down
+            self.i_ffn_down += 1
+            return (Q.IQ3_S if two_s else Q.Q2_K) if i < facts.n_layer // 8 else new
+        if cat == "attn_output":
+            if facts.n_expert == 8:
+                return Q.Q5_K
+            return Q.IQ2_XXS if f in ("IQ1_S", "IQ1_M") else Q.IQ3_S if two_s else new
+        return new
 
     def _attn_v(self, new: GGMLQuantizationType) -> GGMLQuantizationType:
         f, facts, i, n = self.ftype, self.facts, self.i_attention_wv, self.n_attention_wv
         if f == "Q2_K":
             new = Q.Q4_K if facts.n_gqa >= 4 else Q.Q3_K
         elif f == "Q2_K_S" and facts.n_gqa >= 4:
+            new = Q.Q4_K
+        elif f == "IQ3_XXS":
+            new = Q.Q4_K if facts.n_gqa >= 4 else Q.IQ3_XXS if self.has_imatrix else Q.IQ3_S
+        elif f in ("IQ3_XS", "IQ3_S") and facts.n_gqa >= 4:
+            new = Q.Q4_K
+        elif f == "IQ3_M":
             new = Q.Q4_K
         elif f == "Q3_K_M":
             new = Q.Q5_K if i < 2 else Q.Q4_K
@@ -187,19 +246,18 @@ class _Mix:
 
     def _ffn_down(self, name: str, new: GGMLQuantizationType) -> GGMLQuantizationType:
         f, facts = self.ftype, self.facts
-        i, n = self.i_ffn_down, facts.n_layer
-        if facts.n_expert > 1:  # experts are not consecutive: read the layer from the name
-            match = re.match(r"blk\.(\d+)\.", name)
-            if match is None:
-                raise FormatError(f"cannot tell the layer of {name!r} in a mixture-of-experts model")
-            i = int(match.group(1))
+        i, n = self._layer(name, self.i_ffn_down), facts.n_layer  # experts are not consecutive: by name
         falcon = facts.arch == "falcon"
         if f == "Q2_K":
             return Q.Q3_K
         if f == "Q2_K_S":
             return Q.Q4_K if i < n // 8 else new
+        if f == "IQ3_XXS" and not self.has_imatrix:
+            return Q.Q4_K if i < n // 8 else Q.Q3_K
         if f == "Q3_K_M":
             return Q.Q5_K if i < n // 16 else Q.Q4_K if (not falcon or use_more_bits(i, n)) else Q.Q3_K
+        if f == "IQ3_M" and (i < n // 8 or (facts.n_expert == 8 and use_more_bits(i, n))):
+            return Q.Q4_K
         if f == "Q3_K_L":
             return Q.Q4_K if falcon else Q.Q5_K
         if f == "Q4_K_M":
@@ -223,7 +281,8 @@ def parse_type(name: str) -> GGMLQuantizationType:
         return Q[name.upper()]
     except KeyError:
         raise FormatError(f"unknown GGUF tensor type {name!r}: use one of F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, "
-                          "Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS") from None
+                          "Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS, "
+                          "IQ1_M, IQ1_S") from None
 
 
 def tensor_types(
@@ -259,3 +318,11 @@ def tensor_types(
             new = fallback(new, shape[0])
         types[name] = new
     return types
+
+
+def requires_imatrix(name: str, qtype: GGMLQuantizationType) -> bool:
+    """llama.cpp's ``tensor_requires_imatrix``: the ~2-bit lattice types (and IQ3_XXS) are refused without an
+    importance matrix, except on the token embedding and output tensors."""
+    if category(name) in ("token_embd", "output"):
+        return False
+    return qtype in (Q.IQ3_XXS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_M, Q.IQ1_S)

@@ -6,7 +6,8 @@ Steps (gguf-py's ``GGUFWriter`` enforces their order: header → key/values → 
 2. types: llama.cpp's rules for the file type (``Q4_K_M`` …) give each tensor a block type, with the user's
    per-tensor overrides (:mod:`lowbit.formats.gguf.recipes`);
 3. encode: F32/F16/BF16 by gguf-py, the 32-weight types by :mod:`~lowbit.formats.gguf.legacy`, k-quants by
-   :mod:`~lowbit.formats.gguf.kquants` — or, for calibrated exports, bytes a method already produced (``encoded``);
+   :mod:`~lowbit.formats.gguf.kquants`, i-quants by ``iquants`` (IQ4) and ``iq3``/``iq2``/``iq1`` (lattice) — or,
+   for calibrated exports, bytes a method already produced (``encoded``);
 4. write to a temporary file beside the target and rename it into place: never a half-written file.
 """
 
@@ -27,12 +28,15 @@ from lowbit.errors import FormatError
 from lowbit.formats.atomic import GGUF_MARKER
 from lowbit.formats.gguf.convert import gguf_arch, hyperparameters
 from lowbit.formats.gguf.legacy import LEGACY_TYPES, quantize_legacy
+from lowbit.formats.gguf.recipes import LATTICE_TYPES
 
 log = logging.getLogger(__name__)
 Q = GGMLQuantizationType
 KQUANTS = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 IQUANTS = (Q.IQ4_NL, Q.IQ4_XS)
-WRITABLE = (Q.F32, Q.F16, Q.BF16, *LEGACY_TYPES, *KQUANTS, *IQUANTS)
+LATTICE = LATTICE_TYPES  # 256-weight blocks of grid points (E8-like lattice code books) and sign bits
+IQ3, IQ2 = (Q.IQ3_XXS, Q.IQ3_S), (Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S)
+WRITABLE = (Q.F32, Q.F16, Q.BF16, *LEGACY_TYPES, *KQUANTS, *IQUANTS, *LATTICE)
 
 
 def file_type(name: str) -> LlamaFileType:
@@ -61,6 +65,13 @@ def encode(rows: np.ndarray, qtype: GGMLQuantizationType, weights: np.ndarray | 
         from lowbit.formats.gguf.iquants import quantize_iq4
 
         return quantize_iq4(np.atleast_2d(rows), qtype, weights)
+    if qtype in LATTICE:
+        from lowbit.formats.gguf.iq1 import quantize_iq1
+        from lowbit.formats.gguf.iq2 import quantize_iq2
+        from lowbit.formats.gguf.iq3 import quantize_iq3
+
+        quantize = quantize_iq3 if qtype in IQ3 else quantize_iq2 if qtype in IQ2 else quantize_iq1
+        return quantize(np.atleast_2d(np.asarray(rows, dtype=np.float32)), qtype, weights)
     raise FormatError(f"lowbit cannot encode GGUF type {qtype.name}: choose one of "
                       f"{', '.join(t.name for t in WRITABLE)}")
 
@@ -127,7 +138,7 @@ def gguf_plan(model: Any, ftype: str, overrides: dict[str, str] | None = None, h
     """``(shapes, types)`` of the GGUF file ``model`` becomes as ``ftype``: every tensor's ne shape in file
     order and its block type (llama.cpp's rules + ``overrides``). Reads no weights (a meta skeleton works)."""
     from lowbit.formats.gguf.convert import check_gguf_semantics, gguf_shapes
-    from lowbit.formats.gguf.recipes import ModelFacts, tensor_types
+    from lowbit.formats.gguf.recipes import ModelFacts, requires_imatrix, tensor_types
 
     config = model.config
     arch = gguf_arch(config.model_type)
@@ -139,6 +150,11 @@ def gguf_plan(model: Any, ftype: str, overrides: dict[str, str] | None = None, h
     if unwritable:
         raise FormatError(f"llama.cpp's rules for {ftype} pick {', '.join(unwritable)} for some tensors, which lowbit "
                           "cannot encode: choose another file type or override those tensors")
+    needy = sorted({types[n].name for n in shapes if requires_imatrix(n, types[n])})
+    if needy and not has_imatrix:
+        raise FormatError(f"{ftype} gives some tensors {', '.join(needy)}, which llama.cpp only writes with an "
+                          "importance matrix (without one the result is garbage): quantize with calibration data, "
+                          "e.g. lowbit quantize MODEL --format gguf --type " f"{ftype} --method imatrix --calib FILE")
     return shapes, types
 
 
