@@ -106,28 +106,36 @@ def load_table(path: str, candidates: Any) -> Any:
     return table.restricted([c.name for c in candidates])
 
 
-def mixed_plan(args: argparse.Namespace, recipe: Any) -> Any:
-    """Sensitivity (or ``--sensitivity FILE``) → allocation under ``--target-bpw`` / ``--max-size``, the model
-    read block by block."""
+def _budget_inputs(args: argparse.Namespace, sm: Any, what: str) -> tuple[Any, Any, Any, Any, int | None]:
+    """What a budgeted plan reads from the command line: ``(candidates, table, calibration ids, calibration
+    config, max bytes)`` — the table from ``--sensitivity FILE`` (then no ids), or ids to score on."""
     from lowbit.calib.data import CalibConfig
     from lowbit.plan.allocate import parse_size
     from lowbit.plan.candidates import parse_candidates
-    from lowbit.plan.mixed import plan_mixed
 
     candidates = parse_candidates(candidate_names(args))
     table, ids, calib = None, None, None
+    if args.sensitivity:
+        table = load_table(args.sensitivity, candidates)
+    else:
+        ids, calib, note = sensitivity_ids(sm, args)
+        log.info("%d %s scored on %s", len(candidates), what, note)
+    max_bytes = None if args.max_size is None else parse_size(args.max_size)
+    return candidates, table, ids, calib or CalibConfig(), max_bytes
+
+
+def mixed_plan(args: argparse.Namespace, recipe: Any) -> Any:
+    """Sensitivity (or ``--sensitivity FILE``) → allocation under ``--target-bpw`` / ``--max-size``, the model
+    read block by block."""
+    from lowbit.plan.mixed import plan_mixed
+
     sm = open_float(args.model)
     try:
-        if args.sensitivity:
-            table = load_table(args.sensitivity, candidates)
-        else:
-            ids, calib, note = sensitivity_ids(sm, args)
-            log.info("sensitivity: %d candidate formats scored on %s", len(candidates), note)
-        max_bytes = None if args.max_size is None else parse_size(args.max_size)
+        candidates, table, ids, calib, max_bytes = _budget_inputs(args, sm, "candidate formats")
         # scores assume nearest rounding with min-max q-params whatever the method (fast; what
         # bench/mixed_smollm2.py validates); a GPTQ-rounded table: `lowbit sensitivity --method gptq --json` +
         # --sensitivity
-        return plan_mixed(sm, recipe, candidates, ids, args.target_bpw, max_bytes, calib or CalibConfig(),
+        return plan_mixed(sm, recipe, candidates, ids, args.target_bpw, max_bytes, calib,
                           None, args.format, args.float_dtype, table, compute_dtype=compute_dtype_arg(args),
                           max_memory=max_memory_arg(args))
     finally:
@@ -137,22 +145,12 @@ def mixed_plan(args: argparse.Namespace, recipe: Any) -> Any:
 def gguf_mix(args: argparse.Namespace) -> Any:
     """``lowbit quantize --format gguf --max-size/--target-bpw``: a block type per tensor under the budget
     (:func:`lowbit.gguf_mix.plan_gguf_mix`), scored on ``--sensitivity-samples`` windows of the calibration text."""
-    from lowbit.calib.data import CalibConfig
     from lowbit.gguf_mix import plan_gguf_mix
-    from lowbit.plan.allocate import parse_size
-    from lowbit.plan.candidates import parse_candidates
 
-    candidates = parse_candidates(candidate_names(args))
-    table, ids, calib = None, None, None
     sm = open_float(args.model)
     try:
-        if args.sensitivity:
-            table = load_table(args.sensitivity, candidates)
-        else:
-            ids, calib, note = sensitivity_ids(sm, args)
-            log.info("GGUF mix: %d block types scored on %s", len(candidates), note)
-        max_bytes = None if args.max_size is None else parse_size(args.max_size)
-        return plan_gguf_mix(sm, args.type, candidates, ids, args.target_bpw, max_bytes, calib or CalibConfig(),
+        candidates, table, ids, calib, max_bytes = _budget_inputs(args, sm, "GGUF block types")
+        return plan_gguf_mix(sm, args.type, candidates, ids, args.target_bpw, max_bytes, calib,
                              table, compute_dtype=compute_dtype_arg(args), max_memory=max_memory_arg(args),
                              has_imatrix=args.method != "rtn")
     finally:
