@@ -19,14 +19,14 @@ from lowbit.core.qparams import fake_quantize_groups
 from lowbit.errors import ConfigError, FormatError
 from lowbit.gguf_job import quantize_to_gguf
 from lowbit.methods.gguf_rounding import quantize_gguf_weight
-from lowbit.formats.gguf.grids import APPROX_CONFIG, gguf_grid
+from lowbit.formats.gguf.grids import GRID_TYPES, gguf_grid
 from lowbit.formats.gguf.writer import encode
 from lowbit.methods.gptq import GPTQConfig, gptq_quantize
 from lowbit.core.codebook import codebook
 from lowbit.methods.method import MethodConfig
 from lowbit.model.loading import LoadedModel
 
-TYPES = list(APPROX_CONFIG)
+TYPES = list(GRID_TYPES)
 
 
 def _weight(rows: int = 12, cols: int = 512) -> torch.Tensor:

@@ -70,6 +70,7 @@ APPROX_CONFIG: dict[GGMLQuantizationType, QuantConfig] = {
     # config they read as their bit width; sizes always come from GGML_QUANT_SIZES (IQ3_S 3.44 … IQ1_S 1.56 bpw)
     **{q: QuantConfig(3 if q.name.startswith("IQ3") else 2, True, "group", 32) for q in LATTICE_TYPES},
 }
+GRID_TYPES = tuple(q for q in APPROX_CONFIG if q not in LATTICE_TYPES)  # the types GPTQ can round onto
 KQUANT_WIDTH = {Q.Q2_K: 16, Q.Q3_K: 16, Q.Q4_K: 32, Q.Q5_K: 32, Q.Q6_K: 16}
 
 
