@@ -42,7 +42,7 @@ from common import CALIB_TEXT, MODEL, RESULTS, ROOT, eval_windows, peak_rss_mb, 
 from common import write_results  # noqa: E402
 
 CALIB_SAMPLES, CALIB_SEQLEN = 64, 512
-TYPES = ("Q4_0", "Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_XS", "IQ4_NL")
+TYPES = ("Q4_0", "Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_XS", "IQ4_NL", "IQ3_S", "IQ3_XXS", "IQ2_XS")
 TOOLS = ("llama.cpp", "llama.cpp + imatrix", "lowbit", "lowbit imatrix", "lowbit gptq", "lowbit awq+gptq")
 WORK = ROOT / "bench" / "work" / "gguf"
 BIN = Path(os.environ.get("LLAMA_CPP_BIN", "/work/bench-tools/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin"))

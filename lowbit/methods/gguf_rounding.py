@@ -22,9 +22,12 @@ from lowbit.core.qparams import expand_groups, fake_quantize_groups
 from lowbit.errors import ConfigError
 from lowbit.core.codebook import decode, inverse_scale, nearest_codes
 from lowbit.formats.gguf.grids import GGUFGrid, gguf_grid, gguf_grid_candidates
+from lowbit.formats.gguf import lattice_fields
 from lowbit.formats.gguf.kquants import KQUANT_TYPES
+from lowbit.formats.gguf.lattice_fields import LATTICE_FIELD_TYPES, lattice_layout
 from lowbit.formats.gguf.writer import IQUANTS, LATTICE, encode
 from lowbit.methods.gptq import gptq_quantize
+from lowbit.methods.lattice_gptq import gptq_lattice
 from lowbit.methods.method import MethodConfig
 
 log = logging.getLogger(__name__)
@@ -40,16 +43,16 @@ def quantize_gguf_weight(
     Hessian clip search when ``clip`` (else llama.cpp's reference q-params) and, beside it, llama.cpp's
     imatrix-weighted search. GPTQ then rounds onto each grid, and the (grid, rounding) with the lowest calibration
     output error is written; with nearest rounding k-quants keep llama.cpp's own rounding (i.e. what
-    ``llama-quantize --imatrix`` writes). The lattice i-quants (IQ3/IQ2/IQ1) always take llama.cpp's search
-    weighted by the statistics: their code book holds points of 4 or 8 weights, which GPTQ's one-column-at-a-time
-    rounding does not reach.
+    ``llama-quantize --imatrix`` writes). The lattice i-quants take llama.cpp's search weighted by the statistics;
+    with GPTQ rounding, IQ3/IQ2 also take octet-wise GPTQ onto their signed grid points at that search's scales
+    (:mod:`lowbit.methods.lattice_gptq`), and the one with the lower calibration output error is written. IQ1's
+    points carry a shift instead of signs: it keeps llama.cpp's search.
     """
     w = weight.detach().float()
     hessian = None if stats is None else stats.hessian
-    if qtype in LATTICE and method.rounding == "gptq":
-        log.debug("GGUF %s: a lattice code book (8- or 4-weight grid points) has no per-weight grid for GPTQ; "
-                  "llama.cpp's search weighted by the calibration statistics chooses it", qtype.name)
-    if qtype in LATTICE or (method.rounding == "nearest" and qtype in (*KQUANT_TYPES, *IQUANTS)):
+    if qtype in LATTICE_FIELD_TYPES and method.rounding == "gptq" and hessian is not None:
+        data = _lattice_candidates(w, qtype, stats, method)
+    elif qtype in LATTICE or (method.rounding == "nearest" and qtype in (*KQUANT_TYPES, *IQUANTS)):
         importance = None if hessian is None else torch.diagonal(hessian).numpy() / 2
         data = encode(w.numpy(), qtype, importance)
     else:
@@ -72,7 +75,25 @@ def quantize_gguf_weight(
             candidates, key=lambda c: _finite(_output_error(w, _decode(c[1], c[2]), hessian)))
         log.debug("GGUF %s: kept %s of %d candidates", qtype.name, name, len(candidates))
         data = grid.pack(codes.numpy().astype(np.int64))
-    return data, torch.from_numpy(dequantize(data, qtype).reshape(w.shape).astype(np.float32))
+    return data, _dequantized(data, qtype, w.shape)
+
+
+def _lattice_candidates(w: torch.Tensor, qtype: GGMLQuantizationType, stats: InputStats,
+                        method: MethodConfig) -> np.ndarray:
+    """llama.cpp's importance-weighted search, and octet-wise GPTQ onto its scales: the bytes with the lower
+    calibration output error."""
+    importance = torch.diagonal(stats.hessian).numpy() / 2
+    searched = encode(w.numpy(), qtype, importance)
+    sigma, _, _ = lattice_fields.unpack(searched, qtype, w.shape[0])
+    idx, signs = gptq_lattice(w, sigma, lattice_layout(qtype), stats, method.gptq.damp, method.gptq.block_size)
+    rounded = lattice_fields.pack(searched, qtype, idx, signs)
+    errors = [_finite(_output_error(w, _dequantized(d, qtype, w.shape), stats.hessian)) for d in (searched, rounded)]
+    log.debug("GGUF %s: output error llama.cpp search %.4g, octet GPTQ %.4g", qtype.name, *errors)
+    return rounded if errors[1] < errors[0] else searched
+
+
+def _dequantized(data: np.ndarray, qtype: GGMLQuantizationType, shape: torch.Size) -> torch.Tensor:
+    return torch.from_numpy(dequantize(data, qtype).reshape(shape).astype(np.float32))
 
 
 def _finite(error: float) -> float:
