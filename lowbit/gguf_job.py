@@ -47,7 +47,7 @@ from lowbit.config import COMPUTE_DTYPES, QuantRecipe
 from lowbit.errors import ConfigError
 from lowbit.formats.gguf.convert import (check_gguf_semantics, extra_tensors, gguf_arch, gguf_name_map, gguf_shapes,
                                          to_gguf_layout)
-from lowbit.formats.gguf.grids import APPROX_CONFIG
+from lowbit.formats.gguf.block_types import APPROX_CONFIG
 from lowbit.formats.gguf.recipes import ModelFacts, tensor_types
 from lowbit.formats.gguf.sink import GGUFSink
 from lowbit.formats.gguf.writer import GGUFSummary, gguf_plan, head_writer, write_gguf

@@ -23,9 +23,9 @@ from lowbit.errors import ConfigError
 from lowbit.core.codebook import decode, inverse_scale, nearest_codes
 from lowbit.formats.gguf.grids import GGUFGrid, gguf_grid, gguf_grid_candidates
 from lowbit.formats.gguf import lattice_fields
-from lowbit.formats.gguf.kquants import KQUANT_TYPES
-from lowbit.formats.gguf.lattice_fields import LATTICE_FIELD_TYPES, lattice_layout
-from lowbit.formats.gguf.writer import IQUANTS, LATTICE, encode
+from lowbit.formats.gguf.block_types import block_type
+from lowbit.formats.gguf.lattice_fields import lattice_layout
+from lowbit.formats.gguf.writer import encode
 from lowbit.methods.gptq import gptq_quantize
 from lowbit.methods.lattice_gptq import gptq_lattice
 from lowbit.methods.method import MethodConfig
@@ -50,15 +50,16 @@ def quantize_gguf_weight(
     """
     w = weight.detach().float()
     hessian = None if stats is None else stats.hessian
-    if qtype in LATTICE_FIELD_TYPES and method.rounding == "gptq" and hessian is not None:
+    entry = block_type(qtype)
+    if entry.rounding == "lattice" and method.rounding == "gptq" and hessian is not None:
         data = _lattice_candidates(w, qtype, stats, method)
-    elif qtype in LATTICE or (method.rounding == "nearest" and qtype in (*KQUANT_TYPES, *IQUANTS)):
+    elif entry.family == "lattice" or (method.rounding == "nearest" and entry.family in ("kquant", "iq4")):
         importance = None if hessian is None else torch.diagonal(hessian).numpy() / 2
         data = encode(w.numpy(), qtype, importance)
     else:
         if method.rounding == "gptq" and hessian is None:
             raise ConfigError("GPTQ rounding needs calibration statistics for every layer it quantizes")
-        use_hessian = hessian if (clip or qtype in KQUANT_TYPES or qtype in IQUANTS) else None
+        use_hessian = hessian if (clip or entry.family != "legacy") else None
         grids = gguf_grid_candidates(w, qtype, use_hessian) if use_hessian is not None else [gguf_grid(w, qtype)]
         # every (grid, rounding) pair is a candidate; keep the lowest calibration output error tr(D·H·Dᵀ). GPTQ's
         # error feedback can lose to nearest rounding on some grids (measured: 4-bit k-quant sub-blocks whose

@@ -34,7 +34,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from lowbit.config import QuantConfig
 from lowbit.errors import ConfigError
-from lowbit.formats.gguf.grids import APPROX_CONFIG
+from lowbit.formats.gguf.block_types import APPROX_CONFIG
 from lowbit.plan.memory import FLOAT_BYTES, quantized_weight_bytes
 _NAME = re.compile(r"^(?P<bits>[2-8])(?:g(?P<group>\d+)|(?P<pc>pc))(?P<sym>sym)?$")
 _BOOK = re.compile(r"^(?P<book>nf4|fp4)(?:[bg](?P<group>\d+)|(?P<pc>pc))(?P<dq>dq)?$")
@@ -43,7 +43,7 @@ _BOOK = re.compile(r"^(?P<book>nf4|fp4)(?:[bg](?P<group>\d+)|(?P<pc>pc))(?P<dq>d
 @dataclass(frozen=True)
 class Candidate:
     """One storage choice for a layer: ``config`` (quantized) or ``None`` (kept in float); ``gguf`` a GGUF block
-    type (then ``config`` is its closest lowbit grid, :data:`~lowbit.formats.gguf.grids.APPROX_CONFIG`)."""
+    type (then ``config`` is its closest lowbit grid, :data:`~lowbit.formats.gguf.block_types.APPROX_CONFIG`)."""
 
     name: str
     config: QuantConfig | None

@@ -19,7 +19,8 @@ from lowbit.core.qparams import fake_quantize_groups
 from lowbit.errors import ConfigError, FormatError
 from lowbit.gguf_job import quantize_to_gguf
 from lowbit.methods.gguf_rounding import quantize_gguf_weight
-from lowbit.formats.gguf.grids import GRID_TYPES, gguf_grid
+from lowbit.formats.gguf.block_types import GRID_TYPES
+from lowbit.formats.gguf.grids import gguf_grid
 from lowbit.formats.gguf.writer import encode
 from lowbit.methods.gptq import GPTQConfig, gptq_quantize
 from lowbit.core.codebook import codebook

@@ -32,7 +32,8 @@ IQ4_XS   32     4      d·(l − 32) · K[L]                      127·d·(l −
 
 A *rounding* (nearest, or GPTQ in :mod:`lowbit.methods.gguf_rounding`) then picks codes on the grid, and
 :attr:`GGUFGrid.pack` writes llama.cpp's bytes for those codes with the chosen scales. :data:`APPROX_CONFIG` gives
-each type the closest :class:`QuantConfig`, for searches that need one (AWQ's scale search).
+each type the closest :class:`QuantConfig`, for searches that need one (AWQ's scale search); it and
+:data:`GRID_TYPES` (the types with such a grid) come from the registry, :mod:`~lowbit.formats.gguf.block_types`.
 """
 
 from __future__ import annotations
@@ -47,31 +48,12 @@ from gguf import GGMLQuantizationType
 from lowbit.config import QuantConfig
 from lowbit.core.qparams import choose_qparams_weighted
 from lowbit.errors import FormatError
-from lowbit.formats.gguf.kquants import KQUANT_TYPES, QK_K, kquant_grids
+from lowbit.formats.gguf.block_types import APPROX_CONFIG, IQUANTS, KQUANTS
+from lowbit.formats.gguf.kquants import QK_K, kquant_grids
 from lowbit.formats.gguf.legacy import LEGACY_TYPES, as_blocks, choose_params, pack_blocks, weighted_params
-from lowbit.formats.gguf.recipes import LATTICE_TYPES
 
 Q = GGMLQuantizationType
 
-APPROX_CONFIG: dict[GGMLQuantizationType, QuantConfig] = {
-    Q.Q8_0: QuantConfig(8, True, "group", 32),
-    Q.Q4_0: QuantConfig(4, True, "group", 32),
-    Q.Q5_0: QuantConfig(5, True, "group", 32),
-    Q.Q4_1: QuantConfig(4, False, "group", 32, zero_point="float"),
-    Q.Q5_1: QuantConfig(5, False, "group", 32, zero_point="float"),
-    Q.Q2_K: QuantConfig(2, False, "group", 16, zero_point="float"),
-    Q.Q3_K: QuantConfig(3, True, "group", 16),
-    Q.Q4_K: QuantConfig(4, False, "group", 32, zero_point="float"),
-    Q.Q5_K: QuantConfig(5, False, "group", 32, zero_point="float"),
-    Q.Q6_K: QuantConfig(6, True, "group", 16),
-    Q.IQ4_NL: QuantConfig(4, True, "group", 32, codebook="iq4nl"),
-    Q.IQ4_XS: QuantConfig(4, True, "group", 32, codebook="iq4nl"),
-    # the lattice i-quants have no per-weight grid (their code book holds points of 8 or 4 weights): as a lowbit
-    # config they read as their bit width; sizes always come from GGML_QUANT_SIZES (IQ3_S 3.44 … IQ1_S 1.56 bpw)
-    **{q: QuantConfig(3 if q.name.startswith("IQ3") else 2, True, "group", 32) for q in LATTICE_TYPES},
-}
-GRID_TYPES = tuple(q for q in APPROX_CONFIG if q not in LATTICE_TYPES)  # the types GPTQ can round onto
-KQUANT_WIDTH = {Q.Q2_K: 16, Q.Q3_K: 16, Q.Q4_K: 32, Q.Q5_K: 32, Q.Q6_K: 16}
 
 
 @dataclass(frozen=True)
@@ -101,11 +83,11 @@ def gguf_grid(weight: torch.Tensor, qtype: GGMLQuantizationType, hessian: torch.
     """Choose the stored q-params of ``qtype`` for ``weight [R, C]`` (``hessian [C, C]``: the layer's input
     Hessian ``2/n · XᵀX`` for calibrated choice, None for llama.cpp's reference choice)."""
     w = weight.detach().float().contiguous()
-    if qtype in KQUANT_TYPES:
+    if qtype in KQUANTS:
         return _kquant_grid(w, qtype, None if hessian is None else torch.diagonal(hessian).numpy() / 2)
     if qtype in LEGACY_TYPES:
         return _legacy_grid(w, qtype, hessian)
-    if qtype in (Q.IQ4_NL, Q.IQ4_XS):
+    if qtype in IQUANTS:
         return _iq4_grid(w, qtype, None if hessian is None else torch.diagonal(hessian).numpy() / 2)
     raise FormatError(f"{qtype.name} has no integer grid lowbit can round onto: use a k-quant or a 32-weight type")
 
@@ -114,7 +96,7 @@ def _kquant_grid(w: torch.Tensor, qtype: GGMLQuantizationType, importance: np.nd
     rows, cols = w.shape
     grids = list(kquant_grids(w.numpy(), qtype, importance))
     scale, zero = (np.concatenate(parts) for parts in zip(*(g.affine() for _, g in grids)))
-    width = KQUANT_WIDTH[qtype]
+    width = APPROX_CONFIG[qtype].group_size
 
     def pack(codes: np.ndarray) -> np.ndarray:
         blocks = np.asarray(codes, dtype=np.int64).reshape(-1, QK_K)

@@ -60,12 +60,13 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from lowbit.errors import FormatError
+from lowbit.formats.gguf.block_types import KQUANTS
 from lowbit.formats.gguf.kquant_search import (EPS, QK_K, F, to_fp16, positive_max, signed_absmax, sequential_sum, wrap8,
                                                make_q3_quants, make_qkx_quants, make_qp_quants, make_qx_quants,
                                                nearest_int)
 
 Q = GGMLQuantizationType
-KQUANT_TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+KQUANT_TYPES = KQUANTS  # the registry's k-quants (lowbit.formats.gguf.block_types)
 
 
 # ------------------------------------------------------------------------------------------------ packing helpers

@@ -32,6 +32,7 @@ from typing import Any
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from lowbit.errors import FormatError
+from lowbit.formats.gguf.block_types import BLOCK_TYPES, FALLBACK, FLOAT_TYPES
 
 Q = GGMLQuantizationType
 
@@ -43,12 +44,8 @@ DEFAULT_TYPE: dict[str, GGMLQuantizationType] = {
     "IQ3_M": Q.IQ3_S, "IQ2_XXS": Q.IQ2_XXS, "IQ2_XS": Q.IQ2_XS, "IQ2_S": Q.IQ2_XS, "IQ2_M": Q.IQ2_S,
     "IQ1_S": Q.IQ1_S, "IQ1_M": Q.IQ1_M,
 }
-LATTICE_TYPES = (Q.IQ3_XXS, Q.IQ3_S, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_S, Q.IQ1_M)
 # file types whose mix drops to ~2 bits (llama.cpp's first IQ branch of llama_tensor_get_type_impl)
 LOW_BIT_MIXES = ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M")
-FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
-FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0, Q.IQ4_XS: Q.IQ4_NL,
-            **{t: Q.IQ4_NL for t in (Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S)}}
 # substrings of tensor names llama.cpp never quantizes (beyond norms and 1-D tensors)
 KEEP_FLOAT = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
               "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight",
@@ -325,4 +322,4 @@ def requires_imatrix(name: str, qtype: GGMLQuantizationType) -> bool:
     importance matrix, except on the token embedding and output tensors."""
     if category(name) in ("token_embd", "output"):
         return False
-    return qtype in (Q.IQ3_XXS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_M, Q.IQ1_S)
+    return qtype in BLOCK_TYPES and BLOCK_TYPES[qtype].needs_imatrix

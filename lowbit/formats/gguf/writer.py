@@ -5,9 +5,9 @@ Steps (gguf-py's ``GGUFWriter`` enforces their order: header → key/values → 
 1. tensors: the model's parameters under GGUF names and layouts (:mod:`lowbit.formats.gguf.convert`);
 2. types: llama.cpp's rules for the file type (``Q4_K_M`` …) give each tensor a block type, with the user's
    per-tensor overrides (:mod:`lowbit.formats.gguf.recipes`);
-3. encode: F32/F16/BF16 by gguf-py, the 32-weight types by :mod:`~lowbit.formats.gguf.legacy`, k-quants by
-   :mod:`~lowbit.formats.gguf.kquants`, i-quants by ``iquants`` (IQ4) and ``iq3``/``iq2``/``iq1`` (lattice) — or,
-   for calibrated exports, bytes a method already produced (``encoded``);
+3. encode: each block type's encoder, as :mod:`~lowbit.formats.gguf.block_types` registers it (F32/F16/BF16 by
+   gguf-py, then ``legacy``, ``kquants``, ``iquants``, ``iq3``/``iq2``/``iq1``) — or, for calibrated exports, bytes
+   a method already produced (``encoded``);
 4. write to a temporary file beside the target and rename it into place: never a half-written file.
 """
 
@@ -27,16 +27,10 @@ from tqdm import tqdm
 from lowbit.errors import FormatError
 from lowbit.formats.atomic import GGUF_MARKER
 from lowbit.formats.gguf.convert import gguf_arch, hyperparameters
-from lowbit.formats.gguf.legacy import LEGACY_TYPES, quantize_legacy
-from lowbit.formats.gguf.recipes import LATTICE_TYPES
+from lowbit.formats.gguf.block_types import WRITABLE, block_type
 
 log = logging.getLogger(__name__)
 Q = GGMLQuantizationType
-KQUANTS = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
-IQUANTS = (Q.IQ4_NL, Q.IQ4_XS)
-LATTICE = LATTICE_TYPES  # 256-weight blocks of grid points (E8-like lattice code books) and sign bits
-IQ3, IQ2 = (Q.IQ3_XXS, Q.IQ3_S), (Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S)
-WRITABLE = (Q.F32, Q.F16, Q.BF16, *LEGACY_TYPES, *KQUANTS, *IQUANTS, *LATTICE)
 
 
 def file_type(name: str) -> LlamaFileType:
@@ -48,32 +42,9 @@ def file_type(name: str) -> LlamaFileType:
 
 
 def encode(rows: np.ndarray, qtype: GGMLQuantizationType, weights: np.ndarray | None = None) -> np.ndarray:
-    """Encode float rows ``[R, C]`` (or a 1-D tensor) as ``qtype`` the way llama.cpp's reference quantizer does."""
-    from gguf.quants import quantize
-
-    if qtype == Q.F32:
-        return np.ascontiguousarray(rows, dtype=np.float32)
-    if qtype in (Q.F16, Q.BF16):
-        return quantize(np.ascontiguousarray(rows, dtype=np.float32), qtype)
-    if qtype in LEGACY_TYPES:
-        return quantize_legacy(rows, qtype, weights)
-    if qtype in KQUANTS:
-        from lowbit.formats.gguf.kquants import quantize_kquant
-
-        return quantize_kquant(np.ascontiguousarray(rows, dtype=np.float32), qtype, weights)
-    if qtype in IQUANTS:
-        from lowbit.formats.gguf.iquants import quantize_iq4
-
-        return quantize_iq4(np.atleast_2d(rows), qtype, weights)
-    if qtype in LATTICE:
-        from lowbit.formats.gguf.iq1 import quantize_iq1
-        from lowbit.formats.gguf.iq2 import quantize_iq2
-        from lowbit.formats.gguf.iq3 import quantize_iq3
-
-        quantize = quantize_iq3 if qtype in IQ3 else quantize_iq2 if qtype in IQ2 else quantize_iq1
-        return quantize(np.atleast_2d(np.asarray(rows, dtype=np.float32)), qtype, weights)
-    raise FormatError(f"lowbit cannot encode GGUF type {qtype.name}: choose one of "
-                      f"{', '.join(t.name for t in WRITABLE)}")
+    """Encode float rows ``[R, C]`` (or a 1-D tensor) as ``qtype`` the way llama.cpp's reference quantizer does
+    (the type's encoder in :mod:`~lowbit.formats.gguf.block_types`)."""
+    return block_type(qtype).encode(rows, weights)
 
 
 @dataclass
