@@ -141,6 +141,7 @@ def main() -> None:
         render(rows, info)
         return
     tools = args.tool or TOOLS
+    run_id = time.strftime("%Y-%m-%dT%H:%M:%S")  # rows of this run may be reused for an identical budget
     prepare(imatrix=True)
     if any(t in tools for t in (MIX, CONTROL)) and not TABLE.exists():
         info["sensitivity_seconds"] = sensitivity_table()
@@ -156,7 +157,12 @@ def main() -> None:
                 if not reference.exists():
                     quantize({"type": ref, "tool": "llama.cpp + imatrix"})
                 job["max_bytes"] = reference.stat().st_size
-            row = run_worker(Path(__file__), job)
+            same = next((r for r in rows if r["tool"] == tool and r.get("max_bytes") == job.get("max_bytes", -1)
+                         and r["type"] != ref and "error" not in r and r.get("run") == run_id), None)
+            if same is not None:  # an identical budget (IQ3_S and Q2_K: llama.cpp's files have the same bytes)
+                row = {**same, "type": ref, "note": f"same budget as {same['type']}: the same file; {same['note']}"}
+            else:
+                row = {**run_worker(Path(__file__), job), "run": run_id}
             rows = [r for r in rows if not (r["type"] == ref and r["tool"] == tool)] + [row]
             print(json.dumps(row), flush=True)
             render(rows, info)
