@@ -45,8 +45,8 @@ def quantize_gguf_weight(
     output error is written; with nearest rounding k-quants keep llama.cpp's own rounding (i.e. what
     ``llama-quantize --imatrix`` writes). The lattice i-quants take llama.cpp's search weighted by the statistics;
     with GPTQ rounding, IQ3/IQ2 also take octet-wise GPTQ onto their signed grid points at that search's scales
-    (:mod:`lowbit.methods.lattice_gptq`), and the one with the lower calibration output error is written. IQ1's
-    points carry a shift instead of signs: it keeps llama.cpp's search.
+    (:mod:`lowbit.methods.lattice_gptq`; IQ1: onto its shifted points), and the one with the lower calibration
+    output error is written.
     """
     w = weight.detach().float()
     hessian = None if stats is None else stats.hessian
@@ -85,8 +85,9 @@ def _lattice_candidates(w: torch.Tensor, qtype: GGMLQuantizationType, stats: Inp
     calibration output error."""
     importance = torch.diagonal(stats.hessian).numpy() / 2
     searched = encode(w.numpy(), qtype, importance)
-    sigma, _, _ = lattice_fields.unpack(searched, qtype, w.shape[0])
-    idx, signs = gptq_lattice(w, sigma, lattice_layout(qtype), stats, method.gptq.damp, method.gptq.block_size)
+    sigma, _, searched_signs = lattice_fields.unpack(searched, qtype, w.shape[0])
+    idx, signs = gptq_lattice(w, sigma, lattice_layout(qtype), stats, method.gptq.damp, method.gptq.block_size,
+                              searched_signs)
     rounded = lattice_fields.pack(searched, qtype, idx, signs)
     errors = [_finite(_output_error(w, _dequantized(d, qtype, w.shape), stats.hessian)) for d in (searched, rounded)]
     log.debug("GGUF %s: output error llama.cpp search %.4g, octet GPTQ %.4g", qtype.name, *errors)

@@ -18,6 +18,8 @@ Columns are processed octet-wise in decreasing ``Σ diag H`` of the octet (act-o
 The nearest signed point: magnitudes ``|y|`` pick the nearest grid point of each ``dim``-wide piece, signs follow
 ``y``; where only an even number of minus signs is storable and ``y`` has an odd number, every choice of the one
 weight stored with the wrong sign (its magnitude target becomes ``−|y_j|``) is searched and the cheapest kept.
+Shifted grids (IQ1: points in {−1, 0, 1}⁸ moved by ``±δ``): the nearest point to ``y ∓ δ`` — both shifts where each
+octet stores its own (IQ1_M), the search's shift where four octets share one (IQ1_S).
 
 The scales ``σ`` are llama.cpp's, searched on the original weights with the calibration importance; the caller
 keeps whichever of llama.cpp's own points and these has the lower calibration output error.
@@ -54,7 +56,7 @@ class _Book:
     """A lattice's grid as torch tensors for the weighted nearest-point search."""
 
     def __init__(self, layout: LatticeLayout) -> None:
-        self.dim, self.even = layout.dim, layout.even
+        self.dim, self.even, self.delta, self.shared = layout.dim, layout.even, layout.delta, layout.shared
         self.points = torch.from_numpy(np.array(layout.grid))  # [N, dim]
         self.squares = self.points * self.points
 
@@ -64,6 +66,22 @@ class _Book:
         scores = (target * cost) @ self.points.T * -2 + self.squares @ cost  # [R, N]: distance − Σ c·t²
         best, index = scores.min(1)
         return index, best + (target * target * cost).sum(1)
+
+    def round_shifted(self, y: torch.Tensor, cost: torch.Tensor, fixed: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Shifted points nearest ``y [R, 8]`` (``fixed [R]``: the δ sign each row must keep, or None to choose):
+        ``(idx [R, 1], δ signs [R] (1: −δ), values [R, 8])``."""
+        if fixed is not None:
+            shift = torch.where(fixed == 1, -self.delta, self.delta)
+            idx, _ = self.nearest(y - shift[:, None], cost)
+            sign = fixed
+        else:
+            (i_plus, d_plus), (i_minus, d_minus) = (self.nearest(y - self.delta, cost),
+                                                     self.nearest(y + self.delta, cost))
+            sign = (d_minus < d_plus).long()
+            idx = torch.where(sign == 1, i_minus, i_plus)
+            shift = torch.where(sign == 1, -self.delta, self.delta)
+        return idx[:, None], sign, self.points[idx] + shift[:, None]
 
     def round_octet(self, y: torch.Tensor, cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Signed points nearest ``y [R, 8]``: ``(idx [R, 8/dim], signs [R] 8-bit patterns, values [R, 8])``."""
@@ -94,9 +112,11 @@ class _Book:
 
 @torch.no_grad()
 def gptq_lattice(weight: torch.Tensor, sigma: np.ndarray, layout: LatticeLayout, stats: InputStats,
-                 damp: float = 0.01, block_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """Round ``weight [R, C]`` onto ``layout``'s signed grid points at the fixed sub-block scales ``σ [R, C/sub]``
-    with octet-wise GPTQ: ``(idx [R, C/dim], signs [R, C/8])`` for :func:`lattice_fields.pack`."""
+                 damp: float = 0.01, block_size: int = 128, searched_signs: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Round ``weight [R, C]`` onto ``layout``'s grid points at the fixed sub-block scales ``σ [R, C/sub]`` with
+    octet-wise GPTQ: ``(idx [R, C/dim], signs [R, C/8])`` for :func:`lattice_fields.pack`. ``searched_signs``: the
+    search's δ signs per octet, kept where octets share one (IQ1_S; required there)."""
     R, C = weight.shape
     perm, hinv = _octet_order_factor(stats, damp)
     book = _Book(layout)
@@ -106,6 +126,11 @@ def gptq_lattice(weight: torch.Tensor, sigma: np.ndarray, layout: LatticeLayout,
     diag = hinv.diagonal().clone()
     idx = torch.zeros(R, C // layout.dim, dtype=torch.long)
     signs = torch.zeros(R, C // OCTET, dtype=torch.long)
+    fixed = None
+    if layout.shared > 1:
+        if searched_signs is None:
+            raise ValueError(f"{layout.qtype.name}: octets share a δ sign; pass the search's (searched_signs)")
+        fixed = torch.from_numpy(np.asarray(searched_signs, np.int64))
     block_size -= block_size % OCTET
     for i1 in range(0, C, block_size):
         i2 = min(i1 + block_size, C)
@@ -115,8 +140,12 @@ def gptq_lattice(weight: torch.Tensor, sigma: np.ndarray, layout: LatticeLayout,
         for o in range(0, i2 - i1, OCTET):
             cols = slice(i1 + o, i1 + o + OCTET)
             y = w1[o : o + OCTET].T * inv_scale[:, cols]  # [R, 8]
-            i_oct, s_oct, values = book.round_octet(y, 1.0 / diag[cols] ** 2)
             octet = int(perm[i1 + o]) // OCTET  # its position in the original column order
+            if layout.delta:
+                i_oct, s_oct, values = book.round_shifted(y, 1.0 / diag[cols] ** 2,
+                                                          None if fixed is None else fixed[:, octet])
+            else:
+                i_oct, s_oct, values = book.round_octet(y, 1.0 / diag[cols] ** 2)
             idx[:, octet * OCTET // layout.dim : (octet + 1) * OCTET // layout.dim] = i_oct
             signs[:, octet] = s_oct
             q = (values * scale[:, cols]).T  # [8, R] decoded

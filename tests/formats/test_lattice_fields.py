@@ -1,4 +1,4 @@
-"""The fields of the lattice block types: σ · grid[idx] · sign equals gguf-py's dequantize bit for bit, for
+"""The fields of the lattice block types: σ · grid[idx] · sign (IQ1: σ · (grid[idx] ± δ)) equals gguf-py's dequantize bit for bit, for
 llama.cpp's own bytes and for any indices and signs written back; unpack → pack reproduces the bytes."""
 
 from __future__ import annotations
@@ -36,14 +36,17 @@ def test_fields_of_llama_cpp_bytes_decode_as_gguf_py_and_pack_back_to_the_same_b
 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_any_indices_and_signs_written_decode_exactly(qtype: Q) -> None:
-    """Random grid points and sign patterns (even counts where 7 bits are stored) packed into llama.cpp's bytes:
+    """Random grid points and sign patterns (even counts where 7 bits are stored; IQ1: δ signs) packed into
+    llama.cpp's bytes:
     gguf-py reads back exactly the σ · grid · sign lowbit computes, and unpack returns what was packed."""
     x, importance = _rows(1)
     data = encode(x, qtype, importance)
     layout = lattice_layout(qtype)
     rng = np.random.default_rng(2)
     idx = rng.integers(0, len(layout.grid), (6, 512 // layout.dim))
-    signs = rng.integers(0, 256, (6, 64))
+    signs = rng.integers(0, 2 if layout.delta else 256, (6, 64))
+    if layout.shared > 1:  # IQ1_S: one δ sign per sub-block of 4 octets
+        signs = np.repeat(signs[:, ::layout.shared], layout.shared, axis=1)
     if layout.even:
         signs ^= (np.unpackbits(signs.astype(np.uint8)[..., None], axis=-1).sum(-1).astype(np.int64) % 2) << 7
     packed = lattice_fields.pack(data, qtype, idx, signs)
@@ -55,7 +58,7 @@ def test_any_indices_and_signs_written_decode_exactly(qtype: Q) -> None:
     assert np.abs(decoded).max() > 0
 
 
-def test_odd_sign_counts_and_out_of_range_indices_are_refused() -> None:
+def test_odd_sign_counts_shared_shifts_split_and_out_of_range_indices_are_refused() -> None:
     x, importance = _rows()
     data = encode(x, Q.IQ2_XS, importance)
     _, idx, signs = lattice_fields.unpack(data, Q.IQ2_XS, 6)
@@ -66,4 +69,9 @@ def test_odd_sign_counts_and_out_of_range_indices_are_refused() -> None:
     with pytest.raises(ValueError, match="0…511"):
         lattice_fields.pack(data, Q.IQ2_XS, idx + 512, signs)
     with pytest.raises(ValueError, match="not a lattice type"):
-        lattice_layout(Q.IQ1_S)
+        lattice_layout(Q.Q4_K)
+    data = encode(x, Q.IQ1_S, importance)
+    _, idx, signs = lattice_fields.unpack(data, Q.IQ1_S, 6)
+    signs[0, 1] ^= 1  # one octet of a sub-block disagreeing with the other three
+    with pytest.raises(ValueError, match="one δ sign per 4 octets"):
+        lattice_fields.pack(data, Q.IQ1_S, idx, signs)

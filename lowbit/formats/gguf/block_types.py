@@ -12,9 +12,8 @@ An entry says what a block type *is* to lowbit:
 * ``approx`` — the closest lowbit :class:`QuantConfig` (bits, symmetric, group width, code book), for searches that
   need one (AWQ's scale search, the planner's candidates); sizes always come from ``type_size``;
 * ``rounding`` — what calibrated rounding does with it: ``grid`` (GPTQ weight by weight onto the type's per-weight
-  grid, :mod:`~lowbit.formats.gguf.grids`), ``lattice`` (octet-wise GPTQ onto signed grid points at llama.cpp's
-  searched scales, :mod:`~lowbit.methods.lattice_gptq`), ``search`` (llama.cpp's importance-weighted search only) or
-  ``none`` (floats);
+  grid, :mod:`~lowbit.formats.gguf.grids`), ``lattice`` (octet-wise GPTQ onto signed or shifted grid points at
+  llama.cpp's searched scales, :mod:`~lowbit.methods.lattice_gptq`) or ``none`` (floats);
 * ``needs_imatrix`` — llama.cpp refuses the type without an importance matrix (``tensor_requires_imatrix``; the
   token embedding and output tensors are exempt, :func:`lowbit.formats.gguf.recipes.requires_imatrix`).
 
@@ -35,7 +34,7 @@ from lowbit.errors import FormatError
 
 Q = GGMLQuantizationType
 Family = Literal["float", "legacy", "kquant", "iq4", "lattice"]
-Rounding = Literal["grid", "lattice", "search", "none"]
+Rounding = Literal["grid", "lattice", "none"]
 _ENCODERS = {"legacy": "lowbit.formats.gguf.legacy:quantize_legacy",
              "kquant": "lowbit.formats.gguf.kquants:quantize_kquant",
              "iq4": "lowbit.formats.gguf.iquants:quantize_iq4"}
@@ -113,8 +112,8 @@ _ENTRIES = (
     BlockType(Q.IQ2_XXS, "lattice", _g(2, True, 32), "lattice", Q.IQ4_NL, True, _IQ2),
     BlockType(Q.IQ2_XS, "lattice", _g(2, True, 32), "lattice", Q.IQ4_NL, True, _IQ2),
     BlockType(Q.IQ2_S, "lattice", _g(2, True, 32), "lattice", Q.IQ4_NL, True, _IQ2),
-    BlockType(Q.IQ1_S, "lattice", _g(2, True, 32), "search", Q.IQ4_NL, True, _IQ1),
-    BlockType(Q.IQ1_M, "lattice", _g(2, True, 32), "search", Q.IQ4_NL, True, _IQ1),
+    BlockType(Q.IQ1_S, "lattice", _g(2, True, 32), "lattice", Q.IQ4_NL, True, _IQ1),
+    BlockType(Q.IQ1_M, "lattice", _g(2, True, 32), "lattice", Q.IQ4_NL, True, _IQ1),
 )
 BLOCK_TYPES: dict[GGMLQuantizationType, BlockType] = {e.qtype: e for e in _ENTRIES}
 
