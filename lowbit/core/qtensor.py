@@ -116,6 +116,22 @@ class QuantizedTensor:
         w = w.view(n, groups * width)
         return w[:, :k].to(dtype) if groups * width != k else w.to(dtype)
 
+    def select_rows(self, rows: torch.Tensor) -> "QuantizedTensor":
+        """The quantized tensor of rows ``rows`` (int64 ``[R]``, any order, repeats allowed): ``[R, K]``.
+
+        Rows are independent in every row-wise granularity (channel, group): row ``r`` is its packed bytes
+        ``packed[r]`` and its q-params ``scale[r]`` (and ``zero[r]``), so selecting rows is three gathers of
+        stored bytes and ``select_rows(i).dequantize() == dequantize()[i]`` exactly. What a quantized embedding
+        does per lookup: only the looked-up rows are ever decoded. Per-tensor scales and double-quantized scales
+        (second-level blocks that run across rows) do not split by rows and are refused.
+        """
+        if self.config.granularity == "tensor" or self.scale_dq is not None:
+            raise FormatError(f"rows of a {self.config.describe()} tensor share q-params across rows: use a "
+                              "per-channel or grouped config for row access")
+        zero = None if self.zero is None else self.zero[rows]
+        return QuantizedTensor(self.packed[rows], self.scale[rows], zero, (int(rows.numel()), self.shape[1]),
+                               self.config)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored fields, by the names they get in a checkpoint."""
         out = {"qweight": self.packed}
