@@ -16,6 +16,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from lowbit.model.architectures import spec_for
     from lowbit.model.loading import load_model
     from lowbit.model.modules import LINEAR_TYPES
+    from lowbit.nn.qembedding import QEmbedding
     from lowbit.nn.qlinear import QLinear
     from lowbit.report import markdown_table
 
@@ -25,7 +26,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{args.model}: {type(model).__name__} ({loaded.kind}), layout {spec.name}, blocks at {spec.blocks}")
     rows = []
     for name, m in model.named_modules():
-        if isinstance(m, QLinear):
+        if isinstance(m, QEmbedding):
+            rows.append((name, f"{m.num_embeddings}×{m.embedding_dim}", m.config.describe(), "row gather"))
+        elif isinstance(m, QLinear):
             rows.append((name, f"{m.out_features}×{m.in_features}", m.config.describe(), m.kernel_name))
         elif isinstance(m, LINEAR_TYPES):
             rows.append((name, "×".join(map(str, m.weight.shape)), "float", "—"))

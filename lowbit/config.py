@@ -195,12 +195,18 @@ class QuantRecipe:
     name layers outside the blocks, e.g. ``lm_head``). ``exclude`` removes layers and wins over ``include``.
     ``overrides`` give a different config to layers matching a pattern (first match wins): the hook for mixed
     precision.
+
+    ``embeddings``: the config of the token-embedding table (None: it stays in float, as before), applied
+    row-wise with nearest rounding (:mod:`lowbit.nn.qembedding`; a group size that does not divide the hidden
+    size becomes 64 when 64 does). A tied output head (``lm_head`` sharing the table) computes with the same codes
+    and is stored once, so it must not also be ``include``d; an untied head follows ``include``/``exclude``.
     """
 
     default: QuantConfig = field(default_factory=QuantConfig)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     overrides: tuple[tuple[str, QuantConfig], ...] = ()
+    embeddings: QuantConfig | None = None
 
     def selects(self, name: str, in_blocks: bool) -> bool:
         """Whether the linear layer ``name`` (inside a decoder block or not) is quantized."""

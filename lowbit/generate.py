@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import ConfigError
+from lowbit.nn.qembedding import QEmbedding
 from lowbit.nn.qlinear import QLinear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -69,9 +70,13 @@ class Generation:
 
 
 def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Every floating parameter and buffer to ``dtype`` except a :class:`QLinear`'s codes, scales and zeros (whose
-    stored values must not be rounded again); a QLinear's bias follows ``dtype``."""
+    """Every floating parameter and buffer to ``dtype`` except a :class:`QLinear`'s or :class:`QEmbedding`'s codes,
+    scales and zeros (whose stored values must not be rounded again); a QLinear's bias follows ``dtype``, a
+    QEmbedding's lookups are returned in it."""
     for module in model.modules():
+        if isinstance(module, QEmbedding):
+            module.dtype = dtype
+            continue
         if isinstance(module, QLinear):
             if module.bias is not None:
                 module.bias.data = module.bias.data.to(dtype)

@@ -36,16 +36,18 @@ from lowbit.calib.capture import BlockInputs
 from lowbit.calib.data import CalibConfig, calibration_ids
 from lowbit.calib.spill import SPILL_FOLDER
 from lowbit.config import COMPUTE_DTYPES, FLOAT_DTYPES, QuantRecipe, default_compute_dtype
-from lowbit.errors import ConfigError, LowbitError
+from lowbit.errors import ConfigError, FormatError, LowbitError
 from lowbit.formats.atomic import check_output, partial_folder, publish, remove_stale_siblings, write_json_atomic
 from lowbit.formats.native import NativeSink
 from lowbit.formats.serving import check_recipe
 from lowbit.formats.serving_sink import SINK_FORMATS, ServingSink, float_linears
 from lowbit.formats.shards import DEFAULT_SHARD_BYTES, ShardWriter
 from lowbit.methods.method import MethodConfig
+from lowbit.model.embeddings import EmbeddingTarget, embedding_target, quantize_embedding
 from lowbit.model.loading import open_model, resolve_source
 from lowbit.model.modules import expert_stacks
 from lowbit.model.source import StreamingModel
+from lowbit.nn.qembedding import QEmbedding
 from lowbit.pipeline import BlockPlan, quantize_sequential
 from lowbit.quantize import run_record as run_record_of
 
@@ -85,8 +87,17 @@ class QuantizeJob:
             raise ConfigError(f"float dtype must be one of {sorted(FLOAT_DTYPES)}, got {self.float_dtype!r}")
         if self.fmt not in JOB_FORMATS:
             raise ConfigError(f"the streaming job writes {', '.join(JOB_FORMATS)}, not {self.fmt!r}")
+        check_embeddings_format(self.recipe.embeddings is not None, self.fmt)
         if self.method.needs_calibration and self.calib_ids is None and self.calib_text is None:
             raise ConfigError(f"method {self.method.name} needs calibration data: pass calibration text or token ids")
+
+
+def check_embeddings_format(quantized: bool, fmt: str) -> None:
+    """Refuse quantized embeddings (``QuantRecipe.embeddings``) for a format other than lowbit's own."""
+    if quantized and fmt != "lowbit":
+        raise ConfigError(f"quantized embeddings are stored by lowbit's own format only: use --format lowbit, or "
+                          f"drop --embeddings for --format {fmt}"
+                          + (" (a GGUF file's token_embd type comes from --type's mix)" if fmt == "gguf" else ""))
 
 
 @dataclass
@@ -195,6 +206,11 @@ def quantize_and_save(job: QuantizeJob, overwrite: bool = False, resume: bool = 
         job = replace(job, calib_ids=calibration_ids(sm.tokenizer, job.calib_text, job.calib))
     if job.calib_ids is None:
         sm.dtype = None  # no block runs: keep the stored dtype; each layer is quantized in float32 on its own
+    if any(isinstance(m, QEmbedding) for m in sm.model.modules()):
+        sm.close()
+        raise FormatError(f"{job.model} has a quantized token embedding, which {job.fmt} output cannot take from "
+                          "it: quantize or export the float original instead (with --embeddings for --format "
+                          "lowbit)")
     fp = fingerprint(job)
     remove_stale_siblings(out)  # temporary folders of earlier runs that were killed
     partial = None
@@ -226,12 +242,14 @@ def quantize_and_save(job: QuantizeJob, overwrite: bool = False, resume: bool = 
                      state["next_block"] if state else 0, result["record"])
 
 
-def _folder_sink(job: QuantizeJob, sm: StreamingModel, plan: BlockPlan, partial: Path,
-                 state: dict | None) -> NativeSink | ServingSink:
-    """The sink of a folder format, built from the float skeleton (before any layer is swapped)."""
+def _folder_sink(job: QuantizeJob, sm: StreamingModel, plan: BlockPlan, partial: Path, state: dict | None,
+                 embedding: EmbeddingTarget | None = None) -> NativeSink | ServingSink:
+    """The sink of a folder format, built from the float skeleton (before any layer is swapped). ``embedding``:
+    the token embedding the job quantizes (a tied head's fields then alias the embedding's)."""
     sink_state = state["sink"] if state else None
     if job.fmt == "lowbit":
-        return NativeSink(partial, job.float_dtype, sm.tied, job.max_shard_bytes, sink_state)
+        aliases = embedding.aliases(sm.tied) if embedding is not None else sm.tied
+        return NativeSink(partial, job.float_dtype, aliases, job.max_shard_bytes, sink_state)
     tied = bool(getattr(sm.model.config.get_text_config(), "tie_word_embeddings", False))
     return ServingSink(partial, job.fmt, job.float_dtype, job.method.name, float_linears(sm.model),
                        plan.spec.blocks + ".", set(sm.tied) if tied else set(), job.max_shard_bytes, sink_state)
@@ -257,8 +275,11 @@ def _run_folder(job: QuantizeJob, sm: StreamingModel, partial: Path, state: dict
     from lowbit.pipeline import quantize_outside
 
     plan = BlockPlan.of(sm.model, job.recipe)
-    sink = _folder_sink(job, sm, plan, partial, state)
+    embedding = embedding_target(sm.model, job.recipe)  # checked before any block; aliases for the sink
+    sink = _folder_sink(job, sm, plan, partial, state, embedding)
     start = state["next_block"] if state else 0
+    if embedding is not None:  # first, so that calibration runs on the quantized embedding's outputs
+        quantize_embedding(sm, embedding)
 
     def on_block(index: int, prefix: str, block: torch.nn.Module, inputs: Any) -> None:
         if sink.add_block(prefix, block):
@@ -273,7 +294,8 @@ def _run_folder(job: QuantizeJob, sm: StreamingModel, partial: Path, state: dict
     for name in outside:
         sm.materialize(name)
     layers += quantize_outside(sm.model, job.recipe, job.method) if outside else 0
-    modules = {name: sm.model.get_submodule(name) for name in outside}
+    outside |= set(embedding.module_names()) if embedding is not None else set()
+    modules = {name: m for name, m in sm.model.named_modules() if name in outside}  # model order, as feed_model
     rest = [n for n in plan.rest_names(sm.model) if n.rpartition(".")[0] not in outside]
     shapes = dict(sm.model.state_dict(keep_vars=True))
     sink.add_rest(rest, sm.read, sm.read_rows, modules, {n: tuple(shapes[n].shape) for n in rest})

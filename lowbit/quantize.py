@@ -2,7 +2,8 @@
 
 Selects the layers the recipe names, quantizes each weight with the method (data-free methods layer by layer here,
 calibrated ones through the sequential driver in ``lowbit.pipeline``), swaps the layer for a
-:class:`QLinear`, rounds the parameters that stay in float to their storage dtype (so the in-memory model is exactly
+:class:`QLinear` (and, with ``recipe.embeddings``, the token embedding for a
+:class:`~lowbit.nn.qembedding.QEmbedding`, first, so calibration runs on its outputs), rounds the parameters that stay in float to their storage dtype (so the in-memory model is exactly
 what a reload gives), and records what was done in ``model.config.quantization_config``.
 """
 
@@ -22,6 +23,7 @@ from lowbit.calib.data import CalibConfig
 from lowbit.config import FLOAT_DTYPES, QuantRecipe, storage_tensor
 from lowbit.errors import ConfigError
 from lowbit.methods.method import MethodConfig, quantize_weight
+from lowbit.model.embeddings import embedding_target, quantize_embedding
 from lowbit.model.modules import finite_weight, linear_bias, select_layers, set_submodule
 from lowbit.nn.qlinear import QLinear
 from lowbit.nn.record import quantization_record
@@ -72,6 +74,9 @@ def quantize_model(
         log.warning("HQQ optimises zero points; symmetric layers have none and use %s q-params instead",
                     recipe.default.qparams)
     start = time.perf_counter()
+    embedding = embedding_target(model, recipe)  # checked before any layer is changed
+    if embedding is not None:
+        quantize_embedding(model, embedding)
     if method.needs_calibration:
         if calib_ids is None:
             raise ConfigError(f"method {method.name} needs calibration data: pass calibration token ids")

@@ -36,7 +36,7 @@ from lowbit.calib.spill import SpillFolder, SpilledTensor, resident_memory, shou
 from lowbit.eval.perplexity import EvalProtocol, EvalResult, _bos_id
 from lowbit.model.architectures import block_list, spec_for
 from lowbit.model.source import StreamingModel
-from lowbit.nn.qlinear import dequantize_once
+from lowbit.nn.qlinear import QLinear, dequantize_once
 
 _VOCAB_CHUNK = 8192  # rows of the output matrix per step
 _POS_CHUNK = 1024  # positions per logits tile
@@ -136,8 +136,10 @@ def head_input(model: nn.Module, hidden: torch.Tensor, as_tuple: bool) -> torch.
 class OutputHead:
     """The output projection, a chunk of vocabulary rows at a time: :meth:`tile` reads ``W[a:b]`` (and the bias)
     once per chunk, :meth:`logits` applies it to a tile of positions, soft-capped where the config says so. A
-    float head is read by rows from the source, never whole; a quantized head (QLinear) is materialized and run,
-    keeping the chunk's columns."""
+    float head is read by rows from the source, never whole; a quantized head (QLinear, e.g. tied to a quantized
+    embedding) is materialized and its rows ``a:b`` decoded per chunk (the reference kernel's weights) — or, when
+    its rows do not decode alone (per-tensor or double-quantized scales, quantized inputs), run whole, keeping the
+    chunk's columns."""
 
     def __init__(self, sm: StreamingModel) -> None:
         head = sm.model.get_output_embeddings()
@@ -152,12 +154,19 @@ class OutputHead:
 
     def tile(self, a: int, b: int) -> Any:
         if self.module is not None:
-            return a, b
+            if not isinstance(self.module, QLinear):
+                return a, b
+            qt = self.module.quantized_tensor()
+            if qt.config.granularity == "tensor" or qt.scale_dq is not None or qt.config.input_bits:
+                return a, b
+            bias = self.module.bias
+            return (qt.select_rows(torch.arange(a, b)).dequantize(torch.float32),
+                    None if bias is None else bias[a:b].float())
         weight = self.sm.read_rows(f"{self.name}.weight", a, b, torch.float32)
         return weight, None if self.bias is None else self.bias[a:b]
 
     def logits(self, x: torch.Tensor, tile: Any) -> torch.Tensor:
-        if self.module is not None:
+        if isinstance(tile[0], int):  # a quantized head run whole
             a, b = tile
             z = self.module(x)[:, a:b].float()
         else:

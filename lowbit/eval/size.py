@@ -2,7 +2,9 @@
 
 ``bits_per_weight`` counts everything a quantized layer stores (packed codes, float16 scales, uint8 zeros) divided
 by its number of weights. ``tensor_bytes`` is the sum of the bytes of every tensor the lowbit checkpoint stores
-(shared tensors once); ``fp16_bytes`` is the same model with every parameter in float16.
+(shared tensors once); ``fp16_bytes`` is the same model with every parameter in float16. A quantized token
+embedding counts as a quantized layer; a tied head over its codes is not counted again (its tensors are the
+embedding's, as the tied float head's were).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 
 from torch import nn
 
+from lowbit.core.qtensor import QuantizedTensor
+from lowbit.nn.qembedding import QEmbedding
 from lowbit.nn.qlinear import QLINEAR_FIELDS, QLinear
 
 
@@ -41,9 +45,13 @@ class SizeReport:
 def size_report(model: nn.Module) -> SizeReport:
     from lowbit.formats.native import checkpoint_tensors
 
-    qlayers = [m for m in model.modules() if isinstance(m, QLinear)]
-    q_params = sum(m.in_features * m.out_features for m in qlayers)
-    q_bytes = sum(m.quantized_tensor().nbytes for m in qlayers)
+    shared: dict[int, QuantizedTensor] = {}  # by the codes' storage: a tied head and its embedding once
+    for m in model.modules():
+        if isinstance(m, (QLinear, QEmbedding)):
+            shared.setdefault(m.qweight.untyped_storage().data_ptr(), m.quantized_tensor())
+    qlayers = list(shared.values())
+    q_params = sum(qt.shape[0] * qt.shape[1] for qt in qlayers)
+    q_bytes = sum(qt.nbytes for qt in qlayers)
     float_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     total_params = float_params + q_params
     record = getattr(model.config, "quantization_config", None)
@@ -74,13 +82,20 @@ def size_of_folder(folder: str | Path) -> SizeReport:
     from lowbit.model.loading import open_model
     from lowbit.model.source import safetensors_files
 
+    from lowbit.formats.shards import read_metadata
+
     folder = Path(folder)
     record = json.loads((folder / "config.json").read_text())["quantization_config"]
+    aliases: dict[str, str] = {}
     if record.get("quant_method") != "lowbit":
         sm = open_model(folder)
         record = sm.model.config.quantization_config
         sm.close()
-    layers = record["layers"]
+    else:
+        aliases = json.loads(read_metadata(folder).get("lowbit", "{}")).get("aliases", {})
+    # a tied head whose codes are the embedding's is not counted again; a quantized embedding is a layer
+    layers = {n: layer for n, layer in record["layers"].items() if f"{n}.qweight" not in aliases}
+    layers |= record.get("embeddings", {})
     q_params = sum(a * b for a, b in (layer["shape"] for layer in layers.values()))
     q_bytes = float_params = tensor_bytes = 0
     for file in sorted(set(safetensors_files(folder).values())):

@@ -5,7 +5,9 @@ Layout::
     config.json            the model's transformers config + ``quantization_config`` (quant_method "lowbit":
                            method, float dtype, the distinct QuantConfigs and, per quantized layer, its config
                            index, shape and bias flag; see :mod:`lowbit.nn.record`)
-    model.safetensors      QLinear buffers (qweight/scales/zeros, see ``lowbit.nn.qlinear``) and every other
+    model.safetensors      QLinear buffers (qweight/scales/zeros, see ``lowbit.nn.qlinear``), a quantized token
+                           embedding's (the same fields, ``lowbit.nn.qembedding``; a tied head's are aliases of
+                           them) and every other
       or model-0000i-of-0000N.safetensors + model.safetensors.index.json   (shards of ≤ 512 MB, in block order)
                            parameter/buffer; header metadata key ``lowbit``: JSON ``{"format": "lowbit",
                            "aliases": {name: stored name}}`` (tensors shared between names are stored once)
@@ -33,22 +35,24 @@ from lowbit.formats.shards import DEFAULT_SHARD_BYTES, ShardState, ShardWriter, 
 from lowbit.model.architectures import block_list, spec_for
 from lowbit.model.loading import LoadedModel, _load_tokenizer, read_config_json, register_loader, register_opener
 from lowbit.model.source import SafetensorsSource, StreamingModel, load_generation, meta_skeleton
+from lowbit.nn.qembedding import EMBEDDING_FIELDS, QEmbedding
 from lowbit.nn.qlinear import QLINEAR_FIELDS, QLinear
-from lowbit.nn.record import RecordBuilder
+from lowbit.nn.record import EMBEDDINGS_FORMAT_VERSION, RecordBuilder
 
 log = logging.getLogger(__name__)
 
 
 def module_tensors(module: nn.Module, prefix: str, float_dtype: str, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of ``module``: QLinear buffers as they are, float tensors in their storage dtype."""
-    quantized = {n for n, m in module.named_modules() if isinstance(m, QLinear)}
+    """The checkpoint tensors of ``module``: QLinear and QEmbedding buffers as they are, float tensors in their
+    storage dtype; names in ``skip`` (aliases of a stored tensor) left out."""
+    quantized = {n for n, m in module.named_modules() if isinstance(m, (QLinear, QEmbedding))}
     out = {}
     for name, t in module.state_dict().items():
         full = prefix + name
         if full in skip:
             continue
         owner, _, leaf = name.rpartition(".")
-        packed = owner in quantized and leaf in QLINEAR_FIELDS
+        packed = owner in quantized and (leaf in QLINEAR_FIELDS or leaf in EMBEDDING_FIELDS)
         out[full] = t.detach().contiguous() if packed else storage_tensor(t, float_dtype, full)
     return out
 
@@ -97,6 +101,7 @@ class NativeSink:
         self.records = RecordBuilder()
         if state:
             self.records.configs, self.records.layers = state["configs"], state["layers"]
+            self.records.embeddings = state.get("embeddings", {})
 
     def add_block(self, prefix: str, block: nn.Module) -> bool:
         """Buffer a finished block; True when everything so far is durably on disk (a shard was flushed)."""
@@ -106,18 +111,19 @@ class NativeSink:
 
     def add_rest(self, names: list[str], read: Callable[[str], torch.Tensor], read_rows: RowReader,
                  modules: dict[str, nn.Module], shapes: dict[str, tuple[int, ...]]) -> None:
-        """Everything outside the blocks: quantized layers (e.g. lm_head) as modules, then float tensors by name
-        (``shapes[name]``), each read only when written (``read(name)``; tables by ``read_rows(name, start,
-        stop)``); a shard may end after any of them."""
+        """Everything outside the blocks: quantized modules (a quantized embedding, lm_head) in model order,
+        then float tensors by name (``shapes[name]``), each read only when written (``read(name)``; tables by
+        ``read_rows(name, start, stop)``); a shard may end after any of them."""
         for name, module in modules.items():
             self.records.add(module, f"{name}.")
-            self.writer.add(module_tensors(module, f"{name}.", self.float_dtype))
+            self.writer.add(module_tensors(module, f"{name}.", self.float_dtype, set(self.aliases)))
             self.writer.boundary()
         add_float_tensors(self.writer, [n for n in names if n not in self.aliases], read, read_rows, shapes,
                           self.float_dtype)
 
     def state(self) -> dict[str, Any]:
-        return {"shards": self.writer.state.to_dict(), "configs": self.records.configs, "layers": self.records.layers}
+        return {"shards": self.writer.state.to_dict(), "configs": self.records.configs, "layers": self.records.layers,
+                "embeddings": self.records.embeddings}
 
     def finish(self, config: Any, method: str, generation: Any, tokenizer: Any,
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -164,7 +170,7 @@ def feed_model(sink: Any, model: nn.Module | StreamingModel) -> None:
         sm.release(name)
     prefix = spec.blocks + "."
     outside = {n: sm.materialize(n) for n, m in sm.model.named_modules()
-               if isinstance(m, QLinear) and not n.startswith(prefix)}
+               if isinstance(m, (QLinear, QEmbedding)) and not n.startswith(prefix)}
     slots = sm.model.state_dict(keep_vars=True)
     state = sm.model.state_dict() if not sm.streamed else None
     rest = [n for n in slots if not n.startswith(prefix) and n.rpartition(".")[0] not in outside]
@@ -182,7 +188,7 @@ def save_quantized(loaded: LoadedModel | nn.Module, out: str | Path, overwrite: 
     if not isinstance(record, dict) or record.get("quant_method") != "lowbit":
         raise FormatError("this model has not been quantized by lowbit: run quantize_model first")
     extra = {k: v for k, v in record.items() if k not in ("configs", "layers", "method", "float_dtype",
-                                                         "quant_method", "format_version")}
+                                                         "quant_method", "format_version", "embeddings")}
     with atomic_folder(out, overwrite) as tmp:
         sink = NativeSink(tmp, record["float_dtype"], model_aliases(model), max_shard_bytes)
         feed_model(sink, model)
@@ -194,13 +200,14 @@ def save_quantized(loaded: LoadedModel | nn.Module, out: str | Path, overwrite: 
 
 
 def open_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> StreamingModel:
-    """A lowbit folder as a :class:`StreamingModel`: QLinear skeleton on meta, tensors read block by block."""
+    """A lowbit folder as a :class:`StreamingModel`: QLinear (and QEmbedding) skeleton on meta, tensors read block
+    by block."""
     from transformers import AutoConfig
 
     folder = Path(folder)
     raw = read_config_json(folder)
     record = raw["quantization_config"]
-    if record.get("format_version", 0) > 1:
+    if record.get("format_version", 0) > EMBEDDINGS_FORMAT_VERSION:
         raise FormatError(f"{folder} uses lowbit format {record['format_version']}: upgrade lowbit to read it")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     del config.quantization_config
@@ -210,7 +217,13 @@ def open_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> St
         out_features, in_features = layer["shape"]
         return lambda: QLinear.empty(out_features, in_features, configs[layer["config"]], layer["bias"], "meta")
 
-    model = meta_skeleton(config, [(name, factory(layer)) for name, layer in record["layers"].items()])
+    def embedding(entry: dict[str, Any]) -> Any:
+        vocab, hidden = entry["shape"]
+        return lambda: QEmbedding.empty(vocab, hidden, configs[entry["config"]], entry.get("embed_scale"), "meta")
+
+    swaps = [(name, factory(layer)) for name, layer in record["layers"].items()]
+    swaps += [(name, embedding(entry)) for name, entry in record.get("embeddings", {}).items()]
+    model = meta_skeleton(config, swaps)
     model.config.quantization_config = record
     from safetensors import SafetensorError
 

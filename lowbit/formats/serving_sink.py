@@ -35,6 +35,8 @@ from lowbit.formats.serving import num_blocks, quantized_layers, raise_problems,
 from lowbit.formats.shards import DEFAULT_SHARD_BYTES, ShardState, ShardWriter, rewrite_tensors
 from lowbit.model.architectures import spec_for
 from lowbit.model.source import StreamingModel
+from lowbit.errors import FormatError
+from lowbit.nn.qembedding import QEmbedding
 from lowbit.nn.qlinear import QLINEAR_FIELDS, QLinear
 
 log = logging.getLogger(__name__)
@@ -176,6 +178,11 @@ def export_serving(loaded: Any, fmt: str, out: str | Path, overwrite: bool = Fal
     memory (``LoadedModel``) or a :class:`~lowbit.model.source.StreamingModel` of a lowbit folder, read one block
     at a time (same bytes)."""
     model = loaded.model
+    embedded = [n for n, m in model.named_modules() if isinstance(m, QEmbedding)]
+    if embedded:
+        raise FormatError(f"{embedded[0]} is a quantized token embedding, which {fmt} cannot store (its loaders "
+                          "expect a float table): re-quantize the float original with --embeddings float16 for "
+                          f"--format {fmt}, or keep this model in lowbit's format")
     skel = skeleton(model.config)
     layers = quantized_layers(model, skel)
     raise_problems(fmt, [shape for shape, _ in layers], num_blocks(skel))

@@ -28,9 +28,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from lowbit.core.qtensor import QuantizedTensor
 from lowbit.errors import ModelLoadError
 from lowbit.model.fused import FusingSource, needs_fusing
 from lowbit.model.validate import check_config_sizes, config_errors, read_config_json, verify_tensors
+from lowbit.nn.qembedding import QEmbedding
 
 log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
@@ -209,12 +211,14 @@ class StreamingModel:
         return self.model
 
     def vocab_tables(self) -> set[str]:
-        """State-dict names of the vocabulary-sized tensors (input embedding, output head weight and bias): they
-        are read by rows, never whole, while streaming."""
-        names = {self.embedding_name()}
+        """State-dict names of the vocabulary-sized tensors (input embedding — a quantized one's codes and scales
+        too —, output head weight and bias): they are read by rows, never whole, while streaming."""
+        table = self.model.get_input_embeddings()
+        names = {f"{self.embedding_module()}.{leaf}" for leaf in table.state_dict(keep_vars=True)}
         head = self.model.get_output_embeddings()
         if head is not None:
-            names |= {f"{n}.{leaf}" for n, m in self.model.named_modules() if m is head for leaf in ("weight", "bias")}
+            leaves = {"weight", "bias", *head.state_dict(keep_vars=True)}
+            names |= {f"{n}.{leaf}" for n, m in self.model.named_modules() if m is head for leaf in leaves}
         return names
 
     def load_outside(self, blocks_prefix: str) -> None:
@@ -247,13 +251,41 @@ class StreamingModel:
         module.to("meta")
         return_freed_memory()
 
-    def embedding_name(self) -> str:
-        """State-dict name of the input embedding table."""
+    def embedding_module(self) -> str:
+        """Module name of the input embedding."""
         table = self.model.get_input_embeddings()
         for name, module in self.model.named_modules():
             if module is table:
-                return f"{name}.weight"
+                return name
         raise ModelLoadError("this model has no input embedding module: lowbit needs a token-embedding LM")
+
+    def embedding_name(self) -> str:
+        """State-dict name of the (float) input embedding table."""
+        return f"{self.embedding_module()}.weight"
+
+    def _used_rows(self, name: str, used: torch.Tensor) -> torch.Tensor:
+        """Rows ``used`` (sorted, unique) of table ``name``, read in chunks of ``_ROWS_PER_READ`` rows."""
+        parts = []
+        for start in range(0, int(used[-1]) + 1, _ROWS_PER_READ):
+            wanted = used[(used >= start) & (used < start + _ROWS_PER_READ)]
+            if wanted.numel():
+                stop = int(wanted[-1]) + 1
+                parts.append(self.read_rows(name, start, stop)[wanted - start])
+        return torch.cat(parts)
+
+    def _quantized_embeds(self, table: QEmbedding, ids: torch.Tensor) -> torch.Tensor:
+        """A :class:`QEmbedding`'s lookup: the module itself when its table is in memory (quantized by this
+        job), else a compact one over the used rows of its stored codes and scales."""
+        if not table.qweight.is_meta:
+            out = table(ids)
+        else:
+            used, name = torch.unique(ids), self.embedding_module()
+            rows = {leaf: self._used_rows(f"{name}.{leaf}", used) for leaf in ("qweight", "scales", "zeros")
+                    if getattr(table, leaf) is not None}
+            qt = QuantizedTensor(rows["qweight"], rows["scales"], rows.get("zeros"),
+                                 (used.numel(), table.embedding_dim), table.config)
+            out = QEmbedding(qt, table.embed_scale)(torch.searchsorted(used, ids))
+        return out if self.dtype is None else out.to(self.dtype)
 
     @torch.no_grad()
     def input_embeds(self, ids: torch.Tensor) -> torch.Tensor:
@@ -264,16 +296,12 @@ class StreamingModel:
         table = self.model.get_input_embeddings()
         if self.source is None:
             return table(ids)
-        name = self.embedding_name()
+        if isinstance(table, QEmbedding):
+            return self._quantized_embeds(table, ids)
         used = torch.unique(ids)
-        parts = []
-        for start in range(0, int(used[-1]) + 1, _ROWS_PER_READ):
-            wanted = used[(used >= start) & (used < start + _ROWS_PER_READ)]
-            if wanted.numel():
-                stop = int(wanted[-1]) + 1
-                parts.append(self.read_rows(name, start, stop)[wanted - start])
         full = table.weight
-        table.weight = nn.Parameter(self._compute_dtype(torch.cat(parts), full), requires_grad=False)
+        table.weight = nn.Parameter(self._compute_dtype(self._used_rows(self.embedding_name(), used), full),
+                                    requires_grad=False)
         try:
             return table(torch.searchsorted(used, ids))
         finally:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from lowbit.config import QuantConfig, QuantRecipe
@@ -41,7 +41,7 @@ class Allocation:
         """``base`` with every allocated layer's config given by exact name; float choices excluded."""
         overrides = tuple((name, c.config) for name, c in self.choice.items() if c.config is not None)
         floats = tuple(name for name, c in self.choice.items() if c.config is None)
-        return QuantRecipe(base.default, base.include, (*base.exclude, *floats), (*overrides, *base.overrides))
+        return replace(base, exclude=(*base.exclude, *floats), overrides=(*overrides, *base.overrides))
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -23,6 +23,7 @@ import torch
 
 from lowbit.config import QuantConfig, QuantRecipe
 from lowbit.errors import FormatError, ModelLoadError
+from lowbit.model.embeddings import embedding_target
 from lowbit.model.modules import linear_weight, select_layers
 from lowbit.model.validate import check_config_sizes, check_raw_config, config_errors
 from lowbit.nn.qlinear import QLinear
@@ -95,6 +96,11 @@ def weight_plan(model: torch.nn.Module, recipe: QuantRecipe | None, float_dtype:
             out_f, in_f = linear_weight(target.module).shape
             quantized[target.name] = quantized_weight_bytes(out_f, in_f, target.config)
             q_params += out_f * in_f
+        embedding = embedding_target(model, recipe)
+        if embedding is not None:  # a quantized embedding; its tied head stores nothing of its own
+            quantized[embedding.name] = quantized_weight_bytes(*embedding.shape, embedding.config)
+            quantized |= {embedding.head: 0} if embedding.head is not None else {}
+            q_params += embedding.shape[0] * embedding.shape[1]
     seen: set[int] = set()
     float_bytes, total = 0, q_params
     for pname, param in model.named_parameters(remove_duplicate=False):

@@ -81,6 +81,8 @@ def test_allocation_recipe_gives_every_layer_its_config() -> None:
     recipe = alloc.recipe(QuantRecipe(QuantConfig(bits=4), exclude=("lm_head",)))
     assert recipe.config_for("a.x") == q3.config and recipe.config_for("a.y") == q8.config
     assert not recipe.selects("a.z", True) and recipe.selects("a.x", True) and not recipe.selects("lm_head", False)
+    embeddings = QuantConfig(bits=8, symmetric=True, group_size=64)  # a quantized embedding survives the mix
+    assert alloc.recipe(QuantRecipe(QuantConfig(bits=4), embeddings=embeddings)).embeddings == embeddings
 
 
 def test_budgets_and_formats() -> None:
