@@ -1,6 +1,7 @@
 """``lowbit`` command line: thin subcommands over the Python API.
 
     lowbit quantize MODEL --out DIR [--bits 4 --group-size 128 | --per-channel | --per-tensor] [--sym]
+                    [--embeddings float16|int8|int4]
     lowbit eval MODEL [--compare-to ORIGINAL] [--text FILE]
     lowbit inspect MODEL
     lowbit plan CONFIG_OR_MODEL [--tokens 4096] [--fits GB]
@@ -117,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-clip", action="store_true",
                    help="calibrated methods: keep the --qparams rule instead of the Hessian-weighted clip search")
     add_grid_args(q)
+    q.add_argument("--embeddings", default="float16", choices=["float16", "int8", "int4"],
+                   help="token-embedding table (--format lowbit): float16 keeps it in float (--float-dtype; the "
+                        "default, as before), int8/int4 store symmetric codes per row with a float16 scale per "
+                        "--group-size hidden dims (64 when that does not divide the hidden size; 64 with "
+                        "--per-channel/--per-tensor), decoded only at the looked-up rows. A tied lm_head computes "
+                        "with the same codes, stored once; an untied lm_head stays float unless --include'd")
     q.add_argument("--no-eval", action="store_true", help="skip the evaluation after quantizing")
     cli_mixed.add_mixed_args(q)
     _add_eval_args(q)
@@ -171,7 +178,19 @@ def _recipe(args: argparse.Namespace) -> Any:
     cfg = QuantConfig(bits=args.bits, symmetric=args.sym or args.codebook is not None, granularity=granularity,
                       group_size=args.group_size, qparams=args.qparams, zero_point=args.zero_point,
                       input_bits=args.act_bits, codebook=args.codebook, double_quant=args.double_quant)
-    return QuantRecipe(cfg, include=tuple(args.include), exclude=tuple(args.exclude))
+    return QuantRecipe(cfg, include=tuple(args.include), exclude=tuple(args.exclude), embeddings=_embeddings(args))
+
+
+def _embeddings(args: argparse.Namespace) -> Any:
+    """``--embeddings`` as a config (None: float); the group size is fitted to the model later."""
+    from lowbit.config import QuantConfig
+    from lowbit.nn.qembedding import EMBEDDING_GROUP
+
+    kind = getattr(args, "embeddings", "float16")
+    if kind == "float16":
+        return None
+    group = EMBEDDING_GROUP if args.per_channel or args.per_tensor else args.group_size
+    return QuantConfig(bits={"int8": 8, "int4": 4}[kind], symmetric=True, group_size=group, qparams=args.qparams)
 
 
 def _evaluate(loaded: Any, args: argparse.Namespace, reference: Any = None) -> dict[str, Any]:
@@ -192,8 +211,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.formats.atomic import check_output
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.methods.learned import LearnedConfig
+    from lowbit.job import check_embeddings_format
     from lowbit.methods.method import ClipConfig, MethodConfig
 
+    check_embeddings_format(args.embeddings != "float16", args.format)  # --format gguf does not build a recipe
     mixed = cli_mixed.wants_mixed(args)
     if mixed:
         cli_mixed.check_mixed_args(args)  # e.g. --format gguf/gptq cannot hold a per-layer mix
@@ -261,6 +282,7 @@ def _stream_eval(args: argparse.Namespace, model: str, original: str | None) -> 
 def _quantize_stream(args: argparse.Namespace, recipe: Any, method: Any, calib: Any, plan: Any = None) -> int:
     """``lowbit quantize`` (lowbit, compressed-tensors or GPTQ folder): the streaming job, then a lockstep
     evaluation of what it wrote. ``plan``: the mixed-precision plan ``recipe`` comes from (reported)."""
+    from lowbit.config import QuantConfig
     from lowbit.eval.size import size_of_folder
     from lowbit.job import QuantizeJob, quantize_and_save
 
@@ -276,11 +298,15 @@ def _quantize_stream(args: argparse.Namespace, recipe: Any, method: Any, calib: 
     evaluation = None if args.no_eval else _stream_eval(args, str(result.path), args.model)
     size = size_of_folder(result.path)
     extra = [("method", f"{method.name}, {setting}"), ("quantize time", f"{result.seconds:.1f} s")]
+    embeddings = {name: result.record["configs"][e["config"]]  # as fitted to the hidden size
+                  for name, e in result.record.get("embeddings", {}).items()}
+    extra += [("token embedding", f"{n} {QuantConfig.from_dict(c).describe()}") for n, c in embeddings.items()]
     extra += [("calibration", calib_note)] if calib_note else []
     extra += [("resumed at block", f"{result.resumed_from} of {result.blocks}")] if result.resumed_from else []
     extra += cli_mixed.mixed_summary(plan) if plan else []
     print_results(f"{args.model} → {result.path}", evaluation, size, extra)
-    write_json(args.json_out, {"method": method.name, "config": recipe.default.to_dict(), "calibration": calib_note,
+    write_json(args.json_out, {"method": method.name, "config": recipe.default.to_dict(),
+                                "embeddings": embeddings or None, "calibration": calib_note,
                                 "quantize_seconds": result.seconds, "evaluation": evaluation, "size": size.to_dict(),
                                 "mixed_precision": {**plan.allocation.to_dict(), "checkpoint_bytes": plan.total_bytes}
                                 if plan else None})

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from lowbit.cli import main
+from lowbit.config import QuantConfig
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 200
 
@@ -144,3 +145,46 @@ def test_json_never_replaces_a_file_lowbit_did_not_write(tiny_hf_folder: Path, t
     assert run(capsys, "plan", tiny_hf_folder, "--json", results)[0] == 0  # its own file: replaced
     code, _, error = run(capsys, "plan", tiny_hf_folder, "--json", tmp_path / "missing" / "x.json")
     assert code == 2 and "does not exist" in error
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], None),
+    (["--embeddings", "int8"], QuantConfig(bits=8, symmetric=True, group_size=128)),
+    (["--embeddings", "int4", "--group-size", "32", "--qparams", "mse"],
+     QuantConfig(bits=4, symmetric=True, group_size=32, qparams="mse")),
+    (["--embeddings", "int4", "--per-channel"], QuantConfig(bits=4, symmetric=True, group_size=64)),
+])
+def test_embeddings_flag_maps_onto_the_recipe(argv: list, expected: QuantConfig | None) -> None:
+    from lowbit.cli import _recipe, build_parser
+
+    args = build_parser().parse_args(["quantize", "m", "--out", "o", *argv])
+    assert _recipe(args).embeddings == expected
+
+
+@pytest.mark.slow  # ≥ 3 s (two quantize runs on a 49152-token vocabulary)
+def test_quantize_with_int4_embeddings_then_inspect(tiny_hf_folder: Path, tmp_path: Path, capsys) -> None:
+    code, stdout, _ = run(capsys, "quantize", tiny_hf_folder, "--out", tmp_path / "f16", "--group-size", "32",
+                          "--no-eval", "--json", tmp_path / "f16.json")
+    assert code == 0 and "token embedding" not in stdout
+    code, stdout, _ = run(capsys, "quantize", tiny_hf_folder, "--out", tmp_path / "q", "--group-size", "32",
+                          "--embeddings", "int4", "--no-eval", "--json", tmp_path / "q.json")
+    assert code == 0 and "model.embed_tokens 4-bit g32 sym" in stdout
+    result, before = json.loads((tmp_path / "q.json").read_text()), json.loads((tmp_path / "f16.json").read_text())
+    cfg = result["embeddings"]["model.embed_tokens"]
+    assert (cfg["bits"], cfg["group_size"], cfg["symmetric"]) == (4, 32, True) and before["embeddings"] is None
+    assert result["size"]["quantized_layers"] == before["size"]["quantized_layers"] + 1 == 15
+    # the 49152 × 64 table: float16 (2 bytes a weight) → 4-bit codes + a float16 scale per 32 weights
+    saved = before["size"]["tensor_bytes"] - result["size"]["tensor_bytes"]
+    assert saved == 49152 * 64 * 2 - (49152 * 32 + 49152 * 2 * 2)
+    code, stdout, _ = run(capsys, "inspect", tmp_path / "q")
+    assert code == 0 and "row gather" in stdout and "| lm_head" in stdout  # untied: lm_head stays float
+
+
+@pytest.mark.parametrize("fmt, fix", [("gguf", "token_embd type comes from --type"),
+                                      ("compressed-tensors", "use --format lowbit")])
+def test_quantized_embeddings_need_the_lowbit_format(tiny_hf_folder: Path, tmp_path: Path, capsys, fmt: str,
+                                                     fix: str) -> None:
+    code, _, err = run(capsys, "quantize", tiny_hf_folder, "--out", tmp_path / "q", "--format", fmt,
+                       "--embeddings", "int8", "--no-eval")
+    assert code == 2 and "lowbit's own format only" in err and fix in err
+    assert not (tmp_path / "q").exists()
