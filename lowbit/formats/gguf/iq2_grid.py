@@ -27,6 +27,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
+from lowbit.formats.gguf.neighbours import best_neighbours as _best_neighbours
+
 F = np.float32
 FLT_MAX = np.finfo(F).max
 KMASK = (1 << np.arange(8)).astype(np.uint8)  # kmask_iq2xs
@@ -88,32 +90,7 @@ def iq2_grid(qtype: GGMLQuantizationType) -> Iq2Grid:
                    neighbours=order[keep].astype(np.int32))
 
 
-def best_neighbours(grid: Iq2Grid, u: np.ndarray, xval: np.ndarray, waux: np.ndarray, scale: np.ndarray,
-                    chunk: int = 1 << 18) -> np.ndarray:
+def best_neighbours(grid: Iq2Grid, u: np.ndarray, xval: np.ndarray, waux: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """``iq2_find_best_neighbour`` for N off-grid octets at once: keys ``u [N]``, magnitudes ``xval [N, 8]``,
-    error weights ``waux [N, 8]``, scales ``[N]`` → the grid index ``[N]`` whose ``Σ_i waux·(scale·q_i − x_i)²``
-    (float32, summed in i order) is smallest, the earliest in the neighbour list on a tie; errors that are NaN or
-    ≥ FLT_MAX never win, as in C."""
-    out = np.empty(len(u), dtype=np.int64)
-    counts = grid.count[u]
-    ends = np.cumsum(counts)
-    begin = 0
-    while begin < len(u):  # octets in chunks of about `chunk` candidates
-        stop = max(begin + 1, int(np.searchsorted(ends, (ends[begin - 1] if begin else 0) + chunk, side="right")))
-        n = counts[begin:stop]
-        seg = np.cumsum(n) - n  # [m]: first candidate of each octet
-        cand = grid.neighbours[np.repeat(grid.start[u[begin:stop]] - seg, n) + np.arange(n.sum())]  # [T]
-        diff = np.repeat(scale[begin:stop], n)[:, None] * grid.points[cand] - np.repeat(xval[begin:stop], n, axis=0)
-        terms = np.repeat(waux[begin:stop], n, axis=0) * diff * diff  # [T, 8]
-        d2 = terms[:, 0] + F(0)
-        for i in range(1, 8):
-            d2 += terms[:, i]
-        d2 = np.where(d2 < FLT_MAX, d2, np.nan)  # C keeps a candidate only if d2 < best, best = FLT_MAX at first
-        smallest = np.repeat(np.fmin.reduceat(d2, seg), n)
-        first = np.minimum.reduceat(np.where(d2 == smallest, np.arange(len(cand)), len(cand)), seg)
-        if (first == len(cand)).any():
-            raise ValueError("values too large for the IQ2 grid search: every neighbour's error overflows float32 "
-                             "(llama.cpp aborts here, GGML_ASSERT(grid_index >= 0)); rescale the tensor")
-        out[begin:stop] = cand[first]
-        begin = stop
-    return out
+    error weights ``waux [N, 8]``, scales ``[N]`` → grid indices ``[N]`` (:mod:`lowbit.formats.gguf.neighbours`)."""
+    return _best_neighbours(grid.points, grid.start, grid.count, grid.neighbours, u, xval, waux, scale)

@@ -21,6 +21,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
+from lowbit.formats.gguf.neighbours import best_neighbours as _best_neighbours
+
 F = np.float32
 N_CODES = 4096
 _SHIFTS = np.array([0, 3, 6, 9])
@@ -37,10 +39,14 @@ class Iq3Grid:
     neighbours: np.ndarray
     counts: np.ndarray
     values: np.ndarray = field(init=False)  # [N, 4] float32: the magnitudes 2l + 1
+    start: np.ndarray = field(init=False)  # [4096]: where a code's list begins in ``flat``
+    flat: np.ndarray = field(init=False)  # the neighbour lists back to back (CSR)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "values", (2 * self.levels + 1).astype(F))
-        for array in (self.levels, self.kmap, self.neighbours, self.counts, self.values):
+        object.__setattr__(self, "start", np.cumsum(self.counts) - self.counts)
+        object.__setattr__(self, "flat", self.neighbours[self.neighbours >= 0])  # row-major: lists in code order
+        for array in (self.levels, self.kmap, self.neighbours, self.counts, self.values, self.start, self.flat):
             array.flags.writeable = False  # shared through the cache: read-only
 
 
@@ -85,39 +91,6 @@ def iq3_grid(qtype: GGMLQuantizationType) -> Iq3Grid:
 
 def best_neighbours(grid: Iq3Grid, codes: np.ndarray, xval: np.ndarray, waux: np.ndarray,
                     scale: np.ndarray) -> np.ndarray:
-    """``iq3_find_best_neighbour`` for M off-grid groups at once: among each code's neighbours the grid point with
-    the smallest ``Σᵢ waux·(scale·qᵢ − xᵢ)²`` (float32, summed i = 0…3 in order; the first one on a tie).
-    ``codes [M]``, ``xval [M, 4]``, ``waux [M, 4]``, ``scale [M]`` → grid indices ``[M]``.
-
-    The groups are sorted by neighbour count so that step ``j`` works on the prefix that still has a ``j``-th
-    neighbour — no padded work."""
-    counts = grid.counts[codes]
-    order = np.argsort(-counts, kind="stable")
-    counts = counts[order]
-    x_t, w_t = np.ascontiguousarray(xval[order].T), np.ascontiguousarray(waux[order].T)  # [4, M]
-    scale = scale[order]
-    cand = grid.neighbours[codes[order]]  # [M, n_max]
-    values_t = np.ascontiguousarray(grid.values.T)  # [4, N]
-    best_d2 = np.full(len(codes), np.finfo(F).max, dtype=F)
-    best = np.full(len(codes), -1, dtype=np.int64)
-    n_max = grid.neighbours.shape[1]
-    active = np.searchsorted(-counts, -np.arange(n_max), side="left")  # how many groups have more than j
-    for j in range(n_max):
-        m = int(active[j])
-        if m == 0:
-            break
-        index = cand[:m, j]
-        s = scale[:m]
-        d2 = np.zeros(m, F)
-        for i in range(4):
-            diff = s * values_t[i][index] - x_t[i, :m]
-            d2 += w_t[i, :m] * diff * diff  # (w·diff)·diff, summed i = 0…3 as C does
-        better = d2 < best_d2[:m]
-        best_d2[:m] = np.where(better, d2, best_d2[:m])
-        best[:m] = np.where(better, index, best[:m])
-    if (best < 0).any():
-        raise ValueError("no neighbour has a finite weighted distance (weights too large for float32?): "
-                         "llama.cpp aborts here too (GGML_ASSERT in iq3_find_best_neighbour)")
-    out = np.empty_like(best)
-    out[order] = best
-    return out
+    """``iq3_find_best_neighbour`` for M off-grid groups at once: ``codes [M]``, ``xval [M, 4]``, ``waux [M, 4]``,
+    ``scale [M]`` → grid indices ``[M]`` (:mod:`lowbit.formats.gguf.neighbours`)."""
+    return _best_neighbours(grid.values, grid.start, grid.counts, grid.flat, codes, xval, waux, scale)
