@@ -1,5 +1,5 @@
 """GGUF on SmolLM2-135M: llama.cpp's quantizer (with and without an imatrix) against lowbit's plain and calibrated
-GGUF, at Q4_0, Q3_K_M, Q4_K_M, Q5_K_M, IQ4_XS and IQ4_NL — same source weights, same evaluation windows, file
+GGUF, at Q4_0, Q3_K_M, Q4_K_M, Q5_K_M, IQ4_XS, IQ4_NL, IQ3_S, IQ3_XXS and IQ2_XS — same source weights, same evaluation windows, file
 sizes side by side.
 
 Source: the shipped Q4_1 GGUF dequantized to an F32 GGUF by lowbit (every tool starts from the same F32 file).
@@ -165,6 +165,13 @@ def export_sizes() -> list[dict]:
     return rows
 
 
+def _short(error: str) -> str:
+    """A refusal's first clause, for the table (the JSON keeps the whole message)."""
+    if "importance matrix" in error or "imatrix" in error:
+        return "refused: this type needs an importance matrix (llama.cpp and lowbit alike)"
+    return error[:160]
+
+
 def render(rows: list[dict], info: dict) -> None:
     fp32 = next((r for r in rows if r["tool"] == "fp32"), None)
     lines = ["| type | tool | file bytes | perplexity | KL (nats/token) | top-1 agreement | quantize s | note |",
@@ -179,7 +186,7 @@ def render(rows: list[dict], info: dict) -> None:
             if r is None:
                 continue
             if "error" in r:
-                lines.append(f"| {ftype} | {tool} | — | — | — | — | — | {r['error']} |")
+                lines.append(f"| {ftype} | {tool} | — | — | — | — | — | {_short(r['error'])} |")
                 continue
             kl = f"{r['kl']:.4f}"
             if tool.startswith("lowbit") and best_llama and r["kl"] < best_llama:
@@ -200,7 +207,12 @@ def render(rows: list[dict], info: dict) -> None:
              "+ imatrix here — lowbit's importance comes from 32k sequential calibration tokens, llama-imatrix's from the "
              "whole file, and which search lands on SmolLM2's hidden grid depends on those weights. The IQ4_XS / IQ4_NL rows were measured later (2026-12-02, an AVX2-only "
              "2-core machine: their quantize times are not comparable with the rows above); SmolLM2's 576-wide rows "
-             "fall back IQ4_XS → IQ4_NL, so only ffn_down keeps IQ4_XS blocks.")
+             "fall back IQ4_XS → IQ4_NL, so only ffn_down keeps IQ4_XS blocks. The lattice rows (IQ3_S, IQ3_XXS, IQ2_XS; "
+             "2026-12-03): only ffn_down holds lattice blocks (the rest falls back to IQ4_NL, attn_v to Q4_0 at IQ2_XS, as "
+             "in llama.cpp's files); lowbit gptq = llama.cpp's search under lowbit's statistics or octet-wise GPTQ onto "
+             "its grid points, whichever has the lower calibration output error per tensor, GPTQ on the IQ4_NL/Q4_0 "
+             "fallbacks. Their quantize times ran beside another engineer's benchmarks and tests on the 2 cores "
+             "(1.5–3× inflated): the README gives the same runs timed alone.")
     tables = [("Results", "\n".join(lines))]
     if info.get("export_sizes"):
         sizes = ["| file | setting | bytes |", "|---|---|---|"]
