@@ -76,9 +76,30 @@ class BlockType:
             rows = np.ascontiguousarray(rows, dtype=np.float32)
             return rows if self.qtype == Q.F32 else quantize(rows, self.qtype)
         module, function = (self.encoder or _ENCODERS[self.family]).split(":")
+        encoder = getattr(importlib.import_module(module), function)
         rows = np.ascontiguousarray(rows, dtype=np.float32)
-        return getattr(importlib.import_module(module), function)(
-            rows if self.family == "kquant" else np.atleast_2d(rows), self.qtype, weights)
+        if self.family not in ("lattice", "iq4"):  # k-quants thread their own chunks; 32-weight types are fast
+            return encoder(rows if self.family == "kquant" else np.atleast_2d(rows), self.qtype, weights)
+        rows = np.atleast_2d(rows)
+        parts = _row_parts(rows.shape[0])
+        if len(parts) == 1:
+            return encoder(rows, self.qtype, weights)
+        # the i-quant searches are numpy code on one thread; rows are independent (blocks never span rows) and
+        # numpy releases the GIL inside each operation, so a thread per core encodes a share of the rows: the same
+        # bytes (measured: the lattice encoders took half a calibrated IQ3_S run's wall time on one core)
+        from lowbit.formats.gguf.kquants import _pool
+
+        done = list(_pool().map(lambda part: encoder(rows[part], self.qtype, weights), parts))
+        return np.concatenate(done, axis=0)
+
+
+def _row_parts(n_rows: int, min_rows: int = 64) -> list[slice]:
+    """``n_rows`` split into one contiguous share per core (a single share below ``min_rows`` rows per core)."""
+    from lowbit.formats.gguf.kquants import _workers
+
+    k = max(1, min(_workers(), n_rows // min_rows))
+    bounds = np.linspace(0, n_rows, k + 1).astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _g(bits: int, sym: bool, width: int, **kw: str) -> QuantConfig:
