@@ -52,7 +52,7 @@ def quantize_gguf_weight(
     hessian = None if stats is None else stats.hessian
     entry = block_type(qtype)
     if entry.rounding == "lattice" and method.rounding == "gptq" and hessian is not None:
-        data = _lattice_candidates(w, qtype, stats, method)
+        data = _lattice_candidates(w, qtype, stats, hessian, method)
     elif entry.family == "lattice" or (method.rounding == "nearest" and entry.family in ("kquant", "iq4")):
         importance = None if hessian is None else torch.diagonal(hessian).numpy() / 2
         data = encode(w.numpy(), qtype, importance)
@@ -79,17 +79,17 @@ def quantize_gguf_weight(
     return data, _dequantized(data, qtype, w.shape)
 
 
-def _lattice_candidates(w: torch.Tensor, qtype: GGMLQuantizationType, stats: InputStats,
+def _lattice_candidates(w: torch.Tensor, qtype: GGMLQuantizationType, stats: InputStats, hessian: torch.Tensor,
                         method: MethodConfig) -> np.ndarray:
     """llama.cpp's importance-weighted search, and octet-wise GPTQ onto its scales: the bytes with the lower
-    calibration output error."""
-    importance = torch.diagonal(stats.hessian).numpy() / 2
+    calibration output error (``hessian``: ``stats.hessian``, formed once by the caller — each read is a K × K copy)."""
+    importance = torch.diagonal(hessian).numpy() / 2
     searched = encode(w.numpy(), qtype, importance)
     sigma, _, searched_signs = lattice_fields.unpack(searched, qtype, w.shape[0])
     idx, signs = gptq_lattice(w, sigma, lattice_layout(qtype), stats, method.gptq.damp, method.gptq.block_size,
                               searched_signs)
     rounded = lattice_fields.pack(searched, qtype, idx, signs)
-    errors = [_finite(_output_error(w, _dequantized(d, qtype, w.shape), stats.hessian)) for d in (searched, rounded)]
+    errors = [_finite(_output_error(w, _dequantized(d, qtype, w.shape), hessian)) for d in (searched, rounded)]
     log.debug("GGUF %s: output error llama.cpp search %.4g, octet GPTQ %.4g", qtype.name, *errors)
     return rounded if errors[1] < errors[0] else searched
 
