@@ -59,8 +59,7 @@ def quantize_gguf_weight(
     else:
         if method.rounding == "gptq" and hessian is None:
             raise ConfigError("GPTQ rounding needs calibration statistics for every layer it quantizes")
-        use_hessian = hessian if (clip or entry.family != "legacy") else None
-        grids = gguf_grid_candidates(w, qtype, use_hessian) if use_hessian is not None else [gguf_grid(w, qtype)]
+        grids = gguf_grid_candidates(w, qtype, hessian, clip) if hessian is not None else [gguf_grid(w, qtype)]
         # every (grid, rounding) pair is a candidate; keep the lowest calibration output error tr(D·H·Dᵀ). GPTQ's
         # error feedback can lose to nearest rounding on some grids (measured: 4-bit k-quant sub-blocks whose
         # min-fitted range leaves no room for the feedback), and llama.cpp's weighted search can find a grid

@@ -127,7 +127,9 @@ def test_gptq_on_the_grid_beats_llama_cpp_imatrix_choice_on_real_layers(smollm2_
 def test_calibrated_32_weight_types_never_lose_to_llama_cpp_imatrix_on_the_calibration_data(qtype: Q) -> None:
     """llama.cpp's imatrix-weighted search is one of the candidate grids (with its own codes): the written result's
     calibration output error is at most llama.cpp + imatrix's, for nearest and GPTQ rounding — on a random weight
-    and on one whose blocks lie on a 4-bit grid (as SmolLM2's do), where llama.cpp's search can hit that grid."""
+    and on one whose blocks lie on a 4-bit grid (as SmolLM2's do), where llama.cpp's search can hit that grid.
+    With and without the clip search (the driver turns it off for q/k: SmolLM2's Q5_K_M q/k once missed the exact
+    grid llama.cpp + imatrix finds, because the weighted candidate was only offered beside the clip search)."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(512, 256, generator=g) * torch.exp(torch.randn(256, generator=g))  # outlier input channels
     stats = InputStats(256)
@@ -139,8 +141,9 @@ def test_calibrated_32_weight_types_never_lose_to_llama_cpp_imatrix_on_the_calib
         llama = torch.from_numpy(dequantize(encode(w.numpy(), qtype, importance), qtype).reshape(w.shape))
         limit = _output_error(w, llama, stats)
         for method in (MethodConfig(name="imatrix", rounding="nearest"), MethodConfig.parse("gptq")):
-            ours = quantize_gguf_weight(w, qtype, stats, method)[1]
-            assert _output_error(w, ours, stats) <= limit * (1 + 1e-6) + 1e-12, (method.name, qtype.name)
+            for clip in (True, False):
+                ours = quantize_gguf_weight(w, qtype, stats, method, clip)[1]
+                assert _output_error(w, ours, stats) <= limit * (1 + 1e-6) + 1e-12, (method.name, qtype.name, clip)
 
 
 def test_non_grid_types_and_hqq_are_refused() -> None:

@@ -107,14 +107,15 @@ def _kquant_grid(w: torch.Tensor, qtype: GGMLQuantizationType, importance: np.nd
                     torch.from_numpy(zero.reshape(rows, cols // width)), width, pack)
 
 
-def gguf_grid_candidates(weight: torch.Tensor, qtype: GGMLQuantizationType,
-                         hessian: torch.Tensor | None) -> list[GGUFGrid]:
+def gguf_grid_candidates(weight: torch.Tensor, qtype: GGMLQuantizationType, hessian: torch.Tensor | None,
+                         clip: bool = True) -> list[GGUFGrid]:
     """The grids a calibrated rounding tries for ``qtype`` (it keeps the one with the lowest output error): the
-    :func:`gguf_grid` choice and, for the 32-weight types, also llama.cpp's imatrix-weighted search (what
-    ``llama-quantize --imatrix`` writes, its codes included) — so lowbit's calibrated result is never worse on the
-    calibration data than llama.cpp's given the same statistics. (k-quant and IQ4 grids already are llama.cpp's
-    weighted search.)"""
-    grids = [gguf_grid(weight, qtype, hessian)]
+    :func:`gguf_grid` choice (the Hessian clip search when ``clip``, else llama.cpp's reference q-params — the
+    driver turns clipping off for the attention-logit projections) and, for the 32-weight types, also llama.cpp's
+    imatrix-weighted search (what ``llama-quantize --imatrix`` writes, its codes included) whenever ``hessian`` is
+    given — so lowbit's calibrated result is never worse on the calibration data than llama.cpp's given the same
+    statistics, q/k included. (k-quant and IQ4 grids already are llama.cpp's weighted search.)"""
+    grids = [gguf_grid(weight, qtype, hessian if clip or qtype not in LEGACY_TYPES else None)]
     if hessian is not None and qtype in LEGACY_TYPES and LEGACY_TYPES[qtype].bits != 8:
         w = weight.detach().float().contiguous()
         d, m, codes = weighted_params(w.numpy(), LEGACY_TYPES[qtype], torch.diagonal(hessian).numpy() / 2)
