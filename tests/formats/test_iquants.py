@@ -31,6 +31,28 @@ def test_best_index_is_the_nearest_level_ties_high() -> None:
     assert best_index(levels).tolist() == list(range(16))
     assert best_index(mids).tolist() == list(range(1, 16))  # exactly between two levels: the upper one
     assert best_index(np.array([-1e9, 1e9, np.float32(-127.5), np.float32(113.5)], np.float32)).tolist() == [0, 15, 0, 15]
+    assert best_index(np.array([np.nan, np.inf, -np.inf], np.float32)).tolist() == [15, 15, 0]  # as C's comparisons
+
+
+def _c_best_index(v: np.ndarray) -> np.ndarray:
+    """``best_index_int8`` as ggml-quants.c writes it: ends, binary search, then the float32 comparison
+    ``v − K[mu−1] < K[mu] − v`` (vectorized; the reference the table look-up must equal)."""
+    k = KVALUES.astype(np.float32)
+    mu = np.clip(np.searchsorted(k, v, side="right"), 1, 15)
+    index = np.where((v - k[mu - 1]) < (k[mu] - v), mu - 1, mu)
+    return np.where(v <= k[0], 0, np.where(v >= k[15], 15, index))
+
+
+def test_best_index_equals_c_near_every_midpoint_and_at_random() -> None:
+    """The table look-up (cells of ½) equals C's float32 comparison on every float32 within 2·10⁵ ulps of each
+    midpoint between levels — where float rounding could differ — and on random values over the whole range."""
+    levels = KVALUES.astype(np.float32)
+    for m in (levels[:-1] + levels[1:]) / 2:
+        bits = np.array([m], np.float32).view(np.int32)[0]
+        around = np.arange(bits - 200_000, bits + 200_000, dtype=np.int64).astype(np.int32).view(np.float32)
+        assert np.array_equal(best_index(around), _c_best_index(around)), m
+    v = np.random.default_rng(0).uniform(-300, 300, 1_000_000).astype(np.float32)
+    assert np.array_equal(best_index(v), _c_best_index(v))
 
 
 @pytest.mark.parametrize("qtype", [Q.IQ4_NL, Q.IQ4_XS])

@@ -35,14 +35,25 @@ _K = KVALUES.astype(F)
 NTRY = 7
 
 
+# the levels are integers, so every midpoint between neighbours is a multiple of ½: the nearest level is constant on
+# each half-open cell [k/2, (k+1)/2), and a value on a midpoint (a cell's start) takes the upper level — C's tie rule.
+# C compares `v − K[mu−1] < K[mu] − v` in float32; that equals the exact comparison with the midpoint for every
+# float32 within 2·10⁵ ulps of each midpoint (checked by enumeration, tests/formats/test_iquants.py), so the table
+# below is bit-exact.
+_HALF_CELLS = np.arange(-256, 257, dtype=np.float64) / 2  # cell starts k/2 for k = −256 … 256
+_CELL_INDEX = np.clip(np.searchsorted((_K[:-1].astype(np.float64) + _K[1:]) / 2, _HALF_CELLS, side="right"),
+                      0, 15).astype(np.uint8)
+
+
 def best_index(v: np.ndarray) -> np.ndarray:
     """``best_index_int8(16, kvalues, v)``: the nearest level's index, the upper one on an exact tie (C keeps the
-    lower only when it is strictly closer)."""
-    v = np.asarray(v, dtype=F)
-    mu = np.clip(np.searchsorted(_K, v, side="right"), 1, 15)
-    lower = (v - _K[mu - 1]) < (_K[mu] - v)
-    index = np.where(lower, mu - 1, mu)
-    return np.where(v <= _K[0], 0, np.where(v >= _K[15], 15, index)).astype(np.uint8)
+    lower only when it is strictly closer) — one table look-up per value (cells of ½, see above); NaN → 15 as C."""
+    cell = np.floor(np.asarray(v, dtype=F) * F(2))
+    np.clip(cell, F(-256), F(256), out=cell)
+    nan = np.isnan(cell)
+    if nan.any():
+        cell[nan] = F(256)
+    return _CELL_INDEX[cell.astype(np.int32) + 256]
 
 
 def _inverse(v: np.ndarray) -> np.ndarray:
