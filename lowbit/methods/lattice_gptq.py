@@ -96,13 +96,12 @@ class _Book:
                 base = torch.stack([f[1][rows] for f in found], 1)  # [r, pieces]
                 total = base.sum(1, keepdim=True).expand(-1, OCTET).clone()  # [r, 8]: cost if weight j flips
                 flip_idx = torch.empty(len(rows), OCTET, dtype=torch.long)
-                for j in range(OCTET):
-                    p = j - j % self.dim
-                    t = mag[rows, p : p + self.dim].clone()
-                    t[:, j - p] = -t[:, j - p]
+                flips = 1 - 2 * torch.eye(self.dim)  # [dim (flipped weight), dim]
+                for p in pieces:  # one search per piece for all its flip choices: targets [dim · r, dim]
+                    t = (mag[rows, p : p + self.dim][None] * flips[:, None, :]).reshape(-1, self.dim)
                     fi, fd = self.nearest(t, cost[p : p + self.dim])
-                    total[:, j] += fd - base[:, p // self.dim]
-                    flip_idx[:, j] = fi
+                    total[:, p : p + self.dim] += (fd.view(self.dim, -1) - base[:, p // self.dim]).T
+                    flip_idx[:, p : p + self.dim] = fi.view(self.dim, -1).T
                 j = total.argmin(1)
                 idx[rows, j // self.dim] = flip_idx[torch.arange(len(rows)), j]
                 neg[rows, j] = ~neg[rows, j]
