@@ -197,22 +197,21 @@ def render(rows: list[dict], info: dict) -> None:
              "wikitext2_valid_unk.txt; llama-imatrix read the whole file in 512-token chunks. Eval: first 20,480 tokens "
              "of wikitext2_test_joined.txt, 10 × 2048, no BOS, every file evaluated by the same code (lowbit's forward "
              "of the decoded weights) against fp32 logits. Quantize times ran on a shared 2-core machine: indicative only "
-             "(Q4_0 and Q4_K_M lowbit rows ran beside the test suite; Q3_K_M and Q5_K_M alone). Q5_K_M caveat, "
-             "specific to this model: SmolLM2's weights come from a Q4_1 file (they lie on a 4-bit g32 asymmetric grid); "
-             "its 576-wide tensors fall back Q5_K → Q5_1, and llama.cpp's imatrix-weighted Q5_1 search finds a step of "
-             "d/2 that contains that grid exactly (KL 0.002), which lowbit's Hessian clip search did not look for (0.022). "
-             "Since 2026-12-02 (third session) llama.cpp's weighted search is one of lowbit's candidate grids for the "
-             "32-weight types, chosen per tensor by calibration output error: the lowbit gptq Q5_K_M row was re-run then "
-             "(0.0043, in 218 s on a noisy AVX-512 VM: two grids × two roundings per tensor) and still loses to llama.cpp "
-             "+ imatrix here — lowbit's importance comes from 32k sequential calibration tokens, llama-imatrix's from the "
-             "whole file, and which search lands on SmolLM2's hidden grid depends on those weights. The IQ4_XS / IQ4_NL rows were measured later (2026-12-02, an AVX2-only "
+             "(the lowbit gptq rows of Q4_0, Q3_K_M, Q4_K_M and Q5_K_M were re-run alone on 2026-12-03, second session). "
+             "Q5_K_M, specific to this model: SmolLM2's weights come from a Q4_1 file (they lie on a 4-bit g32 "
+             "asymmetric grid); its 576-wide tensors fall back Q5_K → Q5_1, and llama.cpp's imatrix-weighted Q5_1 search "
+             "finds a step of d/2 that holds that grid exactly (KL 0.002). lowbit offers that search as a candidate grid "
+             "for every 32-weight tensor; until 2026-12-03 it was offered only beside the Hessian clip search, which "
+             "the driver turns off for q/k (attention logits), so lowbit's q/k missed the exact grid (KL 0.0043, "
+             "2.15× llama.cpp + imatrix); now q/k get it too and ffn_down's GPTQ onto Q5_K/Q6_K does the rest. The IQ4_XS / IQ4_NL rows were measured later (2026-12-02, an AVX2-only "
              "2-core machine: their quantize times are not comparable with the rows above); SmolLM2's 576-wide rows "
              "fall back IQ4_XS → IQ4_NL, so only ffn_down keeps IQ4_XS blocks. The lattice rows (IQ3_S, IQ3_XXS, IQ2_XS; "
              "2026-12-03): only ffn_down holds lattice blocks (the rest falls back to IQ4_NL, attn_v to Q4_0 at IQ2_XS, as "
              "in llama.cpp's files); lowbit gptq = llama.cpp's search under lowbit's statistics or octet-wise GPTQ onto "
              "its grid points, whichever has the lower calibration output error per tensor, GPTQ on the IQ4_NL/Q4_0 "
              "fallbacks. Their quantize times ran beside another engineer's benchmarks and tests on the 2 cores "
-             "(1.5–3× inflated): the README gives the same runs timed alone.")
+             "(1.5–3× inflated), and before the encoders' neighbour search moved to C: the README gives the times of "
+             "today's code, each run alone.")
     tables = [("Results", "\n".join(lines))]
     if info.get("export_sizes"):
         sizes = ["| file | setting | bytes |", "|---|---|---|"]
