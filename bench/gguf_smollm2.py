@@ -13,6 +13,8 @@ Rows per file type:
 * ``lowbit imatrix``       — lowbit's own activation statistics as importance, nearest rounding (what llama.cpp
                              does with an imatrix, but sequential: each block sees the quantized blocks before it)
 * ``lowbit gptq`` / ``lowbit awq+gptq`` — GPTQ (after AWQ scaling) onto each tensor's block grid
+* ``lowbit gptq+learned``  — then learned rounding (50 steps per block, AutoRound's "light" count; block passes in
+                             bf16 autocast) moves each block's codes on those fixed grids against the float block
 
 Calibration for lowbit: 64 seeded windows × 512 tokens of ../shared/data/wikitext2_valid_unk.txt.
 Eval: first 20,480 tokens of ../shared/data/wikitext2_test_joined.txt, 10 × 2048, no BOS, evaluated by lowbit's
@@ -43,7 +45,9 @@ from common import write_results  # noqa: E402
 
 CALIB_SAMPLES, CALIB_SEQLEN = 64, 512
 TYPES = ("Q4_0", "Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_XS", "IQ4_NL", "IQ3_S", "IQ3_XXS", "IQ2_XS")
-TOOLS = ("llama.cpp", "llama.cpp + imatrix", "lowbit", "lowbit imatrix", "lowbit gptq", "lowbit awq+gptq")
+TOOLS = ("llama.cpp", "llama.cpp + imatrix", "lowbit", "lowbit imatrix", "lowbit gptq", "lowbit awq+gptq",
+         "lowbit gptq+learned")
+LEARNED_ITERS = 50  # AutoRound's "light" setting (bench/learned_smollm2.py)
 WORK = ROOT / "bench" / "work" / "gguf"
 BIN = Path(os.environ.get("LLAMA_CPP_BIN", "/work/bench-tools/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin"))
 F32 = WORK / "smollm2-f32.gguf"
@@ -85,16 +89,22 @@ def quantize(job: dict) -> float:
         return _run([str(BIN / "llama-quantize"), str(F32), str(out), job["type"], "2"])
     if job["tool"] == "llama.cpp + imatrix":
         return _run([str(BIN / "llama-quantize"), "--imatrix", str(IMATRIX), str(F32), str(out), job["type"], "2"])
+    import torch
+
     from lowbit.calib.data import CalibConfig, calibration_ids
-    from lowbit.gguf_job import quantize_to_gguf
+    from lowbit.gguf_job import gguf_method, quantize_to_gguf
+    from lowbit.methods.learned import LearnedConfig
     from lowbit.model.loading import load_model
 
     loaded = load_model(MODEL)
-    method = "rtn" if job["tool"] == "lowbit" else job["tool"].split(" ", 1)[1]
+    name = "rtn" if job["tool"] == "lowbit" else job["tool"].split(" ", 1)[1]
+    learned = "learned" in name  # block passes in bf16 autocast, as bench/learned_smollm2.py
+    method = gguf_method(name, learned=LearnedConfig(iters=LEARNED_ITERS))
     calib = CalibConfig(CALIB_SAMPLES, CALIB_SEQLEN, seed=0)
-    ids = None if method == "rtn" else calibration_ids(loaded.tokenizer, CALIB_TEXT.read_text(), calib)
+    ids = None if name == "rtn" else calibration_ids(loaded.tokenizer, CALIB_TEXT.read_text(), calib)
     start = time.perf_counter()
-    quantize_to_gguf(loaded, out, job["type"], method, ids, calib, progress=False)
+    quantize_to_gguf(loaded, out, job["type"], method, ids, calib, progress=False,
+                     compute_dtype=torch.bfloat16 if learned else torch.float32)
     return time.perf_counter() - start
 
 
@@ -211,7 +221,11 @@ def render(rows: list[dict], info: dict) -> None:
              "its grid points, whichever has the lower calibration output error per tensor, GPTQ on the IQ4_NL/Q4_0 "
              "fallbacks. Their quantize times ran beside another engineer's benchmarks and tests on the 2 cores "
              "(1.5–3× inflated), and before the encoders' neighbour search moved to C: the README gives the times of "
-             "today's code, each run alone.")
+             "today's code, each run alone. lowbit gptq+learned (2026-12-03, third session, each run alone): the lowbit "
+             "gptq codes, then 50 signed-gradient steps per block on the codes of every k-quant / 32-weight tensor, "
+             "their scales as encoded (the file's tensor bytes are the same size; its header a few bytes longer for "
+             "the method's name); block passes in bf16 autocast, so its GPTQ statistics differ slightly from the "
+             "fp32 lowbit gptq row.")
     tables = [("Results", "\n".join(lines))]
     if info.get("export_sizes"):
         sizes = ["| file | setting | bytes |", "|---|---|---|"]

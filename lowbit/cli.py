@@ -321,10 +321,12 @@ def _quantize_gguf(args: argparse.Namespace) -> int:
     from lowbit.formats.gguf.writer import file_type
     from lowbit.job import QuantizeJob, quantize_and_save
     from lowbit.methods.gptq import GPTQConfig
+    from lowbit.methods.learned import LearnedConfig
     from lowbit.methods.method import ClipConfig
 
     file_type(args.type)  # validate before the expensive work
-    method = gguf_method(args.method, GPTQConfig(damp=args.damp), None if args.no_clip else ClipConfig())
+    method = gguf_method(args.method, GPTQConfig(damp=args.damp), None if args.no_clip else ClipConfig(),
+                         LearnedConfig(iters=args.iters))
     calib = CalibConfig(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed)
     check_output(args.out, args.overwrite, resolve_source(args.model))
     if not args.no_eval:

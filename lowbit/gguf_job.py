@@ -11,7 +11,9 @@ transform             optional AWQ scaling (``--method awq+gptq``), folded into 
                       in GGUF, so the fold costs nothing
 q-param choice        the block type's grid (:mod:`lowbit.formats.gguf.grids`): llama.cpp's k-quant search weighted
                       by our activation statistics (= an imatrix), or the Hessian clip search for 32-weight types
-rounding              GPTQ onto that fixed grid (static groups: one group = one sub-block), or nearest
+rounding              GPTQ onto that fixed grid (static groups: one group = one sub-block), or nearest; with
+                      ``gptq+learned`` / ``learned``, the codes of a whole block then move by learned rounding
+                      (:mod:`lowbit.methods.learned`) against the float block's output, the grid kept fixed
 packing               llama.cpp's block bytes for the chosen codes and scales
 ====================  =========================================================================================
 
@@ -51,31 +53,45 @@ from lowbit.formats.gguf.block_types import APPROX_CONFIG
 from lowbit.formats.gguf.recipes import ModelFacts, tensor_types
 from lowbit.formats.gguf.sink import GGUFSink
 from lowbit.formats.gguf.writer import GGUFSummary, gguf_plan, head_writer, write_gguf
-from lowbit.methods.gguf_rounding import quantize_gguf_weight
+from lowbit.methods.gguf_rounding import GridCodes, dequantized_bytes, quantize_gguf_grid
 from lowbit.methods.gptq import GPTQConfig
+from lowbit.methods.learned import LearnedConfig
 from lowbit.methods.method import ClipConfig, MethodConfig
 from lowbit.model.architectures import spec_for
 from lowbit.model.loading import LoadedModel
 from lowbit.model.modules import LayerTarget, finite_weight, select_layers
 from lowbit.model.source import StreamingModel
-from lowbit.pipeline import BlockPlan, quantize_sequential
+from lowbit.pipeline import BlockPlan, RefineTarget, quantize_sequential
 
 log = logging.getLogger(__name__)
 
 
 def _layer_quantizer(targets: "GGUFTargets", name_of: Any, config: Any, method: MethodConfig,
-                     encoded: dict[str, np.ndarray]) -> Any:
+                     encoded: dict[str, np.ndarray]) -> tuple[Any, RefineTarget]:
     """The driver's per-layer step for GGUF: the layer's block bytes into ``encoded`` (by GGUF name, llama.cpp's
-    layout), its float weight replaced by what llama.cpp will decode."""
+    layout), its float weight replaced by what llama.cpp will decode; and how learned rounding reads and writes
+    those layers (their chosen grid and codes; layers on lattice or code-book grids are not refined)."""
+    grids: dict[str, GridCodes] = {}
 
     def quantize_layer(full: str, module: nn.Module, _t: LayerTarget, stats: InputStats, clip: bool) -> nn.Module:
         name = name_of(f"{full}.weight")
-        data, decoded = quantize_gguf_weight(finite_weight(full, module), targets.types[full], stats, method, clip)
+        data, decoded, chosen = quantize_gguf_grid(finite_weight(full, module), targets.types[full], stats, method,
+                                                   clip)
         encoded[name] = to_gguf_layout(name, data, config)
         _set_linear_weight(module, decoded.to(module.weight.dtype))
+        if chosen is not None and method.learned is not None:
+            grids[full] = chosen
         return module
 
-    return quantize_layer
+    def commit(full: str, module: nn.Module, refined: GridCodes) -> nn.Module:
+        name, data = name_of(f"{full}.weight"), refined.encode()
+        encoded[name] = to_gguf_layout(name, data, config)
+        decoded = dequantized_bytes(data, targets.types[full], tuple(refined.stored.shape))
+        _set_linear_weight(module, decoded.to(module.weight.dtype))
+        grids.pop(full, None)
+        return module
+
+    return quantize_layer, RefineTarget(lambda full, _module: grids.get(full), commit, learn_scales=False)
 
 
 def _set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
@@ -86,7 +102,7 @@ def _set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
 def quantize_to_gguf(
     loaded: LoadedModel, path: Path | str, ftype: str = "Q4_K_M", method: str | MethodConfig = "gptq",
     calib_ids: torch.Tensor | None = None, calib: CalibConfig | None = None, overrides: dict[str, str] | None = None,
-    progress: bool = True,
+    progress: bool = True, compute_dtype: torch.dtype = torch.float32,
 ) -> GGUFSummary:
     """Write ``loaded`` as GGUF file type ``ftype``, its block tensors chosen with calibration data by ``method``.
 
@@ -94,7 +110,8 @@ def quantize_to_gguf(
     activation statistics, nearest rounding — what llama.cpp does with an imatrix), ``gptq`` or ``awq+gptq``
     (GPTQ onto the same grids; AWQ scaling first). The tensor types are llama.cpp's for ``ftype`` (with
     ``overrides``), so the file is exactly as large as ``llama-quantize`` makes it. The model is modified in place:
-    its weights become the file's decoded weights.
+    its weights become the file's decoded weights. ``compute_dtype``: of the block passes (see
+    :func:`~lowbit.pipeline.quantize_sequential`).
     """
     method = gguf_method(method)
     model = loaded.model
@@ -115,8 +132,9 @@ def quantize_to_gguf(
     recipe = targets.recipe
     encoded: dict[str, np.ndarray] = {}
 
-    quantize_sequential(model, recipe, method, calib_ids, calib, progress,
-                        _layer_quantizer(targets, name_of, config, method, encoded))
+    quantize_layer, refine_target = _layer_quantizer(targets, name_of, config, method, encoded)
+    quantize_sequential(model, recipe, method, calib_ids, calib, progress, quantize_layer,
+                        compute_dtype=compute_dtype, refine_target=refine_target)
 
     record = {"lowbit.method": method.name, "lowbit.calibration": calib.describe() + f" ({calib_ids.shape[0]} "
               f"windows of {calib_ids.shape[1]} tokens used)"}
@@ -145,21 +163,21 @@ def gguf_targets(model: nn.Module, types: dict[str, GGMLQuantizationType], name_
     return GGUFTargets(targets, recipe)
 
 
-GGUF_METHODS = ("rtn", "imatrix", "gptq", "awq", "awq+gptq")
+GGUF_METHODS = ("rtn", "imatrix", "gptq", "awq", "awq+gptq", "learned", "gptq+learned", "awq+learned")
 
 
 def gguf_method(method: str | MethodConfig, gptq: GPTQConfig = GPTQConfig(),
-                clip: ClipConfig | None = ClipConfig()) -> MethodConfig:
-    """The method named ``method`` for GGUF export (``imatrix``: calibrated statistics, nearest rounding)."""
+                clip: ClipConfig | None = ClipConfig(), learned: LearnedConfig = LearnedConfig()) -> MethodConfig:
+    """The method named ``method`` for GGUF export (``imatrix``: calibrated statistics, nearest rounding; the
+    ``learned`` variants move the codes on each tensor's grid, its scales fixed)."""
     if isinstance(method, MethodConfig):
         parsed = method
     elif method == "imatrix":
         parsed = replace(MethodConfig.parse("gptq", gptq=gptq, clip=clip), name="imatrix", rounding="nearest")
     elif method in GGUF_METHODS:
-        parsed = MethodConfig.parse(method, gptq=gptq, clip=clip)
+        parsed = MethodConfig.parse(method, gptq=gptq, clip=clip, learned=learned)
     else:
-        why = ("learned rounding onto GGUF block grids is not implemented yet" if "learned" in str(method)
-               else "SmoothQuant serves W8A8 (int8 activations), which GGUF files do not describe"
+        why = ("SmoothQuant serves W8A8 (int8 activations), which GGUF files do not describe"
                if str(method).startswith("sq") else "HQQ's float zero points are not a GGUF grid")
         raise ConfigError(f"GGUF export supports --method {', '.join(GGUF_METHODS)}; got {method!r} ({why})")
     if parsed.hqq:
@@ -187,11 +205,11 @@ def run_gguf_job(job: Any, sm: StreamingModel, partial: Path, state: dict | None
     head = head_writer(config, job.gguf_type, sm.tokenizer, sm.path if sm.kind == "gguf" else None, metadata)
     sink = GGUFSink(partial / GGUF_FILE, config, shapes, types, head, resume=state["sink"] if state else None)
     name_of = gguf_name_map(config)
-    recipe, quantize_layer = None, None
+    recipe, quantize_layer, refine_target = None, None, None
     if calibrated:
         targets = gguf_targets(model, types, name_of)
         recipe = targets.recipe
-        quantize_layer = _layer_quantizer(targets, name_of, config, job.method, sink.encoded)
+        quantize_layer, refine_target = _layer_quantizer(targets, name_of, config, job.method, sink.encoded)
 
     def on_block(index: int, prefix: str, block: nn.Module, inputs: Any) -> None:
         sink.add_module(block, prefix)
@@ -204,7 +222,7 @@ def run_gguf_job(job: Any, sm: StreamingModel, partial: Path, state: dict | None
             desc=f"GGUF {job.gguf_type} ({job.method.name})", on_block=on_block,
             start=state["next_block"] if state else 0, resume_hidden=checkpoints.hidden() if state else None,
             compute_dtype=COMPUTE_DTYPES[job.compute_dtype], max_memory=job.max_memory,
-            spill_dir=partial / SPILL_FOLDER)
+            spill_dir=partial / SPILL_FOLDER, refine_target=refine_target)
         plan = BlockPlan.of(model, None)
         tables = sm.vocab_tables()
         tied = bool(getattr(config, "tie_word_embeddings", False))

@@ -29,7 +29,7 @@ from lowbit.calib.stats import InputStats
 from lowbit.config import QuantRecipe
 from lowbit.errors import ConfigError
 from lowbit.methods.awq import fold_scale, output_width, search_scale
-from lowbit.methods.learned import LearnedConfig, refine_block
+from lowbit.methods.learned import LearnedConfig, refine_block, relative_error
 from lowbit.methods.method import MethodConfig, quantize_weight
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.methods.smoothquant import search_smoothing
@@ -43,6 +43,23 @@ log = logging.getLogger(__name__)
 # (full layer name, float linear, its target, its input statistics, whether clipping may be searched) → the module
 # that replaces it. The default makes a QLinear; GGUF export rounds onto a block type's grid instead.
 LayerQuantizer = Callable[[str, nn.Module, LayerTarget, InputStats | None, bool], nn.Module]
+
+
+@dataclass(frozen=True)
+class RefineTarget:
+    """How learned rounding meets a layer step: ``initial(full name, module)`` reads the initial quantization from
+    the module the step made (a :class:`QuantizedTensor` or a grid with the same reading methods, see
+    :class:`lowbit.methods.learned.LearnedLinear`; None: the layer is not refined), ``commit(full name, module,
+    refined)`` returns the module that holds a refined one. ``learn_scales`` False: the format encodes the grid's
+    q-params itself, only the codes may move."""
+
+    initial: Callable[[str, nn.Module], object | None]
+    commit: Callable[[str, nn.Module, object], nn.Module]
+    learn_scales: bool = True
+
+
+QLINEAR_TARGET = RefineTarget(lambda _full, module: module.quantized_tensor(),
+                              lambda _full, module, qt: QLinear(qt, module.bias))
 _FOLD_TOLERANCE = 1e-3  # relative change of a block's output that an AWQ fold may cause (float rounding only)
 
 
@@ -135,13 +152,15 @@ def quantize_sequential(
     calib: CalibConfig, progress: bool = True, quantize_layer: LayerQuantizer | None = None, desc: str | None = None,
     on_block: BlockHook | None = None, start: int = 0, resume_hidden: list[torch.Tensor] | None = None,
     compute_dtype: torch.dtype = torch.float32, max_memory: int | None = None, spill_dir: Path | None = None,
+    refine_target: RefineTarget | None = None,
 ) -> int:
     """Quantize a model block by block; returns the number of layers quantized.
 
     ``model``: an in-memory module, or a :class:`StreamingModel` whose blocks are read one at a time and released
     after ``on_block(index, prefix, block, next_inputs)`` has consumed the finished block (a sink writes it;
     ``next_inputs`` are the next block's calibration inputs, None for data-free methods). ``quantize_layer``
-    replaces the per-layer step (default: ``quantize_weight`` → :class:`QLinear`); ``recipe`` None selects no
+    replaces the per-layer step (default: ``quantize_weight`` → :class:`QLinear`; learned rounding then needs
+    ``refine_target``, how it reads and writes that step's layers); ``recipe`` None selects no
     layer (the blocks are walked for ``on_block`` only). ``start``/``resume_hidden``:
     continue a run from block ``start`` whose input hidden states were saved (an iterable, read one at a time).
     ``max_memory``: when the hidden states between blocks would take the process past it (None: 80 % of the
@@ -185,9 +204,9 @@ def quantize_sequential(
     learned = method.learned if calibrated else None
     fp_inputs: list[BlockInputs] | None = None  # learned rounding: the float model's stream (its targets)
     if learned is not None:
-        if quantize_layer is not to_qlinear:
-            raise ConfigError("learned rounding writes lowbit's integer grids (lowbit, compressed-tensors, GPTQ "
-                              "formats); for GGUF use --method gptq or imatrix")
+        refine_target = QLINEAR_TARGET if quantize_layer is to_qlinear else refine_target
+        if refine_target is None:
+            raise ConfigError("learned rounding cannot refine this layer step's output: use --method gptq")
         if start:
             raise ConfigError("a learned-rounding run cannot be resumed yet (the float model's hidden states are "
                               "not checkpointed): rerun it without --resume")
@@ -200,7 +219,7 @@ def quantize_sequential(
             prefix = plan.prefix(index)
             block = sm.materialize(prefix[:-1])
             selected = {t.name[len(prefix):]: t for t in targets if t.block_index == index}
-            wanted, floats = None, {}
+            wanted, floats, outputs = None, {}, None
             if fp_inputs is not None:  # the float block on the float stream: what the quantized block must match
                 with block_passes(compute_dtype):
                     wanted = run_block(block, fp_inputs, spill)
@@ -230,8 +249,14 @@ def quantize_sequential(
                         old.to("meta")  # the target list still references it: drop its float weight now
                 stats.clear()  # Hessians and their cached factors: not needed by the output pass
                 if wanted is not None:
-                    bar.set_postfix_str(_refine(block, floats, inputs, wanted, learned, compute_dtype))
-            if calibrated:
+                    note, outputs = _refine(block, prefix, floats, inputs, wanted, learned, compute_dtype, spill,
+                                            refine_target)
+                    bar.set_postfix_str(note)
+            if calibrated and outputs is not None:  # the refinement's final check ran the finished block
+                for batch in inputs:
+                    batch.discard()
+                inputs = outputs
+            elif calibrated:
                 with block_passes(compute_dtype), dequantize_once(block):
                     inputs = run_block(block, inputs, spill)
             fp_inputs = wanted if wanted is not None else fp_inputs
@@ -247,24 +272,46 @@ def quantize_sequential(
     return sum(1 for t in targets if t.block_index is not None)
 
 
-def _refine(block: nn.Module, floats: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-            inputs: list[BlockInputs], targets: list[BlockInputs], cfg: LearnedConfig,
-            compute_dtype: torch.dtype) -> str:
+def _refine(block: nn.Module, prefix: str, floats: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+            inputs: list[BlockInputs], targets: list[BlockInputs], cfg: LearnedConfig, compute_dtype: torch.dtype,
+            spill: SpillFolder | None, target: RefineTarget) -> tuple[str, list[BlockInputs] | None]:
     """Learned rounding of the block's quantized layers (:func:`lowbit.methods.learned.refine_block`) against
-    ``targets``, the float block's outputs; the refined layers replace the initial ones. Returns a progress note."""
-    layers = {name: (w, b, block.get_submodule(name).quantized_tensor()) for name, (w, b) in floats.items()}
+    ``targets``, the float block's outputs; ``target.commit`` puts the refined layers into the block. The final
+    check (refined vs initial error on every batch) runs the finished block, so its outputs — the next block's
+    inputs — are returned for reuse (None when the initial quantization was kept). Returns (progress note, outputs)."""
+    made = {name: block.get_submodule(name) for name in floats}
+    layers = {}
+    for name, (w, b) in floats.items():
+        initial = target.initial(prefix + name, made[name])
+        if initial is not None:
+            layers[name] = (w, b, initial)
+    outputs: list[BlockInputs] = []
 
     def run(module: nn.Module, i: int) -> torch.Tensor:
         out = module(inputs[i].hidden, *inputs[i].args, **inputs[i].kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
+    def commit(quantized: dict[str, object]) -> None:
+        for name, qt in quantized.items():
+            set_submodule(block, name, target.commit(prefix + name, made[name], qt))
+
+    def final_error(refined: dict[str, object]) -> float:
+        commit(refined)
+        with torch.no_grad(), block_passes(compute_dtype), dequantize_once(block):
+            outputs.extend(run_block(block, inputs, spill, consume=False))
+        return sum(float(relative_error(o.hidden, t.hidden)) for o, t in zip(outputs, targets)) / len(outputs)
+
+    cfg = replace(cfg, learn_scales=cfg.learn_scales and target.learn_scales)
     with torch.enable_grad(), block_passes(compute_dtype):
         refined, report = refine_block(block, layers, len(inputs), run, lambda i: targets[i].hidden, cfg,
-                                       set_submodule)
-    for name, qt in refined.items():
-        set_submodule(block, name, QLinear(qt, floats[name][1]))
+                                       set_submodule, final_error)
+    kept = bool(outputs) and report.after < report.before
+    if not kept:  # the initial quantization stays: its outputs are computed by the caller
+        commit(refined)
+        for batch in outputs:
+            batch.discard()
     log.debug("learned rounding: block output error %.3g → %.3g", report.before, report.after)
-    return f"error {report.before:.2e}→{report.after:.2e}"
+    return f"error {report.before:.2e}→{report.after:.2e}", outputs if kept else None
 
 
 def quantize_outside(model: nn.Module, recipe: QuantRecipe, method: MethodConfig) -> int:

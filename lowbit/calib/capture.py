@@ -79,16 +79,16 @@ def capture_first_block_inputs(
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: list[BlockInputs], spill: SpillFolder | None = None) -> list[BlockInputs]:
+def run_block(block: nn.Module, inputs: list[BlockInputs], spill: SpillFolder | None = None,
+              consume: bool = True) -> list[BlockInputs]:
     """The block's outputs for every batch, as the next block's inputs (same extra arguments). With ``spill``,
-    each output goes to disk as it is computed and each spilled input is deleted once used: ``inputs`` are
-    consumed."""
+    each output goes to disk as it is computed and, with ``consume``, each spilled input is deleted once used."""
     outputs = []
     for batch in inputs:
         out = block(batch.hidden, *batch.args, **batch.kwargs)
         hidden = out[0] if isinstance(out, (tuple, list)) else out
         outputs.append(BlockInputs(hidden, batch.args, batch.kwargs).kept(spill))
-        if spill is not None:
+        if spill is not None and consume:
             batch.discard()
     return outputs
 

@@ -79,6 +79,11 @@ class QuantizedTensor:
             scale = dq.decode()
         return cls(packed, scale, z, tuple(codes.shape), config, dq)
 
+    def with_codes(self, codes: torch.Tensor) -> "QuantizedTensor":
+        """The same grid (scales, zero points, double-quantized scales) holding other ``codes [N, K]``."""
+        return type(self)(pack_codes(codes.to(torch.uint8), self.config.bits), self.scale, self.zero, self.shape,
+                          self.config, self.scale_dq)
+
     @property
     def group_width(self) -> int:
         return self.config.group_width(self.shape[1])

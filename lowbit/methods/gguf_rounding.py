@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from lowbit.calib.stats import InputStats
+from lowbit.config import QuantConfig
 from lowbit.core.qparams import expand_groups, fake_quantize_groups
 from lowbit.errors import ConfigError
 from lowbit.core.codebook import decode, inverse_scale, nearest_codes
@@ -33,11 +34,54 @@ from lowbit.methods.method import MethodConfig
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class GridCodes:
+    """A GGUF tensor's chosen affine grid and codes ``[R, C]``, read as learned rounding reads a quantization
+    (``config``, ``scale``, ``zero_points()``, ``codes()``, ``with_codes``): it moves the codes on the fixed grid,
+    whose super-block scales llama.cpp's encoding stores (:class:`lowbit.pipeline.RefineTarget`)."""
+
+    grid: GGUFGrid
+    stored: torch.Tensor
+
+    @property
+    def config(self) -> QuantConfig:
+        return self.grid.config
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.grid.scale
+
+    def zero_points(self) -> torch.Tensor:
+        return self.grid.zero
+
+    def codes(self) -> torch.Tensor:
+        return self.stored
+
+    def with_codes(self, codes: torch.Tensor) -> "GridCodes":
+        return GridCodes(self.grid, codes.to(torch.uint8))
+
+    def encode(self) -> np.ndarray:
+        """llama.cpp's block bytes ``[R, row bytes]`` of these codes on this grid."""
+        return self.grid.pack(self.stored.numpy().astype(np.int64))
+
+
 def quantize_gguf_weight(
     weight: torch.Tensor, qtype: GGMLQuantizationType, stats: InputStats | None, method: MethodConfig,
     clip: bool = True,
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """Quantize ``weight [R, C]`` to ``qtype`` with calibration ``stats``: ``(bytes [R, row bytes], decoded [R, C])``.
+    """Quantize ``weight [R, C]`` to ``qtype`` with calibration ``stats``: ``(bytes [R, row bytes], decoded [R, C])``
+    (see :func:`quantize_gguf_grid`)."""
+    data, decoded, _ = quantize_gguf_grid(weight, qtype, stats, method, clip)
+    return data, decoded
+
+
+def quantize_gguf_grid(
+    weight: torch.Tensor, qtype: GGMLQuantizationType, stats: InputStats | None, method: MethodConfig,
+    clip: bool = True,
+) -> tuple[np.ndarray, torch.Tensor, GridCodes | None]:
+    """Quantize ``weight [R, C]`` to ``qtype`` with calibration ``stats``: ``(bytes [R, row bytes], decoded [R, C],
+    the chosen grid and codes)`` — the last None unless the written tensor is codes on an affine grid (GPTQ or
+    nearest rounding onto a k-quant or 32-weight type's grid).
 
     k-quants take llama.cpp's scale search weighted by the mean squared activations; 32-weight types take the
     Hessian clip search when ``clip`` (else llama.cpp's reference q-params) and, beside it, llama.cpp's
@@ -50,10 +94,12 @@ def quantize_gguf_weight(
     """
     w = weight.detach().float()
     hessian = None if stats is None else stats.hessian
+    chosen = None
     entry = block_type(qtype)
     if entry.rounding == "lattice" and method.rounding == "gptq" and hessian is not None:
         data = _lattice_candidates(w, qtype, stats, hessian, method)
-    elif entry.family == "lattice" or (method.rounding == "nearest" and entry.family in ("kquant", "iq4")):
+    elif entry.family == "lattice" or (method.rounding == "nearest" and entry.family in ("kquant", "iq4")
+                                       and method.learned is None):
         importance = None if hessian is None else torch.diagonal(hessian).numpy() / 2
         data = encode(w.numpy(), qtype, importance)
     else:
@@ -75,7 +121,8 @@ def quantize_gguf_weight(
             candidates, key=lambda c: _finite(_output_error(w, _decode(c[1], c[2]), hessian)))
         log.debug("GGUF %s: kept %s of %d candidates", qtype.name, name, len(candidates))
         data = grid.pack(codes.numpy().astype(np.int64))
-    return data, _dequantized(data, qtype, w.shape)
+        chosen = GridCodes(grid, codes.to(torch.uint8)) if grid.codebook is None else None
+    return data, dequantized_bytes(data, qtype, w.shape), chosen
 
 
 def _lattice_candidates(w: torch.Tensor, qtype: GGMLQuantizationType, stats: InputStats, hessian: torch.Tensor,
@@ -88,12 +135,13 @@ def _lattice_candidates(w: torch.Tensor, qtype: GGMLQuantizationType, stats: Inp
     idx, signs = gptq_lattice(w, sigma, lattice_layout(qtype), stats, method.gptq.damp, method.gptq.block_size,
                               searched_signs)
     rounded = lattice_fields.pack(searched, qtype, idx, signs)
-    errors = [_finite(_output_error(w, _dequantized(d, qtype, w.shape), hessian)) for d in (searched, rounded)]
+    errors = [_finite(_output_error(w, dequantized_bytes(d, qtype, w.shape), hessian)) for d in (searched, rounded)]
     log.debug("GGUF %s: output error llama.cpp search %.4g, octet GPTQ %.4g", qtype.name, *errors)
     return rounded if errors[1] < errors[0] else searched
 
 
-def _dequantized(data: np.ndarray, qtype: GGMLQuantizationType, shape: torch.Size) -> torch.Tensor:
+def dequantized_bytes(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:
+    """What llama.cpp decodes from block bytes ``data`` (gguf-py's dequantization), float32 ``shape``."""
     return torch.from_numpy(dequantize(data, qtype).reshape(shape).astype(np.float32))
 
 

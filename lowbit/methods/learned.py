@@ -44,12 +44,15 @@ from lowbit.errors import ConfigError
 @dataclass(frozen=True)
 class LearnedConfig:
     """``iters`` signed-gradient steps per block, each on one calibration batch; ``lr`` None = 1 / iters;
-    ``scale_range`` bounds the per-group scale factor ``f``."""
+    ``scale_range`` bounds the per-group scale factor ``f``; ``learn_scales`` False keeps every group's scale and
+    zero point exactly as initialised (only the codes move: grids whose q-params a format encodes itself, such as
+    GGUF's super-block scales)."""
 
     iters: int = 200
     lr: float | None = None
     scale_range: tuple[float, float] = (0.5, 1.0)
     seed: int = 0
+    learn_scales: bool = True
 
     def __post_init__(self) -> None:
         lo, hi = self.scale_range
@@ -65,12 +68,22 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def relative_error(out: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """``‖out − want‖² / ‖want‖²`` in float32: the block output error learned rounding descends."""
+    out, want = out.float(), want.float()
+    return (out - want).pow(2).mean() / want.pow(2).mean().clamp_min(1e-12)
+
+
 class LearnedLinear(nn.Module):
     """A linear layer whose weight is quantized afresh on every forward from ``delta`` and ``factor``.
 
-    ``weight``: the float weight ``[N, K]`` the codes approximate; ``qt``: the initial quantization (its grid)."""
+    ``weight``: the float weight ``[N, K]`` the codes approximate; ``qt``: the initial quantization (its grid) — a
+    :class:`QuantizedTensor`, or any object with its ``config``, ``scale`` ``[N, G]``, ``codes()``,
+    ``zero_points()`` and ``with_codes(codes)`` (a grid some format encodes itself); ``learn_scales`` False: only the
+    codes move."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, qt: QuantizedTensor) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, qt: QuantizedTensor,
+                 learn_scales: bool = True) -> None:
         super().__init__()
         self.config, self.shape = qt.config, tuple(weight.shape)
         view, width = group_view(weight.detach().float(), qt.config)
@@ -93,10 +106,10 @@ class LearnedLinear(nn.Module):
         self.register_buffer("o0", q0 - torch.round(self._position(view / self._cols(self.s), self.z)))
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self.delta = nn.Parameter(torch.zeros_like(view))
-        self.factor = nn.Parameter(torch.ones_like(self.s))
+        self.factor = nn.Parameter(torch.ones_like(self.s)) if learn_scales else None
         # asymmetric grids: ``factor`` scales the top of each group's range and ``factor_lo`` its bottom, so the
         # range moves at both ends independently (AutoRound's learned min/max clipping) and the zero point follows
-        self.factor_lo = None if qt.config.symmetric else nn.Parameter(torch.ones_like(self.s))
+        self.factor_lo = None if qt.config.symmetric or not learn_scales else nn.Parameter(torch.ones_like(self.s))
 
     def train_weight(self) -> None:
         """Make the float weight ``w`` (the ``[R, C]`` group view) a trainable parameter too (QAT); the rounding
@@ -106,7 +119,8 @@ class LearnedLinear(nn.Module):
         self.delta.requires_grad_(False)
 
     def scale_parameters(self) -> list[nn.Parameter]:
-        """The per-group range factors: ``factor`` (and ``factor_lo`` on asymmetric grids)."""
+        """The per-group range factors: ``factor`` (and ``factor_lo`` on asymmetric grids); none when the scales
+        are not learned."""
         return [p for p in (self.factor, self.factor_lo) if p is not None]
 
     def parameters_to_learn(self) -> list[nn.Parameter]:
@@ -139,7 +153,11 @@ class LearnedLinear(nn.Module):
 
     def codes_and_scale(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codes ``[R, C]`` (float, STE-rounded), the float16-valued scale and the zero points ``[R, G]`` of the
-        current state."""
+        current state (the initial scale and zero points, exactly, when the scales are not learned)."""
+        top = self.config.qmax if self.book is None else self.levels.numel() - 1
+        if self.factor is None:
+            x = self._position(self.w / self._cols(self.s), self.z) + self.o0 + self.delta
+            return torch.clamp(_round_ste(x), 0, top), self.s, self.z
         if self.factor_lo is None:
             scale = self.s * self.factor
         else:  # the range [α·lo₀, β·hi₀] with lo₀ = −z·s, hi₀ = (qmax − z)·s, over qmax steps
@@ -152,7 +170,6 @@ class LearnedLinear(nn.Module):
         scale = scale + (stored - scale).detach()
         zero = self.zero(scale)
         x = self._position(self.w / self._cols(scale), zero) + self.o0 + self.delta
-        top = self.config.qmax if self.book is None else self.levels.numel() - 1
         return torch.clamp(_round_ste(x), 0, top), scale, zero
 
     def dequantized(self) -> torch.Tensor:
@@ -171,6 +188,9 @@ class LearnedLinear(nn.Module):
     def quantized_tensor(self) -> QuantizedTensor:
         with torch.no_grad():
             q, scale, zero = self.codes_and_scale()
+            if self.factor is None:  # the initial grid, its codes moved
+                codes = q if self.book is None else torch.where(q == self.p0, self.c0, self.level_codes[q.long()].float())
+                return self.initial.with_codes(codes.reshape(self.shape))
             zero = None if self.config.symmetric else zero
             if self.book is not None:
                 q = torch.where(q == self.p0, self.c0, self.level_codes[q.long()].float())
@@ -195,18 +215,21 @@ class Refinement:
 def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.Tensor | None, QuantizedTensor]],
                  batches: int, run: Callable[[nn.Module, int], torch.Tensor], target: Callable[[int], torch.Tensor],
                  cfg: LearnedConfig, swap: Callable[[nn.Module, str, nn.Module], None],
+                 final_error: Callable[[dict[str, QuantizedTensor]], float] | None = None,
                  ) -> tuple[dict[str, QuantizedTensor], Refinement]:
     """Tune the rounding of ``layers`` (``{name in block: (float weight, bias, initial quantization)}``) so that
     ``run(block, i)`` (the block on calibration batch ``i`` of ``batches``) approaches ``target(i)`` (the float
     block's output). ``swap(block, name, module)`` puts a module into the block. Returns the refined
     quantizations: the trained ones if their error on *all* batches is lower than the initial quantization's,
     else the initial ones (so the result is never worse on the calibration data than the method it refines).
+    ``final_error(refined)``: that error on all batches measured by the caller (e.g. with the modules it will keep,
+    whose outputs it reuses as the next block's inputs); None: measured here with the training modules.
 
     Only the layers' rounding offsets and scale factors are trained; the block's other parameters are frozen."""
     initial = {name: qt for name, (_, _, qt) in layers.items()}
     if cfg.iters == 0 or not layers:
         return initial, Refinement(float("nan"), float("nan"), [])
-    learned = {name: LearnedLinear(w, b, qt) for name, (w, b, qt) in layers.items()}
+    learned = {name: LearnedLinear(w, b, qt, cfg.learn_scales) for name, (w, b, qt) in layers.items()}
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -219,8 +242,7 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
     lo, hi = cfg.scale_range
 
     def error(i: int) -> torch.Tensor:
-        out, want = run(block, i).float(), target(i).float()
-        return (out - want).pow(2).mean() / want.pow(2).mean().clamp_min(1e-12)
+        return relative_error(run(block, i), target(i))
 
     try:
         with torch.no_grad():
@@ -241,18 +263,21 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
                 for m in learned.values():
                     if m.delta.grad is not None:
                         m.delta.sub_(rate * m.delta.grad.sign()).clamp_(-0.5, 0.5)
-                    if m.factor.grad is not None:
+                    if m.factor is not None and m.factor.grad is not None:
                         m.factor.sub_(rate * m.factor.grad.sign()).clamp_(lo, hi)
                     if m.factor_lo is not None and m.factor_lo.grad is not None:
                         m.factor_lo.sub_(rate * m.factor_lo.grad.sign()).clamp_(lo, hi)
         with torch.no_grad():  # the best parameters seen (the last step's were never evaluated)
             for b, p in zip(best, params):
                 p.copy_(b)
-            after = sum(float(error(i)) for i in range(batches)) / batches
             result = {name: m.quantized_tensor() for name, m in learned.items()}
+            if final_error is None:
+                after = sum(float(error(i)) for i in range(batches)) / batches
     finally:
         for p in frozen:
             p.requires_grad_(True)
+    if final_error is not None:
+        after = final_error(result)
     if not after < before:
         return initial, Refinement(before, before, losses)
     return result, Refinement(before, after, losses)

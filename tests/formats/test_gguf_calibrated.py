@@ -204,3 +204,38 @@ def test_cli_quantize_to_gguf_with_calibration(tmp_path: Path, tiny_hf_folder: P
     assert main(["quantize", str(tiny_hf_folder), "--format", "gguf", "--type", "Q9_9", "--out",
                  str(tmp_path / "x.gguf")]) == 2  # refused before loading anything
     assert not (tmp_path / "x.gguf").exists()
+
+
+def _tensors(path: Path) -> dict[str, tuple[str, bytes]]:
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in GGUFReader(str(path)).tensors}
+
+
+def test_learned_rounding_onto_gguf_grids(tmp_path: Path, smollm2_session: LoadedModel) -> None:
+    """``gptq+learned`` GGUF export: zero iterations = GPTQ's tensors byte for byte; with iterations the k-quant
+    tensors' codes move (their scales stay), and the model left in memory decodes as the file does."""
+    import transformers
+
+    from lowbit.gguf_job import gguf_method
+    from lowbit.methods.learned import LearnedConfig
+
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    ids = torch.randint(0, 49152, (8, 64), generator=torch.Generator().manual_seed(0))
+    files, models = {}, {}
+    for name, iters in (("gptq", 0), ("gptq+learned", 0), ("gptq+learned", 30)):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        files[name, iters] = out = tmp_path / f"{name}-{iters}.gguf"
+        quantize_to_gguf(LoadedModel(model, smollm2_session.tokenizer, "tiny", "hf"), out, "Q4_K_M",
+                         gguf_method(name, learned=LearnedConfig(iters=iters)), ids, progress=False,
+                         compute_dtype=torch.bfloat16)
+        models[name, iters] = model
+    plain, zero, moved = (_tensors(files[k]) for k in (("gptq", 0), ("gptq+learned", 0), ("gptq+learned", 30)))
+    assert plain == zero
+    changed = {plain[n][0] for n in plain if plain[n] != moved[n]}
+    assert changed == {"Q4_K", "Q6_K"}  # the k-quant layers (this model's 32-weight types: none)
+    reader = GGUFReader(str(files["gptq+learned", 30]))
+    assert reader.fields["lowbit.method"].contents() == "gptq+learned"
+    tensor = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    decoded = dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(256, 512)
+    assert np.array_equal(decoded, models["gptq+learned", 30].model.layers[1].mlp.down_proj.weight.detach().numpy())

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize
 from torch import nn
 
 from conftest import make_tiny
 from lowbit.config import QuantConfig, QuantRecipe
+from lowbit.core.qparams import fake_quantize_groups
+from lowbit.formats.gguf.block_types import GRID_TYPES
+from lowbit.formats.gguf.grids import gguf_grid
+from lowbit.methods.gguf_rounding import GridCodes
 from lowbit.methods.learned import LearnedConfig, LearnedLinear, refine_block
 from lowbit.methods.method import MethodConfig
 from lowbit.methods.rtn import quantize_rtn
@@ -110,3 +117,52 @@ def test_learned_rounding_beats_rtn_through_the_driver(arch: str) -> None:
         record = model.config.quantization_config
     assert record["method_config"]["learned"]["iters"] == 50  # recorded fully in the checkpoint
     assert errors["learned"] < 0.9 * errors["rtn"], errors  # measured 0.80× (llama), 0.66× (opt)
+
+
+AFFINE_GGUF = [t for t in GRID_TYPES if gguf_grid(torch.zeros(1, 256), t).codebook is None]
+
+
+@pytest.mark.parametrize("qtype", AFFINE_GGUF, ids=lambda t: t.name)
+def test_gguf_grid_codes_move_and_llama_cpp_decodes_what_the_forward_pass_used(qtype) -> None:
+    """On a GGUF block type's grid the scales stay as encoded; moved codes pack to bytes that gguf-py decodes to
+    exactly the weight the training forward pass used."""
+    torch.manual_seed(3)
+    w = torch.randn(8, 512)
+    grid = gguf_grid(w, qtype)
+    initial = GridCodes(grid, fake_quantize_groups(w, grid.scale, grid.zero, grid.width, grid.config.qmax)[0]
+                        .to(torch.uint8))
+    layer = LearnedLinear(w, None, initial, learn_scales=False)
+    assert layer.scale_parameters() == []
+    assert torch.equal(layer.quantized_tensor().codes(), initial.codes())  # zero offsets: the initial codes
+    with torch.no_grad():
+        layer.delta.uniform_(-0.5, 0.5)
+    moved = layer.quantized_tensor()
+    assert not torch.equal(moved.codes(), initial.codes())
+    decoded = dequantize(moved.encode(), qtype).reshape(w.shape)
+    used = layer.dequantized().detach().numpy()
+    np.testing.assert_allclose(decoded, used, rtol=0, atol=2e-6 * float(np.abs(decoded).max()))
+
+
+def test_gguf_learned_rounding_lowers_the_block_error_with_fixed_scales() -> None:
+    torch.manual_seed(2)
+    linear = nn.Linear(256, 32, bias=False)
+    block = nn.Sequential(linear)
+    mix = torch.randn(256, 256) / 16 + torch.eye(256)
+    mix[:, :4] *= 8
+    xs = [torch.randn(256, 256) @ mix for _ in range(4)]
+    targets = [linear(x).detach() for x in xs]
+    weight = linear.weight.detach().clone()
+    grid = gguf_grid(weight, Q.Q4_K)
+    initial = GridCodes(grid, fake_quantize_groups(weight, grid.scale, grid.zero, grid.width, grid.config.qmax)[0]
+                        .to(torch.uint8))
+
+    def swap(parent: nn.Module, name: str, module: nn.Module) -> None:
+        parent._modules[name] = module
+
+    refined, report = refine_block(block, {"0": (weight, None, initial)}, 4, lambda b, i: b(xs[i]),
+                                   targets.__getitem__, LearnedConfig(iters=100, learn_scales=False), swap)
+    assert report.after < report.before  # the error it reports never rises: initial kept otherwise
+    assert refined["0"].grid is grid and not torch.equal(refined["0"].codes(), initial.codes())
+    decoded = [torch.from_numpy(dequantize(q.encode(), Q.Q4_K).reshape(weight.shape)) for q in (initial, refined["0"])]
+    errors = [sum(float((x @ d.t() - t).pow(2).sum()) for x, t in zip(xs, targets)) for d in decoded]
+    assert errors[1] < errors[0]
