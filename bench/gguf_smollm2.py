@@ -15,6 +15,9 @@ Rows per file type:
 * ``lowbit gptq`` / ``lowbit awq+gptq`` — GPTQ (after AWQ scaling) onto each tensor's block grid
 * ``lowbit gptq+learned``  — then learned rounding (50 steps per block, AutoRound's "light" count; block passes in
                              bf16 autocast) moves each block's codes on those fixed grids against the float block
+* ``auto-round``           — AutoRound (``format="gguf:<type>"``, 50 iterations, batch 4) on lowbit's calibration
+                             ids, from the same fp32 weights saved as a Hugging Face folder (run with the peers'
+                             Python: ``/work/peers-venv/bin/python bench/gguf_smollm2.py --tool auto-round``)
 
 Calibration for lowbit: 64 seeded windows × 512 tokens of ../shared/data/wikitext2_valid_unk.txt.
 Eval: first 20,480 tokens of ../shared/data/wikitext2_test_joined.txt, 10 × 2048, no BOS, evaluated by lowbit's
@@ -46,7 +49,7 @@ from common import write_results  # noqa: E402
 CALIB_SAMPLES, CALIB_SEQLEN = 64, 512
 TYPES = ("Q4_0", "Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_XS", "IQ4_NL", "IQ3_S", "IQ3_XXS", "IQ2_XS")
 TOOLS = ("llama.cpp", "llama.cpp + imatrix", "lowbit", "lowbit imatrix", "lowbit gptq", "lowbit awq+gptq",
-         "lowbit gptq+learned")
+         "lowbit gptq+learned", "auto-round")
 LEARNED_ITERS = 50  # AutoRound's "light" setting (bench/learned_smollm2.py)
 WORK = ROOT / "bench" / "work" / "gguf"
 BIN = Path(os.environ.get("LLAMA_CPP_BIN", "/work/bench-tools/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin"))
@@ -89,6 +92,8 @@ def quantize(job: dict) -> float:
         return _run([str(BIN / "llama-quantize"), str(F32), str(out), job["type"], "2"])
     if job["tool"] == "llama.cpp + imatrix":
         return _run([str(BIN / "llama-quantize"), "--imatrix", str(IMATRIX), str(F32), str(out), job["type"], "2"])
+    if job["tool"] == "auto-round":
+        return _auto_round(job["type"], out)
     import torch
 
     from lowbit.calib.data import CalibConfig, calibration_ids
@@ -106,6 +111,36 @@ def quantize(job: dict) -> float:
     quantize_to_gguf(loaded, out, job["type"], method, ids, calib, progress=False,
                      compute_dtype=torch.bfloat16 if learned else torch.float32)
     return time.perf_counter() - start
+
+
+def _auto_round(ftype: str, out: Path) -> float:
+    """AutoRound's own GGUF export of ``ftype`` on lowbit's calibration ids (batches of 4 windows), 50 iterations."""
+    import shutil
+
+    import torch
+    from auto_round import AutoRound
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.calib.data import CalibConfig, calibration_ids
+    from lowbit.model.loading import load_model
+
+    folder = WORK / "smollm2-135m-hf"
+    loaded = load_model(MODEL)
+    if not (folder / "config.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        loaded.model.save_pretrained(folder)
+        loaded.tokenizer.save_pretrained(folder)
+    ids = calibration_ids(loaded.tokenizer, CALIB_TEXT.read_text(), CalibConfig(CALIB_SAMPLES, CALIB_SEQLEN, seed=0))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    saved = WORK / f"auto-round-{ftype}"
+    shutil.rmtree(saved, ignore_errors=True)
+    start = time.perf_counter()
+    rounder = AutoRound(model, loaded.tokenizer, iters=LEARNED_ITERS, nsamples=ids.shape[0], seqlen=ids.shape[1],
+                        batch_size=4, dataset=[ids[i:i + 4] for i in range(0, ids.shape[0], 4)], seed=0)
+    rounder.quantize_and_save(str(saved), format=f"gguf:{ftype.lower()}")
+    seconds = time.perf_counter() - start
+    shutil.move(str(next(saved.rglob("*.gguf"))), out)
+    return seconds
 
 
 def same_bytes_as(a: Path, b: Path) -> str:

@@ -239,3 +239,22 @@ def test_learned_rounding_onto_gguf_grids(tmp_path: Path, smollm2_session: Loade
     tensor = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
     decoded = dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(256, 512)
     assert np.array_equal(decoded, models["gptq+learned", 30].model.layers[1].mlp.down_proj.weight.detach().numpy())
+
+
+@pytest.mark.slow
+def test_cli_streams_learned_rounding_into_gguf(tmp_path: Path, tiny_hf_folder: Path) -> None:
+    """``lowbit quantize --format gguf --method gptq+learned`` (the streaming job): the method is recorded, and the
+    learned codes differ from plain GPTQ's on the same calibration (this model's 32-weight Q5_0/Q8_0 tensors)."""
+    from lowbit.cli import main
+
+    files = {}
+    for method in ("gptq", "gptq+learned"):
+        files[method] = out = tmp_path / f"{method}.gguf"
+        assert main(["quantize", str(tiny_hf_folder), "--format", "gguf", "--type", "Q4_K_M", "--method", method,
+                     "--iters", "20", "--calib-samples", "4", "--calib-seqlen", "64", "--no-eval", "--out",
+                     str(out)]) == 0
+    assert GGUFReader(str(files["gptq+learned"])).fields["lowbit.method"].contents() == "gptq+learned"
+    plain, learned = _tensors(files["gptq"]), _tensors(files["gptq+learned"])
+    assert plain.keys() == learned.keys()
+    moved = {plain[n][0] for n in plain if plain[n] != learned[n]}
+    assert moved and moved <= {"Q5_0", "Q8_0"}
