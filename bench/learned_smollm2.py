@@ -116,7 +116,10 @@ def main() -> None:
              f"Calibration {CALIB_SAMPLES} × {CALIB_SEQLEN} tokens of wikitext2_valid_unk.txt (seed 0), the same ids "
              "for every tool; eval the first 20,480 tokens of wikitext2_test_joined.txt (10 × 2048), KL/top-1 vs "
              "fp32. lowbit's block passes in bf16 autocast; AutoRound with its CPU defaults, batch 4, exported as GPTQ "
-             "and read by lowbit. One row at a time on the same 2-core CPU; times include calibration.")
+             "and read by lowbit. One row at a time on the same 2-core CPU; times include calibration. AutoRound "
+             "0.15.1 for the 4-bit g64 and 3-bit g64 rows (2026-12-02), 0.16.1 for the 3-bit g128 and 2-bit g64 rows "
+             "(2026-12-03); the lowbit 4-bit g64 learned row was re-run on 2026-12-03 (its final check now reuses the "
+             "block's outputs as the next block's inputs).")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
