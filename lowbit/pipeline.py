@@ -306,7 +306,7 @@ def _refine(block: nn.Module, prefix: str, floats: dict[str, tuple[torch.Tensor,
         refined, report = refine_block(block, layers, len(inputs), run, lambda i: targets[i].hidden, cfg,
                                        set_submodule, final_error)
     kept = bool(outputs) and report.after < report.before
-    if not kept:  # the initial quantization stays: its outputs are computed by the caller
+    if outputs and not kept:  # the final check lost: the initial quantization goes back, the caller runs it
         commit(refined)
         for batch in outputs:
             batch.discard()

@@ -154,21 +154,21 @@ class LearnedLinear(nn.Module):
     def codes_and_scale(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codes ``[R, C]`` (float, STE-rounded), the float16-valued scale and the zero points ``[R, G]`` of the
         current state (the initial scale and zero points, exactly, when the scales are not learned)."""
-        top = self.config.qmax if self.book is None else self.levels.numel() - 1
         if self.factor is None:
-            x = self._position(self.w / self._cols(self.s), self.z) + self.o0 + self.delta
-            return torch.clamp(_round_ste(x), 0, top), self.s, self.z
-        if self.factor_lo is None:
-            scale = self.s * self.factor
-        else:  # the range [α·lo₀, β·hi₀] with lo₀ = −z·s, hi₀ = (qmax − z)·s, over qmax steps
-            qmax = self.config.qmax
-            scale = (self.factor * (qmax - self.z) + self.factor_lo * self.z) * self.s / qmax
-        if self.config.double_quant:  # the scales as their 8-bit storage decodes them (unmoved: the initial ones)
-            stored = self.s if bool((self.factor == 1).all()) else double_quantize(scale.detach()).decode()
+            scale, zero = self.s, self.z
         else:
-            stored = scale.to(self.config.scale_dtype).float()  # code books keep float32 scales
-        scale = scale + (stored - scale).detach()
-        zero = self.zero(scale)
+            if self.factor_lo is None:
+                scale = self.s * self.factor
+            else:  # the range [α·lo₀, β·hi₀] with lo₀ = −z·s, hi₀ = (qmax − z)·s, over qmax steps
+                qmax = self.config.qmax
+                scale = (self.factor * (qmax - self.z) + self.factor_lo * self.z) * self.s / qmax
+            if self.config.double_quant:  # the 8-bit storage's decode (unmoved: the initial scales)
+                stored = self.s if bool((self.factor == 1).all()) else double_quantize(scale.detach()).decode()
+            else:
+                stored = scale.to(self.config.scale_dtype).float()  # code books keep float32 scales
+            scale = scale + (stored - scale).detach()
+            zero = self.zero(scale)
+        top = self.config.qmax if self.book is None else self.levels.numel() - 1
         x = self._position(self.w / self._cols(scale), zero) + self.o0 + self.delta
         return torch.clamp(_round_ste(x), 0, top), scale, zero
 
@@ -188,12 +188,11 @@ class LearnedLinear(nn.Module):
     def quantized_tensor(self) -> QuantizedTensor:
         with torch.no_grad():
             q, scale, zero = self.codes_and_scale()
-            if self.factor is None:  # the initial grid, its codes moved
-                codes = q if self.book is None else torch.where(q == self.p0, self.c0, self.level_codes[q.long()].float())
-                return self.initial.with_codes(codes.reshape(self.shape))
-            zero = None if self.config.symmetric else zero
             if self.book is not None:
                 q = torch.where(q == self.p0, self.c0, self.level_codes[q.long()].float())
+            if self.factor is None:  # the initial grid, its codes moved
+                return self.initial.with_codes(q.reshape(self.shape))
+            zero = None if self.config.symmetric else zero
             if self.config.double_quant:  # the 8-bit scales the forward pass decoded (unmoved: the initial ones)
                 moved = not bool((self.factor == 1).all())
                 dq = double_quantize(self.s * self.factor) if moved else self.initial.scale_dq
