@@ -211,16 +211,17 @@ def run_gguf_job(job: Any, sm: StreamingModel, partial: Path, state: dict | None
         recipe = targets.recipe
         quantize_layer, refine_target = _layer_quantizer(targets, name_of, config, job.method, sink.encoded)
 
-    def on_block(index: int, prefix: str, block: nn.Module, inputs: Any) -> None:
+    def on_block(index: int, prefix: str, block: nn.Module, inputs: Any, float_inputs: Any) -> None:
         sink.add_module(block, prefix)
         sink.sync()
-        checkpoints.save(index + 1, sink.state(), inputs)
+        checkpoints.save(index + 1, sink.state(), inputs, float_inputs)
 
     try:
         layers = quantize_sequential(
             sm, recipe, job.method, job.calib_ids, job.calib, progress, quantize_layer,
             desc=f"GGUF {job.gguf_type} ({job.method.name})", on_block=on_block,
             start=state["next_block"] if state else 0, resume_hidden=checkpoints.hidden() if state else None,
+            resume_float_hidden=checkpoints.hidden("float.") if state else None,
             compute_dtype=COMPUTE_DTYPES[job.compute_dtype], max_memory=job.max_memory,
             spill_dir=partial / SPILL_FOLDER, refine_target=refine_target)
         plan = BlockPlan.of(model, None)

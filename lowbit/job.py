@@ -147,22 +147,28 @@ class _Checkpoints:
                               "with the same arguments to resume, or without --resume to start over")
         return state
 
-    def hidden(self) -> Iterator[torch.Tensor] | None:
-        """The saved hidden states, read one batch at a time."""
+    def hidden(self, stream: str = "") -> Iterator[torch.Tensor] | None:
+        """The saved hidden states, read one batch at a time: the quantized model's (``stream`` "") or the float
+        model's (``"float."``, saved for learned rounding; None if the run saved none)."""
         file = self.folder / HIDDEN_FILE
         if not file.is_file():
+            return None
+        with safe_open(str(file), framework="pt") as f:
+            count = sum(1 for key in f.keys() if key.startswith(stream) and key[len(stream):].isdigit())
+        if count == 0:
             return None
 
         def batches() -> Iterator[torch.Tensor]:
             with safe_open(str(file), framework="pt") as f:
-                for i in range(len(list(f.keys()))):
-                    yield f.get_tensor(str(i))
+                for i in range(count):
+                    yield f.get_tensor(f"{stream}{i}")
 
         return batches()
 
-    def save(self, next_block: int, sink_state: dict[str, Any], hidden: list[BlockInputs] | None) -> None:
-        """Record the next block and the sink's state; with ``hidden``, its batches' states too (written one
-        batch at a time, so spilled states are never all in memory)."""
+    def save(self, next_block: int, sink_state: dict[str, Any], hidden: list[BlockInputs] | None,
+             float_hidden: list[BlockInputs] | None = None) -> None:
+        """Record the next block and the sink's state; with ``hidden`` (and learned rounding's ``float_hidden``),
+        their batches' states too (written one batch at a time, so spilled states are never all in memory)."""
         if hidden is not None:
             scratch = self.folder / ".hidden-tmp"
             shutil.rmtree(scratch, ignore_errors=True)
@@ -170,6 +176,8 @@ class _Checkpoints:
             writer = ShardWriter(scratch, {}, max_shard_bytes=1 << 62)
             for i, batch in enumerate(hidden):
                 writer.add({str(i): batch.hidden})
+            for i, batch in enumerate(float_hidden or ()):
+                writer.add({f"float.{i}": batch.hidden})
             (file,) = writer.finish()
             (scratch / file).replace(self.folder / HIDDEN_FILE)
             shutil.rmtree(scratch)
@@ -281,12 +289,13 @@ def _run_folder(job: QuantizeJob, sm: StreamingModel, partial: Path, state: dict
     if embedding is not None:  # first, so that calibration runs on the quantized embedding's outputs
         quantize_embedding(sm, embedding)
 
-    def on_block(index: int, prefix: str, block: torch.nn.Module, inputs: Any) -> None:
+    def on_block(index: int, prefix: str, block: torch.nn.Module, inputs: Any, float_inputs: Any) -> None:
         if sink.add_block(prefix, block):
-            checkpoints.save(index + 1, sink.state(), inputs)
+            checkpoints.save(index + 1, sink.state(), inputs, float_inputs)
 
     layers = quantize_sequential(sm, job.recipe, job.method, job.calib_ids, job.calib, progress,
                                  on_block=on_block, start=start, resume_hidden=checkpoints.hidden() if state else None,
+                                 resume_float_hidden=checkpoints.hidden("float.") if state else None,
                                  compute_dtype=COMPUTE_DTYPES[job.compute_dtype], max_memory=job.max_memory,
                                  spill_dir=partial / SPILL_FOLDER)
     # outside the blocks: quantized layers (an --include'd lm_head) first, then float tensors one at a time

@@ -16,7 +16,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -113,7 +113,8 @@ def _block_working_set(block: nn.Module, method: MethodConfig) -> int:
     return weights + (8 * widest * widest if method.rounding == "gptq" else 0)
 
 
-BlockHook = Callable[[int, str, nn.Module, list[BlockInputs] | None], None]
+# (index, prefix, finished block, next block's inputs, the float model's next inputs — learned rounding only)
+BlockHook = Callable[[int, str, nn.Module, list[BlockInputs] | None, list[BlockInputs] | None], None]
 
 
 def block_passes(compute_dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -152,17 +153,19 @@ def quantize_sequential(
     calib: CalibConfig, progress: bool = True, quantize_layer: LayerQuantizer | None = None, desc: str | None = None,
     on_block: BlockHook | None = None, start: int = 0, resume_hidden: list[torch.Tensor] | None = None,
     compute_dtype: torch.dtype = torch.float32, max_memory: int | None = None, spill_dir: Path | None = None,
-    refine_target: RefineTarget | None = None,
+    refine_target: RefineTarget | None = None, resume_float_hidden: Iterable[torch.Tensor] | None = None,
 ) -> int:
     """Quantize a model block by block; returns the number of layers quantized.
 
     ``model``: an in-memory module, or a :class:`StreamingModel` whose blocks are read one at a time and released
-    after ``on_block(index, prefix, block, next_inputs)`` has consumed the finished block (a sink writes it;
-    ``next_inputs`` are the next block's calibration inputs, None for data-free methods). ``quantize_layer``
+    after ``on_block(index, prefix, block, next_inputs, float_inputs)`` has consumed the finished block (a sink
+    writes it; ``next_inputs`` are the next block's calibration inputs, None for data-free methods;
+    ``float_inputs`` the float model's, which learned rounding's targets come from, else None). ``quantize_layer``
     replaces the per-layer step (default: ``quantize_weight`` → :class:`QLinear`; learned rounding then needs
     ``refine_target``, how it reads and writes that step's layers); ``recipe`` None selects no
     layer (the blocks are walked for ``on_block`` only). ``start``/``resume_hidden``:
-    continue a run from block ``start`` whose input hidden states were saved (an iterable, read one at a time).
+    continue a run from block ``start`` whose input hidden states were saved (an iterable, read one at a time;
+    learned rounding also needs the float model's, ``resume_float_hidden``).
     ``max_memory``: when the hidden states between blocks would take the process past it (None: 80 % of the
     memory available), they are kept on disk under ``spill_dir`` (default: a temporary folder), one batch in
     memory at a time (:mod:`lowbit.calib.spill`; same results, bit for bit). ``compute_dtype`` bfloat16: the block
@@ -194,23 +197,21 @@ def quantize_sequential(
             spill = SpillFolder(spill_dir)
         with block_passes(compute_dtype):
             inputs = capture_first_block_inputs(sm.model, blocks[0], calib_ids, calib.batch_size, embed, spill)
-        if resume_hidden is not None:
-            resumed = []
-            for h, batch in zip(resume_hidden, inputs):
-                dtype = batch.state.dtype if batch.state is not None else batch.stored.dtype
-                batch.discard()
-                resumed.append(BlockInputs(h.to(dtype), batch.args, batch.kwargs).kept(spill))
-            inputs = resumed
     learned = method.learned if calibrated else None
     fp_inputs: list[BlockInputs] | None = None  # learned rounding: the float model's stream (its targets)
+    if learned is not None and start:
+        if resume_float_hidden is None:
+            raise ConfigError("this interrupted run saved no float hidden states for learned rounding: rerun it "
+                              "without --resume")
+        fp_inputs = _resumed(resume_float_hidden, inputs, spill, discard=False)
+    if calibrated and resume_hidden is not None:
+        inputs = _resumed(resume_hidden, inputs, spill, discard=True)
     if learned is not None:
         refine_target = QLINEAR_TARGET if quantize_layer is to_qlinear else refine_target
         if refine_target is None:
             raise ConfigError("learned rounding cannot refine this layer step's output: use --method gptq")
-        if start:
-            raise ConfigError("a learned-rounding run cannot be resumed yet (the float model's hidden states are "
-                              "not checkpointed): rerun it without --resume")
-        fp_inputs = [BlockInputs(b.hidden.clone(), b.args, b.kwargs).kept(spill) for b in inputs]
+        if fp_inputs is None:
+            fp_inputs = [BlockInputs(b.hidden.clone(), b.args, b.kwargs).kept(spill) for b in inputs]
     awq_skipped = 0
     bar = tqdm(range(start, len(blocks)), desc=desc or f"quantizing ({method.name})", unit="block",
                disable=not progress, initial=start, total=len(blocks))
@@ -261,7 +262,7 @@ def quantize_sequential(
                     inputs = run_block(block, inputs, spill)
             fp_inputs = wanted if wanted is not None else fp_inputs
             if on_block is not None:
-                on_block(index, prefix, block, inputs)
+                on_block(index, prefix, block, inputs, fp_inputs)
             sm.release(prefix[:-1])
     finally:
         if spill is not None:
@@ -270,6 +271,19 @@ def quantize_sequential(
         log.warning("input scaling (AWQ/SmoothQuant): no op could absorb a scale in %d blocks (%s has no usable scale mappings): those blocks "
                     "got only the %s rounding", awq_skipped, spec.name, method.rounding)
     return sum(1 for t in targets if t.block_index is not None)
+
+
+def _resumed(saved: Iterable[torch.Tensor], captured: list[BlockInputs], spill: SpillFolder | None,
+             discard: bool) -> list[BlockInputs]:
+    """Saved hidden states of a resumed run, one per captured batch (whose position arguments they reuse, in the
+    captured dtype); ``discard`` frees the captured states."""
+    resumed = []
+    for h, batch in zip(saved, captured):
+        dtype = batch.state.dtype if batch.state is not None else batch.stored.dtype
+        if discard:
+            batch.discard()
+        resumed.append(BlockInputs(h.to(dtype), batch.args, batch.kwargs).kept(spill))
+    return resumed
 
 
 def _refine(block: nn.Module, prefix: str, floats: dict[str, tuple[torch.Tensor, torch.Tensor | None]],

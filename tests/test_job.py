@@ -125,6 +125,17 @@ def test_sigkill_then_resume_gives_identical_files(deep_folder: Path, tmp_path: 
     assert _folder_bytes(resumed) == _folder_bytes(clean)
 
 
+@pytest.mark.slow
+def test_learned_rounding_resumes_to_identical_files(deep_folder: Path, tmp_path: Path) -> None:
+    """Learned rounding also needs the float model's hidden states (its targets): the checkpoint keeps both."""
+    from resume_helpers import kill_resume_and_rerun
+
+    resumed, clean = kill_resume_and_rerun("lowbit", deep_folder, tmp_path, blocks=6, method="gptq+learned")
+    assert _folder_bytes(resumed) == _folder_bytes(clean)
+    record = json.loads((clean / "config.json").read_text())["quantization_config"]
+    assert "learned" in json.dumps(record)
+
+
 def test_resume_refuses_other_settings(deep_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "q"
     partial = partial_folder(out)
