@@ -117,28 +117,16 @@ def _auto_round(ftype: str, out: Path) -> float:
     """AutoRound's own GGUF export of ``ftype`` on lowbit's calibration ids (batches of 4 windows), 50 iterations."""
     import shutil
 
-    import torch
-    from auto_round import AutoRound
-    from transformers import AutoModelForCausalLM
+    from peers import run_auto_round
 
     from lowbit.calib.data import CalibConfig, calibration_ids
     from lowbit.model.loading import load_model
 
-    folder = WORK / "smollm2-135m-hf"
     loaded = load_model(MODEL)
-    if not (folder / "config.json").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        loaded.model.save_pretrained(folder)
-        loaded.tokenizer.save_pretrained(folder)
     ids = calibration_ids(loaded.tokenizer, CALIB_TEXT.read_text(), CalibConfig(CALIB_SAMPLES, CALIB_SEQLEN, seed=0))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     saved = WORK / f"auto-round-{ftype}"
-    shutil.rmtree(saved, ignore_errors=True)
-    start = time.perf_counter()
-    rounder = AutoRound(model, loaded.tokenizer, iters=LEARNED_ITERS, nsamples=ids.shape[0], seqlen=ids.shape[1],
-                        batch_size=4, dataset=[ids[i:i + 4] for i in range(0, ids.shape[0], 4)], seed=0)
-    rounder.quantize_and_save(str(saved), format=f"gguf:{ftype.lower()}")
-    seconds = time.perf_counter() - start
+    seconds = run_auto_round(loaded.model, loaded.tokenizer, ids, WORK / "smollm2-135m-hf", saved,
+                             f"gguf:{ftype.lower()}", LEARNED_ITERS)
     shutil.move(str(next(saved.rglob("*.gguf"))), out)
     return seconds
 

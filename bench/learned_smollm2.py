@@ -14,7 +14,6 @@ one at a time (AutoRound needs the peers' environment: ``/work/peers-venv/bin/py
 from __future__ import annotations
 
 import copy
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,27 +34,15 @@ WORK = Path(__file__).resolve().parent / "work" / "auto-round"
 
 
 def _auto_round(job: dict, reference, tokenizer, calib_ids: torch.Tensor) -> tuple[object, float]:
-    """AutoRound on the same calibration ids (batches of 4 windows), exported as GPTQ and read back by lowbit."""
-    from auto_round import AutoRound
-    from transformers import AutoModelForCausalLM
+    """AutoRound on the same calibration ids, exported as GPTQ and read back by lowbit."""
+    from peers import run_auto_round
 
     from lowbit.model.loading import load_model
 
-    if not (HF_FOLDER / "config.json").exists():
-        HF_FOLDER.mkdir(parents=True, exist_ok=True)
-        reference.save_pretrained(HF_FOLDER)
-        tokenizer.save_pretrained(HF_FOLDER)
-    model = AutoModelForCausalLM.from_pretrained(HF_FOLDER, dtype=torch.float32)
     cfg = job["config"]
-    batches = [calib_ids[i:i + 4] for i in range(0, calib_ids.shape[0], 4)]
     out = WORK / f"{job['setting'].replace(' ', '-')}-{job['iters']}"
-    shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    rounder = AutoRound(model, tokenizer, bits=cfg["bits"], group_size=cfg["group_size"], sym=False,
-                        iters=job["iters"], nsamples=calib_ids.shape[0], seqlen=calib_ids.shape[1], batch_size=4,
-                        dataset=batches, seed=0)
-    rounder.quantize_and_save(str(out), format="auto_gptq")
-    seconds = time.perf_counter() - start
+    seconds = run_auto_round(reference, tokenizer, calib_ids, HF_FOLDER, out, "auto_gptq", job["iters"],
+                             dict(bits=cfg["bits"], group_size=cfg["group_size"], sym=False))
     saved = out if (out / "config.json").exists() else next(out.glob("*/config.json")).parent  # it adds a subfolder
     return load_model(saved).model, seconds
 

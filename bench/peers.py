@@ -25,6 +25,30 @@ def _hf_model(reference: nn.Module, folder: Path) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
 
+def run_auto_round(reference: nn.Module, tokenizer, calib_ids: torch.Tensor, folder: Path, out: Path, fmt: str,
+                   iters: int, scheme: dict | None = None) -> float:
+    """AutoRound (intel/auto-round, ``pip install auto-round``) on lowbit's calibration ids ``[n, seqlen]`` in
+    batches of 4 windows, seed 0, starting from the fp32 Hugging Face folder ``folder`` (written from
+    ``reference`` and ``tokenizer`` if missing: its GGUF export reads the tokenizer files there), exported in
+    AutoRound's ``fmt`` (``"auto_gptq"``, ``"gguf:q4_k_m"`` …) into ``out`` (replaced). ``scheme``: ``bits``,
+    ``group_size``, ``sym`` for an integer format (a GGUF type brings its own). Returns AutoRound's seconds
+    (quantize + export, the model load excluded)."""
+    import shutil
+
+    from auto_round import AutoRound
+
+    model = _hf_model(reference, folder)
+    if not (folder / "tokenizer_config.json").exists():
+        tokenizer.save_pretrained(folder)
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    rounder = AutoRound(model, tokenizer, iters=iters, nsamples=calib_ids.shape[0], seqlen=calib_ids.shape[1],
+                        batch_size=4, dataset=[calib_ids[i:i + 4] for i in range(0, calib_ids.shape[0], 4)], seed=0,
+                        **(scheme or {}))
+    rounder.quantize_and_save(str(out), format=fmt)
+    return time.perf_counter() - start
+
+
 def run_llmcompressor(job: dict, reference: nn.Module, tokenizer, calib_ids: torch.Tensor,
                       folder: Path) -> tuple[nn.Module, float]:
     from datasets import Dataset
