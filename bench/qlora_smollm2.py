@@ -79,6 +79,14 @@ def peer(steps: int) -> dict:
         HF_FOLDER, dtype=torch.float32, device_map="cpu",
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_compute_dtype=dtype))
+    # bitsandbytes 0.50 on an AVX-512-BF16 CPU: the first eval-mode forward re-packs each 4-bit weight for its
+    # inference kernel (gemv_4bit), which has no autograd — later training passes then send no gradient through
+    # the base to earlier layers (torch warns "an autograd kernel was not registered"). Keep the trainable layout.
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
     protocol = EvalProtocol(seqlen=SEQLEN)
     base_ppl = evaluate(model, held_out, protocol, progress=False).perplexity
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -93,6 +101,85 @@ def peer(steps: int) -> dict:
             "seconds": report.seconds, "step_seconds": report.seconds / max(steps, 1),
             "loss_first_last": report.first_last, "peak_rss_mb_before_training": rss_before,
             "peak_rss_mb_training": peak_rss_mb()}
+
+
+_LOAD_ONLY = """
+import json, sys
+from lowbit import load_model
+model = load_model(sys.argv[1]).model
+unique = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}  # tied: once
+print(json.dumps(sum(unique.values())))
+"""
+# two LoRA steps on the base under torch's memory profiler: tensor bytes by category at the peak of live tensors
+_STEP_MEMORY = """
+import json, sys, tempfile, warnings
+from torch.profiler import profile, ProfilerActivity
+from lowbit import load_model
+from lowbit.calib.data import CalibConfig, calibration_ids
+from lowbit.data.text import default_text
+from lowbit.methods.lora import LoRAConfig, add_lora, train_lora
+from lowbit.methods.qat import QATConfig
+warnings.filterwarnings("ignore")  # export_memory_timeline is deprecated (still the only CPU timeline)
+loaded = load_model(sys.argv[1])
+batch, seqlen, recompute = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+ids = calibration_ids(loaded.tokenizer, default_text("calib"), CalibConfig(2 * batch, seqlen, seed=0))
+layers = add_lora(loaded.model, LoRAConfig(rank=int(sys.argv[5]), alpha=float(sys.argv[6])))
+with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    train_lora(loaded.model, layers, ids, QATConfig(steps=2, batch_size=batch, recompute=recompute), progress=False)
+with tempfile.NamedTemporaryFile(suffix=".json") as f:
+    prof.export_memory_timeline(f.name, device="cpu")
+    times, sizes = json.load(open(f.name))
+names = ["parameter", "optimizer_state", "input", "temporary", "activation", "gradient", "autograd_detail", "unknown"]
+peak = max(sizes, key=sum)
+print(json.dumps({"peak_tensor_bytes": sum(peak), **dict(zip(names, peak[1:]))}))
+"""
+
+
+def _child_peak(args: list[str]) -> tuple[int, str]:
+    """Run ``args`` in its own process; (its peak RSS in bytes, its stdout)."""
+    import os
+    import subprocess
+
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({status})")
+    return usage.ru_maxrss * 1024, out
+
+
+def memory(steps: int) -> dict:
+    """Peak RSS of ``lowbit finetune`` (its own process; with and without --recompute-activations) on an NF4 g64
+    SmolLM2 base written by ``lowbit quantize``, beside that base's size (file, and in memory once loaded, tied
+    tensors once), a process that only loads it (interpreter, libraries, tokenizer, base), and the tensor memory
+    of a training step measured by torch's memory profiler (activations, gradients, temporaries at the step's
+    peak of live tensors)."""
+    import tempfile
+
+    from lowbit.data.text import default_text
+
+    cli = [sys.executable, "-m", "lowbit.cli"]
+    with tempfile.TemporaryDirectory(prefix="lowbit-qlora-mem-") as tmp:
+        folder = Path(tmp)
+        _child_peak([*cli, "quantize", MODEL, "--codebook", "nf4", "--group-size", "64", "--out", str(folder / "b")])
+        (folder / "train.txt").write_text(default_text("calib"))
+        file_bytes = sum(f.stat().st_size for f in (folder / "b").glob("*.safetensors"))
+        load_peak, out = _child_peak([sys.executable, "-c", _LOAD_ONLY, str(folder / "b")])
+        result = {"base_file_bytes": file_bytes, "base_memory_bytes": int(out.strip().splitlines()[-1]),
+                  "load_only_peak_bytes": load_peak, "steps": steps, "runs": []}
+        for recompute in (True, False):
+            start = time.perf_counter()
+            peak, _ = _child_peak([*cli, "finetune", str(folder / "b"), "--train", str(folder / "train.txt"),
+                                   "--steps", str(steps), "--out", str(folder / f"a{recompute}"),
+                                   *(["--recompute-activations"] if recompute else [])])
+            seconds = time.perf_counter() - start
+            _, out = _child_peak([sys.executable, "-c", _STEP_MEMORY, str(folder / "b"), str(BATCH), str(SEQLEN),
+                                  str(int(recompute)), str(RANK), str(ALPHA)])
+            step = json.loads(out.strip().splitlines()[-1])
+            result["runs"].append({"recompute": recompute, "peak_bytes": peak, "seconds": seconds, "step": step,
+                                   "working_tensor_bytes": step["peak_tensor_bytes"] - step["parameter"]
+                                   - step["optimizer_state"]})
+    return result
 
 
 def _adapter(base, train_ids, lora, steps: int, name: str) -> tuple[dict, dict]:
@@ -117,7 +204,7 @@ def _adapter(base, train_ids, lora, steps: int, name: str) -> tuple[dict, dict]:
 def main() -> None:
     from lowbit import QuantConfig, QuantRecipe, load_model, quantize_model
     from lowbit.calib.data import CalibConfig, calibration_ids
-    from lowbit.config import default_compute_dtype
+    from lowbit.config import COMPUTE_DTYPES, default_compute_dtype
     from lowbit.data.text import default_text
     from lowbit.eval.perplexity import EvalProtocol, evaluate
     from lowbit.methods.lora import LoRAConfig, merge_into_float, merge_into_zero_points
@@ -129,6 +216,11 @@ def main() -> None:
         result = peer(steps)
         print(result)
         (CACHE / f"peer-{steps}.json").write_text(json.dumps(result))
+        return
+    if "--memory" in sys.argv:  # child processes, one heavy job at a time; main() puts the table in
+        result = memory(int(sys.argv[sys.argv.index("--memory-steps") + 1]) if "--memory-steps" in sys.argv else 5)
+        print(result)
+        (CACHE / "memory.json").write_text(json.dumps(result))
         return
     torch.manual_seed(0)
     loaded = load_model(MODEL)
@@ -162,7 +254,8 @@ def main() -> None:
         merge_into_float(merged, {n: merged.get_submodule(n) for n in layers})
         start = time.perf_counter()
         quantize_model(merged, QuantRecipe(QuantConfig(**GRID), include=tuple(layers)), method=method,
-                       calib_ids=train_ids[:128], calib=CalibConfig(128, SEQLEN), progress=False)
+                       calib_ids=train_ids[:128], calib=CalibConfig(128, SEQLEN), progress=False,
+                       compute_dtype=COMPUTE_DTYPES[default_compute_dtype()])  # as `lowbit merge`'s default
         row(name, merged, _bytes(merged), f"{time.perf_counter() - start:.0f} s"
             + (", calibrated on 128 fine-tune windows" if method != "rtn" else ""))
         done.write_text(json.dumps(rows[-1]))
@@ -198,21 +291,40 @@ def main() -> None:
         ("share kept by (e) GPTQ merge", kept["(e)"]),
         ("share kept by (f) GPTQ + learned rounding merge", kept["(f)"]),
         ("share of (h)'s gain over (g) kept by (i) the zero-point merge", kept["(i)"])])
+    sections = [("Held-out perplexity", table), ("Summary", summary)]
+    mem = json.loads((CACHE / "memory.json").read_text()) if (CACHE / "memory.json").is_file() else None
+    if mem is not None:
+        mb = 1 << 20
+        base = mem["base_memory_bytes"]
+        runtime = mem["load_only_peak_bytes"] - base  # interpreter, torch, transformers, tokenizer
+        sections.append(("Memory of `lowbit finetune` (its own process, python bench/qlora_smollm2.py --memory)",
+                         markdown_table(
+            ["run", "peak RSS MB", "load-only process MB", "base in memory MB (file MB)",
+             "step tensors MB (activations, gradients, temporaries)", "peak RSS − runtime MB",
+             "2 × base + step tensors MB", "command s (load + steps)"],
+            [("--recompute-activations" if r["recompute"] else "all activations kept", r["peak_bytes"] / mb,
+              mem["load_only_peak_bytes"] / mb, f"{base / mb:.1f} ({mem['base_file_bytes'] / mb:.1f})",
+              r["working_tensor_bytes"] / mb, (r["peak_bytes"] - runtime) / mb,
+              (2 * base + r["working_tensor_bytes"]) / mb, r["seconds"]) for r in mem["runs"]])))
     dtype = default_compute_dtype()
     intro = ("SmolLM2-135M-Instruct. Domain: Python standard-library docstrings (lowbit's built-in text), split by "
              f"module: training windows from the calibration module list, held-out perplexity on {HELD_OUT} × "
              f"{SEQLEN} tokens of the disjoint evaluation list. Base: NF4, blocks of 64, every decoder linear. LoRA "
-             f"on every quantized linear (rank {RANK}, α {ALPHA}), Adam lr {LR}, warm-up + cosine, {dtype} compute, "
-             "next-token loss; the base stays packed (its backward dequantizes again). QA-LoRA rows: an int4 g64 "
-             "asymmetric base with float16 zero points (4.5 bits per weight, as NF4 g64 with float32 absmax), "
-             "adapters whose inputs are averaged per 64 (peft's use_qalora layout), same schedule and batches; "
-             "merged by folding the update into the zero points. Peer (when run first, in its own process: python "
-             "bench/qlora_smollm2.py --peer; its row is absent otherwise): peft's LoRA, same rank/α/layers, on transformers' bitsandbytes NF4 "
-             f"base ({dtype} compute), trained by the same loop on the same batches.")
+             f"on every quantized linear (rank {RANK}, α {ALPHA}), Adam lr {LR}, warm-up + cosine, {dtype} compute "
+             "(training and the merges' block passes), next-token loss; the base stays packed (its backward "
+             "dequantizes again). QA-LoRA rows: an int4 g64 asymmetric base with float16 zero points (4.5 bits per "
+             "weight, as NF4 g64 with float32 absmax), adapters whose inputs are averaged per 64 (peft's use_qalora "
+             "layout), same schedule and batches; merged by folding the update into the zero points. Merges (d)–(f) "
+             "re-quantize the merged float weights; (f) is GPTQ then 200 learned-rounding steps per block (lowbit "
+             "merge's default). Peer (when run first, in its own process: python bench/qlora_smollm2.py --peer; its "
+             "row is absent otherwise): peft's LoRA, same rank/α/layers, on transformers' bitsandbytes NF4 base "
+             f"({dtype} compute), trained by the same loop on the same batches (bitsandbytes 0.50's AVX-512-BF16 "
+             "inference re-packing is switched off on its layers: once an eval pass has re-packed a weight, its "
+             "kernel has no backward and later training steps get no gradient through the base).")
     write_results("qlora_smollm2", "QLoRA on SmolLM2-135M: fine-tune on a quantized base, merge, re-quantize",
-                  intro, [("Held-out perplexity", table), ("Summary", summary)],
+                  intro, sections,
                   {"rows": rows, "training": train, "qa_lora_training": qa_train, "kept": kept, "peer": peer_row,
-                   "compute_dtype": dtype})
+                   "memory": mem, "compute_dtype": dtype})
 
 
 if __name__ == "__main__":
