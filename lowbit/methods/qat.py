@@ -43,6 +43,7 @@ from lowbit.methods.learned import LearnedLinear
 from lowbit.methods.losses import kl_loss, next_token_loss
 from lowbit.methods.recompute import recompute_blocks
 from lowbit.model.modules import set_submodule
+from lowbit.model.source import return_freed_memory
 from lowbit.nn.qlinear import QLinear
 
 log = logging.getLogger(__name__)
@@ -253,6 +254,9 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_ids: torch.Tens
             for group, lr in zip(optimiser.param_groups, base):
                 group["lr"] = lr * cfg.rate(step)
             optimiser.step()
+            # the step's freed activations back to the OS: glibc keeps them as fragmented heap otherwise, and the
+            # peak RSS ratchets up (measured on SmolLM2 LoRA, 5 steps: 2,244 → 2,027 MB, no slower)
+            return_freed_memory()
             if after_step is not None:
                 with torch.no_grad():
                     after_step()
