@@ -151,7 +151,7 @@ class BlockPlan:
 def quantize_sequential(
     model: nn.Module | StreamingModel, recipe: QuantRecipe | None, method: MethodConfig, calib_ids: torch.Tensor | None,
     calib: CalibConfig, progress: bool = True, quantize_layer: LayerQuantizer | None = None, desc: str | None = None,
-    on_block: BlockHook | None = None, start: int = 0, resume_hidden: list[torch.Tensor] | None = None,
+    on_block: BlockHook | None = None, start: int = 0, resume_hidden: Iterable[torch.Tensor] | None = None,
     compute_dtype: torch.dtype = torch.float32, max_memory: int | None = None, spill_dir: Path | None = None,
     refine_target: RefineTarget | None = None, resume_float_hidden: Iterable[torch.Tensor] | None = None,
 ) -> int:
@@ -199,19 +199,19 @@ def quantize_sequential(
             inputs = capture_first_block_inputs(sm.model, blocks[0], calib_ids, calib.batch_size, embed, spill)
     learned = method.learned if calibrated else None
     fp_inputs: list[BlockInputs] | None = None  # learned rounding: the float model's stream (its targets)
-    if learned is not None and start:
-        if resume_float_hidden is None:
-            raise ConfigError("this interrupted run saved no float hidden states for learned rounding: rerun it "
-                              "without --resume")
-        fp_inputs = _resumed(resume_float_hidden, inputs, spill, discard=False)
-    if calibrated and resume_hidden is not None:
-        inputs = _resumed(resume_hidden, inputs, spill, discard=True)
     if learned is not None:
         refine_target = QLINEAR_TARGET if quantize_layer is to_qlinear else refine_target
         if refine_target is None:
             raise ConfigError("learned rounding cannot refine this layer step's output: use --method gptq")
-        if fp_inputs is None:
+        if not start:
             fp_inputs = [BlockInputs(b.hidden.clone(), b.args, b.kwargs).kept(spill) for b in inputs]
+        elif resume_float_hidden is None:
+            raise ConfigError("this interrupted run saved no float hidden states for learned rounding: rerun it "
+                              "without --resume")
+        else:  # before the quantized stream replaces the captured batches (their position arguments are reused)
+            fp_inputs = _resumed(resume_float_hidden, inputs, spill, discard=False)
+    if calibrated and resume_hidden is not None:
+        inputs = _resumed(resume_hidden, inputs, spill, discard=True)
     awq_skipped = 0
     bar = tqdm(range(start, len(blocks)), desc=desc or f"quantizing ({method.name})", unit="block",
                disable=not progress, initial=start, total=len(blocks))
