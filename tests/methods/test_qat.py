@@ -131,3 +131,38 @@ def test_recomputed_activations_train_to_the_same_model(arch: str) -> None:
     assert not any("forward" in vars(m) for m in recomputed.modules())  # the wrappers are gone
     with torch.no_grad():
         torch.testing.assert_close(plain(HELD_OUT).logits, recomputed(HELD_OUT).logits, rtol=0, atol=1e-5)
+
+
+def test_a_qat_model_on_a_gguf_grid_exports_code_for_code(tmp_path, bpe512) -> None:
+    """QAT on 4-bit symmetric groups of 32 (Q4_0's grid): the trained codes and scales reach the GGUF file unchanged
+    — llama.cpp decodes exactly the QAT model's weights; read back (the float embeddings kept as F32), the model
+    gives the QAT model's logits."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from lowbit.formats.gguf.convert import gguf_name_map, to_gguf_layout
+    from lowbit.formats.gguf.writer import write_gguf
+    from lowbit.model.loading import load_model
+
+    student, teacher = quantized("llama", QuantConfig(bits=4, group_size=32, symmetric=True))
+    before = codes(student)
+    train_qat(student, teacher, TRAIN, QATConfig(steps=10, lr=1e-3, scale_lr=1e-2, batch_size=8),
+              compute_dtype=torch.float32, progress=False)
+    after = codes(student)
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # training moved codes or scales
+    path = tmp_path / "qat.gguf"
+    keep = {r"^(token_embd|output)\.weight$": "F32"}  # the float embeddings as they are: only the QAT layers differ
+    write_gguf(student, path, "Q4_0", tokenizer=bpe512, overrides=keep, progress=False)
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    name_of, checked = gguf_name_map(student.config), 0
+    for name, layer in student.named_modules():
+        t = tensors[name_of(f"{name}.weight")] if isinstance(layer, QLinear) else None
+        if t is not None and t.tensor_type.name == "Q4_0":
+            want = to_gguf_layout(t.name, layer.quantized_tensor().dequantize(torch.float32).numpy(), student.config)
+            assert np.array_equal(dequantize(np.asarray(t.data), t.tensor_type).reshape(want.shape), want), t.name
+            checked += 1
+    assert checked >= 10
+    back = load_model(path).model  # transformers' GGUF reader: the file's weights, dequantized
+    with torch.no_grad():
+        torch.testing.assert_close(back(HELD_OUT).logits, student(HELD_OUT).logits, rtol=0, atol=1e-4)

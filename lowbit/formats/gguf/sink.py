@@ -124,7 +124,10 @@ class GGUFSink:
 
     def add_module(self, module: torch.nn.Module, prefix: str, exclude: str | None = None) -> None:
         """Write every tensor of ``module`` (a finished block, or the rest of the model with ``exclude`` naming the
-        blocks' prefix): quantized layers are dequantized, names and layouts become llama.cpp's."""
+        blocks' prefix): quantized layers are dequantized, names and layouts become llama.cpp's — except those
+        whose own grid the planned block type holds exactly (:mod:`~lowbit.formats.gguf.exact`), written code for
+        code."""
+        self._encode_exact(module, prefix, exclude)
         for name, tensor in module_gguf_state(self.config, module, prefix, materialize=True, exclude=exclude):
             if name in self.encoded:
                 self._write(name, self.encoded.pop(name))
@@ -133,6 +136,27 @@ class GGUFSink:
                 raise FormatError(f"{name} (in {prefix or 'the model'}) has NaN/Inf values: the checkpoint is damaged; "
                                   "re-download it")
             self.add_tensor(name, torch.from_numpy(to_gguf_layout(name, tensor.numpy(), self.config)))
+
+    def _encode_exact(self, module: torch.nn.Module, prefix: str, exclude: str | None) -> None:
+        """Queue in :attr:`encoded` the bytes of ``module``'s quantized layers that their planned type stores
+        exactly (their own codes and scales), in llama.cpp's layout."""
+        from lowbit.formats.gguf.convert import gguf_name_map
+        from lowbit.formats.gguf.exact import exact_blocks
+        from lowbit.nn.qlinear import QLinear
+
+        name_of = gguf_name_map(self.config)
+        for name, layer in module.named_modules():
+            full = f"{prefix}{name}.weight"
+            if not isinstance(layer, QLinear) or (exclude is not None and full.startswith(exclude)):
+                continue
+            try:
+                gguf_name = name_of(full)
+            except FormatError:  # a fused or unknown tensor: the generic path below names (or refuses) it
+                continue
+            qtype = self.types.get(gguf_name)
+            data = None if qtype is None or gguf_name in self.encoded else exact_blocks(layer, qtype)
+            if data is not None:
+                self.encoded[gguf_name] = to_gguf_layout(gguf_name, data, self.config)
 
     def state(self) -> dict[str, Any]:
         """What a resumed sink needs: where the data section starts, its alignment, the tensors written."""
