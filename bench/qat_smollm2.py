@@ -60,19 +60,34 @@ def _evaluate(job: dict, model, reference, windows, protocol, held_out) -> dict:
             "native_bf16": native_bf16()}
 
 
+TORCHAO_FLOAT_ZERO = "QAT (IntxFakeQuantize, float zero)"
+TORCHAO_INT_ZERO = "QAT (IntxFakeQuantize, default int zero)"
+
+
 def _torchao(job: dict, reference, train_ids: torch.Tensor, cfg) -> tuple[object, dict]:
     """torchao's QAT fake quantization (IntxFakeQuantizeConfig, asymmetric groups) on the decoder-block linears,
     trained by lowbit's loop on the same batches; evaluated as the fake-quantized model torchao's convert step
-    would freeze."""
+    would freeze.
+
+    torchao 0.18's asymmetric weight fake quantizer computes its zero points in the float domain
+    (``get_groupwise_affine_qparams``: z = min + s·2^(b−1)) and, with the config's default
+    ``zero_point_domain=INT``, casts them to int32 and dequantizes as if they were integer zero points: on SmolLM2
+    the weights' squared error is 1.33× (4-bit) and 1.11× (3-bit) min-max's, and one 3-bit group (layer 27's
+    gate_proj, an outlier reaching 9.1) collapses to a constant −1.61 — untrained KL 7.01 on the eval windows. The
+    consistent setting, ``zero_point_domain=FLOAT`` (float zero points, tinygemm's layout), gives 0.73× / 0.94×
+    min-max's error: it is the peer row; the default is kept as a step-0 row to show the difference."""
     from torchao.quantization import quantize_
     from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+    from torchao.quantization.quant_primitives import ZeroPointDomain
 
     from lowbit.methods.qat import distill
 
     setting = SETTINGS[job["setting"]]
     dtype = {4: torch.int4, 3: torch.int3}[setting["bits"]]
     model = copy.deepcopy(reference)
-    weight = IntxFakeQuantizeConfig(dtype, group_size=setting["group_size"], is_symmetric=False)
+    zero = ({} if job["method"] == TORCHAO_INT_ZERO
+            else dict(zero_point_domain=ZeroPointDomain.FLOAT, zero_point_precision=torch.float32))
+    weight = IntxFakeQuantizeConfig(dtype, group_size=setting["group_size"], is_symmetric=False, **zero)
     quantize_(model, QATConfig(weight_config=weight, step="prepare"),
               filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and ".layers." in fqn)
     weights = [m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name]
@@ -136,8 +151,9 @@ def jobs(steps: int = STEPS, lr: float = LR) -> list[dict]:
         rows += [{"tool": "lowbit", "method": "gptq (PTQ start)", "steps": 0, "setting": setting, "lr": 0.0},
                  {"tool": "lowbit", "method": "gptq + QAT", "steps": steps, "setting": setting, "lr": lr}]
         if setting in ("4-bit g64 asym", "3-bit g64 asym"):
-            rows += [{"tool": "torchao", "method": "QAT (IntxFakeQuantize)", "steps": n, "setting": setting,
+            rows += [{"tool": "torchao", "method": TORCHAO_FLOAT_ZERO, "steps": n, "setting": setting,
                       "lr": lr if n else 0.0} for n in (0, steps)]
+            rows += [{"tool": "torchao", "method": TORCHAO_INT_ZERO, "steps": 0, "setting": setting, "lr": 0.0}]
     return rows
 
 
@@ -165,14 +181,20 @@ def main() -> None:
     intro = (f"SmolLM2-135M-Instruct, decoder-block linears quantized. PTQ start: lowbit GPTQ ({CALIB_SAMPLES} × "
              f"{CALIB_SEQLEN} calibration tokens). QAT: the table's steps of Adam × {BATCH} windows of {TRAIN_SEQLEN} "
              "tokens of wikitext2_valid_unk.txt (seed 0), KL-to-fp32 distillation, Adam with the table's weight lr "
-             "and scale lr 1e-3, 10 warm-up steps then cosine decay to 0. torchao: its IntxFakeQuantizeConfig "
-             "(asymmetric groups, "
-             "dynamic min-max scales) on the same linears, trained by the same loop on the same batches (its float "
-             "weights start where PTQ's RTN would). Eval: first 20,480 tokens of wikitext2_test_joined.txt (10 × "
+             "and scale lr 1e-3, 10 warm-up steps then cosine decay to 0. torchao 0.18: its IntxFakeQuantizeConfig "
+             "(asymmetric groups of 64, min-max scales recomputed every step) on the same linears, trained by the same "
+             "loop on the same batches (its float weights start where min-max rounding puts them). Its default "
+             "zero_point_domain=INT casts the float-domain zero points its asymmetric path computes to int32 and "
+             "decodes them as integers: one 3-bit group of layer 27's gate_proj (an outlier of 9.1) collapses to a "
+             "constant and the untrained model measures KL 7.01 — the peer rows use zero_point_domain=FLOAT (float "
+             "zero points where lowbit stores 8-bit integer ones), the default is shown untrained. "
+             "Eval: first 20,480 tokens of wikitext2_test_joined.txt (10 × "
              "2048) and a held-out domain the training never saw (lowbit's built-in default text: Python stdlib "
              "docstrings, 10 × 512 tokens), KL/top-1 vs fp32. One row at a time on the 2-core CPU; 'compute' is the "
              "block passes' dtype: bfloat16 autocast rows ran on a CPU with native bf16 (AVX-512 BF16), float32 rows "
-             "on an AVX2-only CPU (lowbit's default there) — compare train seconds within one kind only.")
+             "on an AVX2-only CPU (lowbit's default there) — compare train seconds within one kind only. The 60-step lr "
+             "2e-5 row ran on 2026-12-02 on another VM (its GPTQ start then measured KL 0.4653, ppl 30.79); every "
+             "other row on 2026-12-03 on one AMD EPYC VM with AVX-512 BF16.")
     write_results("qat_smollm2", "QAT on SmolLM2-135M (beside torchao QAT)", intro, [("Results", table)],
                   {"rows": rows})
 
