@@ -52,8 +52,8 @@ from lowbit.formats.gguf.convert import (check_gguf_semantics, extra_tensors, gg
 from lowbit.formats.gguf.block_types import APPROX_CONFIG
 from lowbit.formats.gguf.recipes import ModelFacts, tensor_types
 from lowbit.formats.gguf.sink import GGUFSink
-from lowbit.formats.gguf.writer import GGUFSummary, gguf_plan, head_writer, write_gguf
-from lowbit.methods.gguf_rounding import GridCodes, dequantized_bytes, quantize_gguf_grid
+from lowbit.formats.gguf.writer import GGUFSummary, dequantized_bytes, gguf_plan, head_writer, write_gguf
+from lowbit.methods.gguf_rounding import GridCodes, quantize_gguf_grid
 from lowbit.methods.gptq import GPTQConfig
 from lowbit.methods.learned import LearnedConfig
 from lowbit.methods.method import ClipConfig, MethodConfig

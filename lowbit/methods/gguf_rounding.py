@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
-from gguf.quants import dequantize
 
 from lowbit.calib.stats import InputStats
 from lowbit.config import QuantConfig
@@ -26,7 +25,7 @@ from lowbit.formats.gguf.grids import GGUFGrid, gguf_grid, gguf_grid_candidates
 from lowbit.formats.gguf import lattice_fields
 from lowbit.formats.gguf.block_types import block_type
 from lowbit.formats.gguf.lattice_fields import lattice_layout
-from lowbit.formats.gguf.writer import encode
+from lowbit.formats.gguf.writer import dequantized_bytes, encode
 from lowbit.methods.gptq import gptq_quantize
 from lowbit.methods.lattice_gptq import gptq_lattice
 from lowbit.methods.method import MethodConfig
@@ -138,11 +137,6 @@ def _lattice_candidates(w: torch.Tensor, qtype: GGMLQuantizationType, stats: Inp
     errors = [_finite(_output_error(w, dequantized_bytes(d, qtype, w.shape), hessian)) for d in (searched, rounded)]
     log.debug("GGUF %s: output error llama.cpp search %.4g, octet GPTQ %.4g", qtype.name, *errors)
     return rounded if errors[1] < errors[0] else searched
-
-
-def dequantized_bytes(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:
-    """What llama.cpp decodes from block bytes ``data`` (gguf-py's dequantization), float32 ``shape``."""
-    return torch.from_numpy(dequantize(data, qtype).reshape(shape).astype(np.float32))
 
 
 def _finite(error: float) -> float:

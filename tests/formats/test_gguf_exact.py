@@ -19,10 +19,10 @@ from lowbit.model.modules import set_submodule
 from lowbit.nn.qlinear import QLinear
 from lowbit.quantize import quantize_model
 
-CASES = {  # ftype, the grid, the codes a trained layer may hold (not llama.cpp's choice: no code at the extreme)
-    "Q4_0": ("Q4_0", QuantConfig(bits=4, group_size=32, symmetric=True), (1, 16)),
-    "Q8_0": ("Q8_0", QuantConfig(bits=8, group_size=32, symmetric=True), (1, 256)),
-    "Q4_1": ("Q4_1", QuantConfig(bits=4, group_size=32), (1, 15)),
+CASES = {  # ftype: the grid, the codes a trained layer may hold (not llama.cpp's choice: no code at the extreme)
+    "Q4_0": (QuantConfig(bits=4, group_size=32, symmetric=True), (1, 16)),
+    "Q8_0": (QuantConfig(bits=8, group_size=32, symmetric=True), (1, 256)),
+    "Q4_1": (QuantConfig(bits=4, group_size=32), (1, 15)),
 }
 
 
@@ -43,10 +43,10 @@ def _moved(model: torch.nn.Module, codes: tuple[int, int], power_of_two: bool) -
     return layers
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("ftype", sorted(CASES))
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_a_grid_the_type_holds_is_written_code_for_code(arch: str, case: str, tmp_path, bpe512) -> None:
-    ftype, cfg, codes = CASES[case]
+def test_a_grid_the_type_holds_is_written_code_for_code(arch: str, ftype: str, tmp_path, bpe512) -> None:
+    cfg, codes = CASES[ftype]
     model = make_tiny(arch)
     quantize_model(model, QuantRecipe(cfg), progress=False)
     layers = _moved(model, codes, power_of_two=not cfg.symmetric)

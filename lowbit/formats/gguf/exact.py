@@ -19,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
-from gguf.quants import dequantize
 
 from lowbit.formats.gguf.legacy import LEGACY_TYPES, BLOCK, pack_blocks
+from lowbit.formats.gguf.writer import dequantized_bytes
 from lowbit.nn.qlinear import QLinear
 
 
@@ -35,11 +35,10 @@ def exact_blocks(layer: QLinear, qtype: GGMLQuantizationType) -> np.ndarray | No
         return None
     if cfg.symmetric == t.with_min or qt.shape[1] % BLOCK:
         return None
-    codes = qt.codes().to(torch.uint8).numpy().reshape(-1, BLOCK)
+    codes = qt.codes().numpy().reshape(-1, BLOCK)
     scale = qt.scale.float()
     minimum = None
     if t.with_min:
         minimum = (-qt.zero_points().float() * scale).numpy().reshape(-1)
     data = pack_blocks(codes, scale.numpy().reshape(-1), minimum, t).reshape(qt.shape[0], -1)
-    decoded = torch.from_numpy(dequantize(data, qtype).reshape(qt.shape).astype(np.float32))
-    return data if torch.equal(decoded, qt.dequantize(torch.float32)) else None
+    return data if torch.equal(dequantized_bytes(data, qtype, qt.shape), qt.dequantize(torch.float32)) else None

@@ -18,7 +18,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
@@ -28,6 +28,9 @@ from lowbit.errors import FormatError
 from lowbit.formats.atomic import GGUF_MARKER
 from lowbit.formats.gguf.convert import gguf_arch, hyperparameters
 from lowbit.formats.gguf.block_types import WRITABLE, block_type
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 Q = GGMLQuantizationType
@@ -45,6 +48,14 @@ def encode(rows: np.ndarray, qtype: GGMLQuantizationType, weights: np.ndarray | 
     """Encode float rows ``[R, C]`` (or a 1-D tensor) as ``qtype`` the way llama.cpp's reference quantizer does
     (the type's encoder in :mod:`~lowbit.formats.gguf.block_types`)."""
     return block_type(qtype).encode(rows, weights)
+
+
+def dequantized_bytes(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:
+    """What llama.cpp decodes from block bytes ``data`` (gguf-py's dequantization), float32 ``shape``."""
+    import torch
+    from gguf.quants import dequantize
+
+    return torch.from_numpy(dequantize(data, qtype).reshape(shape).astype(np.float32))
 
 
 @dataclass
