@@ -80,3 +80,17 @@ def test_a_grid_the_type_cannot_hold_is_re_encoded(tmp_path, bpe512) -> None:
     want = qt.dequantize(torch.float32).numpy()
     assert t.tensor_type.name == "Q4_0"
     assert np.array_equal(np.asarray(t.data).view(np.uint8).reshape(-1), quantize(want, t.tensor_type).reshape(-1))
+
+
+def test_a_layer_written_code_for_code_is_dequantized_once(tmp_path, bpe512, monkeypatch) -> None:
+    """Its dequantized weight is needed only by the exactness check: the export does not dequantize it again for
+    the float path it skips (one dequantization per layer, exact or re-encoded)."""
+    model = make_tiny("llama")
+    quantize_model(model, QuantRecipe(CASES["Q4_0"][0]), progress=False)
+    layers = _moved(model, CASES["Q4_0"][1], power_of_two=False)
+    calls = []
+    original = QuantizedTensor.dequantize
+    monkeypatch.setattr(QuantizedTensor, "dequantize", lambda self, *a, **k: calls.append(self.shape)
+                        or original(self, *a, **k))
+    write_gguf(model, tmp_path / "m.gguf", "Q4_0", tokenizer=bpe512, progress=False)
+    assert len(calls) == len(layers) == 14

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 
 import logging
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Container, Iterator
 
 import numpy as np
 import torch
@@ -200,10 +200,11 @@ def _arch_enum(arch: str) -> Any:
 
 
 def module_gguf_state(config: Any, module: torch.nn.Module, prefix: str, materialize: bool,
-                      exclude: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                      exclude: str | None = None, queued: Container[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
     """``(GGUF name, tensor)`` for the tensors of ``module`` (full names ``prefix + name``), skipping names that
     start with ``exclude``; quantized layers are dequantized to float32 when ``materialize``, else stand in as
-    meta tensors of their shape; a tied ``lm_head`` is skipped."""
+    meta tensors of their shape — as do those whose GGUF name is in ``queued`` (bytes the caller already holds);
+    a tied ``lm_head`` is skipped."""
     from transformers.pytorch_utils import Conv1D
 
     from lowbit.model.fused import unfuse
@@ -223,7 +224,8 @@ def module_gguf_state(config: Any, module: torch.nn.Module, prefix: str, materia
             if leaf == "qweight":
                 q = quantized[owner]
                 shape = (q.out_features, q.in_features)
-                weight = q.quantized_tensor().dequantize() if materialize else torch.empty(shape, device="meta")
+                dense = materialize and not _named(name_of, f"{prefix}{owner}.weight", queued)
+                weight = q.quantized_tensor().dequantize() if dense else torch.empty(shape, device="meta")
                 entries.append((f"{prefix}{owner}.weight", weight))
             elif leaf == "bias":
                 entries.append((full, tensor.detach()))
@@ -233,6 +235,16 @@ def module_gguf_state(config: Any, module: torch.nn.Module, prefix: str, materia
         for hf_name, tensor in unfuse(config.model_type, fused_name, fused):  # experts: gate_up → gate, up
             if not (tied and hf_name.startswith("lm_head.")):
                 yield name_of(hf_name), tensor.float() if materialize else tensor
+
+
+def _named(name_of: Callable[[str], str], hf_name: str, names: Container[str]) -> bool:
+    """Whether ``hf_name``'s GGUF name is one of ``names`` (a fused or unknown tensor is not)."""
+    if not names:
+        return False
+    try:
+        return name_of(hf_name) in names
+    except FormatError:
+        return False
 
 
 def _first(config: Any, *attrs: str) -> Any:

@@ -128,7 +128,8 @@ class GGUFSink:
         whose own grid the planned block type holds exactly (:mod:`~lowbit.formats.gguf.exact`), written code for
         code."""
         self._encode_exact(module, prefix, exclude)
-        for name, tensor in module_gguf_state(self.config, module, prefix, materialize=True, exclude=exclude):
+        for name, tensor in module_gguf_state(self.config, module, prefix, materialize=True, exclude=exclude,
+                                              queued=self.encoded):
             if name in self.encoded:
                 self._write(name, self.encoded.pop(name))
                 continue
