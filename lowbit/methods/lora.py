@@ -65,7 +65,11 @@ class LoRAConfig:
 
 class _PackedBase(torch.autograd.Function):
     """``base(x)`` whose backward dequantizes the frozen weight again (``∂y/∂x = dequantize(W)``) instead of
-    keeping the dequantized weight alive between the forward and backward passes."""
+    keeping the dequantized weight alive between the forward and backward passes.
+
+    The input gradient ``grad [..., out] @ W [out, in]`` runs in the gradient's dtype — bfloat16 under bf16
+    autocast, as autocast's own ``linear`` backward does, with the weight rounded to bfloat16 exactly as the
+    forward saw it — so the temporary weight is half a float32 copy and the matmul takes the bf16 path."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, base: QLinear) -> torch.Tensor:
@@ -75,7 +79,9 @@ class _PackedBase(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         weight = ctx.base.quantized_tensor().dequantize(torch.float32)
-        return (grad.float() @ weight).to(grad.dtype), None
+        if grad.dtype != torch.float32:
+            weight = weight.to(grad.dtype)
+        return grad @ weight, None
 
 
 class LoRALinear(nn.Module):

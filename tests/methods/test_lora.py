@@ -12,8 +12,9 @@ from torch import nn
 
 from conftest import make_tiny
 from lowbit.config import QuantConfig, QuantRecipe
-from lowbit.methods.lora import LoRAConfig, add_lora, load_adapter, merge_into_float, save_adapter, train_lora
+from lowbit.methods.lora import LoRAConfig, LoRALinear, add_lora, load_adapter, merge_into_float, save_adapter, train_lora
 from lowbit.methods.qat import QATConfig
+from lowbit.methods.rtn import quantize_rtn
 from lowbit.nn.qlinear import QLinear
 from lowbit.quantize import quantize_model
 
@@ -43,6 +44,35 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
                     linear.bias.copy_(m.bias)
             set_submodule(out, name, linear)
     return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_packed_base_backward_gives_the_gradient_of_its_dequantized_linear(dtype: torch.dtype) -> None:
+    """The base's input gradient (re-dequantized in backward) equals autograd's through an nn.Linear holding the
+    dequantized weight: float32 exactly; under bf16 autocast as autocast's own linear backward (bf16 matmul)."""
+    torch.manual_seed(0)
+    base = QLinear(quantize_rtn(torch.randn(64, 96), CFG), None)
+    dense = nn.Linear(96, 64, bias=False)
+    with torch.no_grad():
+        dense.weight.copy_(base.quantized_tensor().dequantize())
+    layer = LoRALinear(base, rank=4, alpha=8.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 5, 96)
+    grads = []
+    for path in ("packed", "dense"):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            if path == "packed":
+                y = layer(xi)
+            else:  # LoRALinear.forward with the dense layer as its base
+                y = dense(xi)
+                y = y + (layer.scaling * ((xi @ layer.lora_A.T) @ layer.lora_B.T)).to(y.dtype)
+        y.float().square().sum().backward()
+        grads.append(xi.grad)
+    assert grads[0].dtype == torch.float32
+    tol = 0 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(grads[0], grads[1], rtol=tol, atol=tol * float(grads[1].abs().max()))
 
 
 def test_training_lowers_the_loss_and_leaves_the_base_packed_and_unchanged() -> None:
