@@ -209,10 +209,8 @@ def _evaluate(loaded: Any, args: argparse.Namespace, reference: Any = None) -> d
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.calib.data import CalibConfig
     from lowbit.formats.atomic import check_output
-    from lowbit.methods.gptq import GPTQConfig
-    from lowbit.methods.learned import LearnedConfig
+    from lowbit.cli_method import method_from_args
     from lowbit.job import check_embeddings_format
-    from lowbit.methods.method import ClipConfig, MethodConfig
 
     check_embeddings_format(args.embeddings != "float16", args.format)  # --format gguf does not build a recipe
     mixed = cli_mixed.wants_mixed(args)
@@ -230,9 +228,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         raise ConfigError("SmoothQuant (--method sq, sq+gptq) moves activation outliers into the weights, for layers "
                           "that quantize their inputs: add --act-bits 8 (e.g. --bits 8 --per-channel --sym)")
-    method = MethodConfig.parse(args.method, gptq=GPTQConfig(damp=args.damp, act_order=not args.no_act_order),
-                                learned=LearnedConfig(iters=args.iters),
-                                clip=None if args.no_clip else ClipConfig())
+    method = method_from_args(args.method, args)
     calib = CalibConfig(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed)
     check_output(args.out, args.overwrite, resolve_source(args.model))
     if not args.no_eval:

@@ -167,7 +167,7 @@ def cmd_merge(args: argparse.Namespace, recipe: Any) -> int:
     from lowbit.data.text import read_text
     from lowbit.formats.atomic import check_output
     from lowbit.methods.lora import load_adapter, merge_into_float
-    from lowbit.methods.method import MethodConfig
+    from lowbit.cli_method import method_from_args
     from lowbit.model.loading import load_model, resolve_source
     from lowbit.quantize import quantize_model
 
@@ -184,7 +184,7 @@ def cmd_merge(args: argparse.Namespace, recipe: Any) -> int:
         print(f"wrote {out}: {len(layers)} QA-LoRA layers folded into the base's zero points (codes unchanged)")
         return 0
     merge_into_float(loaded.model, layers)
-    method = MethodConfig.parse(args.method or "gptq")
+    method = method_from_args(args.method or "gptq", args)
     merged_recipe = type(recipe)(recipe.default, include=tuple(layers), exclude=recipe.exclude)
     if args.format != "lowbit":  # the format can store the re-quantized layers: checked before quantizing
         from lowbit.formats.serving import check_recipe

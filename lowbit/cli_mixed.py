@@ -183,15 +183,14 @@ def sensitivity_rows(table: Any, top: int) -> tuple[list[str], list[tuple]]:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from lowbit.cli_method import method_from_args
     from lowbit.config import QuantRecipe
-    from lowbit.methods.gptq import GPTQConfig
-    from lowbit.methods.method import MethodConfig
     from lowbit.plan.candidates import parse_candidates
     from lowbit.plan.sensitivity import sensitivity_table
     from lowbit.report import markdown_table
 
     candidates = parse_candidates(args.candidates)
-    method = MethodConfig.parse(args.method, gptq=GPTQConfig(damp=args.damp))
+    method = method_from_args(args.method, args)
     recipe = QuantRecipe(include=tuple(args.include), exclude=tuple(args.exclude))
     sm = open_float(args.model)
     try:
@@ -267,8 +266,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from lowbit.eval.report_plots import require_plotting
     from lowbit.eval.sweep import SweepConfig, SweepData, run_sweep
     from lowbit.formats.atomic import check_output, remove_stale_siblings
-    from lowbit.methods.gptq import GPTQConfig
-    from lowbit.methods.method import MethodConfig
+    from lowbit.cli_method import method_from_args
     from lowbit.model.loading import resolve_source
     from lowbit.plan.candidates import parse_candidates
 
@@ -278,7 +276,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError(f"--bpw {args.bpw!r}: write bits per weight separated by commas, e.g. 3,3.5,4") from exc
     uniform = parse_candidates(args.uniform) if args.uniform.strip() else ()
     sweep = SweepConfig(uniform, bpws, parse_candidates(args.candidates),
-                        MethodConfig.parse(args.method, gptq=GPTQConfig(damp=args.damp)), args.float_dtype, args.max_kl)
+                        method_from_args(args.method, args), args.float_dtype, args.max_kl)
     if not uniform and not bpws:
         raise ConfigError("nothing to try: give --uniform settings and/or --bpw budgets")
     if not args.max_kl > 0:

@@ -63,7 +63,7 @@ def cmd_qat(args: argparse.Namespace, recipe: Any, evaluate: Any) -> int:
     from lowbit.data.text import read_text
     from lowbit.formats.atomic import check_output
     from lowbit.formats.serving import check_recipe
-    from lowbit.methods.method import MethodConfig
+    from lowbit.cli_method import method_from_args
     from lowbit.methods.qat import QATConfig, state_file, train_qat
     from lowbit.model.loading import load_model, resolve_source
     from lowbit.quantize import quantize_model
@@ -74,10 +74,10 @@ def cmd_qat(args: argparse.Namespace, recipe: Any, evaluate: Any) -> int:
     state = state_file(args.out, "qat", args.resume)  # before the model loads and the PTQ start runs
     loaded = load_model(args.model)
     if args.format != "lowbit":
-        check_recipe(loaded.model, recipe, args.format, MethodConfig.parse(args.init))
+        check_recipe(loaded.model, recipe, args.format, method_from_args(args.init, args))
     teacher = loaded.model
     student = copy.deepcopy(teacher)
-    method = MethodConfig.parse(args.init)
+    method = method_from_args(args.init, args)
     calib = CalibConfig(samples=args.calib_samples, seqlen=args.calib_seqlen or 512, seed=args.seed)
     calib_ids = None
     if method.needs_calibration:

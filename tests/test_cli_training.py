@@ -40,7 +40,7 @@ def test_qat_writes_a_trained_checkpoint_that_loads(tiny_hf_folder: Path, tmp_pa
 
 
 @pytest.mark.slow
-def test_finetune_then_merge(tiny_hf_folder: Path, tmp_path: Path, capsys, caplog) -> None:
+def test_finetune_then_merge(tiny_hf_folder: Path, tmp_path: Path, capsys, caplog, monkeypatch) -> None:
     base = tmp_path / "base"
     assert run(capsys, "quantize", tiny_hf_folder, "--out", base, "--codebook", "nf4", "--group-size", "32",
                "--no-eval")[0] == 0
@@ -71,6 +71,16 @@ def test_finetune_then_merge(tiny_hf_folder: Path, tmp_path: Path, capsys, caplo
                             "--group-size", "32")
     assert code == 0, err
     assert "14 merged layers" in stdout and (merged / "config.json").is_file()
+    import lowbit.quantize
+
+    methods = []
+    real = lowbit.quantize.quantize_model
+    monkeypatch.setattr(lowbit.quantize, "quantize_model", lambda *a, **k: methods.append(k["method"]) or real(*a, **k))
+    code, stdout, err = run(capsys, "merge", base, adapter, "--out", tmp_path / "m2", "--method", "gptq+learned",
+                            "--iters", "2", "--damp", "0.05", "--calib", held_out, "--calib-samples", "4",
+                            "--calib-seqlen", "64", "--codebook", "nf4", "--group-size", "32")
+    assert code == 0, err
+    assert [(m.name, m.learned.iters, m.gptq.damp) for m in methods] == [("gptq+learned", 2, 0.05)]
 
 
 @pytest.mark.slow
@@ -98,3 +108,16 @@ def test_qa_lora_finetune_merges_into_the_zero_points(tiny_hf_folder: Path, tmp_
     assert sorted(before) == sorted(after) and all(torch.equal(before[n], after[n]) for n in before)
     code, _, err = run(capsys, "merge", base, adapter, "--out", tmp_path / "m2", "--format", "gptq")
     assert code != 0 and err  # float zero points: GPTQ's layout cannot store them, refused in one line
+
+
+@pytest.mark.parametrize("command", [["quantize", "m", "--out", "o"], ["merge", "m", "a", "--out", "o"],
+                                     ["qat", "m", "--out", "o", "--train", "t"], ["sensitivity", "m"],
+                                     ["report", "m", "--out", "o"]])
+def test_every_requantizing_command_passes_its_calibration_options_to_the_method(command: list[str]) -> None:
+    """--damp and --iters reach the method each command runs (`lowbit merge` and `lowbit qat` used to ignore them)."""
+    from lowbit.cli import build_parser
+    from lowbit.cli_method import method_from_args
+
+    args = build_parser().parse_args([*command, "--damp", "0.05", "--iters", "7"])
+    method = method_from_args("gptq+learned", args)
+    assert (method.gptq.damp, method.learned.iters) == (0.05, 7)
