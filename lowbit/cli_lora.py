@@ -172,6 +172,8 @@ def cmd_merge(args: argparse.Namespace, recipe: Any) -> int:
     from lowbit.quantize import quantize_model
 
     check_output(args.out, args.overwrite, resolve_source(args.model))
+    if args.method != "zeros":
+        method_from_args(args.method or "gptq", args)  # bad --iters/--damp refused before anything loads
     loaded = load_model(args.model)
     layers, lora = load_adapter(loaded.model, Path(args.adapter))
     if (args.method or ("zeros" if lora.pool else "gptq")) == "zeros":

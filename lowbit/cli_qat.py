@@ -72,12 +72,12 @@ def cmd_qat(args: argparse.Namespace, recipe: Any, evaluate: Any) -> int:
                     loss=args.loss, seed=args.seed, recompute=args.recompute_activations)
     check_output(args.out, args.overwrite, resolve_source(args.model))
     state = state_file(args.out, "qat", args.resume)  # before the model loads and the PTQ start runs
+    method = method_from_args(args.init, args)  # bad --iters/--damp refused before anything loads
     loaded = load_model(args.model)
     if args.format != "lowbit":
-        check_recipe(loaded.model, recipe, args.format, method_from_args(args.init, args))
+        check_recipe(loaded.model, recipe, args.format, method)
     teacher = loaded.model
     student = copy.deepcopy(teacher)
-    method = method_from_args(args.init, args)
     calib = CalibConfig(samples=args.calib_samples, seqlen=args.calib_seqlen or 512, seed=args.seed)
     calib_ids = None
     if method.needs_calibration:
