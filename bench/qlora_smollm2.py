@@ -13,6 +13,7 @@ the scratch cache and re-evaluates every row).
 
     python bench/qlora_smollm2.py --peer [--steps 200]   # the peft + bitsandbytes row, its own process first
     python bench/qlora_smollm2.py [--steps 200] [--merges rtn,gptq,gptq+learned]
+    python bench/qlora_smollm2.py --merges-only --steps N --merges rtn,gptq   # qlora_merges_smollm2.md (by N)
 """
 
 from __future__ import annotations
@@ -201,6 +202,54 @@ def _adapter(base, train_ids, lora, steps: int, name: str) -> tuple[dict, dict]:
     return layers, train
 
 
+def _merges_table(rows: list[dict], train: dict, steps: int) -> None:
+    """``--merges-only``: this run's base, adapted base and merges, kept per adapter length
+    (``CACHE/merges-only-STEPS.json``), and every length measured so far in one table (``qlora_merges_smollm2``):
+    held-out perplexity, each merge's time and share of the adapter's gain kept; the memory runs if measured."""
+    from lowbit.config import default_compute_dtype
+    from lowbit.report import markdown_table
+
+    (CACHE / f"merges-only-{steps}.json").write_text(json.dumps({"steps": steps, "rows": rows, "training": train}))
+    runs = sorted((json.loads(f.read_text()) for f in CACHE.glob("merges-only-*.json")), key=lambda r: r["steps"])
+    lines = []
+    for run in runs:
+        by = {r["row"].split(")")[0] + ")": r["held_out_ppl"] for r in run["rows"]}
+        gain = by["(b)"] - by["(c)"]
+        t = run["training"]
+        for r in run["rows"]:
+            if r["row"].startswith("(a)") or (r["row"].startswith("(b)") and run is not runs[0]):
+                continue
+            kept = (by["(b)"] - r["held_out_ppl"]) / gain if r["row"][:2] in ("(d", "(e", "(f") else None
+            note = r["note"] if not r["row"].startswith("(c)") else (
+                f"{t['steps']} steps, {t['step_seconds']:.2f} s/step, {t['seconds'] / 60:.1f} min"
+                + (f"; {t['note']}" if t.get("note") else ""))
+            lines.append((run["steps"] if not r["row"].startswith("(b)") else "—", r["row"], r["held_out_ppl"],
+                          r["quantized_layer_bytes"], kept, note))
+    float_ppl = runs[0]["rows"][0]["held_out_ppl"]
+    table = markdown_table(["adapter steps", "", "held-out perplexity", "quantized layers + adapter bytes",
+                            "share of (c)'s gain kept", "note"], lines)
+    sections = [("Merges by adapter length", table)]
+    mem = json.loads((CACHE / "memory.json").read_text()) if (CACHE / "memory.json").is_file() else None
+    if mem is not None:
+        mb = 1 << 20
+        runtime = mem["load_only_peak_bytes"] - mem["base_memory_bytes"]
+        sections.append(("Memory and time of `lowbit finetune` (its own process, --memory)", markdown_table(
+            ["run", "steps", "peak RSS MB", "peak RSS − runtime MB", "2 × base + step tensors MB",
+             "command s (load + steps)"],
+            [("--recompute-activations" if r["recompute"] else "all activations kept", mem["steps"],
+              r["peak_bytes"] / mb, (r["peak_bytes"] - runtime) / mb,
+              (2 * mem["base_memory_bytes"] + r["working_tensor_bytes"]) / mb, r["seconds"]) for r in mem["runs"]])))
+    intro = (f"SmolLM2-135M-Instruct (float held-out perplexity {float_ppl:.3f}), the setting of qlora_smollm2.md: "
+             f"NF4 g64 base, LoRA rank {RANK} α {ALPHA} on every quantized linear, Adam lr {LR}, batches of "
+             f"{BATCH} × {SEQLEN} tokens of stdlib docstrings, held-out perplexity on {HELD_OUT} × {SEQLEN} tokens "
+             f"of disjoint modules, {default_compute_dtype()} compute — here with adapters trained for different "
+             "numbers of steps. Each merge adds the adapter to the dequantized base in float and re-quantizes onto "
+             "NF4 g64 (RTN; GPTQ calibrated on 128 of the fine-tune windows); its note gives its time. Share kept = "
+             "(ppl(b) − ppl(merge)) / (ppl(b) − ppl(c)).")
+    write_results("qlora_merges_smollm2", "QLoRA merges on SmolLM2-135M: share of the fine-tune kept by adapter length",
+                  intro, sections, {"runs": runs, "memory": mem, "compute_dtype": default_compute_dtype()})
+
+
 def main() -> None:
     from lowbit import QuantConfig, QuantRecipe, load_model, quantize_model
     from lowbit.calib.data import CalibConfig, calibration_ids
@@ -261,6 +310,9 @@ def main() -> None:
         done.write_text(json.dumps(rows[-1]))
         del merged
     del base
+    if "--merges-only" in sys.argv:
+        _merges_table(rows, train, steps)
+        return
     qa_base = copy.deepcopy(loaded.model)
     quantize_model(qa_base, QuantRecipe(QuantConfig(**QA_GRID)), progress=False)
     row("(g) int4 g64 asym, float16 zeros, base (RTN)", qa_base, _bytes(qa_base))
