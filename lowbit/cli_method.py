@@ -1,6 +1,6 @@
 """The method a CLI command runs, from its name and the shared calibration options.
 
-Every command that re-quantizes (``quantize``, ``merge``, ``qat``'s PTQ start, ``sensitivity``, ``sweep``) takes
+Every command that re-quantizes (``quantize``, ``merge``, ``qat``'s PTQ start, ``sensitivity``, ``report``) takes
 ``--damp`` and ``--iters`` (and ``quantize`` also ``--no-act-order`` / ``--no-clip``); they reach the method here,
 in one place, so no command silently runs the defaults instead of what the user asked for.
 """

@@ -69,7 +69,8 @@ class _PackedBase(torch.autograd.Function):
 
     The input gradient ``grad [..., out] @ W [out, in]`` runs in the gradient's dtype — bfloat16 under bf16
     autocast, as autocast's own ``linear`` backward does, with the weight rounded to bfloat16 exactly as the
-    forward saw it — so the temporary weight is half a float32 copy and the matmul takes the bf16 path."""
+    forward saw it — so the matmul takes the bf16 path (measured on SmolLM2 NF4 LoRA: 12.9 → 11.3 s per step, same
+    held-out perplexity after 30 steps: 12.360)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, base: QLinear) -> torch.Tensor:
