@@ -313,16 +313,13 @@ def _quantize_gguf(args: argparse.Namespace) -> int:
     """``lowbit quantize --format gguf``: llama.cpp's mix for ``--type``, weights chosen by ``--method``, streamed."""
     from lowbit.calib.data import CalibConfig
     from lowbit.formats.atomic import check_output
+    from lowbit.cli_method import method_options
     from lowbit.gguf_job import gguf_method
     from lowbit.formats.gguf.writer import file_type
     from lowbit.job import QuantizeJob, quantize_and_save
-    from lowbit.methods.gptq import GPTQConfig
-    from lowbit.methods.learned import LearnedConfig
-    from lowbit.methods.method import ClipConfig
 
     file_type(args.type)  # validate before the expensive work
-    method = gguf_method(args.method, GPTQConfig(damp=args.damp), None if args.no_clip else ClipConfig(),
-                         LearnedConfig(iters=args.iters))
+    method = gguf_method(args.method, **method_options(args))  # GGUF's GPTQ always orders columns by act-order
     calib = CalibConfig(samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed)
     check_output(args.out, args.overwrite, resolve_source(args.model))
     if not args.no_eval:

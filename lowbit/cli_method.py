@@ -1,8 +1,9 @@
 """The method a CLI command runs, from its name and the shared calibration options.
 
-Every command that re-quantizes (``quantize``, ``merge``, ``qat``'s PTQ start, ``sensitivity``, ``report``) takes
-``--damp`` and ``--iters`` (and ``quantize`` also ``--no-act-order`` / ``--no-clip``); they reach the method here,
-in one place, so no command silently runs the defaults instead of what the user asked for.
+Every command that re-quantizes (``quantize`` — lowbit folders and GGUF files —, ``merge``, ``qat``'s PTQ start,
+``sensitivity``, ``report``) takes ``--damp`` and ``--iters`` (and ``quantize`` also ``--no-act-order`` /
+``--no-clip``); they reach the method here, in one place, so no command silently runs the defaults instead of what
+the user asked for.
 """
 
 from __future__ import annotations
@@ -11,15 +12,21 @@ import argparse
 from typing import Any
 
 
-def method_from_args(name: str, args: argparse.Namespace) -> Any:
-    """:class:`~lowbit.methods.method.MethodConfig` ``name`` with GPTQ's damping (``--damp``), act-order
-    (``--no-act-order``), the clip search (``--no-clip``) and learned rounding's steps (``--iters``) as given;
-    options a command does not define keep their defaults."""
+def method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The method parts the options set: ``gptq`` (``--damp``, ``--no-act-order``), ``clip`` (None with
+    ``--no-clip``) and ``learned`` (``--iters``); options a command does not define keep their defaults."""
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.methods.learned import LearnedConfig
-    from lowbit.methods.method import ClipConfig, MethodConfig
+    from lowbit.methods.method import ClipConfig
 
-    gptq = GPTQConfig(damp=getattr(args, "damp", GPTQConfig.damp),
-                      act_order=not getattr(args, "no_act_order", False))
-    return MethodConfig.parse(name, gptq=gptq, learned=LearnedConfig(iters=getattr(args, "iters", LearnedConfig.iters)),
-                              clip=None if getattr(args, "no_clip", False) else ClipConfig())
+    return {"gptq": GPTQConfig(damp=getattr(args, "damp", GPTQConfig.damp),
+                               act_order=not getattr(args, "no_act_order", False)),
+            "clip": None if getattr(args, "no_clip", False) else ClipConfig(),
+            "learned": LearnedConfig(iters=getattr(args, "iters", LearnedConfig.iters))}
+
+
+def method_from_args(name: str, args: argparse.Namespace) -> Any:
+    """:class:`~lowbit.methods.method.MethodConfig` ``name`` with the parts :func:`method_options` reads."""
+    from lowbit.methods.method import MethodConfig
+
+    return MethodConfig.parse(name, **method_options(args))
