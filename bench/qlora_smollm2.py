@@ -202,6 +202,29 @@ def _adapter(base, train_ids, lora, steps: int, name: str) -> tuple[dict, dict]:
     return layers, train
 
 
+def _memory_section(sections: list[tuple[str, str]]) -> dict | None:
+    """Append the table of the ``--memory`` runs (if measured) to ``sections``; returns their record."""
+    from lowbit.report import markdown_table
+
+    mem = json.loads((CACHE / "memory.json").read_text()) if (CACHE / "memory.json").is_file() else None
+    if mem is None:
+        return None
+    mb = 1 << 20
+    base = mem["base_memory_bytes"]
+    runtime = mem["load_only_peak_bytes"] - base  # interpreter, torch, transformers, tokenizer
+    sections.append(("Memory of `lowbit finetune` (its own process, python bench/qlora_smollm2.py --memory)",
+                     markdown_table(
+        ["run", "steps", "peak RSS MB", "load-only process MB", "base in memory MB (file MB)",
+         "step tensors MB (activations, gradients, temporaries)", "peak RSS − runtime MB",
+         "2 × base + step tensors MB", "command s (load + steps)"],
+        [("--recompute-activations" if r["recompute"] else "all activations kept", mem["steps"],
+          r["peak_bytes"] / mb, mem["load_only_peak_bytes"] / mb,
+          f"{base / mb:.1f} ({mem['base_file_bytes'] / mb:.1f})", r["working_tensor_bytes"] / mb,
+          (r["peak_bytes"] - runtime) / mb, (2 * base + r["working_tensor_bytes"]) / mb, r["seconds"])
+         for r in mem["runs"]])))
+    return mem
+
+
 def _merges_table(rows: list[dict], train: dict, steps: int) -> None:
     """``--merges-only``: this run's base, adapted base and merges, kept per adapter length
     (``CACHE/merges-only-STEPS.json``), and every length measured so far in one table (``qlora_merges_smollm2``):
@@ -229,16 +252,7 @@ def _merges_table(rows: list[dict], train: dict, steps: int) -> None:
     table = markdown_table(["adapter steps", "", "held-out perplexity", "quantized layers + adapter bytes",
                             "share of (c)'s gain kept", "note"], lines)
     sections = [("Merges by adapter length", table)]
-    mem = json.loads((CACHE / "memory.json").read_text()) if (CACHE / "memory.json").is_file() else None
-    if mem is not None:
-        mb = 1 << 20
-        runtime = mem["load_only_peak_bytes"] - mem["base_memory_bytes"]
-        sections.append(("Memory and time of `lowbit finetune` (its own process, --memory)", markdown_table(
-            ["run", "steps", "peak RSS MB", "peak RSS − runtime MB", "2 × base + step tensors MB",
-             "command s (load + steps)"],
-            [("--recompute-activations" if r["recompute"] else "all activations kept", mem["steps"],
-              r["peak_bytes"] / mb, (r["peak_bytes"] - runtime) / mb,
-              (2 * mem["base_memory_bytes"] + r["working_tensor_bytes"]) / mb, r["seconds"]) for r in mem["runs"]])))
+    mem = _memory_section(sections)
     intro = (f"SmolLM2-135M-Instruct (float held-out perplexity {float_ppl:.3f}), the setting of qlora_smollm2.md: "
              f"NF4 g64 base, LoRA rank {RANK} α {ALPHA} on every quantized linear, Adam lr {LR}, batches of "
              f"{BATCH} × {SEQLEN} tokens of stdlib docstrings, held-out perplexity on {HELD_OUT} × {SEQLEN} tokens "
@@ -344,20 +358,7 @@ def main() -> None:
         ("share kept by (f) GPTQ + learned rounding merge", kept["(f)"]),
         ("share of (h)'s gain over (g) kept by (i) the zero-point merge", kept["(i)"])])
     sections = [("Held-out perplexity", table), ("Summary", summary)]
-    mem = json.loads((CACHE / "memory.json").read_text()) if (CACHE / "memory.json").is_file() else None
-    if mem is not None:
-        mb = 1 << 20
-        base = mem["base_memory_bytes"]
-        runtime = mem["load_only_peak_bytes"] - base  # interpreter, torch, transformers, tokenizer
-        sections.append(("Memory of `lowbit finetune` (its own process, python bench/qlora_smollm2.py --memory)",
-                         markdown_table(
-            ["run", "peak RSS MB", "load-only process MB", "base in memory MB (file MB)",
-             "step tensors MB (activations, gradients, temporaries)", "peak RSS − runtime MB",
-             "2 × base + step tensors MB", "command s (load + steps)"],
-            [("--recompute-activations" if r["recompute"] else "all activations kept", r["peak_bytes"] / mb,
-              mem["load_only_peak_bytes"] / mb, f"{base / mb:.1f} ({mem['base_file_bytes'] / mb:.1f})",
-              r["working_tensor_bytes"] / mb, (r["peak_bytes"] - runtime) / mb,
-              (2 * base + r["working_tensor_bytes"]) / mb, r["seconds"]) for r in mem["runs"]])))
+    mem = _memory_section(sections)
     dtype = default_compute_dtype()
     intro = ("SmolLM2-135M-Instruct. Domain: Python standard-library docstrings (lowbit's built-in text), split by "
              f"module: training windows from the calibration module list, held-out perplexity on {HELD_OUT} × "
