@@ -48,7 +48,8 @@ def add_lora_parsers(sub: Any, add_grid_args: Any, add_calib_args: Any) -> None:
     f.add_argument("--train-seqlen", type=int, default=512, help="tokens per window (default 512)")
     f.add_argument("--seed", type=int, default=0, help="seed of the windows and the adapter init (default 0)")
     f.add_argument("--recompute-activations", action="store_true",
-                   help="activation checkpointing: recompute each block in the backward pass (less memory, more time)")
+                   help="activation checkpointing: recompute each block in the backward pass and hand freed "
+                        "memory back to the OS between blocks (less memory, more time)")
     m = sub.add_parser("merge", help="merge a LoRA adapter into its quantized base and quantize the result again")
     m.add_argument("model", help="the quantized base the adapter was trained on")
     m.add_argument("adapter", help="the adapter folder (lowbit finetune --out, or any peft LoRA of those layers)")

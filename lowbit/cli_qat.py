@@ -43,8 +43,8 @@ def add_qat_parser(sub: Any, add_grid_args: Any, add_calib_args: Any, add_eval_a
     t.add_argument("--loss", default="kl", choices=["kl", "ce"],
                    help="kl: match the original model's next-token distribution (default); ce: the text's tokens")
     t.add_argument("--recompute-activations", action="store_true",
-                   help="activation checkpointing: keep each block's input only and recompute the block in the "
-                        "backward pass (less memory, ~30 %% more time)")
+                   help="activation checkpointing: keep each block's input only, recompute the block in the "
+                        "backward pass and hand freed memory back to the OS between blocks (less memory, more time)")
     t.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     add_grid_args(t)
     add_calib_args(t)

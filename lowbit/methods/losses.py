@@ -11,15 +11,42 @@ Autograd on the textbook expression keeps ~6 float32 ``[N, V]`` tensors alive un
 both, ``p``, the difference, the product …): 2.4 GB at 4 × 512 positions of a 49k vocabulary. Here the forward pass
 walks ``chunk`` positions at a time in float32, accumulates the loss and writes the gradient above straight into one
 ``[N, V]`` tensor in the logits' dtype — the only thing the backward pass needs.
+
+With :class:`HeadSplit` (a model whose logits are exactly ``head(body(ids))``, checked on a probe) the ``[N, V]``
+logits are never whole: each block of positions is projected by the head, turned into its gradient and projected
+back to the hidden size at once — ``∂loss/∂h = (∂loss/∂z) · W`` (and ``∂loss/∂W += (∂loss/∂z)ᵀ · h`` if the head
+trains) — so the loss holds ``[N, H]`` instead of two ``[N, V]`` tensors (V/H ≈ 85 on SmolLM2: 400 MB → 5 MB).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
 
 CHUNK = 256  # positions per block: 256 × 49,152 float32 = 50 MB per temporary
+
+
+def _block_loss(z: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For float32 logits ``z [c, V]`` of one block of positions: the summed loss (float64) and its gradient per
+    position, ``softmax(z) − p`` (float32 ``[c, V]``, not yet divided by N)."""
+    logq = torch.log_softmax(z, dim=-1)
+    g = logq.exp()
+    if teacher is not None:
+        logp = torch.log_softmax(teacher, dim=-1)
+        p = logp.exp()
+        g -= p
+        return (p * (logp - logq)).sum(dtype=torch.float64), g
+    y = labels.unsqueeze(1)
+    g.scatter_add_(1, y, torch.full(y.shape, -1.0))
+    return -logq.gather(1, y).sum(dtype=torch.float64), g
 
 
 class _BlockwiseSoftmaxLoss(torch.autograd.Function):
@@ -34,17 +61,9 @@ class _BlockwiseSoftmaxLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            logq = torch.log_softmax(logits[rows].float(), dim=-1)
-            g = logq.exp()
-            if teacher is not None:
-                logp = torch.log_softmax(teacher[rows].float(), dim=-1)
-                p = logp.exp()
-                total += (p * (logp - logq)).sum(dtype=torch.float64)
-                g -= p
-            else:
-                y = labels[rows].unsqueeze(1)
-                total -= logq.gather(1, y).sum(dtype=torch.float64)
-                g.scatter_add_(1, y, torch.full(y.shape, -1.0))
+            part, g = _block_loss(logits[rows].float(), None if teacher is None else teacher[rows].float(),
+                                  None if labels is None else labels[rows])
+            total += part
             grad[rows] = g / n
         ctx.save_for_backward(grad)
         return (total / n).float()
@@ -53,6 +72,105 @@ class _BlockwiseSoftmaxLoss(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (grad,) = ctx.saved_tensors
         return grad * grad_output.to(grad.dtype), None, None, None
+
+
+def _compute_dtype(like: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a linear layer in here (the tensor's own outside autocast)."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else like.dtype
+
+
+class _HeadSoftmaxLoss(torch.autograd.Function):
+    """The losses of :class:`_BlockwiseSoftmaxLoss` on ``z = hidden · Wᵀ + b``, a block of positions at a time,
+    the head's matmuls in ``dtype`` as autocast runs them (the gradient of each block rounded to it, as autograd
+    rounds the logits' gradient); ``teacher(rows)`` gives the teacher's float32 logits of those rows."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                teacher: Callable[[slice], torch.Tensor] | None, labels: torch.Tensor | None, chunk: int,
+                dtype: torch.dtype) -> torch.Tensor:
+        n = hidden.shape[0]
+        w = weight.detach().to(dtype)
+        b = None if bias is None else bias.detach().to(dtype)
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32) if weight.requires_grad else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32) if bias is not None and bias.requires_grad else None
+        total = torch.zeros((), dtype=torch.float64)
+        with torch.autocast("cpu", enabled=False):
+            for start in range(0, n, chunk):
+                rows = slice(start, start + chunk)
+                h = hidden[rows].detach().to(dtype)
+                part, g = _block_loss(F.linear(h, w, b).float(), None if teacher is None else teacher(rows),
+                                      None if labels is None else labels[rows])
+                total += part
+                g = (g / n).to(dtype)
+                grad_h[rows] = g @ w
+                if grad_w is not None:
+                    grad_w += (g.t() @ h).float()
+                if grad_b is not None:
+                    grad_b += g.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return (total / n).float()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_output.float()
+        return (grad_h * scale.to(grad_h.dtype), None if grad_w is None else grad_w * scale,
+                None if grad_b is None else grad_b * scale, None, None, None, None)
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """A causal LM as ``logits = head(body(ids))``: ``body`` (the decoder, final norm included) and the output
+    head, a plain linear layer. Made by :func:`split_head` only where that equality holds."""
+
+    body: nn.Module
+    head: nn.Linear
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """The head's input ``[B, T, H]`` for windows ``ids [B, T]``."""
+        return self.body(ids, use_cache=False)[0]
+
+    def logits_of(self, hidden: torch.Tensor) -> Callable[[slice], torch.Tensor]:
+        """Float32 logits of a block of rows of ``hidden [N, H]`` (a teacher's, no gradient)."""
+        dtype = _compute_dtype(hidden)
+        w = self.head.weight.detach().to(dtype)
+        b = None if self.head.bias is None else self.head.bias.detach().to(dtype)
+        return lambda rows: F.linear(hidden[rows].to(dtype), w, b).float()
+
+
+def split_head(model: nn.Module, probe: torch.Tensor) -> HeadSplit | None:
+    """The model's body and head if its logits on ``probe`` windows (token ids ``[B, T]``) are *exactly* the head
+    applied to the body's output in float32 — any architecture that does more after its head (a logit soft-cap, a
+    logit scale …) fails the check and keeps the full-logits path. None if there is no such split."""
+    get_body, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+    if get_body is None or get_head is None:
+        return None
+    body, head = get_body(), get_head()
+    if body is None or body is model or type(head) is not nn.Linear:
+        return None
+    split = HeadSplit(body, head)
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        full = model(probe, use_cache=False).logits
+        mine = head(split.hidden(probe))
+    if full.shape != mine.shape or not torch.equal(full, mine):
+        log.info("%s: logits are not head(decoder output); the loss keeps whole logits", type(model).__name__)
+        return None
+    return split
+
+
+def head_loss(split: HeadSplit, hidden: torch.Tensor, ids: torch.Tensor,
+              teacher: Callable[[slice], torch.Tensor] | None = None, chunk: int = CHUNK) -> torch.Tensor:
+    """The loss of :func:`kl_loss` (``teacher`` gives the teacher's logits of rows of the flattened ``[B·T]``
+    positions) or, without ``teacher``, of :func:`next_token_loss`, from the head's input ``hidden [B, T, H]`` —
+    never holding the ``[B·T, V]`` logits."""
+    h = split.head
+    dtype = _compute_dtype(hidden)
+    if teacher is not None:
+        return _HeadSoftmaxLoss.apply(hidden.reshape(-1, hidden.shape[-1]), h.weight, h.bias, teacher, None, chunk,
+                                      dtype)
+    return _HeadSoftmaxLoss.apply(hidden[:, :-1].reshape(-1, hidden.shape[-1]), h.weight, h.bias, None,
+                                  ids[:, 1:].reshape(-1), chunk, dtype)
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:

@@ -18,8 +18,9 @@ Memory (float32 master weights): the student's trained layers hold ``W``, an int
 per weight (3 copies) plus Adam's two moments and a gradient for ``W`` — about 6 float32 copies of the quantized
 weights — beside the float teacher and the activations of one batch for the backward pass (the model runs in eval
 mode: no dropout). ``recompute=True`` keeps only each block's input and recomputes the block (and its
-fake-quantization intermediates) in the backward pass (:mod:`lowbit.methods.recompute`); the loss keeps one
-``[positions, vocabulary]`` gradient, not autograd's copies (:mod:`lowbit.methods.losses`).
+fake-quantization intermediates) in the backward pass (:mod:`lowbit.methods.recompute`); the loss runs the output head a block of positions at a time
+and keeps no ``[positions, vocabulary]`` tensor where the model's logits are exactly head(decoder output), else one
+such gradient, not autograd's copies (:mod:`lowbit.methods.losses`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from tqdm.auto import tqdm
 from lowbit.config import COMPUTE_DTYPES, default_compute_dtype
 from lowbit.errors import ConfigError
 from lowbit.methods.learned import LearnedLinear
-from lowbit.methods.losses import kl_loss, next_token_loss
+from lowbit.methods.losses import HeadSplit, head_loss, kl_loss, next_token_loss, split_head
 from lowbit.methods.recompute import recompute_blocks
 from lowbit.model.modules import set_submodule
 from lowbit.model.source import return_freed_memory
@@ -179,13 +180,35 @@ def resumable(params: TrainedParameters, resume_file: Path | None, run: Callable
     return report
 
 
-def _loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, ids: torch.Tensor,
-          kind: str) -> torch.Tensor:
-    """Mean per-token KL(teacher ‖ student) or next-token cross-entropy, in float32, a block of positions at a time
-    (:mod:`lowbit.methods.losses`: one ``[N, V]`` gradient kept instead of autograd's ~6 float32 copies)."""
+def _loss(student: nn.Module, teacher: nn.Module | None, splits: tuple[HeadSplit, HeadSplit | None] | None,
+          ids: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean per-token KL(teacher ‖ student) or next-token cross-entropy of windows ``ids``, in float32, a block of
+    positions at a time (:mod:`lowbit.methods.losses`): through the models' heads a block at a time where
+    ``splits`` (student's, teacher's) says logits are head(body) — no ``[N, V]`` tensor at all — else from whole
+    logits (one ``[N, V]`` gradient kept instead of autograd's ~6 float32 copies)."""
+    if splits is not None:
+        mine, theirs = splits
+        rows = None
+        if kind == "kl":
+            with torch.no_grad():
+                hidden = theirs.hidden(ids)
+                rows = theirs.logits_of(hidden.reshape(-1, hidden.shape[-1]))
+        return head_loss(mine, mine.hidden(ids), ids, rows)
     if kind == "ce":
-        return next_token_loss(student_logits, ids)
-    return kl_loss(student_logits, teacher_logits)
+        return next_token_loss(student(ids, use_cache=False).logits, ids)
+    with torch.no_grad():
+        teacher_logits = teacher(ids, use_cache=False).logits
+    return kl_loss(student(ids, use_cache=False).logits, teacher_logits)
+
+
+def _head_splits(student: nn.Module, teacher: nn.Module | None, probe: torch.Tensor,
+                 kind: str) -> tuple[HeadSplit, HeadSplit | None] | None:
+    """The student's (and for distillation the teacher's) body/head split, or None if either has none."""
+    mine = split_head(student, probe)
+    if mine is None or kind != "kl":
+        return None if mine is None else (mine, None)
+    theirs = split_head(teacher, probe)
+    return None if theirs is None else (mine, theirs)
 
 
 @dataclass
@@ -233,6 +256,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_ids: torch.Tens
     student.eval()  # no dropout: the student learns the teacher's deterministic function (as LLM-QAT)
     if teacher is not None:
         teacher.eval()
+    splits = _head_splits(student, teacher, train_ids[:1, :16], cfg.loss)
     report, start = QATReport(list(state.losses)), time.perf_counter()
     bar = tqdm(range(state.step, cfg.steps), desc=desc, unit="step", disable=not progress, initial=state.step,
                total=cfg.steps)
@@ -243,11 +267,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_ids: torch.Tens
         for step in bar:
             ids = train_ids[torch.randint(0, train_ids.shape[0], (cfg.batch_size,), generator=order)]
             with torch.autocast("cpu", dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-                teacher_logits = None
-                if cfg.loss == "kl":
-                    with torch.no_grad():
-                        teacher_logits = teacher(ids, use_cache=False).logits
-                loss = _loss(student(ids, use_cache=False).logits, teacher_logits, ids, cfg.loss)
+                loss = _loss(student, teacher, splits, ids, cfg.loss)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(weights, cfg.grad_clip)

@@ -7,6 +7,13 @@ block's weights). With :func:`recompute_blocks` the forward pass under autograd 
 only while its own backward runs — memory of one block instead of all, for one more forward pass of the student
 (~+30 % time). Works on any architecture whose block list lowbit finds
 (:func:`~lowbit.model.architectures.find_blocks`).
+
+Memory freed between blocks is handed back to the operating system (``malloc_trim``) after each block's forward
+pass and before each block's backward pass: glibc otherwise keeps the freed temporaries of every block as a
+fragmented heap, and the process's peak RSS exceeds its live tensors by hundreds of MB (SmolLM2 LoRA, 4 × 512
+tokens: ~900 MB of free heap held at the end of a backward pass). It costs page faults when the memory is reused:
+measured on that run (5 steps, ``lowbit finetune --recompute-activations``), peak RSS 1.5–1.7 GB → 1.08 GB for
++35 % time (56 s → 74–79 s; forward-only trimming: 1.27 GB, +18 %).
 """
 
 from __future__ import annotations
@@ -19,6 +26,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lowbit.model.architectures import find_blocks
+from lowbit.model.source import return_freed_memory
+
+
+def _return_freed_memory(grad: torch.Tensor) -> None:
+    """A gradient hook that returns freed heap memory to the OS and leaves the gradient as it is."""
+    return_freed_memory()
 
 
 @contextlib.contextmanager
@@ -33,7 +46,12 @@ def recompute_blocks(model: nn.Module) -> Iterator[int]:
         def wrapped(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
             if not torch.is_grad_enabled():
                 return _forward(*args, **kwargs)
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            out = checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return_freed_memory()  # this block's temporaries
+            hidden = out[0] if isinstance(out, tuple) else out
+            if isinstance(hidden, torch.Tensor) and hidden.requires_grad:  # before this block's backward: the
+                hidden.register_hook(_return_freed_memory)  # later block's recomputation and backward
+            return out
 
         block.forward = wrapped  # an instance attribute: deleting it restores the class's forward
     try:

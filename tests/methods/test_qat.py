@@ -108,7 +108,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path) -> Non
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_recomputed_activations_train_to_the_same_model(arch: str) -> None:
+def test_recomputed_activations_train_to_the_same_model(arch: str, monkeypatch) -> None:
     """Activation checkpointing changes memory, not the math: 6 steps with and without it end with equal codes and
     logits (float32: the recomputed forward is the same sequence of operations)."""
     import dataclasses
@@ -122,10 +122,17 @@ def test_recomputed_activations_train_to_the_same_model(arch: str) -> None:
     for key, model in (("plain", plain), ("recomputed", recomputed)):
         leaf = next(m for m in find_blocks(model)[0].modules() if not list(m.children()) and not isinstance(m, QLinear))
         leaf.register_forward_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
+    trims = []
+    monkeypatch.setattr("lowbit.methods.recompute.return_freed_memory", lambda: trims.append(1))
     train_qat(plain, teacher, TRAIN, cfg, compute_dtype=torch.float32, progress=False)
+    assert trims == []
     train_qat(recomputed, teacher, TRAIN, dataclasses.replace(cfg, recompute=True), compute_dtype=torch.float32,
               progress=False)
-    assert calls == {"plain": 6, "recomputed": 12}  # each block ran again in the backward pass
+    blocks = len(find_blocks(recomputed))
+    assert len(trims) == 6 * 2 * blocks  # freed memory returned after each block's forward and before its backward
+    # two passes of the head probe (lowbit.methods.losses.split_head), then each step's; recomputed: each block ran
+    # again in the backward pass
+    assert calls == {"plain": 2 + 6, "recomputed": 2 + 12}
     a, b = codes(plain), codes(recomputed)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not any("forward" in vars(m) for m in recomputed.modules())  # the wrappers are gone
