@@ -14,6 +14,8 @@ the scratch cache and re-evaluates every row).
     python bench/qlora_smollm2.py --peer [--steps 200]   # the peft + bitsandbytes row, its own process first
     python bench/qlora_smollm2.py [--steps 200] [--merges rtn,gptq,gptq+learned]
     python bench/qlora_smollm2.py --merges-only --steps N --merges rtn,gptq   # qlora_merges_smollm2.md (by N)
+    python bench/qlora_smollm2.py --memory   # `lowbit finetune`'s peak RSS, its own processes (cache: memory.json)
+    python bench/qlora_smollm2.py --render   # both tables again from their JSON + the cached memory runs
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibrated_smollm2 import HF_FOLDER  # noqa: E402
 from common import MODEL, peak_rss_mb, write_results  # noqa: E402
+from qlora_memory import memory, memory_section  # noqa: E402
 
 GRID = dict(bits=4, symmetric=True, group_size=64, codebook="nf4")
 MERGES = (("(d) merged, RTN onto NF4 g64", "rtn"), ("(e) merged, GPTQ onto NF4 g64", "gptq"),
@@ -104,83 +107,9 @@ def peer(steps: int) -> dict:
             "peak_rss_mb_training": peak_rss_mb()}
 
 
-_LOAD_ONLY = """
-import json, sys
-from lowbit import load_model
-model = load_model(sys.argv[1]).model
-unique = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}  # tied: once
-print(json.dumps(sum(unique.values())))
-"""
-# two LoRA steps on the base under torch's memory profiler: tensor bytes by category at the peak of live tensors
-_STEP_MEMORY = """
-import json, sys, tempfile, warnings
-from torch.profiler import profile, ProfilerActivity
-from lowbit import load_model
-from lowbit.calib.data import CalibConfig, calibration_ids
-from lowbit.data.text import default_text
-from lowbit.methods.lora import LoRAConfig, add_lora, train_lora
-from lowbit.methods.qat import QATConfig
-warnings.filterwarnings("ignore")  # export_memory_timeline is deprecated (still the only CPU timeline)
-loaded = load_model(sys.argv[1])
-batch, seqlen, recompute = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-ids = calibration_ids(loaded.tokenizer, default_text("calib"), CalibConfig(2 * batch, seqlen, seed=0))
-layers = add_lora(loaded.model, LoRAConfig(rank=int(sys.argv[5]), alpha=float(sys.argv[6])))
-with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-    train_lora(loaded.model, layers, ids, QATConfig(steps=2, batch_size=batch, recompute=recompute), progress=False)
-with tempfile.NamedTemporaryFile(suffix=".json") as f:
-    prof.export_memory_timeline(f.name, device="cpu")
-    times, sizes = json.load(open(f.name))
-names = ["parameter", "optimizer_state", "input", "temporary", "activation", "gradient", "autograd_detail", "unknown"]
-peak = max(sizes, key=sum)
-print(json.dumps({"peak_tensor_bytes": sum(peak), **dict(zip(names, peak[1:]))}))
-"""
-
-
-def _child_peak(args: list[str]) -> tuple[int, str]:
-    """Run ``args`` in its own process; (its peak RSS in bytes, its stdout)."""
-    import os
-    import subprocess
-
-    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({status})")
-    return usage.ru_maxrss * 1024, out
-
-
-def memory(steps: int) -> dict:
-    """Peak RSS of ``lowbit finetune`` (its own process; with and without --recompute-activations) on an NF4 g64
-    SmolLM2 base written by ``lowbit quantize``, beside that base's size (file, and in memory once loaded, tied
-    tensors once), a process that only loads it (interpreter, libraries, tokenizer, base), and the tensor memory
-    of a training step measured by torch's memory profiler (activations, gradients, temporaries at the step's
-    peak of live tensors)."""
-    import tempfile
-
-    from lowbit.data.text import default_text
-
-    cli = [sys.executable, "-m", "lowbit.cli"]
-    with tempfile.TemporaryDirectory(prefix="lowbit-qlora-mem-") as tmp:
-        folder = Path(tmp)
-        _child_peak([*cli, "quantize", MODEL, "--codebook", "nf4", "--group-size", "64", "--out", str(folder / "b")])
-        (folder / "train.txt").write_text(default_text("calib"))
-        file_bytes = sum(f.stat().st_size for f in (folder / "b").glob("*.safetensors"))
-        load_peak, out = _child_peak([sys.executable, "-c", _LOAD_ONLY, str(folder / "b")])
-        result = {"base_file_bytes": file_bytes, "base_memory_bytes": int(out.strip().splitlines()[-1]),
-                  "load_only_peak_bytes": load_peak, "steps": steps, "runs": []}
-        for recompute in (True, False):
-            start = time.perf_counter()
-            peak, _ = _child_peak([*cli, "finetune", str(folder / "b"), "--train", str(folder / "train.txt"),
-                                   "--steps", str(steps), "--out", str(folder / f"a{recompute}"),
-                                   *(["--recompute-activations"] if recompute else [])])
-            seconds = time.perf_counter() - start
-            _, out = _child_peak([sys.executable, "-c", _STEP_MEMORY, str(folder / "b"), str(BATCH), str(SEQLEN),
-                                  str(int(recompute)), str(RANK), str(ALPHA)])
-            step = json.loads(out.strip().splitlines()[-1])
-            result["runs"].append({"recompute": recompute, "peak_bytes": peak, "seconds": seconds, "step": step,
-                                   "working_tensor_bytes": step["peak_tensor_bytes"] - step["parameter"]
-                                   - step["optimizer_state"]})
-    return result
+def _cached_memory() -> dict | None:
+    """The ``--memory`` runs, if measured."""
+    return json.loads((CACHE / "memory.json").read_text()) if (CACHE / "memory.json").is_file() else None
 
 
 def _adapter(base, train_ids, lora, steps: int, name: str) -> tuple[dict, dict]:
@@ -202,38 +131,21 @@ def _adapter(base, train_ids, lora, steps: int, name: str) -> tuple[dict, dict]:
     return layers, train
 
 
-def _memory_section(sections: list[tuple[str, str]]) -> dict | None:
-    """Append the table of the ``--memory`` runs (if measured) to ``sections``; returns their record."""
-    from lowbit.report import markdown_table
-
-    mem = json.loads((CACHE / "memory.json").read_text()) if (CACHE / "memory.json").is_file() else None
-    if mem is None:
-        return None
-    mb = 1 << 20
-    base = mem["base_memory_bytes"]
-    runtime = mem["load_only_peak_bytes"] - base  # interpreter, torch, transformers, tokenizer
-    sections.append(("Memory of `lowbit finetune` (its own process, python bench/qlora_smollm2.py --memory)",
-                     markdown_table(
-        ["run", "steps", "peak RSS MB", "load-only process MB", "base in memory MB (file MB)",
-         "step tensors MB (activations, gradients, temporaries)", "peak RSS − runtime MB",
-         "2 × base + step tensors MB", "command s (load + steps)"],
-        [("--recompute-activations" if r["recompute"] else "all activations kept", mem["steps"],
-          r["peak_bytes"] / mb, mem["load_only_peak_bytes"] / mb,
-          f"{base / mb:.1f} ({mem['base_file_bytes'] / mb:.1f})", r["working_tensor_bytes"] / mb,
-          (r["peak_bytes"] - runtime) / mb, (2 * base + r["working_tensor_bytes"]) / mb, r["seconds"])
-         for r in mem["runs"]])))
-    return mem
-
-
 def _merges_table(rows: list[dict], train: dict, steps: int) -> None:
-    """``--merges-only``: this run's base, adapted base and merges, kept per adapter length
-    (``CACHE/merges-only-STEPS.json``), and every length measured so far in one table (``qlora_merges_smollm2``):
-    held-out perplexity, each merge's time and share of the adapter's gain kept; the memory runs if measured."""
-    from lowbit.config import default_compute_dtype
+    """``--merges-only``: keep this run's base, adapted base and merges per adapter length
+    (``CACHE/merges-only-STEPS.json``) and write every length measured so far (:func:`_render_merges`)."""
+    (CACHE / f"merges-only-{steps}.json").write_text(json.dumps({"steps": steps, "rows": rows, "training": train}))
+    _render_merges()
+
+
+def _merges_section() -> tuple[str, list[dict]] | None:
+    """The table of the merges by adapter length in the cache (held-out perplexity, each merge's time and share of
+    the adapter's gain kept) and their runs; None if none is cached."""
     from lowbit.report import markdown_table
 
-    (CACHE / f"merges-only-{steps}.json").write_text(json.dumps({"steps": steps, "rows": rows, "training": train}))
     runs = sorted((json.loads(f.read_text()) for f in CACHE.glob("merges-only-*.json")), key=lambda r: r["steps"])
+    if not runs:
+        return None
     lines = []
     for run in runs:
         by = {r["row"].split(")")[0] + ")": r["held_out_ppl"] for r in run["rows"]}
@@ -248,11 +160,19 @@ def _merges_table(rows: list[dict], train: dict, steps: int) -> None:
                 + (f"; {t['note']}" if t.get("note") else ""))
             lines.append((run["steps"] if not r["row"].startswith("(b)") else "—", r["row"], r["held_out_ppl"],
                           r["quantized_layer_bytes"], kept, note))
+    return markdown_table(["adapter steps", "", "held-out perplexity", "quantized layers + adapter bytes",
+                           "share of (c)'s gain kept", "note"], lines), runs
+
+
+def _render_merges() -> None:
+    """Write qlora_merges_smollm2.{md,json}: every adapter length's merges in one table; the memory runs if
+    measured."""
+    from lowbit.config import default_compute_dtype
+
+    table, runs = _merges_section()
     float_ppl = runs[0]["rows"][0]["held_out_ppl"]
-    table = markdown_table(["adapter steps", "", "held-out perplexity", "quantized layers + adapter bytes",
-                            "share of (c)'s gain kept", "note"], lines)
     sections = [("Merges by adapter length", table)]
-    mem = _memory_section(sections)
+    mem = memory_section(sections, _cached_memory())
     intro = (f"SmolLM2-135M-Instruct (float held-out perplexity {float_ppl:.3f}), the setting of qlora_smollm2.md: "
              f"NF4 g64 base, LoRA rank {RANK} α {ALPHA} on every quantized linear, Adam lr {LR}, batches of "
              f"{BATCH} × {SEQLEN} tokens of stdlib docstrings, held-out perplexity on {HELD_OUT} × {SEQLEN} tokens "
@@ -271,17 +191,20 @@ def main() -> None:
     from lowbit.data.text import default_text
     from lowbit.eval.perplexity import EvalProtocol, evaluate
     from lowbit.methods.lora import LoRAConfig, merge_into_float, merge_into_zero_points
-    from lowbit.report import markdown_table
 
     steps = int(sys.argv[sys.argv.index("--steps") + 1]) if "--steps" in sys.argv else 200
     CACHE.mkdir(parents=True, exist_ok=True)
+    if "--render" in sys.argv:
+        render()
+        return
     if "--peer" in sys.argv:  # its own process (its own peak RSS); main() puts its row in the table
         result = peer(steps)
         print(result)
         (CACHE / f"peer-{steps}.json").write_text(json.dumps(result))
         return
     if "--memory" in sys.argv:  # child processes, one heavy job at a time; main() puts the table in
-        result = memory(int(sys.argv[sys.argv.index("--memory-steps") + 1]) if "--memory-steps" in sys.argv else 5)
+        result = memory(MODEL, int(sys.argv[sys.argv.index("--memory-steps") + 1]) if "--memory-steps" in sys.argv
+                        else 5, BATCH, SEQLEN, RANK, ALPHA)
         print(result)
         (CACHE / "memory.json").write_text(json.dumps(result))
         return
@@ -343,6 +266,13 @@ def main() -> None:
                      peer_row["adapted_ppl"], "quantized_layer_bytes": None,
                      "note": f"base {peer_row['base_ppl']:.4f}; {peer_row['step_seconds']:.2f} s/step, peak RSS "
                              f"{peer_row['peak_rss_mb_training']:.0f} MB"})
+    _main_table(rows, train, qa_train, peer_row)
+
+def _main_table(rows: list[dict], train: dict, qa_train: dict, peer_row: dict | None) -> None:
+    """Write qlora_smollm2.{md,json}: the rows (b)–(i) and the peer's, the trainings, shares kept, memory runs."""
+    from lowbit.config import default_compute_dtype
+    from lowbit.report import markdown_table
+
     by = {r["row"][:3]: r["held_out_ppl"] for r in rows}
     kept = {k: (by["(b)"] - by[k]) / (by["(b)"] - by["(c)"]) if k in by else None for k in ("(d)", "(e)", "(f)")}
     kept["(i)"] = (by["(g)"] - by["(i)"]) / (by["(g)"] - by["(h)"])
@@ -358,7 +288,11 @@ def main() -> None:
         ("share kept by (f) GPTQ + learned rounding merge", kept["(f)"]),
         ("share of (h)'s gain over (g) kept by (i) the zero-point merge", kept["(i)"])])
     sections = [("Held-out perplexity", table), ("Summary", summary)]
-    mem = _memory_section(sections)
+    merges = _merges_section()
+    if merges is not None:  # the same base, data and held-out windows with longer fine-tunes (--merges-only)
+        sections.append(("Merges by adapter length (python bench/qlora_smollm2.py --merges-only --steps N; "
+                         "qlora_merges_smollm2.md)", merges[0]))
+    mem = memory_section(sections, _cached_memory())
     dtype = default_compute_dtype()
     intro = ("SmolLM2-135M-Instruct. Domain: Python standard-library docstrings (lowbit's built-in text), split by "
              f"module: training windows from the calibration module list, held-out perplexity on {HELD_OUT} × "
@@ -378,6 +312,24 @@ def main() -> None:
                   intro, sections,
                   {"rows": rows, "training": train, "qa_lora_training": qa_train, "kept": kept, "peer": peer_row,
                    "memory": mem, "compute_dtype": dtype})
+
+
+
+def render() -> None:
+    """``--render``: rewrite both tables from their committed JSON (rows, trainings, merges by adapter length) and
+    the memory runs in the cache (a new ``--memory`` measurement), without training again."""
+    from common import RESULTS
+
+    done = json.loads((RESULTS / "qlora_smollm2.json").read_text())
+    CACHE.mkdir(parents=True, exist_ok=True)
+    for run in json.loads((RESULTS / "qlora_merges_smollm2.json").read_text())["runs"]:
+        cached = CACHE / f"merges-only-{run['steps']}.json"
+        if not cached.is_file():
+            cached.write_text(json.dumps(run))
+    if not (CACHE / "memory.json").is_file() and done.get("memory"):
+        (CACHE / "memory.json").write_text(json.dumps(done["memory"]))
+    _main_table(done["rows"], done["training"], done["qa_lora_training"], done["peer"])
+    _render_merges()
 
 
 if __name__ == "__main__":
