@@ -113,10 +113,11 @@ def memory_section(sections: list[tuple[str, str]], mem: dict | None) -> dict | 
                      markdown_table(
         ["run", "steps", "peak RSS MB", "load-only process MB", "base in memory MB (file MB)",
          "step tensors MB (activations, gradients, temporaries)", "peak RSS − runtime MB",
-         "2 × base + step tensors MB", "command s (load + steps)"],
+         "2 × base + step tensors MB", "ratio (≤ 1: within the line)", "command s (load + steps)"],
         [("--recompute-activations" if r["recompute"] else "all activations kept", mem["steps"],
           r["peak_bytes"] / mb, mem["load_only_peak_bytes"] / mb,
           f"{base / mb:.1f} ({mem['base_file_bytes'] / mb:.1f})", r["working_tensor_bytes"] / mb,
-          (r["peak_bytes"] - runtime) / mb, (2 * base + r["working_tensor_bytes"]) / mb, r["seconds"])
+          (r["peak_bytes"] - runtime) / mb, (2 * base + r["working_tensor_bytes"]) / mb,
+          (r["peak_bytes"] - runtime) / (2 * base + r["working_tensor_bytes"]), r["seconds"])
          for r in mem["runs"]])))
     return mem

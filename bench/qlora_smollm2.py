@@ -307,7 +307,11 @@ def _main_table(rows: list[dict], train: dict, qa_train: dict, peer_row: dict | 
              "row is absent otherwise): peft's LoRA, same rank/α/layers, on transformers' bitsandbytes NF4 base "
              f"({dtype} compute), trained by the same loop on the same batches (bitsandbytes 0.50's AVX-512-BF16 "
              "inference re-packing is switched off on its layers: once an eval pass has re-packed a weight, its "
-             "kernel has no backward and later training steps get no gradient through the base).")
+             "kernel has no backward and later training steps get no gradient through the base). The rows, the "
+             "trainings and the merges by adapter length are the runs that made them (before 15326a2, whose "
+             "block-wise head loss trains bit-identical adapters here: 3 steps on this base, losses and adapters equal "
+             "to the whole-logits loss's); the memory runs are of the commit "
+             "their heading names; `--render` writes both tables again, with today's date.")
     write_results("qlora_smollm2", "QLoRA on SmolLM2-135M: fine-tune on a quantized base, merge, re-quantize",
                   intro, sections,
                   {"rows": rows, "training": train, "qa_lora_training": qa_train, "kept": kept, "peer": peer_row,
