@@ -18,6 +18,9 @@ Rows per file type:
 * ``auto-round``           — AutoRound (``format="gguf:<type>"``, 50 iterations, batch 4) on lowbit's calibration
                              ids, from the same fp32 weights saved as a Hugging Face folder (run with the peers'
                              Python: ``/work/peers-venv/bin/python bench/gguf_smollm2.py --tool auto-round``)
+* ``lowbit gptq+learned, auto-round's types`` — lowbit gptq+learned writing every tensor in the block type of
+                             AutoRound's file of that type (its own fallbacks for rows that 256-weight blocks do not
+                             divide), so the two files have the same tensor bytes
 
 Calibration for lowbit: 64 seeded windows × 512 tokens of ../shared/data/wikitext2_valid_unk.txt.
 Eval: first 20,480 tokens of ../shared/data/wikitext2_test_joined.txt, 10 × 2048, no BOS, evaluated by lowbit's
@@ -49,7 +52,8 @@ from common import write_results  # noqa: E402
 CALIB_SAMPLES, CALIB_SEQLEN = 64, 512
 TYPES = ("Q4_0", "Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_XS", "IQ4_NL", "IQ3_S", "IQ3_XXS", "IQ2_XS")
 TOOLS = ("llama.cpp", "llama.cpp + imatrix", "lowbit", "lowbit imatrix", "lowbit gptq", "lowbit awq+gptq",
-         "lowbit gptq+learned", "auto-round")
+         "lowbit gptq+learned", "auto-round", "lowbit gptq+learned, auto-round's types")
+AR_TYPES = ", auto-round's types"  # a lowbit tool writing each tensor in the block type of auto-round's file
 LEARNED_ITERS = 50  # AutoRound's "light" setting (bench/learned_smollm2.py)
 WORK = ROOT / "bench" / "work" / "gguf"
 BIN = Path(os.environ.get("LLAMA_CPP_BIN", "/work/bench-tools/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin"))
@@ -102,15 +106,28 @@ def quantize(job: dict) -> float:
     from lowbit.model.loading import load_model
 
     loaded = load_model(MODEL)
-    name = "rtn" if job["tool"] == "lowbit" else job["tool"].split(" ", 1)[1]
+    tool = job["tool"].removesuffix(AR_TYPES)
+    name = "rtn" if tool == "lowbit" else tool.split(" ", 1)[1]
+    overrides = _types_of(_file({**job, "tool": "auto-round"})) if job["tool"].endswith(AR_TYPES) else None
     learned = "learned" in name  # block passes in bf16 autocast, as bench/learned_smollm2.py
     method = gguf_method(name, learned=LearnedConfig(iters=LEARNED_ITERS))
     calib = CalibConfig(CALIB_SAMPLES, CALIB_SEQLEN, seed=0)
     ids = None if name == "rtn" else calibration_ids(loaded.tokenizer, CALIB_TEXT.read_text(), calib)
     start = time.perf_counter()
-    quantize_to_gguf(loaded, out, job["type"], method, ids, calib, progress=False,
+    quantize_to_gguf(loaded, out, job["type"], method, ids, calib, overrides, progress=False,
                      compute_dtype=torch.bfloat16 if learned else torch.float32)
     return time.perf_counter() - start
+
+
+def _types_of(path: Path) -> dict[str, str]:
+    """Every tensor's block type in a GGUF file, as exact-name overrides (``llama-quantize --tensor-type``)."""
+    import re
+
+    from gguf import GGUFReader
+
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing: run the auto-round row of this type first")
+    return {f"^{re.escape(t.name)}$": t.tensor_type.name for t in GGUFReader(str(path)).tensors}
 
 
 def _auto_round(ftype: str, out: Path) -> float:
@@ -222,7 +239,10 @@ def render(rows: list[dict], info: dict) -> None:
                 lines.append(f"| {ftype} | {tool} | — | — | — | — | — | {_short(r['error'])} |")
                 continue
             kl = f"{r['kl']:.4f}"
-            if tool.startswith("lowbit") and best_llama and r["kl"] < best_llama:
+            twin = next((x for x in rows if x["type"] == ftype and x["tool"] == "auto-round" and "kl" in x), None)
+            if tool.endswith(AR_TYPES) and twin:  # same tensor types as auto-round's file: compared with it
+                kl = f"**{kl}** ({r['kl'] / twin['kl']:.2f}× auto-round's, same tensor bytes)"
+            elif tool.startswith("lowbit") and best_llama and r["kl"] < best_llama:
                 kl = f"**{kl}** ({r['kl'] / best_llama:.2f}× llama.cpp's best)"
             lines.append(f"| {ftype} | {tool} | {r['file_bytes']:,} | {r['perplexity']:.3f} | {kl} | {r['top1']:.3f} | "
                          f"{r['quantize_seconds']:.1f} | {r.get('note', '')} |")
