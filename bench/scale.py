@@ -1,6 +1,7 @@
 """Models larger than RAM: peak RSS and time of lowbit's streaming jobs on synthetic Llama-3-family models.
 
-    python bench/scale.py --sizes tiny,0.5b,1b,8b [--tasks rtn,gguf,eval,eval-spill,gptq,sensitivity,llama-quantize]
+    python bench/scale.py --sizes tiny,0.5b,1b,8b [--tasks rtn,gguf,eval,eval-spill,gptq,sensitivity,llama-quantize,
+                                                            finetune]
     python bench/scale.py --sizes smollm2 --tasks gptq,eval,gptq-g64sym,llm-compressor --peer-python PY
 
 ``smollm2`` is the real SmolLM2-135M (GGUF Q4_1, streamed): GPTQ 4-bit g128 asym with 64 × 512 calibration tokens,
@@ -251,15 +252,39 @@ def run_size(size: str, tasks: list[str], work: Path, calib: Path | None, keep: 
             f16.unlink(missing_ok=True)
             (work / "lq.gguf").unlink(missing_ok=True)
             continue
+        if task == "finetune":
+            _record(size, params, *_finetune(model, work, calib, logs / size))
+            continue
         label, cmd = plan[task]
         row = timed(cmd, logs / f"{size}-{task}.log")
         row["predicted_peak_bytes"] = predicted(model, task, eval_tokens, 32)
         _record(size, params, label, row)
     if not keep:
         shutil.rmtree(model, ignore_errors=True)
-        for name in ("q", "q.gguf", "gptq", "sensitivity.json"):
+        for name in ("q", "q.gguf", "gptq", "sensitivity.json", "nf4", "adapter"):
             p = work / name
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _finetune(model: Path, work: Path, calib: Path | None, log: Path) -> tuple[str, dict]:
+    """QLoRA at scale: ``lowbit quantize`` to NF4 g64 (timed apart), then ``lowbit finetune`` on it — rank 16 on
+    every quantized linear, 2 steps of 1 × 512 tokens of the calibration text, --recompute-activations. The row:
+    the finetune command; its label names the base's file size (what the memory line is measured against)."""
+    from lowbit.data.text import default_text
+
+    nf4 = work / "nf4"
+    timed(lowbit_cmd("quantize", str(model), "--codebook", "nf4", "--group-size", "64", "--out", str(nf4),
+                     "--no-eval"), Path(f"{log}-nf4.log"))
+    base = sum(f.stat().st_size for f in nf4.glob("*.safetensors"))
+    if calib is None:
+        calib = work / "train.txt"
+        calib.write_text(default_text("calib"))
+    row = timed(lowbit_cmd("finetune", str(nf4), "--train", str(calib), "--steps", "2", "--batch-size", "1",
+                           "--train-seqlen", "512", "--recompute-activations", "--out", str(work / "adapter")),
+                Path(f"{log}-finetune.log"))
+    row["base_file_bytes"] = base
+    return (f"QLoRA: lowbit finetune on its NF4 g64 base ({base / 1e9:.2f} GB file), LoRA r16 on every linear, "
+            "2 steps × 1 × 512 tokens, --recompute-activations", row)
 
 
 def _record(size: str, params: int, task: str, row: dict) -> None:

@@ -30,7 +30,14 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-CHUNK = 256  # positions per block: 256 × 49,152 float32 = 50 MB per temporary
+CHUNK = 256  # positions per block: 256 × 49,152 float32 = 50 MB per temporary …
+BLOCK_BYTES = 64 << 20  # … and fewer for larger vocabularies (128,256: 130 positions), ≤ 64 MiB per temporary
+
+
+def _rows(chunk: int | None, vocab: int) -> int:
+    """Positions per block: ``chunk`` if given, else :data:`CHUNK` capped so a float32 block stays within
+    :data:`BLOCK_BYTES`."""
+    return chunk if chunk is not None else max(1, min(CHUNK, BLOCK_BYTES // (4 * vocab)))
 
 
 def _block_loss(z: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor | None
@@ -160,28 +167,28 @@ def split_head(model: nn.Module, probe: torch.Tensor) -> HeadSplit | None:
 
 
 def head_loss(split: HeadSplit, hidden: torch.Tensor, ids: torch.Tensor,
-              teacher: Callable[[slice], torch.Tensor] | None = None, chunk: int = CHUNK) -> torch.Tensor:
+              teacher: Callable[[slice], torch.Tensor] | None = None, chunk: int | None = None) -> torch.Tensor:
     """The loss of :func:`kl_loss` (``teacher`` gives the teacher's logits of rows of the flattened ``[B·T]``
     positions) or, without ``teacher``, of :func:`next_token_loss`, from the head's input ``hidden [B, T, H]`` —
     never holding the ``[B·T, V]`` logits."""
     h = split.head
-    dtype = _compute_dtype(hidden)
+    dtype, rows = _compute_dtype(hidden), _rows(chunk, h.weight.shape[0])
     if teacher is not None:
-        return _HeadSoftmaxLoss.apply(hidden.reshape(-1, hidden.shape[-1]), h.weight, h.bias, teacher, None, chunk,
+        return _HeadSoftmaxLoss.apply(hidden.reshape(-1, hidden.shape[-1]), h.weight, h.bias, teacher, None, rows,
                                       dtype)
     return _HeadSoftmaxLoss.apply(hidden[:, :-1].reshape(-1, hidden.shape[-1]), h.weight, h.bias, None,
-                                  ids[:, 1:].reshape(-1), chunk, dtype)
+                                  ids[:, 1:].reshape(-1), rows, dtype)
 
 
-def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Mean per-position KL(softmax(teacher) ‖ softmax(student)); logits ``[..., V]`` (teacher: no gradient)."""
     v = student_logits.shape[-1]
     return _BlockwiseSoftmaxLoss.apply(student_logits.reshape(-1, v), teacher_logits.detach().reshape(-1, v), None,
-                                       chunk)
+                                       _rows(chunk, v))
 
 
-def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of each next token: ``logits [B, T, V]`` at positions 0…T−2 against ``ids [B, T]`` at
     1…T−1."""
     v = logits.shape[-1]
-    return _BlockwiseSoftmaxLoss.apply(logits[:, :-1].reshape(-1, v), None, ids[:, 1:].reshape(-1), chunk)
+    return _BlockwiseSoftmaxLoss.apply(logits[:, :-1].reshape(-1, v), None, ids[:, 1:].reshape(-1), _rows(chunk, v))

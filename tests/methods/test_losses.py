@@ -136,3 +136,11 @@ def test_a_model_that_soft_caps_its_logits_keeps_whole_logits() -> None:
     assert split_head(model, torch.randint(0, 512, (1, 16))) is None
     model.config.final_logit_softcapping = None  # the same model without its cap splits
     assert split_head(model, torch.randint(0, 512, (1, 16))).head is model.get_output_embeddings()
+
+
+def test_blocks_of_positions_shrink_for_large_vocabularies() -> None:
+    from lowbit.methods.losses import BLOCK_BYTES, CHUNK, _rows
+
+    assert _rows(None, 49152) == CHUNK == 256  # SmolLM2: 50 MB per float32 block
+    assert _rows(None, 128256) == 130 and 130 * 128256 * 4 <= BLOCK_BYTES  # Llama 3
+    assert _rows(None, 10**9) == 1 and _rows(7, 128256) == 7
