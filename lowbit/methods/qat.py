@@ -18,9 +18,9 @@ Memory (float32 master weights): the student's trained layers hold ``W``, an int
 per weight (3 copies) plus Adam's two moments and a gradient for ``W`` — about 6 float32 copies of the quantized
 weights — beside the float teacher and the activations of one batch for the backward pass (the model runs in eval
 mode: no dropout). ``recompute=True`` keeps only each block's input and recomputes the block (and its
-fake-quantization intermediates) in the backward pass (:mod:`lowbit.methods.recompute`); the loss runs the output head a block of positions at a time
-and keeps no ``[positions, vocabulary]`` tensor where the model's logits are exactly head(decoder output), else one
-such gradient, not autograd's copies (:mod:`lowbit.methods.losses`).
+fake-quantization intermediates) in the backward pass (:mod:`lowbit.methods.recompute`). The loss runs the output
+head a block of positions at a time and keeps no ``[positions, vocabulary]`` tensor where the model's logits are
+exactly head(decoder output), else one such gradient, not autograd's copies (:mod:`lowbit.methods.losses`).
 """
 
 from __future__ import annotations
