@@ -205,8 +205,10 @@ def _head_splits(student: nn.Module, teacher: nn.Module | None, probe: torch.Ten
                  kind: str) -> tuple[HeadSplit, HeadSplit | None] | None:
     """The student's (and for distillation the teacher's) body/head split, or None if either has none."""
     mine = split_head(student, probe)
-    if mine is None or kind != "kl":
-        return None if mine is None else (mine, None)
+    if mine is None:
+        return None
+    if kind != "kl":  # next-token loss: no teacher
+        return mine, None
     theirs = split_head(teacher, probe)
     return None if theirs is None else (mine, theirs)
 
