@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-act-order", action="store_true",
                    help="GPTQ: quantize columns left to right instead of by decreasing Hessian diagonal (act-order)")
     q.add_argument("--no-clip", action="store_true",
-                   help="calibrated methods: keep the --qparams rule instead of the Hessian-weighted clip search")
+                   help="calibrated methods: keep the --qparams rule instead of the Hessian-weighted clip search "
+                        "(--method learned: AutoRound's min-max start, and no input-statistics pass)")
     add_grid_args(q)
     q.add_argument("--embeddings", default="float16", choices=["float16", "int8", "int4"],
                    help="token-embedding table (--format lowbit): float16 keeps it in float (--float-dtype; the "

@@ -180,6 +180,8 @@ def quantize_sequential(
         return QLinear(qt, linear_bias(module))
 
     sm = model if isinstance(model, StreamingModel) else StreamingModel(model, None, None, "memory", "memory")
+    # a layer step of the caller's may read the statistics (GGUF's imatrix); the default one only if the method does
+    observe = quantize_layer is not None or method.reads_input_stats
     quantize_layer = quantize_layer or to_qlinear
     plan = BlockPlan.of(sm.model, recipe)
     spec, blocks, targets = plan.spec, plan.blocks, plan.targets
@@ -227,7 +229,7 @@ def quantize_sequential(
             if selected:
                 keys = {rep.get(name, name) for name in selected}
                 stats: dict[str, InputStats | None] = {k: None for k in keys}
-                if calibrated:
+                if calibrated and observe:
                     sample = method.smoothquant.sample_tokens if method.smoothquant is not None else 0
                     stats = {k: InputStats(linear_weight(block.get_submodule(k)).shape[1],
                                            absolute=method.awq is not None, sample_rows=sample) for k in keys}

@@ -105,6 +105,12 @@ class MethodConfig:
                 or self.smoothquant is not None)
 
     @property
+    def reads_input_stats(self) -> bool:
+        """Whether a piece reads the layers' input statistics: GPTQ's Hessian, the Hessian-weighted clip search,
+        AWQ/SmoothQuant's scale search. Learned rounding alone (``--no-clip``) does not: it reads block outputs."""
+        return self.rounding == "gptq" or self.clip is not None or self.scales_inputs
+
+    @property
     def scales_inputs(self) -> bool:
         """Whether a transform folds per-channel input scales into the blocks (AWQ or SmoothQuant)."""
         return self.awq is not None or self.smoothquant is not None

@@ -19,7 +19,7 @@ from lowbit.formats.gguf.block_types import GRID_TYPES
 from lowbit.formats.gguf.grids import gguf_grid
 from lowbit.methods.gguf_rounding import GridCodes
 from lowbit.methods.learned import LearnedConfig, LearnedLinear, refine_block
-from lowbit.methods.method import MethodConfig
+from lowbit.methods.method import ClipConfig, MethodConfig
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.nn.qlinear import QLinear
 from lowbit.quantize import quantize_model
@@ -96,6 +96,29 @@ def test_zero_iterations_write_the_initial_method_bit_for_bit() -> None:
     b = {n: m.quantized_tensor() for n, m in learned.named_modules() if isinstance(m, QLinear)}
     assert sorted(a) == sorted(b) and len(a) == 14
     assert all(torch.equal(a[n].packed, b[n].packed) and torch.equal(a[n].scale, b[n].scale) for n in a)
+
+
+def test_learned_without_clip_search_reads_no_statistics_and_starts_at_rtn(monkeypatch) -> None:
+    """``learned --no-clip`` (AutoRound's min-max start): nothing reads layer input statistics, so the driver runs
+    no statistics pass; at zero iterations the result is RTN's, bit for bit."""
+    import lowbit.pipeline as pipeline
+
+    passes = []
+    observe = pipeline.observe_block_inputs
+    monkeypatch.setattr(pipeline, "observe_block_inputs", lambda *a, **k: passes.append(1) or observe(*a, **k))
+    recipe = QuantRecipe(QuantConfig(bits=3, group_size=32))
+    plain, learned = make_tiny("llama"), make_tiny("llama")
+    quantize_model(plain, recipe, method="rtn", progress=False)
+    quantize_model(learned, recipe, method=MethodConfig.parse("learned", clip=None, learned=LearnedConfig(iters=0)),
+                   calib_ids=CALIB, progress=False)
+    assert passes == []
+    a = {n: m.quantized_tensor() for n, m in plain.named_modules() if isinstance(m, QLinear)}
+    b = {n: m.quantized_tensor() for n, m in learned.named_modules() if isinstance(m, QLinear)}
+    assert sorted(a) == sorted(b) and len(a) == 14
+    assert all(torch.equal(a[n].packed, b[n].packed) and torch.equal(a[n].scale, b[n].scale) for n in a)
+    quantize_model(make_tiny("llama"), recipe, calib_ids=CALIB, progress=False,
+                   method=MethodConfig.parse("learned", clip=ClipConfig(), learned=LearnedConfig(iters=0)))
+    assert len(passes) == 2  # with the clip search: one statistics pass per block (tiny llama: 2 blocks)
 
 
 def _rel_error(model: nn.Module, reference: nn.Module) -> float:
