@@ -2,10 +2,11 @@
 
 1. Record what the model passes to its first decoder block for each calibration batch.
 2. For each block: run it with input hooks to collect the statistics of every selected linear's inputs (shared by
-   linears that read the same input); apply the method's transform (AWQ scaling, folded into the block and checked
-   to leave the block's output unchanged); quantize each selected linear (GPTQ or nearest rounding, with the
-   method's q-param choice) and swap in a ``QLinear``; then run the now-quantized block to produce the next
-   block's inputs, so later blocks calibrate on the quantized model's activations.
+   linears that read the same input; skipped when no piece of the method reads them); apply the method's
+   transform (AWQ scaling, folded into the block and checked to leave the block's output unchanged); quantize each
+   selected linear (GPTQ or nearest rounding, with the method's q-param choice) and swap in a ``QLinear``; then
+   run the now-quantized block to produce the next block's inputs, so later blocks calibrate on the quantized
+   model's activations.
 
 Architecture knowledge comes from :class:`ArchSpec` data only (blocks, linear groups, scale mappings).
 """
