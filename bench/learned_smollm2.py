@@ -111,7 +111,8 @@ def main() -> None:
              "from the Hessian-weighted clip search, 'learned --no-clip' from min-max q-params (AutoRound's start; no "
              "input-statistics pass), both 2026-12-04 except the clip-start 3-bit and 2-bit "
              "rows (2026-12-02/03); gptq+learned starts from GPTQ (with the clip search). Run-to-run spread between "
-             "sessions: the 4-bit clip-start row measured KL 0.1035 on 2026-12-02, 0.1129 on 2026-12-03 and 2026-12-04.")
+             "sessions: the 4-bit clip-start row measured KL 0.1035 on 2026-12-02, 0.1129 on 2026-12-03 and "
+             "2026-12-04.")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 

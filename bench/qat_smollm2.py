@@ -97,9 +97,9 @@ def _torchao(job: dict, reference, train_ids: torch.Tensor, cfg) -> tuple[object
 
 
 def _ptq_start(loaded, setting: str, method: str) -> tuple[object, dict]:
-    """The PTQ start of ``setting`` by ``method`` (``gptq``, or ``learned`` / ``gptq+learned`` at 50 learned steps per block —
-    AutoRound's light setting), from the scratch cache when an earlier row computed it (same inputs, same codes),
-    and the seconds the PTQ took."""
+    """The PTQ start of ``setting`` by ``method`` (``gptq``, or ``learned`` / ``gptq+learned`` at 50 learned
+    steps per block — AutoRound's light setting), from the scratch cache when an earlier row computed it (same
+    inputs, same codes), and the seconds the PTQ took."""
     import json
 
     from lowbit import QuantConfig, QuantRecipe, load_model, quantize_model
@@ -155,7 +155,8 @@ def jobs(steps: int = STEPS, lr: float = LR) -> list[dict]:
     for setting in SETTINGS:
         rows += [{"tool": "lowbit", "method": "gptq (PTQ start)", "steps": 0, "setting": setting, "lr": 0.0},
                  {"tool": "lowbit", "method": "gptq + QAT", "steps": steps, "setting": setting, "lr": lr}]
-        if setting == "3-bit g64 asym":  # the hardest setting: start from learned rounding (its RTN + clip init measured better than GPTQ init at 3-bit g128)
+        if setting == "3-bit g64 asym":  # the hardest one: a learned-rounding start (RTN + clip init: better than
+            # the GPTQ init measured at 3-bit g128)
             rows += [{"tool": "lowbit", "method": "learned (PTQ start)", "steps": 0, "setting": setting,
                       "lr": 0.0, "start": "learned"},
                      {"tool": "lowbit", "method": "learned + QAT", "steps": steps, "setting": setting, "lr": lr,
@@ -186,12 +187,13 @@ def main() -> None:
          "held-out KL", "held-out top-1", "PTQ s", "train s", "peak RSS MB", "note"],
         [(r["setting"], r["tool"], r["method"], r["steps"], r.get("lr", LR) if r["steps"] else "—",
           r.get("compute_dtype"), r.get("perplexity"), r.get("kl"), r.get("top1"),
-          r.get("held_out_kl"), r.get("held_out_top1"), r.get("ptq_seconds"), r.get("quantize_seconds"), r.get("peak_rss_mb_total"),
-          r.get("error", "")) for r in rows])
+          r.get("held_out_kl"), r.get("held_out_top1"), r.get("ptq_seconds"), r.get("quantize_seconds"),
+          r.get("peak_rss_mb_total"), r.get("error", "")) for r in rows])
     intro = (f"SmolLM2-135M-Instruct, decoder-block linears quantized. PTQ start: lowbit GPTQ ({CALIB_SAMPLES} × "
              f"{CALIB_SEQLEN} calibration tokens), or on the 'learned' rows lowbit learned rounding "
              f"({START_LEARNED_ITERS} steps per block, nearest rounding + clip search init, same calibration); 'PTQ s' "
-             "is the start's quantization time — a QAT run's CPU time is PTQ s + train s. QAT: the table's steps of Adam × {BATCH} windows of {TRAIN_SEQLEN} "
+             "is the start's quantization time — a QAT run's CPU time is PTQ s + train s. "
+             f"QAT: the table's steps of Adam × {BATCH} windows of {TRAIN_SEQLEN} "
              "tokens of wikitext2_valid_unk.txt (seed 0), KL-to-fp32 distillation, Adam with the table's weight lr "
              "and scale lr 1e-3, 10 warm-up steps then cosine decay to 0. torchao 0.18: its IntxFakeQuantizeConfig "
              "(asymmetric groups of 64, min-max scales recomputed every step) on the same linears, trained by the same "
