@@ -86,16 +86,21 @@ def test_refining_one_layer_lowers_its_output_error(cfg: QuantConfig) -> None:
     assert errors[1] < errors[0]
 
 
+def _assert_same_quantization(x: nn.Module, y: nn.Module, layers: int) -> None:
+    """Both models hold the same ``layers`` QLinear layers with the same packed codes and scales, bit for bit."""
+    a = {n: m.quantized_tensor() for n, m in x.named_modules() if isinstance(m, QLinear)}
+    b = {n: m.quantized_tensor() for n, m in y.named_modules() if isinstance(m, QLinear)}
+    assert sorted(a) == sorted(b) and len(a) == layers
+    assert all(torch.equal(a[n].packed, b[n].packed) and torch.equal(a[n].scale, b[n].scale) for n in a)
+
+
 def test_zero_iterations_write_the_initial_method_bit_for_bit() -> None:
     recipe = QuantRecipe(QuantConfig(bits=3, group_size=32))
     plain, learned = make_tiny("llama"), make_tiny("llama")
     quantize_model(plain, recipe, method="gptq", calib_ids=CALIB, progress=False)
     quantize_model(learned, recipe, method=MethodConfig.parse("gptq+learned", learned=LearnedConfig(iters=0)),
                    calib_ids=CALIB, progress=False)
-    a = {n: m.quantized_tensor() for n, m in plain.named_modules() if isinstance(m, QLinear)}
-    b = {n: m.quantized_tensor() for n, m in learned.named_modules() if isinstance(m, QLinear)}
-    assert sorted(a) == sorted(b) and len(a) == 14
-    assert all(torch.equal(a[n].packed, b[n].packed) and torch.equal(a[n].scale, b[n].scale) for n in a)
+    _assert_same_quantization(plain, learned, layers=14)
 
 
 def test_learned_without_clip_search_reads_no_statistics_and_starts_at_rtn(monkeypatch) -> None:
@@ -112,10 +117,7 @@ def test_learned_without_clip_search_reads_no_statistics_and_starts_at_rtn(monke
     quantize_model(learned, recipe, method=MethodConfig.parse("learned", clip=None, learned=LearnedConfig(iters=0)),
                    calib_ids=CALIB, progress=False)
     assert passes == []
-    a = {n: m.quantized_tensor() for n, m in plain.named_modules() if isinstance(m, QLinear)}
-    b = {n: m.quantized_tensor() for n, m in learned.named_modules() if isinstance(m, QLinear)}
-    assert sorted(a) == sorted(b) and len(a) == 14
-    assert all(torch.equal(a[n].packed, b[n].packed) and torch.equal(a[n].scale, b[n].scale) for n in a)
+    _assert_same_quantization(plain, learned, layers=14)
     quantize_model(make_tiny("llama"), recipe, calib_ids=CALIB, progress=False,
                    method=MethodConfig.parse("learned", clip=ClipConfig(), learned=LearnedConfig(iters=0)))
     assert len(passes) == 2  # with the clip search: one statistics pass per block (tiny llama: 2 blocks)
