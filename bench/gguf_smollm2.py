@@ -101,6 +101,7 @@ def quantize(job: dict) -> float:
     import torch
 
     from lowbit.calib.data import CalibConfig, calibration_ids
+    from lowbit.config import native_bf16
     from lowbit.gguf_job import gguf_method, quantize_to_gguf
     from lowbit.methods.learned import LearnedConfig
     from lowbit.model.loading import load_model
@@ -109,13 +110,13 @@ def quantize(job: dict) -> float:
     tool = job["tool"].removesuffix(AR_TYPES)
     name = "rtn" if tool == "lowbit" else tool.split(" ", 1)[1]
     overrides = _types_of(_file({**job, "tool": "auto-round"})) if job["tool"].endswith(AR_TYPES) else None
-    learned = "learned" in name  # block passes in bf16 autocast, as bench/learned_smollm2.py
+    learned = "learned" in name  # block passes in bf16 autocast where the CPU has native bf16 matmuls
     method = gguf_method(name, learned=LearnedConfig(iters=LEARNED_ITERS))
     calib = CalibConfig(CALIB_SAMPLES, CALIB_SEQLEN, seed=0)
     ids = None if name == "rtn" else calibration_ids(loaded.tokenizer, CALIB_TEXT.read_text(), calib)
     start = time.perf_counter()
     quantize_to_gguf(loaded, out, job["type"], method, ids, calib, overrides, progress=False,
-                     compute_dtype=torch.bfloat16 if learned else torch.float32)
+                     compute_dtype=torch.bfloat16 if learned and native_bf16() else torch.float32)
     return time.perf_counter() - start
 
 

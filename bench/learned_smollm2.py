@@ -51,6 +51,7 @@ def worker(job: dict) -> dict:
     torch.manual_seed(0)
     from lowbit import QuantConfig, QuantRecipe, load_model, quantize_model
     from lowbit.calib.data import CalibConfig
+    from lowbit.config import COMPUTE_DTYPES, default_compute_dtype
     from lowbit.methods.learned import LearnedConfig
     from lowbit.methods.method import ClipConfig, MethodConfig
 
@@ -63,30 +64,39 @@ def worker(job: dict) -> dict:
         return _finish(job, model, reference, windows, protocol, seconds, peak_rss_mb())
     name, *flags = job["method"].split()  # "learned --no-clip": min-max init, as AutoRound's (no statistics pass)
     clip = None if "--no-clip" in flags else ClipConfig()
-    method = MethodConfig.parse(name, clip=clip, learned=LearnedConfig(iters=job["iters"] or 0))
+    learned = LearnedConfig(iters=job["iters"] or 0, learn_norms="--learn-norms" in flags)
+    method = MethodConfig.parse(name, clip=clip, learned=learned)
     model = copy.deepcopy(reference)
+    dtype = job.get("compute_dtype") or default_compute_dtype()  # bf16 only where this CPU has native bf16 matmuls
     start = time.perf_counter()
     quantize_model(model, QuantRecipe(QuantConfig(**job["config"])), method=method, calib_ids=calib_ids,
                    calib=CalibConfig(CALIB_SAMPLES, CALIB_SEQLEN, seed=0), progress=False,
-                   compute_dtype=torch.bfloat16)
-    return _finish(job, model, reference, windows, protocol, time.perf_counter() - start, peak_rss_mb())
+                   compute_dtype=COMPUTE_DTYPES[dtype])
+    row = _finish(job, model, reference, windows, protocol, time.perf_counter() - start, peak_rss_mb())
+    return {**row, "compute_dtype": dtype}  # the key's dtype
 
 
 def jobs() -> list[dict]:
+    from lowbit.config import default_compute_dtype
+
     rows = []
     for setting, cfg in SETTINGS.items():
-        rows.append({"tool": "lowbit", "method": "gptq", "iters": None, "setting": setting, "config": cfg})
+        rows.append({"tool": "lowbit", "method": "gptq", "iters": None, "setting": setting, "config": cfg,
+                     "compute_dtype": default_compute_dtype()})
         for iters in (50, 200):
             rows.append({"tool": "auto-round", "method": "auto-round", "iters": iters, "setting": setting, "config": cfg})
-            rows += [{"tool": "lowbit", "method": m, "iters": iters, "setting": setting, "config": cfg}
-                     for m in ("learned", "learned --no-clip", "gptq+learned")]
+            rows += [{"tool": "lowbit", "method": m, "iters": iters, "setting": setting, "config": cfg,
+                      "compute_dtype": default_compute_dtype()}
+                     for m in ("learned", "learned --no-clip", "gptq+learned", "learned --learn-norms",
+                               "learned --no-clip --learn-norms")]
     return rows
 
 
 def main() -> None:
     pick = {flag: sys.argv[sys.argv.index(flag) + 1] for flag in ("--setting", "--tool", "--iters", "--method")
             if flag in sys.argv}
-    key = lambda r: (r["tool"], r["method"], r["iters"], r["setting"])  # noqa: E731
+    # rows before the compute_dtype field ran bf16 autocast on an AVX512-BF16 CPU
+    key = lambda r: (r["tool"], r["method"], r["iters"], r["setting"], r.get("compute_dtype", "bfloat16"))  # noqa: E731
     todo = [] if "--render" in sys.argv else [
         j for j in jobs() if pick.get("--setting", j["setting"]) == j["setting"]
         and pick.get("--tool", j["tool"]) == j["tool"] and pick.get("--iters", str(j["iters"])) == str(j["iters"])
@@ -97,10 +107,11 @@ def main() -> None:
     order = {s: i for i, s in enumerate(SETTINGS)}
     rows.sort(key=lambda r: (order.get(r["setting"], 9), r["iters"] or 0, r["tool"], r["method"]))
     table = markdown_table(
-        ["setting", "tool", "method", "iters", "perplexity", "KL (nats/token)", "top-1", "quantize s",
-         "peak RSS MB", "note"],
-        [(r["setting"], r["tool"], r["method"], r["iters"] or "—", r.get("perplexity"), r.get("kl"), r.get("top1"),
-          r.get("quantize_seconds"), r.get("peak_rss_mb_total"), r.get("error", "")) for r in rows])
+        ["setting", "tool", "method", "iters", "block passes", "perplexity", "KL (nats/token)", "top-1",
+         "quantize s", "peak RSS MB", "note"],
+        [(r["setting"], r["tool"], r["method"], r["iters"] or "—",
+          r.get("compute_dtype", "bfloat16") if r["tool"] == "lowbit" else "—", r.get("perplexity"), r.get("kl"),
+          r.get("top1"), r.get("quantize_seconds"), r.get("peak_rss_mb_total"), r.get("error", "")) for r in rows])
     intro = (f"SmolLM2-135M-Instruct, every linear layer in the decoder blocks quantized (asymmetric integer grids). "
              f"Calibration {CALIB_SAMPLES} × {CALIB_SEQLEN} tokens of wikitext2_valid_unk.txt (seed 0), the same ids "
              "for every tool; eval the first 20,480 tokens of wikitext2_test_joined.txt (10 × 2048), KL/top-1 vs "

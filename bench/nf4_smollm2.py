@@ -71,6 +71,7 @@ def worker(job: dict) -> dict:
     torch.manual_seed(0)
     from lowbit import QuantConfig, QuantRecipe, load_model, quantize_model
     from lowbit.calib.data import CalibConfig
+    from lowbit.config import COMPUTE_DTYPES, default_compute_dtype
     from lowbit.methods.method import MethodConfig
 
     loaded = load_model(MODEL)
@@ -85,7 +86,7 @@ def worker(job: dict) -> dict:
     start = time.perf_counter()
     quantize_model(model, QuantRecipe(QuantConfig(**GRIDS[job["grid"]])), method=method, calib_ids=calib,
                    calib=CalibConfig(CALIB_SAMPLES, CALIB_SEQLEN, seed=0), progress=False,
-                   compute_dtype=torch.bfloat16)
+                   compute_dtype=COMPUTE_DTYPES[default_compute_dtype()])  # bf16 where the CPU has it natively
     seconds = time.perf_counter() - start
     return {**_finish(job, model, reference, windows, protocol, seconds, peak_rss_mb()), "bits": _bits(model)}
 

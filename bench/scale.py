@@ -1,7 +1,7 @@
 """Models larger than RAM: peak RSS and time of lowbit's streaming jobs on synthetic Llama-3-family models.
 
     python bench/scale.py --sizes tiny,0.5b,1b,8b [--tasks rtn,gguf,eval,eval-spill,gptq,sensitivity,llama-quantize,
-                                                            finetune]
+                                                            finetune,learned,learned-noclip,qat]
     python bench/scale.py --sizes smollm2 --tasks gptq,eval,gptq-g64sym,llm-compressor --peer-python PY
 
 ``smollm2`` is the real SmolLM2-135M (GGUF Q4_1, streamed): GPTQ 4-bit g128 asym with 64 × 512 calibration tokens,
@@ -239,6 +239,20 @@ def run_size(size: str, tasks: list[str], work: Path, calib: Path | None, keep: 
         "gptq": ("GPTQ 4-bit g128 (32×512 calib) → lowbit", lowbit_cmd(
             "quantize", str(model), "--out", str(work / "gptq"), "--method", "gptq", "--bits", "4",
             "--group-size", "128", "--calib-samples", "32", "--calib-seqlen", "512", "--no-eval", *calib_args)),
+        # learned rounding's memory: the float and quantized streams, the block's trainable offsets; few steps
+        # (time per block is the bench's learned_smollm2 rows' business)
+        "learned": ("learned 4-bit g128, clip start, 2 steps/block (4×512 calib) → lowbit", lowbit_cmd(
+            "quantize", str(model), "--out", str(work / "learned"), "--method", "learned", "--iters", "2",
+            "--bits", "4", "--group-size", "128", "--calib-samples", "4", "--calib-seqlen", "512", "--no-eval",
+            *calib_args)),
+        "learned-noclip": ("learned --no-clip 4-bit g128, 2 steps/block (4×512 calib) → lowbit", lowbit_cmd(
+            "quantize", str(model), "--out", str(work / "learned"), "--method", "learned", "--no-clip", "--iters",
+            "2", "--bits", "4", "--group-size", "128", "--calib-samples", "4", "--calib-seqlen", "512", "--no-eval",
+            *calib_args)),
+        "qat": ("QAT 4-bit g128 from RTN, 1 step × 1 × 512 tokens, --recompute-activations → lowbit", lowbit_cmd(
+            "qat", str(model), "--out", str(work / "qat"), "--init", "rtn", "--bits", "4", "--group-size", "128",
+            "--steps", "1", "--batch-size", "1", "--train-seqlen", "512", "--recompute-activations", "--no-eval",
+            *(["--train", str(calib)] if calib else []))),
     }
     for task in tasks:
         if task == "llama-quantize":
@@ -261,7 +275,7 @@ def run_size(size: str, tasks: list[str], work: Path, calib: Path | None, keep: 
         _record(size, params, label, row)
     if not keep:
         shutil.rmtree(model, ignore_errors=True)
-        for name in ("q", "q.gguf", "gptq", "sensitivity.json", "nf4", "adapter"):
+        for name in ("q", "q.gguf", "gptq", "sensitivity.json", "nf4", "adapter", "learned", "qat"):
             p = work / name
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 

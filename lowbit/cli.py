@@ -57,6 +57,9 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=200,
                    help="learned rounding (--method learned, gptq+learned, awq+learned): signed-gradient steps per "
                         "block (default 200; 50 is AutoRound's 'light')")
+    p.add_argument("--learn-norms", action="store_true",
+                   help="learned rounding: also tune each block's norm weights and biases (kept unquantized by every "
+                        "format) on the same steps, by per-element factors (Norm Tweaking)")
     p.add_argument("--max-memory", metavar="SIZE",
                    help="memory the job may use (e.g. 8GB); past it the calibration hidden states between blocks "
                         "are kept on disk, one batch in memory at a time (default: 80%% of the RAM available)")

@@ -27,7 +27,7 @@ module only refines codes and scales on the same grid, so every format that stor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -46,13 +46,17 @@ class LearnedConfig:
     """``iters`` signed-gradient steps per block, each on one calibration batch; ``lr`` None = 1 / iters;
     ``scale_range`` bounds the per-group scale factor ``f``; ``learn_scales`` False keeps every group's scale and
     zero point exactly as initialised (only the codes move: grids whose q-params a format encodes itself, such as
-    GGUF's super-block scales)."""
+    GGUF's super-block scales); ``learn_norms`` also tunes the block's one-dimensional float parameters outside
+    the quantized layers (norm weights and biases, stored unquantized by every format) by a per-element factor
+    ``p = p₀ · m`` on the same signed-gradient steps (Li et al. 2023, "Norm Tweaking"; AutoRound's
+    ``enable_norm_bias_tuning``)."""
 
     iters: int = 200
     lr: float | None = None
     scale_range: tuple[float, float] = (0.5, 1.0)
     seed: int = 0
     learn_scales: bool = True
+    learn_norms: bool = False
 
     def __post_init__(self) -> None:
         lo, hi = self.scale_range
@@ -224,7 +228,9 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
     ``final_error(refined)``: that error on all batches measured by the caller (e.g. with the modules it will keep,
     whose outputs it reuses as the next block's inputs); None: measured here with the training modules.
 
-    Only the layers' rounding offsets and scale factors are trained; the block's other parameters are frozen."""
+    Only the layers' rounding offsets and scale factors are trained — and with ``cfg.learn_norms`` the block's
+    one-dimensional parameters outside them, in place (put back when the initial quantization is kept); the
+    block's other parameters are frozen."""
     initial = {name: qt for name, (_, _, qt) in layers.items()}
     if cfg.iters == 0 or not layers:
         return initial, Refinement(float("nan"), float("nan"), [])
@@ -234,7 +240,8 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
         p.requires_grad_(False)
     for name, module in learned.items():
         swap(block, name, module)
-    params = [p for m in learned.values() for p in m.parameters_to_learn()]
+    norms = _NormFactors(block, learned.values()) if cfg.learn_norms else None
+    params = [p for m in learned.values() for p in m.parameters_to_learn()] + (norms.factors if norms else [])
     best = [p.detach().clone() for p in params]
     best_loss, losses = float("inf"), []
     order = torch.randperm(batches, generator=torch.Generator().manual_seed(cfg.seed))
@@ -266,17 +273,66 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
                         m.factor.sub_(rate * m.factor.grad.sign()).clamp_(lo, hi)
                     if m.factor_lo is not None and m.factor_lo.grad is not None:
                         m.factor_lo.sub_(rate * m.factor_lo.grad.sign()).clamp_(lo, hi)
+                if norms is not None:
+                    norms.step(rate)
         with torch.no_grad():  # the best parameters seen (the last step's were never evaluated)
             for b, p in zip(best, params):
                 p.copy_(b)
+            if norms is not None:
+                norms.apply()
             result = {name: m.quantized_tensor() for name, m in learned.items()}
             if final_error is None:
                 after = sum(float(error(i)) for i in range(batches)) / batches
     finally:
+        if norms is not None:
+            norms.release()
         for p in frozen:
             p.requires_grad_(True)
     if final_error is not None:
         after = final_error(result)
     if not after < before:
+        if norms is not None:
+            norms.restore()
         return initial, Refinement(before, before, losses)
     return result, Refinement(before, after, losses)
+
+
+class _NormFactors:
+    """The block's one-dimensional float parameters outside the learned layers (norm weights, biases), tuned by
+    a per-element factor ``m`` (``p = p₀ · m``, ``m`` from 1): the factor's gradient is ``∂L/∂p · p₀``; a signed
+    step of ``rate`` moves ``p`` by at most ``rate · |p₀|`` — scale-free, like the range factors. The block's
+    parameters are updated in place (so every format writes the tuned values); :meth:`restore` puts ``p₀`` back."""
+
+    def __init__(self, block: nn.Module, learned: Iterable[LearnedLinear]) -> None:
+        inside = {id(p) for m in learned for p in m.parameters()}
+        self.tuned = [p for p in block.parameters() if p.dim() == 1 and p.is_floating_point()
+                      and id(p) not in inside]
+        self.initial = [p.detach().float().clone() for p in self.tuned]
+        self.factors = [torch.ones_like(p0) for p0 in self.initial]
+        self.flags = [p.requires_grad for p in self.tuned]
+        for p in self.tuned:
+            p.requires_grad_(True)
+
+    def release(self) -> None:
+        """Give the parameters back their ``requires_grad`` flags and drop their gradients."""
+        for p, flag in zip(self.tuned, self.flags):
+            p.grad = None
+            p.requires_grad_(flag)
+
+    @torch.no_grad()
+    def step(self, rate: float) -> None:
+        for p, p0, m in zip(self.tuned, self.initial, self.factors):
+            if p.grad is not None:
+                m.sub_(rate * (p.grad.float() * p0).sign())
+                p.grad = None
+        self.apply()
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for p, p0, m in zip(self.tuned, self.initial, self.factors):
+            p.copy_(p0 * m)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, p0 in zip(self.tuned, self.initial):
+            p.copy_(p0)

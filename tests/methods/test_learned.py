@@ -191,3 +191,70 @@ def test_gguf_learned_rounding_lowers_the_block_error_with_fixed_scales() -> Non
     decoded = [torch.from_numpy(dequantize(q.encode(), Q.Q4_K).reshape(weight.shape)) for q in (initial, refined["0"])]
     errors = [sum(float((x @ d.t() - t).pow(2).sum()) for x, t in zip(xs, targets)) for d in decoded]
     assert errors[1] < errors[0]
+
+
+def _norm_block() -> tuple[nn.Module, dict, list[torch.Tensor], list[torch.Tensor]]:
+    """A LayerNorm feeding a 4-bit linear, its float outputs as targets (inputs with a few large channels)."""
+    torch.manual_seed(3)
+    block = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 32))
+    with torch.no_grad():
+        block[0].weight.uniform_(0.5, 2.0)
+        block[0].bias.normal_(0, 0.1)
+    xs = [torch.randn(128, 64) * torch.linspace(0.5, 4, 64) for _ in range(4)]
+    targets = [block(x).detach() for x in xs]
+    weight, bias = block[1].weight.detach().clone(), block[1].bias.detach().clone()
+    qt = quantize_rtn(weight, QuantConfig(bits=3, group_size=16))
+    block[1] = QLinear(qt, bias, kernel="reference")
+    return block, {"1": (weight, bias, qt)}, xs, targets
+
+
+def _swap(parent: nn.Module, name: str, module: nn.Module) -> None:
+    parent._modules[name] = module
+
+
+def test_norm_tuning_scales_the_blocks_one_dimensional_parameters_within_the_step_budget() -> None:
+    block, layers, xs, targets = _norm_block()
+    initial = {n: p.detach().clone() for n, p in block[0].named_parameters()}
+    cfg = LearnedConfig(iters=40, learn_norms=True)
+    refined, report = refine_block(block, layers, 4, lambda b, i: b(xs[i]), targets.__getitem__, cfg, _swap)
+    assert report.after < report.before
+    for name, p in block[0].named_parameters():
+        factor = p.detach() / initial[name]
+        assert not torch.equal(p.detach(), initial[name]) and p.requires_grad
+        # signed steps of a linearly decaying rate 1/iters: each factor moves at most Σ rate = ½ from 1
+        assert float((factor - 1).abs().max()) <= 0.5 + 1e-6
+    block[1] = QLinear(refined["1"], layers["1"][1], kernel="reference")
+    with torch.no_grad():  # the error the refinement reported is the block's, with its tuned norm, as kept
+        kept = sum(float(((block(x) - t).pow(2).mean() / t.pow(2).mean())) for x, t in zip(xs, targets)) / 4
+    assert kept == pytest.approx(report.after, rel=1e-5)
+
+
+def test_a_refinement_the_final_check_rejects_gives_the_norms_back_bit_for_bit() -> None:
+    block, layers, xs, targets = _norm_block()
+    initial = {n: p.detach().clone() for n, p in block[0].named_parameters()}
+    cfg = LearnedConfig(iters=10, learn_norms=True)
+    refined, report = refine_block(block, layers, 4, lambda b, i: b(xs[i]), targets.__getitem__, cfg, _swap,
+                                   final_error=lambda _refined: float("inf"))
+    assert refined["1"] is layers["1"][2] and report.after == report.before
+    assert all(torch.equal(p.detach(), initial[n]) and p.requires_grad for n, p in block[0].named_parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_tuned_norms_are_what_the_checkpoint_stores(arch: str, tmp_path) -> None:
+    """Through the driver: beside the same run without it, ``learn_norms`` changes the blocks' norm parameters
+    (only those: embeddings, the final norm, linear biases stay), and the saved folder reloads to the same logits —
+    the tuned norms are written."""
+    from lowbit.formats.native import load_quantized, save_quantized
+
+    reference, model = make_tiny(arch), make_tiny(arch)
+    for m, norms in ((reference, False), (model, True)):
+        method = MethodConfig.parse("learned", learned=LearnedConfig(iters=6, learn_norms=norms))
+        quantize_model(m, QuantRecipe(QuantConfig(bits=3, group_size=32)), method=method, calib_ids=CALIB,
+                       progress=False)
+    old, new = reference.state_dict(), model.state_dict()
+    moved = sorted(n for n, p in old.items() if p.dim() == 1 and n in new and not torch.equal(p, new[n]))
+    assert moved and all(".layers." in n and ("norm" in n or "_ln" in n) for n in moved), moved
+    assert model.config.quantization_config["method_config"]["learned"]["learn_norms"] is True
+    save_quantized(model, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "q").model(HELD_OUT).logits, model(HELD_OUT).logits)
