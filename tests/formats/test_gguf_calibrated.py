@@ -215,6 +215,7 @@ def test_learned_rounding_onto_gguf_grids(tmp_path: Path, smollm2_session: Loade
     tensors' codes move (their scales stay), and the model left in memory decodes as the file does."""
     import transformers
 
+    from lowbit.config import COMPUTE_DTYPES, default_compute_dtype
     from lowbit.gguf_job import gguf_method
     from lowbit.methods.learned import LearnedConfig
 
@@ -228,7 +229,7 @@ def test_learned_rounding_onto_gguf_grids(tmp_path: Path, smollm2_session: Loade
         files[name, iters] = out = tmp_path / f"{name}-{iters}.gguf"
         quantize_to_gguf(LoadedModel(model, smollm2_session.tokenizer, "tiny", "hf"), out, "Q4_K_M",
                          gguf_method(name, learned=LearnedConfig(iters=iters)), ids, progress=False,
-                         compute_dtype=torch.bfloat16)
+                         compute_dtype=COMPUTE_DTYPES[default_compute_dtype()])  # bf16: emulated on AVX2
         models[name, iters] = model
     plain, zero, moved = (_tensors(files[k]) for k in (("gptq", 0), ("gptq+learned", 0), ("gptq+learned", 30)))
     assert plain == zero

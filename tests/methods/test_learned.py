@@ -248,7 +248,7 @@ def test_tuned_norms_are_what_the_checkpoint_stores(arch: str, tmp_path) -> None
 
     reference, model = make_tiny(arch), make_tiny(arch)
     for m, norms in ((reference, False), (model, True)):
-        method = MethodConfig.parse("learned", learned=LearnedConfig(iters=6, learn_norms=norms))
+        method = MethodConfig.parse("learned", learned=LearnedConfig(iters=20, learn_norms=norms))
         quantize_model(m, QuantRecipe(QuantConfig(bits=3, group_size=32)), method=method, calib_ids=CALIB,
                        progress=False)
     old, new = reference.state_dict(), model.state_dict()
