@@ -309,15 +309,14 @@ class _NormFactors:
                       and id(p) not in inside]
         self.initial = [p.detach().float().clone() for p in self.tuned]
         self.factors = [torch.ones_like(p0) for p0 in self.initial]
-        self.flags = [p.requires_grad for p in self.tuned]
-        for p in self.tuned:
+        for p in self.tuned:  # frozen by refine_block, which gives them back their own flags afterwards
             p.requires_grad_(True)
 
     def release(self) -> None:
-        """Give the parameters back their ``requires_grad`` flags and drop their gradients."""
-        for p, flag in zip(self.tuned, self.flags):
+        """Freeze the parameters again and drop their gradients."""
+        for p in self.tuned:
             p.grad = None
-            p.requires_grad_(flag)
+            p.requires_grad_(False)
 
     @torch.no_grad()
     def step(self, rate: float) -> None:

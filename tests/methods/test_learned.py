@@ -60,6 +60,10 @@ def test_stored_codes_are_what_the_forward_pass_used(cfg: QuantConfig) -> None:
     assert not torch.equal(stored.packed, quantize_rtn(w, cfg).packed)  # the offsets did move codes
 
 
+def _swap(parent: nn.Module, name: str, module: nn.Module) -> None:
+    parent._modules[name] = module
+
+
 @pytest.mark.parametrize("cfg", GRIDS, ids=QuantConfig.describe)
 def test_refining_one_layer_lowers_its_output_error(cfg: QuantConfig) -> None:
     """Correlated inputs with a few large channels, as LLM activations (with white-noise inputs nearest rounding
@@ -74,12 +78,8 @@ def test_refining_one_layer_lowers_its_output_error(cfg: QuantConfig) -> None:
     qt = quantize_rtn(linear.weight.detach(), cfg)
     weight, bias = linear.weight.detach().clone(), linear.bias.detach().clone()
     block[0] = QLinear(qt, bias, kernel="reference")
-
-    def swap(parent: nn.Module, name: str, module: nn.Module) -> None:
-        parent._modules[name] = module
-
     refined, report = refine_block(block, {"0": (weight, bias, qt)}, 4, lambda b, i: b(xs[i]), targets.__getitem__,
-                                   LearnedConfig(iters=200), swap)
+                                   LearnedConfig(iters=200), _swap)
     assert len(report.steps) == 200 and report.after < report.before  # measured 2–11 % lower
     layers = [QLinear(q, bias, kernel="reference") for q in (qt, refined["0"])]
     errors = [sum(float((m(x) - t).pow(2).sum()) for x, t in zip(xs, targets)) for m in layers]
@@ -181,11 +181,8 @@ def test_gguf_learned_rounding_lowers_the_block_error_with_fixed_scales() -> Non
     initial = GridCodes(grid, fake_quantize_groups(weight, grid.scale, grid.zero, grid.width, grid.config.qmax)[0]
                         .to(torch.uint8))
 
-    def swap(parent: nn.Module, name: str, module: nn.Module) -> None:
-        parent._modules[name] = module
-
     refined, report = refine_block(block, {"0": (weight, None, initial)}, 4, lambda b, i: b(xs[i]),
-                                   targets.__getitem__, LearnedConfig(iters=100, learn_scales=False), swap)
+                                   targets.__getitem__, LearnedConfig(iters=100, learn_scales=False), _swap)
     assert report.after < report.before  # the error it reports never rises: initial kept otherwise
     assert refined["0"].grid is grid and not torch.equal(refined["0"].codes(), initial.codes())
     decoded = [torch.from_numpy(dequantize(q.encode(), Q.Q4_K).reshape(weight.shape)) for q in (initial, refined["0"])]
@@ -206,10 +203,6 @@ def _norm_block() -> tuple[nn.Module, dict, list[torch.Tensor], list[torch.Tenso
     qt = quantize_rtn(weight, QuantConfig(bits=3, group_size=16))
     block[1] = QLinear(qt, bias, kernel="reference")
     return block, {"1": (weight, bias, qt)}, xs, targets
-
-
-def _swap(parent: nn.Module, name: str, module: nn.Module) -> None:
-    parent._modules[name] = module
 
 
 def test_norm_tuning_scales_the_blocks_one_dimensional_parameters_within_the_step_budget() -> None:
