@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lowbit.core.codebook import codebook, decode, nearest_codes
 from lowbit.core.double_quant import double_quantize
@@ -92,7 +93,8 @@ class LearnedLinear(nn.Module):
         self.config, self.shape = qt.config, tuple(weight.shape)
         view, width = group_view(weight.detach().float(), qt.config)
         self.width = width
-        self.register_buffer("w", view.clone())
+        # not copied: the caller's float weight is only read (QAT's train_weight copies it before training it)
+        self.register_buffer("w", view)
         self.register_buffer("s", qt.scale.float().clone())
         self.register_buffer("z", qt.zero_points().clone())
         self.book = qt.config.codebook
@@ -107,7 +109,9 @@ class LearnedLinear(nn.Module):
         self.initial = qt
         # an integer shift per weight: 0 where the initial code is the nearest one (RTN), GPTQ's move otherwise;
         # the fractional part of w/s stays, so δ ∈ [−½, ½] reaches the neighbouring grid point on its side
-        self.register_buffer("o0", q0 - torch.round(self._position(view / self._cols(self.s), self.z)))
+        # (small integers: int16 holds any shift of a ≤ 8-bit grid in half the bytes of float32)
+        self.register_buffer("o0", (q0 - torch.round(self._position(view / self._cols(self.s), self.z)))
+                             .to(torch.int16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self.delta = nn.Parameter(torch.zeros_like(view))
         self.factor = nn.Parameter(torch.ones_like(self.s)) if learn_scales else None
@@ -119,7 +123,7 @@ class LearnedLinear(nn.Module):
         """Make the float weight ``w`` (the ``[R, C]`` group view) a trainable parameter too (QAT); the rounding
         offsets ``delta`` stay frozen at their value."""
         weight = self._buffers.pop("w")
-        self.w = nn.Parameter(weight)
+        self.w = nn.Parameter(weight.clone())
         self.delta.requires_grad_(False)
 
     def scale_parameters(self) -> list[nn.Parameter]:
@@ -186,8 +190,15 @@ class LearnedLinear(nn.Module):
         return ((q - self._cols(zero)) * self._cols(scale)).reshape(self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.dequantized().to(x.dtype), None if self.bias is None
-                                    else self.bias.to(x.dtype))
+        """``x · Ŵᵀ (+ b)``. When gradients flow, the elementwise chain from ``w`` to ``Ŵ`` keeps none of its
+        intermediates for the backward pass (about five float32 tensors of the weight's size: the spread scales,
+        the positions, the codes) — it is recomputed there, one layer at a time, so a block being trained holds
+        one ``Ŵ`` per layer beside its parameters. Same values and gradients as keeping them."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            weight = checkpoint(self.dequantized, use_reentrant=False)
+        else:
+            weight = self.dequantized()
+        return nn.functional.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def quantized_tensor(self) -> QuantizedTensor:
         with torch.no_grad():

@@ -60,6 +60,33 @@ def test_stored_codes_are_what_the_forward_pass_used(cfg: QuantConfig) -> None:
     assert not torch.equal(stored.packed, quantize_rtn(w, cfg).packed)  # the offsets did move codes
 
 
+@pytest.mark.parametrize("cfg", GRIDS, ids=QuantConfig.describe)
+def test_training_forward_keeps_no_weight_sized_intermediates_and_the_same_gradients(cfg: QuantConfig) -> None:
+    """The forward pass recomputes the quantization chain in the backward pass: its output and every gradient
+    equal those of the chain kept whole, and autograd holds only the input (the weight is not needed: x has no
+    gradient) — not the ~5 weight-sized tensors of the chain."""
+    torch.manual_seed(2)
+    w, x = torch.randn(32, 80), torch.randn(6, 80)
+    layer = LearnedLinear(w, None, quantize_rtn(w, cfg))
+    with torch.no_grad():
+        layer.delta.uniform_(-0.5, 0.5)
+        layer.factor.uniform_(0.6, 1.0)
+        if layer.factor_lo is not None:
+            layer.factor_lo.uniform_(0.6, 1.0)
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = layer(x)
+    assert saved == [x.numel()]
+    y.pow(2).sum().backward()
+    grads = [p.grad.clone() for p in layer.parameters_to_learn()]
+    for p in layer.parameters_to_learn():
+        p.grad = None
+    whole = nn.functional.linear(x, layer.dequantized())
+    whole.pow(2).sum().backward()
+    assert torch.equal(y, whole)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, layer.parameters_to_learn()))
+
+
 def _swap(parent: nn.Module, name: str, module: nn.Module) -> None:
     parent._modules[name] = module
 
