@@ -150,6 +150,11 @@ def predicted(model_source: str | Path | torch.nn.Module, task: str, eval_tokens
         return quantize_memory(model, g128, stored_bytes=stored_bytes).peak_bytes
     if task.startswith("gptq"):
         return quantize_memory(model, g128, True, samples, 512, stored_bytes=stored_bytes).peak_bytes
+    if task.startswith("learned"):  # the rows' 4 × 512 calibration, in the block passes' default dtype
+        from lowbit.config import COMPUTE_DTYPES, default_compute_dtype
+
+        return quantize_memory(model, g128, True, 4, 512, compute_dtype=COMPUTE_DTYPES[default_compute_dtype()],
+                               stored_bytes=stored_bytes, learned=True).peak_bytes
     if task == "eval":
         dtype = torch.float32 if stored_bytes == 4 else torch.bfloat16  # SmolLM2 (GGUF → float32): eval default
         return eval_memory(model, g128, eval_tokens, 2048, dtype, stored_bytes=stored_bytes).peak_bytes
@@ -331,7 +336,8 @@ def repredict() -> None:
                 models[size] = meta_model(folder)
         task = r["task"]
         key = ("rtn" if task.startswith("RTN 4-bit") else "gptq" if task.startswith("GPTQ") else
-               "eval" if task.startswith("lockstep") else None)
+               "eval" if task.startswith("lockstep") and "--max-memory" not in task else
+               "learned" if task.startswith("learned") else None)  # (the spilling eval is not modelled)
         if key is None:
             continue
         windows = re.search(r"(\d+)×2048", task)

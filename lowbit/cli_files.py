@@ -38,6 +38,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from lowbit.config import COMPUTE_DTYPES, default_compute_dtype
     from lowbit.plan.job_memory import job_memory
     from lowbit.plan.memory import meta_model, mixed_budget, plan
     from lowbit.report import markdown_table
@@ -61,9 +62,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if mixed is not None and 2 <= mixed.bits_per_weight <= 16:
             print(f"mixed precision can use all of it: `lowbit quantize MODEL --max-size {mixed.max_bytes / 1e9:.2f}GB` "
                   f"(≈ {mixed.bits_per_weight:.2f} bits per quantized weight) picks a format per layer")
-    jobs = job_memory(meta_model(args.config))
-    print("\nlowbit's own jobs on this model (4-bit g128; GPTQ with the default 128 × 512 calibration, bf16 "
-          "passes; eval in float32), predicted peak RSS:")
+    dtype = default_compute_dtype()
+    jobs = job_memory(meta_model(args.config), compute_dtype=COMPUTE_DTYPES[dtype])
+    print(f"\nlowbit's own jobs on this model (4-bit g128; GPTQ and learned rounding with the default 128 × 512 "
+          f"calibration, {dtype} passes (this CPU's default); eval in float32), predicted peak RSS:")
     print(markdown_table(["job", "peak RSS (estimate)", "made of"],
                          [(e.task, gb(e.peak_bytes), e.explain()) for e in jobs]))
     write_json(args.json_out, {"plan": [r.to_dict() for r in rows],

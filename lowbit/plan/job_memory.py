@@ -32,7 +32,7 @@ measured peaks at three model sizes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -49,6 +49,9 @@ _TABLE_CHUNK_ROWS = 8192
 _RTN_TEMPORARIES = 7  # float32 copies of a chunk alive at once in nearest rounding (measured: 1.68 GB for 235 MB)
 _EVAL_VOCAB_CHUNK = 8192
 _EVAL_POS_CHUNK = 1024
+# learned rounding, bytes per weight of a block's linears besides Ŵ: float copy 4, o₀ 2, δ + its gradient + best δ 12
+_LEARNED_BYTES_PER_WEIGHT = 18
+_LEARNED_RECOMPUTED = 5  # float32 weight-sized tensors of the quantization chain, one linear at a time
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class _Shapes:
     block_params: int
     largest_linear: tuple[int, int]
     largest_tensor: int  # elements of the largest tensor of a block
+    linear_params: int  # elements of a block's linear weights
     block_inputs: list[int]  # in-features of the distinct inputs of a block's linears
     packed_block: int
 
@@ -94,7 +98,8 @@ def _shapes(model: nn.Module, config: QuantConfig) -> _Shapes:
         hidden=hidden, ffn=int(getattr(cfg, "intermediate_size", None) or 4 * hidden),
         heads=int(getattr(cfg, "num_attention_heads", 1)), block_params=block_params,
         largest_linear=(int(largest[0]), int(largest[1])),
-        largest_tensor=max((p.numel() for p in block.parameters()), default=0), block_inputs=list(inputs.values()),
+        largest_tensor=max((p.numel() for p in block.parameters()), default=0),
+        linear_params=sum(int(o) * int(i) for o, i in linears.values()), block_inputs=list(inputs.values()),
         packed_block=packed_block)
 
 
@@ -111,9 +116,25 @@ def _activations(s: _Shapes, tokens: int, seqlen: int, nbytes: int) -> int:
 
 def quantize_memory(model: nn.Module, config: QuantConfig, calibrated: bool = False, samples: int = 128,
                     seqlen: int = 512, batch_size: int = 4, compute_dtype: torch.dtype = torch.bfloat16,
-                    stored_bytes: int = 2) -> MemoryEstimate:
-    """Peak of ``quantize`` → lowbit native, data-free (RTN) or calibrated (GPTQ) with ``samples × seqlen``."""
+                    stored_bytes: int = 2, learned: bool = False) -> MemoryEstimate:
+    """Peak of ``quantize`` → lowbit native, data-free (RTN) or calibrated (GPTQ) with ``samples × seqlen``;
+    ``learned``: learned rounding of each block after its initial quantization (the larger of the two stages)."""
     s = _shapes(model, config)
+    if learned:
+        gptq = quantize_memory(model, config, True, samples, seqlen, batch_size, compute_dtype, stored_bytes)
+        cbytes = torch.finfo(compute_dtype).bits // 8
+        out, inn = s.largest_linear
+        refining = {"block (codes: initial, refined)": 2 * s.packed_block
+                    + (s.block_params - s.linear_params) * 4,
+                    "learned rounding state": s.linear_params * (_LEARNED_BYTES_PER_WEIGHT + cbytes),
+                    "recomputing one linear": _LEARNED_RECOMPUTED * out * inn * 4,
+                    "calibration text": CALIBRATION_TEXT_BYTES,
+                    "calibration states": 4 * samples * seqlen * s.hidden * 4,
+                    # kept for the backward pass: about twice a forward pass's live activations
+                    "block activations": 2 * _activations(s, batch_size * seqlen, seqlen, cbytes)}
+        if sum(refining.values()) + BASE_BYTES < gptq.peak_bytes:
+            return replace(gptq, task="quantize learned → lowbit")
+        return _estimate("quantize learned → lowbit", refining)
     cbytes = torch.finfo(compute_dtype).bits // 8
     out, inn = s.largest_linear
     block = {"block": s.block_params * stored_bytes + s.largest_tensor * stored_bytes,
@@ -152,9 +173,11 @@ def eval_memory(model: nn.Module, config: QuantConfig, tokens: int = 8192, seqle
 
 
 def job_memory(model: nn.Module, config: QuantConfig = QuantConfig(bits=4, group_size=128), samples: int = 128,
-               seqlen: int = 512, eval_tokens: int = 8192, eval_seqlen: int = 2048) -> list[MemoryEstimate]:
-    """RTN, GPTQ and lockstep-eval peaks for one model with the CLI's defaults (the ``lowbit plan`` table):
-    calibration passes in bf16 autocast, evaluation in float32."""
+               seqlen: int = 512, eval_tokens: int = 8192, eval_seqlen: int = 2048,
+               compute_dtype: torch.dtype = torch.bfloat16) -> list[MemoryEstimate]:
+    """RTN, GPTQ, learned-rounding and lockstep-eval peaks for one model with the CLI's defaults (the ``lowbit
+    plan`` table): calibration passes in ``compute_dtype`` (the CLI's default on this CPU), evaluation in float32."""
     return [quantize_memory(model, config, False),
-            quantize_memory(model, config, True, samples, seqlen),
+            quantize_memory(model, config, True, samples, seqlen, compute_dtype=compute_dtype),
+            quantize_memory(model, config, True, samples, seqlen, compute_dtype=compute_dtype, learned=True),
             eval_memory(model, config, eval_tokens, eval_seqlen, torch.float32)]
