@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (CALIB_TEXT, MODEL, RESULTS, eval_windows, peak_rss_mb, reference_logits, run_worker,  # noqa: E402
-                    write_results)
+from common import (CALIB_TEXT, MODEL, RESULTS, check_flags, eval_windows, peak_rss_mb,  # noqa: E402
+                    reference_logits, run_worker, write_results)
 
 CALIB_SAMPLES, CALIB_SEQLEN = 64, 512
 SETTINGS = {
@@ -134,6 +134,7 @@ def tables(rows: list[dict]) -> list[tuple[str, str]]:
 
 def main() -> None:
     """Run every job, or with ``--only lowbit|peers`` / ``--method M`` just those, keeping the other rows."""
+    check_flags(__doc__, ('--only', '--method', '--setting'), ('--resume', '--render'))
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
     method = sys.argv[sys.argv.index("--method") + 1] if "--method" in sys.argv else None
     setting = sys.argv[sys.argv.index("--setting") + 1] if "--setting" in sys.argv else None

@@ -6,6 +6,7 @@ windows against the same fp32 reference. Tables are written as markdown + JSON u
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import resource
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -116,3 +117,14 @@ def write_results(name: str, title: str, intro: str, tables: list[tuple[str, str
         body += [f"## {heading}", "", table, ""]
     (RESULTS / f"{name}.md").write_text("\n".join(body))
     print("\n".join(body))
+
+
+def check_flags(doc: str | None, options: Iterable[str] = (), switches: Iterable[str] = ()) -> None:
+    """Refuse a command line with a flag the script does not read — it would otherwise run every default job,
+    possibly for an hour. ``options`` take a value, ``switches`` do not; ``--help`` prints the script's ``doc``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag in options:
+        parser.add_argument(flag)
+    for flag in switches:
+        parser.add_argument(flag, action="store_true")
+    parser.parse_args()

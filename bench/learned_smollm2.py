@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibrated_smollm2 import CALIB_SAMPLES, CALIB_SEQLEN, HF_FOLDER, _calib_ids, _finish  # noqa: E402
-from common import MODEL, entry, eval_windows, peak_rss_mb, run_jobs, write_results  # noqa: E402
+from common import check_flags, MODEL, entry, eval_windows, peak_rss_mb, run_jobs, write_results  # noqa: E402
 
 SETTINGS = {
     "4-bit g64 asym": dict(bits=4, group_size=64),
@@ -93,6 +93,7 @@ def jobs() -> list[dict]:
 
 
 def main() -> None:
+    check_flags(__doc__, ('--setting', '--tool', '--iters', '--method'), ('--render',))
     pick = {flag: sys.argv[sys.argv.index(flag) + 1] for flag in ("--setting", "--tool", "--iters", "--method")
             if flag in sys.argv}
     # rows before the compute_dtype field ran bf16 autocast on an AVX512-BF16 CPU

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibrated_smollm2 import CALIB_SAMPLES, CALIB_SEQLEN, HF_FOLDER, _calib_ids, _finish  # noqa: E402
-from common import MODEL, entry, eval_windows, peak_rss_mb, run_jobs, write_results  # noqa: E402
+from common import check_flags, MODEL, entry, eval_windows, peak_rss_mb, run_jobs, write_results  # noqa: E402
 
 GRIDS = {  # name → QuantConfig fields
     "nf4b64": dict(bits=4, symmetric=True, group_size=64, codebook="nf4"),
@@ -97,6 +97,7 @@ def jobs() -> list[dict]:
 
 
 def main() -> None:
+    check_flags(__doc__, ('--only',), ('--render',))
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
     key = lambda r: (r["tool"], r["method"], r["grid"])  # noqa: E731
     todo = [] if "--render" in sys.argv else [j for j in jobs() if only in (None, j["grid"])]

@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibrated_smollm2 import CALIB_SAMPLES, CALIB_SEQLEN, _calib_ids  # noqa: E402
-from common import (CALIB_TEXT, MODEL, entry, eval_windows, peak_rss_mb, reference_logits, run_jobs,  # noqa: E402
-                    write_results)
+from common import (CALIB_TEXT, MODEL, check_flags, entry, eval_windows, peak_rss_mb,  # noqa: E402
+                    reference_logits, run_jobs, write_results)
 
 SETTINGS = {
     "4-bit g64 asym": dict(bits=4, group_size=64),
@@ -169,6 +169,7 @@ def jobs(steps: int = STEPS, lr: float = LR) -> list[dict]:
 
 
 def main() -> None:
+    check_flags(__doc__, ('--only', '--tool', '--steps', '--method', '--lr'), ('--render',))
     pick = {flag: sys.argv[sys.argv.index(flag) + 1] for flag in ("--only", "--tool", "--steps", "--method", "--lr")
             if flag in sys.argv}
     key = lambda r: (r["tool"], r["method"], r["setting"], r["steps"], r.get("lr", LR))  # noqa: E731

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibrated_smollm2 import HF_FOLDER  # noqa: E402
-from common import MODEL, peak_rss_mb, write_results  # noqa: E402
+from common import check_flags, MODEL, peak_rss_mb, write_results  # noqa: E402
 from qlora_memory import memory, memory_section  # noqa: E402
 
 GRID = dict(bits=4, symmetric=True, group_size=64, codebook="nf4")
@@ -185,6 +185,7 @@ def _render_merges() -> None:
 
 
 def main() -> None:
+    check_flags(__doc__, ('--steps', '--memory-steps', '--merges'), ('--render', '--peer', '--memory', '--merges-only'))
     from lowbit import QuantConfig, QuantRecipe, load_model, quantize_model
     from lowbit.calib.data import CalibConfig, calibration_ids
     from lowbit.config import COMPUTE_DTYPES, default_compute_dtype

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODEL, eval_windows, peak_rss_mb, reference_logits, run_worker, write_results  # noqa: E402
+from common import check_flags, MODEL, eval_windows, peak_rss_mb, reference_logits, run_worker, write_results  # noqa: E402
 
 SETTINGS = {
     "fp32": None,
@@ -95,6 +95,7 @@ def _time(fn, repeat: int = 20) -> float:
 
 
 def main() -> None:
+    check_flags(__doc__, (), ())
     from lowbit.report import markdown_table
 
     results = []
