@@ -30,7 +30,7 @@ from lowbit.calib.stats import InputStats
 from lowbit.config import QuantRecipe
 from lowbit.errors import ConfigError
 from lowbit.methods.awq import fold_scale, output_width, search_scale
-from lowbit.methods.learned import LearnedConfig, refine_block, relative_error
+from lowbit.methods.learned import LearnedConfig, lossless_copy, refine_block, relative_error
 from lowbit.methods.method import MethodConfig, quantize_weight
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.methods.smoothquant import search_smoothing
@@ -244,7 +244,7 @@ def quantize_sequential(
                     clip = method.clip is not None and name not in spec.attention_logits
                     old = block.get_submodule(name)
                     if wanted is not None:  # after any AWQ scaling: the weight the codes approximate
-                        floats[name] = (finite_weight(prefix + name, old).float().clone(), linear_bias(old))
+                        floats[name] = (lossless_copy(finite_weight(prefix + name, old)), linear_bias(old))
                     if sm.streamed:
                         return_freed_memory()  # the previous layer's temporaries, before this one's K × K buffers
                     new = quantize_layer(prefix + name, old, target, stats[rep_of[name]], clip)

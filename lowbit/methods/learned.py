@@ -31,7 +31,6 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from lowbit.core.codebook import codebook, decode, nearest_codes
 from lowbit.core.double_quant import double_quantize
@@ -91,10 +90,12 @@ class LearnedLinear(nn.Module):
                  learn_scales: bool = True) -> None:
         super().__init__()
         self.config, self.shape = qt.config, tuple(weight.shape)
-        view, width = group_view(weight.detach().float(), qt.config)
+        view, width = group_view(weight.detach(), qt.config)
         self.width = width
-        # not copied: the caller's float weight is only read (QAT's train_weight copies it before training it)
-        self.register_buffer("w", view)
+        # not copied: the caller's weight is only read (QAT's train_weight copies it before training it); kept in a
+        # 16-bit dtype when the caller's is one (exact: the chain computes in float32)
+        self.register_buffer("w", view if view.dtype in (torch.float16, torch.bfloat16) else view.float())
+        view = view.float()
         self.register_buffer("s", qt.scale.float().clone())
         self.register_buffer("z", qt.zero_points().clone())
         self.book = qt.config.codebook
@@ -123,7 +124,7 @@ class LearnedLinear(nn.Module):
         """Make the float weight ``w`` (the ``[R, C]`` group view) a trainable parameter too (QAT); the rounding
         offsets ``delta`` stay frozen at their value."""
         weight = self._buffers.pop("w")
-        self.w = nn.Parameter(weight.clone())
+        self.w = nn.Parameter(weight.to(torch.float32, copy=True))
         self.delta.requires_grad_(False)
 
     def scale_parameters(self) -> list[nn.Parameter]:
@@ -190,14 +191,16 @@ class LearnedLinear(nn.Module):
         return ((q - self._cols(zero)) * self._cols(scale)).reshape(self.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x · Ŵᵀ (+ b)``. When gradients flow, the elementwise chain from ``w`` to ``Ŵ`` keeps none of its
-        intermediates for the backward pass (about five float32 tensors of the weight's size: the spread scales,
-        the positions, the codes) — it is recomputed there, one layer at a time, so a block being trained holds
-        one ``Ŵ`` per layer beside its parameters. Same values and gradients as keeping them."""
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            weight = checkpoint(self.dequantized, use_reentrant=False)
-        else:
-            weight = self.dequantized()
+        """``x · Ŵᵀ (+ b)``. When gradients flow, autograd keeps only ``x``: neither ``Ŵ`` nor the elementwise
+        chain from ``w`` to it (about five float32 tensors of the weight's size: the spread scales, the
+        positions, the codes) — the backward pass recomputes them, one layer at a time
+        (:class:`_RecomputedWeightLinear`), so a block being trained holds its parameters and little else."""
+        trained = [p for p in self.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+        if trained:
+            return _RecomputedWeightLinear.apply(x, self, *trained)
+        return self._linear(x, self.dequantized())
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def quantized_tensor(self) -> QuantizedTensor:
@@ -214,6 +217,47 @@ class LearnedLinear(nn.Module):
                 return QuantizedTensor(pack_codes(q.reshape(self.shape).to(torch.uint8), self.config.bits),
                                        dq.decode() if moved else self.initial.scale, None, self.shape, self.config, dq)
             return QuantizedTensor.from_codes(q.reshape(self.shape), scale, zero, self.config)
+
+
+class _RecomputedWeightLinear(torch.autograd.Function):
+    """``y = x · Ŵᵀ + b`` with ``Ŵ = layer.dequantized()`` computed without a graph in the forward pass and again,
+    with one, in the backward pass: ``∂L/∂x = ∂L/∂y · Ŵ`` and ``∂L/∂Ŵ = (∂L/∂y)ᵀ · x`` in the dtype the linear ran in
+    (bf16 under autocast), then ``∂L/∂Ŵ`` through the chain to the layer's trained parameters (passed as inputs so
+    autograd asks for their gradients). Saves ``x`` only."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, x: torch.Tensor, layer: "LearnedLinear", *trained: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            y = layer._linear(x, layer.dequantized())
+        ctx.layer = layer
+        ctx.save_for_backward(x)
+        return y
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        layer = ctx.layer
+        trained = [p for p in layer.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            weight = layer.dequantized().to(grad_y.dtype)
+        grad_x = grad_y.matmul(weight.detach()) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_y.reshape(-1, grad_y.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]).to(grad_y.dtype))
+        grads = torch.autograd.grad(weight, trained, grad_weight, allow_unused=True)
+        return (grad_x, None, *grads)
+
+
+def lossless_copy(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of ``weight`` in the narrowest float dtype that holds every value exactly: bfloat16 or float16 (2
+    bytes a weight instead of 4 — a model stored in 16 bits and read in float32 keeps its values), else float32
+    (e.g. after AWQ's scaling). :class:`LearnedLinear` computes in float32 either way: same results."""
+    w = weight.detach()
+    for dtype in (torch.bfloat16, torch.float16):
+        narrow = w.to(dtype, copy=True)
+        if torch.equal(narrow.float(), w.float()):
+            return narrow
+    return w.to(torch.float32, copy=True)
 
 
 @dataclass
@@ -256,7 +300,20 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
     best = [p.detach().clone() for p in params]
     best_loss, losses = float("inf"), []
     order = torch.randperm(batches, generator=torch.Generator().manual_seed(cfg.seed))
-    lo, hi = cfg.scale_range
+    rate = [0.0]  # this step's
+
+    def signed_step(bounds: tuple[float, float]) -> Callable[[torch.Tensor], None]:
+        """A parameter's step, taken as soon as the backward pass has its gradient — which is then dropped, so a
+        block holds one layer's gradients at a time, not all of them (the parameter is not read again later in
+        the same backward pass: each layer recomputes its own chain)."""
+        @torch.no_grad()
+        def step(p: torch.Tensor) -> None:
+            p.sub_(rate[0] * p.grad.sign()).clamp_(*bounds)
+            p.grad = None
+        return step
+
+    hooks = [p.register_post_accumulate_grad_hook(signed_step((-0.5, 0.5) if p is m.delta else cfg.scale_range))
+             for m in learned.values() for p in m.parameters_to_learn()]
 
     def error(i: int) -> torch.Tensor:
         return relative_error(run(block, i), target(i))
@@ -272,20 +329,10 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
                 best_loss = value
                 for b, p in zip(best, params):
                     b.copy_(p.detach())
-            for p in params:
-                p.grad = None
-            loss.backward()
-            rate = cfg.step * (1 - step / cfg.iters)  # linear decay to 0
-            with torch.no_grad():
-                for m in learned.values():
-                    if m.delta.grad is not None:
-                        m.delta.sub_(rate * m.delta.grad.sign()).clamp_(-0.5, 0.5)
-                    if m.factor is not None and m.factor.grad is not None:
-                        m.factor.sub_(rate * m.factor.grad.sign()).clamp_(lo, hi)
-                    if m.factor_lo is not None and m.factor_lo.grad is not None:
-                        m.factor_lo.sub_(rate * m.factor_lo.grad.sign()).clamp_(lo, hi)
-                if norms is not None:
-                    norms.step(rate)
+            rate[0] = cfg.step * (1 - step / cfg.iters)  # linear decay to 0
+            loss.backward()  # the layers' parameters take their signed steps here (hooks above)
+            if norms is not None:
+                norms.step(rate[0])
         with torch.no_grad():  # the best parameters seen (the last step's were never evaluated)
             for b, p in zip(best, params):
                 p.copy_(b)
@@ -295,6 +342,8 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
             if final_error is None:
                 after = sum(float(error(i)) for i in range(batches)) / batches
     finally:
+        for hook in hooks:
+            hook.remove()
         if norms is not None:
             norms.release()
         for p in frozen:

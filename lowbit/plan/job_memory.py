@@ -21,6 +21,13 @@ resident memory is a sum of a few terms, each computed here from the shapes of t
     block (``2 × samples × seqlen × hidden × 4``: float32, the passes autocast only their matmuls), one
     batch's activations inside the block, and per distinct input its ``XᵀX`` and GPTQ's inverse-Hessian factor
     (a permuted copy factorised in place, kept for the layers sharing the input): ``2 × Σ in² × 4``.
+``learned rounding`` (``--method learned``, ``gptq+learned``; :mod:`lowbit.methods.learned`)
+    per weight of the block's linears: its float copy in the stored dtype (16-bit sources stay 16-bit; AWQ-scaled
+    weights take float32), the integer shift ``o₀`` (int16), the offset ``δ`` and the best ``δ`` seen (float32),
+    the initial and refined codes (packed); the backward pass recomputes one linear at a time — its quantization
+    chain, ``Ŵ``, ``∂L/∂Ŵ`` and ``δ``'s gradient (about eight float32 copies of the largest linear); four
+    calibration streams (quantized input, float input, float target, refined output) and one batch's
+    activations kept for the backward pass.
 ``evaluation``
     each model's hidden states for every window (``2 × windows × seqlen × hidden × bytes``, one of them twice
     while a block runs), one block, one window's activations, then at the head each model's final hidden states
@@ -49,9 +56,8 @@ _TABLE_CHUNK_ROWS = 8192
 _RTN_TEMPORARIES = 7  # float32 copies of a chunk alive at once in nearest rounding (measured: 1.68 GB for 235 MB)
 _EVAL_VOCAB_CHUNK = 8192
 _EVAL_POS_CHUNK = 1024
-# learned rounding, bytes per weight of a block's linears besides Ŵ: float copy 4, o₀ 2, δ + its gradient + best δ 12
-_LEARNED_BYTES_PER_WEIGHT = 18
-_LEARNED_RECOMPUTED = 5  # float32 weight-sized tensors of the quantization chain, one linear at a time
+_LEARNED_BYTES_PER_WEIGHT = 10  # learned rounding, a block's linears: o₀ 2, δ 4, best δ 4 (besides the float copy)
+_LEARNED_RECOMPUTED = 8  # float32 copies of the largest linear alive while the backward pass recomputes it
 
 
 @dataclass(frozen=True)
@@ -126,7 +132,7 @@ def quantize_memory(model: nn.Module, config: QuantConfig, calibrated: bool = Fa
         out, inn = s.largest_linear
         refining = {"block (codes: initial, refined)": 2 * s.packed_block
                     + (s.block_params - s.linear_params) * 4,
-                    "learned rounding state": s.linear_params * (_LEARNED_BYTES_PER_WEIGHT + cbytes),
+                    "learned rounding state": s.linear_params * (_LEARNED_BYTES_PER_WEIGHT + stored_bytes),
                     "recomputing one linear": _LEARNED_RECOMPUTED * out * inn * 4,
                     "calibration text": CALIBRATION_TEXT_BYTES,
                     "calibration states": 4 * samples * seqlen * s.hidden * 4,

@@ -18,7 +18,7 @@ from lowbit.core.qparams import fake_quantize_groups
 from lowbit.formats.gguf.block_types import GRID_TYPES
 from lowbit.formats.gguf.grids import gguf_grid
 from lowbit.methods.gguf_rounding import GridCodes
-from lowbit.methods.learned import LearnedConfig, LearnedLinear, refine_block
+from lowbit.methods.learned import LearnedConfig, LearnedLinear, lossless_copy, refine_block
 from lowbit.methods.method import ClipConfig, MethodConfig
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.nn.qlinear import QLinear
@@ -61,30 +61,41 @@ def test_stored_codes_are_what_the_forward_pass_used(cfg: QuantConfig) -> None:
 
 
 @pytest.mark.parametrize("cfg", GRIDS, ids=QuantConfig.describe)
-def test_training_forward_keeps_no_weight_sized_intermediates_and_the_same_gradients(cfg: QuantConfig) -> None:
-    """The forward pass recomputes the quantization chain in the backward pass: its output and every gradient
-    equal those of the chain kept whole, and autograd holds only the input (the weight is not needed: x has no
-    gradient) — not the ~5 weight-sized tensors of the chain."""
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_training_forward_keeps_only_its_input_and_gives_the_same_gradients(cfg: QuantConfig, autocast: bool) -> None:
+    """The backward pass recomputes Ŵ and its quantization chain: autograd holds only the input x — not Ŵ nor the
+    ~5 weight-sized tensors of the chain — and the output and every gradient (x's too) equal those of the chain
+    kept whole: bit for bit in float32, to bf16 rounding under bf16 autocast (where the matmuls run in bf16)."""
     torch.manual_seed(2)
-    w, x = torch.randn(32, 80), torch.randn(6, 80)
-    layer = LearnedLinear(w, None, quantize_rtn(w, cfg))
+    w = torch.randn(32, 80)
+    layer = LearnedLinear(w, torch.randn(32), quantize_rtn(w, cfg))
     with torch.no_grad():
         layer.delta.uniform_(-0.5, 0.5)
         layer.factor.uniform_(0.6, 1.0)
         if layer.factor_lo is not None:
             layer.factor_lo.uniform_(0.6, 1.0)
-    saved: list[int] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        y = layer(x)
-    assert saved == [x.numel()]
-    y.pow(2).sum().backward()
-    grads = [p.grad.clone() for p in layer.parameters_to_learn()]
-    for p in layer.parameters_to_learn():
-        p.grad = None
-    whole = nn.functional.linear(x, layer.dequantized())
-    whole.pow(2).sum().backward()
-    assert torch.equal(y, whole)
-    assert all(torch.equal(g, p.grad) for g, p in zip(grads, layer.parameters_to_learn()))
+    learned = layer.parameters_to_learn()
+
+    def run(keep_chain: bool) -> list[torch.Tensor]:
+        x = torch.randn(3, 6, 80, generator=torch.Generator().manual_seed(5)).requires_grad_()
+        for p in learned:
+            p.grad = None
+        saved: list[int] = []
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast), torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.numel()) or t, lambda t: t):
+            y = layer._linear(x, layer.dequantized()) if keep_chain else layer(x)
+        if not keep_chain:
+            assert saved == [x.numel()]
+        y.float().pow(2).sum().backward()
+        return [y.detach(), x.grad, *(p.grad for p in learned)]
+
+    recomputed, whole = run(False), run(True)
+    for a, b in zip(recomputed, whole):
+        assert a.dtype == b.dtype
+        if autocast:
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
+        else:
+            assert torch.equal(a, b)
 
 
 def _swap(parent: nn.Module, name: str, module: nn.Module) -> None:
@@ -278,3 +289,18 @@ def test_tuned_norms_are_what_the_checkpoint_stores(arch: str, tmp_path) -> None
     save_quantized(model, tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(load_quantized(tmp_path / "q").model(HELD_OUT).logits, model(HELD_OUT).logits)
+
+
+def test_lossless_copy_keeps_16_bit_weights_in_16_bits_and_every_value() -> None:
+    """A bf16 model read in float32 is copied back to 2 bytes a weight; float16-only values (finer than bf16) to
+    float16; anything else (an AWQ-scaled weight) stays float32 — and every copy holds the same values."""
+    torch.manual_seed(3)
+    bf16 = torch.randn(16, 64).bfloat16().float()
+    f16 = (torch.randn(16, 64) * 1e-3).half().float()
+    scaled = torch.randn(16, 64) / 3.7
+    for w, dtype in [(bf16, torch.bfloat16), (f16, torch.float16), (scaled, torch.float32),
+                     (torch.full((2, 2), 2.0 ** 17), torch.bfloat16)]:  # beyond float16's range, in bf16's
+        copy = lossless_copy(w)
+        assert copy.dtype == dtype and torch.equal(copy.float(), w) and copy.data_ptr() != w.data_ptr()
+    huge_and_fine = torch.tensor([[2.0 ** 17, 1.0 + 2 ** -10]])  # neither 16-bit type holds both
+    assert lossless_copy(huge_and_fine).dtype == torch.float32
