@@ -18,6 +18,7 @@ import os, sys, time, torch
 from lowbit.formats import native, serving_sink
 from lowbit.calib.data import CalibConfig
 from lowbit.job import QuantizeJob, quantize_and_save
+from lowbit.methods.learned import LearnedConfig
 from lowbit.methods.method import MethodConfig
 from lowbit import QuantConfig, QuantRecipe
 for sink in (native.NativeSink, serving_sink.ServingSink):
@@ -27,7 +28,7 @@ for sink in (native.NativeSink, serving_sink.ServingSink):
     sink.add_block = slowed
 ids = torch.randint(0, 49152, (4, 32), generator=torch.Generator().manual_seed(0))
 job = QuantizeJob(sys.argv[1], sys.argv[2], recipe=QuantRecipe(QuantConfig(bits=4, group_size=32, symmetric=False)),
-                  method=MethodConfig.parse(os.environ["RESUME_TEST_METHOD"]), calib=CalibConfig(samples=4, seqlen=32, batch_size=2),
+                  method=MethodConfig.parse(os.environ["RESUME_TEST_METHOD"], learned=LearnedConfig(iters=10)), calib=CalibConfig(samples=4, seqlen=32, batch_size=2),
                   calib_ids=ids, max_shard_bytes=40_000, fmt=sys.argv[4])
 quantize_and_save(job, resume=len(sys.argv) > 5, progress=False)
 """
@@ -35,7 +36,7 @@ quantize_and_save(job, resume=len(sys.argv) > 5, progress=False)
 
 def kill_resume_and_rerun(fmt: str, model: Path, tmp_path: Path, blocks: int,
                           method: str = "gptq") -> tuple[Path, Path]:
-    """Quantize ``model`` (``method``, 4-bit g32 asym) to ``fmt`` in a child process and SIGKILL it once its checkpoint
+    """Quantize ``model`` (``method``, 4-bit g32 asym; learned rounding: 10 steps per block) to ``fmt`` in a child process and SIGKILL it once its checkpoint
     is past block 2; check nothing is at ``out`` but the checkpoint; resume it; run it again into a clean folder.
     Returns ``(resumed out, clean out)``."""
     script = tmp_path / "child.py"
