@@ -24,8 +24,8 @@ resident memory is a sum of a few terms, each computed here from the shapes of t
 ``learned rounding`` (``--method learned``, ``gptq+learned``; :mod:`lowbit.methods.learned`)
     per weight of the block's linears: its float copy in the stored dtype (16-bit sources stay 16-bit; AWQ-scaled
     weights take float32), the integer shift ``o₀`` (int16), the offset ``δ`` and the best ``δ`` seen (float32),
-    the initial and refined codes (packed); the backward pass recomputes one linear at a time — its quantization
-    chain, ``Ŵ``, ``∂L/∂Ŵ`` and ``δ``'s gradient (about eight float32 copies of the largest linear); four
+    the initial and refined codes (packed); the backward pass recomputes one linear at a time — ``∂L/∂Ŵ`` and
+    ``δ``'s gradient, and the quantization chain one row slice at a time (:mod:`lowbit.methods.learned_linear`); four
     calibration streams (quantized input, float input, float target, refined output) and one batch's
     activations kept for the backward pass.
 ``evaluation``
@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from lowbit.config import QuantConfig
+from lowbit.methods.learned_linear import CHUNK_ELEMENTS as LEARNED_CHUNK_ELEMENTS
 from lowbit.methods.rtn import CHUNK_ELEMENTS
 from lowbit.plan.memory import quantized_weight_bytes
 
@@ -57,7 +58,7 @@ _RTN_TEMPORARIES = 7  # float32 copies of a chunk alive at once in nearest round
 _EVAL_VOCAB_CHUNK = 8192
 _EVAL_POS_CHUNK = 1024
 _LEARNED_BYTES_PER_WEIGHT = 10  # learned rounding, a block's linears: o₀ 2, δ 4, best δ 4 (besides the float copy)
-_LEARNED_RECOMPUTED = 8  # float32 copies of the largest linear alive while the backward pass recomputes it
+_LEARNED_RECOMPUTED = 8  # float32 tensors of one row slice of the chain alive while the backward pass recomputes it
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,8 @@ def quantize_memory(model: nn.Module, config: QuantConfig, calibrated: bool = Fa
         refining = {"block (codes: initial, refined)": 2 * s.packed_block
                     + (s.block_params - s.linear_params) * 4,
                     "learned rounding state": s.linear_params * (_LEARNED_BYTES_PER_WEIGHT + stored_bytes),
-                    "recomputing one linear": _LEARNED_RECOMPUTED * out * inn * 4,
+                    # the largest linear's ∂L/∂Ŵ (compute dtype) and δ's gradient, one row slice of its chain
+                    "recomputing one linear": (cbytes + 4) * out * inn + _LEARNED_RECOMPUTED * LEARNED_CHUNK_ELEMENTS * 4,
                     "calibration text": CALIBRATION_TEXT_BYTES,
                     "calibration states": 4 * samples * seqlen * s.hidden * 4,
                     # kept for the backward pass: about twice a forward pass's live activations

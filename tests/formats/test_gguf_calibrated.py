@@ -210,6 +210,7 @@ def _tensors(path: Path) -> dict[str, tuple[str, bytes]]:
     return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in GGUFReader(str(path)).tensors}
 
 
+@pytest.mark.slow  # 10–30 s on an AVX2 CPU
 def test_learned_rounding_onto_gguf_grids(tmp_path: Path, smollm2_session: LoadedModel) -> None:
     """``gptq+learned`` GGUF export: zero iterations = GPTQ's tensors byte for byte; with iterations the k-quant
     tensors' codes move (their scales stay), and the model left in memory decodes as the file does."""

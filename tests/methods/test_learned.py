@@ -18,6 +18,7 @@ from lowbit.core.qparams import fake_quantize_groups
 from lowbit.formats.gguf.block_types import GRID_TYPES
 from lowbit.formats.gguf.grids import gguf_grid
 from lowbit.methods.gguf_rounding import GridCodes
+from lowbit.methods import learned_linear
 from lowbit.methods.learned import LearnedConfig, LearnedLinear, lossless_copy, refine_block
 from lowbit.methods.method import ClipConfig, MethodConfig
 from lowbit.methods.rtn import quantize_rtn
@@ -62,10 +63,15 @@ def test_stored_codes_are_what_the_forward_pass_used(cfg: QuantConfig) -> None:
 
 @pytest.mark.parametrize("cfg", GRIDS, ids=QuantConfig.describe)
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
-def test_training_forward_keeps_only_its_input_and_gives_the_same_gradients(cfg: QuantConfig, autocast: bool) -> None:
-    """The backward pass recomputes Ŵ and its quantization chain: autograd holds only the input x — not Ŵ nor the
-    ~5 weight-sized tensors of the chain — and the output and every gradient (x's too) equal those of the chain
-    kept whole: bit for bit in float32, to bf16 rounding under bf16 autocast (where the matmuls run in bf16)."""
+@pytest.mark.parametrize("slice_rows", [0, 3], ids=["whole", "3-row-slices"])
+def test_training_forward_keeps_only_its_input_and_gives_the_same_gradients(cfg: QuantConfig, autocast: bool,
+                                                                           slice_rows: int, monkeypatch) -> None:
+    """The backward pass recomputes Ŵ and its quantization chain (whole, or in row slices as for a large layer):
+    autograd holds only the input x — not Ŵ nor the ~5 weight-sized tensors of the chain — and the output and
+    every gradient (x's too) equal those of the chain kept whole: bit for bit in float32, to bf16 rounding under
+    bf16 autocast (where the matmuls run in bf16)."""
+    if slice_rows:
+        monkeypatch.setattr(learned_linear, "CHUNK_ELEMENTS", slice_rows * 80)
     torch.manual_seed(2)
     w = torch.randn(32, 80)
     layer = LearnedLinear(w, torch.randn(32), quantize_rtn(w, cfg))
@@ -89,6 +95,8 @@ def test_training_forward_keeps_only_its_input_and_gives_the_same_gradients(cfg:
         y.float().pow(2).sum().backward()
         return [y.detach(), x.grad, *(p.grad for p in learned)]
 
+    single = not slice_rows or cfg.double_quant or cfg.granularity == "tensor"
+    assert len(layer.row_slices()) == (1 if single else 11)  # 32 rows, 3 a slice
     recomputed, whole = run(False), run(True)
     for a, b in zip(recomputed, whole):
         assert a.dtype == b.dtype

@@ -50,6 +50,7 @@ def _ids(sm, samples: int = 4, seqlen: int = 64) -> torch.Tensor:
     return torch.tensor(ids[: samples * seqlen]).view(samples, seqlen)
 
 
+@pytest.mark.slow  # 10–30 s on an AVX2 CPU
 def test_mix_spends_the_budget_where_it_lowers_the_predicted_kl(tmp_path: Path, bpe512: object) -> None:
     """A larger budget never predicts more KL; every chosen type fits its rows; the planned file fits the budget;
     at the smallest and largest budgets the mix is uniform at the cheapest / richest type that fits."""
@@ -88,6 +89,7 @@ def test_rows_no_k_quant_block_divides_get_32_weight_types(tmp_path: Path, bpe51
     assert 4.5 <= mix.allocation.bits_per_weight <= 5.0
 
 
+@pytest.mark.slow  # 10–30 s on an AVX2 CPU
 def test_cli_writes_the_planned_mix_within_max_size(tmp_path: Path, bpe512: object) -> None:
     """``lowbit quantize --format gguf --max-size``: the file is no larger than asked, its tensor types are the
     plan's, and the plan's size bound is tight (within the metadata reserve)."""

@@ -1,0 +1,256 @@
+"""The layer learned rounding trains: :class:`LearnedLinear`, a linear layer quantized afresh on every forward pass
+from its rounding offsets ``δ`` and range factors (the chain of :mod:`lowbit.methods.learned`'s docstring), and how
+its backward pass recomputes that chain a slice of rows at a time so that a block in training holds its parameters
+and little else.
+
+Memory per weight of a layer in training: its float copy, ``o₀`` (int16) and ``δ``; the forward pass keeps only the
+layer's input for the backward pass (not ``Ŵ`` nor the ~5 weight-sized tensors of the chain), and the backward pass
+rebuilds ``Ŵ`` for ``∂L/∂x``, then walks the chain over row slices of :data:`CHUNK_ELEMENTS` weights (every step of
+the chain acts on a row, or on a group within a row, alone: the slices give the whole chain's values and gradients
+bit for bit). Grids whose scales are double-quantized in blocks across rows are not sliced.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.core.codebook import codebook, decode, nearest_codes
+from lowbit.core.double_quant import double_quantize
+from lowbit.core.packing import pack_codes
+from lowbit.core.qtensor import QuantizedTensor
+from lowbit.core.rounding import group_view
+
+CHUNK_ELEMENTS = 1 << 22  # weights per row slice of the chain (16 MB per float32 tensor of it)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+class LearnedLinear(nn.Module):
+    """A linear layer whose weight is quantized afresh on every forward from ``delta`` and ``factor``.
+
+    ``weight``: the float weight ``[N, K]`` the codes approximate; ``qt``: the initial quantization (its grid) — a
+    :class:`QuantizedTensor`, or any object with its ``config``, ``scale`` ``[N, G]``, ``codes()``,
+    ``zero_points()`` and ``with_codes(codes)`` (a grid some format encodes itself); ``learn_scales`` False: only the
+    codes move."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, qt: QuantizedTensor,
+                 learn_scales: bool = True) -> None:
+        super().__init__()
+        self.config, self.shape = qt.config, tuple(weight.shape)
+        view, width = group_view(weight.detach(), qt.config)
+        self.width = width
+        # not copied: the caller's weight is only read (QAT's train_weight copies it before training it); kept in a
+        # 16-bit dtype when the caller's is one (exact: the chain computes in float32)
+        self.register_buffer("w", view if view.dtype in (torch.float16, torch.bfloat16) else view.float())
+        view = view.float()
+        self.register_buffer("s", qt.scale.float().clone())
+        self.register_buffer("z", qt.zero_points().clone())
+        self.book = qt.config.codebook
+        q0 = group_view(qt.codes().float(), qt.config)[0]
+        if self.book is not None:  # code book: positions are indices into its distinct values, ascending
+            levels = torch.unique(codebook(self.book))
+            self.register_buffer("levels", levels)
+            self.register_buffer("level_codes", nearest_codes(levels, self.book))  # the code stored per level
+            self.register_buffer("c0", q0.clone())  # FP4's two zeros: an unmoved weight keeps its own code
+            q0 = torch.searchsorted(levels, decode(q0.long(), self.book)).float()
+            self.register_buffer("p0", q0.clone())
+        self.initial = qt
+        # an integer shift per weight: 0 where the initial code is the nearest one (RTN), GPTQ's move otherwise;
+        # the fractional part of w/s stays, so δ ∈ [−½, ½] reaches the neighbouring grid point on its side
+        # (small integers: int16 holds any shift of a ≤ 8-bit grid in half the bytes of float32)
+        self.register_buffer("o0", (q0 - torch.round(self._position(view / self._cols(self.s), self.z)))
+                             .to(torch.int16))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.delta = nn.Parameter(torch.zeros_like(view))
+        self.factor = nn.Parameter(torch.ones_like(self.s)) if learn_scales else None
+        # asymmetric grids: ``factor`` scales the top of each group's range and ``factor_lo`` its bottom, so the
+        # range moves at both ends independently (AutoRound's learned min/max clipping) and the zero point follows
+        self.factor_lo = None if qt.config.symmetric or not learn_scales else nn.Parameter(torch.ones_like(self.s))
+
+    def train_weight(self) -> None:
+        """Make the float weight ``w`` (the ``[R, C]`` group view) a trainable parameter too (QAT); the rounding
+        offsets ``delta`` stay frozen at their value."""
+        weight = self._buffers.pop("w")
+        self.w = nn.Parameter(weight.to(torch.float32, copy=True))
+        self.delta.requires_grad_(False)
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        """The per-group range factors: ``factor`` (and ``factor_lo`` on asymmetric grids); none when the scales
+        are not learned."""
+        return [p for p in (self.factor, self.factor_lo) if p is not None]
+
+    def parameters_to_learn(self) -> list[nn.Parameter]:
+        return [self.delta, *self.scale_parameters()]
+
+    def _cols(self, per_group: torch.Tensor) -> torch.Tensor:
+        """``[R, G]`` → ``[R, C]``: each group's value over its columns (a ragged last group cut off)."""
+        return per_group.repeat_interleave(self.width, dim=1)[:, :self.w.shape[1]]
+
+    def _position(self, x: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Where ``x = w / s`` lies on the grid, in grid steps: ``x + z`` for an integer grid; for a code book
+        the piecewise-linear index between its ascending values (clamped to [−1, 1]): ``i + (x − v_i) / (v_{i+1} −
+        v_i)``, so that rounding it picks the nearest value (a half step is the midpoint between two values)."""
+        if self.book is None:
+            return x + self._cols(zero)
+        x = x.clamp(-1, 1)
+        i = (torch.searchsorted(self.levels, x.detach(), right=True) - 1).clamp(0, self.levels.numel() - 2)
+        lo, hi = self.levels[i], self.levels[i + 1]
+        return i + (x - lo) / (hi - lo)
+
+    def zero(self, scale: torch.Tensor) -> torch.Tensor:
+        """The zero points ``[R, G]`` for ``scale``, as stored: integers in [0, qmax], or float16 values. Asymmetric:
+        ``z' = −α·lo₀ / s'`` with the initial range bottom ``lo₀ = −z·s``."""
+        if self.factor_lo is None:  # symmetric (and code books: ``z`` is unused there)
+            return self.z
+        z = self.factor_lo * self.z * self.s / scale
+        if self.config.zero_point == "float":
+            return z + (z.to(torch.float16).float() - z).detach()
+        return torch.clamp(_round_ste(z), 0, self.config.qmax)
+
+    def codes_and_scale(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Codes ``[R, C]`` (float, STE-rounded), the float16-valued scale and the zero points ``[R, G]`` of the
+        current state (the initial scale and zero points, exactly, when the scales are not learned)."""
+        if self.factor is None:
+            scale, zero = self.s, self.z
+        else:
+            if self.factor_lo is None:
+                scale = self.s * self.factor
+            else:  # the range [α·lo₀, β·hi₀] with lo₀ = −z·s, hi₀ = (qmax − z)·s, over qmax steps
+                qmax = self.config.qmax
+                scale = (self.factor * (qmax - self.z) + self.factor_lo * self.z) * self.s / qmax
+            if self.config.double_quant:  # the 8-bit storage's decode (unmoved: the initial scales)
+                stored = self.s if bool((self.factor == 1).all()) else double_quantize(scale.detach()).decode()
+            else:
+                stored = scale.to(self.config.scale_dtype).float()  # code books keep float32 scales
+            scale = scale + (stored - scale).detach()
+            zero = self.zero(scale)
+        top = self.config.qmax if self.book is None else self.levels.numel() - 1
+        x = self._position(self.w / self._cols(scale), zero) + self.o0 + self.delta
+        return torch.clamp(_round_ste(x), 0, top), scale, zero
+
+    def dequantized(self) -> torch.Tensor:
+        q, scale, zero = self.codes_and_scale()
+        if self.book is not None:  # the level's value, its gradient the slope to the next level (STE)
+            i = q.detach().long()
+            slope = self.levels[(i + 1).clamp(max=self.levels.numel() - 1)] - self.levels[(i - 1).clamp(min=0)]
+            value = self.levels[i] + (q - q.detach()) * slope / 2
+            return (value * self._cols(scale)).reshape(self.shape)
+        return ((q - self._cols(zero)) * self._cols(scale)).reshape(self.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x · Ŵᵀ (+ b)``. When gradients flow, autograd keeps only ``x``: neither ``Ŵ`` nor the elementwise
+        chain from ``w`` to it (about five float32 tensors of the weight's size: the spread scales, the
+        positions, the codes) — the backward pass recomputes them, one layer at a time
+        (:class:`_RecomputedWeightLinear`), so a block being trained holds its parameters and little else."""
+        trained = [p for _, p in self.trained()] if torch.is_grad_enabled() else []
+        if trained:
+            return _RecomputedWeightLinear.apply(x, self, *trained)
+        return self._linear(x, self.dequantized_by_rows())
+
+    def trained(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters that take gradients, by name (``delta`` and the range factors; QAT: ``w``)."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def row_slices(self) -> list[slice]:
+        """Row slices of about :data:`CHUNK_ELEMENTS` weights that the chain may be computed on alone; one slice
+        (all rows) for per-tensor grids and double-quantized scales, whose steps reach across rows."""
+        rows, cols = self.w.shape
+        if self.config.granularity == "tensor" or self.config.double_quant or rows * cols <= CHUNK_ELEMENTS:
+            return [slice(None)]
+        step = max(1, CHUNK_ELEMENTS // cols)
+        return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+    @torch.no_grad()
+    def dequantized_by_rows(self) -> torch.Tensor:
+        """:meth:`dequantized` without a graph, a row slice at a time (same values; the chain's temporaries are
+        one slice's, not the layer's)."""
+        slices = self.row_slices()
+        if len(slices) == 1:
+            return self.dequantized()
+        out = torch.empty(self.shape)
+        for rows in slices:
+            out[rows] = _Rows(self, rows, {}).dequantized()
+        return out
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def quantized_tensor(self) -> QuantizedTensor:
+        with torch.no_grad():
+            q, scale, zero = self.codes_and_scale()
+            if self.book is not None:
+                q = torch.where(q == self.p0, self.c0, self.level_codes[q.long()].float())
+            if self.factor is None:  # the initial grid, its codes moved
+                return self.initial.with_codes(q.reshape(self.shape))
+            zero = None if self.config.symmetric else zero
+            if self.config.double_quant:  # the 8-bit scales the forward pass decoded (unmoved: the initial ones)
+                moved = not bool((self.factor == 1).all())
+                dq = double_quantize(self.s * self.factor) if moved else self.initial.scale_dq
+                return QuantizedTensor(pack_codes(q.reshape(self.shape).to(torch.uint8), self.config.bits),
+                                       dq.decode() if moved else self.initial.scale, None, self.shape, self.config, dq)
+            return QuantizedTensor.from_codes(q.reshape(self.shape), scale, zero, self.config)
+
+
+class _Rows:
+    """Rows ``r0:r1`` of a :class:`LearnedLinear`: its buffers sliced, the parameters in ``leaves`` replaced by
+    given tensors (new leaves, so gradients come out the slice's size), the others sliced — and the layer's own
+    chain methods, which act on each row alone."""
+
+    _cols = LearnedLinear._cols
+    _position = LearnedLinear._position
+    zero = LearnedLinear.zero
+    codes_and_scale = LearnedLinear.codes_and_scale
+    dequantized = LearnedLinear.dequantized
+
+    def __init__(self, layer: LearnedLinear, rows: slice, leaves: dict[str, torch.Tensor]) -> None:
+        self.config, self.book, self.width = layer.config, layer.book, layer.width
+        self.levels = getattr(layer, "levels", None)
+        for name in ("w", "s", "z", "o0", "delta", "factor", "factor_lo"):
+            value = getattr(layer, name)
+            setattr(self, name, leaves[name] if name in leaves else None if value is None else value[rows])
+        self.shape = (self.w.shape[0], layer.shape[1])
+
+
+class _RecomputedWeightLinear(torch.autograd.Function):
+    """``y = x · Ŵᵀ + b`` with ``Ŵ = layer.dequantized()`` computed without a graph in the forward pass. The backward
+    pass rebuilds ``Ŵ`` for ``∂L/∂x = ∂L/∂y · Ŵ`` (the dtype the linear ran in: bf16 under autocast), forms
+    ``∂L/∂Ŵ = (∂L/∂y)ᵀ · x``, then takes it through the chain a row slice at a time to the layer's trained
+    parameters (passed as inputs so autograd asks for their gradients). Saves ``x`` only."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, x: torch.Tensor, layer: LearnedLinear, *trained: torch.Tensor) -> torch.Tensor:
+        y = layer._linear(x, layer.dequantized_by_rows())
+        ctx.layer = layer
+        ctx.save_for_backward(x)
+        return y
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        layer, dtype = ctx.layer, grad_y.dtype
+        grad_x = grad_y.matmul(layer.dequantized_by_rows().to(dtype)) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_y.reshape(-1, grad_y.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]).to(dtype))
+        trained = dict(layer.trained())
+        slices = layer.row_slices()
+        if len(slices) == 1:
+            with torch.enable_grad():
+                weight = layer.dequantized().to(dtype)
+            return (grad_x, None, *torch.autograd.grad(weight, list(trained.values()), grad_weight,
+                                                       allow_unused=True))
+        grads: dict[str, torch.Tensor | None] = dict.fromkeys(trained)
+        for rows in slices:
+            leaves = {n: p.detach()[rows].requires_grad_() for n, p in trained.items()}
+            with torch.enable_grad():
+                weight = _Rows(layer, rows, leaves).dequantized().to(dtype)
+            for (n, leaf), g in zip(leaves.items(), torch.autograd.grad(weight, list(leaves.values()),
+                                                                        grad_weight[rows], allow_unused=True)):
+                if g is not None:
+                    if grads[n] is None:
+                        grads[n] = torch.zeros_like(trained[n])
+                    grads[n][rows] = g
+        return (grad_x, None, *grads.values())
