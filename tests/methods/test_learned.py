@@ -46,16 +46,22 @@ def test_initial_state_is_the_initial_quantization_bit_for_bit(cfg: QuantConfig)
     assert torch.equal(layer.dequantized(), qt.dequantize())
 
 
-@pytest.mark.parametrize("cfg", GRIDS, ids=QuantConfig.describe)
-def test_stored_codes_are_what_the_forward_pass_used(cfg: QuantConfig) -> None:
-    torch.manual_seed(1)
-    w = torch.randn(32, 80)
-    layer = LearnedLinear(w, None, quantize_rtn(w, cfg))
+def _moved_layer(w: torch.Tensor, bias: torch.Tensor | None, cfg: QuantConfig) -> LearnedLinear:
+    """A learned layer on the RTN start of ``w`` with random offsets and range factors (as after some steps)."""
+    layer = LearnedLinear(w, bias, quantize_rtn(w, cfg))
     with torch.no_grad():
         layer.delta.uniform_(-0.5, 0.5)
         layer.factor.uniform_(0.6, 1.0)
         if layer.factor_lo is not None:
             layer.factor_lo.uniform_(0.6, 1.0)
+    return layer
+
+
+@pytest.mark.parametrize("cfg", GRIDS, ids=QuantConfig.describe)
+def test_stored_codes_are_what_the_forward_pass_used(cfg: QuantConfig) -> None:
+    torch.manual_seed(1)
+    w = torch.randn(32, 80)
+    layer = _moved_layer(w, None, cfg)
     stored = layer.quantized_tensor()
     assert torch.equal(stored.dequantize(), layer.dequantized().detach())
     assert not torch.equal(stored.packed, quantize_rtn(w, cfg).packed)  # the offsets did move codes
@@ -74,12 +80,7 @@ def test_training_forward_keeps_only_its_input_and_gives_the_same_gradients(cfg:
         monkeypatch.setattr(learned_linear, "CHUNK_ELEMENTS", slice_rows * 80)
     torch.manual_seed(2)
     w = torch.randn(32, 80)
-    layer = LearnedLinear(w, torch.randn(32), quantize_rtn(w, cfg))
-    with torch.no_grad():
-        layer.delta.uniform_(-0.5, 0.5)
-        layer.factor.uniform_(0.6, 1.0)
-        if layer.factor_lo is not None:
-            layer.factor_lo.uniform_(0.6, 1.0)
+    layer = _moved_layer(w, torch.randn(32), cfg)
     learned = layer.parameters_to_learn()
 
     def run(keep_chain: bool) -> list[torch.Tensor]:
