@@ -75,6 +75,8 @@ class LearnedLinear(nn.Module):
         offsets ``delta`` stay frozen at their value."""
         weight = self._buffers.pop("w")
         self.w = nn.Parameter(weight.to(torch.float32, copy=True))
+        if not self.delta.any():  # (QAT starts here) all zero: one broadcast zero, not a tensor of W's size
+            self.delta = nn.Parameter(torch.zeros(()), requires_grad=False)
         self.delta.requires_grad_(False)
 
     def scale_parameters(self) -> list[nn.Parameter]:
@@ -210,7 +212,11 @@ class _Rows:
         self.levels = getattr(layer, "levels", None)
         for name in ("w", "s", "z", "o0", "delta", "factor", "factor_lo"):
             value = getattr(layer, name)
-            setattr(self, name, leaves[name] if name in leaves else None if value is None else value[rows])
+            if name in leaves:
+                value = leaves[name]
+            elif value is not None and value.dim() > 0:  # (a 0-d zero δ broadcasts to every row)
+                value = value[rows]
+            setattr(self, name, value)
         self.shape = (self.w.shape[0], layer.shape[1])
 
 
