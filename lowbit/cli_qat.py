@@ -64,7 +64,7 @@ def cmd_qat(args: argparse.Namespace, recipe: Any, evaluate: Any) -> int:
     from lowbit.formats.atomic import check_output
     from lowbit.formats.serving import check_recipe
     from lowbit.cli_method import method_from_args
-    from lowbit.methods.qat import QATConfig, state_file, train_qat
+    from lowbit.methods.qat import QATConfig, state_file, train_qat, warn_if_short_of_memory
     from lowbit.model.loading import load_model, resolve_source
     from lowbit.quantize import quantize_model
 
@@ -74,6 +74,7 @@ def cmd_qat(args: argparse.Namespace, recipe: Any, evaluate: Any) -> int:
     state = state_file(args.out, "qat", args.resume)  # before the model loads and the PTQ start runs
     method = method_from_args(args.init, args)  # bad --iters/--damp refused before anything loads
     loaded = load_model(args.model)
+    warn_if_short_of_memory(loaded.model)
     if args.format != "lowbit":
         check_recipe(loaded.model, recipe, args.format, method)
     teacher = loaded.model

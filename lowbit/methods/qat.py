@@ -95,6 +95,33 @@ class QATReport:
         return sum(self.losses[:n]) / n, sum(self.losses[-n:]) / n
 
 
+QAT_BYTES_PER_WEIGHT = 18  # a trained layer's weight: W 4, Adam's two moments 8, W's gradient 4, o₀ 2
+
+
+def training_bytes(model: nn.Module) -> int:
+    """Memory QAT needs beyond the float model (the teacher) already loaded, before activations: a student whose
+    decoder linear layers (not the output head) hold :data:`QAT_BYTES_PER_WEIGHT` bytes per weight and whose other parameters are a copy. Measured
+    (bench/scale.py, --recompute-activations, 1 × 512 tokens): 0.51B Llama-shaped model 10.3 GB peak in all."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    trained = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+    rest = sum(p.numel() * p.element_size() for p in model.parameters()) - sum(
+        w.numel() * w.element_size() for w in trained)
+    return sum(w.numel() for w in trained) * QAT_BYTES_PER_WEIGHT + rest
+
+
+def warn_if_short_of_memory(model: nn.Module) -> None:
+    """Log a warning before the PTQ start and training when :func:`training_bytes` exceeds the memory this machine
+    still has: the run would likely be killed by the kernel after the time it takes to get there."""
+    from lowbit.calib.spill import available_memory
+
+    need, have = training_bytes(model), available_memory()
+    if need > have:
+        log.warning("QAT of this model needs about %.1f GB more memory (W, Adam's moments and a gradient per quantized "
+                    "weight, %d bytes) but %.1f GB are available: the run will likely be killed — use a smaller "
+                    "model, quantize only some layers, or a machine with more memory", need / 1e9,
+                    QAT_BYTES_PER_WEIGHT, have / 1e9)
+
+
 def fake_quantize_layers(student: nn.Module, teacher: nn.Module) -> dict[str, LearnedLinear]:
     """Replace every :class:`QLinear` of ``student`` by a trainable :class:`LearnedLinear` starting at its codes;
     the float weight comes from the same layer of ``teacher`` (the float model). Returns them by name."""
