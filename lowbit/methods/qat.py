@@ -14,10 +14,10 @@ all of the vocabulary) or the next-token cross-entropy of the text (``"ce"``). T
 (RTN, GPTQ …: its codes are the step-0 state, bit for bit) and ends with the same :class:`QLinear` layers PTQ
 writes, so every format lowbit writes for PTQ stores a QAT model.
 
-Memory (float32 master weights): the student's trained layers hold ``W``, an integer offset and a rounding offset
-per weight (3 copies) plus Adam's two moments and a gradient for ``W`` — about 6 float32 copies of the quantized
-weights — beside the float teacher and the activations of one batch for the backward pass (the model runs in eval
-mode: no dropout). ``recompute=True`` keeps only each block's input and recomputes the block (and its
+Memory (float32 master weights): the student's trained layers hold ``W`` and an int16 offset per weight (the
+rounding offsets stay zero: one scalar) plus Adam's two moments and a gradient for ``W`` — 18 bytes a weight
+(:func:`training_bytes`; ``Ŵ`` and its chain are recomputed in each layer's backward pass) — beside the float
+teacher and the activations of one batch for the backward pass (the model runs in eval mode: no dropout). ``recompute=True`` keeps only each block's input and recomputes the block (and its
 fake-quantization intermediates) in the backward pass (:mod:`lowbit.methods.recompute`). The loss runs the output
 head a block of positions at a time and keeps no ``[positions, vocabulary]`` tensor where the model's logits are
 exactly head(decoder output), else one such gradient, not autograd's copies (:mod:`lowbit.methods.losses`).
