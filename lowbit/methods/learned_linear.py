@@ -253,8 +253,8 @@ class _RecomputedWeightLinear(torch.autograd.Function):
             leaves = {n: p.detach()[rows].requires_grad_() for n, p in trained.items()}
             with torch.enable_grad():
                 weight = _Rows(layer, rows, leaves).dequantized().to(dtype)
-            for (n, leaf), g in zip(leaves.items(), torch.autograd.grad(weight, list(leaves.values()),
-                                                                        grad_weight[rows], allow_unused=True)):
+            for n, g in zip(leaves, torch.autograd.grad(weight, list(leaves.values()),
+                                                        grad_weight[rows], allow_unused=True)):
                 if g is not None:
                     if grads[n] is None:
                         grads[n] = torch.zeros_like(trained[n])
