@@ -108,10 +108,17 @@ def apply_awq(block: nn.Module, spec: ArchSpec, selected: dict[str, LayerTarget]
 
 def _block_working_set(block: nn.Module, method: MethodConfig) -> int:
     """Bytes a block needs while it is quantized: its weights in float32, plus GPTQ's two ``K × K`` float32
-    matrices for its widest linear input."""
+    matrices for its widest linear input; learned rounding also holds 14 bytes per linear weight (float copy, o₀,
+    δ, best δ) and, for the largest linear, ``∂L/∂Ŵ`` and δ's gradient (8 bytes a weight): see
+    :func:`lowbit.plan.job_memory.quantize_memory`."""
     weights = sum(p.numel() for p in block.parameters()) * 4
-    widest = max((m.in_features for m in block.modules() if isinstance(m, nn.Linear)), default=0)
-    return weights + (8 * widest * widest if method.rounding == "gptq" else 0)
+    linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    widest = max((m.in_features for m in linears), default=0)
+    extra = 8 * widest * widest if method.rounding == "gptq" else 0
+    if method.learned is not None:
+        sizes = [m.in_features * m.out_features for m in linears]
+        extra += 14 * sum(sizes) + 8 * max(sizes, default=0)
+    return weights + extra
 
 
 # (index, prefix, finished block, next block's inputs, the float model's next inputs — learned rounding only)
@@ -196,6 +203,8 @@ def quantize_sequential(
         sm.load_outside(spec.blocks + ".")  # norms, position tables: what runs before the first block
         embed = sm.input_embeds if sm.streamed else None
         states_bytes = calib_ids.numel() * sm.model.config.get_text_config().hidden_size * 4
+        if method.learned is not None:  # four streams, not two: also the float model's inputs and outputs
+            states_bytes *= 2
         if should_spill(states_bytes, resident_memory() + _block_working_set(blocks[0], method), max_memory):
             spill = SpillFolder(spill_dir)
         with block_passes(compute_dtype):

@@ -85,3 +85,26 @@ def test_act_order_and_lm_head_outside_blocks() -> None:
     method = MethodConfig.parse("gptq", gptq=GPTQConfig(act_order=True))
     summary = quantize_model(model, recipe, method=method, calib_ids=CALIB, progress=False)
     assert summary.layers == 7 and isinstance(model.lm_head, QLinear)
+
+
+@pytest.mark.parametrize("method", ["gptq", "gptq+learned"])
+def test_spilling_budgets_learned_roundings_state_and_its_four_streams(monkeypatch, method: str) -> None:
+    """Before the first block, the driver decides whether the calibration hidden states go to disk from their
+    size and the block's working set: learned rounding holds four streams (the quantized and float inputs, the
+    float targets, the refined outputs), not two, and 14 bytes per linear weight plus the largest linear's
+    gradients (8 bytes a weight) beyond GPTQ's."""
+    from lowbit import pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "should_spill", lambda states, other, limit: seen.append(states) or False)
+    model = make_tiny("llama")
+    block = model.model.layers[0]
+    sizes = [m.in_features * m.out_features for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    parsed = MethodConfig.parse(method, learned=LearnedConfig(iters=1))
+    gptq = pipeline._block_working_set(block, MethodConfig.parse("gptq"))
+    extra = pipeline._block_working_set(block, parsed) - gptq
+    assert extra == (14 * sum(sizes) + 8 * max(sizes) if "learned" in method else 0)
+    quantize_model(model, QuantRecipe(QuantConfig(bits=4, group_size=32)), method=parsed, calib_ids=CALIB,
+                   progress=False)
+    hidden = model.config.hidden_size
+    assert seen == [CALIB.numel() * hidden * 4 * (2 if "learned" in method else 1)]
