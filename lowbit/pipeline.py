@@ -30,7 +30,7 @@ from lowbit.calib.stats import InputStats
 from lowbit.config import QuantRecipe
 from lowbit.errors import ConfigError
 from lowbit.methods.awq import fold_scale, output_width, search_scale
-from lowbit.methods.learned import LearnedConfig, lossless_copy, refine_block, relative_error
+from lowbit.methods.learned import LearnedConfig, lossless_copy, refine_block, refinement_bytes, relative_error
 from lowbit.methods.method import MethodConfig, quantize_weight
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.methods.smoothquant import search_smoothing
@@ -108,16 +108,15 @@ def apply_awq(block: nn.Module, spec: ArchSpec, selected: dict[str, LayerTarget]
 
 def _block_working_set(block: nn.Module, method: MethodConfig) -> int:
     """Bytes a block needs while it is quantized: its weights in float32, plus GPTQ's two ``K × K`` float32
-    matrices for its widest linear input; learned rounding also holds 14 bytes per linear weight (float copy, o₀,
-    δ, best δ) and, for the largest linear, ``∂L/∂Ŵ`` and δ's gradient (8 bytes a weight): see
-    :func:`lowbit.plan.job_memory.quantize_memory`."""
+    matrices for its widest linear input; learned rounding also holds its state and the largest linear's
+    gradients (:func:`~lowbit.methods.learned.refinement_bytes`, float32 copies and passes: the most it takes)."""
     weights = sum(p.numel() for p in block.parameters()) * 4
     linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
     widest = max((m.in_features for m in linears), default=0)
     extra = 8 * widest * widest if method.rounding == "gptq" else 0
     if method.learned is not None:
         sizes = [m.in_features * m.out_features for m in linears]
-        extra += 14 * sum(sizes) + 8 * max(sizes, default=0)
+        extra += sum(refinement_bytes(sum(sizes), max(sizes, default=0)))
     return weights + extra
 
 

@@ -36,7 +36,8 @@ from lowbit.core.qtensor import QuantizedTensor
 from lowbit.errors import ConfigError
 from lowbit.methods.learned_linear import LearnedLinear
 
-__all__ = ["LearnedConfig", "LearnedLinear", "Refinement", "lossless_copy", "refine_block", "relative_error"]
+__all__ = ["LearnedConfig", "LearnedLinear", "Refinement", "lossless_copy", "refine_block", "refinement_bytes",
+           "relative_error"]
 
 
 
@@ -71,6 +72,17 @@ def relative_error(out: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
     """``‖out − want‖² / ‖want‖²`` in float32: the block output error learned rounding descends."""
     out, want = out.float(), want.float()
     return (out - want).pow(2).mean() / want.pow(2).mean().clamp_min(1e-12)
+
+
+STATE_BYTES_PER_WEIGHT = 10  # per weight of a refined block's linears: o₀ (int16) 2, δ 4, best δ 4
+
+
+def refinement_bytes(weights: int, largest: int, float_bytes: int = 4, compute_bytes: int = 4) -> tuple[int, int]:
+    """What refining a block holds beyond its codes and activations, for ``weights`` linear weights of which the
+    largest linear has ``largest``: ``(state, backward)`` — the state per weight is its float copy
+    (``float_bytes``: see :func:`lossless_copy`), ``o₀``, ``δ`` and the best ``δ``; the backward pass adds the
+    largest linear's ``∂L/∂Ŵ`` (``compute_bytes``) and ``δ``'s gradient (float32), one layer at a time."""
+    return weights * (STATE_BYTES_PER_WEIGHT + float_bytes), largest * (compute_bytes + 4)
 
 
 def lossless_copy(weight: torch.Tensor) -> torch.Tensor:

@@ -221,8 +221,8 @@ class _Rows:
 
 
 class _RecomputedWeightLinear(torch.autograd.Function):
-    """``y = x · Ŵᵀ + b`` with ``Ŵ = layer.dequantized()`` computed without a graph in the forward pass. The backward
-    pass rebuilds ``Ŵ`` for ``∂L/∂x = ∂L/∂y · Ŵ`` (the dtype the linear ran in: bf16 under autocast), forms
+    """``y = x · Ŵᵀ + b`` with ``Ŵ = layer.dequantized()`` computed without a graph in the forward pass. The
+    backward pass rebuilds ``Ŵ`` for ``∂L/∂x = ∂L/∂y · Ŵ`` (the dtype the linear ran in: bf16 under autocast), forms
     ``∂L/∂Ŵ = (∂L/∂y)ᵀ · x``, then takes it through the chain a row slice at a time to the layer's trained
     parameters (passed as inputs so autograd asks for their gradients). Saves ``x`` only."""
 

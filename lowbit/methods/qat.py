@@ -15,10 +15,10 @@ all of the vocabulary) or the next-token cross-entropy of the text (``"ce"``). T
 writes, so every format lowbit writes for PTQ stores a QAT model.
 
 Memory (float32 master weights): the student's trained layers hold ``W`` and an int16 offset per weight (the
-rounding offsets stay zero: one scalar) plus Adam's two moments and a gradient for ``W`` — 18 bytes a weight, 19
-with the initial codes
-(:func:`training_bytes`; ``Ŵ`` and its chain are recomputed in each layer's backward pass) — beside the float
-teacher and the activations of one batch for the backward pass (the model runs in eval mode: no dropout). ``recompute=True`` keeps only each block's input and recomputes the block (and its
+rounding offsets stay zero: one scalar), Adam's two moments and a gradient for ``W``, and the initial codes — 19
+bytes a weight (:func:`training_bytes`; ``Ŵ`` and its chain are recomputed in each layer's backward pass) —
+beside the float teacher and the activations of one batch for the backward pass (the model runs in eval mode: no
+dropout). ``recompute=True`` keeps only each block's input and recomputes the block (and its
 fake-quantization intermediates) in the backward pass (:mod:`lowbit.methods.recompute`). The loss runs the output
 head a block of positions at a time and keeps no ``[positions, vocabulary]`` tensor where the model's logits are
 exactly head(decoder output), else one such gradient, not autograd's copies (:mod:`lowbit.methods.losses`).
@@ -103,10 +103,10 @@ QAT_BYTES_PER_WEIGHT = 19
 
 def training_bytes(model: nn.Module) -> int:
     """Memory QAT needs beyond the float model (the teacher) already loaded, before activations: a student whose
-    decoder linear layers (not the output head) hold :data:`QAT_BYTES_PER_WEIGHT` bytes per weight and whose other parameters are a copy. Measured
-    (bench/scale.py, --recompute-activations, 1 × 512 tokens): 0.51B Llama-shaped model 10.30 GB peak in all, where
-    the float32 teacher (2.5 GB resident after loading) and this estimate (7.7 GB) make 10.2 GB; 1.24B: killed at
-    24.4 GB, where they make 24.9."""
+    decoder linear layers (not the output head) hold :data:`QAT_BYTES_PER_WEIGHT` bytes per weight and whose other
+    parameters are a copy. Measured (bench/scale.py, --recompute-activations, 1 × 512 tokens): a 0.51B
+    Llama-shaped model peaks at 10.30 GB in all, where the float32 teacher (2.5 GB resident after loading) and
+    this estimate (7.7 GB) make 10.2 GB; 1.24B is killed at 24.4 GB, where they make 24.9."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     trained = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
     rest = sum(p.numel() * p.element_size() for p in model.parameters()) - sum(

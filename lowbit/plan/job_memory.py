@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from lowbit.config import QuantConfig
+from lowbit.methods.learned import refinement_bytes
 from lowbit.methods.learned_linear import CHUNK_ELEMENTS as LEARNED_CHUNK_ELEMENTS
 from lowbit.methods.rtn import CHUNK_ELEMENTS
 from lowbit.plan.memory import quantized_weight_bytes
@@ -57,7 +58,6 @@ _TABLE_CHUNK_ROWS = 8192
 _RTN_TEMPORARIES = 7  # float32 copies of a chunk alive at once in nearest rounding (measured: 1.68 GB for 235 MB)
 _EVAL_VOCAB_CHUNK = 8192
 _EVAL_POS_CHUNK = 1024
-_LEARNED_BYTES_PER_WEIGHT = 10  # learned rounding, a block's linears: o₀ 2, δ 4, best δ 4 (besides the float copy)
 _LEARNED_RECOMPUTED = 8  # float32 tensors of one row slice of the chain alive while the backward pass recomputes it
 
 
@@ -127,15 +127,16 @@ def quantize_memory(model: nn.Module, config: QuantConfig, calibrated: bool = Fa
     """Peak of ``quantize`` → lowbit native, data-free (RTN) or calibrated (GPTQ) with ``samples × seqlen``;
     ``learned``: learned rounding of each block after its initial quantization (the larger of the two stages)."""
     s = _shapes(model, config)
+    cbytes = torch.finfo(compute_dtype).bits // 8
+    out, inn = s.largest_linear
     if learned:
         gptq = quantize_memory(model, config, True, samples, seqlen, batch_size, compute_dtype, stored_bytes)
-        cbytes = torch.finfo(compute_dtype).bits // 8
-        out, inn = s.largest_linear
+        state, gradients = refinement_bytes(s.linear_params, out * inn, stored_bytes, cbytes)
         refining = {"block (codes: initial, refined)": 2 * s.packed_block
                     + (s.block_params - s.linear_params) * 4,
-                    "learned rounding state": s.linear_params * (_LEARNED_BYTES_PER_WEIGHT + stored_bytes),
-                    # the largest linear's ∂L/∂Ŵ (compute dtype) and δ's gradient, one row slice of its chain
-                    "recomputing one linear": (cbytes + 4) * out * inn + _LEARNED_RECOMPUTED * LEARNED_CHUNK_ELEMENTS * 4,
+                    "learned rounding state": state,
+                    # the largest linear's ∂L/∂Ŵ and δ's gradient, one row slice of its chain
+                    "recomputing one linear": gradients + _LEARNED_RECOMPUTED * LEARNED_CHUNK_ELEMENTS * 4,
                     "calibration text": CALIBRATION_TEXT_BYTES,
                     "calibration states": 4 * samples * seqlen * s.hidden * 4,
                     # kept for the backward pass: about twice a forward pass's live activations
@@ -143,8 +144,6 @@ def quantize_memory(model: nn.Module, config: QuantConfig, calibrated: bool = Fa
         if sum(refining.values()) + BASE_BYTES < gptq.peak_bytes:
             return replace(gptq, task="quantize learned → lowbit")
         return _estimate("quantize learned → lowbit", refining)
-    cbytes = torch.finfo(compute_dtype).bits // 8
-    out, inn = s.largest_linear
     block = {"block": s.block_params * stored_bytes + s.largest_tensor * stored_bytes,
              "quantizing one linear": out * inn * 4 + _RTN_TEMPORARIES * min(out * inn, CHUNK_ELEMENTS) * 4,
              "output": s.packed_block}
