@@ -116,7 +116,7 @@ def main() -> None:
     intro = (f"SmolLM2-135M-Instruct, every linear layer in the decoder blocks quantized (asymmetric integer grids). "
              f"Calibration {CALIB_SAMPLES} × {CALIB_SEQLEN} tokens of wikitext2_valid_unk.txt (seed 0), the same ids "
              "for every tool; eval the first 20,480 tokens of wikitext2_test_joined.txt (10 × 2048), KL/top-1 vs "
-             "fp32. lowbit's block passes in bf16 autocast; AutoRound with its CPU defaults, batch 4, exported as GPTQ "
+             "fp32. lowbit's block passes as the column says; AutoRound with its CPU defaults, batch 4, exported as GPTQ "
              "and read by lowbit. One row at a time on the same 2-core CPU; times include calibration. AutoRound "
              "0.15.1 for the 3-bit g64 row (2026-12-02), 0.16.1 for the 3-bit g128 and 2-bit g64 rows (2026-12-03) and "
              "for the 4-bit g64 row (2026-12-04, the same session as lowbit's 4-bit learned rows). 'learned' starts "
@@ -124,7 +124,10 @@ def main() -> None:
              "input-statistics pass), both 2026-12-04 except the clip-start 3-bit and 2-bit "
              "rows (2026-12-02/03); gptq+learned starts from GPTQ (with the clip search). Run-to-run spread between "
              "sessions: the 4-bit clip-start row measured KL 0.1035 on 2026-12-02, 0.1129 on 2026-12-03 and "
-             "2026-12-04.")
+             "2026-12-04. 'block passes' float32: 2026-12-05 on an AVX2-only AMD EPYC (no native bf16), where the "
+             "3-bit g64 AutoRound row (0.16.1) was rerun in the same session (its 0.15.1 row of 2026-12-02 kept "
+             "beside it); that session's plain 'learned' time is inflated by a 4-minute test run beside it (its "
+             "--learn-norms twin, run alone, took 865 s).")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
