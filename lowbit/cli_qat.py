@@ -4,8 +4,9 @@
                [--steps 300 --lr 2e-5 --scale-lr 1e-3 --batch-size 4 --train-seqlen 512 --loss kl]
                [--format lowbit|compressed-tensors|gptq|bitsandbytes] [--no-eval]
 
-The model is loaded whole (QAT holds the float teacher, the student's float master weights and Adam's moments:
-about 8× the quantized layers' float32 bytes; `lowbit plan` sizes the model first). The PTQ start (``--init``,
+The model is loaded whole (QAT holds the float teacher, the student's float master weights, their gradients and
+Adam's moments: about 21 bytes a quantized weight from a 16-bit checkpoint, 23 from a float32 one; a warning comes
+first when the machine has less). The PTQ start (``--init``,
 calibrated on ``--calib`` or the built-in text) is quantized, trained for ``--steps`` on windows of ``--train``
 (default: the built-in calibration text), frozen, written atomically, and evaluated against the original.
 """

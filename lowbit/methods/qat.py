@@ -17,7 +17,8 @@ writes, so every format lowbit writes for PTQ stores a QAT model.
 Memory (float32 master weights): the student's trained layers hold ``W`` and an int16 offset per weight (the
 rounding offsets stay zero: one scalar), Adam's two moments and a gradient for ``W``, and the initial codes — 19
 bytes a weight (:func:`training_bytes`; ``Ŵ`` and its chain are recomputed in each layer's backward pass) —
-beside the float teacher and the activations of one batch for the backward pass (the model runs in eval mode: no
+beside the float teacher (its quantized layers in 16 bits where that holds them exactly: 2 bytes a weight,
+:mod:`lowbit.methods.teacher`) and the activations of one batch for the backward pass (the model runs in eval mode: no
 dropout). ``recompute=True`` keeps only each block's input and recomputes the block (and its
 fake-quantization intermediates) in the backward pass (:mod:`lowbit.methods.recompute`). The loss runs the output
 head a block of positions at a time and keeps no ``[positions, vocabulary]`` tensor where the model's logits are
@@ -44,6 +45,7 @@ from lowbit.errors import ConfigError
 from lowbit.methods.learned import LearnedLinear
 from lowbit.methods.losses import HeadSplit, head_loss, kl_loss, next_token_loss, split_head
 from lowbit.methods.recompute import recompute_blocks
+from lowbit.methods.teacher import narrow_weight_bytes, sixteen_bit_layers, stored_weight
 from lowbit.model.modules import set_submodule
 from lowbit.model.source import return_freed_memory
 from lowbit.nn.qlinear import QLinear
@@ -104,14 +106,17 @@ QAT_BYTES_PER_WEIGHT = 19
 def training_bytes(model: nn.Module) -> int:
     """Memory QAT needs beyond the float model (the teacher) already loaded, before activations: a student whose
     decoder linear layers (not the output head) hold :data:`QAT_BYTES_PER_WEIGHT` bytes per weight and whose other
-    parameters are a copy. Measured (bench/scale.py, --recompute-activations, 1 × 512 tokens): a 0.51B
-    Llama-shaped model peaks at 10.30 GB in all, where the float32 teacher (2.5 GB resident after loading) and
-    this estimate (7.7 GB) make 10.2 GB; 1.24B is killed at 24.4 GB, where they make 24.9."""
+    parameters are a copy — less the 2 bytes a weight the teacher frees where 16 bits hold its quantized layers
+    exactly (:mod:`lowbit.methods.teacher`). Measured (bench/scale.py, bf16 checkpoints, --recompute-activations,
+    1 × 512 tokens): a 0.51B Llama-shaped model peaks at 9.49 GB in all, where the float32 teacher as loaded
+    (2.5 GB) and this estimate (6.95 GB) make 9.45 GB; 1.24B at 23.07 GB, where they make 22.5 (before the 16-bit
+    teacher: 10.30 GB, and 1.24B killed at 24.4 GB on a 24 GiB machine)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    trained = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+    trained = [m.weight for m in layers]
     rest = sum(p.numel() * p.element_size() for p in model.parameters()) - sum(
         w.numel() * w.element_size() for w in trained)
-    return sum(w.numel() for w in trained) * QAT_BYTES_PER_WEIGHT + rest
+    return sum(w.numel() for w in trained) * QAT_BYTES_PER_WEIGHT + rest - narrow_weight_bytes(layers)
 
 
 def warn_if_short_of_memory(model: nn.Module) -> None:
@@ -130,13 +135,10 @@ def warn_if_short_of_memory(model: nn.Module) -> None:
 def fake_quantize_layers(student: nn.Module, teacher: nn.Module) -> dict[str, LearnedLinear]:
     """Replace every :class:`QLinear` of ``student`` by a trainable :class:`LearnedLinear` starting at its codes;
     the float weight comes from the same layer of ``teacher`` (the float model). Returns them by name."""
-    from lowbit.model.modules import linear_weight
-
     layers = {}
     for name, module in list(student.named_modules()):
         if isinstance(module, QLinear):
-            float_layer = teacher.get_submodule(name)
-            weight = linear_weight(float_layer).detach().float()
+            weight = stored_weight(teacher.get_submodule(name))  # 16-bit in sixteen_bit_layers: W copies it
             bias = None if module.bias is None else module.bias.detach()  # as PTQ stored it (float16-rounded)
             layer = LearnedLinear(weight, bias, module.quantized_tensor())
             layer.train_weight()
@@ -145,6 +147,13 @@ def fake_quantize_layers(student: nn.Module, teacher: nn.Module) -> dict[str, Le
     if not layers:
         raise ConfigError("QAT trains a quantized model: quantize it first (no QLinear layers found)")
     return layers
+
+
+def _teacher_layers(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """The teacher's layers that the student quantized, but not its output head (whose class the loss checks)."""
+    head = teacher.get_output_embeddings() if hasattr(teacher, "get_output_embeddings") else None
+    return [name for name, m in student.named_modules()
+            if isinstance(m, QLinear) and teacher.get_submodule(name) is not head]
 
 
 def freeze_layers(student: nn.Module, layers: dict[str, LearnedLinear]) -> None:
@@ -338,25 +347,29 @@ def train_qat(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, c
     start); if training is interrupted (Ctrl-C, an error), the state is saved there — trained parameters, step,
     losses, optimiser — and it is deleted when training completes."""
     compute_dtype = compute_dtype or COMPUTE_DTYPES[default_compute_dtype()]
-    layers = fake_quantize_layers(student, teacher)
-    lo, hi = cfg.scale_range
-    params = {name: {"w": m.w, **{f"scale{i}": p for i, p in enumerate(m.scale_parameters())}}
-              for name, m in layers.items()}
+    with sixteen_bit_layers(teacher, _teacher_layers(student, teacher)) as freed:
+        if freed:
+            log.info("QAT: the teacher's quantized layers held in 16 bits (exactly their values): %.2f GB freed",
+                     freed / 1e9)
+        layers = fake_quantize_layers(student, teacher)
+        lo, hi = cfg.scale_range
+        params = {name: {"w": m.w, **{f"scale{i}": p for i, p in enumerate(m.scale_parameters())}}
+                  for name, m in layers.items()}
 
-    def clamp() -> None:
-        for m in layers.values():
-            for p in m.scale_parameters():
-                p.clamp_(lo, hi)
+        def clamp() -> None:
+            for m in layers.values():
+                for p in m.scale_parameters():
+                    p.clamp_(lo, hi)
 
-    def run(state: Progress) -> QATReport:
-        return distill(student, teacher, train_ids, cfg, [m.w for m in layers.values()],
-                       [p for m in layers.values() for p in m.scale_parameters()],
-                       compute_dtype, progress, clamp, on_step, state)
+        def run(state: Progress) -> QATReport:
+            return distill(student, teacher, train_ids, cfg, [m.w for m in layers.values()],
+                           [p for m in layers.values() for p in m.scale_parameters()],
+                           compute_dtype, progress, clamp, on_step, state)
 
-    try:
-        report = resumable(params, resume_file, run, "QAT")
-    finally:
-        freeze_layers(student, layers)
+        try:
+            report = resumable(params, resume_file, run, "QAT")
+        finally:
+            freeze_layers(student, layers)
     record = getattr(student.config, "quantization_config", None)
     if isinstance(record, dict):  # the checkpoint says how it was trained, beside the PTQ method it started from
         record["qat"] = {**asdict(cfg), "compute_dtype": str(compute_dtype).removeprefix("torch."),
