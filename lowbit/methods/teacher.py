@@ -41,11 +41,18 @@ def stored_weight(module: nn.Module) -> torch.Tensor:
     return stored.t() if isinstance(module, Conv1D) else stored
 
 
+def _sixteen_bit(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` in bfloat16/float16 if it is float32 and that dtype holds it exactly, else None."""
+    if weight.dtype != torch.float32:
+        return None
+    narrow = lossless_copy(weight)
+    return None if narrow.dtype == torch.float32 else narrow
+
+
 def narrow_weight_bytes(modules: Iterable[nn.Module]) -> int:
     """Bytes :func:`sixteen_bit_layers` would free on ``modules``: 2 per weight of every float32 weight that 16 bits
     hold exactly."""
-    return sum(2 * m.weight.numel() for m in modules
-               if m.weight.dtype == torch.float32 and lossless_copy(m.weight).dtype != torch.float32)
+    return sum(2 * m.weight.numel() for m in modules if _sixteen_bit(m.weight) is not None)
 
 
 @contextlib.contextmanager
@@ -60,10 +67,8 @@ def sixteen_bit_layers(model: nn.Module, names: Iterable[str]) -> Iterator[int]:
         for name in names:
             module = model.get_submodule(name)
             weight = module.weight
-            if weight.dtype != torch.float32 or parametrize.is_parametrized(module, "weight"):
-                continue
-            narrow = lossless_copy(weight)
-            if narrow.dtype == torch.float32:
+            narrow = None if parametrize.is_parametrized(module, "weight") else _sixteen_bit(weight)
+            if narrow is None:
                 continue
             module.weight = nn.Parameter(narrow, requires_grad=weight.requires_grad)
             del weight  # the float32 storage goes when nothing else holds it

@@ -3,6 +3,7 @@ the same result bit for bit as the float32 teacher, at 2 bytes a quantized weigh
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -34,9 +35,11 @@ def trained(float_teacher: torch.nn.Module, narrow: bool, monkeypatch) -> tuple[
     freed = []
     original = teacher_module.sixteen_bit_layers
 
+    @contextlib.contextmanager
     def recorded(model, names):
-        cm = original(model, names if narrow else [])
-        return _Record(cm, freed)
+        with original(model, names if narrow else []) as value:
+            freed.append(value)
+            yield value
 
     monkeypatch.setattr(qat, "sixteen_bit_layers", recorded)
     report = train_qat(student, teacher, TRAIN, QATConfig(steps=3, lr=1e-3, batch_size=2), torch.float32,
@@ -47,19 +50,6 @@ def trained(float_teacher: torch.nn.Module, narrow: bool, monkeypatch) -> tuple[
     state = {n: torch.cat([m.qweight.flatten().float(), m.quantized_tensor().scale.flatten().float()])
              for n, m in student.named_modules() if isinstance(m, QLinear)}
     return state, report.losses, freed[0]
-
-
-class _Record:
-    def __init__(self, cm, freed: list[int]) -> None:
-        self.cm, self.freed = cm, freed
-
-    def __enter__(self) -> int:
-        value = self.cm.__enter__()
-        self.freed.append(value)
-        return value
-
-    def __exit__(self, *exc) -> None:
-        return self.cm.__exit__(*exc)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # nn.Linear and transformers' Conv1D ([in, out] weights)
