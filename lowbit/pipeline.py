@@ -321,6 +321,9 @@ def _refine(block: nn.Module, prefix: str, floats: dict[str, tuple[torch.Tensor,
             set_submodule(block, name, target.commit(prefix + name, made[name], qt))
 
     def final_error(refined: dict[str, object]) -> float:
+        for batch in outputs:  # a candidate tried before (it lost to the initial quantization)
+            batch.discard()
+        outputs.clear()
         commit(refined)
         with torch.no_grad(), block_passes(compute_dtype), dequantize_once(block):
             outputs.extend(run_block(block, inputs, spill, consume=False))
@@ -335,7 +338,7 @@ def _refine(block: nn.Module, prefix: str, floats: dict[str, tuple[torch.Tensor,
         commit(refined)
         for batch in outputs:
             batch.discard()
-    log.debug("learned rounding: block output error %.3g → %.3g", report.before, report.after)
+    log.debug("learned rounding: block output error %.3g → %.3g (%s kept)", report.before, report.after, report.kept)
     return f"error {report.before:.2e}→{report.after:.2e}", outputs if kept else None
 
 

@@ -15,8 +15,10 @@ quantization (RTN, GPTQ, AWQ-scaled):
     loss   = ‖block_Ŵ(x_q) − block_W(x_fp)‖² / ‖block_W(x_fp)‖²   (x_q: the quantized blocks' output so far)
 
 ``⌊·⌉`` passes gradients straight through (STE); δ, f (or α, β) move by signed gradient steps of a linearly decaying
-rate (``lr`` = 1/iters by default, as AutoRound: δ can travel at most half a grid step), and the lowest-loss
-parameters seen are kept. ``s·f`` is rounded to float16 in the forward pass, as it is stored. With zero
+rate (``lr`` = 1/iters by default, as AutoRound: δ can travel at most half a grid step), and the parameters the
+last step leaves are kept if they beat the start on every calibration batch together, else the lowest loss seen on
+one step's batch (``keep="best"``: that one only, as AutoRound — a noisy pick that favours easy batches and early
+steps). ``s·f`` is rounded to float16 in the forward pass, as it is stored. With zero
 iterations the result is the initial quantization, bit for bit. On a code book, ``x`` is the weight's position
 between the book's ascending values (piecewise linear in ``W / s``), ``q`` an index into them and ``Ŵ = C[q] · s``.
 
@@ -27,7 +29,7 @@ module only refines codes and scales on the same grid, so every format that stor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal
 
 import torch
 from torch import nn
@@ -49,7 +51,9 @@ class LearnedConfig:
     GGUF's super-block scales); ``learn_norms`` also tunes the block's one-dimensional float parameters outside
     the quantized layers (norm weights and biases, stored unquantized by every format) by a per-element factor
     ``p = p₀ · m`` on the same signed-gradient steps (Li et al. 2023, "Norm Tweaking"; AutoRound's
-    ``enable_norm_bias_tuning``)."""
+    ``enable_norm_bias_tuning``). ``keep``: the parameters the steps end with, ``"last"`` (the rate has decayed to
+    ~0 there; the best seen if those lose to the start) or ``"best"`` (the lowest loss seen on one step's batch,
+    AutoRound's choice)."""
 
     iters: int = 200
     lr: float | None = None
@@ -57,9 +61,12 @@ class LearnedConfig:
     seed: int = 0
     learn_scales: bool = True
     learn_norms: bool = False
+    keep: Literal["last", "best"] = "last"
 
     def __post_init__(self) -> None:
         lo, hi = self.scale_range
+        if self.keep not in ("last", "best"):
+            raise ConfigError(f"learned rounding keeps the 'last' or the 'best' step's parameters, not {self.keep!r}")
         if self.iters < 0 or (self.lr is not None and self.lr <= 0) or not 0 < lo <= 1 <= hi:
             raise ConfigError("learned rounding needs iters ≥ 0, lr > 0 and a scale range lo ≤ 1 ≤ hi with lo > 0")
 
@@ -100,11 +107,13 @@ def lossless_copy(weight: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Refinement:
     """What one block's refinement did: the relative output error on all calibration batches before (the initial
-    quantization) and after, and the loss of every step (on that step's batch)."""
+    quantization) and after, the loss of every step (on that step's batch), and which parameters it kept
+    (``"last"``, ``"best"`` or ``"initial"``)."""
 
     before: float
     after: float
     steps: list[float]
+    kept: str = "initial"
 
 
 def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.Tensor | None, QuantizedTensor]],
@@ -115,9 +124,11 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
     """Tune the rounding of ``layers`` (``{name in block: (float weight, bias, initial quantization)}``) so that
     ``run(block, i)`` (the block on calibration batch ``i`` of ``batches``) approaches ``target(i)`` (the float
     block's output). ``swap(block, name, module)`` puts a module into the block. Returns the refined
-    quantizations: the trained ones if their error on *all* batches is lower than the initial quantization's,
-    else the initial ones (so the result is never worse on the calibration data than the method it refines).
-    ``final_error(refined)``: that error on all batches measured by the caller (e.g. with the modules it will keep,
+    quantizations: the first of the trained candidates (``cfg.keep == "last"``: the last step's, then the
+    lowest-loss step's; ``"best"``: the latter only) whose error on *all* batches is lower than the initial
+    quantization's, else the initial ones (so the result is never worse on the calibration data than the method it
+    refines).
+    ``final_error(refined)``: that error on all batches (called once per candidate tried) measured by the caller (e.g. with the modules it will keep,
     whose outputs it reuses as the next block's inputs); None: measured here with the training modules.
 
     Only the layers' rounding offsets and scale factors are trained — and with ``cfg.learn_norms`` the block's
@@ -170,14 +181,6 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
             loss.backward()  # the layers' parameters take their signed steps here (hooks above)
             if norms is not None:
                 norms.step(rate[0])
-        with torch.no_grad():  # the best parameters seen (the last step's were never evaluated)
-            for b, p in zip(best, params):
-                p.copy_(b)
-            if norms is not None:
-                norms.apply()
-            result = {name: m.quantized_tensor() for name, m in learned.items()}
-            if final_error is None:
-                after = sum(float(error(i)) for i in range(batches)) / batches
     finally:
         for hook in hooks:
             hook.remove()
@@ -185,13 +188,23 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
             norms.release()
         for p in frozen:
             p.requires_grad_(True)
-    if final_error is not None:
-        after = final_error(result)
-    if not after < before:
-        if norms is not None:
-            norms.restore()
-        return initial, Refinement(before, before, losses)
-    return result, Refinement(before, after, losses)
+    for kept in ("last", "best") if cfg.keep == "last" else ("best",):
+        with torch.no_grad():
+            if kept == "best":  # the lowest loss seen (the last step's parameters were never evaluated)
+                for b, p in zip(best, params):
+                    p.copy_(b)
+            if norms is not None:
+                norms.apply()
+            result = {name: m.quantized_tensor() for name, m in learned.items()}
+            if final_error is None:
+                after = sum(float(error(i)) for i in range(batches)) / batches
+        if final_error is not None:
+            after = final_error(result)
+        if after < before:
+            return result, Refinement(before, after, losses, kept)
+    if norms is not None:
+        norms.restore()
+    return initial, Refinement(before, before, losses, "initial")
 
 
 class _NormFactors:

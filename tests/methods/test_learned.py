@@ -19,7 +19,7 @@ from lowbit.formats.gguf.block_types import GRID_TYPES
 from lowbit.formats.gguf.grids import gguf_grid
 from lowbit.methods.gguf_rounding import GridCodes
 from lowbit.methods import learned_linear
-from lowbit.methods.learned import LearnedConfig, LearnedLinear, lossless_copy, refine_block
+from lowbit.methods.learned import LearnedConfig, LearnedLinear, lossless_copy, refine_block, relative_error
 from lowbit.methods.method import ClipConfig, MethodConfig
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.nn.qlinear import QLinear
@@ -128,9 +128,45 @@ def test_refining_one_layer_lowers_its_output_error(cfg: QuantConfig) -> None:
     refined, report = refine_block(block, {"0": (weight, bias, qt)}, 4, lambda b, i: b(xs[i]), targets.__getitem__,
                                    LearnedConfig(iters=200), _swap)
     assert len(report.steps) == 200 and report.after < report.before  # measured 2–11 % lower
+    # signed steps overshoot on this one layer: the last step's state ends above the start (its loss rises from
+    # step ~5, measured 1.2–1.7× the first step's), so the lowest-loss state seen is the one kept
+    assert report.kept == "best"
     layers = [QLinear(q, bias, kernel="reference") for q in (qt, refined["0"])]
     errors = [sum(float((m(x) - t).pow(2).sum()) for x, t in zip(xs, targets)) for m in layers]
     assert errors[1] < errors[0]
+
+
+@pytest.mark.parametrize("keep,verdicts,kept,calls", [
+    ("last", [0.5], "last", 1),  # the last state beats the start: kept, the best seen is not tried
+    ("last", [2.0, 0.5], "best", 2),  # the last state loses: the best seen is tried next
+    ("last", [2.0, 2.0], "initial", 2),  # both lose: the initial quantization
+    ("best", [0.5], "best", 1),  # AutoRound's choice only
+])
+def test_the_kept_state_is_the_first_candidate_that_beats_the_start(keep: str, verdicts: list[float], kept: str,
+                                                                    calls: int) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 16)
+    xs = [torch.randn(32, 64) for _ in range(2)]
+    targets = [linear(x).detach() for x in xs]
+    qt = quantize_rtn(linear.weight.detach(), QuantConfig(bits=3, group_size=32))
+    block = nn.Sequential(QLinear(qt, linear.bias.detach(), kernel="reference"))
+    seen: list[dict] = []
+
+    def final_error(refined: dict) -> float:  # the caller's verdict, as a multiple of the start's error
+        seen.append(refined)
+        return verdicts[len(seen) - 1] * report_before[0]
+
+    report_before = [float(sum(relative_error(block(x), t) for x, t in zip(xs, targets)) / 2)]
+    refined, report = refine_block(block, {"0": (linear.weight.detach(), linear.bias.detach(), qt)}, 2,
+                                   lambda b, i: b(xs[i]), targets.__getitem__, LearnedConfig(iters=20, keep=keep),
+                                   _swap, final_error)
+    assert report.before == pytest.approx(report_before[0], rel=1e-6)
+    assert (report.kept, len(seen)) == (kept, calls)
+    assert (refined["0"] is qt) == (kept == "initial")
+    if kept != "initial":
+        assert refined["0"] is seen[-1]["0"] and report.after == verdicts[calls - 1] * report_before[0]
+    if calls == 2:  # two different candidates were tried
+        assert not torch.equal(seen[0]["0"].dequantize(), seen[1]["0"].dequantize())
 
 
 def _assert_same_quantization(x: nn.Module, y: nn.Module, layers: int) -> None:
