@@ -124,10 +124,14 @@ def main() -> None:
              "input-statistics pass), both 2026-12-04 except the clip-start 3-bit and 2-bit "
              "rows (2026-12-02/03); gptq+learned starts from GPTQ (with the clip search). Run-to-run spread between "
              "sessions: the 4-bit clip-start row measured KL 0.1035 on 2026-12-02, 0.1129 on 2026-12-03 and "
-             "2026-12-04. 'block passes' float32: 2026-12-05 on an AVX2-only AMD EPYC (no native bf16), where the "
-             "3-bit g64 AutoRound row (0.16.1) was rerun in the same session (its 0.15.1 row of 2026-12-02 kept "
-             "beside it); that session's plain 'learned' time is inflated by a 4-minute test run beside it (its "
-             "--learn-norms twin, run alone, took 865 s).")
+             "2026-12-04. 'block passes' float32: on AVX2-only AMD EPYC VMs (no native bf16), 2026-12-05, where the "
+             "3-bit g64 AutoRound light row (0.16.1) was rerun (its 0.15.1 row of 2026-12-02 kept beside it) and "
+             "AutoRound's default (200 iterations) ran in the later session. Which state a lowbit block keeps: "
+             "every lowbit learned row but the float32 'learned' rows of 50 and 200 iterations kept the lowest loss "
+             "seen on one step's batch (AutoRound's pick); those two keep the last step's state unless it loses to "
+             "the start on all calibration batches (then the best seen) — 'learned, best step kept (b4eaa26)' is "
+             "their 50-iteration twin from before that change (its time inflated by a 4-minute test run beside it; "
+             "its --learn-norms twin, run alone, took 865 s).")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
