@@ -14,6 +14,7 @@ from torch import nn
 
 from conftest import make_tiny
 from lowbit.config import QuantConfig, QuantRecipe
+from lowbit.errors import ConfigError
 from lowbit.core.qparams import fake_quantize_groups
 from lowbit.formats.gguf.block_types import GRID_TYPES
 from lowbit.formats.gguf.grids import gguf_grid
@@ -349,3 +350,8 @@ def test_lossless_copy_keeps_16_bit_weights_in_16_bits_and_every_value() -> None
         assert copy.dtype == dtype and torch.equal(copy.float(), w) and copy.data_ptr() != w.data_ptr()
     huge_and_fine = torch.tensor([[2.0 ** 17, 1.0 + 2 ** -10]])  # neither 16-bit type holds both
     assert lossless_copy(huge_and_fine).dtype == torch.float32
+
+
+def test_an_unknown_kept_state_is_refused_with_the_choices() -> None:
+    with pytest.raises(ConfigError, match="'last' or the 'best'"):
+        LearnedConfig(keep="final")
