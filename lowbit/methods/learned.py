@@ -127,9 +127,9 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
     quantizations: the first of the trained candidates (``cfg.keep == "last"``: the last step's, then the
     lowest-loss step's; ``"best"``: the latter only) whose error on *all* batches is lower than the initial
     quantization's, else the initial ones (so the result is never worse on the calibration data than the method it
-    refines).
-    ``final_error(refined)``: that error on all batches (called once per candidate tried) measured by the caller (e.g. with the modules it will keep,
-    whose outputs it reuses as the next block's inputs); None: measured here with the training modules.
+    refines). ``final_error(refined)``: that error on all batches measured by the caller, once per candidate tried
+    (e.g. with the modules it will keep, whose outputs it reuses as the next block's inputs); None: measured here
+    with the training modules.
 
     Only the layers' rounding offsets and scale factors are trained — and with ``cfg.learn_norms`` the block's
     one-dimensional parameters outside them, in place (put back when the initial quantization is kept); the

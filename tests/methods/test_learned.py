@@ -14,8 +14,8 @@ from torch import nn
 
 from conftest import make_tiny
 from lowbit.config import QuantConfig, QuantRecipe
-from lowbit.errors import ConfigError
 from lowbit.core.qparams import fake_quantize_groups
+from lowbit.errors import ConfigError
 from lowbit.formats.gguf.block_types import GRID_TYPES
 from lowbit.formats.gguf.grids import gguf_grid
 from lowbit.methods.gguf_rounding import GridCodes
@@ -155,17 +155,17 @@ def test_the_kept_state_is_the_first_candidate_that_beats_the_start(keep: str, v
 
     def final_error(refined: dict) -> float:  # the caller's verdict, as a multiple of the start's error
         seen.append(refined)
-        return verdicts[len(seen) - 1] * report_before[0]
+        return verdicts[len(seen) - 1] * start
 
-    report_before = [float(sum(relative_error(block(x), t) for x, t in zip(xs, targets)) / 2)]
+    start = float(sum(relative_error(block(x), t) for x, t in zip(xs, targets)) / 2)
     refined, report = refine_block(block, {"0": (linear.weight.detach(), linear.bias.detach(), qt)}, 2,
                                    lambda b, i: b(xs[i]), targets.__getitem__, LearnedConfig(iters=20, keep=keep),
                                    _swap, final_error)
-    assert report.before == pytest.approx(report_before[0], rel=1e-6)
+    assert report.before == pytest.approx(start, rel=1e-6)
     assert (report.kept, len(seen)) == (kept, calls)
     assert (refined["0"] is qt) == (kept == "initial")
     if kept != "initial":
-        assert refined["0"] is seen[-1]["0"] and report.after == verdicts[calls - 1] * report_before[0]
+        assert refined["0"] is seen[-1]["0"] and report.after == verdicts[calls - 1] * start
     if calls == 2:  # two different candidates were tried
         assert not torch.equal(seen[0]["0"].dequantize(), seen[1]["0"].dequantize())
 
