@@ -222,9 +222,10 @@ class _Rows:
 
 class _RecomputedWeightLinear(torch.autograd.Function):
     """``y = x · Ŵᵀ + b`` with ``Ŵ = layer.dequantized()`` computed without a graph in the forward pass. The
-    backward pass rebuilds ``Ŵ`` for ``∂L/∂x = ∂L/∂y · Ŵ`` (the dtype the linear ran in: bf16 under autocast), forms
-    ``∂L/∂Ŵ = (∂L/∂y)ᵀ · x``, then takes it through the chain a row slice at a time to the layer's trained
-    parameters (passed as inputs so autograd asks for their gradients). Saves ``x`` only."""
+    backward pass forms ``∂L/∂Ŵ = (∂L/∂y)ᵀ · x``, then rebuilds ``Ŵ`` a row slice at a time, with the chain's graph:
+    each slice's rows of ``Ŵ`` go into ``∂L/∂x = ∂L/∂y · Ŵ`` (the dtype the linear ran in: bf16 under autocast), its
+    graph takes ``∂L/∂Ŵ`` through the chain to the layer's trained parameters (passed as inputs so autograd asks for
+    their gradients) — the chain runs twice per step (forward, backward), not three times. Saves ``x`` only."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
@@ -239,24 +240,27 @@ class _RecomputedWeightLinear(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (x,) = ctx.saved_tensors
         layer, dtype = ctx.layer, grad_y.dtype
-        grad_x = grad_y.matmul(layer.dequantized_by_rows().to(dtype)) if ctx.needs_input_grad[0] else None
         grad_weight = grad_y.reshape(-1, grad_y.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]).to(dtype))
         trained = dict(layer.trained())
         slices = layer.row_slices()
-        if len(slices) == 1:
+        if len(slices) == 1:  # the chain once, with its graph: Ŵ serves ∂L/∂x, its graph the parameters
             with torch.enable_grad():
                 weight = layer.dequantized().to(dtype)
+            grad_x = grad_y.matmul(weight.detach()) if ctx.needs_input_grad[0] else None
             return (grad_x, None, *torch.autograd.grad(weight, list(trained.values()), grad_weight,
                                                        allow_unused=True))
         grads: dict[str, torch.Tensor | None] = dict.fromkeys(trained)
-        for rows in slices:
+        whole = torch.empty(layer.shape, dtype=dtype) if ctx.needs_input_grad[0] else None
+        for rows in slices:  # each slice's chain once: its Ŵ rows kept for ∂L/∂x, its graph for the parameters
             leaves = {n: p.detach()[rows].requires_grad_() for n, p in trained.items()}
             with torch.enable_grad():
                 weight = _Rows(layer, rows, leaves).dequantized().to(dtype)
+            if whole is not None:
+                whole[rows] = weight.detach()
             for n, g in zip(leaves, torch.autograd.grad(weight, list(leaves.values()),
                                                         grad_weight[rows], allow_unused=True)):
                 if g is not None:
                     if grads[n] is None:
                         grads[n] = torch.zeros_like(trained[n])
                     grads[n][rows] = g
-        return (grad_x, None, *grads.values())
+        return (None if whole is None else grad_y.matmul(whole), None, *grads.values())
