@@ -64,7 +64,8 @@ def worker(job: dict) -> dict:
         return _finish(job, model, reference, windows, protocol, seconds, peak_rss_mb())
     name, *flags = job["method"].split()  # "learned --no-clip": min-max init, as AutoRound's (no statistics pass)
     clip = None if "--no-clip" in flags else ClipConfig()
-    learned = LearnedConfig(iters=job["iters"] or 0, learn_norms="--learn-norms" in flags)
+    learned = LearnedConfig(iters=job["iters"] or 0, learn_norms="--learn-norms" in flags,
+                            loss=flags[flags.index("--block-loss") + 1] if "--block-loss" in flags else "token")
     method = MethodConfig.parse(name, clip=clip, learned=learned)
     model = copy.deepcopy(reference)
     dtype = job.get("compute_dtype") or default_compute_dtype()  # bf16 only where this CPU has native bf16 matmuls
@@ -88,7 +89,8 @@ def jobs() -> list[dict]:
             rows += [{"tool": "lowbit", "method": m, "iters": iters, "setting": setting, "config": cfg,
                       "compute_dtype": default_compute_dtype()}
                      for m in ("learned", "learned --no-clip", "gptq+learned", "learned --learn-norms",
-                               "learned --no-clip --learn-norms")]
+                               "learned --no-clip --learn-norms", "learned --block-loss output",
+                               "learned --block-loss capped")]
     return rows
 
 
@@ -131,7 +133,12 @@ def main() -> None:
              "seen on one step's batch (AutoRound's pick); those two keep the last step's state unless it loses to "
              "the start on all calibration batches (then the best seen) — 'learned, best step kept (b4eaa26)' is "
              "their 50-iteration twin from before that change (its time inflated by a 4-minute test run beside it; "
-             "its --learn-norms twin, run alone, took 865 s).")
+             "its --learn-norms twin, run alone, took 865 s). The loss each block descends: every row before the "
+             "float32 3-bit g64 'learned' row of 2026-12-05's third session used the whole output's relative error "
+             "(AutoRound's; the float32 ones are now named '--block-loss output'); that row and later ones the "
+             "per-token loss (the default since: a token's error relative to its own norm where that is above the "
+             "tokens' mean, else to the mean); 'learned, per-token loss uncapped' is its first version (every token "
+             "by its own norm), run in the same session.")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 

@@ -60,6 +60,10 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learn-norms", action="store_true",
                    help="learned rounding: also tune each block's norm weights and biases (kept unquantized by every "
                         "format) on the same steps, by per-element factors (Norm Tweaking)")
+    p.add_argument("--block-loss", choices=("token", "output"), default=None,
+                   help="learned rounding: the block output error it descends — 'token' (default): a token's error "
+                        "relative to its own norm where that is above the tokens' mean (massive activations), else "
+                        "to the mean; 'output': the whole output's relative error (AutoRound's)")
     p.add_argument("--max-memory", metavar="SIZE",
                    help="memory the job may use (e.g. 8GB); past it the calibration hidden states between blocks "
                         "are kept on disk, one batch in memory at a time (default: 80%% of the RAM available)")

@@ -1,8 +1,8 @@
 """The method a CLI command runs, from its name and the shared calibration options.
 
-Every command that re-quantizes (``quantize`` — lowbit folders and GGUF files —, ``merge``, ``qat``'s PTQ start,
-``sensitivity``, ``report``) takes ``--damp``, ``--iters`` and ``--learn-norms`` (and ``quantize`` also
-``--no-act-order`` / ``--no-clip``); they reach the method here, in one place, so no command silently runs the
+Every command that re-quantizes (``quantize`` — lowbit folders and GGUF files —, ``merge``, ``qat``'s PTQ
+start, ``sensitivity``, ``report``) takes ``--damp``, ``--iters``, ``--learn-norms`` and ``--block-loss`` (and
+``quantize`` also ``--no-act-order`` / ``--no-clip``); they reach the method here, in one place, so no command silently runs the
 defaults instead of what the user asked for.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 
 def method_options(args: argparse.Namespace) -> dict[str, Any]:
     """The method parts the options set: ``gptq`` (``--damp``, ``--no-act-order``), ``clip`` (None with
-    ``--no-clip``) and ``learned`` (``--iters``, ``--learn-norms``); options a command does not define keep their
-    defaults."""
+    ``--no-clip``) and ``learned`` (``--iters``, ``--learn-norms``, ``--block-loss``); options a command does not
+    define keep their defaults."""
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.methods.learned import LearnedConfig
     from lowbit.methods.method import ClipConfig
@@ -24,7 +24,8 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
                                act_order=not getattr(args, "no_act_order", False)),
             "clip": None if getattr(args, "no_clip", False) else ClipConfig(),
             "learned": LearnedConfig(iters=getattr(args, "iters", LearnedConfig.iters),
-                                     learn_norms=getattr(args, "learn_norms", False))}
+                                     learn_norms=getattr(args, "learn_norms", False),
+                                     loss=getattr(args, "block_loss", None) or LearnedConfig.loss)}
 
 
 def method_from_args(name: str, args: argparse.Namespace) -> Any:

@@ -327,7 +327,9 @@ def _refine(block: nn.Module, prefix: str, floats: dict[str, tuple[torch.Tensor,
         commit(refined)
         with torch.no_grad(), block_passes(compute_dtype), dequantize_once(block):
             outputs.extend(run_block(block, inputs, spill, consume=False))
-        return sum(float(relative_error(o.hidden, t.hidden)) for o, t in zip(outputs, targets)) / len(outputs)
+        per_token = cfg.loss == "token"
+        errors = [float(relative_error(o.hidden, t.hidden, per_token)) for o, t in zip(outputs, targets)]
+        return sum(errors) / len(errors)
 
     cfg = replace(cfg, learn_scales=cfg.learn_scales and target.learn_scales)
     with torch.enable_grad(), block_passes(compute_dtype):
