@@ -109,8 +109,9 @@ def refinement_bytes(weights: int, largest: int, float_bytes: int = 4, compute_b
     """What refining a block holds beyond its codes and activations, for ``weights`` linear weights of which the
     largest linear has ``largest``: ``(state, backward)`` — the state per weight is its float copy
     (``float_bytes``: see :func:`lossless_copy`), ``o₀``, ``δ`` and the best ``δ``; the backward pass adds the
-    largest linear's ``∂L/∂Ŵ`` (``compute_bytes``) and ``δ``'s gradient (float32), one layer at a time."""
-    return weights * (STATE_BYTES_PER_WEIGHT + float_bytes), largest * (compute_bytes + 4)
+    largest linear's ``∂L/∂Ŵ`` and ``Ŵ`` (``compute_bytes`` each: ``Ŵ`` is rebuilt once, slice by slice, and kept
+    for ``∂L/∂x``) and ``δ``'s gradient (float32), one layer at a time."""
+    return weights * (STATE_BYTES_PER_WEIGHT + float_bytes), largest * (2 * compute_bytes + 4)
 
 
 def lossless_copy(weight: torch.Tensor) -> torch.Tensor:
