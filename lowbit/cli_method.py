@@ -2,8 +2,8 @@
 
 Every command that re-quantizes (``quantize`` — lowbit folders and GGUF files —, ``merge``, ``qat``'s PTQ
 start, ``sensitivity``, ``report``) takes ``--damp``, ``--iters``, ``--learn-norms`` and ``--block-loss`` (and
-``quantize`` also ``--no-act-order`` / ``--no-clip``); they reach the method here, in one place, so no command silently runs the
-defaults instead of what the user asked for.
+``quantize`` also ``--no-act-order`` / ``--no-clip``); they reach the method here, in one place, so no command
+silently runs the defaults instead of what the user asked for.
 """
 
 from __future__ import annotations
