@@ -30,7 +30,7 @@ from lowbit.calib.stats import InputStats
 from lowbit.config import QuantRecipe
 from lowbit.errors import ConfigError
 from lowbit.methods.awq import fold_scale, output_width, search_scale
-from lowbit.methods.learned import LearnedConfig, lossless_copy, refine_block, refinement_bytes, relative_error
+from lowbit.methods.learned import LearnedConfig, lossless_copy, refine_block, refinement_bytes
 from lowbit.methods.method import MethodConfig, quantize_weight
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.methods.smoothquant import search_smoothing
@@ -327,8 +327,7 @@ def _refine(block: nn.Module, prefix: str, floats: dict[str, tuple[torch.Tensor,
         commit(refined)
         with torch.no_grad(), block_passes(compute_dtype), dequantize_once(block):
             outputs.extend(run_block(block, inputs, spill, consume=False))
-        per_token = cfg.loss == "token"
-        errors = [float(relative_error(o.hidden, t.hidden, per_token)) for o, t in zip(outputs, targets)]
+        errors = [float(cfg.block_error(o.hidden, t.hidden)) for o, t in zip(outputs, targets)]
         return sum(errors) / len(errors)
 
     cfg = replace(cfg, learn_scales=cfg.learn_scales and target.learn_scales)

@@ -88,6 +88,11 @@ class LearnedConfig:
     def step(self) -> float:
         return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
 
+    def block_error(self, out: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+        """The error this configuration's steps descend: :func:`relative_error` per token (``loss="token"``) or
+        over the whole output (``"output"``)."""
+        return relative_error(out, want, per_token=self.loss == "token")
+
 
 def relative_error(out: torch.Tensor, want: torch.Tensor, per_token: bool = False) -> torch.Tensor:
     """The block output error learned rounding descends, in float32: ``‖out − want‖² / ‖want‖²`` over the whole
@@ -186,7 +191,7 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
              for m in learned.values() for p in m.parameters_to_learn()]
 
     def error(i: int) -> torch.Tensor:
-        return relative_error(run(block, i), target(i), cfg.loss == "token")
+        return cfg.block_error(run(block, i), target(i))
 
     try:
         with torch.no_grad():
