@@ -138,7 +138,10 @@ def main() -> None:
              "(AutoRound's; the float32 ones are now named '--block-loss output'); that row and later ones the "
              "per-token loss (the default since: a token's error relative to its own norm where that is above the "
              "tokens' mean, else to the mean); 'learned, per-token loss uncapped' is its first version (every token "
-             "by its own norm), run in the same session.")
+             "by its own norm), run in the same session. In 2026-12-05's fourth session (same VM kind, float32, "
+             "per-token loss): AutoRound light's 4-bit g64 row was rerun there (its AVX-512 BF16 row of 2026-12-04 "
+             "kept beside it, named so), and the float32 2-bit 'learned', every float32 'gptq+learned' and the float32 "
+             "'learned --no-clip' rows ran, each alone.")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
