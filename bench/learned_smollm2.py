@@ -64,8 +64,9 @@ def worker(job: dict) -> dict:
         return _finish(job, model, reference, windows, protocol, seconds, peak_rss_mb())
     name, *flags = job["method"].split()  # "learned --no-clip": min-max init, as AutoRound's (no statistics pass)
     clip = None if "--no-clip" in flags else ClipConfig()
+    value = lambda flag, default: type(default)(flags[flags.index(flag) + 1]) if flag in flags else default  # noqa: E731
     learned = LearnedConfig(iters=job["iters"] or 0, learn_norms="--learn-norms" in flags,
-                            loss=flags[flags.index("--block-loss") + 1] if "--block-loss" in flags else "token")
+                            loss=value("--block-loss", "token"), momentum=value("--momentum", LearnedConfig.momentum))
     method = MethodConfig.parse(name, clip=clip, learned=learned)
     model = copy.deepcopy(reference)
     dtype = job.get("compute_dtype") or default_compute_dtype()  # bf16 only where this CPU has native bf16 matmuls
@@ -90,7 +91,8 @@ def jobs() -> list[dict]:
                       "compute_dtype": default_compute_dtype()}
                      for m in ("learned", "learned --no-clip", "gptq+learned", "learned --learn-norms",
                                "learned --no-clip --learn-norms", "learned --block-loss output",
-                               "learned --block-loss capped")]
+                               "learned --block-loss capped")
+                     for m in (m, m + " --momentum 0")]  # plain signed steps (AutoRound's; the default before)
     return rows
 
 

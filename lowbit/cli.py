@@ -64,6 +64,9 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
                    help="learned rounding: the block output error it descends — 'token' (default): a token's error "
                         "relative to its own norm where that is above the tokens' mean (massive activations), else "
                         "to the mean; 'output': the whole output's relative error (AutoRound's)")
+    p.add_argument("--momentum", type=float, default=None,
+                   help="learned rounding: momentum μ of its signed steps, the sign of μ·m + (1 − μ)·gradient "
+                        "(Signum; default 0.5; 0: each step's own gradient sign, as AutoRound)")
     p.add_argument("--max-memory", metavar="SIZE",
                    help="memory the job may use (e.g. 8GB); past it the calibration hidden states between blocks "
                         "are kept on disk, one batch in memory at a time (default: 80%% of the RAM available)")

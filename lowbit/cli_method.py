@@ -1,9 +1,9 @@
 """The method a CLI command runs, from its name and the shared calibration options.
 
 Every command that re-quantizes (``quantize`` — lowbit folders and GGUF files —, ``merge``, ``qat``'s PTQ
-start, ``sensitivity``, ``report``) takes ``--damp``, ``--iters``, ``--learn-norms`` and ``--block-loss`` (and
-``quantize`` also ``--no-act-order`` / ``--no-clip``); they reach the method here, in one place, so no command
-silently runs the defaults instead of what the user asked for.
+start, ``sensitivity``, ``report``) takes ``--damp``, ``--iters``, ``--learn-norms``, ``--block-loss`` and
+``--momentum`` (and ``quantize`` also ``--no-act-order`` / ``--no-clip``); they reach the method here, in one
+place, so no command silently runs the defaults instead of what the user asked for.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 def method_options(args: argparse.Namespace) -> dict[str, Any]:
     """The method parts the options set: ``gptq`` (``--damp``, ``--no-act-order``), ``clip`` (None with
-    ``--no-clip``) and ``learned`` (``--iters``, ``--learn-norms``, ``--block-loss``); options a command does not
+    ``--no-clip``) and ``learned`` (``--iters``, ``--learn-norms``, ``--block-loss``, ``--momentum``); options a command does not
     define keep their defaults."""
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.methods.learned import LearnedConfig
@@ -25,7 +25,13 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
             "clip": None if getattr(args, "no_clip", False) else ClipConfig(),
             "learned": LearnedConfig(iters=getattr(args, "iters", LearnedConfig.iters),
                                      learn_norms=getattr(args, "learn_norms", False),
-                                     loss=getattr(args, "block_loss", None) or LearnedConfig.loss)}
+                                     loss=getattr(args, "block_loss", None) or LearnedConfig.loss,
+                                     momentum=_given(getattr(args, "momentum", None), LearnedConfig.momentum))}
+
+
+def _given(value: Any, default: Any) -> Any:
+    """``value`` unless the option was not given (None): 0 is a value."""
+    return default if value is None else value
 
 
 def method_from_args(name: str, args: argparse.Namespace) -> Any:

@@ -24,7 +24,10 @@ its own norm. The default (``loss="token"``) divides a token above the mean norm
 the mean: on tokens of even norms it is the output loss; it never lets a token of tiny norm dominate either.
 
 ``⌊·⌉`` passes gradients straight through (STE); δ, f (or α, β) move by signed gradient steps of a linearly decaying
-rate (``lr`` = 1/iters by default, as AutoRound: δ can travel at most half a grid step), and the parameters the
+rate (``lr`` = 1/iters by default, as AutoRound: δ can travel at most half a grid step) — the sign of a short
+momentum ``m ← μ·m + (1 − μ)·g`` rather than of this step's gradient alone (Signum: Bernstein et al. 2018,
+"signSGD: Compressed Optimisation for Non-Convex Problems"; ``momentum`` μ: each step's batch is a few windows, and
+a weight's gradient sign flips between batches — μ = 0 is AutoRound's plain signed step), and the parameters the
 last step leaves are kept if they beat the start on every calibration batch together, else the lowest loss seen on
 one step's batch (``keep="best"``: that one only, as AutoRound — a noisy pick that favours easy batches and early
 steps). ``s·f`` is rounded to float16 in the forward pass, as it is stored. With zero
@@ -60,7 +63,8 @@ class LearnedConfig:
     GGUF's super-block scales); ``learn_norms`` also tunes the block's one-dimensional float parameters outside
     the quantized layers (norm weights and biases, stored unquantized by every format) by a per-element factor
     ``p = p₀ · m`` on the same signed-gradient steps (Li et al. 2023, "Norm Tweaking"; AutoRound's
-    ``enable_norm_bias_tuning``). ``keep``: the parameters the steps end with, ``"last"`` (the rate has decayed to
+    ``enable_norm_bias_tuning``). ``momentum``: μ of the signed steps (Signum; 0: the sign of each step's own
+    gradient, AutoRound's). ``keep``: the parameters the steps end with, ``"last"`` (the rate has decayed to
     ~0 there; the best seen if those lose to the start) or ``"best"`` (the lowest loss seen on one step's batch,
     AutoRound's choice). ``loss``: ``"token"`` (a token's error relative to its own output norm where that is above
     the tokens' mean, else to the mean: see :func:`relative_error`) or ``"output"`` (the whole output's relative
@@ -74,6 +78,7 @@ class LearnedConfig:
     learn_norms: bool = False
     keep: Literal["last", "best"] = "last"
     loss: Literal["token", "output"] = "token"
+    momentum: float = 0.5
 
     def __post_init__(self) -> None:
         lo, hi = self.scale_range
@@ -83,6 +88,8 @@ class LearnedConfig:
             raise ConfigError(f"learned rounding's loss is 'token' or 'output', not {self.loss!r}")
         if self.iters < 0 or (self.lr is not None and self.lr <= 0) or not 0 < lo <= 1 <= hi:
             raise ConfigError("learned rounding needs iters ≥ 0, lr > 0 and a scale range lo ≤ 1 ≤ hi with lo > 0")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"learned rounding's momentum is in [0, 1), not {self.momentum}")
 
     @property
     def step(self) -> float:
@@ -107,13 +114,13 @@ def relative_error(out: torch.Tensor, want: torch.Tensor, per_token: bool = Fals
     return (out - want).pow(2).mean() / want.pow(2).mean().clamp_min(1e-12)
 
 
-STATE_BYTES_PER_WEIGHT = 10  # per weight of a refined block's linears: o₀ (int16) 2, δ 4, best δ 4
+STATE_BYTES_PER_WEIGHT = 12  # per weight of a refined block's linears: o₀ (int16) 2, δ 4, best δ 4, δ's momentum 2
 
 
 def refinement_bytes(weights: int, largest: int, float_bytes: int = 4, compute_bytes: int = 4) -> tuple[int, int]:
     """What refining a block holds beyond its codes and activations, for ``weights`` linear weights of which the
     largest linear has ``largest``: ``(state, backward)`` — the state per weight is its float copy
-    (``float_bytes``: see :func:`lossless_copy`), ``o₀``, ``δ`` and the best ``δ``; the backward pass adds the
+    (``float_bytes``: see :func:`lossless_copy`), ``o₀``, ``δ``, the best ``δ`` and ``δ``'s momentum (bfloat16); the backward pass adds the
     largest linear's ``∂L/∂Ŵ`` and ``Ŵ`` (``compute_bytes`` each: ``Ŵ`` is rebuilt once, slice by slice, and kept
     for ``∂L/∂x``) and ``δ``'s gradient (float32), one layer at a time."""
     return weights * (STATE_BYTES_PER_WEIGHT + float_bytes), largest * (2 * compute_bytes + 4)
@@ -170,7 +177,7 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
         p.requires_grad_(False)
     for name, module in learned.items():
         swap(block, name, module)
-    norms = _NormFactors(block, learned.values()) if cfg.learn_norms else None
+    norms = _NormFactors(block, learned.values(), cfg.momentum) if cfg.learn_norms else None
     params = [p for m in learned.values() for p in m.parameters_to_learn()] + (norms.factors if norms else [])
     best = [p.detach().clone() for p in params]
     best_loss, losses = float("inf"), []
@@ -180,10 +187,18 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
     def signed_step(bounds: tuple[float, float]) -> Callable[[torch.Tensor], None]:
         """A parameter's step, taken as soon as the backward pass has its gradient — which is then dropped, so a
         block holds one layer's gradients at a time, not all of them (the parameter is not read again later in
-        the same backward pass: each layer recomputes its own chain)."""
+        the same backward pass: each layer recomputes its own chain). The momentum is kept in bfloat16 (only its
+        sign is used: half the bytes of float32 on a weight-sized tensor)."""
+        velocity: list[torch.Tensor] = []  # this parameter's momentum, made at its first step
+
         @torch.no_grad()
         def step(p: torch.Tensor) -> None:
-            p.sub_(rate[0] * p.grad.sign()).clamp_(*bounds)
+            direction = p.grad
+            if cfg.momentum > 0:
+                if not velocity:
+                    velocity.append(torch.zeros_like(p.grad, dtype=torch.bfloat16))
+                direction = velocity[0].mul_(cfg.momentum).add_(p.grad, alpha=1 - cfg.momentum)
+            p.sub_(rate[0] * direction.sign()).clamp_(*bounds)
             p.grad = None
         return step
 
@@ -240,12 +255,13 @@ class _NormFactors:
     step of ``rate`` moves ``p`` by at most ``rate · |p₀|`` — scale-free, like the range factors. The block's
     parameters are updated in place (so every format writes the tuned values); :meth:`restore` puts ``p₀`` back."""
 
-    def __init__(self, block: nn.Module, learned: Iterable[LearnedLinear]) -> None:
+    def __init__(self, block: nn.Module, learned: Iterable[LearnedLinear], momentum: float = 0.0) -> None:
         inside = {id(p) for m in learned for p in m.parameters()}
         self.tuned = [p for p in block.parameters() if p.dim() == 1 and p.is_floating_point()
                       and id(p) not in inside]
         self.initial = [p.detach().float().clone() for p in self.tuned]
         self.factors = [torch.ones_like(p0) for p0 in self.initial]
+        self.momentum, self.velocity = momentum, [torch.zeros_like(p0) for p0 in self.initial]
         for p in self.tuned:  # frozen by refine_block, which gives them back their own flags afterwards
             p.requires_grad_(True)
 
@@ -257,9 +273,10 @@ class _NormFactors:
 
     @torch.no_grad()
     def step(self, rate: float) -> None:
-        for p, p0, m in zip(self.tuned, self.initial, self.factors):
+        for p, p0, m, v in zip(self.tuned, self.initial, self.factors, self.velocity):
             if p.grad is not None:
-                m.sub_(rate * (p.grad.float() * p0).sign())
+                v.mul_(self.momentum).add_(p.grad.float() * p0, alpha=1 - self.momentum)
+                m.sub_(rate * v.sign())
                 p.grad = None
         self.apply()
 

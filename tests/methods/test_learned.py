@@ -126,10 +126,10 @@ def test_refining_one_layer_lowers_its_output_error(cfg: QuantConfig) -> None:
     qt = quantize_rtn(linear.weight.detach(), cfg)
     weight, bias = linear.weight.detach().clone(), linear.bias.detach().clone()
     block[0] = QLinear(qt, bias, kernel="reference")
-    # the whole output's relative error (the one this test's numbers were measured with; the driver tests below
-    # run the default per-token loss)
+    # the whole output's relative error and plain signed steps (the ones this test's numbers were measured with;
+    # the driver tests below run the default per-token loss and momentum)
     refined, report = refine_block(block, {"0": (weight, bias, qt)}, 4, lambda b, i: b(xs[i]), targets.__getitem__,
-                                   LearnedConfig(iters=200, loss="output"), _swap)
+                                   LearnedConfig(iters=200, loss="output", momentum=0.0), _swap)
     assert len(report.steps) == 200 and report.after < report.before  # measured 2–11 % lower
     # signed steps overshoot on this one layer: the last step's state ends above the start (its loss rises from
     # step ~5, measured 1.2–1.7× the first step's), so the lowest-loss state seen is the one kept
@@ -357,6 +357,48 @@ def test_lossless_copy_keeps_16_bit_weights_in_16_bits_and_every_value() -> None
 def test_an_unknown_kept_state_is_refused_with_the_choices() -> None:
     with pytest.raises(ConfigError, match="'last' or the 'best'"):
         LearnedConfig(keep="final")
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_signed_steps_follow_the_sign_of_their_momentum(momentum: float) -> None:
+    """Reference equivalence: refine_block's steps (taken in backward hooks, momentum in bfloat16) are a plain
+    Signum loop — m ← μ·m + (1 − μ)·g, p ← clamp(p − rate·sign(m)), rate decaying linearly from 1/iters — on the
+    same batches in the same order: every step's loss equal bit for bit (μ = 0: sign of the gradient alone)."""
+    torch.manual_seed(3)
+    w, bias = torch.randn(24, 64), torch.randn(24)
+    xs = [torch.randn(32, 64) @ (torch.eye(64) + torch.randn(64, 64) / 8) for _ in range(3)]
+    targets = [x @ w.T + bias for x in xs]
+    cfg, iters = QuantConfig(bits=3, group_size=16), 12
+    qt = quantize_rtn(w, cfg)
+    learned_cfg = LearnedConfig(iters=iters, momentum=momentum, seed=4)
+    block = nn.Sequential(QLinear(qt, bias, kernel="reference"))
+    _, report = refine_block(block, {"0": (w, bias, qt)}, len(xs), lambda b, i: b(xs[i]), targets.__getitem__,
+                             learned_cfg, _swap)
+
+    layer = LearnedLinear(w, bias, qt)
+    params = layer.parameters_to_learn()
+    velocity = [torch.zeros_like(p, dtype=torch.bfloat16) for p in params]
+    order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(4))
+    losses = []
+    for step in range(iters):
+        i = int(order[step % len(xs)])
+        loss = learned_cfg.block_error(layer(xs[i]), targets[i])
+        losses.append(float(loss.detach()))
+        loss.backward()
+        rate = (1 / iters) * (1 - step / iters)
+        with torch.no_grad():
+            for p, v in zip(params, velocity):
+                direction = v.mul_(momentum).add_(p.grad, alpha=1 - momentum) if momentum else p.grad
+                p.sub_(rate * direction.sign()).clamp_(*((-0.5, 0.5) if p is layer.delta else (0.5, 1.0)))
+                p.grad = None
+    assert report.steps == losses
+    assert len(set(losses)) > iters // 2  # the steps moved the layer
+
+
+@pytest.mark.parametrize("momentum", [-0.1, 1.0])
+def test_a_momentum_outside_0_to_1_is_refused(momentum: float) -> None:
+    with pytest.raises(ConfigError, match=r"momentum is in \[0, 1\)"):
+        LearnedConfig(momentum=momentum)
 
 
 def test_an_unknown_block_loss_is_refused_with_the_choices() -> None:
