@@ -143,7 +143,11 @@ def main() -> None:
              "by its own norm), run in the same session. In 2026-12-05's fourth session (same VM kind, float32, "
              "per-token loss): AutoRound light's 4-bit g64 row was rerun there (its AVX-512 BF16 row of 2026-12-04 "
              "kept beside it, named so), and the float32 2-bit 'learned', every float32 'gptq+learned' and the float32 "
-             "'learned --no-clip' rows ran, each alone.")
+             "'learned --no-clip' rows ran, each alone. The signed steps: every lowbit learned row before 2026-12-05's "
+             "fifth session took plain signed steps (AutoRound's: the sign of each step's gradient) — those rows are "
+             "named '--momentum 0' (the rows named with a comma too); the rows without it, run in that session (same "
+             "VM kind, float32, per-token loss, each alone), the default since: the sign of a momentum m ← 0.5·m + "
+             "0.5·g (Signum).")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
