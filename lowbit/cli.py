@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from lowbit import cli_lora, cli_mixed, cli_qat, cli_run
 from lowbit.checks import check_command
 from lowbit.cli_files import cmd_export, cmd_inspect, cmd_plan
+from lowbit.cli_method import add_method_args
 from lowbit.cli_output import print_results, write_json
 from lowbit.config import default_compute_dtype
 from lowbit.errors import LowbitError
@@ -53,20 +54,7 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-seqlen", type=int, default=None,
                    help="tokens per calibration window (default 512, or the model's context if shorter)")
     p.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian damping, fraction of its mean diagonal")
-    p.add_argument("--iters", type=int, default=200,
-                   help="learned rounding (--method learned, gptq+learned, awq+learned): signed-gradient steps per "
-                        "block (default 200; 50 is AutoRound's 'light')")
-    p.add_argument("--learn-norms", action="store_true",
-                   help="learned rounding: also tune each block's norm weights and biases (kept unquantized by every "
-                        "format) on the same steps, by per-element factors (Norm Tweaking)")
-    p.add_argument("--block-loss", choices=("token", "output"), default=None,
-                   help="learned rounding: the block output error it descends — 'token' (default): a token's error "
-                        "relative to its own norm where that is above the tokens' mean (massive activations), else "
-                        "to the mean; 'output': the whole output's relative error (AutoRound's)")
-    p.add_argument("--momentum", type=float, default=None,
-                   help="learned rounding: momentum μ of its signed steps, the sign of μ·m + (1 − μ)·gradient "
-                        "(Signum; default 0.5; 0: each step's own gradient sign, as AutoRound)")
+    add_method_args(p)
     p.add_argument("--max-memory", metavar="SIZE",
                    help="memory the job may use (e.g. 8GB); past it the calibration hidden states between blocks "
                         "are kept on disk, one batch in memory at a time (default: 80%% of the RAM available)")

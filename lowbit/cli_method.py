@@ -12,6 +12,24 @@ import argparse
 from typing import Any
 
 
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    """The options :func:`method_options` reads (shared by every command that re-quantizes)."""
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian damping, fraction of its mean diagonal")
+    p.add_argument("--iters", type=int, default=200,
+                   help="learned rounding (--method learned, gptq+learned, awq+learned): signed-gradient steps per "
+                        "block (default 200; 50 is AutoRound's 'light')")
+    p.add_argument("--learn-norms", action="store_true",
+                   help="learned rounding: also tune each block's norm weights and biases (kept unquantized by every "
+                        "format) on the same steps, by per-element factors (Norm Tweaking)")
+    p.add_argument("--block-loss", choices=("token", "output"), default=None,
+                   help="learned rounding: the block output error it descends — 'token' (default): a token's error "
+                        "relative to its own norm where that is above the tokens' mean (massive activations), else "
+                        "to the mean; 'output': the whole output's relative error (AutoRound's)")
+    p.add_argument("--momentum", type=float, default=None,
+                   help="learned rounding: momentum μ of its signed steps, the sign of μ·m + (1 − μ)·gradient "
+                        "(Signum; default 0.5; 0: each step's own gradient sign, as AutoRound)")
+
+
 def method_options(args: argparse.Namespace) -> dict[str, Any]:
     """The method parts the options set: ``gptq`` (``--damp``, ``--no-act-order``), ``clip`` (None with
     ``--no-clip``) and ``learned`` (``--iters``, ``--learn-norms``, ``--block-loss``, ``--momentum``); options a command does not
