@@ -91,8 +91,9 @@ def test_act_order_and_lm_head_outside_blocks() -> None:
 def test_spilling_budgets_learned_roundings_state_and_its_four_streams(monkeypatch, method: str) -> None:
     """Before the first block, the driver decides whether the calibration hidden states go to disk from their
     size and the block's working set: learned rounding holds four streams (the quantized and float inputs, the
-    float targets, the refined outputs), not two, and 14 bytes per linear weight plus the largest linear's
-    backward pass (Ŵ, ∂L/∂Ŵ and δ's gradient: 12 bytes a weight) beyond GPTQ's."""
+    float targets, the refined outputs), not two, and 16 bytes per linear weight (its float32 copy, o₀, δ, the best
+    δ and δ's bfloat16 momentum) plus the largest linear's backward pass (Ŵ, ∂L/∂Ŵ and δ's gradient: 12 bytes a
+    weight) beyond GPTQ's."""
     from lowbit import pipeline
 
     seen = []
@@ -103,7 +104,7 @@ def test_spilling_budgets_learned_roundings_state_and_its_four_streams(monkeypat
     parsed = MethodConfig.parse(method, learned=LearnedConfig(iters=1))
     gptq = pipeline._block_working_set(block, MethodConfig.parse("gptq"))
     extra = pipeline._block_working_set(block, parsed) - gptq
-    assert extra == (14 * sum(sizes) + 12 * max(sizes) if "learned" in method else 0)
+    assert extra == (16 * sum(sizes) + 12 * max(sizes) if "learned" in method else 0)
     quantize_model(model, QuantRecipe(QuantConfig(bits=4, group_size=32)), method=parsed, calib_ids=CALIB,
                    progress=False)
     hidden = model.config.hidden_size
