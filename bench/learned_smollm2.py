@@ -64,7 +64,10 @@ def worker(job: dict) -> dict:
         return _finish(job, model, reference, windows, protocol, seconds, peak_rss_mb())
     name, *flags = job["method"].split()  # "learned --no-clip": min-max init, as AutoRound's (no statistics pass)
     clip = None if "--no-clip" in flags else ClipConfig()
-    value = lambda flag, default: type(default)(flags[flags.index(flag) + 1]) if flag in flags else default  # noqa: E731
+
+    def value(flag: str, default):  # the word after ``flag``, as the default's type
+        return type(default)(flags[flags.index(flag) + 1]) if flag in flags else default
+
     learned = LearnedConfig(iters=job["iters"] or 0, learn_norms="--learn-norms" in flags,
                             loss=value("--block-loss", "token"), momentum=value("--momentum", LearnedConfig.momentum))
     method = MethodConfig.parse(name, clip=clip, learned=learned)

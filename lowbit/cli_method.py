@@ -32,8 +32,8 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
 
 def method_options(args: argparse.Namespace) -> dict[str, Any]:
     """The method parts the options set: ``gptq`` (``--damp``, ``--no-act-order``), ``clip`` (None with
-    ``--no-clip``) and ``learned`` (``--iters``, ``--learn-norms``, ``--block-loss``, ``--momentum``); options a command does not
-    define keep their defaults."""
+    ``--no-clip``) and ``learned`` (``--iters``, ``--learn-norms``, ``--block-loss``, ``--momentum``); options a
+    command does not define keep their defaults."""
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.methods.learned import LearnedConfig
     from lowbit.methods.method import ClipConfig

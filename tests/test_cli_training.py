@@ -114,8 +114,8 @@ def test_qa_lora_finetune_merges_into_the_zero_points(tiny_hf_folder: Path, tmp_
                                      ["qat", "m", "--out", "o", "--train", "t"], ["sensitivity", "m"],
                                      ["report", "m", "--out", "o"]])
 def test_every_requantizing_command_passes_its_calibration_options_to_the_method(command: list[str]) -> None:
-    """--damp, --iters, --learn-norms, --block-loss and --momentum reach the method each command runs (`lowbit merge` and
-    `lowbit qat` used to ignore them)."""
+    """--damp, --iters, --learn-norms, --block-loss and --momentum reach the method each command runs (`lowbit
+    merge` and `lowbit qat` used to ignore them)."""
     from lowbit.cli import build_parser
     from lowbit.cli_method import method_from_args
 

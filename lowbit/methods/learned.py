@@ -114,15 +114,21 @@ def relative_error(out: torch.Tensor, want: torch.Tensor, per_token: bool = Fals
     return (out - want).pow(2).mean() / want.pow(2).mean().clamp_min(1e-12)
 
 
+def _momentum_direction(velocity: torch.Tensor, grad: torch.Tensor, momentum: float) -> torch.Tensor:
+    """Signum's direction: ``m ← μ·m + (1 − μ)·g`` in place on ``velocity`` (returned); a signed step follows its
+    sign."""
+    return velocity.mul_(momentum).add_(grad, alpha=1 - momentum)
+
+
 STATE_BYTES_PER_WEIGHT = 12  # per weight of a refined block's linears: o₀ (int16) 2, δ 4, best δ 4, δ's momentum 2
 
 
 def refinement_bytes(weights: int, largest: int, float_bytes: int = 4, compute_bytes: int = 4) -> tuple[int, int]:
     """What refining a block holds beyond its codes and activations, for ``weights`` linear weights of which the
     largest linear has ``largest``: ``(state, backward)`` — the state per weight is its float copy
-    (``float_bytes``: see :func:`lossless_copy`), ``o₀``, ``δ``, the best ``δ`` and ``δ``'s momentum (bfloat16); the backward pass adds the
-    largest linear's ``∂L/∂Ŵ`` and ``Ŵ`` (``compute_bytes`` each: ``Ŵ`` is rebuilt once, slice by slice, and kept
-    for ``∂L/∂x``) and ``δ``'s gradient (float32), one layer at a time."""
+    (``float_bytes``: see :func:`lossless_copy`), ``o₀``, ``δ``, the best ``δ`` and ``δ``'s momentum (bfloat16);
+    the backward pass adds the largest linear's ``∂L/∂Ŵ`` and ``Ŵ`` (``compute_bytes`` each: ``Ŵ`` is rebuilt
+    once, slice by slice, and kept for ``∂L/∂x``) and ``δ``'s gradient (float32), one layer at a time."""
     return weights * (STATE_BYTES_PER_WEIGHT + float_bytes), largest * (2 * compute_bytes + 4)
 
 
@@ -197,7 +203,7 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
             if cfg.momentum > 0:
                 if not velocity:
                     velocity.append(torch.zeros_like(p.grad, dtype=torch.bfloat16))
-                direction = velocity[0].mul_(cfg.momentum).add_(p.grad, alpha=1 - cfg.momentum)
+                direction = _momentum_direction(velocity[0], p.grad, cfg.momentum)
             p.sub_(rate[0] * direction.sign()).clamp_(*bounds)
             p.grad = None
         return step
@@ -275,8 +281,7 @@ class _NormFactors:
     def step(self, rate: float) -> None:
         for p, p0, m, v in zip(self.tuned, self.initial, self.factors, self.velocity):
             if p.grad is not None:
-                v.mul_(self.momentum).add_(p.grad.float() * p0, alpha=1 - self.momentum)
-                m.sub_(rate * v.sign())
+                m.sub_(rate * _momentum_direction(v, p.grad.float() * p0, self.momentum).sign())
                 p.grad = None
         self.apply()
 

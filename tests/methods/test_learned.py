@@ -362,8 +362,8 @@ def test_an_unknown_kept_state_is_refused_with_the_choices() -> None:
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
 def test_signed_steps_follow_the_sign_of_their_momentum(momentum: float) -> None:
     """Reference equivalence: refine_block's steps (taken in backward hooks, momentum in bfloat16) are a plain
-    Signum loop — m ← μ·m + (1 − μ)·g, p ← clamp(p − rate·sign(m)), rate decaying linearly from 1/iters — on the
-    same batches in the same order: every step's loss equal bit for bit (μ = 0: sign of the gradient alone)."""
+    Signum loop — m ← μ·m + (1 − μ)·g, p ← clamp(p − rate·sign(m)), rate decaying linearly from 1/iters — on
+    the same batches in the same order: every step's loss equal bit for bit (μ = 0: the gradient's sign alone)."""
     torch.manual_seed(3)
     w, bias = torch.randn(24, 64), torch.randn(24)
     xs = [torch.randn(32, 64) @ (torch.eye(64) + torch.randn(64, 64) / 8) for _ in range(3)]

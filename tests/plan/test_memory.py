@@ -112,8 +112,8 @@ def test_learned_rounding_memory_counts_every_linear_weight_of_a_70b_block(tmp_p
                                                                             nbytes: int) -> None:
     """Llama-2-70B's block has 855,638,016 linear weights (q, o: 8192²; k, v: 8192 × 1024; gate, up, down:
     8192 × 28672); learned rounding keeps 14 bytes of state per weight of a bf16 model (its 2-byte copy, o₀, δ,
-    best δ, δ's bfloat16 momentum); the backward pass holds the largest linear's ∂L/∂Ŵ and Ŵ (compute dtype each) and δ's gradient, and
-    its chain one row slice (2²² weights) at a time: above GPTQ's peak."""
+    best δ, δ's bfloat16 momentum); the backward pass holds the largest linear's ∂L/∂Ŵ and Ŵ (compute dtype
+    each) and δ's gradient, and its chain one row slice (2²² weights) at a time: above GPTQ's peak."""
     from lowbit.plan.job_memory import job_memory, quantize_memory
 
     path = tmp_path / "config.json"
