@@ -20,6 +20,7 @@ from lowbit.core.double_quant import double_quantize
 from lowbit.core.packing import pack_codes
 from lowbit.core.qtensor import QuantizedTensor
 from lowbit.core.rounding import group_view
+from lowbit.methods.learned_chain import chain_with_grads, fused_chain_applies
 
 CHUNK_ELEMENTS = 1 << 22  # weights per row slice of the chain (16 MB per float32 tensor of it)
 
@@ -79,6 +80,13 @@ class LearnedLinear(nn.Module):
             self.delta = nn.Parameter(torch.zeros(()), requires_grad=False)
         self.delta.requires_grad_(False)
 
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Back to the initial quantization: ``δ = 0`` and every range factor 1 (the state the layer was made in)."""
+        self.delta.zero_()
+        for p in self.scale_parameters():
+            p.fill_(1.0)
+
     def scale_parameters(self) -> list[nn.Parameter]:
         """The per-group range factors: ``factor`` (and ``factor_lo`` on asymmetric grids); none when the scales
         are not learned."""
@@ -112,9 +120,9 @@ class LearnedLinear(nn.Module):
             return z + (z.to(torch.float16).float() - z).detach()
         return torch.clamp(_round_ste(z), 0, self.config.qmax)
 
-    def codes_and_scale(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Codes ``[R, C]`` (float, STE-rounded), the float16-valued scale and the zero points ``[R, G]`` of the
-        current state (the initial scale and zero points, exactly, when the scales are not learned)."""
+    def scale_and_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float16-valued scale and the zero points ``[R, G]`` of the current state (the initial ones, exactly,
+        when the scales are not learned)."""
         if self.factor is None:
             scale, zero = self.s, self.z
         else:
@@ -129,7 +137,18 @@ class LearnedLinear(nn.Module):
                 stored = scale.to(self.config.scale_dtype).float()  # code books keep float32 scales
             scale = scale + (stored - scale).detach()
             zero = self.zero(scale)
-        top = self.config.qmax if self.book is None else self.levels.numel() - 1
+        return scale, zero
+
+    @property
+    def top(self) -> int:
+        """The largest code (position on a code book)."""
+        return self.config.qmax if self.book is None else self.levels.numel() - 1
+
+    def codes_and_scale(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Codes ``[R, C]`` (float, STE-rounded), the float16-valued scale and the zero points ``[R, G]`` of the
+        current state."""
+        scale, zero = self.scale_and_zero()
+        top = self.top
         x = self._position(self.w / self._cols(scale), zero) + self.o0 + self.delta
         return torch.clamp(_round_ste(x), 0, top), scale, zero
 
@@ -170,11 +189,16 @@ class LearnedLinear(nn.Module):
         """:meth:`dequantized` without a graph, a row slice at a time (same values; the chain's temporaries are
         one slice's, not the layer's)."""
         slices = self.row_slices()
+        fused = fused_chain_applies(self, dict(self.trained()))
+
+        def part_weight(part: LearnedLinear | _Rows) -> torch.Tensor:
+            return chain_with_grads(part, {}, self.top, None)[0].reshape(part.shape) if fused else part.dequantized()
+
         if len(slices) == 1:
-            return self.dequantized()
+            return part_weight(self)
         out = torch.empty(self.shape)
         for rows in slices:
-            out[rows] = _Rows(self, rows, {}).dequantized()
+            out[rows] = part_weight(_Rows(self, rows, {}))
         return out
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -204,6 +228,8 @@ class _Rows:
     _cols = LearnedLinear._cols
     _position = LearnedLinear._position
     zero = LearnedLinear.zero
+    scale_and_zero = LearnedLinear.scale_and_zero
+    top = LearnedLinear.top
     codes_and_scale = LearnedLinear.codes_and_scale
     dequantized = LearnedLinear.dequantized
 
@@ -243,6 +269,24 @@ class _RecomputedWeightLinear(torch.autograd.Function):
         grad_weight = grad_y.reshape(-1, grad_y.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]).to(dtype))
         trained = dict(layer.trained())
         slices = layer.row_slices()
+        if fused_chain_applies(layer, trained):  # integer grids: the chain's gradients written out, no graph
+            grads = dict.fromkeys(trained)
+            whole = torch.empty(layer.shape, dtype=dtype) if ctx.needs_input_grad[0] else None
+            for rows in slices:
+                part = layer if len(slices) == 1 else _Rows(layer, rows, {n: p.detach()[rows].requires_grad_()
+                                                                          for n, p in trained.items()})
+                weight, part_grads = chain_with_grads(part, {n: getattr(part, n) for n in trained}, layer.top,
+                                                      grad_weight[rows])
+                if whole is not None:
+                    whole[rows] = weight.reshape(part.shape).to(dtype)
+                for n, g in part_grads.items():
+                    if g is not None:
+                        if len(slices) == 1:
+                            grads[n] = g
+                        else:
+                            grads[n] = torch.zeros_like(trained[n]) if grads[n] is None else grads[n]
+                            grads[n][rows] = g
+            return (None if whole is None else grad_y.matmul(whole), None, *grads.values())
         if len(slices) == 1:  # the chain once, with its graph: Ŵ serves ∂L/∂x, its graph the parameters
             with torch.enable_grad():
                 weight = layer.dequantized().to(dtype)
