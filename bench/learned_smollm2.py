@@ -150,7 +150,14 @@ def main() -> None:
              "fifth session took plain signed steps (AutoRound's: the sign of each step's gradient) — those rows are "
              "named '--momentum 0' (the rows named with a comma too); the rows without it, run in that session (same "
              "VM kind, float32, per-token loss, each alone), the default since: the sign of a momentum m ← 0.5·m + "
-             "0.5·g (Signum).")
+             "0.5·g (Signum). Speed-ups of c1ebfc8 (the start's error measured after the steps, its sum stopped once "
+             "above the refined error; integer grids' chain gradients written out): rows named '(before c1ebfc8)' are "
+             "the fifth session's; the float32 'learned --no-clip' rows and the 2-bit 'learned' row without it reran "
+             "after it in 2026-12-05's sixth session (same VM kind, each alone), where AutoRound light's 3-bit g128 "
+             "and 2-bit rows were rerun too (their AVX-512 BF16 rows of 2026-12-03 kept beside them, named so). "
+             "c1ebfc8 changes the range factors' gradients at float rounding, which flips a few signed steps: the KL "
+             "differences between a row and its '(before c1ebfc8)' twin (−3 % to +3 %) are the method's own "
+             "run-to-run spread.")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
