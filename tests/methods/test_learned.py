@@ -143,6 +143,17 @@ def test_refining_one_layer_lowers_its_output_error(cfg: QuantConfig) -> None:
     assert errors[1] < errors[0]
 
 
+def _one_rtn_layer(batches: int) -> tuple[nn.Linear, list[torch.Tensor], list[torch.Tensor], object, nn.Module]:
+    """A float linear, ``batches`` random inputs, its outputs as targets, its 3-bit RTN quantization and a block of
+    that quantized layer."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 16)
+    xs = [torch.randn(32, 64) for _ in range(batches)]
+    targets = [linear(x).detach() for x in xs]
+    qt = quantize_rtn(linear.weight.detach(), QuantConfig(bits=3, group_size=32))
+    return linear, xs, targets, qt, nn.Sequential(QLinear(qt, linear.bias.detach(), kernel="reference"))
+
+
 @pytest.mark.parametrize("keep,verdicts,kept,calls", [
     ("last", [0.5], "last", 1),  # the last state beats the start: kept, the best seen is not tried
     ("last", [2.0, 0.5], "best", 2),  # the last state loses: the best seen is tried next
@@ -151,12 +162,7 @@ def test_refining_one_layer_lowers_its_output_error(cfg: QuantConfig) -> None:
 ])
 def test_the_kept_state_is_the_first_candidate_that_beats_the_start(keep: str, verdicts: list[float], kept: str,
                                                                     calls: int) -> None:
-    torch.manual_seed(0)
-    linear = nn.Linear(64, 16)
-    xs = [torch.randn(32, 64) for _ in range(2)]
-    targets = [linear(x).detach() for x in xs]
-    qt = quantize_rtn(linear.weight.detach(), QuantConfig(bits=3, group_size=32))
-    block = nn.Sequential(QLinear(qt, linear.bias.detach(), kernel="reference"))
+    linear, xs, targets, qt, block = _one_rtn_layer(2)
     seen: list[dict] = []
 
     def final_error(refined: dict) -> float:  # the caller's verdict, as a multiple of the start's error
@@ -184,12 +190,7 @@ def test_the_start_is_measured_only_until_it_has_lost(verdict: float, exact: boo
     """After the steps, the initial quantization's error is summed batch by batch and stops once the sum exceeds the
     first candidate's error on all batches (its mean × 8 batches here); a candidate at or above the start costs the
     whole pass and gets the exact value."""
-    torch.manual_seed(0)
-    linear = nn.Linear(64, 16)
-    xs = [torch.randn(32, 64) for _ in range(8)]
-    targets = [linear(x).detach() for x in xs]
-    qt = quantize_rtn(linear.weight.detach(), QuantConfig(bits=3, group_size=32))
-    block = nn.Sequential(QLinear(qt, linear.bias.detach(), kernel="reference"))
+    linear, xs, targets, qt, block = _one_rtn_layer(8)
     errors = [float(relative_error(block(x), t, per_token=True)) for x, t in zip(xs, targets)]
     start = sum(errors) / 8
     sums = torch.tensor(errors).cumsum(0)
