@@ -339,10 +339,10 @@ def _refine(block: nn.Module, prefix: str, floats: dict[str, tuple[torch.Tensor,
         commit(refined)
         for batch in outputs:
             batch.discard()
-    log.debug("learned rounding: block output error %s%.3g → %.3g (%s kept)", "" if report.before_exact else ">",
-              report.before, report.after, report.kept)
-    start = f"{'' if report.before_exact else '>'}{report.before:.2e}"  # '>': the start's sum stopped once above
-    return f"error {start}→{report.after:.2e}", outputs if kept else None
+    bound = "" if report.before_exact else ">"  # the start's sum stopped once above the refined error
+    log.debug("learned rounding: block output error %s%.3g → %.3g (%s kept)", bound, report.before, report.after,
+              report.kept)
+    return f"error {bound}{report.before:.2e}→{report.after:.2e}", outputs if kept else None
 
 
 def quantize_outside(model: nn.Module, recipe: QuantRecipe, method: MethodConfig) -> int:

@@ -263,7 +263,8 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
             norms.release()
         for p in frozen:
             p.requires_grad_(True)
-    before, exact, first = float("nan"), True, True
+    before: float | None = None  # the start's error: measured once, against the first candidate's
+    exact = True
     for kept in ("last", "best") if cfg.keep == "last" else ("best",):
         with torch.no_grad():
             if kept == "best":  # the lowest loss seen (the last step's parameters were never evaluated)
@@ -276,9 +277,8 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
                 after = sum(float(error(i)) for i in range(batches)) / batches
         if final_error is not None:
             after = final_error(result)
-        if first:  # the start's error, once: against the first candidate's (an exact value if it loses)
+        if before is None:  # (an exact value unless the start has lost to this candidate)
             before, exact = initial_error(after)
-            first = False
         if after < before:
             return result, Refinement(before, after, losses, kept, exact)
     if norms is not None:

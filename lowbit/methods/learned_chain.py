@@ -35,6 +35,7 @@ class ChainPart(Protocol):
     delta: torch.Tensor
     width: int
     book: object
+    top: int  # the largest code
 
     def scale_and_zero(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -51,12 +52,11 @@ def _groups(t: torch.Tensor, width: int) -> torch.Tensor:
     return t.view(t.shape[0], -1, width)
 
 
-def chain_with_grads(part: ChainPart, leaves: dict[str, torch.Tensor], top: int, grad: torch.Tensor | None
+def chain_with_grads(part: ChainPart, leaves: dict[str, torch.Tensor], grad: torch.Tensor | None
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
     """``Ŵ`` ``[R, C]`` (float32, the group view's shape) for ``part`` and, given ``grad = ∂L/∂Ŵ`` (any shape of
-    as many values), the gradients of ``leaves`` (the
-    parameters ``part`` reads: ``delta`` and the range factors) by the formulas of this module's docstring.
-    ``top``: the largest code."""
+    as many values), the gradients of ``leaves`` (the parameters ``part`` reads: ``delta`` and the range factors)
+    by the formulas of this module's docstring."""
     width = part.width
     with torch.set_grad_enabled(grad is not None):
         scale, zero = part.scale_and_zero()  # [R, G], a graph to the range factors when they are learned
@@ -67,7 +67,7 @@ def chain_with_grads(part: ChainPart, leaves: dict[str, torch.Tensor], top: int,
     x = x + _groups(part.o0, width)
     x = x + _groups(part.delta.detach(), width)
     r = torch.round(x)
-    q = torch.clamp(r, 0, top)
+    q = torch.clamp(r, 0, part.top)
     weight = ((q - z) * s).view(part.w.shape)
     if grad is None:
         return weight, {}

@@ -192,7 +192,7 @@ class LearnedLinear(nn.Module):
         fused = fused_chain_applies(self, dict(self.trained()))
 
         def part_weight(part: LearnedLinear | _Rows) -> torch.Tensor:
-            return chain_with_grads(part, {}, self.top, None)[0].reshape(part.shape) if fused else part.dequantized()
+            return chain_with_grads(part, {}, None)[0].reshape(part.shape) if fused else part.dequantized()
 
         if len(slices) == 1:
             return part_weight(self)
@@ -269,42 +269,36 @@ class _RecomputedWeightLinear(torch.autograd.Function):
         grad_weight = grad_y.reshape(-1, grad_y.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]).to(dtype))
         trained = dict(layer.trained())
         slices = layer.row_slices()
-        if fused_chain_applies(layer, trained):  # integer grids: the chain's gradients written out, no graph
-            grads = dict.fromkeys(trained)
-            whole = torch.empty(layer.shape, dtype=dtype) if ctx.needs_input_grad[0] else None
-            for rows in slices:
-                part = layer if len(slices) == 1 else _Rows(layer, rows, {n: p.detach()[rows].requires_grad_()
-                                                                          for n, p in trained.items()})
-                weight, part_grads = chain_with_grads(part, {n: getattr(part, n) for n in trained}, layer.top,
-                                                      grad_weight[rows])
-                if whole is not None:
-                    whole[rows] = weight.reshape(part.shape).to(dtype)
-                for n, g in part_grads.items():
-                    if g is not None:
-                        if len(slices) == 1:
-                            grads[n] = g
-                        else:
-                            grads[n] = torch.zeros_like(trained[n]) if grads[n] is None else grads[n]
-                            grads[n][rows] = g
-            return (None if whole is None else grad_y.matmul(whole), None, *grads.values())
-        if len(slices) == 1:  # the chain once, with its graph: Ŵ serves ∂L/∂x, its graph the parameters
-            with torch.enable_grad():
-                weight = layer.dequantized().to(dtype)
-            grad_x = grad_y.matmul(weight.detach()) if ctx.needs_input_grad[0] else None
-            return (grad_x, None, *torch.autograd.grad(weight, list(trained.values()), grad_weight,
-                                                       allow_unused=True))
-        grads: dict[str, torch.Tensor | None] = dict.fromkeys(trained)
+        fused = fused_chain_applies(layer, trained)  # integer grids: the chain's gradients written out, no graph
+        if len(slices) == 1:  # the chain once: Ŵ serves ∂L/∂x, the chain's gradients the parameters
+            weight, grads = _weight_and_grads(layer, trained, grad_weight, fused, dtype)
+            grad_x = grad_y.matmul(weight) if ctx.needs_input_grad[0] else None
+            return (grad_x, None, *grads.values())
+        grads = dict.fromkeys(trained)
         whole = torch.empty(layer.shape, dtype=dtype) if ctx.needs_input_grad[0] else None
-        for rows in slices:  # each slice's chain once: its Ŵ rows kept for ∂L/∂x, its graph for the parameters
+        for rows in slices:  # each slice's chain once: its Ŵ rows kept for ∂L/∂x, its gradients for the parameters
             leaves = {n: p.detach()[rows].requires_grad_() for n, p in trained.items()}
-            with torch.enable_grad():
-                weight = _Rows(layer, rows, leaves).dequantized().to(dtype)
+            weight, part_grads = _weight_and_grads(_Rows(layer, rows, leaves), leaves, grad_weight[rows], fused,
+                                                   dtype)
             if whole is not None:
-                whole[rows] = weight.detach()
-            for n, g in zip(leaves, torch.autograd.grad(weight, list(leaves.values()),
-                                                        grad_weight[rows], allow_unused=True)):
+                whole[rows] = weight
+            for n, g in part_grads.items():
                 if g is not None:
                     if grads[n] is None:
                         grads[n] = torch.zeros_like(trained[n])
                     grads[n][rows] = g
         return (None if whole is None else grad_y.matmul(whole), None, *grads.values())
+
+
+def _weight_and_grads(part: LearnedLinear | _Rows, leaves: dict[str, torch.Tensor], grad: torch.Tensor, fused: bool,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """``part``'s ``Ŵ`` (in ``dtype``, no graph) and the gradients of ``leaves`` (the parameters it reads) for
+    ``grad = ∂L/∂Ŵ``: written out (``fused``: :func:`~lowbit.methods.learned_chain.chain_with_grads`) or by
+    autograd through the chain."""
+    if fused:
+        weight, grads = chain_with_grads(part, leaves, grad)
+        return weight.reshape(part.shape).to(dtype), grads
+    with torch.enable_grad():
+        weight = part.dequantized().to(dtype)
+    return weight.detach(), dict(zip(leaves, torch.autograd.grad(weight, list(leaves.values()), grad,
+                                                                 allow_unused=True)))
