@@ -8,7 +8,10 @@ tokens of wikitext2_valid_unk.txt, seed 0, the same token ids for every tool. Ea
 one at a time (AutoRound needs the peers' environment: ``/work/peers-venv/bin/python bench/learned_smollm2.py``).
 
     python bench/learned_smollm2.py [--setting "4-bit g64 asym"] [--tool lowbit|auto-round] [--method M] [--iters 50]
-                                    [--render]
+                                    [--compute-dtype float32|bfloat16] [--render]
+
+``--compute-dtype``: lowbit's block passes (default: bfloat16 autocast where this CPU has native bf16 matmuls, else
+float32).
 """
 
 from __future__ import annotations
@@ -81,17 +84,18 @@ def worker(job: dict) -> dict:
     return {**row, "compute_dtype": dtype}  # the key's dtype
 
 
-def jobs() -> list[dict]:
+def jobs(dtype: str | None = None) -> list[dict]:
     from lowbit.config import default_compute_dtype
 
+    dtype = dtype or default_compute_dtype()
     rows = []
     for setting, cfg in SETTINGS.items():
         rows.append({"tool": "lowbit", "method": "gptq", "iters": None, "setting": setting, "config": cfg,
-                     "compute_dtype": default_compute_dtype()})
+                     "compute_dtype": dtype})
         for iters in (50, 200):
             rows.append({"tool": "auto-round", "method": "auto-round", "iters": iters, "setting": setting, "config": cfg})
             rows += [{"tool": "lowbit", "method": m, "iters": iters, "setting": setting, "config": cfg,
-                      "compute_dtype": default_compute_dtype()}
+                      "compute_dtype": dtype}
                      for m in ("learned", "learned --no-clip", "gptq+learned", "learned --learn-norms",
                                "learned --no-clip --learn-norms", "learned --block-loss output",
                                "learned --block-loss capped")
@@ -100,13 +104,13 @@ def jobs() -> list[dict]:
 
 
 def main() -> None:
-    check_flags(__doc__, ('--setting', '--tool', '--iters', '--method'), ('--render',))
-    pick = {flag: sys.argv[sys.argv.index(flag) + 1] for flag in ("--setting", "--tool", "--iters", "--method")
-            if flag in sys.argv}
+    check_flags(__doc__, ('--setting', '--tool', '--iters', '--method', '--compute-dtype'), ('--render',))
+    pick = {flag: sys.argv[sys.argv.index(flag) + 1]
+            for flag in ("--setting", "--tool", "--iters", "--method", "--compute-dtype") if flag in sys.argv}
     # rows before the compute_dtype field ran bf16 autocast on an AVX512-BF16 CPU
     key = lambda r: (r["tool"], r["method"], r["iters"], r["setting"], r.get("compute_dtype", "bfloat16"))  # noqa: E731
     todo = [] if "--render" in sys.argv else [
-        j for j in jobs() if pick.get("--setting", j["setting"]) == j["setting"]
+        j for j in jobs(pick.get("--compute-dtype")) if pick.get("--setting", j["setting"]) == j["setting"]
         and pick.get("--tool", j["tool"]) == j["tool"] and pick.get("--iters", str(j["iters"])) == str(j["iters"])
         and pick.get("--method", j["method"]) == j["method"]]
     rows = run_jobs(Path(__file__), "learned_smollm2", todo, key)

@@ -4,6 +4,7 @@ than its initialisation on the calibration data, better than RTN through the dri
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -211,6 +212,38 @@ def test_the_start_is_measured_only_until_it_has_lost(verdict: float, exact: boo
         assert report.before == pytest.approx(start, rel=1e-6)
     else:
         assert verdict * start < report.before < start
+
+
+def test_under_bf16_steps_the_targets_and_every_measurement_run_in_float32(monkeypatch) -> None:
+    """With the block passes under bf16 autocast only learned rounding's training steps run in bf16: the float
+    blocks' outputs it fits to are a float32 run's bit for bit, and the passes over all batches (the float
+    block's, the candidate's, the start's: what it keeps and hands on) run with autocast off."""
+    import lowbit.pipeline as pipeline
+
+    targets: dict[torch.dtype, list[torch.Tensor]] = {}
+    refine = pipeline._refine
+
+    def spy(block, prefix, floats, inputs, wanted, cfg, dtype, *rest):
+        targets.setdefault(dtype, []).extend(t.hidden.clone() for t in wanted)
+        return refine(block, prefix, floats, inputs, wanted, cfg, dtype, *rest)
+
+    monkeypatch.setattr(pipeline, "_refine", spy)
+    method = MethodConfig.parse("learned", clip=None, learned=LearnedConfig(iters=3))
+    for dtype in (torch.float32, torch.bfloat16):
+        model, autocast = make_tiny("llama"), []
+        for block in model.model.layers:  # whether each run of a block is under autocast
+            block.register_forward_pre_hook(lambda *_: autocast.append(torch.is_autocast_enabled("cpu")))
+        quantize_model(model, QuantRecipe(QuantConfig(bits=3, group_size=32)), method=method, calib_ids=CALIB,
+                       progress=False, compute_dtype=dtype)
+    fp32, bf16 = targets[torch.float32], targets[torch.bfloat16]
+    assert len(fp32) == len(bf16) == 2 * 4  # 2 blocks × 4 calibration batches
+    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(fp32, bf16))
+    # per block: the float block on 4 batches, 3 steps, the candidate's and the start's passes over 4 batches
+    # the bf16 run: the first block's input capture (4 batches) under autocast, then per block: the float block on 4
+    # batches, 3 steps under autocast, then the passes over all 4 batches (candidates, start; the tiny random model's
+    # candidates lose at 3 steps, so the start's outputs are recomputed too)
+    runs = "".join("T" if a else "F" for a in autocast)
+    assert re.fullmatch(r"T{4}F{4}T{3}F{8,}T{3}F{8,}", runs), runs
 
 
 def _assert_same_quantization(x: nn.Module, y: nn.Module, layers: int) -> None:
