@@ -177,8 +177,8 @@ def quantize_sequential(
     memory at a time (:mod:`lowbit.calib.spill`; same results, bit for bit). ``compute_dtype`` bfloat16: the block
     passes (capture, statistics, outputs) run under CPU autocast — matmuls in bf16 (~2.3× faster here) — while the
     weights stay in their loaded precision for the quantizers and the statistics accumulate in float32; learned
-    rounding's training steps run under it, but the passes it fits to or hands on (the float blocks' outputs, the
-    finished blocks') in float32: fitted to bf16-rounded targets, its codes learn the rounding noise. Layers outside the blocks
+    rounding runs under it too, but fits float32 targets (the float blocks' outputs): fitted to bf16-rounded ones,
+    its codes learn their rounding noise. Layers outside the blocks
     (e.g. an ``--include``d ``lm_head``) are quantized data-free by the caller, see :func:`quantize_outside`.
     """
 
@@ -211,9 +211,6 @@ def quantize_sequential(
             inputs = capture_first_block_inputs(sm.model, blocks[0], calib_ids, calib.batch_size, embed, spill)
     learned = method.learned if calibrated else None
     fp_inputs: list[BlockInputs] | None = None  # learned rounding: the float model's stream (its targets)
-    # learned rounding fits its targets to a fraction of their bf16 rounding: the passes it fits to or hands on
-    # (the float block's outputs, the finished block's) run in float32; only its training steps under autocast
-    exact_dtype = torch.float32 if learned is not None else compute_dtype
     if learned is not None:
         refine_target = QLINEAR_TARGET if quantize_layer is to_qlinear else refine_target
         if refine_target is None:
@@ -237,7 +234,7 @@ def quantize_sequential(
             selected = {t.name[len(prefix):]: t for t in targets if t.block_index == index}
             wanted, floats, outputs = None, {}, None
             if fp_inputs is not None:  # the float block on the float stream: what the quantized block must match
-                with block_passes(exact_dtype):
+                with block_passes(torch.float32):  # (fitted to a fraction of bf16's rounding: float32)
                     wanted = run_block(block, fp_inputs, spill)
             if selected:
                 keys = {rep.get(name, name) for name in selected}
@@ -273,7 +270,7 @@ def quantize_sequential(
                     batch.discard()
                 inputs = outputs
             elif calibrated:
-                with block_passes(exact_dtype), dequantize_once(block):
+                with block_passes(compute_dtype), dequantize_once(block):
                     inputs = run_block(block, inputs, spill)
             fp_inputs = wanted if wanted is not None else fp_inputs
             if on_block is not None:
@@ -307,8 +304,7 @@ def _refine(block: nn.Module, prefix: str, floats: dict[str, tuple[torch.Tensor,
     """Learned rounding of the block's quantized layers (:func:`lowbit.methods.learned.refine_block`) against
     ``targets``, the float block's outputs; ``target.commit`` puts the refined layers into the block. The final
     check (refined vs initial error on every batch) runs the finished block, so its outputs — the next block's
-    inputs — are returned for reuse (None when the initial quantization was kept). The training steps run in
-    ``compute_dtype``, the errors on all batches (and so the outputs) in float32. Returns (progress note, outputs)."""
+    inputs — are returned for reuse (None when the initial quantization was kept). Returns (progress note, outputs)."""
     made = {name: block.get_submodule(name) for name in floats}
     layers = {}
     for name, (w, b) in floats.items():
@@ -330,7 +326,7 @@ def _refine(block: nn.Module, prefix: str, floats: dict[str, tuple[torch.Tensor,
             batch.discard()
         outputs.clear()
         commit(refined)
-        with torch.no_grad(), block_passes(torch.float32), dequantize_once(block):
+        with torch.no_grad(), block_passes(compute_dtype), dequantize_once(block):
             outputs.extend(run_block(block, inputs, spill, consume=False))
             errors = [float(cfg.block_error(o.hidden, t.hidden)) for o, t in zip(outputs, targets)]
         return sum(errors) / len(errors)
@@ -338,7 +334,7 @@ def _refine(block: nn.Module, prefix: str, floats: dict[str, tuple[torch.Tensor,
     cfg = replace(cfg, learn_scales=cfg.learn_scales and target.learn_scales)
     with torch.enable_grad(), block_passes(compute_dtype):
         refined, report = refine_block(block, layers, len(inputs), run, lambda i: targets[i].hidden, cfg,
-                                       set_submodule, final_error, lambda: block_passes(torch.float32))
+                                       set_submodule, final_error)
     kept = bool(outputs) and report.after < report.before
     if outputs and not kept:  # the final check lost: the initial quantization goes back, the caller runs it
         commit(refined)

@@ -40,7 +40,6 @@ module only refines codes and scales on the same grid, so every format that stor
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterable, Literal
 
@@ -163,7 +162,6 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
                  batches: int, run: Callable[[nn.Module, int], torch.Tensor], target: Callable[[int], torch.Tensor],
                  cfg: LearnedConfig, swap: Callable[[nn.Module, str, nn.Module], None],
                  final_error: Callable[[dict[str, QuantizedTensor]], float] | None = None,
-                 measured_in: Callable[[], AbstractContextManager] = nullcontext,
                  ) -> tuple[dict[str, QuantizedTensor], Refinement]:
     """Tune the rounding of ``layers`` (``{name in block: (float weight, bias, initial quantization)}``) so that
     ``run(block, i)`` (the block on calibration batch ``i`` of ``batches``) approaches ``target(i)`` (the float
@@ -176,8 +174,7 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
     with the training modules. The initial quantization's error is measured here once, after the first candidate's
     (the training modules put back, at their initial state), and its sum over the batches stops as soon as it
     exceeds that candidate's: the start has lost, whatever the other batches hold — exact comparisons at a
-    fraction of a pass (the refined error is typically 0.2–0.5× the start's). ``measured_in()``: the context those
-    errors on all batches are measured in (e.g. float32 passes while the steps run under bf16 autocast).
+    fraction of a pass (the refined error is typically 0.2–0.5× the start's).
 
     Only the layers' rounding offsets and scale factors are trained — and with ``cfg.learn_norms`` the block's
     one-dimensional parameters outside them, in place (put back when the initial quantization is kept); the
@@ -235,12 +232,11 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
         if norms is not None:
             norms.restore()
         total, exact = 0.0, True
-        with measured_in():
-            for i in range(batches):
-                total += float(error(i))
-                if total > limit * batches and i + 1 < batches:  # (after the last batch the sum is exact)
-                    exact = False
-                    break
+        for i in range(batches):
+            total += float(error(i))
+            if total > limit * batches and i + 1 < batches:  # (after the last batch the sum is exact)
+                exact = False
+                break
         for name, module in current.items():
             swap(block, name, module)
         if norms is not None:
@@ -278,8 +274,7 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
                 norms.apply()
             result = {name: m.quantized_tensor() for name, m in learned.items()}
             if final_error is None:
-                with measured_in():
-                    after = sum(float(error(i)) for i in range(batches)) / batches
+                after = sum(float(error(i)) for i in range(batches)) / batches
         if final_error is not None:
             after = final_error(result)
         if before is None:  # (an exact value unless the start has lost to this candidate)
