@@ -1,7 +1,7 @@
 """Learned rounding on SmolLM2-135M beside AutoRound (issue 19), same calibration tokens, same evaluation windows.
 
-Rows per setting: lowbit GPTQ, lowbit learned / gptq+learned at 50 and 200 iterations, AutoRound "light" (iters 50)
-and default (iters 200) — AutoRound exported in the GPTQ layout and read back by lowbit's GPTQ loader (so its
+Rows per setting: lowbit GPTQ, lowbit learned / gptq+learned at 50 and 200 iterations, AutoRound "light" (iters 50;
+its API's lr 1 / iters, and ``auto-round --lr 0.005``, its CLI's light recipe) and default (iters 200) — AutoRound exported in the GPTQ layout and read back by lowbit's GPTQ loader (so its
 stored weights, not a fake-quantized model, are evaluated). Eval and calibration as bench/calibrated_smollm2.py:
 first 20,480 tokens of wikitext2_test_joined.txt (10 × 2048, no BOS, KL/top-1 against fp32); calibration 64 × 512
 tokens of wikitext2_valid_unk.txt, seed 0, the same token ids for every tool. Each row is a fresh process, run
@@ -42,10 +42,11 @@ def _auto_round(job: dict, reference, tokenizer, calib_ids: torch.Tensor) -> tup
 
     from lowbit.model.loading import load_model
 
-    cfg = job["config"]
-    out = WORK / f"{job['setting'].replace(' ', '-')}-{job['iters']}"
+    cfg, flags = job["config"], job["method"].split()[1:]
+    lr = {"lr": float(flags[flags.index("--lr") + 1])} if "--lr" in flags else {}  # else its API's 1 / iters
+    out = WORK / f"{job['setting'].replace(' ', '-')}-{job['iters']}{'-lr' if lr else ''}"
     seconds = run_auto_round(reference, tokenizer, calib_ids, HF_FOLDER, out, "auto_gptq", job["iters"],
-                             dict(bits=cfg["bits"], group_size=cfg["group_size"], sym=False))
+                             dict(bits=cfg["bits"], group_size=cfg["group_size"], sym=False, **lr))
     saved = out if (out / "config.json").exists() else next(out.glob("*/config.json")).parent  # it adds a subfolder
     return load_model(saved).model, seconds
 
@@ -93,7 +94,9 @@ def jobs(dtype: str | None = None) -> list[dict]:
         rows.append({"tool": "lowbit", "method": "gptq", "iters": None, "setting": setting, "config": cfg,
                      "compute_dtype": dtype})
         for iters in (50, 200):
-            rows.append({"tool": "auto-round", "method": "auto-round", "iters": iters, "setting": setting, "config": cfg})
+            rows += [{"tool": "auto-round", "method": m, "iters": iters, "setting": setting, "config": cfg}
+                     # its CLI's "light" recipe sets lr 5e-3 (its API's default is 1 / iters: 0.02 at 50)
+                     for m in ("auto-round", "auto-round --lr 0.005")]
             rows += [{"tool": "lowbit", "method": m, "iters": iters, "setting": setting, "config": cfg,
                       "compute_dtype": dtype}
                      for m in ("learned", "learned --no-clip", "gptq+learned", "learned --learn-norms",
@@ -161,7 +164,16 @@ def main() -> None:
              "and 2-bit rows were rerun too (their AVX-512 BF16 rows of 2026-12-03 kept beside them, named so). "
              "c1ebfc8 changes the range factors' gradients at float rounding, which flips a few signed steps: the KL "
              "differences between a row and its '(before c1ebfc8)' twin (−3 % to +3 %) are the method's own "
-             "run-to-run spread.")
+             "run-to-run spread. 2026-12-05's seventh session ran on an AMD EPYC VM with AVX-512 BF16, where lowbit's "
+             "block passes default to bf16 autocast (AutoRound's too: it tunes in bf16 where the CPU supports it): "
+             "since 7a2e01c learned rounding under bf16 fits float32 targets (the float blocks' outputs computed "
+             "with autocast off) — the bfloat16 rows without '--momentum 0' ran after it, each alone, except "
+             "'learned --no-clip, bf16 targets (before 21e846d)' (the same code before that change) and "
+             "'learned --no-clip, float32 measurements (21e846d)' (the candidates' and the start's passes and the "
+             "outputs handed on in float32 too); 'learned --no-clip (AVX-512 BF16 VM)' is float32 steps on that VM "
+             "kind. AutoRound light's 4-bit and 3-bit g64 rows were rerun there (their AVX2 rows kept beside them, "
+             "named '(AVX2 VM)'), and 'auto-round --lr 0.005' is AutoRound's CLI light recipe (its other rows use "
+             "its API's default lr, 1 / iters), same session.")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
