@@ -123,13 +123,14 @@ def _momentum_direction(velocity: torch.Tensor, grad: torch.Tensor, momentum: fl
 STATE_BYTES_PER_WEIGHT = 12  # per weight of a refined block's linears: o₀ (int16) 2, δ 4, best δ 4, δ's momentum 2
 
 
-def refinement_bytes(weights: int, largest: int, float_bytes: int = 4, compute_bytes: int = 4) -> tuple[int, int]:
+def refinement_bytes(weights: int, largest: int, float_bytes: int = 4) -> tuple[int, int]:
     """What refining a block holds beyond its codes and activations, for ``weights`` linear weights of which the
     largest linear has ``largest``: ``(state, backward)`` — the state per weight is its float copy
     (``float_bytes``: see :func:`lossless_copy`), ``o₀``, ``δ``, the best ``δ`` and ``δ``'s momentum (bfloat16);
-    the backward pass adds the largest linear's ``∂L/∂Ŵ`` and ``Ŵ`` (``compute_bytes`` each: ``Ŵ`` is rebuilt
-    once, slice by slice, and kept for ``∂L/∂x``) and ``δ``'s gradient (float32), one layer at a time."""
-    return weights * (STATE_BYTES_PER_WEIGHT + float_bytes), largest * (2 * compute_bytes + 4)
+    the backward pass adds the largest linear's ``∂L/∂Ŵ`` and ``Ŵ`` (float32 each, also under bf16 autocast: ``Ŵ``
+    is built in float32 before its cast; rebuilt once, slice by slice, and kept for ``∂L/∂x``) and ``δ``'s
+    gradient (float32), one layer at a time."""
+    return weights * (STATE_BYTES_PER_WEIGHT + float_bytes), largest * (2 * 4 + 4)
 
 
 def lossless_copy(weight: torch.Tensor) -> torch.Tensor:

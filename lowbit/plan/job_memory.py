@@ -134,8 +134,7 @@ def quantize_memory(model: nn.Module, config: QuantConfig, calibrated: bool = Fa
         # counted in float32 whatever the compute dtype: under bf16 autocast the residual stream, the norms and the
         # chain stay float32 and each linear's float32 Ŵ is built before its cast (synthetic Llama-3-8B shapes, 2
         # blocks: 5.75 GB peak with bf16 passes, 5.82 GB with float32 — a bf16-sized estimate said 5.14 GB)
-        cbytes = 4
-        state, gradients = refinement_bytes(s.linear_params, out * inn, stored_bytes, cbytes)
+        state, gradients = refinement_bytes(s.linear_params, out * inn, stored_bytes)
         refining = {"block (codes: initial, refined)": 2 * s.packed_block
                     + (s.block_params - s.linear_params) * 4,
                     "learned rounding state": state,
@@ -144,7 +143,7 @@ def quantize_memory(model: nn.Module, config: QuantConfig, calibrated: bool = Fa
                     "calibration text": CALIBRATION_TEXT_BYTES,
                     "calibration states": 4 * samples * seqlen * s.hidden * 4,
                     # kept for the backward pass: about twice a forward pass's live activations
-                    "block activations": 2 * _activations(s, batch_size * seqlen, seqlen, cbytes)}
+                    "block activations": 2 * _activations(s, batch_size * seqlen, seqlen, 4)}
         if sum(refining.values()) + BASE_BYTES < gptq.peak_bytes:
             return replace(gptq, task="quantize learned → lowbit")
         return _estimate("quantize learned → lowbit", refining)
