@@ -173,7 +173,9 @@ def main() -> None:
              "outputs handed on in float32 too); 'learned --no-clip (AVX-512 BF16 VM)' is float32 steps on that VM "
              "kind. AutoRound light's 4-bit and 3-bit g64 rows were rerun there (their AVX2 rows kept beside them, "
              "named '(AVX2 VM)'), and 'auto-round --lr 0.005' is AutoRound's CLI light recipe (its other rows use "
-             "its API's default lr, 1 / iters), same session.")
+             "its API's default lr, 1 / iters), same session. 2026-12-06 (same VM kind, each alone): the 4-bit g64 "
+             "200-iteration rows — AutoRound's default and lowbit 'learned --no-clip' (bf16 steps, float32 "
+             "targets).")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
