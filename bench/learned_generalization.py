@@ -133,12 +133,7 @@ def main() -> None:
     key = lambda r: (r["setting"], r["method"], r["blocks"])  # noqa: E731
     todo = [] if "--render" in sys.argv else [
         j for j in jobs(int(pick.get("--blocks", 4))) if pick.get("--setting", j["setting"]) == j["setting"]]
-    path = Path(__file__).resolve().parent / "results" / "learned_generalization.json"
-    import json
-
-    rows = run_jobs(Path(__file__), "learned_generalization", todo, key) if todo else (
-        json.loads(path.read_text())["rows"] if path.exists() else [])
-    render(rows)
+    render(run_jobs(Path(__file__), "learned_generalization", todo, key))  # (no job: the saved rows)
 
 
 if __name__ == "__main__":
