@@ -40,8 +40,9 @@ def _cache_dir() -> Path:
 
 
 @functools.cache
-def load_c_library(source: Path) -> ctypes.CDLL | None:
-    """The shared library built from the C file ``source``, or None where it cannot be had (reason logged)."""
+def load_c_library(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The shared library built from the C file ``source`` (compiler flags :data:`CFLAGS` and ``extra_flags``,
+    e.g. ``("-fopenmp",)``), or None where it cannot be had (reason logged)."""
     if os.environ.get("LOWBIT_NATIVE", "1") == "0":
         log.info("native C loops disabled (LOWBIT_NATIVE=0): %s runs in numpy", source.name)
         return None
@@ -50,7 +51,8 @@ def load_c_library(source: Path) -> ctypes.CDLL | None:
         log.warning("no C compiler found (cc, gcc, clang or $CC): %s runs in numpy (same results, slower)",
                     source.name)
         return None
-    key = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS).encode() + compiler.encode()
+    flags = (*CFLAGS, *extra_flags)
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + compiler.encode()
                          + platform.machine().encode() + platform.system().encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{key}.so"
     try:
@@ -58,7 +60,7 @@ def load_c_library(source: Path) -> ctypes.CDLL | None:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                subprocess.run([compiler, *CFLAGS, str(source), "-o", str(built)], check=True, capture_output=True,
+                subprocess.run([compiler, *flags, str(source), "-o", str(built)], check=True, capture_output=True,
                                text=True, timeout=120)
                 os.replace(built, target)
         return ctypes.CDLL(str(target))

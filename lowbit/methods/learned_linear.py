@@ -169,7 +169,7 @@ class LearnedLinear(nn.Module):
         trained = [p for _, p in self.trained()] if torch.is_grad_enabled() else []
         if trained:
             return _RecomputedWeightLinear.apply(x, self, *trained)
-        return self._linear(x, self.dequantized_by_rows())
+        return self._linear(x, self.dequantized_by_rows(_run_dtype(x)))
 
     def trained(self) -> list[tuple[str, nn.Parameter]]:
         """The parameters that take gradients, by name (``delta`` and the range factors; QAT: ``w``)."""
@@ -185,18 +185,20 @@ class LearnedLinear(nn.Module):
         return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
 
     @torch.no_grad()
-    def dequantized_by_rows(self) -> torch.Tensor:
+    def dequantized_by_rows(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """:meth:`dequantized` without a graph, a row slice at a time (same values; the chain's temporaries are
-        one slice's, not the layer's)."""
+        one slice's, not the layer's), cast to ``dtype`` (the dtype the linear runs in: written so by the chain)."""
         slices = self.row_slices()
         fused = fused_chain_applies(self, dict(self.trained()))
 
         def part_weight(part: LearnedLinear | _Rows) -> torch.Tensor:
-            return chain_with_grads(part, {}, None)[0].reshape(part.shape) if fused else part.dequantized()
+            if fused:
+                return chain_with_grads(part, {}, None, dtype)[0].reshape(part.shape).to(dtype)
+            return part.dequantized().to(dtype)
 
         if len(slices) == 1:
             return part_weight(self)
-        out = torch.empty(self.shape)
+        out = torch.empty(self.shape, dtype=dtype)
         for rows in slices:
             out[rows] = part_weight(_Rows(self, rows, {}))
         return out
@@ -218,6 +220,11 @@ class LearnedLinear(nn.Module):
                 return QuantizedTensor(pack_codes(q.reshape(self.shape).to(torch.uint8), self.config.bits),
                                        dq.decode() if moved else self.initial.scale, None, self.shape, self.config, dq)
             return QuantizedTensor.from_codes(q.reshape(self.shape), scale, zero, self.config)
+
+
+def _run_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``x · Ŵᵀ`` runs in here: CPU autocast's where it is on, else ``x``'s."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
 class _Rows:
@@ -256,7 +263,7 @@ class _RecomputedWeightLinear(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, x: torch.Tensor, layer: LearnedLinear, *trained: torch.Tensor) -> torch.Tensor:
-        y = layer._linear(x, layer.dequantized_by_rows())
+        y = layer._linear(x, layer.dequantized_by_rows(_run_dtype(x)))
         ctx.layer = layer
         ctx.save_for_backward(x)
         return y
@@ -296,7 +303,7 @@ def _weight_and_grads(part: LearnedLinear | _Rows, leaves: dict[str, torch.Tenso
     ``grad = ∂L/∂Ŵ``: written out (``fused``: :func:`~lowbit.methods.learned_chain.chain_with_grads`) or by
     autograd through the chain."""
     if fused:
-        weight, grads = chain_with_grads(part, leaves, grad)
+        weight, grads = chain_with_grads(part, leaves, grad, dtype)
         return weight.reshape(part.shape).to(dtype), grads
     with torch.enable_grad():
         weight = part.dequantized().to(dtype)

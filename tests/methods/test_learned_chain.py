@@ -1,0 +1,70 @@
+"""Learned rounding's one-pass C chain (``lowbit/methods/csrc/learned_chain.c``) against torch's elementwise path:
+``Ŵ`` and ``∂L/∂δ`` bit for bit, the range factors' gradients to float rounding, for every weight, gradient and
+output dtype it takes; ragged last groups (C only) against autograd through the layer's own chain."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.config import QuantConfig
+from lowbit.methods import learned_chain
+from lowbit.methods.learned_chain import chain_with_grads
+from lowbit.methods.learned_linear import LearnedLinear
+from lowbit.methods.rtn import quantize_rtn
+
+pytestmark = pytest.mark.skipif(learned_chain.chain_kernel() is None, reason="no C compiler: the torch path only")
+
+
+def _layer(cfg: QuantConfig, dtype: torch.dtype, cols: int = 96) -> LearnedLinear:
+    torch.manual_seed(0)
+    w = (torch.randn(40, cols) * 0.05).to(dtype)
+    layer = LearnedLinear(w, None, quantize_rtn(w.float(), cfg))
+    with torch.no_grad():  # as after some steps: codes moved both ways, ranges narrowed
+        layer.delta.uniform_(-0.5, 0.5)
+        for p in layer.scale_parameters():
+            p.uniform_(0.6, 1.0)
+    return layer
+
+
+def _both(layer: LearnedLinear, grad: torch.Tensor | None, out_dtype: torch.dtype, monkeypatch) -> list:
+    trained = dict(layer.trained()) if grad is not None else {}
+    native = chain_with_grads(layer, trained, grad, out_dtype)
+    with monkeypatch.context() as m:
+        m.setattr(learned_chain, "chain_kernel", lambda: None)
+        torch_path = chain_with_grads(layer, trained, grad, out_dtype)
+    return [native, torch_path]
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4, group_size=32), QuantConfig(bits=3, group_size=16, symmetric=True),
+                                 QuantConfig(bits=2, group_size=32, zero_point="float"),
+                                 QuantConfig(bits=8, granularity="channel")], ids=QuantConfig.describe)
+def test_the_c_chain_is_torchs_chain(weight_dtype, grad_dtype, out_dtype, cfg, monkeypatch) -> None:
+    layer = _layer(cfg, weight_dtype)
+    grad = torch.randn(40, 96, generator=torch.Generator().manual_seed(1)).to(grad_dtype)
+    (w_c, _), (w_t, _) = _both(layer, None, out_dtype, monkeypatch)
+    assert w_c.dtype == w_t.dtype == out_dtype and torch.equal(w_c, w_t)
+    (w_c, g_c), (w_t, g_t) = _both(layer, grad, out_dtype, monkeypatch)
+    assert torch.equal(w_c, w_t)
+    assert torch.equal(g_c["delta"], g_t["delta"]) and bool((g_c["delta"] != 0).any())
+    for name in g_c.keys() - {"delta"}:  # the per-group sums, added in another order
+        torch.testing.assert_close(g_c[name], g_t[name], rtol=1e-4, atol=1e-5 * float(g_t[name].abs().max()))
+
+
+def test_a_ragged_last_group_takes_the_c_chain_with_autograds_gradients() -> None:
+    """96 columns in groups of 40: the last group has 16. Autograd through :meth:`LearnedLinear.dequantized` (the
+    layer's own chain, which handles ragged groups) gives the reference."""
+    layer = _layer(QuantConfig(bits=4, group_size=40), torch.bfloat16)
+    trained = dict(layer.trained())
+    assert learned_chain.fused_chain_applies(layer, trained)
+    grad = torch.randn(40, 96, generator=torch.Generator().manual_seed(2))
+    weight, grads = chain_with_grads(layer, trained, grad)
+    reference = layer.dequantized()
+    expected = torch.autograd.grad(reference, list(trained.values()), grad)
+    assert torch.equal(weight, reference.detach())
+    assert torch.equal(grads["delta"], expected[0])
+    for name, want in zip(list(trained)[1:], expected[1:]):
+        torch.testing.assert_close(grads[name], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
