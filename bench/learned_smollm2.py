@@ -99,7 +99,8 @@ def jobs(dtype: str | None = None) -> list[dict]:
                      for m in ("auto-round", "auto-round --lr 0.005")]
             rows += [{"tool": "lowbit", "method": m, "iters": iters, "setting": setting, "config": cfg,
                       "compute_dtype": dtype}
-                     for m in ("learned", "learned --no-clip", "gptq+learned", "learned --learn-norms",
+                     for m in ("learned", "learned --no-clip", "gptq+learned", "awq+learned --no-clip", "awq+learned",
+                               "learned --learn-norms",
                                "learned --no-clip --learn-norms", "learned --block-loss output",
                                "learned --block-loss capped")
                      for m in (m, m + " --momentum 0")]  # plain signed steps (AutoRound's; the default before)
