@@ -85,32 +85,25 @@ static void NAME##_backward(const void *w, const int16_t *o0, const float *delta
     sums[2] = c;                                                                                                  \
 }
 
-CHAIN(f32_f32_f32, LOAD_F32, LOAD_F32, STORE_F32)
-CHAIN(f32_bf16_bf16, LOAD_F32, LOAD_BF16, STORE_BF16)
-CHAIN(f32_f32_bf16, LOAD_F32, LOAD_F32, STORE_BF16)
-CHAIN(f32_bf16_f32, LOAD_F32, LOAD_BF16, STORE_F32)
-CHAIN(bf16_f32_f32, LOAD_BF16, LOAD_F32, STORE_F32)
-CHAIN(bf16_bf16_bf16, LOAD_BF16, LOAD_BF16, STORE_BF16)
-CHAIN(bf16_f32_bf16, LOAD_BF16, LOAD_F32, STORE_BF16)
-CHAIN(bf16_bf16_f32, LOAD_BF16, LOAD_BF16, STORE_F32)
-CHAIN(f16_f32_f32, LOAD_F16, LOAD_F32, STORE_F32)
-CHAIN(f16_bf16_bf16, LOAD_F16, LOAD_BF16, STORE_BF16)
-CHAIN(f16_f32_bf16, LOAD_F16, LOAD_F32, STORE_BF16)
-CHAIN(f16_bf16_f32, LOAD_F16, LOAD_BF16, STORE_F32)
+/* every weight dtype with float32/bfloat16 gradients and outputs: W_G_O_forward / _backward */
+#define CHAINS(W, LOADW)                                                                                          \
+    CHAIN(W##_f32_f32, LOADW, LOAD_F32, STORE_F32)                                                                \
+    CHAIN(W##_f32_bf16, LOADW, LOAD_F32, STORE_BF16)                                                              \
+    CHAIN(W##_bf16_f32, LOADW, LOAD_BF16, STORE_F32)                                                              \
+    CHAIN(W##_bf16_bf16, LOADW, LOAD_BF16, STORE_BF16)
+CHAINS(f32, LOAD_F32)
+CHAINS(bf16, LOAD_BF16)
+CHAINS(f16, LOAD_F16)
 
 typedef void (*forward_fn)(const void *, const int16_t *, const float *, float, float, float, int64_t, int64_t,
                            void *);
 typedef void (*backward_fn)(const void *, const int16_t *, const float *, float, float, float, int64_t, int64_t,
                             void *, const void *, float *, float *);
 /* [weight dtype][gradient dtype][output dtype] */
-static const forward_fn FORWARD[3][2][2] = {
-    {{f32_f32_f32_forward, f32_f32_bf16_forward}, {f32_bf16_f32_forward, f32_bf16_bf16_forward}},
-    {{bf16_f32_f32_forward, bf16_f32_bf16_forward}, {bf16_bf16_f32_forward, bf16_bf16_bf16_forward}},
-    {{f16_f32_f32_forward, f16_f32_bf16_forward}, {f16_bf16_f32_forward, f16_bf16_bf16_forward}}};
-static const backward_fn BACKWARD[3][2][2] = {
-    {{f32_f32_f32_backward, f32_f32_bf16_backward}, {f32_bf16_f32_backward, f32_bf16_bf16_backward}},
-    {{bf16_f32_f32_backward, bf16_f32_bf16_backward}, {bf16_bf16_f32_backward, bf16_bf16_bf16_backward}},
-    {{f16_f32_f32_backward, f16_f32_bf16_backward}, {f16_bf16_f32_backward, f16_bf16_bf16_backward}}};
+#define BY_DTYPE(W, KIND) {{W##_f32_f32_##KIND, W##_f32_bf16_##KIND}, {W##_bf16_f32_##KIND, W##_bf16_bf16_##KIND}}
+static const forward_fn FORWARD[3][2][2] = {BY_DTYPE(f32, forward), BY_DTYPE(bf16, forward), BY_DTYPE(f16, forward)};
+static const backward_fn BACKWARD[3][2][2] = {BY_DTYPE(f32, backward), BY_DTYPE(bf16, backward),
+                                              BY_DTYPE(f16, backward)};
 
 /* W^ [rows, cols] into out (and with grad [rows, cols] its gradients) for groups of width columns (the last one
    may be narrower: ceil(cols / width) groups a row; s, z, gscale, gzero [rows, groups]). dtypes: 0 float32,
