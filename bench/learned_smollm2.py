@@ -176,7 +176,11 @@ def main() -> None:
              "named '(AVX2 VM)'), and 'auto-round --lr 0.005' is AutoRound's CLI light recipe (its other rows use "
              "its API's default lr, 1 / iters), same session. 2026-12-06 (same VM kind, each alone): the 4-bit g64 "
              "200-iteration rows — AutoRound's default and lowbit 'learned --no-clip' (bf16 steps, float32 "
-             "targets).")
+             "targets). Its second session (same VM kind, each alone): after 6e3d995 (the integer grid's chain in "
+             "one C pass; rows named '(before 6e3d995)' ran before it) lowbit 'learned --no-clip' at 4-bit g64 (50 "
+             "iterations) and at 3-bit g128 (200), 'awq+learned --no-clip' (AWQ's scaling, then learned rounding "
+             "from min-max q-params) at 4-bit; AutoRound's default at 3-bit g128, and its light row "
+             "at 4-bit rerun (the earlier one kept, named '(2026-12-05, seventh session)').")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
