@@ -1,13 +1,15 @@
 """Small C loops compiled on first use with the system C compiler and called through ``ctypes``.
 
-For a loop numpy can only write with large temporaries (e.g. the lattice encoders' neighbour search: tens of
-candidates per group, each an 8-wide gather, materialized as ``[candidates, 8]`` arrays) — not for kernels that
-need torch (those are ``lowbit.nn.native``'s). Plain C, no Python headers: the build takes well under a second.
+For a loop numpy or torch can only write with large temporaries or many passes (e.g. the lattice encoders'
+neighbour search: tens of candidates per group, each an 8-wide gather, materialized as ``[candidates, 8]`` arrays;
+learned rounding's per-weight chain) — on raw buffers, not for kernels that need torch's headers (those are
+``lowbit.nn.native``'s). Plain C, no Python headers: the build takes well under a second.
 
 The library is cached under ``$LOWBIT_CACHE`` (default ``~/.cache/lowbit``) by a hash of the source, the flags,
 the compiler and the machine; it is written to a temporary name and renamed, so concurrent first uses (test
 workers) never load a half-written file. Without a compiler, when the build fails, or with ``LOWBIT_NATIVE=0``,
-:func:`load_c_library` returns None (logged once) and callers take their numpy path — same results, slower.
+:func:`load_c_library` returns None (logged once) and callers take their numpy or torch path — same results,
+slower.
 """
 
 from __future__ import annotations
@@ -44,12 +46,12 @@ def load_c_library(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CD
     """The shared library built from the C file ``source`` (compiler flags :data:`CFLAGS` and ``extra_flags``,
     e.g. ``("-fopenmp",)``), or None where it cannot be had (reason logged)."""
     if os.environ.get("LOWBIT_NATIVE", "1") == "0":
-        log.info("native C loops disabled (LOWBIT_NATIVE=0): %s runs in numpy", source.name)
+        log.info("native C loops disabled (LOWBIT_NATIVE=0): %s runs in numpy or torch instead", source.name)
         return None
     compiler = _compiler()
     if compiler is None:
-        log.warning("no C compiler found (cc, gcc, clang or $CC): %s runs in numpy (same results, slower)",
-                    source.name)
+        log.warning("no C compiler found (cc, gcc, clang or $CC): %s runs in numpy or torch instead (same results, "
+                    "slower)", source.name)
         return None
     flags = (*CFLAGS, *extra_flags)
     key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + compiler.encode()
@@ -66,6 +68,6 @@ def load_c_library(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CD
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", None) or str(exc)
-        log.warning("building %s failed (%s); it runs in numpy instead (same results, slower)", source.name,
+        log.warning("building %s failed (%s); it runs in numpy or torch instead (same results, slower)", source.name,
                     detail.strip().splitlines()[-1][:200] if detail.strip() else type(exc).__name__)
         return None

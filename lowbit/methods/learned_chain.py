@@ -28,6 +28,7 @@ per cent (SmolLM2's first 2 blocks, 4-bit g64, 50 steps: 29.1 s → 28.1 s). Cod
 from __future__ import annotations
 
 import ctypes
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Protocol
@@ -70,6 +71,7 @@ def _groups(t: torch.Tensor, width: int) -> torch.Tensor:
     return t.view(t.shape[0], -1, width)
 
 
+@functools.cache
 def chain_kernel() -> Callable[..., None] | None:
     """The one-pass C chain (``csrc/learned_chain.c``, built on first use by :mod:`lowbit.core.clib`), or None where
     no compiler is found or ``LOWBIT_NATIVE=0`` (the torch path then runs: same ``Ŵ`` bit for bit, same ``∂L/∂δ``,
@@ -78,16 +80,15 @@ def chain_kernel() -> Callable[..., None] | None:
     if lib is None:
         return None
     fn = lib.lowbit_learned_chain
-    if fn.argtypes is None:
-        p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        fn.argtypes = [p, i32, p, p, p, p, p, i32, i64, i64, i64, ctypes.c_float, p, i32, p, p, p]
-        fn.restype = None
+    p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    fn.argtypes = [p, i32, p, p, p, p, p, i32, i64, i64, i64, ctypes.c_float, p, i32, p, p, p]
+    fn.restype = None
     return fn
 
 
 def chain_with_grads(part: ChainPart, leaves: dict[str, torch.Tensor], grad: torch.Tensor | None,
                      out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-    """``Ŵ`` ``[R, C]`` (``out_dtype``: float32 or the dtype a linear runs in; the group view's shape) for ``part``
+    """``Ŵ`` ``[R, C]`` (in ``out_dtype``: float32 or the dtype a linear runs in; the group view's shape) for ``part``
     and, given ``grad = ∂L/∂Ŵ`` (any shape of as many values), the gradients of ``leaves`` (the parameters ``part``
     reads: ``delta`` and the range factors) by the formulas of this module's docstring — in one C pass over the
     weights where :func:`chain_kernel` has one, else by torch's elementwise ops."""
@@ -98,7 +99,7 @@ def chain_with_grads(part: ChainPart, leaves: dict[str, torch.Tensor], grad: tor
         weight, grad_delta, grad_scale, grad_zero = _native_chain(chain_kernel(), part, scale, zero, grad, out_dtype)
     else:
         weight, grad_delta, grad_scale, grad_zero = _torch_chain(part, scale, zero, grad, bool(small))
-        weight = weight.to(out_dtype)
+    weight = weight.to(out_dtype)  # (a no-op where the C chain wrote it so)
     if grad is None:
         return weight, {}
     grads: dict[str, torch.Tensor | None] = dict.fromkeys(leaves)
@@ -149,14 +150,13 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}  # by thread count, made at first use
 
 def _native_chain(kernel: Callable[..., None], part: ChainPart, scale: torch.Tensor, zero: torch.Tensor,
                   grad: torch.Tensor | None, out_dtype: torch.dtype) -> Chain:
-    """``(Ŵ, ∂L/∂δ, ∂L/∂S, ∂L/∂Z)`` from the C chain, its rows split over ``torch.get_num_threads()`` threads
-    (the call releases the GIL)."""
+    """``(Ŵ, ∂L/∂δ, ∂L/∂S, ∂L/∂Z)`` from the C chain (``Ŵ`` written in ``out_dtype`` where it is float32 or
+    bfloat16, else float32), its rows split over ``torch.get_num_threads()`` threads (the call releases the GIL)."""
     w, o0, delta = part.w.contiguous(), part.o0.contiguous(), part.delta.detach().float().contiguous()
     s, z = scale.detach().float().contiguous(), zero.detach().float().contiguous()
     rows, cols = w.shape
-    if out_dtype not in (torch.float32, torch.bfloat16):
-        out_dtype = torch.float32  # (a float16 linear: the caller casts)
-    weight = torch.empty((rows, cols), dtype=out_dtype)
+    written = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
+    weight = torch.empty((rows, cols), dtype=written)
     if grad is not None:
         grad = grad.reshape(rows, cols)
         grad = grad.contiguous() if grad.dtype in (torch.float32, torch.bfloat16) else grad.float()
@@ -172,7 +172,7 @@ def _native_chain(kernel: Callable[..., None], part: ChainPart, scale: torch.Ten
         sums = (grad_delta, grad_scale, grad_zero) if grad is not None else (None, None, None)
         kernel(at(w, r0), _DTYPE_CODES[w.dtype], at(o0, r0), at(delta, r0), at(s, r0), at(z, r0), at(grad, r0),
                _DTYPE_CODES[grad.dtype] if grad is not None else 0, r1 - r0, cols, part.width, part.top,
-               at(weight, r0), _DTYPE_CODES[out_dtype], *(at(t, r0) for t in sums))
+               at(weight, r0), _DTYPE_CODES[written], *(at(t, r0) for t in sums))
 
     if threads == 1:
         run(0)

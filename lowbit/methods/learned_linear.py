@@ -193,7 +193,7 @@ class LearnedLinear(nn.Module):
 
         def part_weight(part: LearnedLinear | _Rows) -> torch.Tensor:
             if fused:
-                return chain_with_grads(part, {}, None, dtype)[0].reshape(part.shape).to(dtype)
+                return chain_with_grads(part, {}, None, dtype)[0].reshape(part.shape)
             return part.dequantized().to(dtype)
 
         if len(slices) == 1:
@@ -304,7 +304,7 @@ def _weight_and_grads(part: LearnedLinear | _Rows, leaves: dict[str, torch.Tenso
     autograd through the chain."""
     if fused:
         weight, grads = chain_with_grads(part, leaves, grad, dtype)
-        return weight.reshape(part.shape).to(dtype), grads
+        return weight.reshape(part.shape), grads
     with torch.enable_grad():
         weight = part.dequantized().to(dtype)
     return weight.detach(), dict(zip(leaves, torch.autograd.grad(weight, list(leaves.values()), grad,

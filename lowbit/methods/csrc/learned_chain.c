@@ -37,6 +37,18 @@ static inline float round_half_even(float x) {  /* torch.round: exact for |x| < 
     return copysignf((a + big) - big, x);
 }
 
+/* The grid point of u = w / S: r = round(u + Z + o0 + delta) (added in torch's order), and q = clamp(r, 0, top) */
+static inline float rounded_position(float u, float zg, int16_t o0, float delta) {
+    float x = u + zg;
+    x = x + (float)o0;
+    x = x + delta;
+    return round_half_even(x);
+}
+
+static inline float clamped(float r, float top) {
+    return r < 0.0f ? 0.0f : (r > top ? top : r);
+}
+
 #define LOAD_F32(p, i) (((const float *)(p))[i])
 #define LOAD_BF16(p, i) from_bf16(((const uint16_t *)(p))[i])
 #define LOAD_F16(p, i) ((float)((const _Float16 *)(p))[i])
@@ -51,11 +63,7 @@ static void NAME##_forward(const void *w, const int16_t *o0, const float *delta,
     _Pragma("omp simd")                                                                                           \
     for (int64_t j = 0; j < n; ++j) {                                                                             \
         int64_t i = i0 + j;                                                                                       \
-        float x = LOADW(w, i) / sg + zg;                                                                          \
-        x = x + (float)o0[i];                                                                                     \
-        x = x + delta[i];                                                                                         \
-        float r = round_half_even(x);                                                                             \
-        float q = r < 0.0f ? 0.0f : (r > top ? top : r);                                                          \
+        float q = clamped(rounded_position(LOADW(w, i) / sg, zg, o0[i], delta[i]), top);                         \
         STOREO(out, i, (q - zg) * sg);                                                                            \
     }                                                                                                             \
 }                                                                                                                 \
@@ -66,11 +74,8 @@ static void NAME##_backward(const void *w, const int16_t *o0, const float *delta
     for (int64_t j = 0; j < n; ++j) {                                                                             \
         int64_t i = i0 + j;                                                                                       \
         float u = LOADW(w, i) / sg;                                                                               \
-        float x = u + zg;                                                                                         \
-        x = x + (float)o0[i];                                                                                     \
-        x = x + delta[i];                                                                                         \
-        float r = round_half_even(x);                                                                             \
-        float q = r < 0.0f ? 0.0f : (r > top ? top : r);                                                          \
+        float r = rounded_position(u, zg, o0[i], delta[i]);                                                       \
+        float q = clamped(r, top);                                                                                \
         STOREO(out, i, (q - zg) * sg);                                                                            \
         float gv = LOADG(grad, i);                                                                                \
         float gq = gv * sg;                                                                                       \
