@@ -180,7 +180,10 @@ def main() -> None:
              "one C pass; rows named '(before 6e3d995)' ran before it) lowbit 'learned --no-clip' at 4-bit g64 (50 "
              "iterations) and at 3-bit g128 (200), 'awq+learned --no-clip' (AWQ's scaling, then learned rounding "
              "from min-max q-params) at 4-bit; AutoRound's default at 3-bit g128, and its light row "
-             "at 4-bit rerun (the earlier one kept, named '(2026-12-05, seventh session)').")
+             "at 4-bit rerun (the earlier one kept, named '(2026-12-05, seventh session)'). Its third session (same "
+             "VM kind, each alone): the 2-bit g64 200-iteration rows — lowbit 'learned' (the clip start, the better "
+             "one at 2 bits) and AutoRound's default — and at 3-bit g64 200 lowbit 'learned --no-clip' and "
+             "AutoRound's default rerun on this VM kind (its AVX2 row kept, named '(AVX2 VM)').")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
