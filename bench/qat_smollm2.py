@@ -8,7 +8,11 @@ top-1 vs fp32), and held-out text of another domain the training never saw — l
 process, one at a time.
 
     /work/peers-venv/bin/python bench/qat_smollm2.py [--only "3-bit g64 asym"] [--tool lowbit|torchao] [--steps 300]
-                                                     [--lr 2e-5] [--render]
+                                                     [--lr 2e-5] [--scale-lr 1e-3] [--start "learned --no-clip"]
+                                                     [--start-iters 50] [--render]
+
+``--start``: the PTQ start of the lowbit rows (``gptq``, ``learned`` or ``learned --no-clip`` — learned rounding
+without the clip search init), ``--start-iters`` its learned steps per block.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ SETTINGS = {
     "3-bit g64 asym": dict(bits=3, group_size=64),
     "nf4 g64 dq": dict(bits=4, symmetric=True, group_size=64, codebook="nf4", double_quant=True),
 }
-STEPS, BATCH, TRAIN_SEQLEN, LR = 300, 4, 512, 2e-5
+STEPS, BATCH, TRAIN_SEQLEN, LR, SCALE_LR = 300, 4, 512, 2e-5, 1e-3
 START_LEARNED_ITERS = 50
 CACHE = Path("/tmp/lowbit-bench-qat")  # the PTQ starts, computed once per setting (scratch, never committed)
 HELD_OUT_WINDOWS, HELD_OUT_SEQLEN = 10, 512
@@ -96,10 +100,10 @@ def _torchao(job: dict, reference, train_ids: torch.Tensor, cfg) -> tuple[object
     return model, {"quantize_seconds": report.seconds, "loss_first_last": report.first_last}
 
 
-def _ptq_start(loaded, setting: str, method: str) -> tuple[object, dict]:
-    """The PTQ start of ``setting`` by ``method`` (``gptq``, or ``learned`` / ``gptq+learned`` at 50 learned
-    steps per block — AutoRound's light setting), from the scratch cache when an earlier row computed it (same
-    inputs, same codes), and the seconds the PTQ took."""
+def _ptq_start(loaded, setting: str, method: str, iters: int = START_LEARNED_ITERS) -> tuple[object, dict]:
+    """The PTQ start of ``setting`` by ``method`` (``gptq``, or ``learned`` / ``gptq+learned`` at ``iters`` learned
+    steps per block — 50 is AutoRound's light setting; a trailing ``--no-clip`` drops the clip search init), from
+    the scratch cache when an earlier row computed it (same inputs, same codes), and the seconds the PTQ took."""
     import json
 
     from lowbit import QuantConfig, QuantRecipe, load_model, quantize_model
@@ -109,13 +113,17 @@ def _ptq_start(loaded, setting: str, method: str) -> tuple[object, dict]:
     from lowbit.methods.learned import LearnedConfig
     from lowbit.methods.method import MethodConfig
 
-    folder = CACHE / (setting.replace(" ", "_") + ("" if method == "gptq" else "_" + method.replace("+", "_")))
+    name, _, flag = method.partition(" ")
+    tag = "" if name == "gptq" else "_" + method.replace("+", "_").replace(" --", "_").replace("-", "_")
+    tag += "" if name == "gptq" or iters == START_LEARNED_ITERS else f"_{iters}"
+    folder = CACHE / (setting.replace(" ", "_") + tag)
     if (folder / "config.json").is_file():
         return load_model(folder).model, json.loads((CACHE / f"{folder.name}.json").read_text())
     model = copy.deepcopy(loaded.model)
     start = time.perf_counter()
     quantize_model(model, QuantRecipe(QuantConfig(**SETTINGS[setting])),
-                   method=MethodConfig.parse(method, learned=LearnedConfig(iters=START_LEARNED_ITERS)),
+                   method=MethodConfig.parse(name, learned=LearnedConfig(iters=iters),
+                                             **({"clip": None} if flag == "--no-clip" else {})),
                    calib_ids=_calib_ids(loaded.tokenizer), calib=CalibConfig(CALIB_SAMPLES, CALIB_SEQLEN, seed=0),
                    progress=False, compute_dtype=COMPUTE_DTYPES[default_compute_dtype()])
     extra = {"ptq_seconds": time.perf_counter() - start}
@@ -139,28 +147,30 @@ def worker(job: dict) -> dict:
     reference = loaded.model
     train_ids = calibration_ids(loaded.tokenizer, CALIB_TEXT.read_text(),
                                 CalibConfig(max(job["steps"], 1) * BATCH, TRAIN_SEQLEN, seed=0))
-    cfg = QATConfig(steps=job["steps"], batch_size=BATCH, lr=job.get("lr", LR))
+    cfg = QATConfig(steps=job["steps"], batch_size=BATCH, lr=job.get("lr", LR), scale_lr=job.get("scale_lr", 1e-3))
     if job["tool"] == "torchao":
         model, extra = _torchao(job, reference, train_ids, cfg)
         return {**_evaluate(job, model, reference, windows, protocol, held_out), **extra}
-    model, extra = _ptq_start(loaded, job["setting"], job.get("start", "gptq"))
+    model, extra = _ptq_start(loaded, job["setting"], job.get("start", "gptq"), job.get("start_iters", START_LEARNED_ITERS))
     if job["steps"]:
         report = train_qat(model, reference, train_ids, cfg, progress=False)
         extra |= {"quantize_seconds": report.seconds, "loss_first_last": report.first_last}
     return {**_evaluate(job, model, reference, windows, protocol, held_out), **extra}
 
 
-def jobs(steps: int = STEPS, lr: float = LR) -> list[dict]:
+def jobs(steps: int = STEPS, lr: float = LR, start: str = "learned", start_iters: int = START_LEARNED_ITERS,
+         scale_lr: float = SCALE_LR) -> list[dict]:
     rows = []
+    label = start + ("" if start_iters == START_LEARNED_ITERS else f" ×{start_iters}")
     for setting in SETTINGS:
         rows += [{"tool": "lowbit", "method": "gptq (PTQ start)", "steps": 0, "setting": setting, "lr": 0.0},
-                 {"tool": "lowbit", "method": "gptq + QAT", "steps": steps, "setting": setting, "lr": lr}]
-        if setting == "3-bit g64 asym":  # the hardest one: a learned-rounding start (RTN + clip init: better than
-            # the GPTQ init measured at 3-bit g128)
-            rows += [{"tool": "lowbit", "method": "learned (PTQ start)", "steps": 0, "setting": setting,
-                      "lr": 0.0, "start": "learned"},
-                     {"tool": "lowbit", "method": "learned + QAT", "steps": steps, "setting": setting, "lr": lr,
-                      "start": "learned"}]
+                 {"tool": "lowbit", "method": "gptq + QAT", "steps": steps, "setting": setting, "lr": lr,
+                  "scale_lr": scale_lr}]
+        if setting == "3-bit g64 asym":  # the hardest one: a learned-rounding start
+            rows += [{"tool": "lowbit", "method": f"{label} (PTQ start)", "steps": 0, "setting": setting,
+                      "lr": 0.0, "start": start, "start_iters": start_iters},
+                     {"tool": "lowbit", "method": f"{label} + QAT", "steps": steps, "setting": setting, "lr": lr,
+                      "start": start, "start_iters": start_iters, "scale_lr": scale_lr}]
         if setting in ("4-bit g64 asym", "3-bit g64 asym"):
             rows += [{"tool": "torchao", "method": TORCHAO_FLOAT_ZERO, "steps": n, "setting": setting,
                       "lr": lr if n else 0.0} for n in (0, steps)]
@@ -168,25 +178,30 @@ def jobs(steps: int = STEPS, lr: float = LR) -> list[dict]:
     return rows
 
 
+FLAGS = ("--only", "--tool", "--steps", "--method", "--lr", "--scale-lr", "--start", "--start-iters")
+
+
 def main() -> None:
-    check_flags(__doc__, ('--only', '--tool', '--steps', '--method', '--lr'), ('--render',))
-    pick = {flag: sys.argv[sys.argv.index(flag) + 1] for flag in ("--only", "--tool", "--steps", "--method", "--lr")
-            if flag in sys.argv}
-    key = lambda r: (r["tool"], r["method"], r["setting"], r["steps"], r.get("lr", LR))  # noqa: E731
-    todo = [] if "--render" in sys.argv else [j for j in jobs(int(pick.get("--steps", STEPS)),
-                                                               float(pick.get("--lr", LR)))
-                                              if pick.get("--only", j["setting"]) == j["setting"]
-                                              and pick.get("--tool", j["tool"]) == j["tool"]
-                                              and pick.get("--method", j["method"]) == j["method"]]
+    check_flags(__doc__, FLAGS, ('--render',))
+    pick = {flag: sys.argv[sys.argv.index(flag) + 1] for flag in FLAGS if flag in sys.argv}
+    key = lambda r: (r["tool"], r["method"], r["setting"], r["steps"], r.get("lr", LR),  # noqa: E731
+                     r.get("scale_lr", SCALE_LR) if r["steps"] else None)
+    todo = [] if "--render" in sys.argv else [
+        j for j in jobs(int(pick.get("--steps", STEPS)), float(pick.get("--lr", LR)), pick.get("--start", "learned"),
+                        int(pick.get("--start-iters", START_LEARNED_ITERS)), float(pick.get("--scale-lr", SCALE_LR)))
+        if pick.get("--only", j["setting"]) == j["setting"] and pick.get("--tool", j["tool"]) == j["tool"]
+        and pick.get("--method", j["method"]) == j["method"]]
     rows = run_jobs(Path(__file__), "qat_smollm2", todo, key)
     from lowbit.report import markdown_table
 
-    order = [(j["setting"], j["tool"], j["method"]) for j in jobs()]
-    rows.sort(key=lambda r: (order.index((r["setting"], r["tool"], r["method"])), r["steps"], r.get("lr", LR)))
+    settings, tools = list(SETTINGS), ["lowbit", "torchao"]
+    rows.sort(key=lambda r: (settings.index(r["setting"]), tools.index(r["tool"]), "learned" in r["method"],
+                             r["method"].replace(" (PTQ start)", " + "), r["steps"], r.get("lr", LR)))
     table = markdown_table(
-        ["setting", "tool", "method", "steps", "weight lr", "compute", "perplexity", "KL (nats/token)", "top-1",
+        ["setting", "tool", "method", "steps", "weight lr", "scale lr", "compute", "perplexity", "KL (nats/token)", "top-1",
          "held-out KL", "held-out top-1", "PTQ s", "train s", "peak RSS MB", "note"],
         [(r["setting"], r["tool"], r["method"], r["steps"], r.get("lr", LR) if r["steps"] else "—",
+          (r.get("scale_lr", SCALE_LR) if r["tool"] == "lowbit" else "—") if r["steps"] else "—",
           r.get("compute_dtype"), r.get("perplexity"), r.get("kl"), r.get("top1"),
           r.get("held_out_kl"), r.get("held_out_top1"), r.get("ptq_seconds"), r.get("quantize_seconds"),
           r.get("peak_rss_mb_total"), r.get("error", "")) for r in rows])
