@@ -8,7 +8,7 @@ top-1 vs fp32), and held-out text of another domain the training never saw — l
 process, one at a time.
 
     /work/peers-venv/bin/python bench/qat_smollm2.py [--only "3-bit g64 asym"] [--tool lowbit|torchao] [--steps 300]
-                                                     [--lr 2e-5] [--scale-lr 1e-3] [--norm-lr 0]
+                                                     [--lr 2e-5] [--scale-lr 1e-3] [--batch 4]
                                                      [--start "learned --no-clip"]
                                                      [--start-iters 50] [--render]
 
@@ -147,9 +147,9 @@ def worker(job: dict) -> dict:
                                CalibConfig(HELD_OUT_WINDOWS, HELD_OUT_SEQLEN, seed=1))
     reference = loaded.model
     train_ids = calibration_ids(loaded.tokenizer, CALIB_TEXT.read_text(),
-                                CalibConfig(max(job["steps"], 1) * BATCH, TRAIN_SEQLEN, seed=0))
-    cfg = QATConfig(steps=job["steps"], batch_size=BATCH, lr=job.get("lr", LR), scale_lr=job.get("scale_lr", 1e-3),
-                    norm_lr=job.get("norm_lr", 0.0))
+                                CalibConfig(max(job["steps"], 1) * job.get("batch", BATCH), TRAIN_SEQLEN, seed=0))
+    cfg = QATConfig(steps=job["steps"], batch_size=job.get("batch", BATCH), lr=job.get("lr", LR),
+                    scale_lr=job.get("scale_lr", SCALE_LR))
     if job["tool"] == "torchao":
         model, extra = _torchao(job, reference, train_ids, cfg)
         return {**_evaluate(job, model, reference, windows, protocol, held_out), **extra}
@@ -161,19 +161,19 @@ def worker(job: dict) -> dict:
 
 
 def jobs(steps: int = STEPS, lr: float = LR, start: str = "learned", start_iters: int = START_LEARNED_ITERS,
-         scale_lr: float = SCALE_LR, norm_lr: float = 0.0) -> list[dict]:
+         scale_lr: float = SCALE_LR, batch: int = BATCH) -> list[dict]:
     rows = []
     label = start + ("" if start_iters == START_LEARNED_ITERS else f" ×{start_iters}")
     for setting in SETTINGS:
         rows += [{"tool": "lowbit", "method": "gptq (PTQ start)", "steps": 0, "setting": setting, "lr": 0.0},
                  {"tool": "lowbit", "method": "gptq + QAT", "steps": steps, "setting": setting, "lr": lr,
-                  "scale_lr": scale_lr, "norm_lr": norm_lr}]
+                  "scale_lr": scale_lr, "batch": batch}]
         if setting == "3-bit g64 asym":  # the hardest one: a learned-rounding start
             rows += [{"tool": "lowbit", "method": f"{label} (PTQ start)", "steps": 0, "setting": setting,
                       "lr": 0.0, "start": start, "start_iters": start_iters},
                      {"tool": "lowbit", "method": f"{label} + QAT", "steps": steps, "setting": setting, "lr": lr,
                       "start": start, "start_iters": start_iters, "scale_lr": scale_lr,
-                      "norm_lr": norm_lr}]
+                      "batch": batch}]
         if setting in ("4-bit g64 asym", "3-bit g64 asym"):
             rows += [{"tool": "torchao", "method": TORCHAO_FLOAT_ZERO, "steps": n, "setting": setting,
                       "lr": lr if n else 0.0} for n in (0, steps)]
@@ -181,18 +181,19 @@ def jobs(steps: int = STEPS, lr: float = LR, start: str = "learned", start_iters
     return rows
 
 
-FLAGS = ("--only", "--tool", "--steps", "--method", "--lr", "--scale-lr", "--norm-lr", "--start", "--start-iters")
+FLAGS = ("--only", "--tool", "--steps", "--method", "--lr", "--scale-lr", "--batch", "--start", "--start-iters")
 
 
 def main() -> None:
     check_flags(__doc__, FLAGS, ('--render',))
     pick = {flag: sys.argv[sys.argv.index(flag) + 1] for flag in FLAGS if flag in sys.argv}
     key = lambda r: (r["tool"], r["method"], r["setting"], r["steps"], r.get("lr", LR),  # noqa: E731
-                     r.get("scale_lr", SCALE_LR) if r["steps"] else None, r.get("norm_lr", 0.0))
+                     r.get("scale_lr", SCALE_LR) if r["steps"] else None,
+                     r.get("batch", BATCH))
     todo = [] if "--render" in sys.argv else [
         j for j in jobs(int(pick.get("--steps", STEPS)), float(pick.get("--lr", LR)), pick.get("--start", "learned"),
                         int(pick.get("--start-iters", START_LEARNED_ITERS)), float(pick.get("--scale-lr", SCALE_LR)),
-                        float(pick.get("--norm-lr", 0.0)))
+                        int(pick.get("--batch", BATCH)))
         if pick.get("--only", j["setting"]) == j["setting"] and pick.get("--tool", j["tool"]) == j["tool"]
         and pick.get("--method", j["method"]) == j["method"]]
     rows = run_jobs(Path(__file__), "qat_smollm2", todo, key)
@@ -202,12 +203,12 @@ def main() -> None:
     rows.sort(key=lambda r: (settings.index(r["setting"]), tools.index(r["tool"]), "learned" in r["method"],
                              r["method"].replace(" (PTQ start)", " + "), r["steps"], r.get("lr", LR)))
     table = markdown_table(
-        ["setting", "tool", "method", "steps", "weight lr", "scale lr", "norm lr", "compute", "perplexity",
+        ["setting", "tool", "method", "steps", "batch", "weight lr", "scale lr", "compute", "perplexity",
          "KL (nats/token)", "top-1",
          "held-out KL", "held-out top-1", "PTQ s", "train s", "peak RSS MB", "note"],
-        [(r["setting"], r["tool"], r["method"], r["steps"], r.get("lr", LR) if r["steps"] else "—",
+        [(r["setting"], r["tool"], r["method"], r["steps"], r.get("batch", BATCH) if r["steps"] else "—",
+          r.get("lr", LR) if r["steps"] else "—",
           (r.get("scale_lr", SCALE_LR) if r["tool"] == "lowbit" else "—") if r["steps"] else "—",
-          r.get("norm_lr") or "—",
           r.get("compute_dtype"), r.get("perplexity"), r.get("kl"), r.get("top1"),
           r.get("held_out_kl"), r.get("held_out_top1"), r.get("ptq_seconds"), r.get("quantize_seconds"),
           r.get("peak_rss_mb_total"), r.get("error", "")) for r in rows])
@@ -215,7 +216,7 @@ def main() -> None:
              f"{CALIB_SEQLEN} calibration tokens), or on the 'learned' rows lowbit learned rounding "
              f"({START_LEARNED_ITERS} steps per block, nearest rounding + clip search init, same calibration); 'PTQ s' "
              "is the start's quantization time — a QAT run's CPU time is PTQ s + train s. "
-             f"QAT: the table's steps of Adam × {BATCH} windows of {TRAIN_SEQLEN} "
+             f"QAT: the table's steps of Adam × 'batch' windows of {TRAIN_SEQLEN} "
              "tokens of wikitext2_valid_unk.txt (seed 0), KL-to-fp32 distillation, Adam with the table's weight lr "
              "and scale lr 1e-3, 10 warm-up steps then cosine decay to 0. torchao 0.18: its IntxFakeQuantizeConfig "
              "(asymmetric groups of 64, min-max scales recomputed every step) on the same linears, trained by the same "

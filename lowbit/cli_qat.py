@@ -1,7 +1,7 @@
 """``lowbit qat``: quantization-aware training on the user's text, then the same checkpoint formats as PTQ.
 
     lowbit qat MODEL --out DIR [--bits 4 --group-size 64 | --codebook nf4 …] [--init gptq] [--train FILE]
-               [--steps 300 --lr 2e-5 --scale-lr 1e-3 --norm-lr 0 --batch-size 4 --train-seqlen 512 --loss kl]
+               [--steps 300 --lr 2e-5 --scale-lr 1e-3 --batch-size 4 --train-seqlen 512 --loss kl]
                [--format lowbit|compressed-tensors|gptq|bitsandbytes] [--no-eval]
 
 The model is loaded whole (QAT holds the float teacher, the student's float master weights, their gradients and
@@ -39,9 +39,6 @@ def add_qat_parser(sub: Any, add_grid_args: Any, add_calib_args: Any, add_eval_a
     t.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate of the weights (default 2e-5)")
     t.add_argument("--scale-lr", type=float, default=1e-3,
                    help="Adam learning rate of the per-group scale factors (default 1e-3; 0 keeps PTQ's scales)")
-    t.add_argument("--norm-lr", type=float, default=0.0,
-                   help="Adam learning rate of the norm weights and biases, trained beside the quantized layers "
-                        "(default 0: they keep the original model's values)")
     t.add_argument("--batch-size", type=int, default=4, help="training windows per step (default 4)")
     t.add_argument("--train-seqlen", type=int, default=512, help="tokens per training window (default 512)")
     t.add_argument("--loss", default="kl", choices=["kl", "ce"],
@@ -72,8 +69,7 @@ def cmd_qat(args: argparse.Namespace, recipe: Any, evaluate: Any) -> int:
     from lowbit.model.loading import load_model, resolve_source
     from lowbit.quantize import quantize_model
 
-    cfg = QATConfig(steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, norm_lr=args.norm_lr,
-                    batch_size=args.batch_size,
+    cfg = QATConfig(steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, batch_size=args.batch_size,
                     loss=args.loss, seed=args.seed, recompute=args.recompute_activations)
     check_output(args.out, args.overwrite, resolve_source(args.model))
     state = state_file(args.out, "qat", args.resume)  # before the model loads and the PTQ start runs

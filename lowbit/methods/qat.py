@@ -55,16 +55,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QATConfig:
-    """``steps`` optimiser steps on batches of ``batch_size`` training windows; Adam with ``lr`` for the weights,
-    ``scale_lr`` for the scale factors and zero shifts (0 freezes them) and ``norm_lr`` for the decoder's
-    one-dimensional float parameters — norm weights, biases (0, the default, freezes them: the float layers keep
-    the PTQ start's values), all decayed by a cosine to 0 after ``warmup`` linear steps; ``loss`` "kl" (distil
-    from the float model) or "ce" (the text's next token)."""
+    """``steps`` optimiser steps on batches of ``batch_size`` training windows; Adam with ``lr`` for the weights and
+    ``scale_lr`` for the scale factors and zero shifts (0 freezes them), both decayed by a cosine to 0 after
+    ``warmup`` linear steps; ``loss`` "kl" (distil from the float model) or "ce" (the text's next token)."""
 
     steps: int = 300
     lr: float = 2e-5
     scale_lr: float = 1e-3
-    norm_lr: float = 0.0
     warmup: int = 10
     batch_size: int = 4
     loss: Literal["kl", "ce"] = "kl"
@@ -74,8 +71,7 @@ class QATConfig:
     recompute: bool = False  # activation checkpointing of every decoder block (lowbit.methods.recompute)
 
     def __post_init__(self) -> None:
-        if (self.steps < 0 or min(self.lr, self.scale_lr, self.norm_lr) < 0 or self.batch_size < 1
-                or self.warmup < 0):
+        if self.steps < 0 or self.lr < 0 or self.scale_lr < 0 or self.batch_size < 1 or self.warmup < 0:
             raise ConfigError("QAT needs steps ≥ 0, learning rates ≥ 0, batch size ≥ 1 and warmup ≥ 0")
         if self.loss not in ("kl", "ce"):
             raise ConfigError(f"QAT loss must be 'kl' (distillation) or 'ce' (next token), got {self.loss!r}")
@@ -272,10 +268,9 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_ids: torch.Tens
             weights: list[nn.Parameter], scales: list[nn.Parameter], compute_dtype: torch.dtype | None = None,
             progress: bool = True, after_step: Callable[[], None] | None = None,
             on_step: Callable[[int, float], None] | None = None, state: Progress | None = None,
-            desc: str = "QAT", norms: list[nn.Parameter] | None = None) -> QATReport:
+            desc: str = "QAT") -> QATReport:
     """The training loop: ``cfg.steps`` Adam steps of ``cfg.loss`` on random batches of ``train_ids`` (seeded),
-    training only ``weights`` (``lr``, gradient-norm clipped), ``scales`` (``scale_lr``) and ``norms``
-    (``norm_lr``: the float one-dimensional parameters trained beside them, if any); ``after_step`` runs
+    training only ``weights`` (``lr``, gradient-norm clipped) and ``scales`` (``scale_lr``); ``after_step`` runs
     after each update (e.g. to clamp). Any fake-quantized model trains the same way (bench/qat_smollm2.py runs
     torchao's through it). ``state``: continue from its step with its optimiser state (the same batches follow as
     in an uninterrupted run), and keep it current. ``teacher`` may be None with ``loss="ce"``."""
@@ -283,16 +278,14 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_ids: torch.Tens
     compute_dtype = compute_dtype or COMPUTE_DTYPES[default_compute_dtype()]
     for p in student.parameters():
         p.requires_grad_(False)
-    norms = list(norms or ())
-    for p in weights + scales + norms:
+    for p in weights + scales:
         p.requires_grad_(True)
     groups = [{"params": weights, "lr": cfg.lr}]
-    for extra, lr in ((scales, cfg.scale_lr), (norms, cfg.norm_lr)):
-        if lr > 0 and extra:
-            groups.append({"params": extra, "lr": lr})
-        else:
-            for p in extra:
-                p.requires_grad_(False)
+    if cfg.scale_lr > 0 and scales:
+        groups.append({"params": scales, "lr": cfg.scale_lr})
+    else:
+        for p in scales:
+            p.requires_grad_(False)
     optimiser = torch.optim.Adam(groups, betas=(0.9, 0.95))
     base = [g["lr"] for g in optimiser.param_groups]
     if state.optimiser_state is not None:
@@ -343,27 +336,12 @@ def distill(student: nn.Module, teacher: nn.Module | None, train_ids: torch.Tens
     return report
 
 
-NORMS = "<norms>"  # the saved state's entry for the trained float parameters
-
-
-def trainable_norms(student: nn.Module, layers: dict[str, LearnedLinear]) -> dict[str, nn.Parameter]:
-    """The student's one-dimensional float parameters inside its decoder blocks and after them (norm weights and
-    biases, the final norm) but not the quantized layers' own, nor the embeddings (whose rows are one-dimensional
-    only for a one-token vocabulary): what ``norm_lr`` trains. Trained in place: the model writes them as
-    float layers, as before."""
-    inside = {id(p) for m in layers.values() for p in m.parameters()}
-    inside |= {id(m.weight) for m in student.modules() if isinstance(m, nn.Embedding)}
-    return {name: p for name, p in student.named_parameters()
-            if p.dim() == 1 and p.is_floating_point() and id(p) not in inside}
-
-
 def train_qat(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, cfg: QATConfig,
               compute_dtype: torch.dtype | None = None, progress: bool = True,
               on_step: Callable[[int, float], None] | None = None, resume_file: Path | None = None) -> QATReport:
     """Train the quantized ``student`` (its QLinear layers, made trainable here and frozen back at the end) against
-    the float ``teacher`` on windows ``train_ids [n, seqlen]``. Only the quantized layers train, and with
-    ``cfg.norm_lr`` the decoder's norm weights and biases (:func:`trainable_norms`); embeddings and every float
-    layer stay as they are (so the frozen model has exactly PTQ's layout).
+    the float ``teacher`` on windows ``train_ids [n, seqlen]``. Only the quantized layers train; embeddings, norms
+    and every float layer stay as they are (so the frozen model has exactly PTQ's layout).
 
     ``resume_file``: if it exists, training continues from the state saved there (the student must be the same PTQ
     start); if training is interrupted (Ctrl-C, an error), the state is saved there — trained parameters, step,
@@ -377,9 +355,6 @@ def train_qat(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, c
         lo, hi = cfg.scale_range
         params = {name: {"w": m.w, **{f"scale{i}": p for i, p in enumerate(m.scale_parameters())}}
                   for name, m in layers.items()}
-        norms = trainable_norms(student, layers) if cfg.norm_lr > 0 else {}
-        if norms:  # (a name no layer has: the saved state keeps them apart)
-            params[NORMS] = {name.replace(".", "/"): p for name, p in norms.items()}
 
         def clamp() -> None:
             for m in layers.values():
@@ -389,7 +364,7 @@ def train_qat(student: nn.Module, teacher: nn.Module, train_ids: torch.Tensor, c
         def run(state: Progress) -> QATReport:
             return distill(student, teacher, train_ids, cfg, [m.w for m in layers.values()],
                            [p for m in layers.values() for p in m.scale_parameters()],
-                           compute_dtype, progress, clamp, on_step, state, norms=list(norms.values()))
+                           compute_dtype, progress, clamp, on_step, state)
 
         try:
             report = resumable(params, resume_file, run, "QAT")
