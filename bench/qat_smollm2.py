@@ -218,7 +218,7 @@ def main() -> None:
              "is the start's quantization time — a QAT run's CPU time is PTQ s + train s. "
              f"QAT: the table's steps of Adam × 'batch' windows of {TRAIN_SEQLEN} "
              "tokens of wikitext2_valid_unk.txt (seed 0), KL-to-fp32 distillation, Adam with the table's weight lr "
-             "and scale lr 1e-3, 10 warm-up steps then cosine decay to 0. torchao 0.18: its IntxFakeQuantizeConfig "
+             "and scale lr (0: the PTQ start's scales kept), 10 warm-up steps then cosine decay to 0. torchao 0.18: its IntxFakeQuantizeConfig "
              "(asymmetric groups of 64, min-max scales recomputed every step) on the same linears, trained by the same "
              "loop on the same batches (its float weights start where min-max rounding puts them). Its default "
              "zero_point_domain=INT casts the float-domain zero points its asymmetric path computes to int32 and "
@@ -230,8 +230,15 @@ def main() -> None:
              "docstrings, 10 × 512 tokens), KL/top-1 vs fp32. One row at a time on the 2-core CPU; 'compute' is the "
              "block passes' dtype: bfloat16 autocast rows ran on a CPU with native bf16 (AVX-512 BF16), float32 rows "
              "on an AVX2-only CPU (lowbit's default there) — compare train seconds within one kind only. The 60-step lr "
-             "2e-5 row ran on 2026-12-02 on another VM (its GPTQ start then measured KL 0.4653, ppl 30.79); every "
-             "other row on 2026-12-03 on one AMD EPYC VM with AVX-512 BF16.")
+             "2e-5 row ran on 2026-12-02 on another VM (its GPTQ start then measured KL 0.4653, ppl 30.79); the "
+             "'learned --no-clip' rows on 2026-12-06 (learned rounding without the clip search init, 50 steps per "
+             "block, as the learned_smollm2 bench's best 3-bit rows; their 30-step rows sweep the weight and scale "
+             "learning rates: from this start a lower weight lr and no scale training measure best — the start's "
+             "rounding and scales are already tuned, and training them further at these rates adds noise); every "
+             "other row on 2026-12-03 on one AMD EPYC VM with AVX-512 BF16. Two 30-step rows (scale lr 3e-3 and 3e-4) "
+             "shared the CPU with a unit test for ~20 s: their train s is a little high. Also tried, not kept: "
+             "training the norm weights too (Adam lr 1e-3, 30 steps from the learned start, scale lr 1e-3) measured "
+             "KL 0.2928 — the same as without them.")
     write_results("qat_smollm2", "QAT on SmolLM2-135M (beside torchao QAT)", intro, [("Results", table)],
                   {"rows": rows})
 
