@@ -153,7 +153,8 @@ def worker(job: dict) -> dict:
     if job["tool"] == "torchao":
         model, extra = _torchao(job, reference, train_ids, cfg)
         return {**_evaluate(job, model, reference, windows, protocol, held_out), **extra}
-    model, extra = _ptq_start(loaded, job["setting"], job.get("start", "gptq"), job.get("start_iters", START_LEARNED_ITERS))
+    model, extra = _ptq_start(loaded, job["setting"], job.get("start", "gptq"),
+                              job.get("start_iters", START_LEARNED_ITERS))
     if job["steps"]:
         report = train_qat(model, reference, train_ids, cfg, progress=False)
         extra |= {"quantize_seconds": report.seconds, "loss_first_last": report.first_last}
@@ -218,8 +219,9 @@ def main() -> None:
              "is the start's quantization time — a QAT run's CPU time is PTQ s + train s. "
              f"QAT: the table's steps of Adam × 'batch' windows of {TRAIN_SEQLEN} "
              "tokens of wikitext2_valid_unk.txt (seed 0), KL-to-fp32 distillation, Adam with the table's weight lr "
-             "and scale lr (0: the PTQ start's scales kept), 10 warm-up steps then cosine decay to 0. torchao 0.18: its IntxFakeQuantizeConfig "
-             "(asymmetric groups of 64, min-max scales recomputed every step) on the same linears, trained by the same "
+             "and scale lr (0: the PTQ start's scales kept), 10 warm-up steps then cosine decay to 0. torchao 0.18: "
+             "its IntxFakeQuantizeConfig (asymmetric groups of 64, min-max scales recomputed every step) on the same "
+             "linears, trained by the same "
              "loop on the same batches (its float weights start where min-max rounding puts them). Its default "
              "zero_point_domain=INT casts the float-domain zero points its asymmetric path computes to int32 and "
              "decodes them as integers: one 3-bit group of layer 27's gate_proj (an outlier of 9.1) collapses to a "
@@ -229,8 +231,8 @@ def main() -> None:
              "2048) and a held-out domain the training never saw (lowbit's built-in default text: Python stdlib "
              "docstrings, 10 × 512 tokens), KL/top-1 vs fp32. One row at a time on the 2-core CPU; 'compute' is the "
              "block passes' dtype: bfloat16 autocast rows ran on a CPU with native bf16 (AVX-512 BF16), float32 rows "
-             "on an AVX2-only CPU (lowbit's default there) — compare train seconds within one kind only. The 60-step lr "
-             "2e-5 row ran on 2026-12-02 on another VM (its GPTQ start then measured KL 0.4653, ppl 30.79); the "
+             "on an AVX2-only CPU (lowbit's default there) — compare train seconds within one kind only. The 60-step "
+             "lr 2e-5 row ran on 2026-12-02 on another VM (its GPTQ start then measured KL 0.4653, ppl 30.79); the "
              "'learned --no-clip' rows on 2026-12-06 (learned rounding without the clip search init, 50 steps per "
              "block, as the learned_smollm2 bench's best 3-bit rows; their 30-step rows sweep the weight and scale "
              "learning rates: from this start a lower weight lr and no scale training measure best — the start's "

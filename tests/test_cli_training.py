@@ -30,13 +30,15 @@ def test_qat_writes_a_trained_checkpoint_that_loads(tiny_hf_folder: Path, tmp_pa
     text.write_text(TEXT)
     out = tmp_path / "qat"
     code, stdout, err = run(capsys, "qat", tiny_hf_folder, "--out", out, "--bits", "3", "--group-size", "32",
-                            "--init", "rtn", "--train", text, "--steps", "3", "--batch-size", "2",
-                            "--train-seqlen", "64", "--no-eval")
+                            "--init", "learned", "--no-clip", "--iters", "2", "--train", text, "--steps", "3",
+                            "--batch-size", "2", "--train-seqlen", "64", "--scale-lr", "0", "--no-eval")
     assert code == 0, err
     assert "3 steps" in stdout
     loaded = load_model(out)
     record = loaded.model.config.quantization_config
     assert record["qat"]["steps_run"] == 3 and record["qat"]["windows"] == [6, 64]
+    assert record["qat"]["scale_lr"] == 0.0 and record["method_config"]["learned"]["iters"] == 2
+    assert record["method_config"]["name"] == "learned" and record["method_config"]["clip"] is None
 
 
 @pytest.mark.slow
