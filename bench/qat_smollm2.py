@@ -240,7 +240,8 @@ def main() -> None:
              "other row on 2026-12-03 on one AMD EPYC VM with AVX-512 BF16. Two 30-step rows (scale lr 3e-3 and 3e-4) "
              "shared the CPU with a unit test for ~20 s: their train s is a little high. Also tried, not kept: "
              "training the norm weights too (Adam lr 1e-3, 30 steps from the learned start, scale lr 1e-3) measured "
-             "KL 0.2928 — the same as without them.")
+             "KL 0.2928 — the same as without them. The 50-step batch-8 row (the same tokens as 100 × 4) is both worse "
+             "and slower (1,946 s in all: over the 30-minute budget).")
     write_results("qat_smollm2", "QAT on SmolLM2-135M (beside torchao QAT)", intro, [("Results", table)],
                   {"rows": rows})
 
