@@ -115,6 +115,8 @@ def _ptq_start(loaded, setting: str, method: str, iters: int = START_LEARNED_ITE
     from lowbit.methods.method import MethodConfig
 
     name, _, flag = method.partition(" ")
+    if flag not in ("", "--no-clip"):
+        raise ValueError(f"--start {method!r}: a method name, optionally followed by --no-clip")
     tag = "" if name == "gptq" else "_" + method.replace("+", "_").replace(" --", "_").replace("-", "_")
     tag += "" if name == "gptq" or iters == START_LEARNED_ITERS else f"_{iters}"
     folder = CACHE / (setting.replace(" ", "_") + tag)
@@ -240,8 +242,8 @@ def main() -> None:
              "other row on 2026-12-03 on one AMD EPYC VM with AVX-512 BF16. Two 30-step rows (scale lr 3e-3 and 3e-4) "
              "shared the CPU with a unit test for ~20 s: their train s is a little high. Also tried, not kept: "
              "training the norm weights too (Adam lr 1e-3, 30 steps from the learned start, scale lr 1e-3) measured "
-             "KL 0.2928 — the same as without them. The 50-step batch-8 row (the same tokens as 100 × 4) is both worse "
-             "and slower (1,946 s in all: over the 30-minute budget).")
+             "KL 0.2928 — the same as without them. The 50-step batch-8 row (the same tokens as 100 × 4) is both "
+             "worse and slower (1,946 s in all: over the 30-minute budget).")
     write_results("qat_smollm2", "QAT on SmolLM2-135M (beside torchao QAT)", intro, [("Results", table)],
                   {"rows": rows})
 

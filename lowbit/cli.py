@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from lowbit import cli_lora, cli_mixed, cli_qat, cli_run
 from lowbit.checks import check_command
 from lowbit.cli_files import cmd_export, cmd_inspect, cmd_plan
-from lowbit.cli_method import add_method_args
+from lowbit.cli_method import add_method_args, add_no_clip_arg
 from lowbit.cli_output import print_results, write_json
 from lowbit.config import default_compute_dtype
 from lowbit.errors import LowbitError
@@ -113,9 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib_args(q)
     q.add_argument("--no-act-order", action="store_true",
                    help="GPTQ: quantize columns left to right instead of by decreasing Hessian diagonal (act-order)")
-    q.add_argument("--no-clip", action="store_true",
-                   help="calibrated methods: keep the --qparams rule instead of the Hessian-weighted clip search "
-                        "(--method learned: AutoRound's min-max start, and no input-statistics pass)")
+    add_no_clip_arg(q)
     add_grid_args(q)
     q.add_argument("--embeddings", default="float16", choices=["float16", "int8", "int4"],
                    help="token-embedding table (--format lowbit): float16 keeps it in float (--float-dtype; the "

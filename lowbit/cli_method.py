@@ -2,8 +2,9 @@
 
 Every command that re-quantizes (``quantize`` — lowbit folders and GGUF files —, ``merge``, ``qat``'s PTQ
 start, ``sensitivity``, ``report``) takes ``--damp``, ``--iters``, ``--learn-norms``, ``--block-loss`` and
-``--momentum`` (and ``quantize`` also ``--no-act-order`` / ``--no-clip``); they reach the method here, in one
-place, so no command silently runs the defaults instead of what the user asked for.
+``--momentum`` (and ``quantize`` also ``--no-act-order``; ``quantize`` and ``qat`` ``--no-clip``, from
+:func:`add_no_clip_arg`); they reach the method here, in one place, so no command silently runs the defaults instead
+of what the user asked for.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--momentum", type=float, default=None,
                    help="learned rounding: momentum μ of its signed steps, the sign of μ·m + (1 − μ)·gradient "
                         "(Signum; default 0.5; 0: each step's own gradient sign, as AutoRound)")
+
+
+def add_no_clip_arg(p: argparse.ArgumentParser) -> None:
+    """``--no-clip`` (read by :func:`method_options`), for the commands whose calibrated methods take it."""
+    p.add_argument("--no-clip", action="store_true",
+                   help="calibrated methods: keep the --qparams rule instead of the Hessian-weighted clip search "
+                        "(--method/--init learned: AutoRound's min-max start, and no input-statistics pass)")
 
 
 def method_options(args: argparse.Namespace) -> dict[str, Any]:

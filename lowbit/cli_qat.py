@@ -1,6 +1,7 @@
 """``lowbit qat``: quantization-aware training on the user's text, then the same checkpoint formats as PTQ.
 
-    lowbit qat MODEL --out DIR [--bits 4 --group-size 64 | --codebook nf4 …] [--init gptq] [--no-clip] [--train FILE]
+    lowbit qat MODEL --out DIR [--bits 4 --group-size 64 | --codebook nf4 …] [--init gptq] [--no-clip]
+               [--train FILE]
                [--steps 300 --lr 2e-5 --scale-lr 1e-3 --batch-size 4 --train-seqlen 512 --loss kl]
                [--format lowbit|compressed-tensors|gptq|bitsandbytes] [--no-eval]
 
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def add_qat_parser(sub: Any, add_grid_args: Any, add_calib_args: Any, add_eval_args: Any) -> None:
+    from lowbit.cli_method import add_no_clip_arg
     from lowbit.methods.method import METHOD_NAMES
 
     t = sub.add_parser("qat", help="quantization-aware training: PTQ start, train through the quantizer, save")
@@ -34,9 +36,7 @@ def add_qat_parser(sub: Any, add_grid_args: Any, add_calib_args: Any, add_eval_a
                    help="checkpoint layout of --out, as for quantize (default lowbit's own)")
     t.add_argument("--init", default="gptq", choices=[n for n in METHOD_NAMES if not n.startswith("sq")],
                    help="the PTQ method QAT starts from (default gptq)")
-    t.add_argument("--no-clip", action="store_true",
-                   help="the PTQ start: keep the --qparams rule instead of the clip search (--init learned: "
-                        "AutoRound's min-max start; measured the better start for QAT at 3 bits)")
+    add_no_clip_arg(t)  # the PTQ start's (--init learned --no-clip: the best measured QAT start at 3 bits)
     t.add_argument("--train", help="training text file (UTF-8); default: lowbit's built-in calibration text")
     t.add_argument("--steps", type=int, default=300, help="optimiser steps (default 300)")
     t.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate of the weights (default 2e-5)")
