@@ -204,7 +204,10 @@ class LearnedLinear(nn.Module):
         return out
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        """``x · weightᵀ (+ b)`` in ``weight``'s dtype (the dtype the linear runs in: ``x`` cast to it, as autocast
+        would — not the weight cast to ``x``'s and back)."""
+        bias = None if self.bias is None else self.bias.to(weight.dtype)
+        return nn.functional.linear(x.to(weight.dtype), weight, bias)
 
     def quantized_tensor(self) -> QuantizedTensor:
         with torch.no_grad():
@@ -258,12 +261,14 @@ class _RecomputedWeightLinear(torch.autograd.Function):
     backward pass forms ``∂L/∂Ŵ = (∂L/∂y)ᵀ · x``, then rebuilds ``Ŵ`` a row slice at a time, with the chain's graph:
     each slice's rows of ``Ŵ`` go into ``∂L/∂x = ∂L/∂y · Ŵ`` (the dtype the linear ran in: bf16 under autocast), its
     graph takes ``∂L/∂Ŵ`` through the chain to the layer's trained parameters (passed as inputs so autograd asks for
-    their gradients) — the chain runs twice per step (forward, backward), not three times. Saves ``x`` only."""
+    their gradients) — the chain runs twice per step (forward, backward), not three times. Saves ``x`` only, in the
+    dtype the matmul ran in (bf16 under autocast: half the bytes of a float32 input, and no cast per step)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, x: torch.Tensor, layer: LearnedLinear, *trained: torch.Tensor) -> torch.Tensor:
-        y = layer._linear(x, layer.dequantized_by_rows(_run_dtype(x)))
+        x = x.to(_run_dtype(x))  # (bf16 under autocast: the matmul's input, saved once in that dtype)
+        y = layer._linear(x, layer.dequantized_by_rows(x.dtype))
         ctx.layer = layer
         ctx.save_for_backward(x)
         return y

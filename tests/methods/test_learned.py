@@ -75,8 +75,8 @@ def test_stored_codes_are_what_the_forward_pass_used(cfg: QuantConfig) -> None:
 def test_training_forward_keeps_only_its_input_and_gives_the_same_gradients(cfg: QuantConfig, autocast: bool,
                                                                            slice_rows: int, monkeypatch) -> None:
     """The backward pass recomputes Ŵ and its quantization chain (whole, or in row slices as for a large layer;
-    on integer grids with its gradients written out instead of autograd's): autograd holds only the input x — not
-    Ŵ nor the ~5 weight-sized tensors of the chain — and the output and every gradient (x's too) equal those of the
+    on integer grids with its gradients written out instead of autograd's): autograd holds only the input x, in the
+    dtype the matmul runs in (bf16 under autocast) — not Ŵ nor the ~5 weight-sized tensors of the chain — and the output and every gradient (x's too) equal those of the
     chain kept whole: bit for bit in float32 (the range factors' to float rounding on the written-out path, whose
     per-group sums add in another order), to bf16 rounding under bf16 autocast (where the matmuls run in bf16)."""
     if slice_rows:
@@ -90,12 +90,12 @@ def test_training_forward_keeps_only_its_input_and_gives_the_same_gradients(cfg:
         x = torch.randn(3, 6, 80, generator=torch.Generator().manual_seed(5)).requires_grad_()
         for p in learned:
             p.grad = None
-        saved: list[int] = []
+        saved: list[tuple[int, torch.dtype]] = []
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast), torch.autograd.graph.saved_tensors_hooks(
-                lambda t: saved.append(t.numel()) or t, lambda t: t):
+                lambda t: saved.append((t.numel(), t.dtype)) or t, lambda t: t):
             y = layer._linear(x, layer.dequantized()) if keep_chain else layer(x)
         if not keep_chain:
-            assert saved == [x.numel()]
+            assert saved == [(x.numel(), torch.bfloat16 if autocast else torch.float32)]
         y.float().pow(2).sum().backward()
         return [y.detach(), x.grad, *(p.grad for p in learned)]
 
