@@ -183,7 +183,9 @@ def main() -> None:
              "at 4-bit rerun (the earlier one kept, named '(2026-12-05, seventh session)'). Its third session (same "
              "VM kind, each alone): the 2-bit g64 200-iteration rows — lowbit 'learned' (the clip start, the better "
              "one at 2 bits) and AutoRound's default — and at 3-bit g64 200 lowbit 'learned --no-clip' and "
-             "AutoRound's default rerun on this VM kind (its AVX2 row kept, named '(AVX2 VM)').")
+             "AutoRound's default rerun on this VM kind (its AVX2 row kept, named '(AVX2 VM)'). 2026-12-06's fifth "
+             "session (same VM kind, each alone): 'awq+learned --no-clip' at 3-bit g128 and 3-bit g64 (50 "
+             "iterations) and at 3-bit g64 (200).")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 

@@ -243,7 +243,11 @@ def main() -> None:
              "shared the CPU with a unit test for ~20 s: their train s is a little high. Also tried, not kept: "
              "training the norm weights too (Adam lr 1e-3, 30 steps from the learned start, scale lr 1e-3) measured "
              "KL 0.2928 — the same as without them. The 50-step batch-8 row (the same tokens as 100 × 4) is both "
-             "worse and slower (1,946 s in all: over the 30-minute budget).")
+             "worse and slower (1,946 s in all: over the 30-minute budget). The 'awq+learned --no-clip' rows "
+             "(2026-12-06, fifth session, same VM kind, each alone): AWQ's scaling before learned rounding, a start "
+             "5 % lower in KL (but worse on the held-out domain), then 92 steps to fit the 30 minutes — which its "
+             "steps (13.5 s each against 12.7 s the session before) overran by 11 s, for a final KL only 1 % below "
+             "the learned --no-clip start's 100 steps.")
     write_results("qat_smollm2", "QAT on SmolLM2-135M (beside torchao QAT)", intro, [("Results", table)],
                   {"rows": rows})
 
