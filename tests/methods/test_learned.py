@@ -76,9 +76,10 @@ def test_training_forward_keeps_only_its_input_and_gives_the_same_gradients(cfg:
                                                                            slice_rows: int, monkeypatch) -> None:
     """The backward pass recomputes Ŵ and its quantization chain (whole, or in row slices as for a large layer;
     on integer grids with its gradients written out instead of autograd's): autograd holds only the input x, in the
-    dtype the matmul runs in (bf16 under autocast) — not Ŵ nor the ~5 weight-sized tensors of the chain — and the output and every gradient (x's too) equal those of the
-    chain kept whole: bit for bit in float32 (the range factors' to float rounding on the written-out path, whose
-    per-group sums add in another order), to bf16 rounding under bf16 autocast (where the matmuls run in bf16)."""
+    dtype the matmul runs in (bf16 under autocast) — not Ŵ nor the ~5 weight-sized tensors of the chain — and the
+    output and every gradient (x's too) equal those of the chain kept whole: bit for bit in float32 (the range
+    factors' to float rounding on the written-out path, whose per-group sums add in another order), to bf16 rounding
+    under bf16 autocast (where the matmuls run in bf16)."""
     if slice_rows:
         monkeypatch.setattr(learned_linear, "CHUNK_ELEMENTS", slice_rows * 80)
     torch.manual_seed(2)
