@@ -185,7 +185,8 @@ def main() -> None:
              "one at 2 bits) and AutoRound's default — and at 3-bit g64 200 lowbit 'learned --no-clip' and "
              "AutoRound's default rerun on this VM kind (its AVX2 row kept, named '(AVX2 VM)'). 2026-12-06's fifth "
              "session (same VM kind, each alone): 'awq+learned --no-clip' at 3-bit g128 and 3-bit g64 (50 "
-             "iterations) and at 3-bit g64 (200).")
+             "iterations) and at 3-bit g64 (200). Its sixth session (same VM kind, alone): 'awq+learned --no-clip' "
+             "at 4-bit g64 (200).")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
