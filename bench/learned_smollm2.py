@@ -56,6 +56,7 @@ def worker(job: dict) -> dict:
     from lowbit import QuantConfig, QuantRecipe, load_model, quantize_model
     from lowbit.calib.data import CalibConfig
     from lowbit.config import COMPUTE_DTYPES, default_compute_dtype
+    from lowbit.methods.awq import AWQConfig
     from lowbit.methods.learned import LearnedConfig
     from lowbit.methods.method import ClipConfig, MethodConfig
 
@@ -74,7 +75,8 @@ def worker(job: dict) -> dict:
 
     learned = LearnedConfig(iters=job["iters"] or 0, learn_norms="--learn-norms" in flags,
                             loss=value("--block-loss", "token"), momentum=value("--momentum", LearnedConfig.momentum))
-    method = MethodConfig.parse(name, clip=clip, learned=learned)
+    awq = AWQConfig(scaling=value("--awq-scaling", AWQConfig.scaling))  # "awq+learned --awq-scaling both"
+    method = MethodConfig.parse(name, clip=clip, learned=learned, awq=awq)
     model = copy.deepcopy(reference)
     dtype = job.get("compute_dtype") or default_compute_dtype()  # bf16 only where this CPU has native bf16 matmuls
     start = time.perf_counter()

@@ -9,7 +9,13 @@ grid, minimising the output error of the quantized, scaled layers on calibration
 The right-hand form uses the input Hessian ``H = XᵀX`` the driver already collects, so the loss covers *all*
 calibration tokens at a cost independent of their number.
 
-``α = 0`` gives ``s = 1`` (plain quantization), so the chosen ``s`` is never worse than none on this loss. The
+AutoAWQ's "duo scaling" (its default) also divides by the weights' own salience, ``s = x̄^α / w̄^(1−α)`` with
+``w̄ = mean_rows |W| / max_group |W|`` (each weight relative to its group's largest, averaged over the output rows of
+every linear sharing the input): channels whose weights are small within their groups are scaled up even where the
+activations are not large. ``scaling="both"`` (llm-compressor's option of that name) searches both families.
+
+``α = 0`` of the activation family gives ``s = 1`` (plain quantization), so where that family is searched the chosen
+``s`` is never worse than none on this loss. The
 winning ``s`` is folded into the model — ``W_i ← W_i·diag(s)`` and ``prev``'s output ← ``/ s`` — which leaves the
 float model's function unchanged. We measure the loss on the linears' own outputs (AutoAWQ does this for single
 linears; llm-awq inspects the whole attention/MLP module), which needs no knowledge of the block's internals.
@@ -17,9 +23,10 @@ linears; llm-awq inspects the whole attention/MLP module), which needs no knowle
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -35,11 +42,32 @@ WeightRoundTrip = Callable[[torch.Tensor, QuantConfig], torch.Tensor]
 
 @dataclass(frozen=True)
 class AWQConfig:
+    """``grid`` exponents ``α = 0, 1/grid, …`` per family; ``scaling``: the families searched — ``"activation"``
+    (``s = x̄^α``, the paper's eq. 5), ``"duo"`` (``x̄^α / w̄^(1−α)``, AutoAWQ's default) or ``"both"``."""
+
     grid: int = 20
+    scaling: Literal["activation", "duo", "both"] = "activation"
 
     def __post_init__(self) -> None:
         if self.grid < 1:
             raise ConfigError("AWQ needs a scale-search grid ≥ 1")
+        if self.scaling not in ("activation", "duo", "both"):
+            raise ConfigError(f"AWQ's scaling is 'activation', 'duo' or 'both', not {self.scaling!r}")
+
+
+def weight_salience(weights: list[torch.Tensor], cfgs: list[QuantConfig]) -> torch.Tensor:
+    """``w̄ [in]``: ``|W|`` relative to the largest ``|W|`` of its quantization group (a row's slice of the group
+    width; the last slice may be narrower), averaged over the output rows of all ``weights`` (each ``[out_i, in]``)
+    — AutoAWQ's weight statistic for duo scaling."""
+    total, rows = torch.zeros(weights[0].shape[1]), 0
+    for w, cfg in zip(weights, cfgs):
+        a = w.float().abs()
+        width = cfg.group_width(a.shape[1])
+        for c in range(0, a.shape[1], width):
+            part = a[:, c : c + width]
+            total[c : c + width] += (part / (part.amax(dim=1, keepdim=True) + 1e-6)).sum(0)
+        rows += a.shape[0]
+    return total / rows
 
 
 @torch.no_grad()
@@ -56,10 +84,13 @@ def search_scale(
     ``hessian [in, in]``: ``XᵀX`` of the calibration inputs (any positive multiple); ``mean_abs [in]``: ``mean|X|``;
     ``round_trip(W, cfg)``: quantize-dequantize.
     """
+    families = {"activation": (False,), "duo": (True,), "both": (False, True)}[awq.scaling]
+    w_mean = weight_salience(weights, cfgs) if True in families else None
     best, best_scale, best_alpha = float("inf"), torch.ones_like(mean_abs), 0.0
-    for step in range(awq.grid):
+    for duo, step in itertools.product(families, range(awq.grid)):
         alpha = step / awq.grid
-        s = mean_abs.pow(alpha).clamp(min=1e-4)
+        s = mean_abs.pow(alpha)
+        s = (s / (w_mean.pow(1 - alpha) + 1e-4) if duo else s).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         loss = 0.0
         for w, cfg in zip(weights, cfgs):

@@ -7,7 +7,8 @@ import torch
 from conftest import make_tiny
 from lowbit.calib.capture import capture_first_block_inputs, run_block
 from lowbit.config import QuantConfig
-from lowbit.methods.awq import AWQConfig, fold_scale, output_width, search_scale
+from lowbit.errors import ConfigError
+from lowbit.methods.awq import AWQConfig, fold_scale, output_width, search_scale, weight_salience
 from lowbit.core.hqq import hqq_qparams
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.model.architectures import block_list, spec_for
@@ -33,6 +34,41 @@ def test_fold_scale_preserves_block_output(tiny_arch: str) -> None:
     after = run_block(blocks[0], inputs)[0].hidden
     assert folded >= 2
     assert (after - before).norm() / before.norm() < 1e-5
+
+
+def test_weight_salience_is_each_weight_over_its_group_max_averaged_over_rows() -> None:
+    w1 = torch.tensor([[1.0, -2.0, 4.0, 1.0, 3.0], [0.0, 1.0, -1.0, 0.5, 0.0]])
+    w2 = torch.tensor([[2.0, 2.0, -8.0, 2.0, 6.0]])
+    cfg = QuantConfig(bits=4, group_size=2)  # groups [0:2], [2:4], a ragged [4:5]
+    got = weight_salience([w1, w2], [cfg, cfg])
+    rows = [[0.5, 1.0, 1.0, 0.25, 1.0], [0.0, 1.0, 1.0, 0.5, 0.0], [1.0, 1.0, 1.0, 0.25, 1.0]]
+    want = torch.tensor(rows).sum(0) / 3
+    assert torch.allclose(got, want, atol=1e-5)
+    per_channel = weight_salience([w2], [QuantConfig(bits=4, granularity="channel")])
+    assert torch.allclose(per_channel, torch.tensor([0.25, 0.25, 1.0, 0.25, 0.75]), atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_awq_searching_both_scalings_is_never_worse_than_either(bits: int) -> None:
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(256, 64, generator=gen) * torch.rand(64, generator=gen).pow(3) * 10
+    weights = [torch.randn(48, 64, generator=gen) * torch.rand(64, generator=gen) for _ in range(2)]
+    cfg = QuantConfig(bits=bits, group_size=16)
+    round_trip = lambda w, c: quantize_rtn(w, c).dequantize()  # noqa: E731
+
+    def loss(s: torch.Tensor) -> float:
+        return sum(float(((x @ (w - round_trip(w * s, cfg) / s).T) ** 2).sum()) for w in weights)
+
+    found = {k: loss(search_scale(x.T @ x, x.abs().mean(0), weights, [cfg, cfg], round_trip, AWQConfig(scaling=k))[0])
+             for k in ("activation", "duo", "both")}
+    assert found["both"] <= min(found["activation"], found["duo"]) * (1 + 1e-5)
+    assert found["activation"] <= loss(torch.ones(64)) * (1 + 1e-5)  # α = 0 is s = 1
+    assert found["duo"] != found["activation"]  # the families differ
+
+
+def test_awq_config_rejects_an_unknown_scaling() -> None:
+    with pytest.raises(ConfigError, match="'activation', 'duo' or 'both'"):
+        AWQConfig(scaling="weights")
 
 
 def _inputs_of(model, name: str, ids: torch.Tensor) -> torch.Tensor:
