@@ -1,10 +1,10 @@
 """The method a CLI command runs, from its name and the shared calibration options.
 
 Every command that re-quantizes (``quantize`` — lowbit folders and GGUF files —, ``merge``, ``qat``'s PTQ
-start, ``sensitivity``, ``report``) takes ``--damp``, ``--iters``, ``--learn-norms``, ``--block-loss`` and
-``--momentum`` (and ``quantize`` also ``--no-act-order``; ``quantize`` and ``qat`` ``--no-clip``, from
-:func:`add_no_clip_arg`); they reach the method here, in one place, so no command silently runs the defaults instead
-of what the user asked for.
+start, ``sensitivity``, ``report``) takes ``--damp``, ``--awq-scaling``, ``--iters``, ``--learn-norms``,
+``--block-loss`` and ``--momentum`` (and ``quantize`` also ``--no-act-order``; ``quantize`` and ``qat``
+``--no-clip``, from :func:`add_no_clip_arg`); they reach the method here, in one place, so no command silently runs
+the defaults instead of what the user asked for.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
                    help="learned rounding: the block output error it descends — 'token' (default): a token's error "
                         "relative to its own norm where that is above the tokens' mean (massive activations), else "
                         "to the mean; 'output': the whole output's relative error (AutoRound's)")
+    p.add_argument("--awq-scaling", choices=("activation", "duo", "both"), default="activation",
+                   help="AWQ (--method awq, awq+gptq, awq+learned): the scales searched — 'activation' (default: "
+                        "x̄^α, the paper's), 'duo' (x̄^α / w̄^(1−α), AutoAWQ's default) or 'both'")
     p.add_argument("--momentum", type=float, default=None,
                    help="learned rounding: momentum μ of its signed steps, the sign of μ·m + (1 − μ)·gradient "
                         "(Signum; default 0.5; 0: each step's own gradient sign, as AutoRound)")
@@ -39,14 +42,16 @@ def add_no_clip_arg(p: argparse.ArgumentParser) -> None:
 
 
 def method_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The method parts the options set: ``gptq`` (``--damp``, ``--no-act-order``), ``clip`` (None with
-    ``--no-clip``) and ``learned`` (``--iters``, ``--learn-norms``, ``--block-loss``, ``--momentum``); options a
-    command does not define keep their defaults."""
+    """The method parts the options set: ``awq`` (``--awq-scaling``), ``gptq`` (``--damp``, ``--no-act-order``),
+    ``clip`` (None with ``--no-clip``) and ``learned`` (``--iters``, ``--learn-norms``, ``--block-loss``,
+    ``--momentum``); options a command does not define keep their defaults."""
+    from lowbit.methods.awq import AWQConfig
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.methods.learned import LearnedConfig
     from lowbit.methods.method import ClipConfig
 
-    return {"gptq": GPTQConfig(damp=getattr(args, "damp", GPTQConfig.damp),
+    return {"awq": AWQConfig(scaling=getattr(args, "awq_scaling", AWQConfig.scaling)),
+            "gptq": GPTQConfig(damp=getattr(args, "damp", GPTQConfig.damp),
                                act_order=not getattr(args, "no_act_order", False)),
             "clip": None if getattr(args, "no_clip", False) else ClipConfig(),
             "learned": LearnedConfig(iters=getattr(args, "iters", LearnedConfig.iters),

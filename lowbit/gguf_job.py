@@ -53,6 +53,7 @@ from lowbit.formats.gguf.block_types import APPROX_CONFIG
 from lowbit.formats.gguf.recipes import ModelFacts, tensor_types
 from lowbit.formats.gguf.sink import GGUFSink
 from lowbit.formats.gguf.writer import GGUFSummary, dequantized_bytes, gguf_plan, head_writer, write_gguf
+from lowbit.methods.awq import AWQConfig
 from lowbit.methods.gguf_rounding import GridCodes, quantize_gguf_grid
 from lowbit.methods.gptq import GPTQConfig
 from lowbit.methods.learned import LearnedConfig
@@ -167,7 +168,8 @@ GGUF_METHODS = ("rtn", "imatrix", "gptq", "awq", "awq+gptq", "learned", "gptq+le
 
 
 def gguf_method(method: str | MethodConfig, gptq: GPTQConfig = GPTQConfig(),
-                clip: ClipConfig | None = ClipConfig(), learned: LearnedConfig = LearnedConfig()) -> MethodConfig:
+                clip: ClipConfig | None = ClipConfig(), learned: LearnedConfig = LearnedConfig(),
+                awq: AWQConfig = AWQConfig()) -> MethodConfig:
     """The method named ``method`` for GGUF export (``imatrix``: calibrated statistics, nearest rounding; the
     ``learned`` variants move the codes on each tensor's grid, its scales fixed)."""
     if isinstance(method, MethodConfig):
@@ -175,7 +177,7 @@ def gguf_method(method: str | MethodConfig, gptq: GPTQConfig = GPTQConfig(),
     elif method == "imatrix":
         parsed = replace(MethodConfig.parse("gptq", gptq=gptq, clip=clip), name="imatrix", rounding="nearest")
     elif method in GGUF_METHODS:
-        parsed = MethodConfig.parse(method, gptq=gptq, clip=clip, learned=learned)
+        parsed = MethodConfig.parse(method, gptq=gptq, clip=clip, learned=learned, awq=awq)
     else:
         why = ("SmoothQuant serves W8A8 (int8 activations), which GGUF files do not describe"
                if str(method).startswith("sq") else "HQQ's float zero points are not a GGUF grid")
