@@ -16,8 +16,9 @@ activations are not large. ``scaling="both"`` (llm-compressor's option of that n
 
 ``α = 0`` of the activation family gives ``s = 1`` (plain quantization), so where that family is searched the chosen
 ``s`` is never worse than none on this loss. The winning ``s`` is folded into the model — ``W_i ← W_i·diag(s)`` and
-``prev``'s output ← ``/ s`` — which leaves the float model's function unchanged. We measure the loss on the linears' own outputs (AutoAWQ does this for single
-linears; llm-awq inspects the whole attention/MLP module), which needs no knowledge of the block's internals.
+``prev``'s output ← ``/ s`` — which leaves the float model's function unchanged. We measure the loss on the linears'
+own outputs (AutoAWQ does this for single linears; llm-awq inspects the whole attention/MLP module), which needs no
+knowledge of the block's internals.
 """
 
 from __future__ import annotations
