@@ -38,6 +38,8 @@ from lowbit.errors import ConfigError
 log = logging.getLogger(__name__)
 
 WeightRoundTrip = Callable[[torch.Tensor, QuantConfig], torch.Tensor]
+# AWQConfig.scaling → the scale families its search tries (False: s = x̄^α; True: duo, s = x̄^α / w̄^(1−α))
+SCALING_FAMILIES: dict[str, tuple[bool, ...]] = {"activation": (False,), "duo": (True,), "both": (False, True)}
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class AWQConfig:
     def __post_init__(self) -> None:
         if self.grid < 1:
             raise ConfigError("AWQ needs a scale-search grid ≥ 1")
-        if self.scaling not in ("activation", "duo", "both"):
+        if self.scaling not in SCALING_FAMILIES:
             raise ConfigError(f"AWQ's scaling is 'activation', 'duo' or 'both', not {self.scaling!r}")
 
 
@@ -84,8 +86,8 @@ def search_scale(
     ``hessian [in, in]``: ``XᵀX`` of the calibration inputs (any positive multiple); ``mean_abs [in]``: ``mean|X|``;
     ``round_trip(W, cfg)``: quantize-dequantize.
     """
-    families = {"activation": (False,), "duo": (True,), "both": (False, True)}[awq.scaling]
-    w_mean = weight_salience(weights, cfgs) if True in families else None
+    families = SCALING_FAMILIES[awq.scaling]
+    w_mean = weight_salience(weights, cfgs) if any(families) else None
     best, best_scale, best_alpha = float("inf"), torch.ones_like(mean_abs), 0.0
     for duo, step in itertools.product(families, range(awq.grid)):
         alpha = step / awq.grid
