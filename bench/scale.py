@@ -1,7 +1,7 @@
 """Models larger than RAM: peak RSS and time of lowbit's streaming jobs on synthetic Llama-3-family models.
 
-    python bench/scale.py --sizes tiny,0.5b,1b,8b [--tasks rtn,gguf,eval,eval-spill,gptq,sensitivity,llama-quantize,
-                                                            finetune,learned,learned-noclip,qat]
+    python bench/scale.py --sizes tiny,0.5b,1b,8b [--tasks rtn,gguf,eval,eval-spill,gptq,awq,sensitivity,
+                                                            llama-quantize,finetune,learned,learned-noclip,qat]
     python bench/scale.py --sizes smollm2 --tasks gptq,eval,gptq-g64sym,llm-compressor --peer-python PY
 
 ``smollm2`` is the real SmolLM2-135M (GGUF Q4_1, streamed): GPTQ 4-bit g128 asym with 64 × 512 calibration tokens,
@@ -148,7 +148,7 @@ def predicted(model_source: str | Path | torch.nn.Module, task: str, eval_tokens
     g128 = QuantConfig(bits=4, group_size=128)
     if task == "rtn":
         return quantize_memory(model, g128, stored_bytes=stored_bytes).peak_bytes
-    if task.startswith("gptq"):
+    if task.startswith("gptq") or task == "awq":  # (AWQ keeps the same per-input Hessians as GPTQ)
         return quantize_memory(model, g128, True, samples, 512, stored_bytes=stored_bytes).peak_bytes
     if task.startswith("learned"):  # the rows' 4 × 512 calibration, in the block passes' default dtype
         from lowbit.config import COMPUTE_DTYPES, default_compute_dtype
@@ -244,6 +244,9 @@ def run_size(size: str, tasks: list[str], work: Path, calib: Path | None, keep: 
         "gptq": ("GPTQ 4-bit g128 (32×512 calib) → lowbit", lowbit_cmd(
             "quantize", str(model), "--out", str(work / "gptq"), "--method", "gptq", "--bits", "4",
             "--group-size", "128", "--calib-samples", "32", "--calib-seqlen", "512", "--no-eval", *calib_args)),
+        "awq": ("AWQ 4-bit g128 (32×512 calib) → lowbit", lowbit_cmd(
+            "quantize", str(model), "--out", str(work / "awq"), "--method", "awq", "--bits", "4",
+            "--group-size", "128", "--calib-samples", "32", "--calib-seqlen", "512", "--no-eval", *calib_args)),
         # learned rounding's memory: the float and quantized streams, the block's trainable offsets; few steps
         # (time per block is the bench's learned_smollm2 rows' business)
         "learned": ("learned 4-bit g128, clip start, 2 steps/block (4×512 calib) → lowbit", lowbit_cmd(
@@ -280,7 +283,7 @@ def run_size(size: str, tasks: list[str], work: Path, calib: Path | None, keep: 
         _record(size, params, label, row)
     if not keep:
         shutil.rmtree(model, ignore_errors=True)
-        for name in ("q", "q.gguf", "gptq", "sensitivity.json", "nf4", "adapter", "learned", "qat"):
+        for name in ("q", "q.gguf", "gptq", "awq", "sensitivity.json", "nf4", "adapter", "learned", "qat"):
             p = work / name
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
