@@ -7,7 +7,13 @@ grid, minimising the output error of the quantized, scaled layers on calibration
     L(s) = Σ_i ‖ X W_iᵀ − (X diag(s)⁻¹) Q(W_i diag(s))ᵀ ‖²  =  Σ_i tr(D_i H D_iᵀ),   D_i = W_i − Q(W_i diag(s)) diag(s)⁻¹
 
 The right-hand form uses the input Hessian ``H = XᵀX`` the driver already collects, so the loss covers *all*
-calibration tokens at a cost independent of their number.
+calibration tokens at a cost independent of their number. It costs ``2·out·in²`` flops per ``α`` — for an 8B
+model's down_proj (4096 × 14336) 1.7·10¹² flops, ~9 s on two cores, 3 minutes per block for a 20-point grid — so
+the loss is measured on at most ``search_rows`` output rows of each linear: the rows with the largest loss at
+``s = 1`` exactly, and a seeded sample of the others scaled to stand for them, the same rows for every ``α``
+(:func:`search_rows`). The sum over rows is estimated without bias at ``2·rows·in²`` flops per ``α``; grids
+whose rows quantize independently (group and per-channel grids; not per-tensor or double-quantized scales, whose
+q-params span rows — those keep every row) give each row the codes the full tensor would.
 
 AutoAWQ's "duo scaling" (its default) also divides by the weights' own salience, ``s = x̄^α / w̄^(1−α)`` with
 ``w̄ = mean_rows |W| / max_group |W|`` (each weight relative to its group's largest, averaged over the output rows of
@@ -49,10 +55,11 @@ class AWQConfig:
 
     grid: int = 20
     scaling: Literal["activation", "duo", "both"] = "activation"
+    search_rows: int = 1024  # output rows per linear the search's loss is measured on (all if fewer)
 
     def __post_init__(self) -> None:
-        if self.grid < 1:
-            raise ConfigError("AWQ needs a scale-search grid ≥ 1")
+        if self.grid < 1 or self.search_rows < 1:
+            raise ConfigError("AWQ needs a scale-search grid ≥ 1 and ≥ 1 search row per linear")
         if self.scaling not in SCALING_FAMILIES:
             raise ConfigError(f"AWQ's scaling is 'activation', 'duo' or 'both', not {self.scaling!r}")
 
@@ -72,6 +79,36 @@ def weight_salience(weights: list[torch.Tensor], cfgs: list[QuantConfig]) -> tor
     return total / rows
 
 
+def row_errors(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig, round_trip: WeightRoundTrip,
+               scale: torch.Tensor) -> torch.Tensor:
+    """Each output row's AWQ loss ``d_r H d_rᵀ`` for ``weight [out, in]`` scaled by ``scale [in]`` — ``[out]``."""
+    d = weight - round_trip(weight * scale, cfg) / scale
+    return ((d @ hessian) * d).sum(1)
+
+
+def search_rows(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig, round_trip: WeightRoundTrip,
+                limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``weight [out, in]`` the AWQ loss is measured on, and per row the factor that makes their
+    weighted sum estimate the whole tensor's loss: all rows (factor 1) when ``out ≤ limit`` or when a q-param
+    spans rows (per-tensor scales, double-quantized scales); else a stratified sample of ``limit`` rows — the
+    ``limit // 2`` rows with the largest loss unscaled (``s = 1``: one full evaluation), counted exactly (factor
+    1), and a seeded uniform sample of the others, each standing for ``rest / sampled`` rows. The losses of a
+    layer's rows are heavy-tailed (on SmolLM2, a uniform sample of 256 of 576–1536 rows picked an ``α`` whose
+    full loss was 33 % above the optimum's); the heavy rows measured exactly keep such outliers in every
+    estimate. Rows are returned in ascending order."""
+    out = weight.shape[0]
+    if out <= limit or cfg.granularity == "tensor" or cfg.double_quant:
+        return weight, torch.ones(out)
+    heavy_count = limit // 2
+    order = row_errors(weight, hessian, cfg, round_trip, torch.ones(weight.shape[1])).argsort(descending=True)
+    rest = order[heavy_count:]
+    sampled = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(0))[: limit - heavy_count]]
+    factors = torch.ones(out)
+    factors[sampled] = len(rest) / len(sampled)
+    rows = torch.cat([order[:heavy_count], sampled]).sort().values
+    return weight[rows], factors[rows]
+
+
 @torch.no_grad()
 def search_scale(
     hessian: torch.Tensor,
@@ -84,10 +121,12 @@ def search_scale(
     """Best per-input-channel scale ``s [in]`` for ``weights`` (each ``[out_i, in]``) and its exponent ``α``.
 
     ``hessian [in, in]``: ``XᵀX`` of the calibration inputs (any positive multiple); ``mean_abs [in]``: ``mean|X|``;
-    ``round_trip(W, cfg)``: quantize-dequantize.
+    ``round_trip(W, cfg)``: quantize-dequantize. The loss reads at most ``awq.search_rows`` rows of each weight
+    (:func:`search_rows`).
     """
     families = SCALING_FAMILIES[awq.scaling]
     w_mean = weight_salience(weights, cfgs) if any(families) else None
+    measured = [search_rows(w, hessian, cfg, round_trip, awq.search_rows) for w, cfg in zip(weights, cfgs)]
     best, best_scale, best_alpha = float("inf"), torch.ones_like(mean_abs), 0.0
     for duo, step in itertools.product(families, range(awq.grid)):
         alpha = step / awq.grid
@@ -95,9 +134,8 @@ def search_scale(
         s = (s / (w_mean.pow(1 - alpha) + 1e-4) if duo else s).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         loss = 0.0
-        for w, cfg in zip(weights, cfgs):
-            d = w - round_trip(w * s, cfg) / s
-            loss += float(((d @ hessian) * d).sum())
+        for (w, factors), cfg in zip(measured, cfgs):
+            loss += float(row_errors(w, hessian, cfg, round_trip, s) @ factors)
         if loss < best:
             best, best_scale, best_alpha = loss, s, alpha
     return best_scale, best_alpha

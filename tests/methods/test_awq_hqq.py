@@ -8,7 +8,8 @@ from conftest import make_tiny
 from lowbit.calib.capture import capture_first_block_inputs, run_block
 from lowbit.config import QuantConfig
 from lowbit.errors import ConfigError
-from lowbit.methods.awq import AWQConfig, fold_scale, output_width, search_scale, weight_salience
+from lowbit.methods.awq import (AWQConfig, fold_scale, output_width, row_errors, search_rows, search_scale,
+                                weight_salience)
 from lowbit.core.hqq import hqq_qparams
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.model.architectures import block_list, spec_for
@@ -66,9 +67,63 @@ def test_awq_searching_both_scalings_is_never_worse_than_either(bits: int) -> No
     assert found["duo"] != found["activation"]  # the families differ
 
 
+def _rtn(w: torch.Tensor, c: QuantConfig) -> torch.Tensor:
+    return quantize_rtn(w, c).dequantize()
+
+
+def test_awq_search_rows_keep_the_heaviest_rows_exactly_and_sample_the_rest() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 32, generator=gen)
+    h = x.T @ x
+    w = torch.randn(40, 32, generator=gen)
+    w[[3, 17, 29]] *= 50  # three heavy rows: their loss dwarfs the others'
+    cfg = QuantConfig(bits=3, group_size=16)
+    rows, factors = search_rows(w, h, cfg, _rtn, limit=8)
+    full = row_errors(w, h, cfg, _rtn, torch.ones(32))
+    heavy = full.argsort(descending=True)[:4]
+    assert rows.shape == (8, 32) and factors.shape == (8,)
+    assert sorted(factors.tolist()) == [1.0] * 4 + [36 / 4] * 4  # 4 exact, 4 standing for the other 36
+    for r in heavy.tolist():  # the heavy rows are among the measured ones, counted once
+        match = (rows == w[r]).all(1)
+        assert int(match.sum()) == 1 and float(factors[match]) == 1.0
+    assert set(heavy.tolist()) >= {3, 17, 29}
+    again, _ = search_rows(w, h, cfg, _rtn, limit=8)
+    assert torch.equal(rows, again)  # seeded: the same rows every call
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4, granularity="tensor"),
+                                 QuantConfig(bits=4, group_size=16, codebook="nf4", symmetric=True,
+                                             double_quant=True)], ids=QuantConfig.describe)
+def test_awq_search_rows_keep_every_row_when_q_params_span_rows(cfg: QuantConfig) -> None:
+    w = torch.randn(40, 32, generator=torch.Generator().manual_seed(1))
+    rows, factors = search_rows(w, torch.eye(32), cfg, _rtn, limit=8)
+    assert torch.equal(rows, w) and torch.equal(factors, torch.ones(40))
+
+
+def test_awq_search_on_sampled_rows_estimates_the_full_loss() -> None:
+    """A few heavy rows among copies of one row: the heavy half of the sample holds the heavy rows exactly, the
+    sampled copies times their factor are the other copies, so the sampled loss is the full loss at every α and the
+    search picks the full search's α."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(256, 64, generator=gen) * torch.rand(64, generator=gen).pow(3) * 10
+    heavy = torch.randn(4, 64, generator=gen) * torch.rand(64, generator=gen) * 20
+    copy = torch.randn(1, 64, generator=gen) * torch.rand(64, generator=gen)
+    weights = [torch.cat([copy.repeat(30, 1), heavy, copy.repeat(30, 1)]), torch.cat([heavy[:2], copy.repeat(18, 1)])]
+    cfg = QuantConfig(bits=3, group_size=16)
+    full = search_scale(x.T @ x, x.abs().mean(0), weights, [cfg, cfg], _rtn, AWQConfig(search_rows=1000))
+    sampled = search_scale(x.T @ x, x.abs().mean(0), weights, [cfg, cfg], _rtn, AWQConfig(search_rows=8))
+    assert full[1] == sampled[1] and torch.allclose(full[0], sampled[0])
+    rows, factors = search_rows(weights[0], x.T @ x, cfg, _rtn, limit=8)
+    for s in (torch.ones(64), full[0]):
+        estimate = float(row_errors(rows, x.T @ x, cfg, _rtn, s) @ factors)
+        assert estimate == pytest.approx(float(row_errors(weights[0], x.T @ x, cfg, _rtn, s).sum()), rel=1e-5)
+
+
 def test_awq_config_rejects_an_unknown_scaling() -> None:
     with pytest.raises(ConfigError, match="'activation', 'duo' or 'both'"):
         AWQConfig(scaling="weights")
+    with pytest.raises(ConfigError, match="search row"):
+        AWQConfig(search_rows=0)
 
 
 def _inputs_of(model, name: str, ids: torch.Tensor) -> torch.Tensor:
