@@ -70,9 +70,10 @@ def _block_output(block: nn.Module, batch: BlockInputs) -> torch.Tensor:
 
 @torch.no_grad()
 def apply_awq(block: nn.Module, spec: ArchSpec, selected: dict[str, LayerTarget], stats: dict[str, InputStats],
-              rep: dict[str, str], method: MethodConfig, probe: BlockInputs) -> int:
+              rep: dict[str, str], method: MethodConfig, probe: BlockInputs,
+              compute_dtype: torch.dtype = torch.float32) -> int:
     """Search and fold per-channel input scales — AWQ's, or SmoothQuant's for W8A8 — for every mapping of the block
-    whose linears are all selected; returns how many were folded."""
+    whose linears are all selected; returns how many were folded. AWQ's loss multiplies in ``compute_dtype``."""
     before = _block_output(block, probe)
     folded = 0
     for mapping in spec.scale_mappings:
@@ -91,7 +92,7 @@ def apply_awq(block: nn.Module, spec: ArchSpec, selected: dict[str, LayerTarget]
         if method.smoothquant is not None:
             scale, _alpha = search_smoothing(st.sample, st.abs_max, weights, cfgs, round_trip, method.smoothquant)
         else:
-            scale, _alpha = search_scale(st.hessian, st.mean_abs, weights, cfgs, round_trip, method.awq)
+            scale, _alpha = search_scale(st.hessian, st.mean_abs, weights, cfgs, round_trip, method.awq, compute_dtype)
         fold_scale(prev, linears, scale, spec.norm_offset)
         for key in {rep[name] for name in mapping.linears}:
             stats[key].rescale_inputs(scale)
@@ -247,7 +248,8 @@ def quantize_sequential(
                         observe_block_inputs(block, inputs, {k: block.get_submodule(k) for k in keys},
                                              lambda k, x: stats[k].add(x))
                 rep_of = {name: rep.get(name, name) for name in selected}
-                if method.scales_inputs and apply_awq(block, spec, selected, stats, rep_of, method, inputs[0]) == 0:
+                if method.scales_inputs and apply_awq(block, spec, selected, stats, rep_of, method, inputs[0],
+                                                      compute_dtype) == 0:
                     awq_skipped += 1
                 for name, target in selected.items():
                     clip = method.clip is not None and name not in spec.attention_logits
@@ -280,8 +282,8 @@ def quantize_sequential(
         if spill is not None:
             spill.close()  # the spilled hidden states (a resumable job saved what it needs)
     if awq_skipped:
-        log.warning("input scaling (AWQ/SmoothQuant): no op could absorb a scale in %d blocks (%s has no usable scale mappings): those blocks "
-                    "got only the %s rounding", awq_skipped, spec.name, method.rounding)
+        log.warning("input scaling (AWQ/SmoothQuant): no op could absorb a scale in %d blocks (%s has no usable "
+                    "scale mappings): those blocks got only the %s rounding", awq_skipped, spec.name, method.rounding)
     return sum(1 for t in targets if t.block_index is not None)
 
 

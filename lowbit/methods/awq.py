@@ -81,9 +81,11 @@ def weight_salience(weights: list[torch.Tensor], cfgs: list[QuantConfig]) -> tor
 
 def row_errors(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig, round_trip: WeightRoundTrip,
                scale: torch.Tensor) -> torch.Tensor:
-    """Each output row's AWQ loss ``d_r H d_rᵀ`` for ``weight [out, in]`` scaled by ``scale [in]`` — ``[out]``."""
+    """Each output row's AWQ loss ``d_r H d_rᵀ`` for ``weight [out, in]`` scaled by ``scale [in]`` — ``[out]``, float32;
+    ``d·H`` is multiplied in ``hessian``'s dtype (bf16: each product rounded to 8 mantissa bits, summed in float32 by
+    the GEMM — errors that average out over the ``in`` terms of a row and the rows of a loss)."""
     d = weight - round_trip(weight * scale, cfg) / scale
-    return ((d @ hessian) * d).sum(1)
+    return ((d.to(hessian.dtype) @ hessian).float() * d).sum(1)
 
 
 def search_rows(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig, round_trip: WeightRoundTrip,
@@ -117,13 +119,16 @@ def search_scale(
     cfgs: list[QuantConfig],
     round_trip: WeightRoundTrip,
     awq: AWQConfig = AWQConfig(),
+    matmul_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, float]:
     """Best per-input-channel scale ``s [in]`` for ``weights`` (each ``[out_i, in]``) and its exponent ``α``.
 
     ``hessian [in, in]``: ``XᵀX`` of the calibration inputs (any positive multiple); ``mean_abs [in]``: ``mean|X|``;
     ``round_trip(W, cfg)``: quantize-dequantize. The loss reads at most ``awq.search_rows`` rows of each weight
-    (:func:`search_rows`).
+    (:func:`search_rows`); its ``d·H`` products run in ``matmul_dtype`` (bf16 where the CPU multiplies it fast: half
+    the time of float32).
     """
+    hessian = hessian.to(matmul_dtype)
     families = SCALING_FAMILIES[awq.scaling]
     w_mean = weight_salience(weights, cfgs) if any(families) else None
     measured = [search_rows(w, hessian, cfg, round_trip, awq.search_rows) for w, cfg in zip(weights, cfgs)]

@@ -119,6 +119,18 @@ def test_awq_search_on_sampled_rows_estimates_the_full_loss() -> None:
         assert estimate == pytest.approx(float(row_errors(weights[0], x.T @ x, cfg, _rtn, s).sum()), rel=1e-5)
 
 
+def test_awq_loss_in_bfloat16_is_the_float32_loss_to_rounding() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 256, generator=gen) * torch.rand(256, generator=gen).pow(3) * 10
+    w = torch.randn(96, 256, generator=gen) * torch.rand(256, generator=gen)
+    cfg, h = QuantConfig(bits=3, group_size=32), x.T @ x
+    exact = row_errors(w, h, cfg, _rtn, torch.ones(256))
+    rounded = row_errors(w, h.bfloat16(), cfg, _rtn, torch.ones(256))
+    assert rounded.dtype == torch.float32
+    assert torch.allclose(rounded, exact, rtol=2e-2) and not torch.equal(rounded, exact)
+    assert float(rounded.sum()) == pytest.approx(float(exact.sum()), rel=2e-3)
+
+
 def test_awq_config_rejects_an_unknown_scaling() -> None:
     with pytest.raises(ConfigError, match="'activation', 'duo' or 'both'"):
         AWQConfig(scaling="weights")
