@@ -92,7 +92,8 @@ def apply_awq(block: nn.Module, spec: ArchSpec, selected: dict[str, LayerTarget]
         if method.smoothquant is not None:
             scale, _alpha = search_smoothing(st.sample, st.abs_max, weights, cfgs, round_trip, method.smoothquant)
         else:
-            scale, _alpha = search_scale(st.hessian, st.mean_abs, weights, cfgs, round_trip, method.awq, compute_dtype)
+            # (XᵀX itself: the search needs any positive multiple, and ``st.hessian`` would be a K × K copy)
+            scale, _alpha = search_scale(st.xtx, st.mean_abs, weights, cfgs, round_trip, method.awq, compute_dtype)
         fold_scale(prev, linears, scale, spec.norm_offset)
         for key in {rep[name] for name in mapping.linears}:
             stats[key].rescale_inputs(scale)
