@@ -191,7 +191,9 @@ def main() -> None:
              "iterations) and at 3-bit g64 (200). Its sixth session (same VM kind, alone): 'awq+learned --no-clip' "
              "at 4-bit g64 (200), and at 3-bit g128 (50) with '--awq-scaling both' (AutoAWQ's duo scaling searched "
              "beside the activation one: lower AWQ-only KL there, 1.231 vs 1.338, but higher after learned "
-             "rounding).")
+             "rounding). Its seventh session (same VM kind, each alone): 'awq+learned --no-clip' at 3-bit g128 and "
+             "4-bit g64 (50 iterations) rerun after 64d6b9b–6152b93 (AWQ's scale search on ≤ 1,024 rows per linear, "
+             "its products in bf16; the earlier rows kept, named '(before 64d6b9b)').")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
