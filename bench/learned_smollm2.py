@@ -74,7 +74,8 @@ def worker(job: dict) -> dict:
         return type(default)(flags[flags.index(flag) + 1]) if flag in flags else default
 
     learned = LearnedConfig(iters=job["iters"] or 0, learn_norms="--learn-norms" in flags,
-                            loss=value("--block-loss", "token"), momentum=value("--momentum", LearnedConfig.momentum))
+                            loss=value("--block-loss", "token"), momentum=value("--momentum", LearnedConfig.momentum),
+                            lr=value("--round-lr", 0.0) or None)  # "... --round-lr 0.01" (default: 1 / iters)
     awq = AWQConfig(scaling=value("--awq-scaling", AWQConfig.scaling))  # "awq+learned --awq-scaling both"
     method = MethodConfig.parse(name, clip=clip, learned=learned, awq=awq)
     model = copy.deepcopy(reference)
@@ -103,6 +104,7 @@ def jobs(dtype: str | None = None) -> list[dict]:
                       "compute_dtype": dtype}
                      for m in ("learned", "learned --no-clip", "gptq+learned", "awq+learned --no-clip", "awq+learned",
                                "awq+learned --no-clip --awq-scaling both",
+                               f"awq+learned --no-clip --round-lr {0.5 / iters:g}",
                                "learned --learn-norms",
                                "learned --no-clip --learn-norms", "learned --block-loss output",
                                "learned --block-loss capped")

@@ -2,8 +2,8 @@
 
 Every command that re-quantizes (``quantize`` — lowbit folders and GGUF files —, ``merge``, ``qat``'s PTQ
 start, ``sensitivity``, ``report``) takes ``--damp``, ``--awq-scaling``, ``--iters``, ``--learn-norms``,
-``--block-loss`` and ``--momentum`` (and ``quantize`` also ``--no-act-order``; ``quantize`` and ``qat``
-``--no-clip``, from :func:`add_no_clip_arg`); they reach the method here, in one place, so no command silently runs
+``--block-loss``, ``--momentum`` and ``--round-lr`` (and ``quantize`` also ``--no-act-order``; ``quantize`` and
+``qat`` ``--no-clip``, from :func:`add_no_clip_arg`); they reach the method here, in one place, so no command silently runs
 the defaults instead of what the user asked for.
 """
 
@@ -32,6 +32,9 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--momentum", type=float, default=None,
                    help="learned rounding: momentum μ of its signed steps, the sign of μ·m + (1 − μ)·gradient "
                         "(Signum; default 0.5; 0: each step's own gradient sign, as AutoRound)")
+    p.add_argument("--round-lr", type=float, default=None,
+                   help="learned rounding: the signed steps' initial size, decaying linearly to 0 (default 1 / "
+                        "--iters, as AutoRound: a rounding offset can travel at most half a grid step)")
 
 
 def add_no_clip_arg(p: argparse.ArgumentParser) -> None:
@@ -44,7 +47,7 @@ def add_no_clip_arg(p: argparse.ArgumentParser) -> None:
 def method_options(args: argparse.Namespace) -> dict[str, Any]:
     """The method parts the options set: ``awq`` (``--awq-scaling``), ``gptq`` (``--damp``, ``--no-act-order``),
     ``clip`` (None with ``--no-clip``) and ``learned`` (``--iters``, ``--learn-norms``, ``--block-loss``,
-    ``--momentum``); options a command does not define keep their defaults."""
+    ``--momentum``, ``--round-lr``); options a command does not define keep their defaults."""
     from lowbit.methods.awq import AWQConfig
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.methods.learned import LearnedConfig
@@ -57,7 +60,8 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
             "learned": LearnedConfig(iters=getattr(args, "iters", LearnedConfig.iters),
                                      learn_norms=getattr(args, "learn_norms", False),
                                      loss=getattr(args, "block_loss", None) or LearnedConfig.loss,
-                                     momentum=_given(getattr(args, "momentum", None), LearnedConfig.momentum))}
+                                     momentum=_given(getattr(args, "momentum", None), LearnedConfig.momentum),
+                                     lr=getattr(args, "round_lr", None))}
 
 
 def _given(value: Any, default: Any) -> Any:
