@@ -3,8 +3,8 @@
 Every command that re-quantizes (``quantize`` — lowbit folders and GGUF files —, ``merge``, ``qat``'s PTQ
 start, ``sensitivity``, ``report``) takes ``--damp``, ``--awq-scaling``, ``--iters``, ``--learn-norms``,
 ``--block-loss``, ``--momentum`` and ``--round-lr`` (and ``quantize`` also ``--no-act-order``; ``quantize`` and
-``qat`` ``--no-clip``, from :func:`add_no_clip_arg`); they reach the method here, in one place, so no command silently runs
-the defaults instead of what the user asked for.
+``qat`` ``--no-clip``, from :func:`add_no_clip_arg`); they reach the method here, in one place, so no command
+silently runs the defaults instead of what the user asked for.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
                    help="learned rounding: momentum μ of its signed steps, the sign of μ·m + (1 − μ)·gradient "
                         "(Signum; default 0.5; 0: each step's own gradient sign, as AutoRound)")
     p.add_argument("--round-lr", type=float, default=None,
-                   help="learned rounding: the signed steps' initial size, decaying linearly to 0 (default 1 / "
-                        "--iters, as AutoRound: a rounding offset can travel at most half a grid step)")
+                   help="learned rounding: the signed steps' initial size, decaying linearly to 0 (default 0.5 / "
+                        "--iters; 1 / --iters with --momentum 0, as AutoRound)")
 
 
 def add_no_clip_arg(p: argparse.ArgumentParser) -> None:

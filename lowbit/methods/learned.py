@@ -24,10 +24,13 @@ its own norm. The default (``loss="token"``) divides a token above the mean norm
 the mean: on tokens of even norms it is the output loss; it never lets a token of tiny norm dominate either.
 
 ``⌊·⌉`` passes gradients straight through (STE); δ, f (or α, β) move by signed gradient steps of a linearly decaying
-rate (``lr`` = 1/iters by default, as AutoRound: δ can travel at most half a grid step) — the sign of a short
-momentum ``m ← μ·m + (1 − μ)·g`` rather than of this step's gradient alone (Signum: Bernstein et al. 2018,
-"signSGD: Compressed Optimisation for Non-Convex Problems"; ``momentum`` μ: each step's batch is a few windows, and
-a weight's gradient sign flips between batches — μ = 0 is AutoRound's plain signed step), and the parameters the
+rate — the sign of a short momentum ``m ← μ·m + (1 − μ)·g`` rather than of this step's gradient alone (Signum:
+Bernstein et al. 2018, "signSGD: Compressed Optimisation for Non-Convex Problems"; ``momentum`` μ: each step's batch
+is a few windows, and a weight's gradient sign flips between batches — μ = 0 is AutoRound's plain signed step).
+The rate starts at ``lr`` = 1/iters for plain signed steps (AutoRound's: δ can travel at most half a grid step) and
+at 0.5/iters with momentum, whose smoothed signs move a weight in one direction more steps in a row (measured: lower
+error at 0.5/iters than at 1/iters on SmolLM2-135M at 4-bit g64, 3-bit g64 and 3-bit g128 — whole-model KL 0.0857 →
+0.0751 at 4-bit g64, 50 steps — and on 3 of 4 tiny random architectures, −3 to −5 %, Gemma +2 %); the parameters the
 last step leaves are kept if they beat the start on every calibration batch together, else the lowest loss seen on
 one step's batch (``keep="best"``: that one only, as AutoRound — a noisy pick that favours easy batches and early
 steps). ``s·f`` is rounded to float16 in the forward pass, as it is stored. With zero
@@ -57,7 +60,8 @@ __all__ = ["LearnedConfig", "LearnedLinear", "Refinement", "lossless_copy", "ref
 
 @dataclass(frozen=True)
 class LearnedConfig:
-    """``iters`` signed-gradient steps per block, each on one calibration batch; ``lr`` None = 1 / iters;
+    """``iters`` signed-gradient steps per block, each on one calibration batch; ``lr`` None = 0.5 / iters (1 / iters
+    with ``momentum`` 0: see :attr:`step`);
     ``scale_range`` bounds the per-group scale factor ``f``; ``learn_scales`` False keeps every group's scale and
     zero point exactly as initialised (only the codes move: grids whose q-params a format encodes itself, such as
     GGUF's super-block scales); ``learn_norms`` also tunes the block's one-dimensional float parameters outside
@@ -93,7 +97,11 @@ class LearnedConfig:
 
     @property
     def step(self) -> float:
-        return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
+        """The signed steps' initial rate: ``lr``, else ``0.5 / iters`` with momentum and ``1 / iters`` (AutoRound's)
+        without — a smoothed sign keeps its direction for more steps, so the same travel takes a smaller rate."""
+        if self.lr is not None:
+            return self.lr
+        return (0.5 if self.momentum > 0 else 1.0) / max(self.iters, 1)
 
     def block_error(self, out: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
         """The error this configuration's steps descend: :func:`relative_error` per token (``loss="token"``) or
