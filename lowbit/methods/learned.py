@@ -91,8 +91,8 @@ class LearnedConfig:
         if self.loss not in ("token", "output"):
             raise ConfigError(f"learned rounding's loss is 'token' or 'output', not {self.loss!r}")
         if self.iters < 0 or (self.lr is not None and self.lr <= 0) or not 0 < lo <= 1 <= hi:
-            raise ConfigError("learned rounding needs --iters ≥ 0, --round-lr (lr) > 0 and a scale range lo ≤ 1 ≤ hi with "
-                              "lo > 0")
+            raise ConfigError("learned rounding needs --iters ≥ 0, --round-lr (lr) > 0 and a scale range "
+                              "lo ≤ 1 ≤ hi with lo > 0")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"learned rounding's momentum is in [0, 1), not {self.momentum}")
 
