@@ -105,7 +105,7 @@ def jobs(dtype: str | None = None) -> list[dict]:
                      for m in ("learned", "learned --no-clip", "gptq+learned", "awq+learned --no-clip", "awq+learned",
                                "awq+learned --no-clip --awq-scaling both",
                                f"awq+learned --no-clip --round-lr {0.5 / iters:g}",
-                               f"learned --round-lr {0.5 / iters:g}",
+                               f"learned --round-lr {0.5 / iters:g}", f"learned --no-clip --round-lr {0.5 / iters:g}",
                                "learned --learn-norms",
                                "learned --no-clip --learn-norms", "learned --block-loss output",
                                "learned --block-loss capped")
