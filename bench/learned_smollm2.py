@@ -75,7 +75,8 @@ def worker(job: dict) -> dict:
 
     learned = LearnedConfig(iters=job["iters"] or 0, learn_norms="--learn-norms" in flags,
                             loss=value("--block-loss", "token"), momentum=value("--momentum", LearnedConfig.momentum),
-                            lr=value("--round-lr", 0.0) or None)  # "... --round-lr 0.01" (default: 1 / iters)
+                            # "... --round-lr 0.01"; without it 1 / iters, as every row named without it ran
+                            lr=value("--round-lr", 1.0 / max(job["iters"] or 1, 1)))
     awq = AWQConfig(scaling=value("--awq-scaling", AWQConfig.scaling))  # "awq+learned --awq-scaling both"
     method = MethodConfig.parse(name, clip=clip, learned=learned, awq=awq)
     model = copy.deepcopy(reference)

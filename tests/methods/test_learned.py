@@ -373,7 +373,7 @@ def test_norm_tuning_scales_the_blocks_one_dimensional_parameters_within_the_ste
     for name, p in block[0].named_parameters():
         factor = p.detach() / initial[name]
         assert not torch.equal(p.detach(), initial[name]) and p.requires_grad
-        # signed steps of a linearly decaying rate from cfg.step: each factor moves at most Σ rate ≈ iters·step/2
+        # signed steps of a linearly decaying rate from cfg.step: each factor moves at most Σ rate = (iters + 1)·step/2
         assert float((factor - 1).abs().max()) <= cfg.step * (cfg.iters + 1) / 2 + 1e-6
     block[1] = QLinear(refined["1"], layers["1"][1], kernel="reference")
     with torch.no_grad():  # the error the refinement reported is the block's, with its tuned norm, as kept
@@ -436,8 +436,8 @@ def test_an_unknown_kept_state_is_refused_with_the_choices() -> None:
 def test_signed_steps_follow_the_sign_of_their_momentum(momentum: float) -> None:
     """Reference equivalence: refine_block's steps (taken in backward hooks, momentum in bfloat16) are a plain
     Signum loop — m ← μ·m + (1 − μ)·g, p ← clamp(p − rate·sign(m)), rate decaying linearly from 0.5/iters (μ > 0)
-    or 1/iters (μ = 0, AutoRound's) — on
-    the same batches in the same order: every step's loss equal bit for bit (μ = 0: the gradient's sign alone)."""
+    or 1/iters (μ = 0, AutoRound's) — on the same batches in the same order: every step's loss equal bit for bit
+    (μ = 0: the gradient's sign alone)."""
     torch.manual_seed(3)
     w, bias = torch.randn(24, 64), torch.randn(24)
     xs = [torch.randn(32, 64) @ (torch.eye(64) + torch.randn(64, 64) / 8) for _ in range(3)]
