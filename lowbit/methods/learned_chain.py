@@ -21,8 +21,9 @@ All three give the same values bit for bit (same float32 operations, same order)
 order of the per-group sums. Measured on SmolLM2's gate projection (1536 × 576, bf16 weights and gradient, 2
 threads, AVX-512 VM): the chain's forward 1.1 ms and backward 2.0 ms in C, 1.4 and 15.2 ms in torch's passes —
 against ~27 ms for the layer's three bf16 matmuls of a step (4 × 512 tokens), so a whole refinement gains a few
-per cent (SmolLM2's first 2 blocks, 4-bit g64, 50 steps: 29.1 s → 28.1 s). Code books, a trained float weight
-(QAT) and — without the C loop — ragged last groups take the autograd path.
+per cent (SmolLM2's first 2 blocks, 4-bit g64, 50 steps: 29.1 s → 28.1 s). QAT trains the float weight ``w``
+instead of ``δ`` (a frozen zero): ``∂L/∂w = (∂L/∂δ) / S``, one division on the same pass's output. Code books and —
+without the C loop — ragged last groups take the autograd path.
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ class ChainPart(Protocol):
 
 def fused_chain_applies(part: ChainPart, trained: dict[str, torch.Tensor]) -> bool:
     """Whether :func:`chain_with_grads` handles ``part``: an integer grid (no code book) training only the rounding
-    offsets and range factors — whose groups tile the columns unless the C chain is there (it also takes a ragged
-    last group)."""
-    return (part.book is None and part.delta.dim() == 2 and set(trained) <= {"delta", "factor", "factor_lo"}
+    offsets, the range factors and (QAT) the float weight — whose groups tile the columns unless the C chain is
+    there (it also takes a ragged last group)."""
+    return (part.book is None and (part.delta.dim() == 2 or "delta" not in trained)
+            and set(trained) <= {"delta", "factor", "factor_lo", "w"}
             and (part.w.shape[1] % part.width == 0 or _native_applies(part)))
 
 
@@ -90,11 +92,11 @@ def chain_with_grads(part: ChainPart, leaves: dict[str, torch.Tensor], grad: tor
                      out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
     """``Ŵ`` ``[R, C]`` (in ``out_dtype``: float32 or the dtype a linear runs in; the group view's shape) for ``part``
     and, given ``grad = ∂L/∂Ŵ`` (any shape of as many values), the gradients of ``leaves`` (the parameters ``part``
-    reads: ``delta`` and the range factors) by the formulas of this module's docstring — in one C pass over the
-    weights where :func:`chain_kernel` has one, else by torch's elementwise ops."""
+    reads: ``delta`` or the float weight ``w``, and the range factors) by the formulas of this module's docstring —
+    in one C pass over the weights where :func:`chain_kernel` has one, else by torch's elementwise ops."""
     with torch.set_grad_enabled(grad is not None):
         scale, zero = part.scale_and_zero()  # [R, G], a graph to the range factors when they are learned
-    small = {n: p for n, p in leaves.items() if n != "delta"}
+    small = {n: p for n, p in leaves.items() if n not in ("delta", "w")}
     if _native_applies(part):
         weight, grad_delta, grad_scale, grad_zero = _native_chain(chain_kernel(), part, scale, zero, grad, out_dtype)
     else:
@@ -105,6 +107,12 @@ def chain_with_grads(part: ChainPart, leaves: dict[str, torch.Tensor], grad: tor
     grads: dict[str, torch.Tensor | None] = dict.fromkeys(leaves)
     if "delta" in leaves:
         grads["delta"] = grad_delta
+    if "w" in leaves:  # QAT: x = w / S + …, so ∂L/∂w = (∂L/∂x) / S — the clamp's mask and G, per weight
+        rows, cols = part.w.shape
+        if cols % part.width == 0:
+            grads["w"] = (_groups(grad_delta, part.width) / scale.detach().unsqueeze(-1)).view(rows, cols)
+        else:  # a ragged last group: S per column
+            grads["w"] = grad_delta / scale.detach().repeat_interleave(part.width, dim=1)[:, :cols]
     if small:
         outputs, seeds = [scale], [grad_scale]
         if zero.requires_grad:
@@ -128,7 +136,8 @@ def _torch_chain(part: ChainPart, scale: torch.Tensor, zero: torch.Tensor, grad:
     u = _groups(part.w.float(), width) / s
     x = u + z  # the same operations in the same order as LearnedLinear.codes_and_scale: Ŵ bit for bit
     x = x + _groups(part.o0, width)
-    x = x + _groups(part.delta.detach(), width)
+    delta = part.delta.detach()  # (a 0-d zero where QAT trains the weights instead)
+    x = x + (_groups(delta, width) if delta.dim() else delta)
     r = torch.round(x)
     q = torch.clamp(r, 0, part.top)
     weight = ((q - z) * s).view(part.w.shape)
@@ -144,6 +153,12 @@ def _torch_chain(part: ChainPart, scale: torch.Tensor, zero: torch.Tensor, grad:
     return weight, gx.view(part.w.shape), grad_scale, (gx - gq).sum(-1)
 
 
+@functools.lru_cache(maxsize=8)
+def _zeros(rows: int, cols: int) -> torch.Tensor:
+    """A float32 zero offset per weight of a ``rows × cols`` layer, made once per shape (never written)."""
+    return torch.zeros(rows, cols)
+
+
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _POOLS: dict[int, ThreadPoolExecutor] = {}  # by thread count, made at first use
 
@@ -152,9 +167,11 @@ def _native_chain(kernel: Callable[..., None], part: ChainPart, scale: torch.Ten
                   grad: torch.Tensor | None, out_dtype: torch.dtype) -> Chain:
     """``(Ŵ, ∂L/∂δ, ∂L/∂S, ∂L/∂Z)`` from the C chain (``Ŵ`` written in ``out_dtype`` where it is float32 or
     bfloat16, else float32), its rows split over ``torch.get_num_threads()`` threads (the call releases the GIL)."""
-    w, o0, delta = part.w.contiguous(), part.o0.contiguous(), part.delta.detach().float().contiguous()
+    w, o0, delta = part.w.detach().contiguous(), part.o0.contiguous(), part.delta.detach().float().contiguous()
     s, z = scale.detach().float().contiguous(), zero.detach().float().contiguous()
     rows, cols = w.shape
+    if delta.dim() == 0:  # QAT's frozen zero offsets: the kernel reads one per weight
+        delta = _zeros(rows, cols) if float(delta) == 0 else delta.expand(rows, cols).contiguous()
     written = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
     weight = torch.empty((rows, cols), dtype=written)
     if grad is not None:

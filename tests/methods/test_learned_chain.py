@@ -68,3 +68,39 @@ def test_a_ragged_last_group_takes_the_c_chain_with_autograds_gradients() -> Non
     assert torch.equal(grads["delta"], expected[0])
     for name, want in zip(list(trained)[1:], expected[1:]):
         torch.testing.assert_close(grads[name], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["C", "torch"])
+@pytest.mark.parametrize("scales", [True, False], ids=["scales-trained", "weights-only"])
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=3, group_size=32), QuantConfig(bits=4, group_size=16, symmetric=True),
+                                 QuantConfig(bits=4, group_size=40)], ids=QuantConfig.describe)
+def test_qat_weight_gradients_through_the_chain_are_autograds(cfg, scales, native, monkeypatch) -> None:
+    """QAT trains the float weight with δ a frozen 0-d zero: the written-out chain gives autograd's ``∂L/∂w`` bit
+    for bit (``(∂L/∂x) / S``, the same division autograd's takes) and ``Ŵ`` bit for bit; the range factors' gradients
+    to float rounding. Groups of 40 in 96 columns (a ragged last group) are the C chain's only."""
+    if not native and cfg.group_size == 40:
+        pytest.skip("a ragged last group takes the autograd path without the C chain")
+    if not native:
+        monkeypatch.setattr(learned_chain, "chain_kernel", lambda: None)
+    torch.manual_seed(0)
+    w = torch.randn(40, 96) * 0.05
+    layer = LearnedLinear(w, None, quantize_rtn(w, cfg))
+    layer.train_weight()
+    with torch.no_grad():  # as after some steps: the weights and ranges moved
+        layer.w.add_(torch.randn_like(layer.w) * 0.01)
+        for p in layer.scale_parameters():
+            p.uniform_(0.6, 1.0)
+            p.requires_grad_(scales)
+    trained = dict(layer.trained())
+    assert layer.delta.dim() == 0 and set(trained) == ({"w", "factor"} | ({"factor_lo"} if not cfg.symmetric else set())
+                                                       if scales else {"w"})
+    assert learned_chain.fused_chain_applies(layer, trained)
+    grad = torch.randn(40, 96, generator=torch.Generator().manual_seed(3))
+    weight, grads = chain_with_grads(layer, trained, grad)
+    reference = layer.dequantized()
+    expected = dict(zip(trained, torch.autograd.grad(reference, list(trained.values()), grad)))
+    assert torch.equal(weight, reference.detach())
+    assert torch.equal(grads["w"], expected["w"]) and bool((grads["w"] != 0).any())
+    for name in trained.keys() - {"w"}:
+        torch.testing.assert_close(grads[name], expected[name], rtol=1e-4,
+                                   atol=1e-5 * float(expected[name].abs().max()))
