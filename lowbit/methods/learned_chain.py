@@ -153,10 +153,14 @@ def _torch_chain(part: ChainPart, scale: torch.Tensor, zero: torch.Tensor, grad:
     return weight, gx.view(part.w.shape), grad_scale, (gx - gq).sum(-1)
 
 
+_ZERO_ROWS = 64
+
+
 @functools.lru_cache(maxsize=8)
-def _zeros(rows: int, cols: int) -> torch.Tensor:
-    """A float32 zero offset per weight of a ``rows × cols`` layer, made once per shape (never written)."""
-    return torch.zeros(rows, cols)
+def _zeros(cols: int) -> torch.Tensor:
+    """:data:`_ZERO_ROWS` rows of float32 zeros, ``[64, cols]``: the offsets of a row block of a layer whose ``δ`` is
+    a 0-d zero (made once per width, never written; 2 MB at 8,192 columns, not a layer-sized tensor per call)."""
+    return torch.zeros(_ZERO_ROWS, cols)
 
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -170,8 +174,10 @@ def _native_chain(kernel: Callable[..., None], part: ChainPart, scale: torch.Ten
     w, o0, delta = part.w.detach().contiguous(), part.o0.contiguous(), part.delta.detach().float().contiguous()
     s, z = scale.detach().float().contiguous(), zero.detach().float().contiguous()
     rows, cols = w.shape
-    if delta.dim() == 0:  # QAT's frozen zero offsets: the kernel reads one per weight
-        delta = _zeros(rows, cols) if float(delta) == 0 else delta.expand(rows, cols).contiguous()
+    zero_rows = 0  # QAT's frozen zero offsets: the kernel reads one per weight, from a few rows of zeros reused
+    if delta.dim() == 0:
+        delta = _zeros(cols) if float(delta) == 0 else delta.expand(rows, cols).contiguous()
+        zero_rows = delta.shape[0] if delta.shape[0] < rows else 0
     written = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
     weight = torch.empty((rows, cols), dtype=written)
     if grad is not None:
@@ -185,11 +191,13 @@ def _native_chain(kernel: Callable[..., None], part: ChainPart, scale: torch.Ten
         return None if t is None else t.data_ptr() + r0 * t.stride(0) * t.element_size()
 
     def run(k: int) -> None:
-        r0, r1 = bounds[k], bounds[k + 1]
         sums = (grad_delta, grad_scale, grad_zero) if grad is not None else (None, None, None)
-        kernel(at(w, r0), _DTYPE_CODES[w.dtype], at(o0, r0), at(delta, r0), at(s, r0), at(z, r0), at(grad, r0),
-               _DTYPE_CODES[grad.dtype] if grad is not None else 0, r1 - r0, cols, part.width, part.top,
-               at(weight, r0), _DTYPE_CODES[written], *(at(t, r0) for t in sums))
+        step = zero_rows or max(rows, 1)  # (row blocks of the zeros' height)
+        for r0 in range(bounds[k], bounds[k + 1], step):
+            r1 = min(r0 + step, bounds[k + 1])
+            kernel(at(w, r0), _DTYPE_CODES[w.dtype], at(o0, r0), at(delta, 0 if zero_rows else r0), at(s, r0),
+                   at(z, r0), at(grad, r0), _DTYPE_CODES[grad.dtype] if grad is not None else 0, r1 - r0, cols,
+                   part.width, part.top, at(weight, r0), _DTYPE_CODES[written], *(at(t, r0) for t in sums))
 
     if threads == 1:
         run(0)

@@ -44,7 +44,8 @@ class _Scratch:
     """Float32 ``[rows, V]`` buffers (by name) that a loss reuses from one block of positions to the next. A fresh
     tensor of that size is mapped anew by the allocator and page-faulted on first touch: converting 256 × 49,152
     bf16 logits to float32 takes 13.4 ms into a new tensor and 2.0 ms into a reused one (2-core VM), and a block's
-    loss makes about eight such temporaries — reused, a QAT step on SmolLM2-135M saves ~0.8 s."""
+    loss makes about eight such temporaries — reused, a QAT step on SmolLM2-135M (4 × 512 tokens) measured
+    7.1–7.8 s instead of 8.1–9.0 s."""
 
     def __init__(self, rows: int, vocab: int) -> None:
         self.rows, self.vocab = rows, vocab

@@ -83,7 +83,7 @@ def test_qat_weight_gradients_through_the_chain_are_autograds(cfg, scales, nativ
     if not native:
         monkeypatch.setattr(learned_chain, "chain_kernel", lambda: None)
     torch.manual_seed(0)
-    w = torch.randn(40, 96) * 0.05
+    w = torch.randn(150, 96) * 0.05  # more rows than the C chain's block of zero offsets (64): 3 blocks a call
     layer = LearnedLinear(w, None, quantize_rtn(w, cfg))
     layer.train_weight()
     with torch.no_grad():  # as after some steps: the weights and ranges moved
@@ -95,7 +95,7 @@ def test_qat_weight_gradients_through_the_chain_are_autograds(cfg, scales, nativ
     assert layer.delta.dim() == 0 and set(trained) == ({"w", "factor"} | ({"factor_lo"} if not cfg.symmetric else set())
                                                        if scales else {"w"})
     assert learned_chain.fused_chain_applies(layer, trained)
-    grad = torch.randn(40, 96, generator=torch.Generator().manual_seed(3))
+    grad = torch.randn(150, 96, generator=torch.Generator().manual_seed(3))
     weight, grads = chain_with_grads(layer, trained, grad)
     reference = layer.dequantized()
     expected = dict(zip(trained, torch.autograd.grad(reference, list(trained.values()), grad)))
