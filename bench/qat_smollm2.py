@@ -249,7 +249,13 @@ def main() -> None:
              "steps (13.5 s each against 12.7 s the session before) overran by 11 s, for a final KL only 1 % below "
              "the learned --no-clip start's 100 steps. Its 170-step batch-2 twin (2026-12-06, sixth session, same "
              "VM kind, alone: about the same tokens, twice the updates, 6.8 s a step) ends at the same KL (0.2623 vs "
-             "0.2631) in 1,727 s in all — QAT from this start levels off near 0.26 within the budget.")
+             "0.2631) in 1,727 s in all — QAT from this start levels off near 0.26 within the budget. The "
+             "'awq+learned --no-clip ×200' rows (2026-12-07, an Intel Xeon VM with AMX, each alone, at a5fe483: QAT "
+             "steps 7.0 s instead of 8.7 s before it, medians of 5 short runs each on this VM, the trained weights' "
+             "gradients from the C chain and the loss's buffers reused — at 8.7 s only ~90 steps would have fit): a 200-step start (learned rounding's default rate since 45bde1e, 0.5 / iters), "
+             "then the 105 steps that fit the rest of the 30 minutes — PTQ s + train s = 1,737 s. torchao's 105-step "
+             "row ran after them, alone, on the same VM and commit (the shared training loop's loss buffers speed "
+             "its steps too: 7.0 s), and its 0-step row was rerun there (same values).")
     write_results("qat_smollm2", "QAT on SmolLM2-135M (beside torchao QAT)", intro, [("Results", table)],
                   {"rows": rows})
 
