@@ -208,7 +208,8 @@ def main() -> None:
              "0.5 / iters at 50 steps, the default with momentum since 45bde1e. Compare times within one VM kind "
              "only: from the AMD VM to this one AutoRound light went 1.6–2.2× faster (4-bit 401 → 251 s, 3-bit g64 "
              "425 → 233 s, 3-bit g128 546 → 254 s) and lowbit 1.6× (4-bit awq+learned 542 → 332 s); AutoRound's "
-             "3-bit g128 KL moved too (0.4146 → 0.4669).")
+             "3-bit g128 KL moved too (0.4146 → 0.4669). 2026-12-07 (same VM kind, each alone, at 829960c): lowbit "
+             "'learned --no-clip --round-lr 0.01' (no AWQ) at 3-bit g64, 3-bit g128 and 2-bit g64 too.")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
