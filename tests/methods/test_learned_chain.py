@@ -70,16 +70,17 @@ def test_a_ragged_last_group_takes_the_c_chain_with_autograds_gradients() -> Non
         torch.testing.assert_close(grads[name], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["C", "torch"])
+_TILED = [QuantConfig(bits=3, group_size=32), QuantConfig(bits=4, group_size=16, symmetric=True)]
+_RAGGED = QuantConfig(bits=4, group_size=40)  # 96 columns: a last group of 16, the C chain's only
+
+
 @pytest.mark.parametrize("scales", [True, False], ids=["scales-trained", "weights-only"])
-@pytest.mark.parametrize("cfg", [QuantConfig(bits=3, group_size=32), QuantConfig(bits=4, group_size=16, symmetric=True),
-                                 QuantConfig(bits=4, group_size=40)], ids=QuantConfig.describe)
-def test_qat_weight_gradients_through_the_chain_are_autograds(cfg, scales, native, monkeypatch) -> None:
-    """QAT trains the float weight with δ a frozen 0-d zero: the written-out chain gives autograd's ``∂L/∂w`` bit
-    for bit (``(∂L/∂x) / S``, the same division autograd's takes) and ``Ŵ`` bit for bit; the range factors' gradients
-    to float rounding. Groups of 40 in 96 columns (a ragged last group) are the C chain's only."""
-    if not native and cfg.group_size == 40:
-        pytest.skip("a ragged last group takes the autograd path without the C chain")
+@pytest.mark.parametrize("cfg, native", [(c, n) for c in _TILED for n in (True, False)] + [(_RAGGED, True)],
+                         ids=lambda v: v.describe() if isinstance(v, QuantConfig) else ("C" if v else "torch"))
+def test_qat_weight_gradients_through_the_chain_are_autograds(cfg, native, scales, monkeypatch) -> None:
+    """QAT trains the float weight with δ a frozen 0-d zero: the written-out chain (C, or torch's elementwise ops)
+    gives autograd's ``∂L/∂w`` bit for bit (``(∂L/∂x) / S``, the same division autograd's takes) and ``Ŵ`` bit for
+    bit; the range factors' gradients to float rounding."""
     if not native:
         monkeypatch.setattr(learned_chain, "chain_kernel", lambda: None)
     torch.manual_seed(0)
