@@ -43,7 +43,8 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "learned_chain.c"
 
 class ChainPart(Protocol):
     """A :class:`~lowbit.methods.learned_linear.LearnedLinear` or a row slice of one: its buffers and parameters
-    (``w`` ``[R, C]``, ``o0`` ``[R, C]``, ``delta`` ``[R, C]``) and its per-group scale and zero point."""
+    (``w`` ``[R, C]``, ``o0`` ``[R, C]``, ``delta`` ``[R, C]``, or a 0-d zero where QAT trains ``w``), its per-group
+    scale and zero point, and how a per-group value spreads over the columns."""
 
     w: torch.Tensor
     o0: torch.Tensor
@@ -53,6 +54,8 @@ class ChainPart(Protocol):
     top: int  # the largest code
 
     def scale_and_zero(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def _cols(self, per_group: torch.Tensor) -> torch.Tensor: ...
 
 
 def fused_chain_applies(part: ChainPart, trained: dict[str, torch.Tensor]) -> bool:
@@ -112,7 +115,7 @@ def chain_with_grads(part: ChainPart, leaves: dict[str, torch.Tensor], grad: tor
         if cols % part.width == 0:
             grads["w"] = (_groups(grad_delta, part.width) / scale.detach().unsqueeze(-1)).view(rows, cols)
         else:  # a ragged last group: S per column
-            grads["w"] = grad_delta / scale.detach().repeat_interleave(part.width, dim=1)[:, :cols]
+            grads["w"] = grad_delta / part._cols(scale.detach())
     if small:
         outputs, seeds = [scale], [grad_scale]
         if zero.requires_grad:
@@ -174,10 +177,10 @@ def _native_chain(kernel: Callable[..., None], part: ChainPart, scale: torch.Ten
     w, o0, delta = part.w.detach().contiguous(), part.o0.contiguous(), part.delta.detach().float().contiguous()
     s, z = scale.detach().float().contiguous(), zero.detach().float().contiguous()
     rows, cols = w.shape
-    zero_rows = 0  # QAT's frozen zero offsets: the kernel reads one per weight, from a few rows of zeros reused
-    if delta.dim() == 0:
-        delta = _zeros(cols) if float(delta) == 0 else delta.expand(rows, cols).contiguous()
-        zero_rows = delta.shape[0] if delta.shape[0] < rows else 0
+    step, shared = max(rows, 1), False  # rows per kernel call; shared: every call reads δ's first rows
+    if delta.dim() == 0:  # QAT's frozen 0-d offsets: the kernel reads one per weight, from one block of rows reused
+        delta = _zeros(cols) if float(delta) == 0 else delta.expand(_ZERO_ROWS, cols).contiguous()
+        step, shared = _ZERO_ROWS, True
     written = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
     weight = torch.empty((rows, cols), dtype=written)
     if grad is not None:
@@ -192,10 +195,9 @@ def _native_chain(kernel: Callable[..., None], part: ChainPart, scale: torch.Ten
 
     def run(k: int) -> None:
         sums = (grad_delta, grad_scale, grad_zero) if grad is not None else (None, None, None)
-        step = zero_rows or max(rows, 1)  # (row blocks of the zeros' height)
         for r0 in range(bounds[k], bounds[k + 1], step):
             r1 = min(r0 + step, bounds[k + 1])
-            kernel(at(w, r0), _DTYPE_CODES[w.dtype], at(o0, r0), at(delta, 0 if zero_rows else r0), at(s, r0),
+            kernel(at(w, r0), _DTYPE_CODES[w.dtype], at(o0, r0), at(delta, 0 if shared else r0), at(s, r0),
                    at(z, r0), at(grad, r0), _DTYPE_CODES[grad.dtype] if grad is not None else 0, r1 - r0, cols,
                    part.width, part.top, at(weight, r0), _DTYPE_CODES[written], *(at(t, r0) for t in sums))
 
