@@ -252,7 +252,8 @@ def main() -> None:
              "0.2631) in 1,727 s in all — QAT from this start levels off near 0.26 within the budget. The "
              "'awq+learned --no-clip ×200' rows (2026-12-07, an Intel Xeon VM with AMX, each alone, at a5fe483: QAT "
              "steps 7.0 s instead of 8.7 s before it, medians of 5 short runs each on this VM, the trained weights' "
-             "gradients from the C chain and the loss's buffers reused — at 8.7 s only ~90 steps would have fit): a 200-step start (learned rounding's default rate since 45bde1e, 0.5 / iters), "
+             "gradients from the C chain and the loss's buffers reused — at 8.7 s only ~90 steps would have fit): "
+             "a 200-step start (learned rounding's default rate since 45bde1e, 0.5 / iters), "
              "then the 105 steps that fit the rest of the 30 minutes — PTQ s + train s = 1,737 s. torchao's 105-step "
              "row ran after them, alone, on the same VM and commit (the shared training loop's loss buffers speed "
              "its steps too: 7.0 s), and its 0-step row was rerun there (same values).")
