@@ -2,9 +2,9 @@
 
 Every command that re-quantizes (``quantize`` — lowbit folders and GGUF files —, ``merge``, ``qat``'s PTQ
 start, ``sensitivity``, ``report``) takes ``--damp``, ``--awq-scaling``, ``--iters``, ``--learn-norms``,
-``--block-loss``, ``--momentum`` and ``--round-lr`` (and ``quantize`` also ``--no-act-order``; ``quantize`` and
-``qat`` ``--no-clip``, from :func:`add_no_clip_arg`); they reach the method here, in one place, so no command
-silently runs the defaults instead of what the user asked for.
+``--block-loss``, ``--momentum``, ``--round-lr`` and ``--compile`` (and ``quantize`` also ``--no-act-order``;
+``quantize`` and ``qat`` ``--no-clip``, from :func:`add_no_clip_arg`); they reach the method here, in one place,
+so no command silently runs the defaults instead of what the user asked for.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-lr", type=float, default=None,
                    help="learned rounding: the signed steps' initial size, decaying linearly to 0 (default 0.5 / "
                         "--iters; 1 / --iters with --momentum 0, as AutoRound)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="learned rounding: run its training steps through torch.compile (fused elementwise ops, "
+                        "~25%% faster steps on real models after a one-off ~20 s compile; all of a block's gradients "
+                        "at once) — 'auto' (default): for blocks of ≥ 2 M weights; 'off': eager, least memory")
 
 
 def add_no_clip_arg(p: argparse.ArgumentParser) -> None:
@@ -47,7 +51,7 @@ def add_no_clip_arg(p: argparse.ArgumentParser) -> None:
 def method_options(args: argparse.Namespace) -> dict[str, Any]:
     """The method parts the options set: ``awq`` (``--awq-scaling``), ``gptq`` (``--damp``, ``--no-act-order``),
     ``clip`` (None with ``--no-clip``) and ``learned`` (``--iters``, ``--learn-norms``, ``--block-loss``,
-    ``--momentum``, ``--round-lr``); options a command does not define keep their defaults."""
+    ``--momentum``, ``--round-lr``, ``--compile``); options a command does not define keep their defaults."""
     from lowbit.methods.awq import AWQConfig
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.methods.learned import LearnedConfig
@@ -61,7 +65,8 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
                                      learn_norms=getattr(args, "learn_norms", False),
                                      loss=getattr(args, "block_loss", None) or LearnedConfig.loss,
                                      momentum=_given(getattr(args, "momentum", None), LearnedConfig.momentum),
-                                     lr=getattr(args, "round_lr", None))}
+                                     lr=getattr(args, "round_lr", None),
+                                     compile=getattr(args, "compile", LearnedConfig.compile))}
 
 
 def _given(value: Any, default: Any) -> Any:

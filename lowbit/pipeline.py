@@ -30,6 +30,7 @@ from lowbit.calib.stats import InputStats
 from lowbit.config import QuantRecipe
 from lowbit.errors import ConfigError
 from lowbit.methods.awq import fold_scale, output_width, search_scale
+from lowbit.methods.compiled_pass import BlockCall, should_compile
 from lowbit.methods.learned import LearnedConfig, lossless_copy, refine_block, refinement_bytes
 from lowbit.methods.method import MethodConfig, quantize_weight
 from lowbit.methods.rtn import quantize_rtn
@@ -118,7 +119,8 @@ def _block_working_set(block: nn.Module, method: MethodConfig) -> int:
     extra = 8 * widest * widest if method.rounding == "gptq" else 0
     if method.learned is not None:
         sizes = [m.in_features * m.out_features for m in linears]
-        extra += sum(refinement_bytes(sum(sizes), max(sizes, default=0)))
+        compiled = should_compile(method.learned.compile, sum(sizes))
+        extra += sum(refinement_bytes(sum(sizes), max(sizes, default=0), compiled=compiled))
     return weights + extra
 
 
@@ -315,10 +317,10 @@ def _refine(block: nn.Module, prefix: str, floats: dict[str, tuple[torch.Tensor,
         if initial is not None:
             layers[name] = (w, b, initial)
     outputs: list[BlockInputs] = []
+    call = BlockCall(should_compile(cfg.compile, sum(w.numel() for w, _, _ in layers.values())))
 
     def run(module: nn.Module, i: int) -> torch.Tensor:
-        out = module(inputs[i].hidden, *inputs[i].args, **inputs[i].kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return call(module, inputs[i].hidden, inputs[i].args, inputs[i].kwargs)
 
     def commit(quantized: dict[str, object]) -> None:
         for name, qt in quantized.items():

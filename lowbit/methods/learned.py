@@ -51,6 +51,7 @@ from torch import nn
 
 from lowbit.core.qtensor import QuantizedTensor
 from lowbit.errors import ConfigError
+from lowbit.methods.compiled_pass import COMPILE_MODES, CompileMode
 from lowbit.methods.learned_linear import LearnedLinear
 
 __all__ = ["LearnedConfig", "LearnedLinear", "Refinement", "lossless_copy", "refine_block", "refinement_bytes",
@@ -72,7 +73,9 @@ class LearnedConfig:
     ~0 there; the best seen if those lose to the start) or ``"best"`` (the lowest loss seen on one step's batch,
     AutoRound's choice). ``loss``: ``"token"`` (a token's error relative to its own output norm where that is above
     the tokens' mean, else to the mean: see :func:`relative_error`) or ``"output"`` (the whole output's relative
-    error: AutoRound's MSE)."""
+    error: AutoRound's MSE). ``compile``: the training passes through ``torch.compile`` — ``"auto"`` for blocks
+    of real models' size (:func:`~lowbit.methods.compiled_pass.should_compile`), ``"on"``, ``"off"`` (eager:
+    one layer's gradients at a time, the least memory)."""
 
     iters: int = 200
     lr: float | None = None
@@ -83,6 +86,7 @@ class LearnedConfig:
     keep: Literal["last", "best"] = "last"
     loss: Literal["token", "output"] = "token"
     momentum: float = 0.5
+    compile: CompileMode = "auto"
 
     def __post_init__(self) -> None:
         lo, hi = self.scale_range
@@ -93,6 +97,9 @@ class LearnedConfig:
         if self.iters < 0 or (self.lr is not None and self.lr <= 0) or not 0 < lo <= 1 <= hi:
             raise ConfigError("learned rounding needs --iters ≥ 0, --round-lr (lr) > 0 and a scale range "
                               "lo ≤ 1 ≤ hi with lo > 0")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"learned rounding's compile mode is one of {', '.join(COMPILE_MODES)}, not "
+                              f"{self.compile!r}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"learned rounding's momentum is in [0, 1), not {self.momentum}")
 
@@ -132,14 +139,17 @@ def _momentum_direction(velocity: torch.Tensor, grad: torch.Tensor, momentum: fl
 STATE_BYTES_PER_WEIGHT = 12  # per weight of a refined block's linears: o₀ (int16) 2, δ 4, best δ 4, δ's momentum 2
 
 
-def refinement_bytes(weights: int, largest: int, float_bytes: int = 4) -> tuple[int, int]:
+def refinement_bytes(weights: int, largest: int, float_bytes: int = 4, compiled: bool = False) -> tuple[int, int]:
     """What refining a block holds beyond its codes and activations, for ``weights`` linear weights of which the
     largest linear has ``largest``: ``(state, backward)`` — the state per weight is its float copy
     (``float_bytes``: see :func:`lossless_copy`), ``o₀``, ``δ``, the best ``δ`` and ``δ``'s momentum (bfloat16);
-    the backward pass adds the largest linear's ``∂L/∂Ŵ`` and ``Ŵ`` (float32 each, also under bf16 autocast: ``Ŵ``
-    is built in float32 before its cast; rebuilt once, slice by slice, and kept for ``∂L/∂x``) and ``δ``'s
-    gradient (float32), one layer at a time."""
-    return weights * (STATE_BYTES_PER_WEIGHT + float_bytes), largest * (2 * 4 + 4)
+    the eager backward pass adds the largest linear's ``∂L/∂Ŵ`` and ``Ŵ`` (float32 each, also under bf16
+    autocast: ``Ŵ`` is built in float32 before its cast; rebuilt once, slice by slice, and kept for ``∂L/∂x``) and
+    ``δ``'s gradient (float32), one layer at a time; a ``compiled`` one (:mod:`~lowbit.methods.compiled_pass`)
+    returns every ``δ``'s gradient together (float32) and holds one linear's 16-bit ``Ŵ`` at a time (measured on
+    synthetic Llama-3-8B shapes, 2 blocks: peak 5.95 GB compiled, 5.67 GB eager)."""
+    backward = weights * 4 + largest * 2 if compiled else largest * (2 * 4 + 4)
+    return weights * (STATE_BYTES_PER_WEIGHT + float_bytes), backward
 
 
 def lossless_copy(weight: torch.Tensor) -> torch.Tensor:

@@ -165,8 +165,13 @@ class LearnedLinear(nn.Module):
         """``x · Ŵᵀ (+ b)``. When gradients flow, autograd keeps only ``x``: neither ``Ŵ`` nor the elementwise
         chain from ``w`` to it (about five float32 tensors of the weight's size: the spread scales, the
         positions, the codes) — the backward pass recomputes them, one layer at a time
-        (:class:`_RecomputedWeightLinear`), so a block being trained holds its parameters and little else."""
+        (:class:`_RecomputedWeightLinear`), so a block being trained holds its parameters and little else. Under
+        ``torch.compile`` (:mod:`lowbit.methods.compiled_pass`) the chain is traced as the plain ops of
+        :meth:`dequantized` instead: inductor fuses it into a pass or two and decides what the backward keeps."""
         trained = [p for _, p in self.trained()] if torch.is_grad_enabled() else []
+        if trained and torch.compiler.is_compiling():  # traced: the chain as plain ops, which inductor fuses
+            dtype = _run_dtype(x)
+            return self._linear(x, self.dequantized().to(dtype))
         if trained:
             return _RecomputedWeightLinear.apply(x, self, *trained)
         return self._linear(x, self.dequantized_by_rows(_run_dtype(x)))

@@ -45,7 +45,8 @@ import torch
 from torch import nn
 
 from lowbit.config import QuantConfig
-from lowbit.methods.learned import refinement_bytes
+from lowbit.methods.compiled_pass import should_compile
+from lowbit.methods.learned import LearnedConfig, refinement_bytes
 from lowbit.methods.learned_linear import CHUNK_ELEMENTS as LEARNED_CHUNK_ELEMENTS
 from lowbit.methods.rtn import CHUNK_ELEMENTS
 from lowbit.plan.memory import quantized_weight_bytes
@@ -134,12 +135,15 @@ def quantize_memory(model: nn.Module, config: QuantConfig, calibrated: bool = Fa
         # counted in float32 whatever the compute dtype: under bf16 autocast the residual stream, the norms and the
         # chain stay float32 and each linear's float32 Ŵ is built before its cast (synthetic Llama-3-8B shapes, 2
         # blocks: 5.75 GB peak with bf16 passes, 5.82 GB with float32 — a bf16-sized estimate said 5.14 GB)
-        state, gradients = refinement_bytes(s.linear_params, out * inn, stored_bytes)
+        # the training steps compiled as learned rounding's default ("auto") does for blocks of this size
+        compiled = should_compile(LearnedConfig.compile, s.linear_params)
+        state, gradients = refinement_bytes(s.linear_params, out * inn, stored_bytes, compiled)
         refining = {"block (codes: initial, refined)": 2 * s.packed_block
                     + (s.block_params - s.linear_params) * 4,
                     "learned rounding state": state,
-                    # the largest linear's ∂L/∂Ŵ and δ's gradient, one row slice of its chain
-                    "recomputing one linear": gradients + _LEARNED_RECOMPUTED * LEARNED_CHUNK_ELEMENTS * 4,
+                    # eager: the largest linear's ∂L/∂Ŵ and δ's gradient, one row slice of its chain; compiled:
+                    # every δ's gradient at once
+                    "backward pass": gradients + (0 if compiled else _LEARNED_RECOMPUTED * LEARNED_CHUNK_ELEMENTS * 4),
                     "calibration text": CALIBRATION_TEXT_BYTES,
                     "calibration states": 4 * samples * seqlen * s.hidden * 4,
                     # kept for the backward pass: about twice a forward pass's live activations

@@ -1,0 +1,97 @@
+"""Learned rounding's compiled training passes: the eager step's values and gradients, and an eager fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from conftest import make_tiny
+from lowbit.config import QuantConfig
+from lowbit.errors import ConfigError
+from lowbit.methods import compiled_pass
+from lowbit.methods.compiled_pass import AUTO_MIN_WEIGHTS, BlockCall, should_compile
+from lowbit.methods.learned import LearnedConfig, LearnedLinear
+from lowbit.methods.rtn import quantize_rtn
+from lowbit.model.modules import set_submodule
+
+
+def test_auto_compiles_blocks_of_real_models_size_only() -> None:
+    cases = [("auto", AUTO_MIN_WEIGHTS), ("auto", AUTO_MIN_WEIGHTS - 1), ("on", 1), ("off", 10**10)]
+    assert [should_compile(mode, weights) for mode, weights in cases] == [True, False, True, False]
+
+
+def test_an_unknown_compile_mode_is_refused_with_the_choices() -> None:
+    with pytest.raises(ConfigError, match="auto, on, off"):
+        LearnedConfig(compile="fast")
+
+
+def _learned_block() -> tuple[torch.nn.Module, torch.Tensor, tuple, dict]:
+    """A tiny Llama's first block with every linear a :class:`LearnedLinear` (4-bit g32, offsets moved off zero),
+    and the inputs the model passes it."""
+    model = make_tiny("llama")
+    block = model.model.layers[0]
+    seen: dict = {}
+    hook = block.register_forward_pre_hook(lambda m, args, kwargs: seen.update(args=args, kwargs=kwargs),
+                                           with_kwargs=True)
+    with torch.no_grad():
+        model(torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1)), use_cache=False)
+    hook.remove()
+    for p in block.parameters():
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(2)
+    for name, linear in [(n, m) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]:
+        layer = LearnedLinear(linear.weight, linear.bias, quantize_rtn(linear.weight.detach(),
+                                                                       QuantConfig(bits=4, group_size=32)))
+        with torch.no_grad():
+            layer.delta.copy_(torch.rand(layer.delta.shape, generator=generator) - 0.5)
+            for factor in layer.scale_parameters():
+                factor.copy_(0.8 + 0.2 * torch.rand(factor.shape, generator=generator))
+        set_submodule(block, name, layer)
+    hidden, *args = seen["args"]
+    return block, hidden, tuple(args), seen["kwargs"]
+
+
+def _step(call: BlockCall, block: torch.nn.Module, hidden: torch.Tensor, args: tuple,
+          kwargs: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    params = [p for m in block.modules() if isinstance(m, LearnedLinear) for p in m.parameters_to_learn()]
+    for p in params:
+        p.grad = None
+    out = call(block, hidden, args, kwargs)
+    out.pow(2).mean().backward()
+    return out.detach(), [p.grad.clone() for p in params]
+
+
+@pytest.mark.slow  # (compiles a block: ~10 s)
+def test_a_compiled_step_gives_the_eager_steps_output_and_gradients() -> None:
+    block, hidden, args, kwargs = _learned_block()
+    eager, eager_grads = _step(BlockCall(False), block, hidden, args, kwargs)
+    compiled, compiled_grads = _step(BlockCall(True), block, hidden, args, kwargs)
+    assert float((compiled - eager).norm() / eager.norm()) < 1e-5  # measured 9e-8
+    for c, e in zip(compiled_grads, eager_grads):  # (fused sums: the same values up to float32 rounding)
+        assert float((c - e).norm() / e.norm()) < 1e-5  # measured ≤ 7e-7
+        assert torch.equal(c.sign(), e.sign())  # what the signed steps follow
+    layer = next(m for m in block.modules() if isinstance(m, LearnedLinear))
+    with torch.no_grad():  # the chain traced: the scales rounded to float16 as stored (inductor's default skips it)
+        assert torch.equal(torch.compile(layer.dequantized, options={"emulate_precision_casts": True})(),
+                           layer.dequantized())
+
+
+def test_a_failed_compile_is_reported_once_and_the_steps_run_eagerly(monkeypatch, caplog) -> None:
+    def failing(*args, **kwargs):
+        raise torch._dynamo.exc.TorchDynamoException("no C++ compiler found\nsecond line")
+
+    monkeypatch.setattr(compiled_pass, "_compiled", [failing])
+    block, hidden, args, kwargs = _learned_block()
+    call = BlockCall(True)
+    with caplog.at_level(logging.WARNING, logger="lowbit.methods.compiled_pass"):
+        out, grads = _step(call, block, hidden, args, kwargs)
+        again, _ = _step(call, block, hidden, args, kwargs)
+    expected, expected_grads = _step(BlockCall(False), block, hidden, args, kwargs)
+    assert call.compiled is False
+    assert torch.equal(out, expected) and torch.equal(again, expected)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
+    assert [r.getMessage() for r in caplog.records] == [
+        "learned rounding: torch.compile failed (no C++ compiler found); its steps run eagerly (slower, same "
+        "method). Pass --compile off to skip the attempt."]
