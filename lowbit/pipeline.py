@@ -245,8 +245,11 @@ def quantize_sequential(
                 stats: dict[str, InputStats | None] = {k: None for k in keys}
                 if calibrated and observe:
                     sample = method.smoothquant.sample_tokens if method.smoothquant is not None else 0
+                    narrow = quantize_layer is to_qlinear and method.xtx_read_by_scale_search_only
                     stats = {k: InputStats(linear_weight(block.get_submodule(k)).shape[1],
-                                           absolute=method.awq is not None, sample_rows=sample) for k in keys}
+                                           absolute=method.awq is not None, sample_rows=sample,
+                                           product_dtype=torch.bfloat16 if narrow and compute_dtype == torch.bfloat16
+                                           else torch.float32) for k in keys}
                     with block_passes(compute_dtype):
                         observe_block_inputs(block, inputs, {k: block.get_submodule(k) for k in keys},
                                              lambda k, x: stats[k].add(x))

@@ -7,6 +7,10 @@
   whose loss quantizes the activations and so cannot be written with ``XᵀX`` alone).
 
 Output-error searches need no stored activations: ``‖X Dᵀ‖² = tr(D XᵀX Dᵀ)`` for any weight error ``D``.
+
+``product_dtype`` bfloat16 forms each batch's ``XᵀX`` as one bf16 GEMM (float32 accumulation inside it, the
+product rounded to bf16 before it is added to the float32 sum): for a consumer that multiplies by it in bf16
+anyway — AWQ's scale search under bf16 passes — at ~0.4× the time (2048 tokens × 1536 inputs: 10 vs 24 ms).
 """
 
 from __future__ import annotations
@@ -37,13 +41,17 @@ class InputStats:
     sample_rows: int = 0  # keep the first rows of X (SmoothQuant's search) and max|x| per channel
     abs_max: torch.Tensor | None = None
     sample: torch.Tensor | None = None
+    product_dtype: torch.dtype = torch.float32  # the dtype each batch's XᵀX is multiplied in (see the module doc)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.float()
         if self._sum is None:
             self._sum = torch.zeros(self.in_features, self.in_features)
             self.abs_sum = torch.zeros(self.in_features, dtype=torch.float64)
-        for r in range(0, self.in_features, _ROWS):
+        if self.product_dtype != torch.float32:  # one GEMM: a triangle of small ones would lose its speed
+            narrow = x.to(self.product_dtype)
+            self._sum.add_(torch.mm(narrow.T, narrow))
+        x = x.float()
+        for r in range(0, self.in_features, _ROWS) if self.product_dtype == torch.float32 else ():
             self._sum[r : r + _ROWS, r:].addmm_(x[:, r : r + _ROWS].T, x[:, r:])
         self._mirrored = False
         self.factors.clear()

@@ -111,6 +111,12 @@ class MethodConfig:
         return self.rounding == "gptq" or self.clip is not None or self.scales_inputs
 
     @property
+    def xtx_read_by_scale_search_only(self) -> bool:
+        """Whether AWQ's scale search is the only reader of the inputs' ``XᵀX`` (no GPTQ, no clip search): it
+        multiplies by it in the block passes' dtype, so the statistics may form it in that dtype too."""
+        return self.awq is not None and self.rounding != "gptq" and self.clip is None
+
+    @property
     def scales_inputs(self) -> bool:
         """Whether a transform folds per-channel input scales into the blocks (AWQ or SmoothQuant)."""
         return self.awq is not None or self.smoothquant is not None

@@ -20,3 +20,26 @@ def test_triangular_accumulation_equals_the_full_product(width: int) -> None:
     stats.add(batches[0])  # more batches after a read: the mirror is redone
     assert torch.allclose(stats.xtx.double(), full + batches[0].double().T @ batches[0].double(), rtol=1e-5,
                           atol=1e-6 * float(full.abs().max()))
+
+
+def test_bf16_products_give_xtx_to_bf16_precision_and_the_same_channel_statistics() -> None:
+    """AWQ's search multiplies by XᵀX in bf16 under bf16 passes: forming it there (one bf16 GEMM per batch) loses
+    no more than bf16's own rounding — and Σ|x| stays exact."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(256, 96, generator=gen) * (1 + torch.arange(96))).bfloat16() for _ in range(4)]
+    wide, narrow = InputStats(96), InputStats(96, product_dtype=torch.bfloat16)
+    for x in batches:
+        wide.add(x)
+        narrow.add(x)
+    error = float((narrow.xtx - wide.xtx).norm() / wide.xtx.norm())
+    assert 0 < error < 2 ** -8  # (a bf16 rounding of each product; measured ~1e-3)
+    assert torch.equal(narrow.xtx, narrow.xtx.T) and torch.equal(narrow.mean_abs, wide.mean_abs)
+
+
+def test_only_a_scale_search_alone_reads_xtx_in_the_block_passes_dtype() -> None:
+    from lowbit.methods.method import ClipConfig, MethodConfig
+
+    read_alone = [MethodConfig.parse(name, clip=clip).xtx_read_by_scale_search_only
+                  for name, clip in [("awq+learned", None), ("awq", None), ("awq", ClipConfig()),
+                                     ("awq+gptq", None), ("learned", None)]]
+    assert read_alone == [True, True, False, False, False]
