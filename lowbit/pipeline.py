@@ -30,7 +30,7 @@ from lowbit.calib.stats import InputStats
 from lowbit.config import QuantRecipe
 from lowbit.errors import ConfigError
 from lowbit.methods.awq import fold_scale, output_width, search_scale
-from lowbit.methods.compiled_pass import BlockCall, should_compile
+from lowbit.methods.compiled_pass import BlockCall, job_work, should_compile
 from lowbit.methods.learned import LearnedConfig, lossless_copy, refine_block, refinement_bytes
 from lowbit.methods.method import MethodConfig, quantize_weight
 from lowbit.methods.rtn import quantize_rtn
@@ -109,7 +109,7 @@ def apply_awq(block: nn.Module, spec: ArchSpec, selected: dict[str, LayerTarget]
     return folded
 
 
-def _block_working_set(block: nn.Module, method: MethodConfig) -> int:
+def _block_working_set(block: nn.Module, method: MethodConfig, compiled: bool = False) -> int:
     """Bytes a block needs while it is quantized: its weights in float32, plus GPTQ's two ``K × K`` float32
     matrices for its widest linear input; learned rounding also holds its state and the largest linear's
     gradients (:func:`~lowbit.methods.learned.refinement_bytes`, float32 copies and passes: the most it takes)."""
@@ -119,7 +119,6 @@ def _block_working_set(block: nn.Module, method: MethodConfig) -> int:
     extra = 8 * widest * widest if method.rounding == "gptq" else 0
     if method.learned is not None:
         sizes = [m.in_features * m.out_features for m in linears]
-        compiled = should_compile(method.learned.compile, sum(sizes))
         extra += sum(refinement_bytes(sum(sizes), max(sizes, default=0), compiled=compiled))
     return weights + extra
 
@@ -201,6 +200,7 @@ def quantize_sequential(
     calibrated = method.needs_calibration or calib_ids is not None  # GGUF imatrix: statistics, nearest rounding
     inputs: list[BlockInputs] | None = None
     spill: SpillFolder | None = None
+    compiled = False  # learned rounding's steps through torch.compile (see lowbit.methods.compiled_pass)
     if calibrated:
         if calib_ids is None:
             raise ConfigError(f"method {method.name} needs calibration data: pass calibration token ids")
@@ -209,11 +209,16 @@ def quantize_sequential(
         states_bytes = calib_ids.numel() * sm.model.config.get_text_config().hidden_size * 4
         if method.learned is not None:  # four streams, not two: also the float model's inputs and outputs
             states_bytes *= 2
-        if should_spill(states_bytes, resident_memory() + _block_working_set(blocks[0], method), max_memory):
+        compiled = method.learned is not None and should_compile(method.learned.compile, job_work(
+            sum(linear_weight(t.module).numel() for t in targets if t.block_index is not None),
+            min(calib.batch_size, calib_ids.shape[0]) * calib_ids.shape[1], method.learned.iters))
+        working_set = _block_working_set(blocks[0], method, compiled)
+        if should_spill(states_bytes, resident_memory() + working_set, max_memory):
             spill = SpillFolder(spill_dir)
         with block_passes(compute_dtype):
             inputs = capture_first_block_inputs(sm.model, blocks[0], calib_ids, calib.batch_size, embed, spill)
     learned = method.learned if calibrated else None
+    block_call = BlockCall(compiled)  # one for every block: a failed compile is reported and dropped once
     fp_inputs: list[BlockInputs] | None = None  # learned rounding: the float model's stream (its targets)
     if learned is not None:
         refine_target = QLINEAR_TARGET if quantize_layer is to_qlinear else refine_target
@@ -270,8 +275,8 @@ def quantize_sequential(
                         old.to("meta")  # the target list still references it: drop its float weight now
                 stats.clear()  # Hessians and their cached factors: not needed by the output pass
                 if wanted is not None:
-                    note, outputs = _refine(block, prefix, floats, inputs, wanted, learned, compute_dtype, spill,
-                                            refine_target)
+                    note, outputs = _refine(block, prefix, floats, inputs, wanted, learned, block_call, compute_dtype,
+                                            spill, refine_target)
                     bar.set_postfix_str(note)
             if calibrated and outputs is not None:  # the refinement's final check ran the finished block
                 for batch in inputs:
@@ -307,10 +312,12 @@ def _resumed(saved: Iterable[torch.Tensor], captured: list[BlockInputs], spill: 
 
 
 def _refine(block: nn.Module, prefix: str, floats: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-            inputs: list[BlockInputs], targets: list[BlockInputs], cfg: LearnedConfig, compute_dtype: torch.dtype,
-            spill: SpillFolder | None, target: RefineTarget) -> tuple[str, list[BlockInputs] | None]:
+            inputs: list[BlockInputs], targets: list[BlockInputs], cfg: LearnedConfig, call: BlockCall,
+            compute_dtype: torch.dtype, spill: SpillFolder | None,
+            target: RefineTarget) -> tuple[str, list[BlockInputs] | None]:
     """Learned rounding of the block's quantized layers (:func:`lowbit.methods.learned.refine_block`) against
-    ``targets``, the float block's outputs; ``target.commit`` puts the refined layers into the block. The final
+    ``targets``, the float block's outputs, its steps run by ``call`` (compiled or not, one for the whole job);
+    ``target.commit`` puts the refined layers into the block. The final
     check (refined vs initial error on every batch) runs the finished block, so its outputs — the next block's
     inputs — are returned for reuse (None when the initial quantization was kept). Returns (progress note, outputs)."""
     made = {name: block.get_submodule(name) for name in floats}
@@ -320,7 +327,6 @@ def _refine(block: nn.Module, prefix: str, floats: dict[str, tuple[torch.Tensor,
         if initial is not None:
             layers[name] = (w, b, initial)
     outputs: list[BlockInputs] = []
-    call = BlockCall(should_compile(cfg.compile, sum(w.numel() for w, _, _ in layers.values())))
 
     def run(module: nn.Module, i: int) -> torch.Tensor:
         return call(module, inputs[i].hidden, inputs[i].args, inputs[i].kwargs)

@@ -7,10 +7,13 @@ CPU elementwise kernels are slow: on SmolLM2-135M (4 × 512 tokens a step) they 
 matmuls. Inductor fuses them, and the quantization chain ``w → Ŵ`` of every :class:`LearnedLinear` (which traces
 as plain torch ops when compiled, see its ``forward``) with them — AutoRound compiles its block the same way.
 
-Measured here (2 cores, AVX-512 BF16 + AMX, SmolLM2-135M blocks, 50 steps): a block's refinement 8.0 s eager →
-5.9 s compiled (~100 ms a step), whole-model KL unchanged within run-to-run spread; compiling costs ~20 s once per
-process with a cold inductor cache (the later blocks reuse the graph: same shapes, same code). On test-sized
-blocks that compile time is all there is, hence :func:`should_compile`'s threshold.
+Measured here (2 cores, AVX-512 BF16 + AMX; SmolLM2-135M, awq+learned 3-bit g64, 50 steps; the first 12 blocks,
+two alternating pairs of runs): a block's refinement 7.7 s eager → 6.8 s compiled (−12 %), the same losses (to
+float32 rounding: see the test) — but compiling costs ~34 s once per process with a cold inductor cache (a few
+seconds warm; the later blocks reuse the graph: same shapes, same code), so a 30-block, 50-step run gains
+nothing (a whole bench row: 338 s eager, 337.6 s compiled). Hence :func:`should_compile`: ``"auto"`` compiles
+when the eager steps are predicted to take long enough for 12 % of them to cover the cold compile twice —
+SmolLM2 at 200 steps per block, or any model with blocks of billions of weight-tokens.
 
 Memory: a compiled backward returns every trained parameter's gradient together (float32, 4 bytes per weight of
 the block's learned linears), where the eager pass holds one layer's at a time — see
@@ -29,14 +32,22 @@ log = logging.getLogger(__name__)
 
 CompileMode = Literal["auto", "on", "off"]
 COMPILE_MODES: tuple[CompileMode, ...] = ("auto", "on", "off")
-AUTO_MIN_WEIGHTS = 1 << 21  # a block's learned weights from which "auto" compiles (SmolLM2-135M's: 3.5 M)
+EAGER_SECONDS_PER_WORK = 2.1e-11  # eager refinement per weight × token × step (SmolLM2, 7.7 s per block above)
+AUTO_MIN_EAGER_SECONDS = 2 * 34 / 0.12  # eager time from which 12 % of it covers a cold compile (34 s) twice
 
 
-def should_compile(mode: CompileMode, block_weights: int) -> bool:
-    """Whether the training passes of a block with ``block_weights`` learned weights are compiled: ``"on"``,
-    ``"off"``, or ``"auto"`` — from :data:`AUTO_MIN_WEIGHTS` weights (every block of a ≥ 100 M-parameter LLM;
-    a test-sized block's steps take less time than compiling them)."""
-    return mode == "on" or (mode == "auto" and block_weights >= AUTO_MIN_WEIGHTS)
+def should_compile(mode: CompileMode, work: int) -> bool:
+    """Whether a job's learned-rounding steps are compiled: ``"on"``, ``"off"``, or ``"auto"`` — when its eager
+    steps are predicted to take ≥ :data:`AUTO_MIN_EAGER_SECONDS` (~9.4 minutes), ``work`` being the job's learned
+    weights × tokens per step × steps per block (summed over blocks; e.g. SmolLM2-135M, 4 × 512 tokens: 3.54 M
+    weights × 2048 × 50 steps × 30 blocks = 1.1·10¹³, eager ~230 s: not compiled; at 200 steps: compiled)."""
+    return mode == "on" or (mode == "auto" and work * EAGER_SECONDS_PER_WORK >= AUTO_MIN_EAGER_SECONDS)
+
+
+def job_work(weights: int, tokens_per_step: int, iters: int) -> int:
+    """The ``work`` of :func:`should_compile`: ``weights`` (every refined block's linear weights together) ×
+    ``tokens_per_step`` × ``iters``."""
+    return weights * tokens_per_step * iters
 
 
 def _first_output(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from lowbit.config import QuantConfig
-from lowbit.methods.compiled_pass import should_compile
+from lowbit.methods.compiled_pass import job_work, should_compile
 from lowbit.methods.learned import LearnedConfig, refinement_bytes
 from lowbit.methods.learned_linear import CHUNK_ELEMENTS as LEARNED_CHUNK_ELEMENTS
 from lowbit.methods.rtn import CHUNK_ELEMENTS
@@ -85,6 +85,7 @@ class _Shapes:
     linear_params: int  # elements of a block's linear weights
     block_inputs: list[int]  # in-features of the distinct inputs of a block's linears
     packed_block: int
+    blocks: int  # decoder blocks
 
 
 def _shapes(model: nn.Module, config: QuantConfig) -> _Shapes:
@@ -92,7 +93,8 @@ def _shapes(model: nn.Module, config: QuantConfig) -> _Shapes:
     from lowbit.model.modules import linear_weight
 
     spec = spec_for(model)
-    block = block_list(model, spec)[0]
+    blocks = block_list(model, spec)
+    block = blocks[0]
     linears = {n: linear_weight(m).shape for n, m in block.named_modules() if isinstance(m, nn.Linear)}
     rep = {name: group[0] for group in spec.linear_groups for name in group}
     inputs = {rep.get(n, n): int(shape[1]) for n, shape in linears.items()}
@@ -108,7 +110,7 @@ def _shapes(model: nn.Module, config: QuantConfig) -> _Shapes:
         largest_linear=(int(largest[0]), int(largest[1])),
         largest_tensor=max((p.numel() for p in block.parameters()), default=0),
         linear_params=sum(int(o) * int(i) for o, i in linears.values()), block_inputs=list(inputs.values()),
-        packed_block=packed_block)
+        packed_block=packed_block, blocks=len(blocks))
 
 
 def _estimate(task: str, terms: dict[str, int]) -> MemoryEstimate:
@@ -135,8 +137,9 @@ def quantize_memory(model: nn.Module, config: QuantConfig, calibrated: bool = Fa
         # counted in float32 whatever the compute dtype: under bf16 autocast the residual stream, the norms and the
         # chain stay float32 and each linear's float32 Ŵ is built before its cast (synthetic Llama-3-8B shapes, 2
         # blocks: 5.75 GB peak with bf16 passes, 5.82 GB with float32 — a bf16-sized estimate said 5.14 GB)
-        # the training steps compiled as learned rounding's default ("auto") does for blocks of this size
-        compiled = should_compile(LearnedConfig.compile, s.linear_params)
+        # the training steps compiled where learned rounding's default ("auto", 200 steps) compiles them
+        compiled = should_compile(LearnedConfig.compile, job_work(s.linear_params * s.blocks, batch_size * seqlen,
+                                                                   LearnedConfig.iters))
         state, gradients = refinement_bytes(s.linear_params, out * inn, stored_bytes, compiled)
         refining = {"block (codes: initial, refined)": 2 * s.packed_block
                     + (s.block_params - s.linear_params) * 4,

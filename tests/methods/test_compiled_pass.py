@@ -11,15 +11,19 @@ from conftest import make_tiny
 from lowbit.config import QuantConfig
 from lowbit.errors import ConfigError
 from lowbit.methods import compiled_pass
-from lowbit.methods.compiled_pass import AUTO_MIN_WEIGHTS, BlockCall, should_compile
+from lowbit.methods.compiled_pass import BlockCall, job_work, should_compile
 from lowbit.methods.learned import LearnedConfig, LearnedLinear
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.model.modules import set_submodule
 
 
-def test_auto_compiles_blocks_of_real_models_size_only() -> None:
-    cases = [("auto", AUTO_MIN_WEIGHTS), ("auto", AUTO_MIN_WEIGHTS - 1), ("on", 1), ("off", 10**10)]
-    assert [should_compile(mode, weights) for mode, weights in cases] == [True, False, True, False]
+def test_auto_compiles_only_jobs_whose_eager_steps_would_outlast_the_compile_many_times() -> None:
+    smollm2 = 30 * 3_538_944  # 30 blocks of 3.54 M learned weights, 4 × 512 tokens a step
+    cases = [("auto", job_work(smollm2, 2048, 50)), ("auto", job_work(smollm2, 2048, 200)),
+             ("auto", job_work(8 * 64 * 64 * 12, 32 * 256, 50)),  # a test-sized job
+             ("auto", job_work(32 * 218_103_808, 2048, 50)),  # Llama-3-8B's 32 blocks
+             ("on", 1), ("off", 10**18)]
+    assert [should_compile(mode, work) for mode, work in cases] == [False, True, False, True, True, False]
 
 
 def test_an_unknown_compile_mode_is_refused_with_the_choices() -> None:
@@ -95,3 +99,25 @@ def test_a_failed_compile_is_reported_once_and_the_steps_run_eagerly(monkeypatch
     assert [r.getMessage() for r in caplog.records] == [
         "learned rounding: torch.compile failed (no C++ compiler found); its steps run eagerly (slower, same "
         "method). Pass --compile off to skip the attempt."]
+
+
+@pytest.mark.parametrize("mode, compiled", [("on", True), ("auto", False), ("off", False)])
+def test_the_driver_runs_the_steps_compiled_as_the_mode_says(monkeypatch, mode: str, compiled: bool) -> None:
+    """The job's mode reaches every block's steps ('auto' on a test-sized job: eager); only passes with
+    gradients go through the compiled callable (stood in for here: the real one is the slow test's)."""
+    from lowbit.config import QuantRecipe
+    from lowbit.methods.method import MethodConfig
+    from lowbit.quantize import quantize_model
+
+    calls = []
+
+    def stand_in(block, hidden, args, kwargs):
+        calls.append(torch.is_grad_enabled())
+        return compiled_pass._first_output(block, hidden, args, kwargs)
+
+    monkeypatch.setattr(compiled_pass, "_compiled", [stand_in])
+    method = MethodConfig.parse("learned", clip=None, learned=LearnedConfig(iters=3, compile=mode))
+    quantize_model(make_tiny("llama"), QuantRecipe(QuantConfig(bits=4, group_size=32)), method=method,
+                   calib_ids=torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(3)),
+                   progress=False)
+    assert calls == ([True] * 3 * 2 if compiled else [])  # 3 steps × 2 blocks

@@ -224,9 +224,9 @@ def test_under_bf16_passes_learned_rounding_fits_float32_targets(monkeypatch) ->
     targets: dict[torch.dtype, list[torch.Tensor]] = {}
     refine = pipeline._refine
 
-    def spy(block, prefix, floats, inputs, wanted, cfg, dtype, *rest):
+    def spy(block, prefix, floats, inputs, wanted, cfg, call, dtype, *rest):
         targets.setdefault(dtype, []).extend(t.hidden.clone() for t in wanted)
-        return refine(block, prefix, floats, inputs, wanted, cfg, dtype, *rest)
+        return refine(block, prefix, floats, inputs, wanted, cfg, call, dtype, *rest)
 
     monkeypatch.setattr(pipeline, "_refine", spy)
     method = MethodConfig.parse("learned", clip=None, learned=LearnedConfig(iters=3))

@@ -111,9 +111,9 @@ def test_mixed_budget_for_a_memory_limit(llama70b_config: Path) -> None:
 def test_learned_rounding_memory_counts_every_linear_weight_of_a_70b_block(tmp_path: Path, dtype: torch.dtype) -> None:
     """Llama-2-70B's block has 855,638,016 linear weights (q, o: 8192²; k, v: 8192 × 1024; gate, up, down:
     8192 × 28672); learned rounding keeps 14 bytes of state per weight of a bf16 model (its 2-byte copy, o₀, δ,
-    best δ, δ's bfloat16 momentum); its training steps are compiled (learned rounding's default for blocks of
-    this size), so the backward pass returns every δ's gradient together (float32) and holds one linear's 16-bit
-    Ŵ: above GPTQ's peak."""
+    best δ, δ's bfloat16 momentum); its training steps are compiled (learned rounding's default, 200 steps, for
+    a job of this size — even 2 blocks), so the backward pass returns every δ's gradient together (float32) and
+    holds one linear's 16-bit Ŵ: above GPTQ's peak."""
     from lowbit.plan.job_memory import job_memory, quantize_memory
 
     path = tmp_path / "config.json"
