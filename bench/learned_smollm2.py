@@ -209,7 +209,11 @@ def main() -> None:
              "only: from the AMD VM to this one AutoRound light went 1.6–2.2× faster (4-bit 401 → 251 s, 3-bit g64 "
              "425 → 233 s, 3-bit g128 546 → 254 s) and lowbit 1.6× (4-bit awq+learned 542 → 332 s); AutoRound's "
              "3-bit g128 KL moved too (0.4146 → 0.4669). 2026-12-07 (same VM kind, each alone, at 829960c): lowbit "
-             "'learned --no-clip --round-lr 0.01' (no AWQ) at 3-bit g64, 3-bit g128 and 2-bit g64 too.")
+             "'learned --no-clip --round-lr 0.01' (no AWQ) at 3-bit g64, 3-bit g128 and 2-bit g64 too. Its second "
+             "session (same VM kind, alone): '--compile on (7484e96, cold cache)' is the 4-bit awq+learned row with "
+             "its training steps through torch.compile (the inductor cache emptied first: ~34 s of compiling in the "
+             "time); the rows at the same rate run before it are named '(eager, before 7484e96)' — and eager is what "
+             "50-step SmolLM2 runs still get ('--compile auto': too short a job for the compile to pay).")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
