@@ -73,9 +73,9 @@ class LearnedConfig:
     ~0 there; the best seen if those lose to the start) or ``"best"`` (the lowest loss seen on one step's batch,
     AutoRound's choice). ``loss``: ``"token"`` (a token's error relative to its own output norm where that is above
     the tokens' mean, else to the mean: see :func:`relative_error`) or ``"output"`` (the whole output's relative
-    error: AutoRound's MSE). ``compile``: the training passes through ``torch.compile`` — ``"auto"`` for blocks
-    of real models' size (:func:`~lowbit.methods.compiled_pass.should_compile`), ``"on"``, ``"off"`` (eager:
-    one layer's gradients at a time, the least memory)."""
+    error: AutoRound's MSE). ``compile``: the training passes through ``torch.compile`` — ``"auto"`` for jobs long
+    enough to pay for the compile (:func:`~lowbit.methods.compiled_pass.should_compile`), ``"on"``, ``"off"``
+    (eager: one layer's gradients at a time, the least memory)."""
 
     iters: int = 200
     lr: float | None = None
