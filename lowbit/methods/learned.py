@@ -131,9 +131,14 @@ def relative_error(out: torch.Tensor, want: torch.Tensor, per_token: bool = Fals
 
 
 def _momentum_direction(velocity: torch.Tensor, grad: torch.Tensor, momentum: float) -> torch.Tensor:
-    """Signum's direction: ``m ← μ·m + (1 − μ)·g`` in place on ``velocity`` (returned); a signed step follows its
-    sign."""
-    return velocity.mul_(momentum).add_(grad, alpha=1 - momentum)
+    """Signum's direction: ``m ← μ·m + (1 − μ)·g``, computed in float32 and written back to ``velocity`` (in
+    place; rounded there when it is stored in bfloat16 — updated in bfloat16 in place, the same values took 2.3×
+    the time: 16.5 vs 7.3 ms for a SmolLM2 block's 3.5 M weights); returns the float32 ``m``, whose sign a signed
+    step follows."""
+    m = velocity.float().mul_(momentum).add_(grad, alpha=1 - momentum)  # (velocity itself when it is float32)
+    if m is not velocity:
+        velocity.copy_(m)
+    return m
 
 
 STATE_BYTES_PER_WEIGHT = 12  # per weight of a refined block's linears: o₀ (int16) 2, δ 4, best δ 4, δ's momentum 2
@@ -218,8 +223,8 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
     def signed_step(bounds: tuple[float, float]) -> Callable[[torch.Tensor], None]:
         """A parameter's step, taken as soon as the backward pass has its gradient — which is then dropped, so a
         block holds one layer's gradients at a time, not all of them (the parameter is not read again later in
-        the same backward pass: each layer recomputes its own chain). The momentum is kept in bfloat16 (only its
-        sign is used: half the bytes of float32 on a weight-sized tensor)."""
+        the same backward pass: each layer recomputes its own chain). The momentum is stored in bfloat16 (only its
+        sign is used: half the bytes of float32 on a weight-sized tensor), updated in float32."""
         velocity: list[torch.Tensor] = []  # this parameter's momentum, made at its first step
 
         @torch.no_grad()
@@ -229,7 +234,7 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
                 if not velocity:
                     velocity.append(torch.zeros_like(p.grad, dtype=torch.bfloat16))
                 direction = _momentum_direction(velocity[0], p.grad, cfg.momentum)
-            p.sub_(rate[0] * direction.sign()).clamp_(*bounds)
+            p.add_(direction.sign(), alpha=-rate[0]).clamp_(*bounds)  # (the rate in float32)
             p.grad = None
         return step
 

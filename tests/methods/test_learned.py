@@ -434,7 +434,7 @@ def test_an_unknown_kept_state_is_refused_with_the_choices() -> None:
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
 def test_signed_steps_follow_the_sign_of_their_momentum(momentum: float) -> None:
-    """Reference equivalence: refine_block's steps (taken in backward hooks, momentum in bfloat16) are a plain
+    """Reference equivalence: refine_block's steps (taken in backward hooks, momentum stored in bfloat16) are a plain
     Signum loop — m ← μ·m + (1 − μ)·g, p ← clamp(p − rate·sign(m)), rate decaying linearly from 0.5/iters (μ > 0)
     or 1/iters (μ = 0, AutoRound's) — on the same batches in the same order: every step's loss equal bit for bit
     (μ = 0: the gradient's sign alone)."""
@@ -462,7 +462,10 @@ def test_signed_steps_follow_the_sign_of_their_momentum(momentum: float) -> None
         rate = ((0.5 if momentum else 1.0) / iters) * (1 - step / iters)
         with torch.no_grad():
             for p, v in zip(params, velocity):
-                direction = v.mul_(momentum).add_(p.grad, alpha=1 - momentum) if momentum else p.grad
+                direction = p.grad
+                if momentum:  # computed in float32, stored rounded to bfloat16
+                    direction = v.float() * momentum + p.grad * (1 - momentum)
+                    v.copy_(direction)
                 p.sub_(rate * direction.sign()).clamp_(*((-0.5, 0.5) if p is layer.delta else (0.5, 1.0)))
                 p.grad = None
     assert report.steps == losses
