@@ -112,7 +112,8 @@ def apply_awq(block: nn.Module, spec: ArchSpec, selected: dict[str, LayerTarget]
 def _block_working_set(block: nn.Module, method: MethodConfig, compiled: bool = False) -> int:
     """Bytes a block needs while it is quantized: its weights in float32, plus GPTQ's two ``K × K`` float32
     matrices for its widest linear input; learned rounding also holds its state and the largest linear's
-    gradients (:func:`~lowbit.methods.learned.refinement_bytes`, float32 copies and passes: the most it takes)."""
+    gradients — every linear's with ``compiled`` steps (:func:`~lowbit.methods.learned.refinement_bytes`, float32
+    copies and passes: the most it takes)."""
     weights = sum(p.numel() for p in block.parameters()) * 4
     linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
     widest = max((m.in_features for m in linears), default=0)

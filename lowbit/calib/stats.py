@@ -47,12 +47,13 @@ class InputStats:
         if self._sum is None:
             self._sum = torch.zeros(self.in_features, self.in_features)
             self.abs_sum = torch.zeros(self.in_features, dtype=torch.float64)
-        if self.product_dtype != torch.float32:  # one GEMM: a triangle of small ones would lose its speed
-            narrow = x.to(self.product_dtype)
-            self._sum.add_(torch.mm(narrow.T, narrow))
+        narrow = None if self.product_dtype == torch.float32 else x.to(self.product_dtype)
         x = x.float()
-        for r in range(0, self.in_features, _ROWS) if self.product_dtype == torch.float32 else ():
-            self._sum[r : r + _ROWS, r:].addmm_(x[:, r : r + _ROWS].T, x[:, r:])
+        if narrow is not None:  # one GEMM: a triangle of small ones would lose its speed
+            self._sum.add_(torch.mm(narrow.T, narrow))
+        else:
+            for r in range(0, self.in_features, _ROWS):
+                self._sum[r : r + _ROWS, r:].addmm_(x[:, r : r + _ROWS].T, x[:, r:])
         self._mirrored = False
         self.factors.clear()
         if self.absolute:
