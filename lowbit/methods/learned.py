@@ -141,7 +141,7 @@ def _momentum_direction(velocity: torch.Tensor, grad: torch.Tensor, momentum: fl
     return m
 
 
-STATE_BYTES_PER_WEIGHT = 12  # per weight of a refined block's linears: o₀ (int16) 2, δ 4, best δ 4, δ's momentum 2
+STATE_BYTES_PER_WEIGHT = 12  # per weight of a refined block's linears: o₀ (≤ int16) 2, δ 4, best δ 4, δ's momentum 2
 
 
 def refinement_bytes(weights: int, largest: int, float_bytes: int = 4, compiled: bool = False) -> tuple[int, int]:

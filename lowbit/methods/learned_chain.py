@@ -14,13 +14,13 @@ With ``G = ∂L/∂Ŵ``, the straight-through rounding (``∂r/∂x = 1``) and c
 
 and ``∂L/∂S``, ``∂L/∂Z`` go back to the range factors through the small per-group graph (``[R, G]`` values, the
 float16 storage and the zero point's rounding included) by autograd. The weight-sized part runs as one C loop
-(``csrc/learned_chain.c``, compiled on first use: reads ``w``, ``o₀``, ``δ``, ``G`` once, writes ``Ŵ`` in the
-dtype the linear runs in and ``∂L/∂δ``, rows split over torch's thread count) — or, without a C compiler, as ~10
-torch elementwise passes with no graph; autograd through the chain itself takes ~25 and the graph's bookkeeping.
-All three give the same values bit for bit (same float32 operations, same order) and gradients equal up to the
-order of the per-group sums. Measured on SmolLM2's gate projection (1536 × 576, bf16 weights and gradient, 2
-threads, AVX-512 VM): the chain's forward 1.1 ms and backward 2.0 ms in C, 1.4 and 15.2 ms in torch's passes —
-against ~27 ms for the layer's three bf16 matmuls of a step (4 × 512 tokens), so a whole refinement gains a few
+(``csrc/learned_chain.c``, compiled on first use: reads ``w``, ``o₀`` (int8 or int16), ``δ``, ``G`` once, writes
+``Ŵ`` in the dtype the linear runs in and ``∂L/∂δ``, rows split over torch's thread count) — or, without a C
+compiler, as ~10 torch elementwise passes with no graph; autograd through the chain itself takes ~25 and the
+graph's bookkeeping. All three give the same values bit for bit (same float32 operations, same order) and gradients
+equal up to the order of the per-group sums. Measured on SmolLM2's gate projection (1536 × 576, bf16 weights and
+gradient, 2 threads, AVX-512 VM): the chain's forward 1.1 ms and backward 2.0 ms in C, 1.4 and 15.2 ms in torch's
+passes — against ~27 ms for the layer's three bf16 matmuls of a step (4 × 512 tokens), so a whole refinement gains a few
 per cent (SmolLM2's first 2 blocks, 4-bit g64, 50 steps: 29.1 s → 28.1 s). QAT trains the float weight ``w``
 instead of ``δ`` (a frozen zero): ``∂L/∂w = (∂L/∂δ) / S``, one division on the same pass's output. Code books and —
 without the C loop — ragged last groups take the autograd path.
@@ -68,7 +68,7 @@ def fused_chain_applies(part: ChainPart, trained: dict[str, torch.Tensor]) -> bo
 
 
 def _native_applies(part: ChainPart) -> bool:
-    return part.w.dtype in _DTYPE_CODES and chain_kernel() is not None
+    return part.w.dtype in _DTYPE_CODES and part.o0.dtype in _SHIFT_CODES and chain_kernel() is not None
 
 
 def _groups(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -86,7 +86,7 @@ def chain_kernel() -> Callable[..., None] | None:
         return None
     fn = lib.lowbit_learned_chain
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    fn.argtypes = [p, i32, p, p, p, p, p, i32, i64, i64, i64, ctypes.c_float, p, i32, p, p, p]
+    fn.argtypes = [p, i32, p, i32, p, p, p, p, i32, i64, i64, i64, ctypes.c_float, p, i32, p, p, p]
     fn.restype = None
     return fn
 
@@ -167,6 +167,7 @@ def _zeros(cols: int) -> torch.Tensor:
 
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_SHIFT_CODES = {torch.int8: 0, torch.int16: 1}  # o₀'s dtypes (see LearnedLinear)
 _POOLS: dict[int, ThreadPoolExecutor] = {}  # by thread count, made at first use
 
 
@@ -197,7 +198,8 @@ def _native_chain(kernel: Callable[..., None], part: ChainPart, scale: torch.Ten
         sums = (grad_delta, grad_scale, grad_zero) if grad is not None else (None, None, None)
         for r0 in range(bounds[k], bounds[k + 1], step):
             r1 = min(r0 + step, bounds[k + 1])
-            kernel(at(w, r0), _DTYPE_CODES[w.dtype], at(o0, r0), at(delta, 0 if shared else r0), at(s, r0),
+            kernel(at(w, r0), _DTYPE_CODES[w.dtype], at(o0, r0), _SHIFT_CODES[o0.dtype],
+                   at(delta, 0 if shared else r0), at(s, r0),
                    at(z, r0), at(grad, r0), _DTYPE_CODES[grad.dtype] if grad is not None else 0, r1 - r0, cols,
                    part.width, part.top, at(weight, r0), _DTYPE_CODES[written], *(at(t, r0) for t in sums))
 

@@ -61,9 +61,11 @@ class LearnedLinear(nn.Module):
         self.initial = qt
         # an integer shift per weight: 0 where the initial code is the nearest one (RTN), GPTQ's move otherwise;
         # the fractional part of w/s stays, so δ ∈ [−½, ½] reaches the neighbouring grid point on its side
-        # (small integers: int16 holds any shift of a ≤ 8-bit grid in half the bytes of float32)
-        self.register_buffer("o0", (q0 - torch.round(self._position(view / self._cols(self.s), self.z)))
-                             .to(torch.int16))
+        # (small integers: int8 where every shift fits — RTN's are all 0, GPTQ's and a clipped range's small —
+        # else int16; int8 also because inductor vectorises the compiled chain over int8 but not int16 loads:
+        # SmolLM2's 1536 × 576 layer, a compiled step 16.0 → 8.9 ms)
+        self.register_buffer("o0", _narrow_integers(q0 - torch.round(self._position(view / self._cols(self.s),
+                                                                                      self.z))))
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self.delta = nn.Parameter(torch.zeros_like(view))
         self.factor = nn.Parameter(torch.ones_like(self.s)) if learn_scales else None
@@ -228,6 +230,12 @@ class LearnedLinear(nn.Module):
                 return QuantizedTensor(pack_codes(q.reshape(self.shape).to(torch.uint8), self.config.bits),
                                        dq.decode() if moved else self.initial.scale, None, self.shape, self.config, dq)
             return QuantizedTensor.from_codes(q.reshape(self.shape), scale, zero, self.config)
+
+
+def _narrow_integers(values: torch.Tensor) -> torch.Tensor:
+    """Integer-valued floats as int8 when all fit in [−128, 127], else int16."""
+    fits = values.numel() == 0 or (values.min() >= -128 and values.max() <= 127)
+    return values.to(torch.int8 if fits else torch.int16)
 
 
 def _run_dtype(x: torch.Tensor) -> torch.dtype:

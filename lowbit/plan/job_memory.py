@@ -23,7 +23,7 @@ resident memory is a sum of a few terms, each computed here from the shapes of t
     (a permuted copy factorised in place, kept for the layers sharing the input): ``2 × Σ in² × 4``.
 ``learned rounding`` (``--method learned``, ``gptq+learned``; :mod:`lowbit.methods.learned`)
     per weight of the block's linears: its float copy in the stored dtype (16-bit sources stay 16-bit; AWQ-scaled
-    weights take float32), the integer shift ``o₀`` (int16), the offset ``δ`` and the best ``δ`` seen (float32),
+    weights take float32), the integer shift ``o₀`` (int16 at most), the offset ``δ`` and the best ``δ`` seen (float32),
     the initial and refined codes (packed); the backward pass recomputes one linear at a time — ``∂L/∂Ŵ`` and
     ``δ``'s gradient, and the quantization chain one row slice at a time (:mod:`lowbit.methods.learned_linear`); four
     calibration streams (quantized input, float input, float target, refined output) and one batch's

@@ -54,6 +54,27 @@ def test_the_c_chain_is_torchs_chain(weight_dtype, grad_dtype, out_dtype, cfg, m
         torch.testing.assert_close(g_c[name], g_t[name], rtol=1e-4, atol=1e-5 * float(g_t[name].abs().max()))
 
 
+@pytest.mark.parametrize("shifts", [(-3, 4, torch.int8), (-300, 301, torch.int16)], ids=["int8", "int16"])
+def test_the_c_chain_reads_both_shift_dtypes_as_torch_does(shifts, monkeypatch) -> None:
+    """GPTQ-like starts: codes shifted from the nearest by integers o₀, stored in int8 when they fit, else int16."""
+    lo, hi, dtype = shifts
+    layer = _layer(QuantConfig(bits=8, group_size=32), torch.bfloat16)
+    layer.o0 = torch.randint(lo, hi, layer.o0.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    grad = torch.randn(40, 96, generator=torch.Generator().manual_seed(1))
+    (w_c, g_c), (w_t, g_t) = _both(layer, grad, torch.float32, monkeypatch)
+    assert torch.equal(w_c, w_t) and torch.equal(g_c["delta"], g_t["delta"])
+    assert torch.equal(w_c, layer.dequantized().detach().reshape(w_c.shape))  # the layer's own (traced) chain
+
+
+def test_shifts_are_stored_in_the_narrowest_integer_dtype() -> None:
+    from lowbit.methods.learned_linear import _narrow_integers
+
+    assert _narrow_integers(torch.tensor([-128.0, 0.0, 127.0])).dtype == torch.int8
+    wide = _narrow_integers(torch.tensor([-129.0, 3.0]))
+    assert wide.dtype == torch.int16 and wide.tolist() == [-129, 3]
+    assert _layer(QuantConfig(bits=4, group_size=32), torch.float32).o0.dtype == torch.int8  # RTN: all 0
+
+
 def test_a_ragged_last_group_takes_the_c_chain_with_autograds_gradients() -> None:
     """96 columns in groups of 40: the last group has 16. Autograd through :meth:`LearnedLinear.dequantized` (the
     layer's own chain, which handles ragged groups) gives the reference."""
