@@ -1,17 +1,21 @@
 """Shared pieces of the benchmark scripts: the pinned evaluation, isolated worker processes, result tables.
 
-Every configuration runs in its own fresh Python process (so peak RSS is its own) and is evaluated on the same
-windows against the same fp32 reference. Tables are written as markdown + JSON under ``bench/results``.
+Every configuration runs in its own fresh Python process (so peak RSS is its own), with an empty torch.compile
+(inductor) cache of its own (a tool that compiles pays for it, as on a first run, whatever ran before), and is
+evaluated on the same windows against the same fp32 reference. Tables are written as markdown + JSON under
+``bench/results``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -71,8 +75,11 @@ def reference_logits(model: Any, windows: torch.Tensor) -> Any:
 
 
 def run_worker(script: Path, job: dict[str, Any]) -> dict[str, Any]:
-    """Run ``script --worker JOB`` in a fresh process; it prints one JSON line last."""
-    done = subprocess.run([sys.executable, str(script), "--worker", json.dumps(job)], capture_output=True, text=True)
+    """Run ``script --worker JOB`` in a fresh process with an empty inductor cache (removed after); it prints one JSON
+    line last."""
+    with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
+        done = subprocess.run([sys.executable, str(script), "--worker", json.dumps(job)], capture_output=True,
+                              text=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
     if done.returncode != 0:
         return {**job, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -7,13 +7,14 @@ CPU elementwise kernels are slow: on SmolLM2-135M (4 × 512 tokens a step) they 
 matmuls. Inductor fuses them, and the quantization chain ``w → Ŵ`` of every :class:`LearnedLinear` (which traces
 as plain torch ops when compiled, see its ``forward``) with them — AutoRound compiles its block the same way.
 
-Measured here (2 cores, AVX-512 BF16 + AMX; SmolLM2-135M, awq+learned 3-bit g64, 50 steps; the first 12 blocks,
-two alternating pairs of runs): a block's refinement 7.7 s eager → 6.8 s compiled (−12 %), the same losses (to
-float32 rounding: see the test) — but compiling costs ~34 s once per process with a cold inductor cache (a few
-seconds warm; the later blocks reuse the graph: same shapes, same code), so a 30-block, 50-step run gains
-nothing (a whole bench row: 338 s eager, 337.6 s compiled). Hence :func:`should_compile`: ``"auto"`` compiles
-when the eager steps are predicted to take long enough for 12 % of them to cover the cold compile twice —
-SmolLM2 at 200 steps per block, or any model with blocks of billions of weight-tokens.
+Measured here (2 cores, AVX-512 BF16 + AMX; SmolLM2-135M, awq+learned 3-bit g64, 50 steps; the first 8 blocks,
+two alternating pairs of runs, each compiled run from an empty inductor cache): a block's refinement 8.3 / 8.5 s
+eager → 5.9 / 6.4 s compiled (−27 %), the same losses (to float32 rounding: see the test) — but compiling costs ~35 s
+once per process with a cold inductor cache (a few seconds warm; the later blocks reuse the graph: same shapes, same
+code). (Before the integer shifts were stored in int8 — inductor does not vectorise int16 loads — the gain was
+−12 % and a 30-block, 50-step run gained nothing.) Hence :func:`should_compile`: ``"auto"`` compiles when the eager
+steps are predicted to take long enough for the 27 % saved to cover a cold compile 1.5 times — SmolLM2 at 50
+steps per block (~250 s eager), and any model with blocks of billions of weight-tokens.
 
 Memory: a compiled backward returns every trained parameter's gradient together (float32, 4 bytes per weight of
 the block's learned linears), where the eager pass holds one layer's at a time — see
@@ -32,15 +33,15 @@ log = logging.getLogger(__name__)
 
 CompileMode = Literal["auto", "on", "off"]
 COMPILE_MODES: tuple[CompileMode, ...] = ("auto", "on", "off")
-EAGER_SECONDS_PER_WORK = 2.1e-11  # eager refinement per weight × token × step (SmolLM2, 7.7 s per block above)
-AUTO_MIN_EAGER_SECONDS = 2 * 34 / 0.12  # eager time from which 12 % of it covers a cold compile (34 s) twice
+EAGER_SECONDS_PER_WORK = 2.3e-11  # eager refinement per weight × token × step (SmolLM2, 8.4 s per block above)
+AUTO_MIN_EAGER_SECONDS = 1.5 * 35 / 0.27  # eager time from which 27 % of it covers a cold compile (35 s) 1.5 times
 
 
 def should_compile(mode: CompileMode, work: int) -> bool:
     """Whether a job's learned-rounding steps are compiled: ``"on"``, ``"off"``, or ``"auto"`` — when its eager
-    steps are predicted to take ≥ :data:`AUTO_MIN_EAGER_SECONDS` (~9.4 minutes), ``work`` being the job's learned
+    steps are predicted to take ≥ :data:`AUTO_MIN_EAGER_SECONDS` (~3.2 minutes), ``work`` being the job's learned
     weights × tokens per step × steps per block (summed over blocks; e.g. SmolLM2-135M, 4 × 512 tokens: 3.54 M
-    weights × 2048 × 50 steps × 30 blocks = 1.1·10¹³, eager ~230 s: not compiled; at 200 steps: compiled)."""
+    weights × 2048 × 50 steps × 30 blocks = 1.1·10¹³, eager ~250 s: compiled; at 10 steps, ~50 s: not)."""
     return mode == "on" or (mode == "auto" and work * EAGER_SECONDS_PER_WORK >= AUTO_MIN_EAGER_SECONDS)
 
 

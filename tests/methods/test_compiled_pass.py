@@ -17,13 +17,14 @@ from lowbit.methods.rtn import quantize_rtn
 from lowbit.model.modules import set_submodule
 
 
-def test_auto_compiles_only_jobs_whose_eager_steps_would_outlast_the_compile_many_times() -> None:
+def test_auto_compiles_only_jobs_whose_eager_steps_would_outlast_the_compile() -> None:
     smollm2 = 30 * 3_538_944  # 30 blocks of 3.54 M learned weights, 4 × 512 tokens a step
-    cases = [("auto", job_work(smollm2, 2048, 50)), ("auto", job_work(smollm2, 2048, 200)),
+    cases = [("auto", job_work(smollm2, 2048, 10)), ("auto", job_work(smollm2, 2048, 50)),
              ("auto", job_work(8 * 64 * 64 * 12, 32 * 256, 50)),  # a test-sized job
              ("auto", job_work(32 * 218_103_808, 2048, 50)),  # Llama-3-8B's 32 blocks
              ("on", 1), ("off", 10**18)]
     assert [should_compile(mode, work) for mode, work in cases] == [False, True, False, True, True, False]
+    assert should_compile("auto", job_work(smollm2, 2048, 200))
 
 
 def test_an_unknown_compile_mode_is_refused_with_the_choices() -> None:
@@ -96,7 +97,7 @@ def test_a_failed_compile_is_reported_once_and_the_steps_run_eagerly(monkeypatch
     assert call.compiled is False
     assert torch.equal(out, expected) and torch.equal(again, expected)
     assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
-    assert [r.getMessage() for r in caplog.records] == [
+    assert [r.getMessage() for r in caplog.records if r.name == compiled_pass.__name__] == [
         "learned rounding: torch.compile failed (no C++ compiler found); its steps run eagerly (slower, same "
         "method). Pass --compile off to skip the attempt."]
 
