@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.calib.capture import BlockInputs, capture_first_block_inputs, observe_block_inputs, run_block
+from lowbit.calib.capture import (BlockInputs, InputHooks, capture_first_block_inputs, observe_block_inputs,
+                                  run_block)
 from lowbit.calib.data import CalibConfig
 from lowbit.calib.spill import SpillFolder, resident_memory, should_spill
 from lowbit.calib.stats import InputStats
@@ -182,7 +183,9 @@ def quantize_sequential(
     passes (capture, statistics, outputs) run under CPU autocast — matmuls in bf16 (~2.3× faster here) — while the
     weights stay in their loaded precision for the quantizers and the statistics accumulate in float32; learned
     rounding runs under it too, but fits float32 targets (the float blocks' outputs): fitted to bf16-rounded ones,
-    its codes learn their rounding noise. Layers outside the blocks
+    its codes learn their rounding noise; AWQ before it (with no other reader of the input statistics) takes them
+    in that float pass, from the float model's stream as AutoAWQ does, instead of a pass of their own over the
+    quantized stream. Layers outside the blocks
     (e.g. an ``--include``d ``lm_head``) are quantized data-free by the caller, see :func:`quantize_outside`.
     """
 
@@ -243,19 +246,24 @@ def quantize_sequential(
             block = sm.materialize(prefix[:-1])
             selected = {t.name[len(prefix):]: t for t in targets if t.block_index == index}
             wanted, floats, outputs = None, {}, None
+            keys = {rep.get(name, name) for name in selected}
+            stats: dict[str, InputStats | None] = {k: None for k in keys}
+            narrow = quantize_layer is to_qlinear and method.xtx_read_by_scale_search_only
+            if selected and calibrated and observe:
+                sample = method.smoothquant.sample_tokens if method.smoothquant is not None else 0
+                stats = {k: InputStats(linear_weight(block.get_submodule(k)).shape[1],
+                                       absolute=method.awq is not None, sample_rows=sample,
+                                       product_dtype=torch.bfloat16 if narrow and compute_dtype == torch.bfloat16
+                                       else torch.float32) for k in keys}
+            # AWQ's search alone reads the statistics and learned rounding runs the float block on the float
+            # stream anyway: they are taken in that pass (AutoAWQ's own stream), not in a pass of their own
+            on_float = bool(fp_inputs is not None and narrow and selected and calibrated and observe)
             if fp_inputs is not None:  # the float block on the float stream: what the quantized block must match
-                with block_passes(torch.float32):  # (fitted to a fraction of bf16's rounding: float32)
-                    wanted = run_block(block, fp_inputs, spill)
+                hooked = {k: block.get_submodule(k) for k in keys} if on_float else {}
+                with block_passes(torch.float32), InputHooks(hooked, lambda k, x: stats[k].add(x)):
+                    wanted = run_block(block, fp_inputs, spill)  # (fitted to a fraction of bf16's rounding: float32)
             if selected:
-                keys = {rep.get(name, name) for name in selected}
-                stats: dict[str, InputStats | None] = {k: None for k in keys}
-                if calibrated and observe:
-                    sample = method.smoothquant.sample_tokens if method.smoothquant is not None else 0
-                    narrow = quantize_layer is to_qlinear and method.xtx_read_by_scale_search_only
-                    stats = {k: InputStats(linear_weight(block.get_submodule(k)).shape[1],
-                                           absolute=method.awq is not None, sample_rows=sample,
-                                           product_dtype=torch.bfloat16 if narrow and compute_dtype == torch.bfloat16
-                                           else torch.float32) for k in keys}
+                if calibrated and observe and not on_float:
                     with block_passes(compute_dtype):
                         observe_block_inputs(block, inputs, {k: block.get_submodule(k) for k in keys},
                                              lambda k, x: stats[k].add(x))

@@ -109,3 +109,33 @@ def test_spilling_budgets_learned_roundings_state_and_its_four_streams(monkeypat
                    progress=False)
     hidden = model.config.hidden_size
     assert seen == [CALIB.numel() * hidden * 4 * (2 if "learned" in method else 1)]
+
+
+def test_awq_before_learned_rounding_reads_the_float_streams_statistics(monkeypatch) -> None:
+    """awq+learned: AWQ's scale search (the statistics' only reader) gets mean |X| of the *float* model's inputs
+    to each block — taken in the pass that computes learned rounding's targets, as AutoAWQ's stream — not of the
+    quantized stream's (which differ from block 1 on); no statistics pass of its own runs."""
+    import lowbit.pipeline as pipeline
+
+    seen = []
+    search = pipeline.search_scale
+    monkeypatch.setattr(pipeline, "search_scale", lambda h, mean_abs, *a, **k: seen.append(mean_abs.clone())
+                        or search(h, mean_abs, *a, **k))
+    monkeypatch.setattr(pipeline, "observe_block_inputs", lambda *a, **k: pytest.fail("a statistics pass ran"))
+    reference = make_tiny("llama")
+    first_mapping_input = {}  # block index → float inputs of the block's first mapping (q/k/v after the norm)
+    hooks = [block.self_attn.q_proj.register_forward_pre_hook(
+        lambda _m, args, i=i: first_mapping_input.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1])))
+        for i, block in enumerate(reference.model.layers)]
+    with torch.no_grad():
+        for batch in CALIB.split(8):  # (the driver's calibration batches; the mean is the same over any split)
+            reference(batch)
+    for hook in hooks:
+        hook.remove()
+    method = MethodConfig.parse("awq+learned", clip=None, learned=LearnedConfig(iters=2))
+    quantize_model(copy.deepcopy(reference), QuantRecipe(QuantConfig(bits=3, group_size=32)), method=method,
+                   calib_ids=CALIB, progress=False)
+    mappings = len(seen) // len(reference.model.layers)
+    for i in range(len(reference.model.layers)):
+        want = torch.cat(first_mapping_input[i]).abs().mean(0)
+        torch.testing.assert_close(seen[i * mappings], want, rtol=1e-5, atol=1e-7)
