@@ -213,9 +213,11 @@ def quantize_sequential(
         states_bytes = calib_ids.numel() * sm.model.config.get_text_config().hidden_size * 4
         if method.learned is not None:  # four streams, not two: also the float model's inputs and outputs
             states_bytes *= 2
+        widths = [(linear_weight(t.module).shape[1], t.config) for t in targets if t.block_index is not None]
         compiled = method.learned is not None and should_compile(method.learned.compile, job_work(
             sum(linear_weight(t.module).numel() for t in targets if t.block_index is not None),
-            min(calib.batch_size, calib_ids.shape[0]) * calib_ids.shape[1], method.learned.iters))
+            min(calib.batch_size, calib_ids.shape[0]) * calib_ids.shape[1], method.learned.iters),
+            ragged=any(k % cfg.group_width(k) for k, cfg in widths))
         working_set = _block_working_set(blocks[0], method, compiled)
         if should_spill(states_bytes, resident_memory() + working_set, max_memory):
             spill = SpillFolder(spill_dir)
