@@ -213,7 +213,16 @@ def main() -> None:
              "session (same VM kind, alone): '--compile on (7484e96, cold cache)' is the 4-bit awq+learned row with "
              "its training steps through torch.compile (the inductor cache emptied first: ~34 s of compiling in the "
              "time); the rows at the same rate run before it are named '(eager, before 7484e96)' — and eager is what "
-             "50-step SmolLM2 runs still get ('--compile auto': too short a job for the compile to pay).")
+             "50-step SmolLM2 runs then got ('--compile auto': too short a job for the compile to pay then). Its "
+             "third session (same VM kind, each alone): every row now runs with an empty inductor cache of its own "
+             "(bench/common.py: a tool that compiles — AutoRound does on CPU — pays for it, as on a first run); "
+             "AutoRound light rerun so at all four settings (the earlier rows kept, named '(cache not emptied, "
+             "2026-12-06 eighth session)'); lowbit after 63e2293–b539346 (the integer shifts in int8, so inductor "
+             "vectorises the compiled chain; '--compile auto' compiling 50-step SmolLM2 jobs; AWQ's statistics "
+             "taken in the float pass of the targets; no compile where a group is ragged — 3-bit g128 on SmolLM2's "
+             "576-wide inputs runs eagerly): 'awq+learned --no-clip --round-lr 0.01' at 4-bit, 3-bit g64 and 3-bit "
+             "g128 and 'learned --round-lr 0.01' at 2-bit (the 4-bit row of b3ed3e2, compiled but with a statistics "
+             "pass of its own, named so).")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
