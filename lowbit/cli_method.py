@@ -37,9 +37,10 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
                         "--iters; 1 / --iters with --momentum 0, as AutoRound)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="learned rounding: run its training steps through torch.compile (fused elementwise ops: "
-                        "12-14%% faster steps, after a one-off ~34 s compile with a cold cache; a block's gradients "
-                        "all at once) — 'auto' (default): when the job's eager steps would take ≥ ~9 minutes; "
-                        "'off': eager, least memory")
+                        "~27%% faster steps, after a one-off ~35 s compile with a cold cache; a block's gradients "
+                        "all at once) — 'auto' (default): when the job's eager steps would take ≥ ~3 minutes; "
+                        "'off': eager, least memory. Never where a layer's last group is ragged (torch.compile "
+                        "computes it wrongly)")
 
 
 def add_no_clip_arg(p: argparse.ArgumentParser) -> None:

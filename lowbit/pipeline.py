@@ -213,11 +213,10 @@ def quantize_sequential(
         states_bytes = calib_ids.numel() * sm.model.config.get_text_config().hidden_size * 4
         if method.learned is not None:  # four streams, not two: also the float model's inputs and outputs
             states_bytes *= 2
-        widths = [(linear_weight(t.module).shape[1], t.config) for t in targets if t.block_index is not None]
+        in_blocks = [(linear_weight(t.module), t.config) for t in targets if t.block_index is not None]
         compiled = method.learned is not None and should_compile(method.learned.compile, job_work(
-            sum(linear_weight(t.module).numel() for t in targets if t.block_index is not None),
-            min(calib.batch_size, calib_ids.shape[0]) * calib_ids.shape[1], method.learned.iters),
-            ragged=any(k % cfg.group_width(k) for k, cfg in widths))
+            sum(w.numel() for w, _ in in_blocks), min(calib.batch_size, calib_ids.shape[0]) * calib_ids.shape[1],
+            method.learned.iters), ragged=any(w.shape[1] % cfg.group_width(w.shape[1]) for w, cfg in in_blocks))
         working_set = _block_working_set(blocks[0], method, compiled)
         if should_spill(states_bytes, resident_memory() + working_set, max_memory):
             spill = SpillFolder(spill_dir)
@@ -251,7 +250,8 @@ def quantize_sequential(
             keys = {rep.get(name, name) for name in selected}
             stats: dict[str, InputStats | None] = {k: None for k in keys}
             narrow = quantize_layer is to_qlinear and method.xtx_read_by_scale_search_only
-            if selected and calibrated and observe:
+            observing = bool(selected) and calibrated and observe
+            if observing:
                 sample = method.smoothquant.sample_tokens if method.smoothquant is not None else 0
                 stats = {k: InputStats(linear_weight(block.get_submodule(k)).shape[1],
                                        absolute=method.awq is not None, sample_rows=sample,
@@ -259,13 +259,13 @@ def quantize_sequential(
                                        else torch.float32) for k in keys}
             # AWQ's search alone reads the statistics and learned rounding runs the float block on the float
             # stream anyway: they are taken in that pass (AutoAWQ's own stream), not in a pass of their own
-            on_float = bool(fp_inputs is not None and narrow and selected and calibrated and observe)
+            on_float = observing and narrow and fp_inputs is not None
             if fp_inputs is not None:  # the float block on the float stream: what the quantized block must match
                 hooked = {k: block.get_submodule(k) for k in keys} if on_float else {}
                 with block_passes(torch.float32), InputHooks(hooked, lambda k, x: stats[k].add(x)):
                     wanted = run_block(block, fp_inputs, spill)  # (fitted to a fraction of bf16's rounding: float32)
             if selected:
-                if calibrated and observe and not on_float:
+                if observing and not on_float:
                     with block_passes(compute_dtype):
                         observe_block_inputs(block, inputs, {k: block.get_submodule(k) for k in keys},
                                              lambda k, x: stats[k].add(x))
