@@ -39,8 +39,7 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
                    help="learned rounding: run its training steps through torch.compile (fused elementwise ops: "
                         "~27%% faster steps, after a one-off ~35 s compile with a cold cache; a block's gradients "
                         "all at once) — 'auto' (default): when the job's eager steps would take ≥ ~3 minutes; "
-                        "'off': eager, least memory. Never where a layer's last group is ragged (torch.compile "
-                        "computes it wrongly)")
+                        "'off': eager, least memory")
 
 
 def add_no_clip_arg(p: argparse.ArgumentParser) -> None:

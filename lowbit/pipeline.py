@@ -213,10 +213,10 @@ def quantize_sequential(
         states_bytes = calib_ids.numel() * sm.model.config.get_text_config().hidden_size * 4
         if method.learned is not None:  # four streams, not two: also the float model's inputs and outputs
             states_bytes *= 2
-        in_blocks = [(linear_weight(t.module), t.config) for t in targets if t.block_index is not None]
+        in_blocks = [linear_weight(t.module) for t in targets if t.block_index is not None]
         compiled = method.learned is not None and should_compile(method.learned.compile, job_work(
-            sum(w.numel() for w, _ in in_blocks), min(calib.batch_size, calib_ids.shape[0]) * calib_ids.shape[1],
-            method.learned.iters), ragged=any(w.shape[1] % cfg.group_width(w.shape[1]) for w, cfg in in_blocks))
+            sum(w.numel() for w in in_blocks), min(calib.batch_size, calib_ids.shape[0]) * calib_ids.shape[1],
+            method.learned.iters))
         working_set = _block_working_set(blocks[0], method, compiled)
         if should_spill(states_bytes, resident_memory() + working_set, max_memory):
             spill = SpillFolder(spill_dir)

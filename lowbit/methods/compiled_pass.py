@@ -37,19 +37,11 @@ EAGER_SECONDS_PER_WORK = 2.3e-11  # eager refinement per weight × token × step
 AUTO_MIN_EAGER_SECONDS = 1.5 * 35 / 0.27  # eager time from which 27 % of it covers a cold compile (35 s) 1.5 times
 
 
-def should_compile(mode: CompileMode, work: int, ragged: bool = False) -> bool:
+def should_compile(mode: CompileMode, work: int) -> bool:
     """Whether a job's learned-rounding steps are compiled: ``"on"``, ``"off"``, or ``"auto"`` — when its eager
     steps are predicted to take ≥ :data:`AUTO_MIN_EAGER_SECONDS` (~3.2 minutes), ``work`` being the job's learned
     weights × tokens per step × steps per block (summed over blocks; e.g. SmolLM2-135M, 4 × 512 tokens: 3.54 M
-    weights × 2048 × 50 steps × 30 blocks = 1.1·10¹³, eager ~250 s: compiled; at 10 steps, ~50 s: not). ``ragged``:
-    some refined layer's last group is narrower than the others (e.g. 576 inputs in groups of 128) — never
-    compiled: torch 2.13's inductor computes that group's chain wrongly (garbage values, NaN losses; its
-    repeat-and-cut of the group scales, and gathering them instead fails its own bounds check)."""
-    if ragged and mode != "off":  # never compiled: torch 2.13's inductor miscompiles a ragged group's chain
-        log.log(logging.WARNING if mode == "on" else logging.INFO, "learned rounding: the steps run eagerly — a "
-                "layer's last quantization group is narrower than the others (its input width is not a multiple "
-                "of the group size), which torch.compile computes wrongly")
-        return False
+    weights × 2048 × 50 steps × 30 blocks = 1.1·10¹³, eager ~250 s: compiled; at 10 steps, ~50 s: not)."""
     return mode == "on" or (mode == "auto" and work * EAGER_SECONDS_PER_WORK >= AUTO_MIN_EAGER_SECONDS)
 
 
