@@ -183,10 +183,10 @@ def quantize_sequential(
     passes (capture, statistics, outputs) run under CPU autocast — matmuls in bf16 (~2.3× faster here) — while the
     weights stay in their loaded precision for the quantizers and the statistics accumulate in float32; learned
     rounding runs under it too, but fits float32 targets (the float blocks' outputs): fitted to bf16-rounded ones,
-    its codes learn their rounding noise; AWQ before it (with no other reader of the input statistics) takes them
-    in that float pass, from the float model's stream as AutoAWQ does, instead of a pass of their own over the
-    quantized stream. Layers outside the blocks
-    (e.g. an ``--include``d ``lm_head``) are quantized data-free by the caller, see :func:`quantize_outside`.
+    its codes learn their rounding noise; where searches alone read the input statistics (AWQ's scale search, the
+    clip search: no GPTQ) it takes them in that float pass, from the float model's stream as AutoAWQ does, instead
+    of a pass of their own over the quantized stream. Layers outside the blocks (e.g. an ``--include``d
+    ``lm_head``) are quantized data-free by the caller, see :func:`quantize_outside`.
     """
 
     def to_qlinear(full: str, module: nn.Module, target: LayerTarget, stats: InputStats | None,
@@ -249,7 +249,7 @@ def quantize_sequential(
             wanted, floats, outputs = None, {}, None
             keys = {rep.get(name, name) for name in selected}
             stats: dict[str, InputStats | None] = {k: None for k in keys}
-            narrow = quantize_layer is to_qlinear and method.xtx_read_by_scale_search_only
+            narrow = quantize_layer is to_qlinear and method.xtx_read_by_searches_only
             observing = bool(selected) and calibrated and observe
             if observing:
                 sample = method.smoothquant.sample_tokens if method.smoothquant is not None else 0
@@ -257,8 +257,9 @@ def quantize_sequential(
                                        absolute=method.awq is not None, sample_rows=sample,
                                        product_dtype=torch.bfloat16 if narrow and compute_dtype == torch.bfloat16
                                        else torch.float32) for k in keys}
-            # AWQ's search alone reads the statistics and learned rounding runs the float block on the float
-            # stream anyway: they are taken in that pass (AutoAWQ's own stream), not in a pass of their own
+            # searches alone read the statistics (AWQ's, the clip search) and learned rounding runs the float
+            # block on the float stream anyway: they are taken in that pass (AutoAWQ's own stream), not in a pass
+            # of their own
             on_float = observing and narrow and fp_inputs is not None
             if fp_inputs is not None:  # the float block on the float stream: what the quantized block must match
                 hooked = {k: block.get_submodule(k) for k in keys} if on_float else {}

@@ -139,3 +139,32 @@ def test_awq_before_learned_rounding_reads_the_float_streams_statistics(monkeypa
     for i in range(len(reference.model.layers)):
         want = torch.cat(first_mapping_input[i]).abs().mean(0)
         torch.testing.assert_close(seen[i * mappings], want, rtol=1e-5, atol=1e-7)
+
+
+def test_the_clip_search_before_learned_rounding_reads_the_float_streams_statistics(monkeypatch) -> None:
+    """learned (clip start): the clip search, the statistics' only reader, gets ``XᵀX`` of the float model's
+    inputs to each block, taken in the targets' pass — no statistics pass over the quantized stream runs."""
+    import lowbit.pipeline as pipeline
+
+    seen = {}
+    quantize = pipeline.quantize_weight
+    monkeypatch.setattr(pipeline, "quantize_weight", lambda w, cfg, method, stats, clip: seen.setdefault(
+        (w.shape, len(seen)), stats.xtx.clone()) is None or quantize(w, cfg, method, stats, clip))
+    monkeypatch.setattr(pipeline, "observe_block_inputs", lambda *a, **k: pytest.fail("a statistics pass ran"))
+    reference = make_tiny("llama")
+    inputs = {}  # block index → float inputs of q_proj
+    hooks = [block.self_attn.q_proj.register_forward_pre_hook(
+        lambda _m, args, i=i: inputs.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1])))
+        for i, block in enumerate(reference.model.layers)]
+    with torch.no_grad():
+        reference(CALIB)
+    for hook in hooks:
+        hook.remove()
+    quantize_model(copy.deepcopy(reference), QuantRecipe(QuantConfig(bits=3, group_size=32)),
+                   method=MethodConfig.parse("learned", learned=LearnedConfig(iters=2)), calib_ids=CALIB,
+                   progress=False)
+    per_block = len(seen) // len(reference.model.layers)  # q_proj: each block's first layer
+    firsts = [xtx for (_shape, n), xtx in seen.items() if n % per_block == 0]
+    for i, xtx in enumerate(firsts):
+        x = torch.cat(inputs[i]).double()
+        torch.testing.assert_close(xtx.double(), x.T @ x, rtol=1e-5, atol=1e-4)

@@ -111,10 +111,13 @@ class MethodConfig:
         return self.rounding == "gptq" or self.clip is not None or self.scales_inputs
 
     @property
-    def xtx_read_by_scale_search_only(self) -> bool:
-        """Whether AWQ's scale search is the only reader of the inputs' ``XᵀX`` (no GPTQ, no clip search): it
-        multiplies by it in the block passes' dtype, so the statistics may form it in that dtype too."""
-        return self.awq is not None and self.rounding != "gptq" and self.clip is None
+    def xtx_read_by_searches_only(self) -> bool:
+        """Whether searches are the only readers of the inputs' ``XᵀX`` — AWQ's scale search, the clip search —
+        and not GPTQ, whose updates and Cholesky factors want float32 products: a search weighs its candidates'
+        errors by it, and a bf16 rounding of each product (~1e-3 relative) moves no weighting it compares, so
+        the statistics may form it in the block passes' dtype (and before learned rounding take it in the float
+        pass of its targets, see :func:`lowbit.pipeline.quantize_sequential`)."""
+        return self.rounding != "gptq" and (self.awq is not None or self.clip is not None)
 
     @property
     def scales_inputs(self) -> bool:

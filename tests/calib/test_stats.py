@@ -36,10 +36,12 @@ def test_bf16_products_give_xtx_to_bf16_precision_and_the_same_channel_statistic
     assert torch.equal(narrow.xtx, narrow.xtx.T) and torch.equal(narrow.mean_abs, wide.mean_abs)
 
 
-def test_only_a_scale_search_alone_reads_xtx_in_the_block_passes_dtype() -> None:
+def test_only_searches_read_xtx_in_the_block_passes_dtype() -> None:
+    """AWQ's scale search and the clip search may; GPTQ may not; learned rounding alone reads no statistics."""
     from lowbit.methods.method import ClipConfig, MethodConfig
 
-    read_alone = [MethodConfig.parse(name, clip=clip).xtx_read_by_scale_search_only
+    read_alone = [MethodConfig.parse(name, clip=clip).xtx_read_by_searches_only
                   for name, clip in [("awq+learned", None), ("awq", None), ("awq", ClipConfig()),
-                                     ("awq+gptq", None), ("learned", None)]]
-    assert read_alone == [True, True, False, False, False]
+                                     ("learned", ClipConfig()), ("awq+gptq", None), ("gptq", ClipConfig()),
+                                     ("gptq+learned", ClipConfig()), ("learned", None)]]
+    assert read_alone == [True, True, True, True, False, False, False, False]
