@@ -34,7 +34,7 @@ from lowbit.methods.awq import fold_scale, output_width, search_scale
 from lowbit.methods.compiled_pass import BlockCall, job_work, should_compile
 from lowbit.methods.learned import LearnedConfig, lossless_copy, refine_block, refinement_bytes
 from lowbit.methods.method import MethodConfig, quantize_weight
-from lowbit.methods.rtn import quantize_rtn
+from lowbit.methods.rtn import rtn_round_trip
 from lowbit.methods.smoothquant import search_smoothing
 from lowbit.model.architectures import ArchSpec, block_list, spec_for
 from lowbit.model.modules import (LayerTarget, finite_weight, linear_bias, linear_weight, select_layers,
@@ -90,7 +90,7 @@ def apply_awq(block: nn.Module, spec: ArchSpec, selected: dict[str, LayerTarget]
         st = stats[rep[mapping.linears[0]]]
         cfgs = [method.adapt(selected[name].config) for name in mapping.linears]
         weights = [linear_weight(m).float() for m in linears]
-        round_trip = lambda w, c: quantize_rtn(w, c).dequantize()  # noqa: E731
+        round_trip = rtn_round_trip  # (the dequantized weight alone: no packing)
         if method.smoothquant is not None:
             scale, _alpha = search_smoothing(st.sample, st.abs_max, weights, cfgs, round_trip, method.smoothquant)
         else:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from lowbit.config import QuantConfig
-from lowbit.core.qparams import choose_qparams
+from lowbit.core.codebook import decode
+from lowbit.core.qparams import choose_qparams, expand_groups, fake_quantize_groups
 from lowbit.core.qtensor import QuantizedTensor
 from lowbit.core.rounding import group_view, round_to_grid
 
@@ -37,3 +38,28 @@ def _quantize_rtn_whole(weight: torch.Tensor, cfg: QuantConfig) -> QuantizedTens
     view, width = group_view(weight.detach().float(), cfg)
     scale, zero = choose_qparams(view, width, cfg)
     return round_to_grid(weight, scale, zero, cfg)
+
+
+def rtn_round_trip(weight: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """``quantize_rtn(weight, cfg).dequantize()``, bit for bit, without packing the codes and unpacking them again:
+    for searches that only read the dequantized weight (AWQ's, per ``α``). Row chunks of ``CHUNK_ELEMENTS`` as
+    :func:`quantize_rtn`; double-quantized scales (decoded from a second quantization) take that path itself."""
+    if cfg.double_quant:
+        return quantize_rtn(weight, cfg).dequantize()
+    rows, cols = weight.shape
+    chunk = rows if cfg.granularity == "tensor" else max(1, CHUNK_ELEMENTS // max(cols, 1))
+    if rows > chunk:
+        return torch.cat([rtn_round_trip(weight[a : a + chunk], cfg) for a in range(0, rows, chunk)])
+    view, width = group_view(weight.detach().float(), cfg)
+    scale, zero = choose_qparams(view, width, cfg)
+    q, _ = fake_quantize_groups(view, scale, zero, width, cfg.qmax, cfg.codebook)  # the codes round_to_grid stores
+    stored_scale = scale.to(cfg.scale_dtype).float()  # the q-params as the quantized tensor keeps them
+    if cfg.codebook is not None:
+        return (decode(q.long(), cfg.codebook) * expand_groups(stored_scale, view.shape[1], width)).reshape(rows, cols)
+    if cfg.symmetric:
+        stored_zero = torch.full_like(scale, float(1 << (cfg.bits - 1)))
+    else:
+        stored_zero = zero.to(torch.float16 if cfg.zero_point == "float" else torch.uint8).float()
+    columns = view.shape[1]
+    return ((q - expand_groups(stored_zero, columns, width)) * expand_groups(stored_scale, columns, width)).reshape(
+        rows, cols)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowbit.config import QuantConfig
-from lowbit.methods.rtn import quantize_rtn
+from lowbit.methods.rtn import quantize_rtn, rtn_round_trip
 
 
 def sqnr_db(w: torch.Tensor, approx: torch.Tensor) -> float:
@@ -79,3 +79,25 @@ def test_float_zero_requires_asymmetric() -> None:
 
     with pytest.raises(ConfigError, match="asymmetric"):
         QuantConfig(symmetric=True, zero_point="float")
+
+
+@pytest.mark.parametrize("cfg", [
+    QuantConfig(bits=4, group_size=64), QuantConfig(bits=3, group_size=128),  # 576 columns: a ragged last group
+    QuantConfig(bits=2, group_size=64, symmetric=True), QuantConfig(bits=8, granularity="channel"),
+    QuantConfig(bits=4, granularity="tensor"), QuantConfig(bits=4, group_size=64, zero_point="float"),
+    QuantConfig(bits=3, group_size=32, qparams="mse"), QuantConfig(bits=4, group_size=64, qparams="hqq"),
+    QuantConfig(bits=4, symmetric=True, group_size=64, codebook="nf4"),
+    QuantConfig(bits=4, symmetric=True, group_size=64, codebook="fp4"),
+    QuantConfig(bits=4, symmetric=True, group_size=64, codebook="nf4", double_quant=True)], ids=str)
+def test_the_round_trip_without_packing_is_rtns_dequantized_weight_bit_for_bit(cfg: QuantConfig) -> None:
+    w = torch.randn(96, 576, generator=torch.Generator().manual_seed(5)) * torch.linspace(0.1, 3, 576)
+    assert torch.equal(rtn_round_trip(w, cfg), quantize_rtn(w, cfg).dequantize())
+
+
+def test_the_round_trip_goes_by_row_chunks_as_rtn_does(monkeypatch) -> None:
+    import lowbit.methods.rtn as rtn
+
+    monkeypatch.setattr(rtn, "CHUNK_ELEMENTS", 10 * 576)  # 96 rows → 10 chunks (the last of 6 rows)
+    w = torch.randn(96, 576, generator=torch.Generator().manual_seed(6))
+    cfg = QuantConfig(bits=3, group_size=64)
+    assert torch.equal(rtn_round_trip(w, cfg), quantize_rtn(w, cfg).dequantize())
