@@ -222,7 +222,15 @@ def main() -> None:
              "taken in the float pass of the targets; no compile where a group is ragged — 3-bit g128 on SmolLM2's "
              "576-wide inputs runs eagerly): 'awq+learned --no-clip --round-lr 0.01' at 4-bit, 3-bit g64 and 3-bit "
              "g128 and 'learned --round-lr 0.01' at 2-bit (the 4-bit row of b3ed3e2, compiled but with a statistics "
-             "pass of its own, named so).")
+             "pass of its own, named so). Its fourth session (same VM kind, each alone, empty caches): after 4dbbbd7 "
+             "(a ragged last group compiles: its scales broadcast apart instead of repeated and cut, which inductor "
+             "miscompiled) the 3-bit g128 'awq+learned --no-clip --round-lr 0.01' row (the third session's kept, "
+             "named '(eager: ragged groups, b539346)'); after aa39959 (the clip search's statistics taken in the "
+             "float pass of the targets, no pass of their own) the 2-bit 'learned --round-lr 0.01' row (the third "
+             "session's kept, named '(statistics pass of its own, b539346)'); then the 200-iteration rows of both "
+             "tools at all four settings — AutoRound's default, lowbit 'awq+learned --no-clip' (4- and 3-bit) and "
+             "'learned' (2-bit), at 200 steps the default rate 0.5 / iters — the AMD VM's rows of the same names "
+             "kept, named '(AMD EPYC VM, 2026-12-06)'.")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 

@@ -9,8 +9,8 @@ steers, and it halves the bytes of a weight-sized state — and is then updated 
 One C pass over the parameter (``csrc/signed_step.c``, built on first use by :mod:`lowbit.core.clib`; elements
 split over torch's thread count) where the parameter and its gradient are contiguous float32: it reads ``p``, ``g``
 and ``v`` once and writes ``p`` and ``v``, where torch's elementwise ops take ~6 passes and two temporaries (a
-SmolLM2 block's 3.5 M offsets and range factors, 2 threads: 9.9 → 3.6 ms a step, of ~80). Elsewhere, or without a C compiler, the same float32
-operations in torch: the same values bit for bit.
+SmolLM2 block's 3.5 M offsets and range factors, 2 threads: 9.9 → 3.6 ms a step, of ~80). Elsewhere, or without a
+C compiler, the same float32 operations in torch: the same values bit for bit.
 """
 
 from __future__ import annotations
