@@ -53,7 +53,6 @@ from lowbit.core.qtensor import QuantizedTensor
 from lowbit.errors import ConfigError
 from lowbit.methods.compiled_pass import COMPILE_MODES, CompileMode
 from lowbit.methods.learned_linear import LearnedLinear
-from lowbit.methods.signed_step import momentum_direction, signed_step_
 
 __all__ = ["LearnedConfig", "LearnedLinear", "Refinement", "lossless_copy", "refine_block", "refinement_bytes",
            "relative_error"]
@@ -129,6 +128,17 @@ def relative_error(out: torch.Tensor, want: torch.Tensor, per_token: bool = Fals
         norms = want.pow(2).sum(-1)
         return ((out - want).pow(2).sum(-1) / torch.maximum(norms, norms.mean()).clamp_min(1e-12)).mean()
     return (out - want).pow(2).mean() / want.pow(2).mean().clamp_min(1e-12)
+
+
+def _momentum_direction(velocity: torch.Tensor, grad: torch.Tensor, momentum: float) -> torch.Tensor:
+    """Signum's direction: ``m ← μ·m + (1 − μ)·g``, computed in float32 and written back to ``velocity`` (in
+    place; rounded there when it is stored in bfloat16 — updated in bfloat16 in place, the same values took 2.3×
+    the time: 16.5 vs 7.3 ms for a SmolLM2 block's 3.5 M weights); returns the float32 ``m``, whose sign a signed
+    step follows."""
+    m = velocity.float().mul_(momentum).add_(grad, alpha=1 - momentum)  # (velocity itself when it is float32)
+    if m is not velocity:
+        velocity.copy_(m)
+    return m
 
 
 STATE_BYTES_PER_WEIGHT = 12  # per weight of a refined block's linears: o₀ (≤ int16) 2, δ 4, best δ 4, δ's momentum 2
@@ -219,9 +229,12 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
 
         @torch.no_grad()
         def step(p: torch.Tensor) -> None:
-            if cfg.momentum > 0 and not velocity:
-                velocity.append(torch.zeros_like(p.grad, dtype=torch.bfloat16))
-            signed_step_(p, p.grad, velocity[0] if velocity else None, cfg.momentum, rate[0], bounds)
+            direction = p.grad
+            if cfg.momentum > 0:
+                if not velocity:
+                    velocity.append(torch.zeros_like(p.grad, dtype=torch.bfloat16))
+                direction = _momentum_direction(velocity[0], p.grad, cfg.momentum)
+            p.add_(direction.sign(), alpha=-rate[0]).clamp_(*bounds)  # (the rate in float32)
             p.grad = None
         return step
 
@@ -324,7 +337,7 @@ class _NormFactors:
     def step(self, rate: float) -> None:
         for p, p0, m, v in zip(self.tuned, self.initial, self.factors, self.velocity):
             if p.grad is not None:
-                m.sub_(rate * momentum_direction(v, p.grad.float() * p0, self.momentum).sign())
+                m.sub_(rate * _momentum_direction(v, p.grad.float() * p0, self.momentum).sign())
                 p.grad = None
         self.apply()
 
