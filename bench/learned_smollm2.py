@@ -224,13 +224,18 @@ def main() -> None:
              "g128 and 'learned --round-lr 0.01' at 2-bit (the 4-bit row of b3ed3e2, compiled but with a statistics "
              "pass of its own, named so). Its fourth session (same VM kind, each alone, empty caches): after 4dbbbd7 "
              "(a ragged last group compiles: its scales broadcast apart instead of repeated and cut, which inductor "
-             "miscompiled) the 3-bit g128 'awq+learned --no-clip --round-lr 0.01' row (the third session's kept, "
-             "named '(eager: ragged groups, b539346)'); after aa39959 (the clip search's statistics taken in the "
-             "float pass of the targets, no pass of their own) the 2-bit 'learned --round-lr 0.01' row (the third "
-             "session's kept, named '(statistics pass of its own, b539346)'); then the 200-iteration rows of both "
-             "tools at all four settings — AutoRound's default, lowbit 'awq+learned --no-clip' (4- and 3-bit) and "
-             "'learned' (2-bit), at 200 steps the default rate 0.5 / iters — the AMD VM's rows of the same names "
-             "kept, named '(AMD EPYC VM, 2026-12-06)'.")
+             "miscompiled) the 3-bit g128 'awq+learned --no-clip --round-lr 0.01' row, named '(4dbbbd7)' (the third "
+             "session's eager row kept, named '(eager: ragged groups, b539346)'); after aa39959 (the clip search's "
+             "statistics taken in the float pass of the targets, no pass of their own) the 2-bit 'learned --round-lr "
+             "0.01' row, named '(aa39959)' (the third session's kept, named '(statistics pass of its own, "
+             "b539346)'); both reran at 740fea0 (AWQ's search without packing its candidates; a C signed step, "
+             "reverted in a877015 as it saved nothing in place) — the rows without a commit in their names: the "
+             "same KL to the last digit, at 268.5 s (3-bit g128, 254.5 s before) and 260.5 s (2-bit, 223.0 s "
+             "before), the 2-bit code's per-block times equal in a proxy run of both commits (the VM's run-to-run "
+             "spread). The 200-iteration rows of both tools: AutoRound's default "
+             "at all four settings, lowbit 'awq+learned --no-clip' (4-bit at aa39959; 3-bit at a877015) and "
+             "'learned' (2-bit, a877015), at 200 steps the default rate 0.5 / iters — the AMD VM's rows of the same "
+             "names kept, named '(AMD EPYC VM, 2026-12-06)'.")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
