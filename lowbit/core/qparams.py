@@ -51,9 +51,16 @@ def group_reduce(values: torch.Tensor, width: int, reduce: str) -> torch.Tensor:
 
 
 def expand_groups(per_group: torch.Tensor, num_columns: int, width: int) -> torch.Tensor:
-    """Broadcast ``[R, G]`` q-params back to every column → ``[R, C]`` (the last group may be partial)."""
+    """Broadcast ``[R, G]`` q-params back to every column → ``[R, C]``. A partial last group (``C`` not a
+    multiple of ``width``) is its own narrower broadcast, concatenated: the full groups' repeat cut to ``C``
+    columns is miscompiled by torch 2.13's inductor (garbage or NaN gradients under ``torch.compile``, which
+    learned rounding's chain runs through)."""
     rows, groups = per_group.shape
-    return per_group[:, :, None].expand(rows, groups, width).reshape(rows, groups * width)[:, :num_columns]
+    full = min(groups, num_columns // width)
+    spread = per_group[:, :full, None].expand(rows, full, width).reshape(rows, full * width)
+    if full == groups:
+        return spread
+    return torch.cat([spread, per_group[:, full:].expand(rows, num_columns - full * width)], dim=1)
 
 
 def _to_fp16_scale(scale: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from torch import nn
 from lowbit.core.codebook import codebook, decode, nearest_codes
 from lowbit.core.double_quant import double_quantize
 from lowbit.core.packing import pack_codes
+from lowbit.core.qparams import expand_groups
 from lowbit.core.qtensor import QuantizedTensor
 from lowbit.core.rounding import group_view
 from lowbit.methods.learned_chain import chain_with_grads, fused_chain_applies
@@ -98,15 +99,8 @@ class LearnedLinear(nn.Module):
         return [self.delta, *self.scale_parameters()]
 
     def _cols(self, per_group: torch.Tensor) -> torch.Tensor:
-        """``[R, G]`` → ``[R, C]``: each group's value over its columns. A ragged last group (``C`` not a multiple
-        of the width) is its own narrower broadcast, concatenated: the full groups' repeat cut to ``C`` columns
-        instead is miscompiled by torch 2.13's inductor (garbage or NaN gradients under ``torch.compile``)."""
-        rows, groups = per_group.shape
-        full = min(groups, self.w.shape[1] // self.width)
-        spread = per_group[:, :full].unsqueeze(-1).expand(rows, full, self.width).reshape(rows, full * self.width)
-        if full == groups:
-            return spread
-        return torch.cat([spread, per_group[:, full:].expand(rows, self.w.shape[1] - full * self.width)], dim=1)
+        """``[R, G]`` → ``[R, C]``: each group's value over its columns (:func:`expand_groups`)."""
+        return expand_groups(per_group, self.w.shape[1], self.width)
 
     def _position(self, x: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Where ``x = w / s`` lies on the grid, in grid steps: ``x + z`` for an integer grid; for a code book
