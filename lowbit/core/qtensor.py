@@ -33,6 +33,21 @@ from lowbit.core.qparams import num_groups
 from lowbit.errors import FormatError
 
 
+def stored_qparams(scale: torch.Tensor, zero: torch.Tensor | None,
+                   config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float q-params ``[N, G]`` as a :class:`QuantizedTensor` stores them: the scale in ``config.scale_dtype``
+    (before any double quantization), the zero points uint8 (float16 with float zeros) — none when symmetric."""
+    zero_dtype = torch.float16 if config.zero_point == "float" else torch.uint8
+    return scale.to(config.scale_dtype), None if config.symmetric or zero is None else zero.to(zero_dtype)
+
+
+def zero_points(zero: torch.Tensor | None, shape: torch.Size | tuple[int, ...], config: QuantConfig) -> torch.Tensor:
+    """Stored zero points as float32 ``shape``; symmetric (``zero`` None): the implicit midpoint ``2^{b−1}``."""
+    if zero is None:
+        return torch.full(tuple(shape), float(1 << (config.bits - 1)))
+    return zero.float()
+
+
 @dataclass(frozen=True)
 class QuantizedTensor:
     packed: torch.Tensor
@@ -68,9 +83,7 @@ class QuantizedTensor:
     ) -> "QuantizedTensor":
         """Build from unpacked codes (any integer/float dtype ``[N, K]``) and float q-params ``[N|1, G]``."""
         packed = pack_codes(codes.to(torch.uint8), config.bits)
-        zero_dtype = torch.float16 if config.zero_point == "float" else torch.uint8
-        z = None if config.symmetric else zero.to(zero_dtype)
-        scale = scale.to(config.scale_dtype)
+        scale, z = stored_qparams(scale, zero, config)
         dq = None
         if config.double_quant:
             from lowbit.core.double_quant import double_quantize
@@ -94,9 +107,7 @@ class QuantizedTensor:
 
     def zero_points(self) -> torch.Tensor:
         """Integer zero points as float32, shape of ``scale`` (the implicit midpoint when symmetric)."""
-        if self.zero is None:
-            return torch.full(self.scale.shape, float(1 << (self.config.bits - 1)))
-        return self.zero.float()
+        return zero_points(self.zero, self.scale.shape, self.config)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(q − z) · s`` as ``dtype [N, K]``.

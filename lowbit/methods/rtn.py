@@ -10,7 +10,7 @@ import torch
 from lowbit.config import QuantConfig
 from lowbit.core.codebook import decode
 from lowbit.core.qparams import choose_qparams, expand_groups, fake_quantize_groups
-from lowbit.core.qtensor import QuantizedTensor
+from lowbit.core.qtensor import QuantizedTensor, stored_qparams, zero_points
 from lowbit.core.rounding import group_view, round_to_grid
 
 
@@ -53,13 +53,11 @@ def rtn_round_trip(weight: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
     view, width = group_view(weight.detach().float(), cfg)
     scale, zero = choose_qparams(view, width, cfg)
     q, _ = fake_quantize_groups(view, scale, zero, width, cfg.qmax, cfg.codebook)  # the codes round_to_grid stores
-    stored_scale = scale.to(cfg.scale_dtype).float()  # the q-params as the quantized tensor keeps them
+    stored_scale, stored_zero = stored_qparams(scale, zero, cfg)  # the q-params as the quantized tensor keeps them
+    stored_scale = stored_scale.float()
     if cfg.codebook is not None:
         return (decode(q.long(), cfg.codebook) * expand_groups(stored_scale, view.shape[1], width)).reshape(rows, cols)
-    if cfg.symmetric:
-        stored_zero = torch.full_like(scale, float(1 << (cfg.bits - 1)))
-    else:
-        stored_zero = zero.to(torch.float16 if cfg.zero_point == "float" else torch.uint8).float()
+    stored_zero = zero_points(stored_zero, scale.shape, cfg)
     columns = view.shape[1]
     return ((q - expand_groups(stored_zero, columns, width)) * expand_groups(stored_scale, columns, width)).reshape(
         rows, cols)
