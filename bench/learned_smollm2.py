@@ -234,8 +234,17 @@ def main() -> None:
              "before), the 2-bit code's per-block times equal in a proxy run of both commits (the VM's run-to-run "
              "spread). The 200-iteration rows of both tools: AutoRound's default "
              "at all four settings, lowbit 'awq+learned --no-clip' (4-bit at aa39959; 3-bit at a877015) and "
-             "'learned' (2-bit, a877015), at 200 steps the default rate 0.5 / iters — the AMD VM's rows of the same "
-             "names kept, named '(AMD EPYC VM, 2026-12-06)'.")
+             "'learned' (2-bit, a877015), at 200 steps at 1 / iters (a row named without --round-lr runs at 1 / iters, "
+             "AutoRound's rate; lowbit's default is 0.5 / iters: not in this table at 200 steps) — the AMD VM's rows "
+             "of the same "
+             "names kept, named '(AMD EPYC VM, 2026-12-06)'. Its fifth session (same VM kind, each alone, empty "
+             "caches, each lowbit row followed at once by AutoRound's of the same setting — this VM's speed drifts "
+             "over hours: AutoRound's 4-bit 200-step row took 745.7 s against 561.9 s in the fourth session, the "
+             "same KL): after 481e3a8 (the compiled training passes' causal attention takes a cheaper backward) "
+             "'awq+learned --no-clip' at 4-bit g64 (run at 1a375dc, the same code), 3-bit g64 and 3-bit g128, 200 "
+             "steps, and the 3-bit g128 50-step row with '--round-lr 0.01', with AutoRound's rows of those settings "
+             "rerun; the fourth session's rows of the same names kept, named '(fourth session, 2026-12-07)' (its "
+             "50-step lowbit row '(740fea0)').")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
