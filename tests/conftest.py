@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+from lowbit.model.architectures import find_blocks
 from lowbit.model.loading import LoadedModel, load_model
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -46,6 +47,21 @@ def make_tiny(arch: str, seed: int = 0) -> torch.nn.Module:
             if isinstance(bias, torch.nn.Parameter) and module is not model.get_output_embeddings():
                 bias.normal_(0, 0.02)
     return model.eval()
+
+
+def first_block_call(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.nn.Module, tuple, dict]:
+    """The model's first decoder block and the positional and keyword arguments the model passes it on ``ids``
+    (the hidden states first)."""
+    block = find_blocks(model)[0]
+    seen: dict = {}
+    hook = block.register_forward_pre_hook(lambda m, args, kwargs: seen.update(args=args, kwargs=kwargs),
+                                           with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(ids, use_cache=False)
+    finally:
+        hook.remove()
+    return block, seen["args"], seen["kwargs"]
 
 
 @pytest.fixture(params=sorted(TINY_CONFIGS))

@@ -41,7 +41,8 @@ def stored_qparams(scale: torch.Tensor, zero: torch.Tensor | None,
     return scale.to(config.scale_dtype), None if config.symmetric or zero is None else zero.to(zero_dtype)
 
 
-def zero_points(zero: torch.Tensor | None, shape: torch.Size | tuple[int, ...], config: QuantConfig) -> torch.Tensor:
+def float_zero_points(zero: torch.Tensor | None, shape: torch.Size | tuple[int, ...],
+                      config: QuantConfig) -> torch.Tensor:
     """Stored zero points as float32 ``shape``; symmetric (``zero`` None): the implicit midpoint ``2^{b−1}``."""
     if zero is None:
         return torch.full(tuple(shape), float(1 << (config.bits - 1)))
@@ -107,7 +108,7 @@ class QuantizedTensor:
 
     def zero_points(self) -> torch.Tensor:
         """Integer zero points as float32, shape of ``scale`` (the implicit midpoint when symmetric)."""
-        return zero_points(self.zero, self.scale.shape, self.config)
+        return float_zero_points(self.zero, self.scale.shape, self.config)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(q − z) · s`` as ``dtype [N, K]``.

@@ -1,6 +1,6 @@
 """Causal attention for training passes on CPU: torch's flash-attention forward, a cheaper backward.
 
-Learned rounding (and QAT) trains a decoder block by gradient steps; every step runs the block's attention forward and
+Learned rounding trains a decoder block by gradient steps; every step runs the block's attention forward and
 backward. On CPU, torch's fused causal attention (``F.scaled_dot_product_attention`` → the flash-attention kernel)
 has a fast forward but a slow backward: measured here (2 cores, AVX-512 BF16 + AMX; SmolLM2-135M's attention,
 ``[4, 9, 512, 64]`` queries, 3 key/value heads, bfloat16) 4.7 ms forward, 30 ms backward — a quarter of a whole
@@ -49,21 +49,25 @@ class CausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         q, k, v, out, lse = ctx.saved_tensors
-        parts = [_backward_one(q[i], k[i], v[i], out[i], lse[i], grad_out[i], ctx.scale) for i in range(q.shape[0])]
+        tokens = q.shape[2]
+        causal = torch.ones(tokens, tokens, dtype=torch.bool, device=q.device).tril()
+        parts = [_backward_one(q[i], k[i], v[i], out[i], lse[i], grad_out[i], ctx.scale, causal)
+                 for i in range(q.shape[0])]
         dq, dk, dv = (torch.stack(grads) for grads in zip(*parts))
         return dq, dk, dv, None
 
 
 def _backward_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                  grad_out: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch element: ``q, out, grad_out [H, T, D]``, ``k, v [KV, T, D]``, ``lse [H, T]`` (float32) →
+                  grad_out: torch.Tensor, scale: float,
+                  causal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch element: ``q, out, grad_out [H, T, D]``, ``k, v [KV, T, D]``, ``lse [H, T]`` (float32), the
+    ``causal [T, T]`` mask (True on and below the diagonal) →
     ``dq [H, T, D]``, ``dk, dv [KV, T, D]``. The ``group = H / KV`` query heads of a key head are stacked along
     the tokens (``[KV, group·T, D]``), so each product is one batched matmul over the key heads."""
     heads, tokens, dim = q.shape
     kv = k.shape[0]
     group = heads // kv
     qg, dog = q.reshape(kv, group * tokens, dim), grad_out.reshape(kv, group * tokens, dim)
-    causal = torch.ones(tokens, tokens, dtype=torch.bool, device=q.device).tril()
     scores = (qg @ k.transpose(-1, -2)).float().reshape(kv, group, tokens, tokens) * scale
     p = torch.where(causal, torch.exp(scores - lse.reshape(kv, group, tokens, 1)), 0.0)
     dp = (dog @ v.transpose(-1, -2)).float().reshape(kv, group, tokens, tokens)

@@ -10,7 +10,7 @@ import torch
 from lowbit.config import QuantConfig
 from lowbit.core.codebook import decode
 from lowbit.core.qparams import choose_qparams, expand_groups, fake_quantize_groups
-from lowbit.core.qtensor import QuantizedTensor, stored_qparams, zero_points
+from lowbit.core.qtensor import QuantizedTensor, float_zero_points, stored_qparams
 from lowbit.core.rounding import group_view, round_to_grid
 
 
@@ -57,7 +57,7 @@ def rtn_round_trip(weight: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
     stored_scale = stored_scale.float()
     if cfg.codebook is not None:
         return (decode(q.long(), cfg.codebook) * expand_groups(stored_scale, view.shape[1], width)).reshape(rows, cols)
-    stored_zero = zero_points(stored_zero, scale.shape, cfg)
+    stored_zero = float_zero_points(stored_zero, scale.shape, cfg)
     columns = view.shape[1]
     return ((q - expand_groups(stored_zero, columns, width)) * expand_groups(stored_scale, columns, width)).reshape(
         rows, cols)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import TINY_CONFIGS, make_tiny
+from conftest import TINY_CONFIGS, first_block_call, make_tiny
 from lowbit.methods import attention_grad
 from lowbit.methods.attention_grad import CausalAttention, cheaper_attention_backward
 
@@ -101,20 +101,15 @@ def test_a_blocks_training_pass_is_served_where_its_attention_is_causal_and_unma
     """Every tiny architecture's first block, with gradients: the same output as without the mode (forward
     kernel unchanged) and the same input gradient, its attention served (transformers calls it causal and unmasked
     on an unpadded batch, whatever the architecture's scale: OPT passes 1.0, its queries scaled before)."""
-    model = make_tiny(arch)
-    seen: dict = {}
-    blocks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)][0]
-    hook = blocks[0].register_forward_pre_hook(lambda m, a, k: seen.update(args=a, kwargs=k), with_kwargs=True)
-    with torch.no_grad():
-        model(torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1)), use_cache=False)
-    hook.remove()
+    block, (hidden, *args), kwargs = first_block_call(
+        make_tiny(arch), torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1)))
     used = []
     original = CausalAttention.apply
     monkeypatch.setattr(CausalAttention, "apply", lambda *a: used.append(a) or original(*a))
-    hidden = seen["args"][0].detach().requires_grad_()
+    hidden = hidden.detach().requires_grad_()
 
     def output() -> torch.Tensor:
-        out = blocks[0](hidden, *seen["args"][1:], **seen["kwargs"])
+        out = block(hidden, *args, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
     stock = output()

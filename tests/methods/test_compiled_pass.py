@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import first_block_call, make_tiny
 from lowbit.config import QuantConfig
 from lowbit.errors import ConfigError
 from lowbit.methods import compiled_pass
@@ -35,14 +35,8 @@ def test_an_unknown_compile_mode_is_refused_with_the_choices() -> None:
 def _learned_block(group: int = 32) -> tuple[torch.nn.Module, torch.Tensor, tuple, dict]:
     """A tiny Llama's first block with every linear a :class:`LearnedLinear` (4-bit, groups of ``group``, offsets
     moved off zero), and the inputs the model passes it."""
-    model = make_tiny("llama")
-    block = model.model.layers[0]
-    seen: dict = {}
-    hook = block.register_forward_pre_hook(lambda m, args, kwargs: seen.update(args=args, kwargs=kwargs),
-                                           with_kwargs=True)
-    with torch.no_grad():
-        model(torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1)), use_cache=False)
-    hook.remove()
+    block, (hidden, *args), kwargs = first_block_call(
+        make_tiny("llama"), torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1)))
     for p in block.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(2)
@@ -54,8 +48,7 @@ def _learned_block(group: int = 32) -> tuple[torch.nn.Module, torch.Tensor, tupl
             for factor in layer.scale_parameters():
                 factor.copy_(0.8 + 0.2 * torch.rand(factor.shape, generator=generator))
         set_submodule(block, name, layer)
-    hidden, *args = seen["args"]
-    return block, hidden, tuple(args), seen["kwargs"]
+    return block, hidden, tuple(args), kwargs
 
 
 def _step(call: BlockCall, block: torch.nn.Module, hidden: torch.Tensor, args: tuple,
