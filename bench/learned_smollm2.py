@@ -244,7 +244,13 @@ def main() -> None:
              "'awq+learned --no-clip' at 4-bit g64 (run at 1a375dc, the same code), 3-bit g64 and 3-bit g128, 200 "
              "steps, and the 3-bit g128 50-step row with '--round-lr 0.01', with AutoRound's rows of those settings "
              "rerun; the fourth session's rows of the same names kept, named '(fourth session, 2026-12-07)' (its "
-             "50-step lowbit row '(740fea0)').")
+             "50-step lowbit row '(740fea0)'). Its sixth session (same VM kind, each alone, empty caches, each lowbit "
+             "row followed at once by AutoRound's, code as in the fifth): 3-bit g128 at 200 steps 'awq+learned "
+             "--no-clip --round-lr 0.0025' (lowbit's default rate, 0.5 / iters), 2-bit g64 'learned --round-lr 0.01' "
+             "(50 steps) and 'learned --round-lr 0.0025' (200), with AutoRound's rows of those settings rerun — the "
+             "earlier ones kept, named by session ('(fifth session, 2026-12-07)', '(third …)', '(fourth …)'; the "
+             "2-bit 50-step lowbit row '(740fea0)'). AutoRound's 3-bit g128 200-step row took 836.2 s here against "
+             "689.3 s in the fifth session, the same KL: times move by ~20 % between sessions.")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
