@@ -10,6 +10,9 @@ one at a time (AutoRound needs the peers' environment: ``/work/peers-venv/bin/py
     python bench/learned_smollm2.py [--setting "4-bit g64 asym"] [--tool lowbit|auto-round] [--method M] [--iters 50]
                                     [--compute-dtype float32|bfloat16] [--render]
 
+A lowbit ``--method`` outside the list (its flags: any of :data:`METHOD_FLAGS`) runs as a row of its own when
+``--setting`` and ``--iters`` name it.
+
 ``--compute-dtype``: lowbit's block passes (default: bfloat16 autocast where this CPU has native bf16 matmuls, else
 float32).
 """
@@ -34,6 +37,7 @@ SETTINGS = {
     "2-bit g64 asym": dict(bits=2, group_size=64),
 }
 WORK = Path(__file__).resolve().parent / "work" / "auto-round"
+METHOD_FLAGS = ("--no-clip", "--learn-norms", "--round-lr", "--momentum", "--block-loss", "--awq-scaling")  # lowbit's
 
 
 def _auto_round(job: dict, reference, tokenizer, calib_ids: torch.Tensor) -> tuple[object, float]:
@@ -60,6 +64,10 @@ def worker(job: dict) -> dict:
     from lowbit.methods.learned import LearnedConfig
     from lowbit.methods.method import ClipConfig, MethodConfig
 
+    unknown = [f for f in job["method"].split() if f.startswith("--") and f not in METHOD_FLAGS]
+    if job["tool"] == "lowbit" and unknown:
+        raise ValueError(f"method {job['method']!r}: unknown flag(s) {', '.join(unknown)}; the bench reads "
+                         f"{', '.join(METHOD_FLAGS)}")
     loaded = load_model(MODEL)
     windows, protocol = eval_windows(loaded.tokenizer)
     reference = loaded.model
@@ -124,6 +132,15 @@ def main() -> None:
         j for j in jobs(pick.get("--compute-dtype")) if pick.get("--setting", j["setting"]) == j["setting"]
         and pick.get("--tool", j["tool"]) == j["tool"] and pick.get("--iters", str(j["iters"])) == str(j["iters"])
         and pick.get("--method", j["method"]) == j["method"]]
+    if not todo and "--render" not in sys.argv:  # a lowbit method outside the list: its own row, or a clear refusal
+        if pick.get("--tool", "lowbit") != "lowbit" or not {"--method", "--setting", "--iters"} <= pick.keys() \
+                or pick["--setting"] not in SETTINGS:
+            raise ValueError("no row of the list matches; for another lowbit method pass --setting (one of "
+                             f"{', '.join(SETTINGS)}), --iters and --method (e.g. 'awq+learned --no-clip --momentum "
+                             "0.8'), or --render to redraw the table")
+        todo = [{"tool": "lowbit", "method": pick["--method"], "iters": int(pick["--iters"]),
+                 "setting": pick["--setting"], "config": SETTINGS[pick["--setting"]],
+                 "compute_dtype": pick.get("--compute-dtype") or jobs()[0]["compute_dtype"]}]
     rows = run_jobs(Path(__file__), "learned_smollm2", todo, key)
     from lowbit.report import markdown_table
 
