@@ -268,8 +268,8 @@ def main() -> None:
              "earlier ones kept, named by session ('(fifth session, 2026-12-07)', '(third …)', '(fourth …)'; the "
              "2-bit 50-step lowbit row '(740fea0)'). AutoRound's 3-bit g128 200-step row took 836.2 s here against "
              "689.3 s in the fifth session, the same KL: times move by ~20 % between sessions. Then, alone, "
-             "'awq+learned --no-clip --momentum 0.8 --round-lr 0.0025' at 3-bit g128, 200 steps (μ = 0.8 instead of the default "
-             "0.5: a lead from SmolLM2's first 4 blocks, not the default).")
+             "'awq+learned --no-clip --momentum 0.8 --round-lr 0.0025' at 3-bit g128, 200 steps (μ = 0.8 instead "
+             "of the default 0.5: a lead from SmolLM2's first 4 blocks, not the default).")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
