@@ -133,6 +133,8 @@ def main() -> None:
         and pick.get("--tool", j["tool"]) == j["tool"] and pick.get("--iters", str(j["iters"])) == str(j["iters"])
         and pick.get("--method", j["method"]) == j["method"]]
     if not todo and "--render" not in sys.argv:  # a lowbit method outside the list: its own row, or a clear refusal
+        from lowbit.config import default_compute_dtype
+
         if pick.get("--tool", "lowbit") != "lowbit" or not {"--method", "--setting", "--iters"} <= pick.keys() \
                 or pick["--setting"] not in SETTINGS:
             raise ValueError("no row of the list matches; for another lowbit method pass --setting (one of "
@@ -140,7 +142,7 @@ def main() -> None:
                              "0.8'), or --render to redraw the table")
         todo = [{"tool": "lowbit", "method": pick["--method"], "iters": int(pick["--iters"]),
                  "setting": pick["--setting"], "config": SETTINGS[pick["--setting"]],
-                 "compute_dtype": pick.get("--compute-dtype") or jobs()[0]["compute_dtype"]}]
+                 "compute_dtype": pick.get("--compute-dtype") or default_compute_dtype()}]
     rows = run_jobs(Path(__file__), "learned_smollm2", todo, key)
     from lowbit.report import markdown_table
 
