@@ -37,7 +37,8 @@ SETTINGS = {
     "2-bit g64 asym": dict(bits=2, group_size=64),
 }
 WORK = Path(__file__).resolve().parent / "work" / "auto-round"
-METHOD_FLAGS = ("--no-clip", "--learn-norms", "--round-lr", "--momentum", "--block-loss", "--awq-scaling")  # lowbit's
+METHOD_FLAGS = ("--no-clip", "--learn-norms", "--round-lr", "--momentum", "--block-loss", "--awq-scaling",
+                "--round-batch")  # lowbit's
 
 
 def _auto_round(job: dict, reference, tokenizer, calib_ids: torch.Tensor) -> tuple[object, float]:
@@ -84,7 +85,8 @@ def worker(job: dict) -> dict:
     learned = LearnedConfig(iters=job["iters"] or 0, learn_norms="--learn-norms" in flags,
                             loss=value("--block-loss", "token"), momentum=value("--momentum", LearnedConfig.momentum),
                             # "... --round-lr 0.01"; without it 1 / iters, as every row named without it ran
-                            lr=value("--round-lr", 1.0 / max(job["iters"] or 1, 1)))
+                            lr=value("--round-lr", 1.0 / max(job["iters"] or 1, 1)),
+                            batch_size=value("--round-batch", 4))  # (windows per step; 4: the calibration's)
     awq = AWQConfig(scaling=value("--awq-scaling", AWQConfig.scaling))  # "awq+learned --awq-scaling both"
     method = MethodConfig.parse(name, clip=clip, learned=learned, awq=awq)
     model = copy.deepcopy(reference)

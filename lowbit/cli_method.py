@@ -2,9 +2,9 @@
 
 Every command that re-quantizes (``quantize`` — lowbit folders and GGUF files —, ``merge``, ``qat``'s PTQ
 start, ``sensitivity``, ``report``) takes ``--damp``, ``--awq-scaling``, ``--iters``, ``--learn-norms``,
-``--block-loss``, ``--momentum``, ``--round-lr`` and ``--compile`` (and ``quantize`` also ``--no-act-order``;
-``quantize`` and ``qat`` ``--no-clip``, from :func:`add_no_clip_arg`); they reach the method here, in one place,
-so no command silently runs the defaults instead of what the user asked for.
+``--block-loss``, ``--momentum``, ``--round-lr``, ``--round-batch`` and ``--compile`` (and ``quantize`` also
+``--no-act-order``; ``quantize`` and ``qat`` ``--no-clip``, from :func:`add_no_clip_arg`); they reach the method
+here, in one place, so no command silently runs the defaults instead of what the user asked for.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-lr", type=float, default=None,
                    help="learned rounding: the signed steps' initial size, decaying linearly to 0 (default 0.5 / "
                         "--iters; 1 / --iters with --momentum 0, as AutoRound)")
+    p.add_argument("--round-batch", type=int, default=None, metavar="N",
+                   help="learned rounding: calibration windows per signed step (default 4, the calibration "
+                        "batch): fewer make each step cheaper and noisier — pair with a higher --momentum")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="learned rounding: run its training steps through torch.compile (fused elementwise ops: "
                         "~27%% faster steps, after a one-off ~35 s compile with a cold cache; a block's gradients "
@@ -52,7 +55,8 @@ def add_no_clip_arg(p: argparse.ArgumentParser) -> None:
 def method_options(args: argparse.Namespace) -> dict[str, Any]:
     """The method parts the options set: ``awq`` (``--awq-scaling``), ``gptq`` (``--damp``, ``--no-act-order``),
     ``clip`` (None with ``--no-clip``) and ``learned`` (``--iters``, ``--learn-norms``, ``--block-loss``,
-    ``--momentum``, ``--round-lr``, ``--compile``); options a command does not define keep their defaults."""
+    ``--momentum``, ``--round-lr``, ``--round-batch``, ``--compile``); options a command does not define keep their
+    defaults."""
     from lowbit.methods.awq import AWQConfig
     from lowbit.methods.gptq import GPTQConfig
     from lowbit.methods.learned import LearnedConfig
@@ -67,6 +71,7 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
                                      loss=getattr(args, "block_loss", None) or LearnedConfig.loss,
                                      momentum=_given(getattr(args, "momentum", None), LearnedConfig.momentum),
                                      lr=getattr(args, "round_lr", None),
+                                     batch_size=getattr(args, "round_batch", None),
                                      compile=getattr(args, "compile", LearnedConfig.compile))}
 
 

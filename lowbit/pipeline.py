@@ -214,14 +214,15 @@ def quantize_sequential(
         if method.learned is not None:  # four streams, not two: also the float model's inputs and outputs
             states_bytes *= 2
         in_blocks = [linear_weight(t.module) for t in targets if t.block_index is not None]
+        batch = calib.batch_size if method.learned is None else method.learned.batch_size or calib.batch_size
         compiled = method.learned is not None and should_compile(method.learned.compile, job_work(
-            sum(w.numel() for w in in_blocks), min(calib.batch_size, calib_ids.shape[0]) * calib_ids.shape[1],
+            sum(w.numel() for w in in_blocks), min(batch, calib_ids.shape[0]) * calib_ids.shape[1],
             method.learned.iters))
         working_set = _block_working_set(blocks[0], method, compiled)
         if should_spill(states_bytes, resident_memory() + working_set, max_memory):
             spill = SpillFolder(spill_dir)
         with block_passes(compute_dtype):
-            inputs = capture_first_block_inputs(sm.model, blocks[0], calib_ids, calib.batch_size, embed, spill)
+            inputs = capture_first_block_inputs(sm.model, blocks[0], calib_ids, batch, embed, spill)
     learned = method.learned if calibrated else None
     block_call = BlockCall(compiled)  # one for every block: a failed compile is reported and dropped once
     fp_inputs: list[BlockInputs] | None = None  # learned rounding: the float model's stream (its targets)

@@ -116,21 +116,21 @@ def test_qa_lora_finetune_merges_into_the_zero_points(tiny_hf_folder: Path, tmp_
                                      ["qat", "m", "--out", "o", "--train", "t"], ["sensitivity", "m"],
                                      ["report", "m", "--out", "o"]])
 def test_every_requantizing_command_passes_its_calibration_options_to_the_method(command: list[str]) -> None:
-    """--damp, --awq-scaling, --iters, --learn-norms, --block-loss, --momentum, --round-lr and --compile reach the
-    method each command runs (`lowbit merge` and `lowbit qat` used to ignore them)."""
+    """--damp, --awq-scaling, --iters, --learn-norms, --block-loss, --momentum, --round-lr, --round-batch and
+    --compile reach the method each command runs (`lowbit merge` and `lowbit qat` used to ignore them)."""
     from lowbit.cli import build_parser
     from lowbit.cli_method import method_from_args
 
     args = build_parser().parse_args([*command, "--damp", "0.05", "--iters", "7", "--learn-norms",
                                       "--block-loss", "output", "--momentum", "0", "--awq-scaling", "both",
-                                      "--round-lr", "0.03", "--compile", "off"])
+                                      "--round-lr", "0.03", "--round-batch", "2", "--compile", "off"])
     method = method_from_args("gptq+learned", args)
     assert (method.gptq.damp, method.learned.iters, method.learned.learn_norms, method.learned.loss,
-            method.learned.momentum, method.learned.lr, method.learned.compile) == (0.05, 7, True, "output", 0.0,
-                                                                                     0.03, "off")
+            method.learned.momentum, method.learned.lr, method.learned.batch_size, method.learned.compile) == (
+        0.05, 7, True, "output", 0.0, 0.03, 2, "off")
     assert method_from_args("awq+learned", args).awq.scaling == "both"
     default_args = build_parser().parse_args(command)
     default = method_from_args("learned", default_args).learned
-    assert (default.learn_norms, default.loss, default.momentum, default.lr, default.compile) == (
-        False, "token", 0.5, None, "auto")
+    assert (default.learn_norms, default.loss, default.momentum, default.lr, default.batch_size,
+            default.compile) == (False, "token", 0.5, None, None, "auto")
     assert method_from_args("awq", default_args).awq.scaling == "activation"

@@ -168,3 +168,26 @@ def test_the_clip_search_before_learned_rounding_reads_the_float_streams_statist
     for i, xtx in enumerate(firsts):
         x = torch.cat(inputs[i]).double()
         torch.testing.assert_close(xtx.double(), x.T @ x, rtol=1e-5, atol=1e-4)
+
+
+def test_learned_rounding_steps_on_batches_of_its_own_size(monkeypatch) -> None:
+    """``LearnedConfig.batch_size`` (``--round-batch``): the driver captures the block inputs in batches of that
+    many windows, so each signed step runs on that many (16 calibration windows: 8 batches of 2, not 4 of 4);
+    without it, the calibration's batches."""
+    import lowbit.pipeline as pipeline
+
+    seen = []
+    refine = pipeline.refine_block
+    monkeypatch.setattr(pipeline, "refine_block", lambda block, layers, batches, run, *a, **k: seen.append(
+        (batches, run(block, 0).shape[0])) or refine(block, layers, batches, run, *a, **k))
+    for batch_size, want in ((2, (8, 2)), (None, (4, 4))):
+        seen.clear()
+        quantize_model(make_tiny("qwen2"), QuantRecipe(QuantConfig(bits=4, group_size=32)),
+                       method=MethodConfig.parse("learned", learned=LearnedConfig(iters=1, batch_size=batch_size)),
+                       calib_ids=CALIB, calib=CalibConfig(16, 64, batch_size=4), progress=False)
+        assert seen and all(s == want for s in seen), (batch_size, seen)
+
+
+def test_learned_rounding_batch_size_below_one_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--round-batch"):
+        LearnedConfig(batch_size=0)

@@ -75,7 +75,9 @@ class LearnedConfig:
     the tokens' mean, else to the mean: see :func:`relative_error`) or ``"output"`` (the whole output's relative
     error: AutoRound's MSE). ``compile``: the training passes through ``torch.compile`` — ``"auto"`` for jobs long
     enough to pay for the compile (:func:`~lowbit.methods.compiled_pass.should_compile`), ``"on"``, ``"off"``
-    (eager: one layer's gradients at a time, the least memory)."""
+    (eager: one layer's gradients at a time, the least memory). ``batch_size``: calibration windows per step (the
+    driver captures the block inputs in batches of this size; None: the calibration's own, 4) — fewer windows a
+    step make each step cheaper and its gradient noisier, which the momentum averages over steps."""
 
     iters: int = 200
     lr: float | None = None
@@ -87,6 +89,7 @@ class LearnedConfig:
     loss: Literal["token", "output"] = "token"
     momentum: float = 0.5
     compile: CompileMode = "auto"
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         lo, hi = self.scale_range
@@ -102,6 +105,9 @@ class LearnedConfig:
                               f"{self.compile!r}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"learned rounding's momentum is in [0, 1), not {self.momentum}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"learned rounding takes ≥ 1 calibration window a step (--round-batch), not "
+                              f"{self.batch_size}")
 
     @property
     def step(self) -> float:
