@@ -273,7 +273,12 @@ def main() -> None:
              "2-bit 50-step lowbit row '(740fea0)'). AutoRound's 3-bit g128 200-step row took 836.2 s here against "
              "689.3 s in the fifth session, the same KL: times move by ~20 % between sessions. Then, alone, "
              "'awq+learned --no-clip --momentum 0.8 --round-lr 0.0025' at 3-bit g128, 200 steps (μ = 0.8 instead "
-             "of the default 0.5: a lead from SmolLM2's first 4 blocks, not the default).")
+             "of the default 0.5: a lead from SmolLM2's first 4 blocks, not the default). Its seventh session (same "
+             "VM kind, empty caches, each lowbit row followed at once by AutoRound's, code as in the fifth plus "
+             "--round-batch): the 200-step rows with '--round-batch 2 --momentum 0.8' (2 calibration windows a "
+             "signed step instead of 4, μ = 0.8) at 3-bit g128, 2-bit g64, 3-bit g64 and 4-bit g64, with AutoRound's "
+             "rows of those settings rerun — the earlier ones kept, named by session ('(sixth session, 2026-12-07)' "
+             "at 3-bit g128 and 2-bit, '(fifth …)' at 3-bit g64 and 4-bit).")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 
