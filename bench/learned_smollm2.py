@@ -65,10 +65,6 @@ def worker(job: dict) -> dict:
     from lowbit.methods.learned import LearnedConfig
     from lowbit.methods.method import ClipConfig, MethodConfig
 
-    unknown = [f for f in job["method"].split() if f.startswith("--") and f not in METHOD_FLAGS]
-    if job["tool"] == "lowbit" and unknown:
-        raise ValueError(f"method {job['method']!r}: unknown flag(s) {', '.join(unknown)}; the bench reads "
-                         f"{', '.join(METHOD_FLAGS)}")
     loaded = load_model(MODEL)
     windows, protocol = eval_windows(loaded.tokenizer)
     reference = loaded.model
@@ -86,7 +82,7 @@ def worker(job: dict) -> dict:
                             loss=value("--block-loss", "token"), momentum=value("--momentum", LearnedConfig.momentum),
                             # "... --round-lr 0.01"; without it 1 / iters, as every row named without it ran
                             lr=value("--round-lr", 1.0 / max(job["iters"] or 1, 1)),
-                            batch_size=value("--round-batch", 4))  # (windows per step; 4: the calibration's)
+                            batch_size=value("--round-batch", CalibConfig.batch_size))  # windows per step
     awq = AWQConfig(scaling=value("--awq-scaling", AWQConfig.scaling))  # "awq+learned --awq-scaling both"
     method = MethodConfig.parse(name, clip=clip, learned=learned, awq=awq)
     model = copy.deepcopy(reference)
@@ -142,6 +138,10 @@ def main() -> None:
             raise ValueError("no row of the list matches; for another lowbit method pass --setting (one of "
                              f"{', '.join(SETTINGS)}), --iters and --method (e.g. 'awq+learned --no-clip --momentum "
                              "0.8'), or --render to redraw the table")
+        unknown = [f for f in pick["--method"].split() if f.startswith("--") and f not in METHOD_FLAGS]
+        if unknown:  # refused before any row runs: nothing is written to the results
+            raise ValueError(f"method {pick['--method']!r}: unknown flag(s) {', '.join(unknown)}; the bench reads "
+                             f"{', '.join(METHOD_FLAGS)}")
         todo = [{"tool": "lowbit", "method": pick["--method"], "iters": int(pick["--iters"]),
                  "setting": pick["--setting"], "config": SETTINGS[pick["--setting"]],
                  "compute_dtype": pick.get("--compute-dtype") or default_compute_dtype()}]
