@@ -278,7 +278,10 @@ def main() -> None:
              "--round-batch): the 200-step rows with '--round-batch 2 --momentum 0.8' (2 calibration windows a "
              "signed step instead of 4, μ = 0.8) at 3-bit g128, 2-bit g64, 3-bit g64 and 4-bit g64, with AutoRound's "
              "rows of those settings rerun — the earlier ones kept, named by session ('(sixth session, 2026-12-07)' "
-             "at 3-bit g128 and 2-bit, '(fifth …)' at 3-bit g64 and 4-bit).")
+             "at 3-bit g128 and 2-bit, '(fifth …)' at 3-bit g64 and 4-bit). 2026-12-08 ran on an AMD EPYC VM with "
+             "AVX2 only (float32 passes for both tools), lowbit at 61e17e3 then AutoRound, back to back, empty caches: "
+             "3-bit g128, 50 steps, 'awq+learned --no-clip --round-lr 0.01' (the float32 row) and AutoRound light "
+             "(the row without a name suffix; the sixth session's, named by its VM kind).")
     write_results("learned_smollm2", "Learned rounding on SmolLM2-135M (beside AutoRound)", intro,
                   [("Results", table)], {"rows": rows})
 

@@ -348,15 +348,14 @@ def _refine(block: nn.Module, prefix: str, floats: dict[str, tuple[torch.Tensor,
         for name, qt in quantized.items():
             set_submodule(block, name, target.commit(prefix + name, made[name], qt))
 
-    def final_error(refined: dict[str, object]) -> float:
+    def final_error(refined: dict[str, object]) -> list[float]:
         for batch in outputs:  # a candidate tried before (it lost to the initial quantization)
             batch.discard()
         outputs.clear()
         commit(refined)
         with torch.no_grad(), block_passes(compute_dtype), dequantize_once(block):
             outputs.extend(run_block(block, inputs, spill, consume=False))
-            errors = [float(cfg.block_error(o.hidden, t.hidden)) for o, t in zip(outputs, targets)]
-        return sum(errors) / len(errors)
+            return [float(cfg.block_error(o.hidden, t.hidden)) for o, t in zip(outputs, targets)]
 
     cfg = replace(cfg, learn_scales=cfg.learn_scales and target.learn_scales)
     with torch.enable_grad(), block_passes(compute_dtype):
@@ -368,8 +367,8 @@ def _refine(block: nn.Module, prefix: str, floats: dict[str, tuple[torch.Tensor,
         for batch in outputs:
             batch.discard()
     bound = "" if report.before_exact else ">"  # the start's sum stopped once above the refined error
-    log.debug("learned rounding: block output error %s%.3g → %.3g (%s kept)", bound, report.before, report.after,
-              report.kept)
+    log.debug("learned rounding: block output error %s%.3g → %.3g (%s kept; the start run on %d of %d batches)",
+              bound, report.before, report.after, report.kept, report.start_passes, len(inputs))
     return f"error {bound}{report.before:.2e}→{report.after:.2e}", outputs if kept else None
 
 

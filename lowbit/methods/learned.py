@@ -44,7 +44,7 @@ module only refines codes and scales on the same grid, so every format that stor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -187,12 +187,13 @@ class Refinement:
     steps: list[float]
     kept: str = "initial"
     before_exact: bool = True
+    start_passes: int = 0  # batches the start's error was run on after the steps (the first step's is reused)
 
 
 def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.Tensor | None, QuantizedTensor]],
                  batches: int, run: Callable[[nn.Module, int], torch.Tensor], target: Callable[[int], torch.Tensor],
                  cfg: LearnedConfig, swap: Callable[[nn.Module, str, nn.Module], None],
-                 final_error: Callable[[dict[str, QuantizedTensor]], float] | None = None,
+                 final_error: Callable[[dict[str, QuantizedTensor]], float | Sequence[float]] | None = None,
                  ) -> tuple[dict[str, QuantizedTensor], Refinement]:
     """Tune the rounding of ``layers`` (``{name in block: (float weight, bias, initial quantization)}``) so that
     ``run(block, i)`` (the block on calibration batch ``i`` of ``batches``) approaches ``target(i)`` (the float
@@ -201,11 +202,14 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
     lowest-loss step's; ``"best"``: the latter only) whose error on *all* batches is lower than the initial
     quantization's, else the initial ones (so the result is never worse on the calibration data than the method it
     refines). ``final_error(refined)``: that error on all batches measured by the caller, once per candidate tried
-    (e.g. with the modules it will keep, whose outputs it reuses as the next block's inputs); None: measured here
-    with the training modules. The initial quantization's error is measured here once, after the first candidate's
-    (the training modules put back, at their initial state), and its sum over the batches stops as soon as it
-    exceeds that candidate's: the start has lost, whatever the other batches hold — exact comparisons at a
-    fraction of a pass (the refined error is typically 0.2–0.5× the start's).
+    (e.g. with the modules it will keep, whose outputs it reuses as the next block's inputs) — the mean, or the
+    error of each batch; None: measured here with the training modules. The initial quantization's error is
+    measured here once, after the first candidate's (the training modules put back, at their initial state), and
+    its sum over the batches stops as soon as it exceeds that candidate's: the start has lost, whatever the other
+    batches hold — exact comparisons at a fraction of a pass (the refined error is typically 0.2–0.5× the start's).
+    The sum starts from the first step's loss (the start's error on that step's batch, already measured) and takes
+    the other batches in descending order of the candidate's error on them, when the caller gave it per batch: a
+    batch hard for the candidate is hard for the start too, so the sum passes the limit in fewer batches.
 
     Only the layers' rounding offsets and scale factors are trained — and with ``cfg.learn_norms`` the block's
     one-dimensional parameters outside them, in place (put back when the initial quantization is kept); the
@@ -251,9 +255,11 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
         return cfg.block_error(run(block, i), target(i))
 
     @torch.no_grad()
-    def initial_error(limit: float) -> tuple[float, bool]:
+    def initial_error(limit: float, hardest: Sequence[float] | None) -> tuple[float, bool, int]:
         """The initial quantization's mean error over the batches, and whether it is exact: the sum stops once it
-        exceeds ``limit`` times the batches (the value returned is then above ``limit``, a lower bound). Runs
+        exceeds ``limit`` times the batches (the value returned is then above ``limit``, a lower bound); it starts
+        from the first step's loss (the start's on batch ``order[0]``) and runs the other batches by descending
+        ``hardest`` (the candidate's error per batch; None: in index order). Runs
         the training modules reset to the start (the candidates were read from them already) and the norms as
         they were; puts the block's modules and tuned norms back as the caller left them."""
         current = {name: block.get_submodule(name) for name in learned}
@@ -262,17 +268,21 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
             swap(block, name, module)
         if norms is not None:
             norms.restore()
-        total, exact = 0.0, True
-        for i in range(batches):
-            total += float(error(i))
-            if total > limit * batches and i + 1 < batches:  # (after the last batch the sum is exact)
+        first = int(order[0])
+        rest = sorted(range(batches), key=lambda i: -hardest[i]) if hardest is not None else range(batches)
+        total, exact, left = losses[0], True, batches - 1
+        for i in (i for i in rest if i != first):
+            if total > limit * batches:
                 exact = False
                 break
+            total += float(error(i))
+            left -= 1
+        exact = exact and left == 0  # (after the last batch the sum is exact)
         for name, module in current.items():
             swap(block, name, module)
         if norms is not None:
             norms.apply()
-        return total / batches, exact
+        return total / batches, exact, batches - 1 - left
 
     try:
         for step in range(cfg.iters):
@@ -295,7 +305,7 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
         for p in frozen:
             p.requires_grad_(True)
     before: float | None = None  # the start's error: measured once, against the first candidate's
-    exact = True
+    exact, passes = True, 0
     for kept in ("last", "best") if cfg.keep == "last" else ("best",):
         with torch.no_grad():
             if kept == "best":  # the lowest loss seen (the last step's parameters were never evaluated)
@@ -306,15 +316,21 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
             result = {name: m.quantized_tensor() for name, m in learned.items()}
             if final_error is None:
                 after = sum(float(error(i)) for i in range(batches)) / batches
+        per_batch = None
         if final_error is not None:
-            after = final_error(result)
+            measured = final_error(result)
+            if isinstance(measured, (int, float)):
+                after = float(measured)
+            else:
+                per_batch = [float(e) for e in measured]
+                after = sum(per_batch) / len(per_batch)
         if before is None:  # (an exact value unless the start has lost to this candidate)
-            before, exact = initial_error(after)
+            before, exact, passes = initial_error(after, per_batch)
         if after < before:
-            return result, Refinement(before, after, losses, kept, exact)
+            return result, Refinement(before, after, losses, kept, exact, passes)
     if norms is not None:
         norms.restore()
-    return initial, Refinement(before, before, losses, "initial")
+    return initial, Refinement(before, before, losses, "initial", start_passes=passes)
 
 
 class _NormFactors:

@@ -188,27 +188,41 @@ def test_the_kept_state_is_the_first_candidate_that_beats_the_start(keep: str, v
         assert not torch.equal(seen[0]["0"].dequantize(), seen[1]["0"].dequantize())
 
 
+@pytest.mark.parametrize("per_batch", [False, True])
 @pytest.mark.parametrize("verdict,exact", [(0.1, False), (0.5, False), (0.999, True), (3.0, True)])
-def test_the_start_is_measured_only_until_it_has_lost(verdict: float, exact: bool) -> None:
+def test_the_start_is_measured_only_until_it_has_lost(verdict: float, exact: bool, per_batch: bool) -> None:
     """After the steps, the initial quantization's error is summed batch by batch and stops once the sum exceeds the
     first candidate's error on all batches (its mean × 8 batches here); a candidate at or above the start costs the
-    whole pass and gets the exact value."""
+    whole pass and gets the exact value. The sum starts from the first step's loss (the start's error on that step's
+    batch: not run again) and takes the other batches in index order — or, when the caller gives the candidate's
+    error per batch, hardest first."""
     linear, xs, targets, qt, block = _one_rtn_layer(8)
     errors = [float(relative_error(block(x), t, per_token=True)) for x, t in zip(xs, targets)]
     start = sum(errors) / 8
-    sums = torch.tensor(errors).cumsum(0)
-    runs = 8 if exact else int((sums > verdict * start * 8).nonzero()[0]) + 1  # the first batch past the limit
-    assert runs < (8 if not exact else 9)
+    first = int(torch.randperm(8, generator=torch.Generator().manual_seed(0))[0])  # the first step's batch
+    hardness = [(i * 5) % 8 for i in range(8)]  # the candidate's error per batch, up to a factor: an order
+    rest = [i for i in (sorted(range(8), key=lambda i: -hardness[i]) if per_batch else range(8)) if i != first]
+    expected, total = [], errors[first]
+    for i in rest:
+        if total > verdict * start * 8:
+            break
+        expected.append(i)
+        total += errors[i]
+    assert (len(expected) == 7) == exact
     calls = []
 
     def run(b: nn.Module, i: int) -> torch.Tensor:
         calls.append(i)
         return b(xs[i])
 
+    def final_error(_refined: dict) -> float | list[float]:  # the mean is verdict × start either way
+        scaled = [h * verdict * start * 8 / sum(hardness) for h in hardness]
+        return scaled if per_batch else verdict * start
+
     refined, report = refine_block(block, {"0": (linear.weight.detach(), linear.bias.detach(), qt)}, 8, run,
-                                   targets.__getitem__, LearnedConfig(iters=5, keep="best"), _swap,
-                                   lambda _refined: verdict * start)
-    assert len(calls) == 5 + runs and calls[5:] == list(range(runs))
+                                   targets.__getitem__, LearnedConfig(iters=5, keep="best"), _swap, final_error)
+    assert calls[:5] == [int(i) for i in torch.randperm(8, generator=torch.Generator().manual_seed(0))[:5]]
+    assert calls[5:] == expected
     assert report.before_exact == exact and (refined["0"] is qt) == (verdict >= 1)
     if exact:
         assert report.before == pytest.approx(start, rel=1e-6)
