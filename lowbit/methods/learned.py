@@ -208,8 +208,9 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
     its sum over the batches stops as soon as it exceeds that candidate's: the start has lost, whatever the other
     batches hold — exact comparisons at a fraction of a pass (the refined error is typically 0.2–0.5× the start's).
     The sum starts from the first step's loss (the start's error on that step's batch, already measured) and takes
-    the other batches in descending order of the candidate's error on them, when the caller gave it per batch: a
-    batch hard for the candidate is hard for the start too, so the sum passes the limit in fewer batches.
+    the other batches in descending order of the candidate's error on them, when that is known per batch (measured
+    here, or given so by ``final_error``): a batch hard for the candidate is hard for the start too, so the sum
+    passes the limit in fewer batches.
 
     Only the layers' rounding offsets and scale factors are trained — and with ``cfg.learn_norms`` the block's
     one-dimensional parameters outside them, in place (put back when the initial quantization is kept); the
@@ -270,14 +271,13 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
             norms.restore()
         first = int(order[0])
         rest = sorted(range(batches), key=lambda i: -hardest[i]) if hardest is not None else range(batches)
-        total, exact, left = losses[0], True, batches - 1
+        total, left = losses[0], batches - 1
         for i in (i for i in rest if i != first):
             if total > limit * batches:
-                exact = False
                 break
             total += float(error(i))
             left -= 1
-        exact = exact and left == 0  # (after the last batch the sum is exact)
+        exact = left == 0  # (after the last batch the sum is exact)
         for name, module in current.items():
             swap(block, name, module)
         if norms is not None:
@@ -315,15 +315,11 @@ def refine_block(block: nn.Module, layers: dict[str, tuple[torch.Tensor, torch.T
                 norms.apply()
             result = {name: m.quantized_tensor() for name, m in learned.items()}
             if final_error is None:
-                after = sum(float(error(i)) for i in range(batches)) / batches
-        per_batch = None
+                measured: float | Sequence[float] = [float(error(i)) for i in range(batches)]
         if final_error is not None:
             measured = final_error(result)
-            if isinstance(measured, (int, float)):
-                after = float(measured)
-            else:
-                per_batch = [float(e) for e in measured]
-                after = sum(per_batch) / len(per_batch)
+        per_batch = None if isinstance(measured, (int, float)) else [float(e) for e in measured]
+        after = float(measured) if per_batch is None else sum(per_batch) / len(per_batch)
         if before is None:  # (an exact value unless the start has lost to this candidate)
             before, exact, passes = initial_error(after, per_batch)
         if after < before:
